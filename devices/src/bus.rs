@@ -1,0 +1,1 @@
+//! The bus that routes a vCPU's port I/O and MMIO exits to devices.

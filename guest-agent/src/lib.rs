@@ -1,0 +1,1 @@
+//! The vsock RPC protocol spoken between the runtime and the guest agent.

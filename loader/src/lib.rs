@@ -1,0 +1,3 @@
+//! Everything between "bytes on disk" and "bytes in guest memory" that must be
+//! trusted: the execution plan and its DSSE envelope, artifact measurement, the
+//! dm-verity tree, and loading the kernel and initramfs into guest memory.

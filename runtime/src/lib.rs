@@ -1,0 +1,1 @@
+//! The mvm runtime SDK: admission, images, backends, audit, receipts.

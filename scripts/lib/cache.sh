@@ -1,0 +1,13 @@
+# Shared helpers for the build scripts: the content-addressed cache outside the repo.
+# MVM_CACHE overrides the location (default: $XDG_CACHE_HOME/mvm or ~/.cache/mvm).
+
+log() { echo "mvm: $*" >&2; }
+die() { echo "mvm: error: $*" >&2; exit 1; }
+
+cache_root() { echo "${MVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mvm}"; }
+cache_dir() { local d; d="$(cache_root)/$1"; mkdir -p "$d"; echo "$d"; }
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# The cache key of a build: the sha256 of its input digests, in order.
+inputs_key() { printf '%s\n' "$@" | sha256sum | cut -c1-32; }

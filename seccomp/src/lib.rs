@@ -1,0 +1,1 @@
+//! One seccomp filter per `mvm-vmm` thread role, written as typed data.

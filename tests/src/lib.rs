@@ -1,0 +1,1 @@
+//! End-to-end test support: the case runner and the guest-side test programs.

@@ -1,3 +1,9 @@
 //! Everything between "bytes on disk" and "bytes in guest memory" that must be
 //! trusted: the execution plan and its DSSE envelope, artifact measurement, the
 //! dm-verity tree, and loading the kernel and initramfs into guest memory.
+
+pub mod dsse;
+pub mod kernel;
+pub mod measure;
+pub mod plan;
+pub mod verity;

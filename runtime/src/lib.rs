@@ -1,1 +1,7 @@
 //! The mvm runtime SDK: admission, images, backends, audit, receipts.
+
+pub mod admission;
+pub mod audit;
+pub mod backend;
+pub mod image;
+pub mod receipt;

@@ -1,0 +1,1 @@
+//! Loading an ELF vmlinux or a bzImage, and an initramfs, into guest memory.

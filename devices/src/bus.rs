@@ -277,7 +277,7 @@ mod tests {
         assert!(matches!(
             bus.insert(recorder(), 0x1ff, 2),
             Err(BusError::Overlap {
-                other_base: 0x100,
+                other_base: 0x200,
                 ..
             })
         ));

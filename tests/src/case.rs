@@ -1,0 +1,181 @@
+//! What a case is, what it may use, and how it fails.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::vm::VmLaunch;
+
+/// Why a case failed: one line a human can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Failure {
+    /// The reason, naming the thing checked and the value seen.
+    pub reason: String,
+    /// Evidence to print under the FAIL line (console or stderr tail).
+    pub detail: String,
+}
+
+impl Failure {
+    /// A failure with a reason and no further evidence.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            detail: String::new(),
+        }
+    }
+
+    /// Adds evidence printed under the FAIL line.
+    #[must_use]
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+}
+
+/// The result of a case.
+pub type CaseResult = Result<(), Failure>;
+
+/// Fails with `reason()` unless `condition` holds.
+pub fn check(condition: bool, reason: impl FnOnce() -> String) -> CaseResult {
+    if condition {
+        Ok(())
+    } else {
+        Err(Failure::new(reason()))
+    }
+}
+
+/// One end-to-end case.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// `<area>/<what>`, e.g. `boot/elf-1cpu`; what patterns match against.
+    pub name: &'static str,
+    /// Whether the case needs a usable KVM. Such a case never skips: no KVM
+    /// is a failure.
+    pub needs_kvm: bool,
+    /// The case body.
+    pub run: fn(&Context) -> CaseResult,
+}
+
+/// What a case may use: the built artifacts and a scratch directory.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Directory holding `mvm-vmm`, the guest kernels and initramfs images.
+    pub artifacts: PathBuf,
+    /// A fresh directory for this case's outputs (console logs, reports).
+    pub work: PathBuf,
+}
+
+/// The guest kernel as an ELF vmlinux (PVH entry, no decompression).
+pub const KERNEL_ELF: &str = "vmlinux";
+/// The guest kernel as a bzImage.
+pub const KERNEL_BZIMAGE: &str = "bzImage";
+/// The initramfs whose `/init` is `mvm-test-init`.
+pub const INITRAMFS_TEST: &str = "initramfs-test.cpio";
+/// The VMM binary.
+pub const VMM: &str = "mvm-vmm";
+
+/// How long a guest boot may take before a case calls it hung. Generous:
+/// under the QEMU-TCG test host a quiet boot takes 2-6 s.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Context {
+    /// The path of artifact `name`, or a failure naming it when it is absent.
+    pub fn artifact(&self, name: &str) -> Result<PathBuf, Failure> {
+        let path = self.artifacts.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Failure::new(format!(
+                "artifact {} missing (scripts/e2e builds it)",
+                path.display()
+            )))
+        }
+    }
+
+    /// A VM launch through `mvm-vmm` with `kernel` and the test initramfs,
+    /// 1 vCPU, 128 MiB, and a quiet command line running `mvm-test-init`
+    /// in `mode`; outputs go to this case's work directory.
+    pub fn test_guest(&self, kernel: &str, mode: &str) -> Result<VmLaunch, Failure> {
+        Ok(
+            VmLaunch::new(self.artifact(VMM)?, self.artifact(kernel)?, &self.work)
+                .initrd(self.artifact(INITRAMFS_TEST)?)
+                .cmdline(&test_cmdline(mode)),
+        )
+    }
+
+    /// Where a case writes file `name`.
+    pub fn work_file(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+}
+
+/// The guest command line for `mvm-test-init` in `mode`: serial console,
+/// `quiet` (each console line costs 15-20 ms under TCG), a panic reboots at
+/// once, and reboot goes through the i8042 reset line.
+pub fn test_cmdline(mode: &str) -> String {
+    format!(
+        "console=ttyS0 quiet panic=-1 reboot=k {}={mode}",
+        crate::guest::MODE_PARAM
+    )
+}
+
+/// Reads at most `limit` bytes of `path` as text (lossy), so a guest that
+/// floods its console cannot make the runner allocate without bound.
+pub fn read_bounded(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit)
+        .read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// The last `lines` lines of `text`, each prefixed for display under a FAIL.
+pub fn tail(label: &str, text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    let mut out = String::new();
+    for line in all.get(start..).unwrap_or_default() {
+        out.push_str("    ");
+        out.push_str(label);
+        out.push_str("| ");
+        out.push_str(line.trim_end_matches('\r'));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_passes_and_fails() {
+        assert!(check(true, || "x".into()).is_ok());
+        assert_eq!(check(false, || "bad".into()).unwrap_err().reason, "bad");
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let t = tail("console", "a\nb\r\nc\n", 2);
+        assert_eq!(t, "    console| b\n    console| c\n");
+    }
+
+    #[test]
+    fn cmdline_carries_mode() {
+        let c = test_cmdline("nproc");
+        assert!(c.contains("mvm.test=nproc"));
+        assert!(c.contains("quiet"));
+        assert!(c.contains("panic=-1"));
+    }
+
+    #[test]
+    fn read_bounded_stops_at_limit() {
+        let dir = std::env::temp_dir().join(format!("mvm-tests-rb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("big");
+        std::fs::write(&f, vec![b'x'; 10_000]).unwrap();
+        assert_eq!(read_bounded(&f, 100).unwrap().len(), 100);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,28 @@
+//! Every end-to-end case, registered in one list. One module per area; to
+//! add an area, write `cases/<area>.rs` with a `pub const CASES: &[Case]`
+//! and add it to [`all`].
+
+pub mod boot;
+
+use crate::case::Case;
+
+/// Every case, in the order they run.
+pub fn all() -> Vec<Case> {
+    [boot::CASES].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_unique_and_area_prefixed() {
+        let cases = super::all();
+        for (i, c) in cases.iter().enumerate() {
+            assert!(c.name.contains('/'), "{} has no area/", c.name);
+            assert!(
+                cases.iter().skip(i + 1).all(|o| o.name != c.name),
+                "duplicate case {}",
+                c.name
+            );
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The modes of `mvm-test-init`, one table. To add a mode: write a
+//! `fn(&Guest) -> Result<Ending, GuestError>` (in its own module for a new
+//! area, e.g. `guest/blk.rs`) and add a row to [`MODES`].
+
+use super::{Ending, Guest, GuestError};
+
+/// One mode: its name on the command line and what it does.
+#[derive(Debug, Clone, Copy)]
+pub struct Mode {
+    /// The value of `mvm.test=`.
+    pub name: &'static str,
+    /// Runs the mode; the returned ending is what the init does next.
+    pub run: fn(&Guest) -> Result<Ending, GuestError>,
+}
+
+/// Every mode, in one list.
+pub const MODES: &[Mode] = &[
+    Mode {
+        name: "marker",
+        run: marker,
+    },
+    Mode {
+        name: "nproc",
+        run: nproc,
+    },
+    Mode {
+        name: "poweroff",
+        run: poweroff,
+    },
+    Mode {
+        name: "reboot",
+        run: reboot,
+    },
+    Mode {
+        name: "panic",
+        run: panic,
+    },
+    Mode {
+        name: "hang",
+        run: hang,
+    },
+];
+
+/// The mode called `name`, or an error listing the known ones.
+pub fn find(name: &str) -> Result<&'static Mode, GuestError> {
+    MODES.iter().find(|m| m.name == name).ok_or_else(|| {
+        let known: Vec<&str> = MODES.iter().map(|m| m.name).collect();
+        GuestError::UnknownMode(name.to_owned(), known.join(", "))
+    })
+}
+
+/// The line `nproc` prints: `cpus=<N>`.
+pub fn cpus_line(n: usize) -> String {
+    format!("cpus={n}")
+}
+
+/// Only the marker (printed by the init for every mode), then poweroff.
+fn marker(_: &Guest) -> Result<Ending, GuestError> {
+    Ok(Ending::PowerOff)
+}
+
+/// Prints how many CPUs the guest kernel brought up (`processor` lines in
+/// /proc/cpuinfo), then powers off.
+fn nproc(guest: &Guest) -> Result<Ending, GuestError> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").map_err(|source| GuestError::Sys {
+        what: "read /proc/cpuinfo".into(),
+        source,
+    })?;
+    guest.console.say(&cpus_line(count_processors(&cpuinfo)));
+    Ok(Ending::PowerOff)
+}
+
+/// Counts the `processor : N` stanzas of /proc/cpuinfo.
+pub fn count_processors(cpuinfo: &str) -> usize {
+    cpuinfo
+        .lines()
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(k, _)| k.trim_end() == "processor")
+        })
+        .count()
+}
+
+fn poweroff(guest: &Guest) -> Result<Ending, GuestError> {
+    guest.console.say("powering off");
+    Ok(Ending::PowerOff)
+}
+
+fn reboot(guest: &Guest) -> Result<Ending, GuestError> {
+    guest.console.say("rebooting");
+    Ok(Ending::Reboot)
+}
+
+fn panic(guest: &Guest) -> Result<Ending, GuestError> {
+    guest.console.say("exiting PID 1 to panic the kernel");
+    Ok(Ending::Panic)
+}
+
+fn hang(guest: &Guest) -> Result<Ending, GuestError> {
+    guest.console.say("hanging");
+    Ok(Ending::Hang)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_findable() {
+        for (i, m) in MODES.iter().enumerate() {
+            assert!(
+                MODES.iter().skip(i + 1).all(|o| o.name != m.name),
+                "{}",
+                m.name
+            );
+            assert_eq!(find(m.name).unwrap().name, m.name);
+        }
+        let e = find("nope").unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("marker"), "{e}");
+    }
+
+    #[test]
+    fn counts_processors() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\n\nprocessor\t: 1\nmodel name : x\n";
+        assert_eq!(count_processors(info), 2);
+        assert_eq!(count_processors(""), 0);
+    }
+}

@@ -1,0 +1,278 @@
+//! Launching `mvm-vmm` as a child process and collecting what it did.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::boot_report::BootReport;
+use crate::case::{read_bounded, tail, Failure, BOOT_TIMEOUT};
+
+/// The most console or stderr text a case reads back (bytes).
+const OUTPUT_LIMIT: u64 = 4 << 20;
+/// How often the runner polls a running VMM for exit.
+const POLL: Duration = Duration::from_millis(10);
+
+/// One `mvm-vmm` invocation: the CLI of issue 2 (`--kernel --initrd
+/// --cmdline --vcpus --mem-mib --console-log --boot-report`) plus any extra
+/// arguments a case adds.
+#[derive(Debug, Clone)]
+pub struct VmLaunch {
+    vmm: PathBuf,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    vcpus: u32,
+    mem_mib: u32,
+    boot_report: Option<PathBuf>,
+    extra: Vec<OsString>,
+    timeout: Duration,
+    out_dir: PathBuf,
+    label: String,
+}
+
+/// What a finished (or killed) VMM left behind.
+#[derive(Debug)]
+pub struct VmRun {
+    /// The process's exit status.
+    pub status: ExitStatus,
+    /// Whether the runner killed it at the timeout.
+    pub timed_out: bool,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+    /// The guest console (the VMM's stdout), bounded.
+    pub console: String,
+    /// The VMM's stderr, bounded.
+    pub stderr: String,
+    /// The boot report, when one was asked for and parsed.
+    pub boot_report: Option<Result<BootReport, String>>,
+}
+
+impl VmLaunch {
+    /// A launch of `vmm` booting `kernel` with 1 vCPU and 128 MiB, writing
+    /// its outputs under `out_dir`.
+    pub fn new(vmm: PathBuf, kernel: PathBuf, out_dir: &Path) -> Self {
+        Self {
+            vmm,
+            kernel,
+            initrd: None,
+            cmdline: None,
+            vcpus: 1,
+            mem_mib: 128,
+            boot_report: None,
+            extra: Vec::new(),
+            timeout: BOOT_TIMEOUT,
+            out_dir: out_dir.to_path_buf(),
+            label: "vm".into(),
+        }
+    }
+
+    /// Sets `--initrd`.
+    #[must_use]
+    pub fn initrd(mut self, path: PathBuf) -> Self {
+        self.initrd = Some(path);
+        self
+    }
+
+    /// Sets `--cmdline`.
+    #[must_use]
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = Some(cmdline.to_owned());
+        self
+    }
+
+    /// Sets `--vcpus`.
+    #[must_use]
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Sets `--mem-mib`.
+    #[must_use]
+    pub fn mem_mib(mut self, mib: u32) -> Self {
+        self.mem_mib = mib;
+        self
+    }
+
+    /// Asks for `--boot-report` into the output directory.
+    #[must_use]
+    pub fn with_boot_report(mut self) -> Self {
+        self.boot_report = Some(
+            self.out_dir
+                .join(format!("{}.boot-report.json", self.label)),
+        );
+        self
+    }
+
+    /// Adds arguments after the standard ones.
+    #[must_use]
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.extra.push(arg.into());
+        self
+    }
+
+    /// Sets how long the VMM may run before it is killed.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Names this VM's output files (for cases that boot several).
+    #[must_use]
+    pub fn label(mut self, label: &str) -> Self {
+        self.label = label.to_owned();
+        if self.boot_report.is_some() {
+            self = self.with_boot_report();
+        }
+        self
+    }
+
+    /// The full argument list, for logs and failure messages.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--kernel".into(), self.kernel.clone().into()];
+        if let Some(initrd) = &self.initrd {
+            args.push("--initrd".into());
+            args.push(initrd.clone().into());
+        }
+        if let Some(cmdline) = &self.cmdline {
+            args.push("--cmdline".into());
+            args.push(cmdline.into());
+        }
+        args.push("--vcpus".into());
+        args.push(self.vcpus.to_string().into());
+        args.push("--mem-mib".into());
+        args.push(self.mem_mib.to_string().into());
+        if let Some(report) = &self.boot_report {
+            args.push("--boot-report".into());
+            args.push(report.clone().into());
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Runs the VMM to exit or timeout. Fails only when the VMM could not
+    /// be started or its outputs not read; the exit status is the case's to
+    /// judge.
+    pub fn run(&self) -> Result<VmRun, Failure> {
+        let console_path = self.out_dir.join(format!("{}.console", self.label));
+        let stderr_path = self.out_dir.join(format!("{}.stderr", self.label));
+        let io_err = |what: &str, path: &Path, e: std::io::Error| {
+            Failure::new(format!("{what} {}: {e}", path.display()))
+        };
+        let console =
+            File::create(&console_path).map_err(|e| io_err("create", &console_path, e))?;
+        let stderr = File::create(&stderr_path).map_err(|e| io_err("create", &stderr_path, e))?;
+        if let Some(report) = &self.boot_report {
+            // A stale report from an earlier run must not pass for this one.
+            let _ = std::fs::remove_file(report);
+        }
+
+        let start = Instant::now();
+        let mut child = Command::new(&self.vmm)
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| io_err("spawn", &self.vmm, e))?;
+        let mut timed_out = false;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if start.elapsed() >= self.timeout => {
+                    timed_out = true;
+                    let _ = child.kill();
+                    match child.wait() {
+                        Ok(status) => break status,
+                        Err(e) => return Err(Failure::new(format!("wait for mvm-vmm: {e}"))),
+                    }
+                }
+                Ok(None) => std::thread::sleep(POLL),
+                Err(e) => return Err(Failure::new(format!("wait for mvm-vmm: {e}"))),
+            }
+        };
+        let elapsed = start.elapsed();
+
+        let console = read_bounded(&console_path, OUTPUT_LIMIT)
+            .map_err(|e| io_err("read", &console_path, e))?;
+        let stderr = read_bounded(&stderr_path, OUTPUT_LIMIT)
+            .map_err(|e| io_err("read", &stderr_path, e))?;
+        let boot_report = self.boot_report.as_ref().map(|path| {
+            read_bounded(path, OUTPUT_LIMIT)
+                .map_err(|e| format!("read boot report {}: {e}", path.display()))
+                .and_then(|text| BootReport::parse(&text))
+        });
+        Ok(VmRun {
+            status,
+            timed_out,
+            elapsed,
+            console,
+            stderr,
+            boot_report,
+        })
+    }
+}
+
+impl VmRun {
+    /// Console and stderr tails, for a failure's detail.
+    pub fn evidence(&self) -> String {
+        let mut out = tail("console", &self.console, 15);
+        out.push_str(&tail("stderr", &self.stderr, 15));
+        out
+    }
+
+    /// A failure with `reason` and this run's evidence.
+    pub fn fail(&self, reason: impl Into<String>) -> Failure {
+        Failure::new(reason).with_detail(self.evidence())
+    }
+
+    /// Fails unless the VMM exited by itself with `code`.
+    pub fn expect_exit(&self, code: i32) -> Result<(), Failure> {
+        if self.timed_out {
+            return Err(self.fail(format!(
+                "mvm-vmm still running after {:.1}s (killed)",
+                self.elapsed.as_secs_f64()
+            )));
+        }
+        match self.status.code() {
+            Some(c) if c == code => Ok(()),
+            Some(c) => Err(self.fail(format!("mvm-vmm exited {c}, expected {code}"))),
+            None => Err(self.fail(format!(
+                "mvm-vmm killed by a signal ({}), expected exit {code}",
+                self.status
+            ))),
+        }
+    }
+
+    /// Fails unless the console holds a line containing `needle`.
+    pub fn expect_console(&self, needle: &str) -> Result<(), Failure> {
+        if self.console.lines().any(|l| l.contains(needle)) {
+            Ok(())
+        } else {
+            Err(self.fail(format!("console has no line with {needle:?}")))
+        }
+    }
+
+    /// Fails unless stderr holds a line containing any of `needles`
+    /// (compared case-insensitively).
+    pub fn expect_stderr_any(&self, needles: &[&str]) -> Result<(), Failure> {
+        let lower = self.stderr.to_lowercase();
+        if needles.iter().any(|n| lower.contains(&n.to_lowercase())) {
+            Ok(())
+        } else {
+            Err(self.fail(format!("stderr mentions none of {needles:?}")))
+        }
+    }
+
+    /// The parsed boot report, or a failure saying why there is none.
+    pub fn report(&self) -> Result<&BootReport, Failure> {
+        match &self.boot_report {
+            Some(Ok(report)) => Ok(report),
+            Some(Err(e)) => Err(self.fail(e.clone())),
+            None => Err(Failure::new("no boot report was asked for")),
+        }
+    }
+}

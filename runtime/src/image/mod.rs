@@ -1,1 +1,65 @@
-//! (to be written)
+//! Guest images: the built-in builder (kernel + a deterministic initramfs with
+//! `mvm-agent` as `/init` and busybox), `manifest.json`, and the
+//! content-addressed store under the user's data directory.
+//!
+//! An image is three files: the kernel (`vmlinux`), the initramfs
+//! (`initramfs.cpio`, uncompressed newc) and `manifest.json`, whose sha256 is
+//! the image digest. Built twice from the same inputs, an image has the same
+//! digest.
+
+pub mod build;
+pub mod cpio;
+pub mod elf;
+pub mod manifest;
+pub mod store;
+
+use std::path::PathBuf;
+
+pub use build::{build, BuildInputs, BuiltImage};
+pub use manifest::Manifest;
+pub use store::{ImageStore, StoredImage, DEFAULT_IMAGE};
+
+/// Errors of the image builder and store.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A build input is unusable.
+    #[error("image input {name} ({path}): {reason}")]
+    Input {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    /// The initramfs could not be laid out.
+    #[error("initramfs: {0}")]
+    Cpio(#[from] cpio::CpioError),
+    /// A stored file no longer matches its digest.
+    #[error("digest mismatch for {file}: manifest {manifest}, measured {measured}")]
+    DigestMismatch {
+        file: PathBuf,
+        manifest: String,
+        measured: String,
+    },
+    /// A manifest that cannot be read or trusted.
+    #[error("bad manifest {path}: {reason}")]
+    BadManifest { path: PathBuf, reason: String },
+    /// An image name outside `[A-Za-z0-9._-]{1,64}`.
+    #[error("bad image name {0:?}: use 1-64 of A-Z a-z 0-9 . _ - (not starting with '.')")]
+    BadName(String),
+    /// No image answers to the reference.
+    #[error(
+        "no image {reference:?} in {store} (build one: mvm image build, or scripts/build-image)"
+    )]
+    NotFound { reference: String, store: PathBuf },
+    /// A digest prefix that matches several images.
+    #[error("image reference {0:?} matches several images; give more digits")]
+    Ambiguous(String),
+    /// Neither `MVM_DATA_DIR`, `XDG_DATA_HOME` nor `HOME` is set.
+    #[error("no data directory: set MVM_DATA_DIR, XDG_DATA_HOME or HOME")]
+    NoDataDir,
+}

@@ -1,0 +1,123 @@
+//! `manifest.json`: what an image is made of and what it was made from.
+//!
+//! The manifest holds no timestamps and no host paths, so building the same
+//! inputs twice gives the same manifest bytes, and the image digest (the
+//! sha256 of those bytes) names the image's content.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The manifest schema this code writes and reads.
+pub const MANIFEST_SCHEMA: u32 = 1;
+/// The file name of the manifest inside an image directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// `sha256:<hex>` of some bytes: the digest notation used by plans too.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// One artifact of an image: a file in the image directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// The file name inside the image directory.
+    pub file: String,
+    /// `sha256:<hex>` of the file's bytes.
+    pub sha256: String,
+    /// The file's length in bytes.
+    pub size: u64,
+}
+
+impl Artifact {
+    /// Describes `bytes` stored as `file`.
+    pub fn of(file: &str, bytes: &[u8]) -> Self {
+        Self {
+            file: file.to_owned(),
+            sha256: sha256_digest(bytes),
+            size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// One pinned input the image was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// What the input is (`kernel`, `mvm-agent`, `busybox`, `kernel-source`, ...).
+    pub name: String,
+    /// `sha256:<hex>` of the input's bytes.
+    pub sha256: String,
+    /// A version string the input carries, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// The whole manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`MANIFEST_SCHEMA`].
+    pub schema: u32,
+    /// The guest kernel (ELF vmlinux).
+    pub kernel: Artifact,
+    /// The initramfs (uncompressed newc cpio).
+    pub initramfs: Artifact,
+    /// The default kernel command line.
+    pub cmdline: String,
+    /// `sha256:<hex>` of the exact command line bytes, as a plan pins it.
+    pub cmdline_sha256: String,
+    /// The vsock port the guest agent listens on.
+    pub agent_vsock_port: u32,
+    /// The inputs, in a fixed order.
+    pub inputs: Vec<Input>,
+}
+
+impl Manifest {
+    /// The manifest's bytes as stored: pretty JSON with a trailing newline.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut bytes = serde_json::to_vec_pretty(self)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+
+    /// Parses stored manifest bytes; unknown fields are refused.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_notation() {
+        assert_eq!(
+            sha256_digest(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn round_trips_and_refuses_unknown_fields() {
+        let m = Manifest {
+            schema: MANIFEST_SCHEMA,
+            kernel: Artifact::of("vmlinux", b"k"),
+            initramfs: Artifact::of("initramfs.cpio", b"i"),
+            cmdline: "console=ttyS0".into(),
+            cmdline_sha256: sha256_digest(b"console=ttyS0"),
+            agent_vsock_port: 1024,
+            inputs: vec![Input {
+                name: "busybox".into(),
+                sha256: sha256_digest(b"b"),
+                version: Some("1.35".into()),
+            }],
+        };
+        let bytes = m.to_bytes().unwrap();
+        assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);
+        let mut value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        value["surprise"] = serde_json::json!(1);
+        assert!(Manifest::from_bytes(&serde_json::to_vec(&value).unwrap()).is_err());
+    }
+}

@@ -1,0 +1,407 @@
+//! The content-addressed image store under the user's data directory:
+//!
+//! ```text
+//! $MVM_DATA_DIR (default $XDG_DATA_HOME/mvm, else ~/.local/share/mvm)
+//!   images/<hex>/manifest.json, vmlinux, initramfs.cpio
+//!   images/names/<name>      "sha256:<hex>\n": which image a name points to
+//! ```
+//!
+//! `<hex>` is the sha256 of the manifest bytes; the manifest holds the digest
+//! of every artifact, so the directory name covers the whole image.
+
+use std::path::{Path, PathBuf};
+
+use super::build::BuiltImage;
+use super::manifest::{sha256_digest, Artifact, Manifest, MANIFEST_FILE};
+use super::ImageError;
+
+/// The name `mvm image build` gives the image it builds, and `mvm run` uses.
+pub const DEFAULT_IMAGE: &str = "default";
+/// The shortest digest prefix accepted as a reference.
+const MIN_PREFIX: usize = 12;
+/// The longest image name accepted.
+const MAX_NAME: usize = 64;
+
+/// The user's data directory for mvm: `MVM_DATA_DIR`, else
+/// `$XDG_DATA_HOME/mvm`, else `~/.local/share/mvm`.
+pub fn data_dir() -> Result<PathBuf, ImageError> {
+    let from_env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = from_env("MVM_DATA_DIR") {
+        return Ok(dir);
+    }
+    if let Some(dir) = from_env("XDG_DATA_HOME") {
+        return Ok(dir.join("mvm"));
+    }
+    from_env("HOME")
+        .map(|home| home.join(".local/share/mvm"))
+        .ok_or(ImageError::NoDataDir)
+}
+
+/// Checks an image name: 1..=64 of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn check_name(name: &str) -> Result<(), ImageError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ImageError::BadName(name.to_owned()))
+    }
+}
+
+/// An image as it lies in the store.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    /// The image digest, `sha256:<hex>`.
+    pub digest: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl StoredImage {
+    /// The kernel's path.
+    pub fn kernel_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.kernel.file)
+    }
+
+    /// The initramfs's path.
+    pub fn initramfs_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.initramfs.file)
+    }
+
+    /// Re-measures both artifacts against the manifest.
+    pub fn verify(&self) -> Result<(), ImageError> {
+        for artifact in [&self.manifest.kernel, &self.manifest.initramfs] {
+            let path = self.dir.join(&artifact.file);
+            let bytes = std::fs::read(&path).map_err(|source| ImageError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let measured = sha256_digest(&bytes);
+            if measured != artifact.sha256 {
+                return Err(ImageError::DigestMismatch {
+                    file: path,
+                    manifest: artifact.sha256.clone(),
+                    measured,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The store rooted at a data directory.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    images: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// reader never sees half a file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// An artifact file name must be a plain name inside the image directory.
+fn check_artifact(artifact: &Artifact) -> Result<(), ImageError> {
+    let plain = !artifact.file.is_empty()
+        && !artifact.file.starts_with('.')
+        && !artifact.file.contains('/');
+    if plain {
+        Ok(())
+    } else {
+        Err(ImageError::BadManifest {
+            path: PathBuf::from(&artifact.file),
+            reason: "artifact file name must be a plain file name".into(),
+        })
+    }
+}
+
+impl ImageStore {
+    /// The store under [`data_dir`].
+    pub fn open_default() -> Result<Self, ImageError> {
+        Ok(Self::at(&data_dir()?))
+    }
+
+    /// The store under `data_dir`.
+    pub fn at(data_dir: &Path) -> Self {
+        Self {
+            images: data_dir.join("images"),
+        }
+    }
+
+    fn names_dir(&self) -> PathBuf {
+        self.images.join("names")
+    }
+
+    /// Stores `image` (a no-op for its files if the digest is already there)
+    /// and points `name` at it.
+    pub fn put(&self, name: &str, image: &BuiltImage) -> Result<StoredImage, ImageError> {
+        check_name(name)?;
+        let manifest_bytes = image
+            .manifest
+            .to_bytes()
+            .map_err(|e| ImageError::BadManifest {
+                path: PathBuf::from(MANIFEST_FILE),
+                reason: e.to_string(),
+            })?;
+        let digest = sha256_digest(&manifest_bytes);
+        let hex = digest.trim_start_matches("sha256:");
+        let dir = self.images.join(hex);
+        if !dir.join(MANIFEST_FILE).is_file() {
+            std::fs::create_dir_all(&self.images).map_err(io(&self.images))?;
+            let tmp = self
+                .images
+                .join(format!(".tmp-{}-{hex}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+            let files: [(&str, &[u8]); 3] = [
+                (&image.manifest.kernel.file, &image.kernel),
+                (&image.manifest.initramfs.file, &image.initramfs),
+                (MANIFEST_FILE, &manifest_bytes),
+            ];
+            for (file, bytes) in files {
+                let path = tmp.join(file);
+                std::fs::write(&path, bytes).map_err(io(&path))?;
+            }
+            match std::fs::rename(&tmp, &dir) {
+                Ok(()) => {}
+                // Someone else stored the same content meanwhile: keep theirs.
+                Err(_) if dir.join(MANIFEST_FILE).is_file() => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                }
+                Err(source) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(ImageError::Io { path: dir, source });
+                }
+            }
+        }
+        let names = self.names_dir();
+        std::fs::create_dir_all(&names).map_err(io(&names))?;
+        write_atomic(&names.join(name), format!("{digest}\n").as_bytes())?;
+        self.load(hex)
+    }
+
+    /// Loads the image whose directory is `images/<hex>`; checks that the
+    /// manifest's bytes still hash to the directory name.
+    fn load(&self, hex: &str) -> Result<StoredImage, ImageError> {
+        let dir = self.images.join(hex);
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let digest = sha256_digest(&bytes);
+        if digest.trim_start_matches("sha256:") != hex {
+            return Err(ImageError::DigestMismatch {
+                file: path,
+                manifest: format!("sha256:{hex}"),
+                measured: digest,
+            });
+        }
+        let manifest = Manifest::from_bytes(&bytes).map_err(|e| ImageError::BadManifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        check_artifact(&manifest.kernel)?;
+        check_artifact(&manifest.initramfs)?;
+        Ok(StoredImage {
+            digest,
+            dir,
+            manifest,
+        })
+    }
+
+    /// The digests (hex) of every stored image, sorted.
+    fn digests(&self) -> Result<Vec<String>, ImageError> {
+        let entries = match std::fs::read_dir(&self.images) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(ImageError::Io {
+                    path: self.images.clone(),
+                    source,
+                })
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io(&self.images))?;
+            if let Some(name) = entry.file_name().to_str() {
+                if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    out.push(name.to_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The names pointing at each digest: `(name, "sha256:<hex>")`, sorted.
+    pub fn names(&self) -> Result<Vec<(String, String)>, ImageError> {
+        let dir = self.names_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(ImageError::Io { path: dir, source }),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io(&dir))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if check_name(&name).is_err() {
+                continue;
+            }
+            let path = entry.path();
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            out.push((name, text.trim().to_owned()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every stored image with the names that point at it.
+    pub fn list(&self) -> Result<Vec<(StoredImage, Vec<String>)>, ImageError> {
+        let names = self.names()?;
+        let mut out = Vec::new();
+        for hex in self.digests()? {
+            let image = self.load(&hex)?;
+            let pointing = names
+                .iter()
+                .filter(|(_, d)| *d == image.digest)
+                .map(|(n, _)| n.clone())
+                .collect();
+            out.push((image, pointing));
+        }
+        Ok(out)
+    }
+
+    /// Finds an image by name, by `sha256:<hex>`, or by a hex prefix of at
+    /// least 12 digits.
+    pub fn resolve(&self, reference: &str) -> Result<StoredImage, ImageError> {
+        let hex = reference.trim_start_matches("sha256:");
+        let looks_hex = hex.len() >= MIN_PREFIX && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        if check_name(reference).is_ok() {
+            let path = self.names_dir().join(reference);
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let digest = text.trim();
+                let hex = digest.trim_start_matches("sha256:");
+                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ImageError::BadManifest {
+                        path,
+                        reason: format!("name points at {digest:?}, not a sha256 digest"),
+                    });
+                }
+                return self.load(hex);
+            }
+        }
+        if looks_hex {
+            let lower = hex.to_ascii_lowercase();
+            let matches: Vec<String> = self
+                .digests()?
+                .into_iter()
+                .filter(|d| d.starts_with(&lower))
+                .collect();
+            match matches.as_slice() {
+                [one] => return self.load(one),
+                [] => {}
+                _ => return Err(ImageError::Ambiguous(reference.to_owned())),
+            }
+        }
+        Err(ImageError::NotFound {
+            reference: reference.to_owned(),
+            store: self.images.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::build::{build, tests::fake_inputs};
+
+    #[test]
+    fn put_then_resolve_by_name_digest_and_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(inputs) = fake_inputs(dir.path()) else {
+            return;
+        };
+        let store = ImageStore::at(&dir.path().join("data"));
+        let image = build(&inputs).unwrap();
+        let stored = store.put(DEFAULT_IMAGE, &image).unwrap();
+        stored.verify().unwrap();
+        assert_eq!(store.resolve("default").unwrap().digest, stored.digest);
+        assert_eq!(store.resolve(&stored.digest).unwrap().dir, stored.dir);
+        let prefix = &stored.digest["sha256:".len().."sha256:".len() + 12];
+        assert_eq!(store.resolve(prefix).unwrap().digest, stored.digest);
+        assert!(matches!(
+            store.resolve("nosuch"),
+            Err(ImageError::NotFound { .. })
+        ));
+        // Storing the same image again is idempotent.
+        let again = store.put(DEFAULT_IMAGE, &image).unwrap();
+        assert_eq!(again.digest, stored.digest);
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1, vec!["default".to_owned()]);
+        // No temporary directories are left behind.
+        let leftovers = std::fs::read_dir(dir.path().join("data/images"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(inputs) = fake_inputs(dir.path()) else {
+            return;
+        };
+        let store = ImageStore::at(&dir.path().join("data"));
+        let stored = store.put("t", &build(&inputs).unwrap()).unwrap();
+        std::fs::write(stored.kernel_path(), b"\x7fELF tampered").unwrap();
+        let err = stored.verify().unwrap_err().to_string();
+        assert!(err.contains("digest mismatch"), "{err}");
+        let manifest = stored.dir.join(MANIFEST_FILE);
+        let mut bytes = std::fs::read(&manifest).unwrap();
+        bytes.push(b' ');
+        std::fs::write(&manifest, bytes).unwrap();
+        assert!(matches!(
+            store.resolve("t"),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("default").is_ok());
+        assert!(check_name("a.b-c_1").is_ok());
+        for bad in ["", ".hidden", "a/b", "../x", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! What wakes the vsock device thread and what it does then.
+//!
+//! - TX queue kick: parse each guest packet and hand it to the muxer, then deliver
+//!   whatever the guest is owed.
+//! - RX queue kick: the guest gave receive buffers; deliver what is owed.
+//! - event queue kick: deliver a pending TRANSPORT_RESET.
+//! - the muxer's epoll fd: host sockets have news; handle it, then deliver.
+//!
+//! A device reset drops every connection (host sockets close) and owes the guest a
+//! TRANSPORT_RESET event once the driver brings the device back.
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+
+use super::muxer::Muxer;
+use super::packet::{parse_tx_packet, read_tx_chain, rx_payload_capacity, write_rx_packet};
+use super::{
+    EVENT_QUEUE, MAX_PKT_DATA, NUM_QUEUES, RX_QUEUE, TX_QUEUE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+    VSOCK_EVENT_SIZE, VSOCK_HDR_SIZE,
+};
+use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
+use crate::virtio::{Activation, GuestMemoryMmap, Interrupt};
+
+/// Epoll token of the muxer's epoll fd in the device loop.
+pub const MUXER_TOKEN: u32 = WORKER_TOKEN_BASE;
+
+const NAME: &str = "virtio-vsock";
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct VsockWorkerStats {
+    /// Packets delivered to the guest.
+    pub rx_packets: u64,
+    /// Packets taken from the guest.
+    pub tx_packets: u64,
+    /// RX buffers too small for a header, returned empty.
+    pub rx_buffers_too_small: u64,
+    /// TRANSPORT_RESET events delivered.
+    pub transport_resets: u64,
+}
+
+/// The device-thread half of the vsock device.
+#[derive(Debug)]
+pub struct VsockWorker {
+    guest_cid: u64,
+    muxer: Muxer,
+    active: Option<Activation>,
+    transport_reset_pending: bool,
+    tx_bytes: Vec<u8>,
+    rx_bytes: Vec<u8>,
+    stats: VsockWorkerStats,
+}
+
+impl VsockWorker {
+    pub(crate) fn new(guest_cid: u64, muxer: Muxer) -> Self {
+        VsockWorker {
+            guest_cid,
+            muxer,
+            active: None,
+            transport_reset_pending: false,
+            tx_bytes: Vec::new(),
+            rx_bytes: vec![0u8; MAX_PKT_DATA as usize],
+            stats: VsockWorkerStats::default(),
+        }
+    }
+
+    /// The host side (for tests and metrics).
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VsockWorkerStats {
+        self.stats
+    }
+
+    /// Ends every connection and tells the guest so with a TRANSPORT_RESET event
+    /// (as after a snapshot restore). Delivered now if the device is active and the
+    /// guest has an event buffer, else as soon as it does.
+    pub fn transport_reset(&mut self, interrupt: &Interrupt) {
+        self.muxer.reset();
+        self.transport_reset_pending = true;
+        self.deliver_event(interrupt);
+    }
+
+    /// Handles host socket news and delivers what the guest is owed.
+    pub fn on_host_events(&mut self, interrupt: &Interrupt) {
+        self.muxer.process_host_events();
+        self.deliver_rx(interrupt);
+    }
+
+    /// Takes every packet the guest queued on TX, then delivers what it is owed.
+    pub fn on_tx(&mut self, interrupt: &Interrupt) {
+        let Some(act) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = act.queues.get_mut(TX_QUEUE) else {
+            return;
+        };
+        let mem = &act.mem;
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match read_tx_chain(mem, chain, &mut self.tx_bytes) {
+                Ok(()) => {
+                    let parsed = parse_tx_packet(&self.tx_bytes, self.guest_cid);
+                    self.muxer.on_guest_packet(&self.tx_bytes, parsed);
+                }
+                Err(e) => tracing::debug!(error = %e, "vsock: unreadable TX chain dropped"),
+            }
+            self.stats.tx_packets = self.stats.tx_packets.saturating_add(1);
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                interrupt.mark_needs_reset(NAME, &format!("TX used ring: {e}"));
+                return;
+            }
+            used = true;
+        }
+        if used {
+            signal(queue, mem, interrupt);
+        }
+        // Guest packets may have opened credit, answered requests or asked for RSTs.
+        self.muxer.process_host_events();
+        self.deliver_rx(interrupt);
+    }
+
+    /// Fills the guest's RX buffers with what it is owed, until either runs out.
+    pub fn deliver_rx(&mut self, interrupt: &Interrupt) {
+        let Some(act) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = act.queues.get_mut(RX_QUEUE) else {
+            return;
+        };
+        let mem = &act.mem;
+        let mut used = false;
+        while self.muxer.has_pending_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = match Writer::<()>::new(mem, chain) {
+                Ok(w) => w,
+                Err(e) => {
+                    interrupt.mark_needs_reset(NAME, &format!("RX descriptor chain: {e}"));
+                    return;
+                }
+            };
+            let room = writer.available_bytes();
+            let mut written = 0u32;
+            if room < VSOCK_HDR_SIZE {
+                self.stats.rx_buffers_too_small = self.stats.rx_buffers_too_small.saturating_add(1);
+            } else {
+                let cap = rx_payload_capacity(room);
+                let Some(buf) = self.rx_bytes.get_mut(..cap) else {
+                    queue.go_to_previous_position();
+                    break;
+                };
+                let Some(hdr) = self.muxer.next_rx(buf) else {
+                    // Nothing after all (a host read would block): keep the buffer.
+                    queue.go_to_previous_position();
+                    break;
+                };
+                let len = usize::try_from(hdr.len).unwrap_or(usize::MAX);
+                let data = buf.get(..len).unwrap_or_default();
+                match write_rx_packet(&mut writer, &hdr, data) {
+                    Ok(n) => written = n,
+                    Err(e) => {
+                        interrupt.mark_needs_reset(NAME, &format!("RX buffer write: {e}"));
+                        return;
+                    }
+                }
+                self.stats.rx_packets = self.stats.rx_packets.saturating_add(1);
+            }
+            if let Err(e) = queue.add_used(mem, head, written) {
+                interrupt.mark_needs_reset(NAME, &format!("RX used ring: {e}"));
+                return;
+            }
+            used = true;
+        }
+        if used {
+            signal(queue, mem, interrupt);
+        }
+    }
+
+    fn deliver_event(&mut self, interrupt: &Interrupt) {
+        if !self.transport_reset_pending {
+            return;
+        }
+        let Some(act) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = act.queues.get_mut(EVENT_QUEUE) else {
+            return;
+        };
+        let mem = &act.mem;
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let written = match Writer::<()>::new(mem, chain) {
+            Ok(mut w) if w.available_bytes() >= VSOCK_EVENT_SIZE => {
+                use std::io::Write;
+                match w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                    Ok(()) => {
+                        self.transport_reset_pending = false;
+                        self.stats.transport_resets = self.stats.transport_resets.saturating_add(1);
+                        u32::try_from(VSOCK_EVENT_SIZE).unwrap_or(0)
+                    }
+                    Err(_) => 0,
+                }
+            }
+            _ => 0,
+        };
+        if let Err(e) = queue.add_used(mem, head, written) {
+            interrupt.mark_needs_reset(NAME, &format!("event used ring: {e}"));
+            return;
+        }
+        signal(queue, mem, interrupt);
+    }
+}
+
+fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+    // Without EVENT_IDX this only honours VRING_AVAIL_F_NO_INTERRUPT; on error,
+    // interrupting is the safe side.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = interrupt.signal_used_queue() {
+            tracing::warn!(error = %e, "vsock: cannot signal the irqfd");
+        }
+    }
+}
+
+impl QueueWorker for VsockWorker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let ev = Events::with_data_raw(self.muxer.epoll_fd(), MUXER_TOKEN, EventSet::IN);
+        if let Err(e) = ops.add(ev) {
+            tracing::error!(error = ?e, "vsock: cannot watch the host sockets");
+        }
+    }
+
+    fn activate(&mut self, activation: Activation, interrupt: &Interrupt, _ops: &mut EventOps) {
+        if activation.queues.len() != NUM_QUEUES {
+            interrupt.mark_needs_reset(
+                NAME,
+                &format!(
+                    "activated with {} queues, vsock has {NUM_QUEUES}",
+                    activation.queues.len()
+                ),
+            );
+            return;
+        }
+        self.active = Some(activation);
+        self.deliver_event(interrupt);
+        self.muxer.process_host_events();
+        self.deliver_rx(interrupt);
+    }
+
+    fn process_queue(&mut self, index: usize, interrupt: &Interrupt, _ops: &mut EventOps) {
+        match index {
+            RX_QUEUE => self.deliver_rx(interrupt),
+            TX_QUEUE => self.on_tx(interrupt),
+            EVENT_QUEUE => self.deliver_event(interrupt),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self, _ops: &mut EventOps) {
+        let was_active = self.active.take().is_some();
+        self.muxer.reset();
+        // The guest driver forgets its sockets on reset; should the device come
+        // back, tell it so explicitly.
+        self.transport_reset_pending = was_active;
+    }
+
+    fn process_event(&mut self, events: Events, interrupt: &Interrupt, _ops: &mut EventOps) {
+        if events.data() == MUXER_TOKEN {
+            self.on_host_events(interrupt);
+        }
+    }
+}

@@ -242,6 +242,32 @@ impl QueueWorker for VsockWorker {
     }
 
     fn activate(&mut self, activation: Activation, interrupt: &Interrupt, _ops: &mut EventOps) {
+        self.activate_queues(activation, interrupt);
+    }
+
+    fn process_queue(&mut self, index: usize, interrupt: &Interrupt, _ops: &mut EventOps) {
+        match index {
+            RX_QUEUE => self.deliver_rx(interrupt),
+            TX_QUEUE => self.on_tx(interrupt),
+            EVENT_QUEUE => self.deliver_event(interrupt),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self, _ops: &mut EventOps) {
+        self.reset_queues();
+    }
+
+    fn process_event(&mut self, events: Events, interrupt: &Interrupt, _ops: &mut EventOps) {
+        if events.data() == MUXER_TOKEN {
+            self.on_host_events(interrupt);
+        }
+    }
+}
+
+impl VsockWorker {
+    /// The driver set DRIVER_OK: take the queues and deliver what is owed.
+    pub fn activate_queues(&mut self, activation: Activation, interrupt: &Interrupt) {
         if activation.queues.len() != NUM_QUEUES {
             interrupt.mark_needs_reset(
                 NAME,
@@ -258,26 +284,12 @@ impl QueueWorker for VsockWorker {
         self.deliver_rx(interrupt);
     }
 
-    fn process_queue(&mut self, index: usize, interrupt: &Interrupt, _ops: &mut EventOps) {
-        match index {
-            RX_QUEUE => self.deliver_rx(interrupt),
-            TX_QUEUE => self.on_tx(interrupt),
-            EVENT_QUEUE => self.deliver_event(interrupt),
-            _ => {}
-        }
-    }
-
-    fn reset(&mut self, _ops: &mut EventOps) {
+    /// The device was reset: drop the queues and every connection; the listener stays.
+    pub fn reset_queues(&mut self) {
         let was_active = self.active.take().is_some();
         self.muxer.reset();
         // The guest driver forgets its sockets on reset; should the device come
         // back, tell it so explicitly.
         self.transport_reset_pending = was_active;
-    }
-
-    fn process_event(&mut self, events: Events, interrupt: &Interrupt, _ops: &mut EventOps) {
-        if events.data() == MUXER_TOKEN {
-            self.on_host_events(interrupt);
-        }
     }
 }

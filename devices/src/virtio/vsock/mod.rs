@@ -18,6 +18,9 @@ pub mod muxer;
 pub mod packet;
 pub mod unix;
 
+#[cfg(test)]
+mod tests;
+
 pub use device::{Vsock, VsockConfig, VsockError};
 pub use event_handler::VsockWorker;
 

@@ -29,6 +29,8 @@ const MAX_PENDING_RST: usize = 256;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Events fetched per epoll_wait.
 const EPOLL_BATCH: usize = 64;
+/// Most epoll_wait rounds per call; whatever is left wakes the device loop again.
+const EPOLL_ROUNDS: usize = 8;
 
 /// Why the muxer could not start.
 #[derive(Debug, Error)]
@@ -248,7 +250,9 @@ impl Muxer {
     /// Handles whatever the host sockets have for us; never blocks.
     pub fn process_host_events(&mut self) {
         let mut events = vec![EpollEvent::default(); EPOLL_BATCH];
-        loop {
+        // Handling one socket can make another ready (an accepted socket already holds
+        // its CONNECT line), so look again, a bounded number of times.
+        for _ in 0..EPOLL_ROUNDS {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -264,7 +268,7 @@ impl Muxer {
                 let set = EventSet::from_bits_truncate(ev.events());
                 self.on_fd_event(fd, set);
             }
-            if n < EPOLL_BATCH {
+            if n == 0 {
                 return;
             }
         }
@@ -490,6 +494,12 @@ impl Muxer {
             }
         }
         None
+    }
+
+    /// Guest bytes the connection between host port `local` and guest port `peer`
+    /// holds for a slow host reader.
+    pub fn buffered(&self, local: u32, peer: u32) -> Option<usize> {
+        self.conns.get(&(local, peer)).map(Connection::buffered)
     }
 
     /// The state of the connection between host port `local` and guest port `peer`.

@@ -6,4 +6,5 @@ pub mod dsse;
 pub mod kernel;
 pub mod measure;
 pub mod plan;
+pub mod replay;
 pub mod verity;

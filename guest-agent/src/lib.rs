@@ -1,1 +1,16 @@
-//! The vsock RPC protocol spoken between the runtime and the guest agent.
+//! The vsock RPC protocol spoken between the runtime and the guest agent, the agent that
+//! serves it (the guest's PID 1), and the client the runtime uses.
+//!
+//! - [`protocol`]: frames and messages; [`protocol::decode`] is the whole parsing surface.
+//! - [`client`]: the host side ([`client::Client`]).
+//! - [`agent`]: the guest side: exec, files, policy, the child reaper.
+//! - [`init`]: what the agent does only as PID 1 (mounts, power, boot signals).
+//! - [`transport`]: vsock and Unix streams, and the hybrid vsock handshake.
+
+pub mod agent;
+pub mod client;
+pub mod init;
+pub mod protocol;
+pub mod transport;
+
+pub use client::{Client, ClientError, Exec, ExecEvent, ExecOutput, Stdin};

@@ -1,1 +1,204 @@
-fn main() {}
+//! `mvm-agent`: the guest's PID 1, or a host-side agent on a Unix socket for tests.
+//!
+//! As PID 1 it ignores its arguments (the kernel passes it stray command-line words) and
+//! reads `mvm.*` settings from `/proc/cmdline`: `mvm.agent.port`, `mvm.hostname`,
+//! `mvm.agent.log`, and the policy keys of `Policy::from_cmdline`.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mvm_agent::agent::{Agent, Policy, PowerAction};
+use mvm_agent::init::{self, guest_signal};
+use mvm_agent::protocol::AGENT_VSOCK_PORT;
+use tracing::Level;
+
+const USAGE: &str = "usage: mvm-agent                         (as PID 1 in the guest)
+       mvm-agent --listen-unix PATH [options]
+       mvm-agent --listen-vsock PORT [options]
+options: --allow-root  --uid N  --gid N  --log error|warn|info|debug";
+
+fn init_logging(level: Level) {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .try_init();
+}
+
+fn parse_level(value: &str) -> Option<Level> {
+    value.parse().ok()
+}
+
+/// PID 1: never returns, and never exits (that would panic the kernel).
+fn run_init() -> ! {
+    let blocked = init::block_power_signals();
+    let mount_failures = init::mount_filesystems();
+    init::ensure_stdio();
+    let cmdline = init::kernel_cmdline();
+    let level = init::cmdline_value(&cmdline, "mvm.agent.log")
+        .and_then(parse_level)
+        .unwrap_or(Level::WARN);
+    init_logging(level);
+    if let Err(e) = guest_signal::send(guest_signal::INIT_REACHED) {
+        tracing::warn!("init-reached signal: {e}");
+    }
+    if let Err(e) = blocked {
+        tracing::warn!("cannot block power signals: {e}");
+    }
+    for failure in &mount_failures {
+        tracing::warn!("{failure}");
+    }
+    let hostname = init::cmdline_value(&cmdline, "mvm.hostname").unwrap_or("mvm");
+    if let Err(e) = init::set_hostname(hostname) {
+        tracing::warn!("hostname {hostname:?}: {e}");
+    }
+    let port = init::cmdline_value(&cmdline, "mvm.agent.port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(AGENT_VSOCK_PORT);
+    let policy = Policy::from_cmdline(&cmdline);
+    let mut attempt: u32 = 0;
+    loop {
+        match Agent::new(policy.clone(), true, PowerAction::Guest) {
+            Ok(agent) => {
+                if let Err(e) = init::spawn_power_signal_thread() {
+                    tracing::warn!("power signal thread: {e}");
+                }
+                loop {
+                    // The vsock driver may probe after init starts: retry until it is there.
+                    let result = agent.serve_vsock(port, || {
+                        if let Err(e) = guest_signal::send(guest_signal::AGENT_LISTENING) {
+                            tracing::warn!("agent-listening signal: {e}");
+                        }
+                    });
+                    if let Err(e) = result {
+                        if attempt % 50 == 0 {
+                            tracing::warn!("vsock port {port}: {e}; retrying");
+                        }
+                    }
+                    attempt = attempt.wrapping_add(1);
+                    std::thread::sleep(Duration::from_millis(if attempt < 100 {
+                        20
+                    } else {
+                        1000
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::error!("cannot start the agent: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+enum Listen {
+    Unix(String),
+    Vsock(u32),
+}
+
+struct Options {
+    listen: Listen,
+    policy: Policy,
+    level: Level,
+}
+
+fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut listen = None;
+    let mut policy = Policy::default();
+    let mut level = Level::INFO;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let mut value = |name: &str| {
+            iter.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match arg.as_str() {
+            "--listen-unix" => listen = Some(Listen::Unix(value(arg)?)),
+            "--listen-vsock" => {
+                let v = value(arg)?;
+                listen = Some(Listen::Vsock(
+                    v.parse().map_err(|_| format!("bad vsock port {v:?}"))?,
+                ));
+            }
+            "--allow-root" => policy.allow_root = true,
+            "--uid" => {
+                let v = value(arg)?;
+                policy.default_uid = v.parse().map_err(|_| format!("bad uid {v:?}"))?;
+            }
+            "--gid" => {
+                let v = value(arg)?;
+                policy.default_gid = v.parse().map_err(|_| format!("bad gid {v:?}"))?;
+            }
+            "--log" => {
+                let v = value(arg)?;
+                level = parse_level(&v).ok_or_else(|| format!("bad log level {v:?}"))?;
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let listen = listen.ok_or("one of --listen-unix or --listen-vsock is required")?;
+    Ok(Options {
+        listen,
+        policy,
+        level,
+    })
+}
+
+fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        run_init();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == "--version") {
+        println!("{}", mvm_agent::agent::software());
+        return ExitCode::SUCCESS;
+    }
+    let options = match parse_args(&args) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("mvm-agent: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(options.level);
+    let agent = match Agent::new(options.policy, false, PowerAction::ExitProcess) {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::error!("cannot start the agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match options.listen {
+        Listen::Unix(path) => {
+            // A stale socket from an earlier run is replaced; any other file is not.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&path);
+            }
+            match UnixListener::bind(&path) {
+                Ok(listener) => {
+                    tracing::info!("listening on {path}");
+                    agent.serve_forever(|| listener.accept().map(|(stream, _)| stream))
+                }
+                Err(e) => Err(std::io::Error::new(
+                    e.kind(),
+                    format!("binding {path}: {e}"),
+                )),
+            }
+        }
+        Listen::Vsock(port) => agent.serve_vsock(port, || {}),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The guest's PID 1 duties, done only when the agent is PID 1: filesystems, stdio,
+//! hostname, power signals, and telling the VMM how far boot got.
+
+pub mod guest_signal;
+pub mod power;
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd};
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+/// One filesystem PID 1 mounts.
+struct MountPoint {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// The filesystems a guest needs, in mount order (`/dev` before `/dev/pts`).
+const MOUNTS: &[MountPoint] = &[
+    MountPoint {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    MountPoint {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: "",
+    },
+    MountPoint {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: "mode=0755",
+    },
+    MountPoint {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: "mode=0620,ptmxmode=0666",
+    },
+    MountPoint {
+        source: "tmpfs",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=1777",
+    },
+    MountPoint {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=1777",
+    },
+    MountPoint {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=0755",
+    },
+];
+
+/// Mounts the guest's filesystems. Returns what failed (an already mounted filesystem is
+/// not a failure), for logging once the console is usable.
+pub fn mount_filesystems() -> Vec<String> {
+    let mut failures = Vec::new();
+    for m in MOUNTS {
+        if let Err(e) = std::fs::create_dir_all(m.target) {
+            failures.push(format!("mkdir {}: {e}", m.target));
+            continue;
+        }
+        let data = (!m.data.is_empty()).then_some(m.data);
+        match mount(Some(m.source), m.target, Some(m.fstype), m.flags, data) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => failures.push(format!("mount {} on {}: {e}", m.fstype, m.target)),
+        }
+    }
+    failures
+}
+
+/// Makes sure fds 0, 1 and 2 are open (on the console, else /dev/null), so that no socket
+/// or pipe the agent opens later lands on a standard fd.
+pub fn ensure_stdio() {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD on an integer fd only queries it.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+        if open {
+            continue;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .or_else(|_| OpenOptions::new().read(true).write(true).open("/dev/null"));
+        if let Ok(file) = file {
+            if file.as_raw_fd() != fd {
+                // SAFETY: both are open descriptors; dup2 makes `fd` a copy, and `file`
+                // is closed when it goes out of scope.
+                unsafe { libc::dup2(file.as_raw_fd(), fd) };
+            } else {
+                // It already landed on the free standard fd: keep it open.
+                let _ = file.into_raw_fd();
+            }
+        }
+    }
+}
+
+/// The kernel command line (empty if /proc is not there).
+pub fn kernel_cmdline() -> String {
+    std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
+/// The value of `key=value` on a command line.
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Sets the guest's hostname.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    nix::unistd::sethostname(name).map_err(io::Error::from)
+}
+
+/// The signals busybox `halt`, `poweroff` and `reboot` (and ctrl-alt-del) send to PID 1.
+fn power_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+    ] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Blocks the power signals in the calling thread, and so in every thread started after.
+/// Must run before any thread starts. Blocked signals reach PID 1 (unblocked ones without a
+/// handler are dropped by the kernel); children get a clean mask from `Command`.
+pub fn block_power_signals() -> io::Result<()> {
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&power_signals()), None)
+        .map_err(io::Error::from)
+}
+
+/// Starts the thread that turns power signals into a clean power-off or reboot.
+pub fn spawn_power_signal_thread() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("power-signals".to_owned())
+        .spawn(|| loop {
+            match power_signals().wait() {
+                Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => {
+                    tracing::info!("reboot signal");
+                    power::power_off(true);
+                }
+                Ok(signal) => {
+                    tracing::info!("power-off signal {signal}");
+                    power::power_off(false);
+                }
+                Err(e) => {
+                    tracing::warn!("sigwait: {e}");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_values() {
+        let line = "console=ttyS0 mvm.agent.port=2000 quiet mvm.hostname=box\n";
+        assert_eq!(cmdline_value(line, "mvm.agent.port"), Some("2000"));
+        assert_eq!(cmdline_value(line, "mvm.hostname"), Some("box"));
+        assert_eq!(cmdline_value(line, "quiet"), None);
+        assert_eq!(cmdline_value(line, "port"), None);
+    }
+}

@@ -1,0 +1,421 @@
+//! Typed frame bodies: raw bytes for data, JSON for control.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::frame::{DecodeError, EncodeError, FrameType};
+
+/// The handshake body, sent first by the client and answered by the agent.
+///
+/// Unknown fields are accepted here (and only here) so that a newer peer's hello still
+/// decodes far enough to be told which version this side speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol major version.
+    pub major: u16,
+    /// Protocol minor version.
+    pub minor: u16,
+    /// Name and version of the software on that side, for logs.
+    pub software: String,
+}
+
+/// Machine-readable reason in an error frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The peer's major protocol version is not supported.
+    UnsupportedVersion,
+    /// A frame could not be decoded (truncated, bad body).
+    Malformed,
+    /// A frame exceeded the maximum size.
+    Oversize,
+    /// A frame had an unknown type.
+    UnknownType,
+    /// A frame arrived that makes no sense in this state (e.g. no hello yet).
+    UnexpectedFrame,
+    /// The request was well formed but not acceptable.
+    BadRequest,
+    /// The request id is already used by a request in flight.
+    RequestIdInUse,
+    /// The program to run does not exist.
+    NotFound,
+    /// The working directory does not exist or is not a directory.
+    BadCwd,
+    /// The agent's policy refuses the request (e.g. root).
+    PermissionDenied,
+    /// An I/O error in the guest.
+    Io,
+    /// A limit of the agent was reached (connections, requests in flight).
+    Limit,
+    /// A code this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The body of an error frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// A human-readable explanation that names the thing and the value.
+    pub message: String,
+}
+
+/// The agent's answer to a ping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyInfo {
+    /// Agent name and version.
+    pub software: String,
+    /// Protocol major version.
+    pub major: u16,
+    /// Protocol minor version.
+    pub minor: u16,
+    /// Whether the agent runs as the guest's PID 1.
+    pub pid1: bool,
+    /// Kernel uptime (CLOCK_BOOTTIME) when the agent started, in milliseconds: the guest's
+    /// boot time as seen from inside.
+    pub boot_ms: u64,
+    /// Kernel uptime now, in milliseconds.
+    pub uptime_ms: u64,
+    /// Time since the agent started, in milliseconds.
+    pub agent_uptime_ms: u64,
+}
+
+/// Start a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH` if it has no slash.
+    pub argv: Vec<String>,
+    /// Extra environment, over the agent's minimal default (PATH, HOME).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default `/`).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User id (default: the agent policy's unprivileged uid).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Group id (default: the agent policy's unprivileged gid).
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Whether stdin frames follow (ended by a stdin-close frame); otherwise stdin is empty.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the process group after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal ended it.
+    pub signal: Option<i32>,
+    /// Whether the agent killed it because its timeout passed.
+    pub timed_out: bool,
+    /// Wall time from spawn to exit, in milliseconds.
+    pub duration_ms: u64,
+}
+
+impl ExitStatus {
+    /// The status a shell would report: the exit code, or 128 + the signal number.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128_i32.saturating_add(signal),
+            (None, None) => 255,
+        }
+    }
+}
+
+/// Send a signal to a running process's group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSignal {
+    /// Signal number (1..=64).
+    pub signal: i32,
+}
+
+/// Open a file for writing; its contents follow as file-data frames, then a file-end frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteFileRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Permission bits (default 0o644).
+    #[serde(default = "default_file_mode")]
+    pub mode: u32,
+    /// Owner uid after writing (default: unchanged, i.e. root).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Owner gid after writing (default: unchanged).
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Append instead of truncating.
+    #[serde(default)]
+    pub append: bool,
+}
+
+fn default_file_mode() -> u32 {
+    0o644
+}
+
+/// Read a whole file; it arrives as file-data frames, then a file-done frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadFileRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+}
+
+/// A file transfer completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDone {
+    /// Bytes transferred.
+    pub size: u64,
+}
+
+/// Sync the guest's filesystems, then power off (or reboot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// Reboot instead of powering off.
+    #[serde(default)]
+    pub reboot: bool,
+}
+
+/// Everything a frame can say.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Handshake.
+    Hello(Hello),
+    /// A request failed, or the connection is closing.
+    Error(ErrorReply),
+    /// Readiness probe.
+    Ping,
+    /// Answer to a ping.
+    Ready(ReadyInfo),
+    /// Start a process.
+    Exec(ExecRequest),
+    /// Stdin bytes.
+    Stdin(Vec<u8>),
+    /// End of stdin.
+    StdinClose,
+    /// Stdout bytes.
+    Stdout(Vec<u8>),
+    /// Stderr bytes.
+    Stderr(Vec<u8>),
+    /// A process ended.
+    Exit(ExitStatus),
+    /// Signal a process group.
+    Signal(ExecSignal),
+    /// Open a file for writing.
+    WriteFile(WriteFileRequest),
+    /// File contents.
+    FileData(Vec<u8>),
+    /// End of a written file.
+    FileEnd,
+    /// Read a file.
+    ReadFile(ReadFileRequest),
+    /// A file transfer completed.
+    FileDone(FileDone),
+    /// Power off.
+    Shutdown(ShutdownRequest),
+    /// Power-off acknowledged.
+    ShutdownAck,
+}
+
+fn json<T: DeserializeOwned>(frame_type: FrameType, body: &[u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(body).map_err(|e| DecodeError::BadBody {
+        frame_type,
+        reason: e.to_string(),
+    })
+}
+
+fn empty(frame_type: FrameType, body: &[u8]) -> Result<(), DecodeError> {
+    if body.is_empty() {
+        Ok(())
+    } else {
+        Err(DecodeError::BadBody {
+            frame_type,
+            reason: format!("expected an empty body, got {} bytes", body.len()),
+        })
+    }
+}
+
+fn bad(frame_type: FrameType, reason: String) -> DecodeError {
+    DecodeError::BadBody { frame_type, reason }
+}
+
+/// Strings that reach execve or a path syscall cannot contain NUL.
+fn check_no_nul(frame_type: FrameType, what: &str, value: &str) -> Result<(), DecodeError> {
+    if value.contains('\0') {
+        return Err(bad(
+            frame_type,
+            format!("{what} {value:?} contains a NUL byte"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_abs_path(frame_type: FrameType, path: &str) -> Result<(), DecodeError> {
+    check_no_nul(frame_type, "path", path)?;
+    if !path.starts_with('/') {
+        return Err(bad(frame_type, format!("path {path:?} is not absolute")));
+    }
+    Ok(())
+}
+
+impl ExecRequest {
+    fn validate(&self) -> Result<(), DecodeError> {
+        let t = FrameType::Exec;
+        let Some(program) = self.argv.first() else {
+            return Err(bad(t, "argv is empty".to_owned()));
+        };
+        if program.is_empty() {
+            return Err(bad(t, "argv[0] is empty".to_owned()));
+        }
+        for arg in &self.argv {
+            check_no_nul(t, "argument", arg)?;
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() || key.contains('=') {
+                return Err(bad(
+                    t,
+                    format!("environment name {key:?} is empty or has '='"),
+                ));
+            }
+            check_no_nul(t, "environment name", key)?;
+            check_no_nul(t, "environment value", value)?;
+        }
+        if let Some(cwd) = &self.cwd {
+            check_abs_path(t, cwd)?;
+        }
+        Ok(())
+    }
+}
+
+impl Message {
+    /// The frame type that carries this message.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Self::Hello(_) => FrameType::Hello,
+            Self::Error(_) => FrameType::Error,
+            Self::Ping => FrameType::Ping,
+            Self::Ready(_) => FrameType::Ready,
+            Self::Exec(_) => FrameType::Exec,
+            Self::Stdin(_) => FrameType::Stdin,
+            Self::StdinClose => FrameType::StdinClose,
+            Self::Stdout(_) => FrameType::Stdout,
+            Self::Stderr(_) => FrameType::Stderr,
+            Self::Exit(_) => FrameType::Exit,
+            Self::Signal(_) => FrameType::Signal,
+            Self::WriteFile(_) => FrameType::WriteFile,
+            Self::FileData(_) => FrameType::FileData,
+            Self::FileEnd => FrameType::FileEnd,
+            Self::ReadFile(_) => FrameType::ReadFile,
+            Self::FileDone(_) => FrameType::FileDone,
+            Self::Shutdown(_) => FrameType::Shutdown,
+            Self::ShutdownAck => FrameType::ShutdownAck,
+        }
+    }
+
+    /// Parses and validates a body of the given frame type.
+    pub fn from_body(frame_type: FrameType, body: &[u8]) -> Result<Self, DecodeError> {
+        let t = frame_type;
+        Ok(match frame_type {
+            FrameType::Hello => Self::Hello(json(t, body)?),
+            FrameType::Error => Self::Error(json(t, body)?),
+            FrameType::Ping => {
+                empty(t, body)?;
+                Self::Ping
+            }
+            FrameType::Ready => Self::Ready(json(t, body)?),
+            FrameType::Exec => {
+                let request: ExecRequest = json(t, body)?;
+                request.validate()?;
+                Self::Exec(request)
+            }
+            FrameType::Stdin => Self::Stdin(body.to_vec()),
+            FrameType::StdinClose => {
+                empty(t, body)?;
+                Self::StdinClose
+            }
+            FrameType::Stdout => Self::Stdout(body.to_vec()),
+            FrameType::Stderr => Self::Stderr(body.to_vec()),
+            FrameType::Exit => Self::Exit(json(t, body)?),
+            FrameType::Signal => {
+                let signal: ExecSignal = json(t, body)?;
+                if !(1..=64).contains(&signal.signal) {
+                    return Err(bad(t, format!("signal {} is out of range", signal.signal)));
+                }
+                Self::Signal(signal)
+            }
+            FrameType::WriteFile => {
+                let request: WriteFileRequest = json(t, body)?;
+                check_abs_path(t, &request.path)?;
+                if request.mode > 0o7777 {
+                    return Err(bad(
+                        t,
+                        format!("mode {:o} has bits beyond 0o7777", request.mode),
+                    ));
+                }
+                Self::WriteFile(request)
+            }
+            FrameType::FileData => Self::FileData(body.to_vec()),
+            FrameType::FileEnd => {
+                empty(t, body)?;
+                Self::FileEnd
+            }
+            FrameType::ReadFile => {
+                let request: ReadFileRequest = json(t, body)?;
+                check_abs_path(t, &request.path)?;
+                Self::ReadFile(request)
+            }
+            FrameType::FileDone => Self::FileDone(json(t, body)?),
+            FrameType::Shutdown => Self::Shutdown(json(t, body)?),
+            FrameType::ShutdownAck => {
+                empty(t, body)?;
+                Self::ShutdownAck
+            }
+        })
+    }
+
+    /// The body bytes of this message.
+    pub fn body(&self) -> Result<Cow<'_, [u8]>, EncodeError> {
+        let frame_type = self.frame_type();
+        let to_json = |result: Result<Vec<u8>, serde_json::Error>| {
+            result
+                .map(Cow::Owned)
+                .map_err(|source| EncodeError::Json { frame_type, source })
+        };
+        match self {
+            Self::Hello(v) => to_json(serde_json::to_vec(v)),
+            Self::Error(v) => to_json(serde_json::to_vec(v)),
+            Self::Ready(v) => to_json(serde_json::to_vec(v)),
+            Self::Exec(v) => to_json(serde_json::to_vec(v)),
+            Self::Exit(v) => to_json(serde_json::to_vec(v)),
+            Self::Signal(v) => to_json(serde_json::to_vec(v)),
+            Self::WriteFile(v) => to_json(serde_json::to_vec(v)),
+            Self::ReadFile(v) => to_json(serde_json::to_vec(v)),
+            Self::FileDone(v) => to_json(serde_json::to_vec(v)),
+            Self::Shutdown(v) => to_json(serde_json::to_vec(v)),
+            Self::Stdin(data) | Self::Stdout(data) | Self::Stderr(data) | Self::FileData(data) => {
+                Ok(Cow::Borrowed(data.as_slice()))
+            }
+            Self::Ping | Self::StdinClose | Self::FileEnd | Self::ShutdownAck => {
+                Ok(Cow::Borrowed(&[]))
+            }
+        }
+    }
+}

@@ -1,0 +1,614 @@
+//! The agent as a host process on a Unix socket, driven through the client library:
+//! exec, stdin, streaming, timeouts, files, policy, and protocol abuse.
+
+// A test crate: its helpers (outside #[test] functions) may fail loudly too.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use mvm_agent::protocol::{
+    read_frame, write_frame, ErrorCode, ExecRequest, Hello, Message, PROTOCOL_MAJOR,
+};
+use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
+use sha2::{Digest, Sha256};
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Workloads run as uid 1000 and use this directory too.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_mvm-agent"))
+            .arg("--listen-unix")
+            .arg(&socket)
+            .args(["--log", "warn"])
+            .args(extra)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "agent did not create its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket, dir }
+    }
+
+    fn stream(&self) -> UnixStream {
+        UnixStream::connect(&self.socket).unwrap()
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(self.stream()).unwrap()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..ExecRequest::default()
+    }
+}
+
+fn run(client: &Client, request: &ExecRequest) -> mvm_agent::ExecOutput {
+    client
+        .exec(request, Stdin::Null)
+        .unwrap()
+        .wait_output()
+        .unwrap()
+}
+
+fn agent_error(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
+    match result {
+        Err(ClientError::Agent(reply)) => reply.code,
+        other => panic!("expected an agent error, got {other:?}"),
+    }
+}
+
+/// Whether any process is left in process group `pgid`.
+fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence; it takes plain integers.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+fn wait_group_gone(pgid: i32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if !group_alive(pgid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn exec_separates_stdout_stderr_and_exit_code() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    assert_eq!(client.hello().major, PROTOCOL_MAJOR);
+    let out = run(&client, &sh("echo out; echo err >&2; exit 7"));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.code, Some(7));
+    assert_eq!(out.status.signal, None);
+    assert!(!out.status.timed_out);
+    assert_eq!(out.status.shell_code(), 7);
+}
+
+#[test]
+fn env_and_cwd_reach_the_process_and_nothing_else_leaks() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut request = sh("echo \"$FOO\"; pwd; echo \"${CARGO:-unset}\"");
+    request.env.insert("FOO".into(), "bar baz".into());
+    request.cwd = Some("/tmp".into());
+    let out = run(&client, &request);
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "bar baz\n/tmp\nunset\n"
+    );
+}
+
+#[test]
+fn stdin_bytes_and_stdin_stream() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
+    let out = client
+        .exec(
+            &ExecRequest {
+                argv: vec!["cat".into()],
+                ..ExecRequest::default()
+            },
+            Stdin::Bytes(data.clone()),
+        )
+        .unwrap()
+        .wait_output()
+        .unwrap();
+    assert_eq!(out.stdout, data);
+
+    let exec = client.exec(&sh("wc -c"), Stdin::Stream).unwrap();
+    for _ in 0..10 {
+        exec.write_stdin(b"0123456789").unwrap();
+    }
+    exec.close_stdin().unwrap();
+    let out = exec.wait_output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "100");
+
+    // Without stdin, a reader sees end of file at once.
+    let out = run(&client, &sh("cat; echo done"));
+    assert_eq!(out.stdout, b"done\n");
+}
+
+#[test]
+fn output_streams_before_the_process_ends() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let started = Instant::now();
+    let mut exec = client
+        .exec(&sh("echo first; sleep 1; echo second"), Stdin::Null)
+        .unwrap();
+    let first = exec.next_event().unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(first, ExecEvent::Stdout(b"first\n".to_vec()));
+    assert!(
+        first_at < Duration::from_millis(800),
+        "first output after {first_at:?}"
+    );
+    let mut rest = Vec::new();
+    while let Some(event) = exec.next_event().unwrap() {
+        rest.push(event);
+    }
+    assert_eq!(rest.first(), Some(&ExecEvent::Stdout(b"second\n".to_vec())));
+    assert!(matches!(rest.last(), Some(ExecEvent::Exit(s)) if s.code == Some(0)));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+}
+
+#[test]
+fn large_output_arrives_intact() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let big = agent.path("big");
+    // stdout: 64 MiB of random bytes; stderr: their digest, computed in the "guest".
+    let script =
+        format!("head -c 67108864 /dev/urandom > {big} && sha256sum < {big} >&2 && cat {big}");
+    let started = Instant::now();
+    let out = run(&client, &sh(&script));
+    let elapsed = started.elapsed();
+    assert_eq!(
+        out.status.code,
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), 64 << 20);
+    let digest = hex_digest(&out.stdout);
+    let reported = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(reported.split_whitespace().next(), Some(digest.as_str()));
+    eprintln!("64 MiB exec output (incl. generating it) in {elapsed:?}");
+}
+
+fn hex_digest(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut request = sh("echo $$; sleep 60 & sleep 60");
+    request.timeout_ms = Some(1000);
+    let started = Instant::now();
+    let out = run(&client, &request);
+    let elapsed = started.elapsed();
+    assert!(out.status.timed_out);
+    assert_eq!(out.status.signal, Some(libc::SIGKILL));
+    assert_eq!(out.status.code, None);
+    assert!(
+        elapsed >= Duration::from_millis(1000) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    let pgid: i32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_group_gone(pgid),
+        "process group {pgid} survived the timeout"
+    );
+}
+
+#[test]
+fn background_processes_die_with_their_leader() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let started = Instant::now();
+    let out = run(&client, &sh("echo $$; sleep 60 & exit 3"));
+    assert_eq!(out.status.code, Some(3));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let pgid: i32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(wait_group_gone(pgid));
+}
+
+#[test]
+fn signal_reaches_the_process() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut exec = client
+        .exec(&sh("echo ready; sleep 60"), Stdin::Null)
+        .unwrap();
+    assert_eq!(
+        exec.next_event().unwrap(),
+        Some(ExecEvent::Stdout(b"ready\n".to_vec()))
+    );
+    exec.signal(libc::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(ExecEvent::Exit(status)) = exec.next_event().unwrap() {
+            break status;
+        }
+    };
+    assert_eq!(status.signal, Some(libc::SIGTERM));
+    assert_eq!(status.shell_code(), 128 + libc::SIGTERM);
+    assert!(!status.timed_out);
+}
+
+#[test]
+fn closing_the_connection_kills_its_workloads() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut exec = client.exec(&sh("echo $$; sleep 60"), Stdin::Null).unwrap();
+    let Some(ExecEvent::Stdout(pid)) = exec.next_event().unwrap() else {
+        panic!("no pid")
+    };
+    let pgid: i32 = String::from_utf8(pid).unwrap().trim().parse().unwrap();
+    assert!(group_alive(pgid));
+    drop(exec);
+    drop(client);
+    assert!(wait_group_gone(pgid), "workload outlived its connection");
+}
+
+#[test]
+fn requests_run_concurrently_on_one_connection() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let started = Instant::now();
+    let slow = client.exec(&sh("sleep 1; echo slow"), Stdin::Null).unwrap();
+    let fast = client.exec(&sh("echo fast"), Stdin::Null).unwrap();
+    let fast_out = fast.wait_output().unwrap();
+    assert_eq!(fast_out.stdout, b"fast\n");
+    let ready = client.ping().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "fast work waited for slow work"
+    );
+    assert!(!ready.pid1);
+    assert!(ready.uptime_ms >= ready.boot_ms);
+    assert_eq!(slow.wait_output().unwrap().stdout, b"slow\n");
+}
+
+#[test]
+fn bad_cwd_and_missing_binary_are_clear_errors() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut request = sh("true");
+    request.cwd = Some("/does/not/exist".into());
+    assert_eq!(
+        agent_error(client.exec(&request, Stdin::Null).unwrap().wait_output()),
+        ErrorCode::BadCwd
+    );
+    let request = ExecRequest {
+        argv: vec!["no-such-program-mvm".into()],
+        ..ExecRequest::default()
+    };
+    assert_eq!(
+        agent_error(client.exec(&request, Stdin::Null).unwrap().wait_output()),
+        ErrorCode::NotFound
+    );
+    let request = ExecRequest {
+        argv: vec!["/nonexistent/bin".into()],
+        ..ExecRequest::default()
+    };
+    assert_eq!(
+        agent_error(client.exec(&request, Stdin::Null).unwrap().wait_output()),
+        ErrorCode::NotFound
+    );
+    // The connection is still good.
+    client.ping().unwrap();
+}
+
+#[test]
+fn write_and_read_file_round_trip() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let path = agent.path("data.bin");
+    let data: Vec<u8> = (0..1_000_000u32)
+        .map(|i| u8::try_from(i * 7 % 256).unwrap())
+        .collect();
+    let done = client.write_file(&path, 0o600, &data).unwrap();
+    assert_eq!(done.size, 1_000_000);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(client.read_file(&path).unwrap(), data);
+    // Overwrite truncates.
+    client.write_file(&path, 0o644, b"short").unwrap();
+    assert_eq!(client.read_file(&path).unwrap(), b"short");
+    // Empty file.
+    client.write_file(&path, 0o644, b"").unwrap();
+    assert_eq!(client.read_file(&path).unwrap(), b"");
+    // Limits on the client side.
+    client.write_file(&path, 0o644, &[1; 5000]).unwrap();
+    assert!(matches!(
+        client.read_file_limited(&path, 100),
+        Err(ClientError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn file_errors_are_clear() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    assert_eq!(
+        agent_error(client.read_file(&agent.path("missing"))),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        agent_error(client.read_file(agent.dir.path().to_str().unwrap())),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        agent_error(client.write_file(&agent.path("no/such/dir/f"), 0o644, b"x")),
+        ErrorCode::NotFound
+    );
+    // Writes never follow a symlink in the last component.
+    let target = agent.path("target");
+    std::fs::write(&target, b"original").unwrap();
+    let link = agent.path("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert!(client.write_file(&link, 0o644, b"redirected").is_err());
+    assert_eq!(std::fs::read(&target).unwrap(), b"original");
+    client.ping().unwrap();
+}
+
+#[test]
+fn workloads_drop_to_an_unprivileged_user_with_no_new_privs() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let out = run(
+        &client,
+        &sh("id -u; id -g; id -G; grep NoNewPrivs /proc/self/status; ulimit -n"),
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "1000\n1000\n1000\nNoNewPrivs:\t1\n4096\n"
+    );
+    let mut root = sh("id -u");
+    root.uid = Some(0);
+    assert_eq!(
+        agent_error(client.exec(&root, Stdin::Null).unwrap().wait_output()),
+        ErrorCode::PermissionDenied
+    );
+    let mut other = sh("id -u; id -g");
+    other.uid = Some(1234);
+    assert_eq!(run(&client, &other).stdout, b"1234\n1234\n");
+}
+
+#[test]
+fn root_only_when_the_policy_allows_it() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let agent = Agent::start(&["--allow-root"]);
+    let client = agent.client();
+    let mut root = sh("id -u");
+    root.uid = Some(0);
+    assert_eq!(run(&client, &root).stdout, b"0\n");
+    // The default stays unprivileged.
+    assert_eq!(run(&client, &sh("id -u")).stdout, b"1000\n");
+}
+
+/// Sends raw bytes after (optionally) a valid hello; returns what the agent answered.
+fn raw_session(agent: &Agent, hello: bool, bytes: &[u8]) -> Vec<Message> {
+    let mut stream = agent.stream();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    if hello {
+        let hello = Hello {
+            major: PROTOCOL_MAJOR,
+            minor: 0,
+            software: "test".into(),
+        };
+        write_frame(&mut stream, 0, &Message::Hello(hello)).unwrap();
+    }
+    stream.write_all(bytes).unwrap();
+    let mut answers = Vec::new();
+    // Read until the agent closes; a timeout here means it did not close.
+    loop {
+        match read_frame(&mut stream) {
+            Ok(Some(frame)) => answers.push(frame.message),
+            Ok(None) => break,
+            Err(e) => panic!("after {answers:?}: {e}"),
+        }
+    }
+    answers
+}
+
+fn error_code(message: &Message) -> ErrorCode {
+    match message {
+        Message::Error(reply) => reply.code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_major_version_gets_an_error_then_close() {
+    let agent = Agent::start(&[]);
+    let mut bytes = Vec::new();
+    let hello = Hello {
+        major: PROTOCOL_MAJOR + 1,
+        minor: 0,
+        software: "future".into(),
+    };
+    write_frame(&mut bytes, 0, &Message::Hello(hello)).unwrap();
+    let answers = raw_session(&agent, false, &bytes);
+    assert_eq!(answers.len(), 1);
+    assert_eq!(error_code(&answers[0]), ErrorCode::UnsupportedVersion);
+
+    // The client library reports it as an agent error.
+    let mut stream = agent.stream();
+    let hello = Hello {
+        major: 99,
+        minor: 0,
+        software: "x".into(),
+    };
+    write_frame(&mut stream, 0, &Message::Hello(hello)).unwrap();
+    let frame = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(error_code(&frame.message), ErrorCode::UnsupportedVersion);
+}
+
+#[test]
+fn a_request_before_hello_is_refused() {
+    let agent = Agent::start(&[]);
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, 1, &Message::Ping).unwrap();
+    let answers = raw_session(&agent, false, &bytes);
+    assert_eq!(answers.len(), 1);
+    assert_eq!(error_code(&answers[0]), ErrorCode::UnexpectedFrame);
+}
+
+#[test]
+fn malformed_frames_close_the_connection_not_the_agent() {
+    let agent = Agent::start(&[]);
+    // Oversize length prefix: refused before any body is read.
+    let answers = raw_session(&agent, true, &[0x7f, 0xff, 0xff, 0xff]);
+    assert!(matches!(answers.first(), Some(Message::Hello(_))));
+    assert_eq!(error_code(&answers[1]), ErrorCode::Oversize);
+    assert_eq!(answers.len(), 2);
+    // Unknown frame type.
+    let answers = raw_session(&agent, true, &[0, 0, 0, 5, 0x99, 0, 0, 0, 1]);
+    assert_eq!(error_code(&answers[1]), ErrorCode::UnknownType);
+    // Bad JSON in an exec.
+    let mut bytes = vec![0, 0, 0, 8, 0x10, 0, 0, 0, 1];
+    bytes.extend_from_slice(b"{{{");
+    let answers = raw_session(&agent, true, &bytes);
+    assert_eq!(error_code(&answers[1]), ErrorCode::Malformed);
+    // Truncated frame, then the peer closes its side.
+    let mut stream = agent.stream();
+    let hello = Hello {
+        major: PROTOCOL_MAJOR,
+        minor: 0,
+        software: "t".into(),
+    };
+    write_frame(&mut stream, 0, &Message::Hello(hello)).unwrap();
+    stream.write_all(&[0, 0, 1, 0, 0x13, 0, 0]).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    // A frame a client must not send.
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, 1, &Message::Stdout(b"x".to_vec())).unwrap();
+    let answers = raw_session(&agent, true, &bytes);
+    assert_eq!(error_code(&answers[1]), ErrorCode::UnexpectedFrame);
+    // After all that, the agent still serves.
+    let client = agent.client();
+    assert_eq!(run(&client, &sh("echo alive")).stdout, b"alive\n");
+}
+
+#[test]
+fn request_ids_in_use_and_reserved_are_refused() {
+    let agent = Agent::start(&[]);
+    let mut stream = agent.stream();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let hello = Hello {
+        major: PROTOCOL_MAJOR,
+        minor: 0,
+        software: "t".into(),
+    };
+    write_frame(&mut stream, 0, &Message::Hello(hello)).unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).unwrap().unwrap().message,
+        Message::Hello(_)
+    ));
+    write_frame(&mut stream, 5, &Message::Exec(sh("sleep 1"))).unwrap();
+    write_frame(&mut stream, 5, &Message::Exec(sh("true"))).unwrap();
+    let frame = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(frame.request_id, 5);
+    assert_eq!(error_code(&frame.message), ErrorCode::RequestIdInUse);
+    write_frame(&mut stream, 0, &Message::Exec(sh("true"))).unwrap();
+    let frame = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(error_code(&frame.message), ErrorCode::BadRequest);
+    let frame = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(frame.request_id, 5);
+    assert!(matches!(frame.message, Message::Exit(s) if s.code == Some(0)));
+}
+
+#[test]
+fn shutdown_ends_the_agent() {
+    let mut agent = Agent::start(&[]);
+    let client = agent.client();
+    client.shutdown().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent still running after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    assert!(client.ping().is_err());
+}
+
+#[test]
+fn socket_path_is_what_the_agent_listens_on() {
+    let agent = Agent::start(&[]);
+    assert!(Path::new(&agent.socket).exists());
+}

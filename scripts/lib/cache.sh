@@ -11,3 +11,8 @@ sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 
 # The cache key of a build: the sha256 of its input digests, in order.
 inputs_key() { printf '%s\n' "$@" | sha256sum | cut -c1-32; }
+
+# with_lock NAME CMD...: runs CMD holding $(cache_root)/NAME.lock, so two
+# callers building the same cache entry at once take turns instead of
+# deleting each other's work directory.
+with_lock() { local l; l="$(cache_root)/$1.lock"; shift; mkdir -p "$(cache_root)"; flock "$l" "$@"; }

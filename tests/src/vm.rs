@@ -221,6 +221,9 @@ impl VmRun {
     pub fn evidence(&self) -> String {
         let mut out = tail("console", &self.console, 15);
         out.push_str(&tail("stderr", &self.stderr, 15));
+        if out.is_empty() {
+            out.push_str("    (console and stderr empty)\n");
+        }
         out
     }
 

@@ -18,7 +18,7 @@ pub fn run() {
         console,
         cmdline: cmdline.trim().to_owned(),
     };
-    guest.console.say(MARKER);
+    guest.console.line(MARKER);
     let mode = guest.param(MODE_PARAM).unwrap_or("marker");
     let ending = match modes::find(mode).and_then(|m| (m.run)(&guest)) {
         Ok(ending) => ending,

@@ -82,8 +82,13 @@ impl Console {
     /// Prints `mvm-test-init: <text>` as one line. Write errors are ignored:
     /// there is nowhere else to report them.
     pub fn say(&self, text: &str) {
+        self.line(&format!("{PREFIX} {text}"));
+    }
+
+    /// Prints `line` as is.
+    pub fn line(&self, line: &str) {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{PREFIX} {text}");
+        let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
 }

@@ -7,8 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,14 +35,24 @@ struct DriverQueue {
 }
 
 impl DriverQueue {
+    /// A queue with its rings laid out from `base` (descriptor table, then the
+    /// available ring at +4 KiB, the used ring at +8 KiB) and its buffers from `bufs`.
     fn new(mem: &GuestMemoryMmap, base: u64, bufs: u64) -> (Self, Queue) {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        let q: Queue = mock.create_queue().unwrap();
+        let (desc, avail, used) = (base, base + 0x1000, base + 0x2000);
+        // A fresh queue in zeroed memory: clear what a previous queue left there.
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(lo(desc)), Some(hi(desc)));
+        q.set_avail_ring_address(Some(lo(avail)), Some(hi(avail)));
+        q.set_used_ring_address(Some(lo(used)), Some(hi(used)));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
         (
             DriverQueue {
-                desc: mock.desc_table_addr().0,
-                avail: mock.avail_addr().0,
-                used: mock.used_addr().0,
+                desc,
+                avail,
+                used,
                 bufs,
                 next_desc: 0,
                 avail_idx: 0,
@@ -234,6 +243,14 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+fn lo(addr: u64) -> u32 {
+    u32::try_from(addr & 0xffff_ffff).unwrap()
+}
+
+fn hi(addr: u64) -> u32 {
+    u32::try_from(addr >> 32).unwrap()
 }
 
 fn pattern251(i: usize) -> u8 {

@@ -56,6 +56,26 @@ pub struct Case {
     pub run: fn(&Context) -> CaseResult,
 }
 
+impl Case {
+    /// A case that boots guests: it needs KVM and fails without one.
+    pub const fn kvm(name: &'static str, run: fn(&Context) -> CaseResult) -> Self {
+        Self {
+            name,
+            needs_kvm: true,
+            run,
+        }
+    }
+
+    /// A case that only runs host processes (no KVM needed).
+    pub const fn host(name: &'static str, run: fn(&Context) -> CaseResult) -> Self {
+        Self {
+            name,
+            needs_kvm: false,
+            run,
+        }
+    }
+}
+
 /// What a case may use: the built artifacts and a scratch directory.
 #[derive(Debug, Clone)]
 pub struct Context {

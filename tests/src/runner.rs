@@ -128,21 +128,9 @@ mod tests {
     }
 
     const CASES: [Case; 3] = [
-        Case {
-            name: "t/ok",
-            needs_kvm: false,
-            run: ok_case,
-        },
-        Case {
-            name: "t/fails",
-            needs_kvm: false,
-            run: failing_case,
-        },
-        Case {
-            name: "u/panics",
-            needs_kvm: false,
-            run: panicking_case,
-        },
+        Case::host("t/ok", ok_case),
+        Case::host("t/fails", failing_case),
+        Case::host("u/panics", panicking_case),
     ];
 
     fn run_to_string(pattern: &str) -> (Tally, String) {

@@ -2,53 +2,42 @@
 //! every way it can end is an orderly exit (issue 2).
 
 use crate::boot_report::PHASES;
-use crate::case::{Case, CaseResult, Context, KERNEL_BZIMAGE, KERNEL_ELF};
+use crate::case::{Case, CaseResult, Context, Failure, KERNEL_BZIMAGE, KERNEL_ELF, VMM};
 use crate::guest::modes::cpus_line;
 use crate::guest::MARKER;
+use crate::vm::{VmLaunch, VmRun};
 
 /// The boot cases.
 pub const CASES: &[Case] = &[
-    Case {
-        name: "boot/elf-1cpu",
-        needs_kvm: true,
-        run: elf_1cpu,
-    },
-    Case {
-        name: "boot/elf-2cpu",
-        needs_kvm: true,
-        run: elf_2cpu,
-    },
-    Case {
-        name: "boot/bzimage",
-        needs_kvm: true,
-        run: bzimage,
-    },
-    Case {
-        name: "boot/poweroff",
-        needs_kvm: true,
-        run: poweroff,
-    },
-    Case {
-        name: "boot/reboot",
-        needs_kvm: true,
-        run: reboot,
-    },
-    Case {
-        name: "boot/panic",
-        needs_kvm: true,
-        run: panic,
-    },
-    Case {
-        name: "boot/report",
-        needs_kvm: true,
-        run: report,
-    },
+    Case::kvm("boot/elf-1cpu", elf_1cpu),
+    Case::kvm("boot/elf-2cpu", elf_2cpu),
+    Case::kvm("boot/bzimage", bzimage),
+    Case::kvm("boot/poweroff", poweroff),
+    Case::kvm("boot/reboot", reboot),
+    Case::kvm("boot/panic", panic),
+    Case::kvm("boot/report", report),
+    Case::host("boot/bad-args", bad_args),
 ];
 
 /// Words one of which a poweroff's reason line on stderr must contain.
 const POWEROFF_WORDS: &[&str] = &["poweroff", "power off", "powered off", "power-off"];
 /// Words one of which a reboot's (or panic's) reason line must contain.
 const REBOOT_WORDS: &[&str] = &["reboot", "reset", "triple fault"];
+
+/// Boot report `exit_reason` values for a guest reset (vmm/src/exit.rs).
+const RESET_REASONS: &[&str] = &["reset_i8042", "triple_fault"];
+
+/// Fails unless the boot report's exit reason is one of `reasons`.
+fn expect_exit_reason(run: &VmRun, reasons: &[&str]) -> CaseResult {
+    let got = run.report()?.exit_reason();
+    if got.is_some_and(|r| reasons.contains(&r)) {
+        Ok(())
+    } else {
+        Err(run.fail(format!(
+            "boot report exit_reason {got:?}, expected one of {reasons:?}"
+        )))
+    }
+}
 
 /// 1 vCPU, 128 MiB, ELF vmlinux: the init prints the marker and powers off.
 fn elf_1cpu(ctx: &Context) -> CaseResult {
@@ -74,27 +63,39 @@ fn bzimage(ctx: &Context) -> CaseResult {
 
 /// A guest poweroff ends the VMM with status 0 and says so on stderr.
 fn poweroff(ctx: &Context) -> CaseResult {
-    let run = ctx.test_guest(KERNEL_ELF, "poweroff")?.run()?;
+    let run = ctx
+        .test_guest(KERNEL_ELF, "poweroff")?
+        .with_boot_report()
+        .run()?;
     run.expect_exit(0)?;
     run.expect_console("powering off")?;
-    run.expect_stderr_any(POWEROFF_WORDS)
+    run.expect_stderr_any(POWEROFF_WORDS)?;
+    expect_exit_reason(&run, &["poweroff"])
 }
 
 /// A guest reboot (i8042 reset, `reboot=k`) ends the VMM with status 0.
 fn reboot(ctx: &Context) -> CaseResult {
-    let run = ctx.test_guest(KERNEL_ELF, "reboot")?.run()?;
+    let run = ctx
+        .test_guest(KERNEL_ELF, "reboot")?
+        .with_boot_report()
+        .run()?;
     run.expect_exit(0)?;
     run.expect_console("rebooting")?;
-    run.expect_stderr_any(REBOOT_WORDS)
+    run.expect_stderr_any(REBOOT_WORDS)?;
+    expect_exit_reason(&run, RESET_REASONS)
 }
 
 /// PID 1 exits, the kernel panics, `panic=-1` reboots at once: status 0
 /// with a reason, not a hang.
 fn panic(ctx: &Context) -> CaseResult {
-    let run = ctx.test_guest(KERNEL_ELF, "panic")?.run()?;
+    let run = ctx
+        .test_guest(KERNEL_ELF, "panic")?
+        .with_boot_report()
+        .run()?;
     run.expect_exit(0)?;
     run.expect_console("Kernel panic")?;
-    run.expect_stderr_any(REBOOT_WORDS)
+    run.expect_stderr_any(REBOOT_WORDS)?;
+    expect_exit_reason(&run, RESET_REASONS)
 }
 
 /// The boot report has every phase, in order, and an exit reason.
@@ -116,4 +117,69 @@ fn report(ctx: &Context) -> CaseResult {
     // The report is the measurement the docs quote; keep it in the log.
     println!("    report| {}", report.to_line());
     Ok(())
+}
+
+/// Bad arguments fail before any VM exists, with an error naming the
+/// argument: a nonexistent kernel, a zero-byte kernel, 0 vCPUs, 1 MiB.
+fn bad_args(ctx: &Context) -> CaseResult {
+    let vmm = ctx.artifact(VMM)?;
+    let kernel = ctx.artifact(KERNEL_ELF)?;
+    let empty = ctx.work_file("empty-kernel");
+    std::fs::write(&empty, b"")
+        .map_err(|e| Failure::new(format!("write {}: {e}", empty.display())))?;
+    let missing = ctx.work_file("no-such-kernel");
+    let launches = [
+        (
+            "nonexistent kernel",
+            VmLaunch::new(vmm.clone(), missing, &ctx.work),
+            &["kernel"][..],
+        ),
+        (
+            "zero-byte kernel",
+            VmLaunch::new(vmm.clone(), empty, &ctx.work),
+            &["kernel"][..],
+        ),
+        (
+            "--vcpus 0",
+            VmLaunch::new(vmm.clone(), kernel.clone(), &ctx.work).vcpus(0),
+            &["vcpu"][..],
+        ),
+        (
+            "--mem-mib 1",
+            VmLaunch::new(vmm, kernel, &ctx.work).mem_mib(1),
+            &["mem", "memory"][..],
+        ),
+    ];
+    for (what, launch, words) in launches {
+        let run = launch
+            .label("bad")
+            .with_boot_report()
+            .timeout(std::time::Duration::from_secs(10))
+            .run()?;
+        if run.timed_out || run.status.success() || run.status.code().is_none() {
+            return Err(run.fail(format!(
+                "{what}: mvm-vmm {} , expected a non-zero exit",
+                describe(&run)
+            )));
+        }
+        run.expect_stderr_any(words)
+            .map_err(|f| Failure::new(format!("{what}: {}", f.reason)).with_detail(f.detail))?;
+        // The report is optional here, but if written it must show no VM.
+        if let Some(Ok(report)) = &run.boot_report {
+            if let Some(t) = report.micros("vm_created") {
+                return Err(run.fail(format!(
+                    "{what}: boot report has vm_created={t}, expected null"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe(run: &VmRun) -> String {
+    if run.timed_out {
+        "was killed at the timeout".into()
+    } else {
+        format!("exited with {}", run.status)
+    }
 }

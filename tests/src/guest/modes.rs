@@ -13,32 +13,21 @@ pub struct Mode {
     pub run: fn(&Guest) -> Result<Ending, GuestError>,
 }
 
+impl Mode {
+    /// A mode called `name` that runs `run`.
+    pub const fn new(name: &'static str, run: fn(&Guest) -> Result<Ending, GuestError>) -> Self {
+        Self { name, run }
+    }
+}
+
 /// Every mode, in one list.
 pub const MODES: &[Mode] = &[
-    Mode {
-        name: "marker",
-        run: marker,
-    },
-    Mode {
-        name: "nproc",
-        run: nproc,
-    },
-    Mode {
-        name: "poweroff",
-        run: poweroff,
-    },
-    Mode {
-        name: "reboot",
-        run: reboot,
-    },
-    Mode {
-        name: "panic",
-        run: panic,
-    },
-    Mode {
-        name: "hang",
-        run: hang,
-    },
+    Mode::new("marker", marker),
+    Mode::new("nproc", nproc),
+    Mode::new("poweroff", poweroff),
+    Mode::new("reboot", reboot),
+    Mode::new("panic", panic),
+    Mode::new("hang", hang),
 ];
 
 /// The mode called `name`, or an error listing the known ones.

@@ -3,6 +3,7 @@
 //! and add it to [`all`].
 
 pub mod boot;
+pub mod vsock;
 
 use crate::case::Case;
 

@@ -65,9 +65,7 @@ fn host_initiated(uds: PathBuf, deadline: Instant) -> Result<String, String> {
 
 /// The guest-initiated half: accept on `<uds>_<HOST_PORT>`, check, answer.
 fn guest_initiated(listener: UnixListener, deadline: Instant) -> Result<(), String> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut stream = loop {
         match listener.accept() {
             Ok((s, _)) => break s,
@@ -88,9 +86,7 @@ fn guest_initiated(listener: UnixListener, deadline: Instant) -> Result<(), Stri
         .map_err(|e| format!("guest-initiated receive: {e}"))?;
     send_pattern(&mut stream, SEED_HOST_BACK, TRANSFER_BYTES)
         .map_err(|e| format!("guest-initiated send: {e}"))?;
-    stream
-        .shutdown(Shutdown::Write)
-        .map_err(|e| e.to_string())
+    stream.shutdown(Shutdown::Write).map_err(|e| e.to_string())
 }
 
 fn joined<T>(h: JoinHandle<Result<T, String>>, what: &str) -> Result<T, Failure> {

@@ -10,6 +10,7 @@
 pub mod init;
 pub mod modes;
 pub mod signal;
+pub mod vsock;
 
 use std::io::Write;
 

@@ -28,6 +28,7 @@ pub const MODES: &[Mode] = &[
     Mode::new("reboot", reboot),
     Mode::new("panic", panic),
     Mode::new("hang", hang),
+    Mode::new("vsock", super::vsock::run),
 ];
 
 /// The mode called `name`, or an error listing the known ones.

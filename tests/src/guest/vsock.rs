@@ -82,10 +82,7 @@ pub fn check_pattern<R: Read>(r: &mut R, seed: u8, len: usize) -> Result<(), Str
         for (k, b) in buf.iter().take(n).enumerate() {
             let want = pattern(seed, at + k);
             if *b != want {
-                return Err(format!(
-                    "byte {} is {b:#04x}, expected {want:#04x}",
-                    at + k
-                ));
+                return Err(format!("byte {} is {b:#04x}, expected {want:#04x}", at + k));
             }
         }
         at += n;
@@ -133,7 +130,9 @@ pub fn run(guest: &Guest) -> Result<Ending, GuestError> {
     )
     .map_err(sys("vsock bind"))?;
     listen(&listener, Backlog::new(4).map_err(sys("backlog"))?).map_err(sys("vsock listen"))?;
-    guest.console.say(&format!("vsock listening on {GUEST_PORT}"));
+    guest
+        .console
+        .say(&format!("vsock listening on {GUEST_PORT}"));
 
     // 1. Host-initiated.
     let fd = accept(std::os::fd::AsRawFd::as_raw_fd(&listener)).map_err(sys("vsock accept"))?;

@@ -1,1 +1,208 @@
-//! wip
+//! The boot report: when each phase of a VM's life happened, in microseconds
+//! since the process started (monotonic clock), written as JSON on every exit
+//! path when `--boot-report FILE` is given. Benchmarks read this file; nothing
+//! parses log lines for timings.
+//!
+//! ```json
+//! {"args_parsed":812,"plan_verified":null,"artifacts_measured":null,
+//!  "kernel_loaded":9120,"vm_created":11005,"first_kvm_run":12110,
+//!  "first_serial_byte":180220,"init_reached":410330,"agent_ready":null,
+//!  "exit":520000,"exit_reason":"poweroff"}
+//! ```
+//!
+//! A phase that never happened is `null`. `plan_verified` and
+//! `artifacts_measured` are reserved for plan verification (not done yet).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// A phase of the VM's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Arguments parsed and validated.
+    ArgsParsed,
+    /// The execution plan's signature verified (reserved).
+    PlanVerified,
+    /// Artifacts measured against the plan (reserved).
+    ArtifactsMeasured,
+    /// Kernel (and initramfs) copied into guest memory.
+    KernelLoaded,
+    /// The KVM VM exists with its memory, irqchip and timer.
+    VmCreated,
+    /// The boot vCPU entered `KVM_RUN` for the first time.
+    FirstKvmRun,
+    /// The guest wrote its first byte to the serial console.
+    FirstSerialByte,
+    /// The guest signalled "init reached" on the guest-signal port.
+    InitReached,
+    /// The guest signalled "agent ready".
+    AgentReady,
+    /// The VMM decided to exit.
+    Exit,
+}
+
+const PHASES: usize = 10;
+
+impl Phase {
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+/// Sentinel for "not yet".
+const UNSET: u64 = u64::MAX;
+
+/// Phase timestamps, settable once each from any thread.
+#[derive(Debug)]
+pub struct BootTimeline {
+    start: Instant,
+    marks: [AtomicU64; PHASES],
+    exit_reason: Mutex<Option<String>>,
+}
+
+/// The JSON document.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BootReport {
+    /// See [`Phase::ArgsParsed`].
+    pub args_parsed: Option<u64>,
+    /// See [`Phase::PlanVerified`].
+    pub plan_verified: Option<u64>,
+    /// See [`Phase::ArtifactsMeasured`].
+    pub artifacts_measured: Option<u64>,
+    /// See [`Phase::KernelLoaded`].
+    pub kernel_loaded: Option<u64>,
+    /// See [`Phase::VmCreated`].
+    pub vm_created: Option<u64>,
+    /// See [`Phase::FirstKvmRun`].
+    pub first_kvm_run: Option<u64>,
+    /// See [`Phase::FirstSerialByte`].
+    pub first_serial_byte: Option<u64>,
+    /// See [`Phase::InitReached`].
+    pub init_reached: Option<u64>,
+    /// See [`Phase::AgentReady`].
+    pub agent_ready: Option<u64>,
+    /// See [`Phase::Exit`].
+    pub exit: Option<u64>,
+    /// Why the VMM exited (see `exit::ExitReason::code_name`).
+    pub exit_reason: Option<String>,
+}
+
+impl BootTimeline {
+    /// A timeline whose zero is `start` (taken first thing in `main`).
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            marks: std::array::from_fn(|_| AtomicU64::new(UNSET)),
+            exit_reason: Mutex::new(None),
+        }
+    }
+
+    /// Microseconds since start, now.
+    pub fn now_us(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(UNSET - 1)
+    }
+
+    /// Records `phase` now, unless it was already recorded.
+    pub fn mark(&self, phase: Phase) {
+        if let Some(slot) = self.marks.get(phase.slot()) {
+            // Only the first mark counts.
+            let _ =
+                slot.compare_exchange(UNSET, self.now_us(), Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// When `phase` happened, if it did.
+    pub fn get(&self, phase: Phase) -> Option<u64> {
+        let v = self.marks.get(phase.slot())?.load(Ordering::Acquire);
+        (v != UNSET).then_some(v)
+    }
+
+    /// Records the exit reason (first one wins) and the exit time.
+    pub fn set_exit(&self, reason: &str) {
+        if let Ok(mut r) = self.exit_reason.lock() {
+            if r.is_none() {
+                *r = Some(reason.to_string());
+            }
+        }
+        self.mark(Phase::Exit);
+    }
+
+    /// The report as it stands.
+    pub fn report(&self) -> BootReport {
+        let g = |p| self.get(p);
+        BootReport {
+            args_parsed: g(Phase::ArgsParsed),
+            plan_verified: g(Phase::PlanVerified),
+            artifacts_measured: g(Phase::ArtifactsMeasured),
+            kernel_loaded: g(Phase::KernelLoaded),
+            vm_created: g(Phase::VmCreated),
+            first_kvm_run: g(Phase::FirstKvmRun),
+            first_serial_byte: g(Phase::FirstSerialByte),
+            init_reached: g(Phase::InitReached),
+            agent_ready: g(Phase::AgentReady),
+            exit: g(Phase::Exit),
+            exit_reason: self.exit_reason.lock().ok().and_then(|r| r.clone()),
+        }
+    }
+
+    /// Writes the report as JSON to `path` (replacing it).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let mut json = serde_json::to_vec_pretty(&self.report()).map_err(std::io::Error::other)?;
+        json.push(b'\n');
+        std::fs::write(path, json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_set_once_and_monotonic() {
+        let t = BootTimeline::new(Instant::now());
+        t.mark(Phase::ArgsParsed);
+        let first = t.get(Phase::ArgsParsed).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        t.mark(Phase::ArgsParsed);
+        assert_eq!(t.get(Phase::ArgsParsed), Some(first));
+        t.mark(Phase::VmCreated);
+        assert!(t.get(Phase::VmCreated).unwrap() >= first + 1000);
+        assert_eq!(t.get(Phase::AgentReady), None);
+    }
+
+    #[test]
+    fn json_has_every_field_with_nulls() {
+        let t = BootTimeline::new(Instant::now());
+        t.mark(Phase::ArgsParsed);
+        t.set_exit("poweroff");
+        t.set_exit("ignored");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.json");
+        t.write(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let obj = v.as_object().unwrap();
+        for field in [
+            "args_parsed",
+            "plan_verified",
+            "artifacts_measured",
+            "kernel_loaded",
+            "vm_created",
+            "first_kvm_run",
+            "first_serial_byte",
+            "init_reached",
+            "agent_ready",
+            "exit",
+            "exit_reason",
+        ] {
+            assert!(obj.contains_key(field), "missing {field}");
+        }
+        assert!(obj["args_parsed"].is_u64());
+        assert!(obj["vm_created"].is_null());
+        assert_eq!(obj["exit_reason"], "poweroff");
+        assert!(obj["exit"].as_u64().unwrap() >= obj["args_parsed"].as_u64().unwrap());
+    }
+}

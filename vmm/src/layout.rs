@@ -80,6 +80,18 @@ pub const KVM_TSS_START: u64 = 0xfffb_d000;
 /// Most memory a VM may have (sanity bound on `--mem-mib`).
 pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
 
+// The fixed regions of the hole must not collide; checked at compile time.
+const _: () = {
+    assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START);
+    assert!(
+        VIRTIO_MMIO_BASE + VIRTIO_MMIO_SLOT_COUNT as u64 * VIRTIO_MMIO_SLOT_SIZE <= IOAPIC_START
+    );
+    assert!(LAPIC_START < KVM_IDENTITY_MAP_START);
+    assert!(KVM_IDENTITY_MAP_START + 0x1000 == KVM_TSS_START);
+    assert!(KVM_TSS_START + 0x3000 < FIRST_ADDR_PAST_32BITS);
+    assert!(VIRTIO_MMIO_LAST_GSI < IOAPIC_PINS);
+};
+
 /// One past the last byte of RAM below the MMIO hole.
 pub fn low_ram_end(mem_bytes: u64) -> u64 {
     mem_bytes.min(MMIO_HOLE_START)
@@ -149,12 +161,7 @@ mod tests {
         assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
         // Slots, IOAPIC, LAPIC and the KVM pages all sit inside the hole.
         let last_slot = virtio_mmio_slot_base(VIRTIO_MMIO_SLOT_COUNT - 1).unwrap();
-        assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE_START);
         assert!(last_slot + VIRTIO_MMIO_SLOT_SIZE <= IOAPIC_START);
-        assert!(LAPIC_START < KVM_IDENTITY_MAP_START);
-        assert!(KVM_IDENTITY_MAP_START + 0x1000 == KVM_TSS_START);
-        assert!(KVM_TSS_START + 0x3000 < FIRST_ADDR_PAST_32BITS);
-        assert!(VIRTIO_MMIO_LAST_GSI < IOAPIC_PINS);
     }
 
     #[test]

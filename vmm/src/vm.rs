@@ -1,1 +1,166 @@
-//! wip
+//! The KVM VM: guest memory registered with KVM, the in-kernel interrupt
+//! controllers (IOAPIC + per-vCPU LAPIC + PIC) and the in-kernel PIT as the
+//! guest's timer source.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use crate::layout;
+
+/// Errors creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("opening /dev/kvm failed: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed during setup.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// The memory size cannot be laid out.
+    #[error("guest memory of {bytes} bytes is not valid: {why}")]
+    BadMemorySize {
+        /// Requested bytes.
+        bytes: u64,
+        /// Why.
+        why: String,
+    },
+    /// mmap of guest memory failed.
+    #[error("allocating {bytes} bytes of guest memory failed: {source}")]
+    Allocate {
+        /// Requested bytes.
+        bytes: u64,
+        /// The error.
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+fn kvm_step(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Allocates guest RAM for `mem_bytes`, laid out by [`layout::ram_ranges`].
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
+    if mem_bytes == 0 || mem_bytes > layout::MAX_MEMORY_BYTES {
+        return Err(VmError::BadMemorySize {
+            bytes: mem_bytes,
+            why: format!("must be between 1 and {} bytes", layout::MAX_MEMORY_BYTES),
+        });
+    }
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
+        .into_iter()
+        .map(|(a, l)| usize::try_from(l).map(|l| (a, l)))
+        .collect::<Result<_, _>>()
+        .map_err(|_| VmError::BadMemorySize {
+            bytes: mem_bytes,
+            why: "larger than this host's address space".to_string(),
+        })?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Allocate {
+        bytes: mem_bytes,
+        source,
+    })
+}
+
+/// A KVM VM with its memory and in-kernel devices.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("regions", &self.memory.num_regions())
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Creates the VM: TSS and identity-map pages, irqchip, PIT, and `memory`
+    /// registered as KVM memory slots 0.. in order.
+    pub fn new(memory: GuestMemoryMmap) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm.create_vm().map_err(kvm_step("KVM_CREATE_VM"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+            .map_err(kvm_step("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let tss = usize::try_from(layout::KVM_TSS_START).map_err(|_| VmError::BadMemorySize {
+            bytes: 0,
+            why: "TSS address does not fit usize".to_string(),
+        })?;
+        fd.set_tss_address(tss)
+            .map_err(kvm_step("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_step("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_step("KVM_CREATE_PIT2"))?;
+
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| VmError::BadMemorySize {
+                    bytes: region.len(),
+                    why: "region has no host mapping".to_string(),
+                })?;
+            let mem_region = kvm_userspace_memory_region {
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range [host, host + len) is a live mmap owned by
+            // `memory`, which this Vm keeps alive for as long as the VM fd
+            // exists (both are fields of Self and dropped together), and the
+            // guest ranges from `layout::ram_ranges` do not overlap.
+            unsafe { fd.set_user_memory_region(mem_region) }
+                .map_err(kvm_step("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Self { kvm, fd, memory })
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM file descriptor (irqfds, ioeventfds, vCPUs).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.iter().map(|r| r.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_follows_the_layout() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        assert_eq!(mem.last_addr(), GuestAddress((64 << 20) - 1));
+        assert!(create_guest_memory(0).is_err());
+        assert!(create_guest_memory(layout::MAX_MEMORY_BYTES + 1).is_err());
+    }
+}

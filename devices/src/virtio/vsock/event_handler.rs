@@ -33,6 +33,8 @@ pub struct VsockWorkerStats {
     pub rx_packets: u64,
     /// Packets taken from the guest.
     pub tx_packets: u64,
+    /// TX chains that could not be read (addresses outside guest memory).
+    pub tx_unreadable: u64,
     /// RX buffers too small for a header, returned empty.
     pub rx_buffers_too_small: u64,
     /// TRANSPORT_RESET events delivered.
@@ -91,6 +93,10 @@ impl VsockWorker {
 
     /// Takes every packet the guest queued on TX, then delivers what it is owed.
     pub fn on_tx(&mut self, interrupt: &Interrupt) {
+        if interrupt.needs_reset() {
+            // The guest broke the queue protocol; nothing moves until it resets.
+            return;
+        }
         let Some(act) = self.active.as_mut() else {
             return;
         };
@@ -106,7 +112,10 @@ impl VsockWorker {
                     let parsed = parse_tx_packet(&self.tx_bytes, self.guest_cid);
                     self.muxer.on_guest_packet(&self.tx_bytes, parsed);
                 }
-                Err(e) => tracing::debug!(error = %e, "vsock: unreadable TX chain dropped"),
+                Err(e) => {
+                    self.stats.tx_unreadable = self.stats.tx_unreadable.saturating_add(1);
+                    tracing::debug!(error = %e, "vsock: unreadable TX chain dropped");
+                }
             }
             self.stats.tx_packets = self.stats.tx_packets.saturating_add(1);
             if let Err(e) = queue.add_used(mem, head, 0) {
@@ -125,6 +134,10 @@ impl VsockWorker {
 
     /// Fills the guest's RX buffers with what it is owed, until either runs out.
     pub fn deliver_rx(&mut self, interrupt: &Interrupt) {
+        if interrupt.needs_reset() {
+            // The guest broke the queue protocol; nothing moves until it resets.
+            return;
+        }
         let Some(act) = self.active.as_mut() else {
             return;
         };
@@ -183,6 +196,10 @@ impl VsockWorker {
     }
 
     fn deliver_event(&mut self, interrupt: &Interrupt) {
+        if interrupt.needs_reset() {
+            // The guest broke the queue protocol; nothing moves until it resets.
+            return;
+        }
         if !self.transport_reset_pending {
             return;
         }

@@ -97,6 +97,22 @@ impl DriverQueue {
         head
     }
 
+    /// Posts one descriptor with an arbitrary address (hostile drivers).
+    fn post_raw(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u32, flags: u16) {
+        let d = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % QSIZE;
+        let at = self.desc + u64::from(d) * 16;
+        mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+        mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
+        mem.write_obj(0u16, GuestAddress(at + 14)).unwrap();
+        let ring = GuestAddress(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2);
+        mem.write_obj(d.to_le(), ring).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
     /// Used entries since the last call: (head, len).
     fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
@@ -637,4 +653,34 @@ fn socket_file_is_removed_when_the_device_goes() {
     assert!(path.exists());
     drop(g.worker);
     assert!(!path.exists());
+}
+
+#[test]
+fn rx_buffer_outside_guest_memory_marks_needs_reset() {
+    let mut g = Guest::new();
+    g.rx.post_raw(
+        &g.mem,
+        (MEM_SIZE as u64) + 0x1000,
+        RX_BUF,
+        VRING_DESC_F_WRITE,
+    );
+    g.send(hdr(VIRTIO_VSOCK_OP_RW, 1, 2, 0, 0), &[]);
+    assert!(g.irq.needs_reset());
+    // Host activity afterwards leaves the queues alone.
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    g.worker.on_host_events(&g.irq);
+    let idx: u16 = g.mem.read_obj(GuestAddress(g.rx.used + 2)).unwrap();
+    assert_eq!(idx, 0);
+}
+
+#[test]
+fn tx_descriptor_outside_guest_memory_is_dropped() {
+    let mut g = Guest::new();
+    g.give_rx(2);
+    g.tx.post_raw(&g.mem, u64::MAX - 10, 100, 0);
+    g.worker.on_tx(&g.irq);
+    assert_eq!(g.tx.take_used(&g.mem).len(), 1);
+    assert!(g.recv().is_empty());
+    assert_eq!(g.worker.stats().tx_unreadable, 1);
 }

@@ -3,5 +3,6 @@
 pub mod admission;
 pub mod audit;
 pub mod backend;
+pub mod cli;
 pub mod image;
 pub mod receipt;

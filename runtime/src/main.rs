@@ -1,1 +1,45 @@
-fn main() {}
+//! `mvm`: the command line of the mvm runtime.
+
+use clap::Parser;
+use mvm_runtime::cli::{self, Cli, Command};
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let code = match &cli.command {
+        Command::Run(args) => cli::run::main(args),
+        Command::Doctor(args) => cli::doctor::main(args),
+        Command::Image(command) => match cli::image::main(command) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mvm: error: {e:#}");
+                1
+            }
+        },
+        Command::TesthostGuest { image_dir } => {
+            match mvm_runtime::backend::emulated::guest_main(image_dir) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("mvm: testhost guest: {e}");
+                    1
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}

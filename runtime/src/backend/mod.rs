@@ -1,1 +1,195 @@
-//! (to be written)
+//! Backends: where a VM runs, and the honest name of the wall around it.
+//!
+//! - [`Tier::Kvm`]: `mvm-vmm` on this host's hardware KVM ([`kvm`]).
+//! - [`Tier::Emulated`]: the same `mvm-vmm` and image inside the project's
+//!   QEMU-TCG test host, which has a real (emulated-SVM) KVM; slow, and the
+//!   outer wall is QEMU's emulator ([`emulated`]).
+//!
+//! [`detect`] judges which tiers this host can give; both backends run a
+//! [`RunSpec`] and report a [`RunOutcome`] or a [`RunError`].
+
+pub mod detect;
+pub mod emulated;
+pub mod interrupt;
+pub mod kvm;
+pub mod locate;
+pub mod scratch;
+pub mod vmm_process;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A backend tier, strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Hardware virtualization through this host's `/dev/kvm`.
+    Kvm,
+    /// `mvm-vmm` inside a QEMU-TCG test host.
+    Emulated,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Kvm => "kvm",
+            Tier::Emulated => "emulated",
+        })
+    }
+}
+
+/// What the workload gets as stdin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StdinMode {
+    /// End of file at once (stdin is a terminal, or nothing was piped).
+    Null,
+    /// This process's stdin, streamed until its end.
+    Forward,
+}
+
+/// One workload to run in a fresh VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory in the guest.
+    pub workdir: Option<String>,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Wall-clock limit for the workload, in seconds.
+    pub timeout_secs: Option<u64>,
+    /// Stdin handling.
+    pub stdin: StdinMode,
+    /// Extra disks, passed to `mvm-vmm --disk` as given.
+    pub disks: Vec<String>,
+    /// How long to wait for the guest agent after the VMM starts, in seconds.
+    pub ready_timeout_secs: u64,
+}
+
+/// How the workload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal ended it.
+    pub signal: Option<i32>,
+    /// Whether it was killed because its timeout passed.
+    pub timed_out: bool,
+}
+
+/// Phase durations of a run, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// From starting the VM to the agent answering its first ping.
+    pub boot_ms: u64,
+    /// From sending exec to the workload's exit status.
+    pub exec_ms: u64,
+    /// From asking for shutdown to the VM process gone.
+    pub shutdown_ms: u64,
+    /// The whole run.
+    pub total_ms: u64,
+    /// The guest kernel's uptime when the agent started, as the agent reports it.
+    pub guest_boot_ms: Option<u64>,
+    /// Emulated tier only: from starting QEMU to the test host starting `mvm`.
+    #[serde(default)]
+    pub host_boot_ms: Option<u64>,
+}
+
+/// A finished run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunOutcome {
+    /// How the workload ended.
+    pub status: WorkloadStatus,
+    /// Where the time went.
+    pub timings: Timings,
+    /// The tier it ran on.
+    pub tier: Tier,
+}
+
+/// Where the workload's output goes as it arrives.
+pub trait OutputSink {
+    /// Bytes the workload wrote to stdout.
+    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()>;
+    /// Bytes the workload wrote to stderr.
+    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()>;
+}
+
+/// Why a run did not produce a workload status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No tier can run a VM here.
+    #[error("no usable backend: {0}")]
+    NoBackend(String),
+    /// The image is missing or broken.
+    #[error("image: {0}")]
+    Image(#[from] crate::image::ImageError),
+    /// A binary or test host the backend needs is missing.
+    #[error("{0}")]
+    Missing(String),
+    /// The VM process could not start or ended before the workload did.
+    #[error("VM process died: {reason}{}", log_tail(.log))]
+    VmmDied { reason: String, log: String },
+    /// The guest agent did not answer in time.
+    #[error("guest agent not ready within {timeout:?}: {reason}{}", log_tail(.log))]
+    AgentNotReady {
+        timeout: Duration,
+        reason: String,
+        log: String,
+    },
+    /// The host-side deadline passed and the VM was stopped.
+    #[error("timeout: the workload did not finish within {0:?}; the VM was stopped")]
+    Timeout(Duration),
+    /// Ctrl-C or SIGTERM: the workload and VM were stopped.
+    #[error("interrupted; the workload and the VM were stopped")]
+    Interrupted,
+    /// Talking to the agent failed mid-run.
+    #[error("guest agent: {0}")]
+    Agent(String),
+    /// Forwarding output or input failed on the host side.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let start = lines.len().saturating_sub(15);
+    let tail = lines.get(start..).unwrap_or_default();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last lines of the VM log ---\n{}", tail.join("\n"))
+    }
+}
+
+impl RunError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+        let what = what.into();
+        move |source| RunError::Io { what, source }
+    }
+}
+
+/// Where the files a run needs are: the image and the VMM binary.
+#[derive(Debug, Clone)]
+pub struct RunArtifacts {
+    /// The stored image.
+    pub image: crate::image::StoredImage,
+    /// The `mvm-vmm` to start.
+    pub vmm: PathBuf,
+}

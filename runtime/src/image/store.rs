@@ -68,6 +68,24 @@ pub struct StoredImage {
 }
 
 impl StoredImage {
+    /// Opens an image directory outside any store (e.g. one carried into
+    /// the test host); its digest is computed from its manifest.
+    pub fn open_dir(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let manifest = Manifest::from_bytes(&bytes).map_err(|e| ImageError::BadManifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        check_artifact(&manifest.kernel)?;
+        check_artifact(&manifest.initramfs)?;
+        Ok(Self {
+            digest: sha256_digest(&bytes),
+            dir: dir.to_owned(),
+            manifest,
+        })
+    }
+
     /// The kernel's path.
     pub fn kernel_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.kernel.file)
@@ -203,28 +221,15 @@ impl ImageStore {
     /// Loads the image whose directory is `images/<hex>`; checks that the
     /// manifest's bytes still hash to the directory name.
     fn load(&self, hex: &str) -> Result<StoredImage, ImageError> {
-        let dir = self.images.join(hex);
-        let path = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
-        let digest = sha256_digest(&bytes);
-        if digest.trim_start_matches("sha256:") != hex {
+        let image = StoredImage::open_dir(&self.images.join(hex))?;
+        if image.digest.trim_start_matches("sha256:") != hex {
             return Err(ImageError::DigestMismatch {
-                file: path,
+                file: image.dir.join(MANIFEST_FILE),
                 manifest: format!("sha256:{hex}"),
-                measured: digest,
+                measured: image.digest,
             });
         }
-        let manifest = Manifest::from_bytes(&bytes).map_err(|e| ImageError::BadManifest {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        check_artifact(&manifest.kernel)?;
-        check_artifact(&manifest.initramfs)?;
-        Ok(StoredImage {
-            digest,
-            dir,
-            manifest,
-        })
+        Ok(image)
     }
 
     /// The digests (hex) of every stored image, sorted.

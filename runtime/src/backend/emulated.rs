@@ -1,0 +1,920 @@
+//! The `emulated` backend: the same `mvm-vmm` and image, run by a static
+//! `mvm` inside the project's QEMU-TCG test host (`scripts/build-testhost`),
+//! whose emulated AMD SVM gives it a real KVM. Slow; the outer wall is
+//! QEMU's emulator. See `docs/run.md`.
+//!
+//! Host side ([`run`]): QEMU boots the test host kernel with its
+//! `base.cpio` followed by an overlay archive holding `/testhost/run`, the
+//! static `mvm` and `mvm-vmm`, and the image. Four virtio-serial ports
+//! connect to Unix sockets this process listens on:
+//!
+//! | port       | direction   | carries                                        |
+//! |------------|-------------|------------------------------------------------|
+//! | `mvm.ctl`  | both        | request (JSON line) in; `started` and the final report (JSON lines) out |
+//! | `mvm.in`   | host→guest  | the workload's stdin, closed at its end         |
+//! | `mvm.out`  | guest→host  | the workload's stdout                           |
+//! | `mvm.err`  | guest→host  | the workload's stderr                           |
+//!
+//! Test host side ([`guest_main`], `mvm __testhost-guest`): reads the
+//! request, runs it with the `kvm` backend, and writes the report with the
+//! outcome (or the error, by kind, so exit codes carry across) and the byte
+//! counts of stdout and stderr, so the host knows when it has everything.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::scratch::ScratchDir;
+use super::{
+    interrupt, kvm, locate, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec, StdinMode,
+    Tier,
+};
+use crate::image::cpio::Archive;
+use crate::image::manifest::MANIFEST_FILE;
+use crate::image::StoredImage;
+
+/// The virtio-serial port names, as the test host sees them in
+/// `/sys/class/virtio-ports/*/name`.
+pub const PORT_CTL: &str = "mvm.ctl";
+pub const PORT_IN: &str = "mvm.in";
+pub const PORT_OUT: &str = "mvm.out";
+pub const PORT_ERR: &str = "mvm.err";
+/// Where the overlay puts things inside the test host.
+const GUEST_BIN_DIR: &str = "testhost/bin";
+const GUEST_IMAGE_DIR: &str = "testhost/image";
+/// The longest control line either side accepts.
+const MAX_CTL_LINE: u64 = 1 << 20;
+/// The test host's memory beyond what the inner VM gets: its own kernel, the
+/// initramfs (which holds the image and binaries) and the VMM.
+const TESTHOST_OVERHEAD_MIB: u32 = 768;
+/// The least memory the test host gets.
+const TESTHOST_MIN_MIB: u32 = 1024;
+/// How long the test host may take to boot and start the inner `mvm`.
+const TESTHOST_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long after the report the output ports may still be draining.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Beyond the workload and ready timeouts, what the outer watchdog allows.
+const WATCHDOG_SLACK: Duration = Duration::from_secs(60);
+/// Bump when the overlay layout changes, so cached initramfs files are rebuilt.
+const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-1";
+
+/// The request the host sends on `mvm.ctl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestRequest {
+    /// What to run.
+    pub spec: RunSpec,
+}
+
+/// Why the inner run failed, by kind, so the host maps it to the same exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestErrorKind {
+    NoBackend,
+    Image,
+    Missing,
+    VmmDied,
+    AgentNotReady,
+    Timeout,
+    Interrupted,
+    Agent,
+    Io,
+}
+
+/// One line the test host sends on `mvm.ctl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum GuestRecord {
+    /// The inner `mvm` read the request (the test host is up).
+    Started,
+    /// The run ended; the counts say how much output the host should have.
+    Report {
+        outcome: Option<RunOutcome>,
+        error: Option<(GuestErrorKind, String)>,
+        stdout_bytes: u64,
+        stderr_bytes: u64,
+    },
+}
+
+fn error_kind(e: &RunError) -> GuestErrorKind {
+    match e {
+        RunError::NoBackend(_) => GuestErrorKind::NoBackend,
+        RunError::Image(_) => GuestErrorKind::Image,
+        RunError::Missing(_) => GuestErrorKind::Missing,
+        RunError::VmmDied { .. } => GuestErrorKind::VmmDied,
+        RunError::AgentNotReady { .. } => GuestErrorKind::AgentNotReady,
+        RunError::Timeout(_) => GuestErrorKind::Timeout,
+        RunError::Interrupted => GuestErrorKind::Interrupted,
+        RunError::Agent(_) => GuestErrorKind::Agent,
+        RunError::Io { .. } => GuestErrorKind::Io,
+    }
+}
+
+/// Rebuilds an inner error on the host side, keeping its kind.
+fn error_from_guest(kind: GuestErrorKind, message: String, spec: &RunSpec) -> RunError {
+    let inside = format!("inside the test host: {message}");
+    match kind {
+        GuestErrorKind::NoBackend => RunError::NoBackend(inside),
+        GuestErrorKind::Image | GuestErrorKind::Missing => RunError::Missing(inside),
+        GuestErrorKind::VmmDied => RunError::VmmDied {
+            reason: inside,
+            log: String::new(),
+        },
+        GuestErrorKind::AgentNotReady => RunError::AgentNotReady {
+            timeout: Duration::from_secs(spec.ready_timeout_secs),
+            reason: inside,
+            log: String::new(),
+        },
+        GuestErrorKind::Timeout => {
+            RunError::Timeout(Duration::from_secs(spec.timeout_secs.unwrap_or(0)))
+        }
+        GuestErrorKind::Interrupted => RunError::Interrupted,
+        GuestErrorKind::Agent => RunError::Agent(inside),
+        GuestErrorKind::Io => RunError::Io {
+            what: "inside the test host".into(),
+            source: std::io::Error::other(message),
+        },
+    }
+}
+
+/// Reads one control line of at most [`MAX_CTL_LINE`] bytes; `None` at EOF.
+fn read_ctl_line(reader: &mut impl BufRead) -> std::io::Result<Option<String>> {
+    let mut line = String::new();
+    let n = reader.take(MAX_CTL_LINE).read_line(&mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control line longer than {MAX_CTL_LINE} bytes or cut short"),
+        ));
+    }
+    Ok(Some(line))
+}
+
+/// Parses one control line from the test host.
+pub fn parse_record(line: &str) -> Result<GuestRecord, serde_json::Error> {
+    serde_json::from_str(line.trim_end())
+}
+
+fn write_json_line(out: &mut impl Write, value: &impl Serialize) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    out.write_all(&bytes)?;
+    out.flush()
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------
+
+/// The cache directory for derived test host files: `$MVM_CACHE`, else
+/// `$XDG_CACHE_HOME/mvm`, else `~/.cache/mvm` (as the build scripts use).
+fn cache_root() -> Result<PathBuf, RunError> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("MVM_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("mvm")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/mvm")))
+        .ok_or_else(|| RunError::Missing("no cache directory: set MVM_CACHE or HOME".into()))
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, RunError> {
+    std::fs::read(path).map_err(RunError::io(format!("reading {}", path.display())))
+}
+
+/// The archive appended to the test host's `base.cpio`: `/testhost/run`
+/// (which the test host's init runs), the static binaries and the image.
+pub fn overlay_archive(mvm: &[u8], vmm: &[u8], image: &StoredImage) -> Result<Archive, RunError> {
+    let cpio =
+        |e: crate::image::cpio::CpioError| RunError::Missing(format!("test host overlay: {e}"));
+    let mut archive = Archive::new();
+    let run = format!("#!/bin/sh\nexec /{GUEST_BIN_DIR}/mvm __testhost-guest /{GUEST_IMAGE_DIR}\n");
+    archive
+        .add_file("testhost/run", 0o755, run.into_bytes())
+        .map_err(cpio)?;
+    archive
+        .add_file(&format!("{GUEST_BIN_DIR}/mvm"), 0o755, mvm.to_vec())
+        .map_err(cpio)?;
+    archive
+        .add_file(&format!("{GUEST_BIN_DIR}/mvm-vmm"), 0o755, vmm.to_vec())
+        .map_err(cpio)?;
+    let manifest = read_file(&image.dir.join(MANIFEST_FILE))?;
+    archive
+        .add_file(
+            &format!("{GUEST_IMAGE_DIR}/{MANIFEST_FILE}"),
+            0o644,
+            manifest,
+        )
+        .map_err(cpio)?;
+    for artifact in [&image.manifest.kernel, &image.manifest.initramfs] {
+        let bytes = read_file(&image.dir.join(&artifact.file))?;
+        archive
+            .add_file(
+                &format!("{GUEST_IMAGE_DIR}/{}", artifact.file),
+                0o644,
+                bytes,
+            )
+            .map_err(cpio)?;
+    }
+    Ok(archive)
+}
+
+/// The test host's initramfs for this image and these binaries, built once
+/// and cached under the digest of its inputs.
+fn testhost_initramfs(
+    testhost: &Path,
+    mvm: &Path,
+    vmm: &Path,
+    image: &StoredImage,
+) -> Result<PathBuf, RunError> {
+    let base = read_file(&testhost.join("base.cpio"))?;
+    let mvm_bytes = read_file(mvm)?;
+    let vmm_bytes = read_file(vmm)?;
+    let mut key = Sha256::new();
+    for part in [
+        OVERLAY_FORMAT.as_bytes(),
+        &Sha256::digest(&base),
+        &Sha256::digest(&mvm_bytes),
+        &Sha256::digest(&vmm_bytes),
+        image.digest.as_bytes(),
+    ] {
+        key.update(Sha256::digest(part));
+    }
+    let key = hex::encode(key.finalize());
+    let dir = cache_root()?.join("emulated");
+    let path = dir.join(format!("{}.cpio", key.get(..32).unwrap_or(&key)));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).map_err(RunError::io(format!("creating {}", dir.display())))?;
+    let overlay = overlay_archive(&mvm_bytes, &vmm_bytes, image)?
+        .to_newc()
+        .map_err(|e| RunError::Missing(format!("test host overlay: {e}")))?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut bytes = base;
+    bytes.extend_from_slice(&overlay);
+    std::fs::write(&tmp, &bytes).map_err(RunError::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(RunError::io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+/// The QEMU arguments: the test host machine of `scripts/e2e`, its serial
+/// console into `console_log`, and the four ports on sockets in `sockets`.
+pub fn qemu_args(
+    testhost: &Path,
+    initramfs: &Path,
+    console_log: &Path,
+    sockets: &Path,
+    spec: &RunSpec,
+) -> Vec<String> {
+    let mem = spec
+        .mem_mib
+        .saturating_add(TESTHOST_OVERHEAD_MIB)
+        .max(TESTHOST_MIN_MIB);
+    let mut args: Vec<String> = [
+        "-M",
+        "q35",
+        "-cpu",
+        "max",
+        "-accel",
+        "tcg",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-m",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.push(mem.to_string());
+    args.push("-kernel".into());
+    args.push(testhost.join("vmlinuz").display().to_string());
+    args.push("-initrd".into());
+    args.push(initramfs.display().to_string());
+    args.push("-append".into());
+    args.push("console=ttyS0 quiet panic=-1".into());
+    args.push("-serial".into());
+    args.push(format!("file:{}", console_log.display()));
+    args.push("-device".into());
+    args.push("virtio-serial-pci,id=mvmser".into());
+    for (id, name) in [
+        ("ctl", PORT_CTL),
+        ("in", PORT_IN),
+        ("out", PORT_OUT),
+        ("err", PORT_ERR),
+    ] {
+        args.push("-chardev".into());
+        args.push(format!(
+            "socket,id={id},path={}",
+            sockets.join(id).display()
+        ));
+        args.push("-device".into());
+        args.push(format!(
+            "virtserialport,bus=mvmser.0,chardev={id},name={name}"
+        ));
+    }
+    args
+}
+
+/// QEMU, killed and reaped on drop.
+struct Qemu {
+    child: Child,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn spawn_qemu(qemu: &Path, args: &[String], log: &Path) -> Result<Qemu, RunError> {
+    use std::os::unix::process::CommandExt;
+    let log_file =
+        std::fs::File::create(log).map_err(RunError::io(format!("creating {}", log.display())))?;
+    let mut command = Command::new(qemu);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .process_group(0);
+    // SAFETY: runs in the child between fork and exec and only calls
+    // prctl(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| RunError::VmmDied {
+        reason: format!("cannot start {}: {e}", qemu.display()),
+        log: String::new(),
+    })?;
+    Ok(Qemu { child })
+}
+
+/// Accepts QEMU's connection on `listener`, watching QEMU and Ctrl-C.
+fn accept_from(
+    listener: &UnixListener,
+    qemu: &mut Qemu,
+    logs: &[&Path],
+    timeout: Duration,
+) -> Result<UnixStream, RunError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(RunError::io("listening for QEMU"))?;
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(RunError::io("accepting QEMU"))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(RunError::io("accepting QEMU")(e)),
+        }
+        if interrupt::requested() {
+            return Err(RunError::Interrupted);
+        }
+        if let Ok(Some(status)) = qemu.child.try_wait() {
+            return Err(RunError::VmmDied {
+                reason: format!("qemu exited at start with {status}"),
+                log: read_logs(logs),
+            });
+        }
+        if start.elapsed() > timeout {
+            return Err(RunError::VmmDied {
+                reason: "qemu did not connect its serial ports".into(),
+                log: read_logs(logs),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn read_logs(logs: &[&Path]) -> String {
+    logs.iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The test host's last word, as the run loop keeps it.
+struct FinalReport {
+    outcome: Option<RunOutcome>,
+    error: Option<(GuestErrorKind, String)>,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
+}
+
+/// What the reader threads hand the run loop.
+enum Chunk {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+    Ctl(String),
+    CtlClosed(Option<String>),
+}
+
+fn pump_bytes(
+    mut stream: UnixStream,
+    tx: mpsc::SyncSender<Chunk>,
+    wrap: fn(Vec<u8>) -> Chunk,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("testhost-out".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = stream.read(&mut buf) {
+                let Some(data) = buf.get(..n).filter(|d| !d.is_empty()) else {
+                    return;
+                };
+                if tx.send(wrap(data.to_vec())).is_err() {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}
+
+fn pump_ctl(stream: UnixStream, tx: mpsc::SyncSender<Chunk>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("testhost-ctl".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            loop {
+                match read_ctl_line(&mut reader) {
+                    Ok(Some(line)) => {
+                        if tx.send(Chunk::Ctl(line)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Chunk::CtlClosed(None));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Chunk::CtlClosed(Some(e.to_string())));
+                        return;
+                    }
+                }
+            }
+        })
+        .map(drop)
+}
+
+fn pump_stdin(mut source: Box<dyn Read + Send>, mut port: UnixStream) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("testhost-in".into())
+        .spawn(move || {
+            let _ = std::io::copy(&mut source, &mut port);
+            let _ = port.shutdown(std::net::Shutdown::Write);
+        })
+        .map(drop)
+}
+
+/// Runs `spec` inside the test host with QEMU `qemu`.
+pub fn run(
+    spec: &RunSpec,
+    image: &StoredImage,
+    qemu_bin: &Path,
+    sink: &mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<RunOutcome, RunError> {
+    let start = Instant::now();
+    let testhost = locate::testhost_dir()?;
+    let (mvm, vmm) = locate::static_binaries()?;
+    let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
+
+    let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
+    let mut listeners = Vec::new();
+    for id in ["ctl", "in", "out", "err"] {
+        let path = scratch.path().join(id);
+        let listener = UnixListener::bind(&path)
+            .map_err(RunError::io(format!("listening on {}", path.display())))?;
+        listeners.push(listener);
+    }
+    let console = scratch.path().join("console.log");
+    let qemu_log = scratch.path().join("qemu.log");
+    let args = qemu_args(&testhost, &initramfs, &console, scratch.path(), spec);
+    tracing::debug!("starting {} {}", qemu_bin.display(), args.join(" "));
+    let mut qemu = spawn_qemu(qemu_bin, &args, &qemu_log)?;
+    let logs = [console.as_path(), qemu_log.as_path()];
+    let mut streams = Vec::new();
+    for listener in &listeners {
+        streams.push(accept_from(
+            listener,
+            &mut qemu,
+            &logs,
+            Duration::from_secs(30),
+        )?);
+    }
+    drop(listeners);
+    let mut streams = streams.into_iter();
+    let (Some(ctl), Some(input), Some(out), Some(err)) = (
+        streams.next(),
+        streams.next(),
+        streams.next(),
+        streams.next(),
+    ) else {
+        return Err(RunError::Agent("test host ports missing".into()));
+    };
+
+    let (tx, rx) = mpsc::sync_channel(16);
+    let mut ctl_writer = ctl
+        .try_clone()
+        .map_err(RunError::io("test host control port"))?;
+    pump_ctl(ctl, tx.clone()).map_err(RunError::io("starting a reader thread"))?;
+    pump_bytes(out, tx.clone(), Chunk::Out).map_err(RunError::io("starting a reader thread"))?;
+    pump_bytes(err, tx, Chunk::Err).map_err(RunError::io("starting a reader thread"))?;
+    write_json_line(&mut ctl_writer, &GuestRequest { spec: spec.clone() })
+        .map_err(RunError::io("sending the request to the test host"))?;
+    match (spec.stdin, stdin) {
+        (StdinMode::Forward, Some(source)) => {
+            pump_stdin(source, input).map_err(RunError::io("starting the stdin thread"))?
+        }
+        _ => drop(input.shutdown(std::net::Shutdown::Write)),
+    }
+
+    let mut boot_deadline = Some(start + TESTHOST_BOOT_TIMEOUT);
+    let mut testhost_ready_ms = None;
+    let watchdog = spec.timeout_secs.map(|t| {
+        start
+            + TESTHOST_BOOT_TIMEOUT
+            + Duration::from_secs(spec.ready_timeout_secs.saturating_add(t))
+            + WATCHDOG_SLACK
+    });
+    let (mut got_out, mut got_err) = (0u64, 0u64);
+    let mut report: Option<FinalReport> = None;
+    let mut drain_deadline = None;
+    loop {
+        if interrupt::requested() {
+            return Err(RunError::Interrupted);
+        }
+        let now = Instant::now();
+        if boot_deadline.is_some_and(|d| now > d) {
+            return Err(RunError::AgentNotReady {
+                timeout: TESTHOST_BOOT_TIMEOUT,
+                reason: "the test host did not start mvm".into(),
+                log: read_logs(&logs),
+            });
+        }
+        if watchdog.is_some_and(|d| now > d) {
+            return Err(RunError::Timeout(Duration::from_secs(
+                spec.timeout_secs.unwrap_or(0),
+            )));
+        }
+        if let Some(FinalReport {
+            stdout_bytes: want_out,
+            stderr_bytes: want_err,
+            ..
+        }) = report
+        {
+            if got_out >= want_out && got_err >= want_err {
+                break;
+            }
+            if drain_deadline.is_some_and(|d| now > d) {
+                return Err(RunError::Agent(format!(
+                    "output lost between test host and host: stdout {got_out}/{want_out} bytes, stderr {got_err}/{want_err} bytes"
+                )));
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Chunk::Out(data)) => {
+                got_out = got_out.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+                sink.stdout(&data)
+                    .map_err(RunError::io("writing the workload's stdout"))?;
+            }
+            Ok(Chunk::Err(data)) => {
+                got_err = got_err.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+                sink.stderr(&data)
+                    .map_err(RunError::io("writing the workload's stderr"))?;
+            }
+            Ok(Chunk::Ctl(line)) => match parse_record(&line) {
+                Ok(GuestRecord::Started) => {
+                    boot_deadline = None;
+                    testhost_ready_ms =
+                        Some(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
+                }
+                Ok(GuestRecord::Report {
+                    outcome,
+                    error,
+                    stdout_bytes,
+                    stderr_bytes,
+                }) => {
+                    boot_deadline = None;
+                    report = Some(FinalReport {
+                        outcome,
+                        error,
+                        stdout_bytes,
+                        stderr_bytes,
+                    });
+                    drain_deadline = Some(now + DRAIN_TIMEOUT);
+                }
+                Err(e) => {
+                    return Err(RunError::Agent(format!(
+                        "bad record from the test host: {e}"
+                    )))
+                }
+            },
+            Ok(Chunk::CtlClosed(reason)) if report.is_none() => {
+                return Err(RunError::VmmDied {
+                    reason: format!(
+                        "the test host closed its control port before reporting{}",
+                        reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    ),
+                    log: read_logs(&logs),
+                });
+            }
+            Ok(Chunk::CtlClosed(_)) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if report.is_none() {
+                    if let Ok(Some(status)) = qemu.child.try_wait() {
+                        return Err(RunError::VmmDied {
+                            reason: format!("the test host (qemu) exited with {status}"),
+                            log: read_logs(&logs),
+                        });
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(RunError::VmmDied {
+                    reason: "the test host's ports all closed".into(),
+                    log: read_logs(&logs),
+                });
+            }
+        }
+    }
+
+    // The test host powers itself off after reporting; give it a moment.
+    let stop_start = Instant::now();
+    while stop_start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(_)) = qemu.child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(qemu);
+    drop(scratch);
+
+    let Some(FinalReport { outcome, error, .. }) = report else {
+        return Err(RunError::Agent("no report from the test host".into()));
+    };
+    match (outcome, error) {
+        (Some(mut outcome), _) => {
+            outcome.tier = Tier::Emulated;
+            outcome.timings.total_ms =
+                u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            outcome.timings.host_boot_ms = testhost_ready_ms;
+            Ok(outcome)
+        }
+        (None, Some((kind, message))) => Err(error_from_guest(kind, message, spec)),
+        (None, None) => Err(RunError::Agent("empty report from the test host".into())),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Test host side.
+// ---------------------------------------------------------------------------
+
+/// The `/dev` node of the virtio-serial port called `name`, found through
+/// `/sys/class/virtio-ports/<vportNpM>/name` (no udev in the test host).
+fn find_port(name: &str) -> std::io::Result<PathBuf> {
+    let class = Path::new("/sys/class/virtio-ports");
+    for entry in std::fs::read_dir(class)? {
+        let entry = entry?;
+        let label = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if label.trim() == name {
+            return Ok(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("no virtio-serial port named {name}"),
+    ))
+}
+
+/// Writes output into a port and counts it.
+struct PortSink {
+    out: std::fs::File,
+    err: std::fs::File,
+    out_bytes: u64,
+    err_bytes: u64,
+}
+
+impl OutputSink for PortSink {
+    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(data)?;
+        self.out_bytes = self
+            .out_bytes
+            .saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+        Ok(())
+    }
+
+    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.err.write_all(data)?;
+        self.err_bytes = self
+            .err_bytes
+            .saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+        Ok(())
+    }
+}
+
+/// The inner side: `mvm __testhost-guest IMAGE_DIR` inside the test host.
+/// Returns an error only when it cannot even report one.
+pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
+    let open_rw = |name: &str| -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(find_port(name)?)
+    };
+    let ctl = open_rw(PORT_CTL)?;
+    let mut ctl_writer = ctl.try_clone()?;
+    let mut reader = BufReader::new(ctl);
+    let line = read_ctl_line(&mut reader)?.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no request on mvm.ctl")
+    })?;
+    let request: GuestRequest = serde_json::from_str(line.trim_end())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    write_json_line(&mut ctl_writer, &GuestRecord::Started)?;
+
+    let mut sink = PortSink {
+        out: open_rw(PORT_OUT)?,
+        err: open_rw(PORT_ERR)?,
+        out_bytes: 0,
+        err_bytes: 0,
+    };
+    let stdin: Option<Box<dyn Read + Send>> = match request.spec.stdin {
+        StdinMode::Forward => Some(Box::new(std::fs::File::open(find_port(PORT_IN)?)?)),
+        StdinMode::Null => None,
+    };
+    let result = StoredImage::open_dir(image_dir)
+        .map_err(RunError::from)
+        .and_then(|image| {
+            let vmm = std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
+                .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
+            let artifacts = RunArtifacts { image, vmm };
+            kvm::run(&request.spec, &artifacts, &mut sink, stdin)
+        });
+    let _ = sink.out.flush();
+    let _ = sink.err.flush();
+    let record = match result {
+        Ok(outcome) => GuestRecord::Report {
+            outcome: Some(outcome),
+            error: None,
+            stdout_bytes: sink.out_bytes,
+            stderr_bytes: sink.err_bytes,
+        },
+        Err(e) => GuestRecord::Report {
+            outcome: None,
+            error: Some((error_kind(&e), e.to_string())),
+            stdout_bytes: sink.out_bytes,
+            stderr_bytes: sink.err_bytes,
+        },
+    };
+    write_json_line(&mut ctl_writer, &record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: Default::default(),
+            workdir: None,
+            cpus: 1,
+            mem_mib: 128,
+            timeout_secs: Some(2),
+            stdin: StdinMode::Null,
+            disks: vec![],
+            ready_timeout_secs: 30,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_refuse_junk() {
+        let report = GuestRecord::Report {
+            outcome: None,
+            error: Some((GuestErrorKind::Timeout, "slow".into())),
+            stdout_bytes: 3,
+            stderr_bytes: 0,
+        };
+        let line = serde_json::to_string(&report).unwrap();
+        assert_eq!(parse_record(&line).unwrap(), report);
+        assert_eq!(parse_record("\"started\"\n").unwrap(), GuestRecord::Started);
+        assert!(parse_record("{\"report\":{\"bogus\":1}}").is_err());
+        assert!(parse_record("").is_err());
+    }
+
+    #[test]
+    fn inner_errors_keep_their_kind() {
+        let e = error_from_guest(GuestErrorKind::Timeout, "t".into(), &spec());
+        assert!(matches!(e, RunError::Timeout(d) if d == Duration::from_secs(2)));
+        let e = error_from_guest(GuestErrorKind::VmmDied, "boom".into(), &spec());
+        assert!(matches!(e, RunError::VmmDied { .. }));
+        assert!(e.to_string().contains("inside the test host: boom"));
+        assert_eq!(
+            error_kind(&RunError::Interrupted),
+            GuestErrorKind::Interrupted
+        );
+    }
+
+    #[test]
+    fn control_lines_are_bounded() {
+        let long = vec![b'x'; usize::try_from(MAX_CTL_LINE).unwrap() + 10];
+        let mut reader = BufReader::new(long.as_slice());
+        assert!(read_ctl_line(&mut reader).is_err());
+        let mut ok = BufReader::new(&b"\"started\"\n"[..]);
+        assert_eq!(
+            read_ctl_line(&mut ok).unwrap().as_deref(),
+            Some("\"started\"\n")
+        );
+        assert_eq!(read_ctl_line(&mut ok).unwrap(), None);
+    }
+
+    #[test]
+    fn qemu_gets_four_named_ports_and_enough_memory() {
+        let args = qemu_args(
+            Path::new("/th"),
+            Path::new("/c/i.cpio"),
+            Path::new("/s/console.log"),
+            Path::new("/s"),
+            &spec(),
+        );
+        let joined = args.join(" ");
+        for name in [PORT_CTL, PORT_IN, PORT_OUT, PORT_ERR] {
+            assert!(joined.contains(&format!("name={name}")), "{joined}");
+        }
+        assert!(joined.contains("-kernel /th/vmlinuz -initrd /c/i.cpio"));
+        assert!(joined.contains("socket,id=ctl,path=/s/ctl"));
+        let m = args.iter().position(|a| a == "-m").unwrap();
+        assert_eq!(args[m + 1], "1024");
+        assert!(joined.contains("-accel tcg"));
+    }
+
+    #[test]
+    fn overlay_carries_run_script_binaries_and_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(inputs) = crate::image::build::tests::fake_inputs(dir.path()) else {
+            return;
+        };
+        let store = crate::image::ImageStore::at(dir.path());
+        let image = store
+            .put("t", &crate::image::build(&inputs).unwrap())
+            .unwrap();
+        let bytes = overlay_archive(b"mvm", b"vmm", &image)
+            .unwrap()
+            .to_newc()
+            .unwrap();
+        let entries = crate::image::cpio::parse_newc(&bytes).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        for want in [
+            "testhost/run",
+            "testhost/bin/mvm",
+            "testhost/bin/mvm-vmm",
+            "testhost/image/manifest.json",
+            "testhost/image/vmlinux",
+            "testhost/image/initramfs.cpio",
+        ] {
+            assert!(paths.contains(&want), "{want} in {paths:?}");
+        }
+        // The carried image opens and verifies as the same digest.
+        let out = dir.path().join("carried");
+        std::fs::create_dir(&out).unwrap();
+        for e in &entries {
+            if let (Some(name), crate::image::cpio::EntryKind::File(data)) =
+                (e.path.strip_prefix("testhost/image/"), &e.kind)
+            {
+                std::fs::write(out.join(name), data).unwrap();
+            }
+        }
+        let carried = StoredImage::open_dir(&out).unwrap();
+        assert_eq!(carried.digest, image.digest);
+        carried.verify().unwrap();
+    }
+}

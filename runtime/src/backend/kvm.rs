@@ -1,0 +1,256 @@
+//! The `kvm` backend: `mvm-vmm` on this host's KVM, the workload run through
+//! the guest agent over the VMM's hybrid vsock socket.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+use mvm_agent::protocol::ExecRequest;
+use mvm_agent::transport::connect_hybrid_vsock;
+use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
+
+use super::scratch::ScratchDir;
+use super::vmm_process::{vmm_args, VmmProcess};
+use super::{
+    interrupt, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec, Tier, Timings,
+    WorkloadStatus,
+};
+
+/// How often the run loop looks at Ctrl-C, deadlines and the VMM.
+const POLL: Duration = Duration::from_millis(50);
+/// While stdin is being forwarded, the loop turns faster so input is not held.
+const POLL_STDIN: Duration = Duration::from_millis(5);
+/// Time the agent gets beyond the workload timeout to report it before the
+/// host stops the VM itself.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// Time the VM gets to power off after the agent acknowledged shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Bytes read from stdin per frame.
+const STDIN_CHUNK: usize = 64 << 10;
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Connects to the agent: retries the hybrid-vsock handshake until the guest
+/// listens, then exchanges hellos and pings. Gives up when the VMM dies, on
+/// Ctrl-C, or after `timeout`.
+fn wait_for_agent(
+    vmm: &mut VmmProcess,
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<(Client, Option<u64>), RunError> {
+    let start = Instant::now();
+    let mut last = String::from("the VMM has not created its vsock socket");
+    loop {
+        if interrupt::requested() {
+            return Err(RunError::Interrupted);
+        }
+        if let Some(status) = vmm.try_exit() {
+            return Err(vmm.died(status));
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return Err(RunError::AgentNotReady {
+                timeout,
+                reason: last,
+                log: vmm.log_tail(),
+            });
+        }
+        let left = timeout.saturating_sub(elapsed).min(Duration::from_secs(5));
+        if uds.exists() {
+            match connect_hybrid_vsock(uds, port, left) {
+                Ok(stream) => match Client::connect_with_timeout(stream, Some(left)) {
+                    Ok(client) => match client.ping_timeout(Some(left)) {
+                        Ok(info) => return Ok((client, Some(info.boot_ms))),
+                        Err(e) => last = format!("ping: {e}"),
+                    },
+                    Err(e) => last = format!("hello: {e}"),
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads `source` on a thread, handing chunks to the run loop; `None` is end
+/// of input. The thread is left blocked in `read` if the run ends first: it
+/// holds nothing that needs cleaning up.
+fn stdin_pump(mut source: Box<dyn Read + Send>) -> Result<Receiver<Option<Vec<u8>>>, RunError> {
+    let (tx, rx) = mpsc::sync_channel(8);
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; STDIN_CHUNK];
+            loop {
+                match source.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(None);
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx.send(buf.get(..n).map(<[u8]>::to_vec)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(RunError::io("starting the stdin thread"))?;
+    Ok(rx)
+}
+
+/// Asks the agent to power the guest off, without waiting on a hung agent
+/// for longer than `grace`.
+fn shutdown_guest(client: Client, grace: Duration) {
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            let _ = tx.send(client.shutdown());
+        });
+    if spawned.is_ok() {
+        match rx.recv_timeout(grace) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("agent shutdown: {e}"),
+            Err(_) => tracing::debug!("agent shutdown: no answer within {grace:?}"),
+        }
+    }
+}
+
+fn agent_error(vmm: &mut VmmProcess, e: &ClientError) -> RunError {
+    // A dead VMM explains a broken connection better than the connection does.
+    std::thread::sleep(Duration::from_millis(50));
+    match vmm.try_exit() {
+        Some(status) => vmm.died(status),
+        None => RunError::Agent(e.to_string()),
+    }
+}
+
+/// Boots `artifacts.image` with `artifacts.vmm`, runs `spec` through the
+/// agent, streams its output into `sink`, and stops the VM. `stdin` is read
+/// only when `spec.stdin` is [`super::StdinMode::Forward`].
+pub fn run(
+    spec: &RunSpec,
+    artifacts: &RunArtifacts,
+    sink: &mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<RunOutcome, RunError> {
+    let start = Instant::now();
+    let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
+    let uds = scratch.path().join("vsock");
+    let log = scratch.path().join("vmm.log");
+    let args = vmm_args(&artifacts.image, spec, &uds);
+    let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
+
+    let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
+    let port = artifacts.image.manifest.agent_vsock_port;
+    let (client, guest_boot_ms) = wait_for_agent(&mut vmm, &uds, port, ready_timeout)?;
+    let ready = Instant::now();
+
+    let request = ExecRequest {
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        cwd: spec.workdir.clone(),
+        timeout_ms: spec.timeout_secs.map(|s| s.saturating_mul(1000)),
+        ..ExecRequest::default()
+    };
+    let forward = match (spec.stdin, stdin) {
+        (super::StdinMode::Forward, Some(source)) => Some(stdin_pump(source)?),
+        _ => None,
+    };
+    let mode = if forward.is_some() {
+        Stdin::Stream
+    } else {
+        Stdin::Null
+    };
+    let mut exec = client
+        .exec(&request, mode)
+        .map_err(|e| agent_error(&mut vmm, &e))?;
+    let host_deadline = spec
+        .timeout_secs
+        .map(|s| Instant::now() + Duration::from_secs(s) + TIMEOUT_GRACE);
+    let mut stdin_rx = forward;
+
+    let status = loop {
+        if interrupt::requested() {
+            let _ = exec.signal(libc::SIGKILL);
+            shutdown_guest(client, Duration::from_millis(500));
+            vmm.kill();
+            return Err(RunError::Interrupted);
+        }
+        if let Some(deadline) = host_deadline {
+            if Instant::now() >= deadline {
+                vmm.kill();
+                return Err(RunError::Timeout(Duration::from_secs(
+                    spec.timeout_secs.unwrap_or(0),
+                )));
+            }
+        }
+        if let Some(rx) = &stdin_rx {
+            let mut done = false;
+            loop {
+                match rx.try_recv() {
+                    Ok(Some(chunk)) => exec
+                        .write_stdin(&chunk)
+                        .map_err(|e| agent_error(&mut vmm, &e))?,
+                    Ok(None) | Err(TryRecvError::Disconnected) => {
+                        // The process may have exited already; a failed close is moot.
+                        let _ = exec.close_stdin();
+                        done = true;
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if done {
+                stdin_rx = None;
+            }
+        }
+        let poll = if stdin_rx.is_some() { POLL_STDIN } else { POLL };
+        match exec.next_event_timeout(poll) {
+            Ok(Some(ExecEvent::Stdout(data))) => sink
+                .stdout(&data)
+                .map_err(RunError::io("writing the workload's stdout"))?,
+            Ok(Some(ExecEvent::Stderr(data))) => sink
+                .stderr(&data)
+                .map_err(RunError::io("writing the workload's stderr"))?,
+            Ok(Some(ExecEvent::Exit(status))) => break status,
+            Ok(None) => return Err(RunError::Agent("exec ended without a status".into())),
+            Err(ClientError::Timeout(_)) => {
+                if let Some(status) = vmm.try_exit() {
+                    return Err(vmm.died(status));
+                }
+            }
+            Err(e) => return Err(agent_error(&mut vmm, &e)),
+        }
+    };
+    let exited = Instant::now();
+
+    shutdown_guest(client, SHUTDOWN_GRACE);
+    if vmm.stop(SHUTDOWN_GRACE).is_none() {
+        tracing::warn!("mvm-vmm did not exit after shutdown");
+    }
+    let stopped = Instant::now();
+    drop(scratch);
+
+    Ok(RunOutcome {
+        status: WorkloadStatus {
+            code: status.code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+        },
+        timings: Timings {
+            boot_ms: millis(ready.duration_since(start)),
+            exec_ms: millis(exited.duration_since(ready)),
+            shutdown_ms: millis(stopped.duration_since(exited)),
+            total_ms: millis(stopped.duration_since(start)),
+            guest_boot_ms,
+            host_boot_ms: None,
+        },
+        tier: Tier::Kvm,
+    })
+}

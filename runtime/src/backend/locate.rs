@@ -1,0 +1,155 @@
+//! Finding the binaries and build outputs a backend needs, with an error that
+//! says how to get each one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::detect::find_in_path;
+use super::RunError;
+use crate::image::elf;
+
+fn env_path(key: &str) -> Option<PathBuf> {
+    std::env::var_os(key)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The directory this `mvm` binary lives in.
+fn exe_dir() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()?
+        .canonicalize()
+        .ok()?
+        .parent()
+        .map(Path::to_owned)
+}
+
+/// The `mvm-vmm` to start: `$MVM_VMM`, else the one beside this `mvm`, else
+/// the first on `PATH`.
+pub fn vmm_binary() -> Result<PathBuf, RunError> {
+    if let Some(path) = env_path("MVM_VMM") {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(RunError::Missing(format!(
+                "MVM_VMM={} is not a file",
+                path.display()
+            )))
+        };
+    }
+    exe_dir()
+        .map(|d| d.join("mvm-vmm"))
+        .filter(|p| p.is_file())
+        .or_else(|| find_in_path("mvm-vmm"))
+        .ok_or_else(|| {
+            RunError::Missing(
+                "mvm-vmm not found beside mvm or on PATH (cargo build -p mvm-vmm, or set MVM_VMM)"
+                    .into(),
+            )
+        })
+}
+
+/// The project checkout, for its build scripts: `$MVM_REPO`, else the first
+/// ancestor of this binary or of the working directory that has
+/// `scripts/build-testhost`.
+pub fn repo_root() -> Option<PathBuf> {
+    if let Some(root) = env_path("MVM_REPO") {
+        return Some(root);
+    }
+    let starts = [exe_dir(), std::env::current_dir().ok()];
+    starts.into_iter().flatten().find_map(|start| {
+        start
+            .ancestors()
+            .find(|dir| dir.join("scripts/build-testhost").is_file())
+            .map(Path::to_owned)
+    })
+}
+
+/// Runs a project build script that prints its output directory on its last
+/// line of stdout.
+pub fn run_build_script(name: &str) -> Result<PathBuf, RunError> {
+    let root = repo_root().ok_or_else(|| {
+        RunError::Missing(format!(
+            "cannot find the mvm checkout to run scripts/{name} (set MVM_REPO)"
+        ))
+    })?;
+    let script = root.join("scripts").join(name);
+    let out = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(RunError::io(format!("running {}", script.display())))?;
+    if !out.status.success() {
+        return Err(RunError::Missing(format!(
+            "{} failed ({})",
+            script.display(),
+            out.status
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dir = text.lines().last().map(str::trim).unwrap_or_default();
+    if dir.is_empty() || !Path::new(dir).is_dir() {
+        return Err(RunError::Missing(format!(
+            "{} printed no directory",
+            script.display()
+        )));
+    }
+    Ok(PathBuf::from(dir))
+}
+
+/// The test host (kernel `vmlinuz` and `base.cpio`): `$MVM_TESTHOST`, else
+/// what `scripts/build-testhost` prints (cached; fast after the first time).
+pub fn testhost_dir() -> Result<PathBuf, RunError> {
+    let dir = match env_path("MVM_TESTHOST") {
+        Some(dir) => dir,
+        None => run_build_script("build-testhost")?,
+    };
+    for file in ["vmlinuz", "base.cpio"] {
+        if !dir.join(file).is_file() {
+            return Err(RunError::Missing(format!(
+                "test host {} has no {file} (rebuild: scripts/build-testhost)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+fn is_static(path: &Path) -> bool {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| elf::needs_interpreter(&bytes).ok())
+        == Some(false)
+}
+
+/// The static `mvm` and `mvm-vmm` that go into the test host:
+/// `$MVM_STATIC_BIN_DIR`, else this binary's own directory when both there
+/// are static (as `scripts/build-image` builds them).
+pub fn static_binaries() -> Result<(PathBuf, PathBuf), RunError> {
+    let candidates = [env_path("MVM_STATIC_BIN_DIR"), exe_dir()];
+    for dir in candidates.into_iter().flatten() {
+        let mvm = dir.join("mvm");
+        let vmm = dir.join("mvm-vmm");
+        if is_static(&mvm) && is_static(&vmm) {
+            return Ok((mvm, vmm));
+        }
+    }
+    Err(RunError::Missing(
+        "the emulated backend needs static mvm and mvm-vmm binaries to carry into the test host: \
+         run scripts/build-image (it builds them) and use its mvm, or set MVM_STATIC_BIN_DIR"
+            .into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dynamic_binary_is_not_static() {
+        assert!(!is_static(Path::new("/bin/ls")));
+        assert!(!is_static(Path::new("/nonexistent")));
+        if Path::new("/bin/busybox").exists() {
+            assert!(is_static(Path::new("/bin/busybox")));
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! A private per-run directory for sockets and logs, removed when the run
+//! ends (including on errors and Ctrl-C), so nothing is left behind.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Distinguishes several runs in one process.
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A directory that is deleted with everything in it on drop.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `$MVM_RUN_DIR` or `$XDG_RUNTIME_DIR` or `/tmp`, then
+    /// `mvm-<pid>-<n>` inside it, mode 0700. The path stays short because
+    /// Unix socket paths are limited to 107 bytes.
+    pub fn create() -> std::io::Result<Self> {
+        let base = ["MVM_RUN_DIR", "XDG_RUNTIME_DIR"]
+            .iter()
+            .filter_map(std::env::var_os)
+            .map(PathBuf::from)
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        Self::create_in(&base)
+    }
+
+    /// Creates `mvm-<pid>-<n>` under `base`, mode 0700.
+    pub fn create_in(base: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("mvm-{}-{n}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!("removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_private_and_removed_on_drop() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let dir = ScratchDir::create_in(base.path()).unwrap();
+        let path = dir.path().to_owned();
+        std::fs::write(path.join("vsock.sock_1024"), b"x").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let other = ScratchDir::create_in(base.path()).unwrap();
+        assert_ne!(other.path(), path);
+        drop(dir);
+        assert!(!path.exists());
+    }
+}

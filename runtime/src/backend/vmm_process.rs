@@ -1,0 +1,219 @@
+//! `mvm-vmm` as a child process: one process per VM, supervised by the run.
+//!
+//! The child gets its own process group (a terminal's Ctrl-C reaches `mvm`,
+//! which stops the workload and the VM in order) and `PR_SET_PDEATHSIG`, so
+//! the VM dies with `mvm` even if `mvm` itself is killed. Its console and
+//! logs go to a file in the run's scratch directory, never into the
+//! workload's output.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{RunError, RunSpec};
+use crate::image::StoredImage;
+
+/// The guest CID of a VM (the first one available to guests).
+pub const GUEST_CID: u32 = 3;
+/// The most of the VM log kept for error messages.
+const LOG_TAIL_BYTES: u64 = 16 << 10;
+
+/// The `mvm-vmm` arguments for `spec` on `image`, with its vsock socket at `uds`.
+pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path) -> Vec<String> {
+    let mut args = vec![
+        "--kernel".to_owned(),
+        image.kernel_path().display().to_string(),
+        "--initrd".to_owned(),
+        image.initramfs_path().display().to_string(),
+        "--cmdline".to_owned(),
+        image.manifest.cmdline.clone(),
+        "--vcpus".to_owned(),
+        spec.cpus.to_string(),
+        "--mem-mib".to_owned(),
+        spec.mem_mib.to_string(),
+        "--vsock".to_owned(),
+        format!("cid={GUEST_CID},uds={}", uds.display()),
+    ];
+    for disk in &spec.disks {
+        args.push("--disk".to_owned());
+        args.push(disk.clone());
+    }
+    args
+}
+
+/// A running `mvm-vmm`; killed and reaped on drop.
+#[derive(Debug)]
+pub struct VmmProcess {
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl VmmProcess {
+    /// Starts `vmm` with `args`, its stdout and stderr going to `log`.
+    pub fn spawn(vmm: &Path, args: &[String], log: &Path) -> Result<Self, RunError> {
+        let log_file = std::fs::File::create(log).map_err(RunError::io(format!(
+            "creating the VM log {}",
+            log.display()
+        )))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(RunError::io("duplicating the VM log"))?;
+        let mut command = Command::new(vmm);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .process_group(0);
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl(2), which is async-signal-safe; it touches no
+        // memory shared with the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        tracing::debug!("starting {} {}", vmm.display(), args.join(" "));
+        let child = command.spawn().map_err(|e| RunError::VmmDied {
+            reason: format!("cannot start {}: {e}", vmm.display()),
+            log: String::new(),
+        })?;
+        Ok(Self {
+            child,
+            log: log.to_owned(),
+            exited: None,
+        })
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How the child ended, if it has.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// The end of the VM log, for error messages.
+    pub fn log_tail(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(&self.log) else {
+            return String::new();
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+        let mut bytes = Vec::new();
+        let _ = file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// A [`RunError::VmmDied`] for an exit that came too early.
+    pub fn died(&self, status: ExitStatus) -> RunError {
+        RunError::VmmDied {
+            reason: format!("mvm-vmm (pid {}) exited early with {status}", self.pid()),
+            log: self.log_tail(),
+        }
+    }
+
+    /// Waits up to `grace` for the child to end on its own, then kills it.
+    /// Returns how it ended.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill()
+    }
+
+    /// Kills the child now and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+        self.exited
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_exits_early_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let args = vec!["-c".to_owned(), "echo kvm: boom; exit 3".to_owned()];
+        let mut vmm = VmmProcess::spawn(Path::new("/bin/sh"), &args, &log).unwrap();
+        let status = vmm.stop(Duration::from_secs(5)).unwrap();
+        assert_eq!(status.code(), Some(3));
+        let err = vmm.died(status).to_string();
+        assert!(err.contains("kvm: boom"), "{err}");
+    }
+
+    #[test]
+    fn a_hanging_child_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = vec!["-c".to_owned(), "sleep 60".to_owned()];
+        let mut vmm =
+            VmmProcess::spawn(Path::new("/bin/sh"), &args, &dir.path().join("log")).unwrap();
+        let pid = vmm.pid();
+        let start = Instant::now();
+        let status = vmm.stop(Duration::from_millis(50)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(status.code().is_none(), "killed by a signal");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        assert!(nix::sys::signal::kill(pid, None).is_err(), "reaped");
+    }
+
+    #[test]
+    fn vmm_arguments_carry_the_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::image::ImageStore::at(dir.path());
+        let Some(inputs) = crate::image::build::tests::fake_inputs(dir.path()) else {
+            return;
+        };
+        let image = store
+            .put("t", &crate::image::build(&inputs).unwrap())
+            .unwrap();
+        let spec = RunSpec {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            workdir: None,
+            cpus: 2,
+            mem_mib: 256,
+            timeout_secs: None,
+            stdin: super::super::StdinMode::Null,
+            disks: vec!["/tmp/d.img,ro".into()],
+            ready_timeout_secs: 30,
+        };
+        let args = vmm_args(&image, &spec, Path::new("/run/x/v.sock"));
+        let joined = args.join(" ");
+        assert!(joined.contains("--vcpus 2 --mem-mib 256"), "{joined}");
+        assert!(
+            joined.contains("--vsock cid=3,uds=/run/x/v.sock"),
+            "{joined}"
+        );
+        assert!(joined.ends_with("--disk /tmp/d.img,ro"), "{joined}");
+        let cmdline_at = args.iter().position(|a| a == "--cmdline").unwrap();
+        assert_eq!(args[cmdline_at + 1], image.manifest.cmdline);
+    }
+}

@@ -1,0 +1,246 @@
+//! The `mvm` command line: argument definitions (parsing only) and one
+//! module per command that acts on them.
+
+pub mod doctor;
+pub mod exit;
+pub mod image;
+pub mod run;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+use crate::backend::Tier;
+
+/// mvm: run untrusted code inside a microVM.
+#[derive(Debug, Parser)]
+#[command(name = "mvm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log more (repeat for more detail); logs go to stderr.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command in a fresh microVM and exit with its status.
+    #[command(after_help = exit::HELP)]
+    Run(RunArgs),
+    /// Build, list and inspect guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Show which backends this host offers, and why.
+    Doctor(DoctorArgs),
+    /// Internal: the side of the emulated backend that runs inside the test host.
+    #[command(name = "__testhost-guest", hide = true)]
+    TesthostGuest {
+        /// The image directory carried into the test host.
+        image_dir: PathBuf,
+    },
+}
+
+/// `mvm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// vCPUs for the VM.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long = "mem", value_name = "MiB", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub mem_mib: u32,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the command in the guest.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Stop the command (and the VM) after this many seconds; exit 124.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub timeout: Option<u64>,
+    /// How long to wait for the guest agent after the VM starts.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ready_timeout: u64,
+    /// Attach a disk (passed to mvm-vmm --disk as given; repeatable).
+    #[arg(long, value_name = "SPEC")]
+    pub disk: Vec<String>,
+    /// Print one JSON object (stdout, stderr, exit status, timings) instead
+    /// of streaming the output.
+    #[arg(long)]
+    pub json: bool,
+    /// Use this backend instead of the best one detected.
+    #[arg(long, value_enum)]
+    pub backend: Option<Tier>,
+    /// The image to boot: a name or a digest (prefix).
+    #[arg(long, default_value = crate::image::DEFAULT_IMAGE)]
+    pub image: String,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `mvm image ...`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build the default image (kernel + initramfs with mvm-agent and busybox).
+    Build(ImageBuildArgs),
+    /// List stored images.
+    Ls,
+    /// Show an image's manifest and check its artifacts.
+    Inspect {
+        /// A name or a digest (prefix).
+        #[arg(default_value = crate::image::DEFAULT_IMAGE)]
+        reference: String,
+    },
+}
+
+/// `mvm image build`.
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    /// The guest kernel (ELF vmlinux). Default: $MVM_KERNEL, else the output
+    /// of scripts/build-kernel.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The static mvm-agent. Default: $MVM_AGENT, else mvm-agent beside mvm.
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+    /// Debian's static busybox.
+    #[arg(long, value_name = "PATH", default_value = "/bin/busybox")]
+    pub busybox: PathBuf,
+    /// The kernel command line (default: the built-in one).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// The name to store the image under.
+    #[arg(long, default_value = crate::image::DEFAULT_IMAGE)]
+    pub name: String,
+}
+
+/// `mvm doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `K=V`: a non-empty key without `=` or NUL, and a value without NUL.
+pub fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not K=V"))?;
+    if key.is_empty() || key.contains('\0') || value.contains('\0') {
+        return Err(format!(
+            "{text:?}: the name must be non-empty and neither part may hold NUL"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mvm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_command_after_dashes() {
+        let cli = parse(&[
+            "run",
+            "--cpus",
+            "2",
+            "--mem",
+            "512",
+            "-e",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--workdir",
+            "/tmp",
+            "--timeout",
+            "2",
+            "--json",
+            "--backend",
+            "emulated",
+            "--",
+            "sh",
+            "-c",
+            "echo out; exit 7",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(run.cpus, 2);
+        assert_eq!(run.mem_mib, 512);
+        assert_eq!(
+            run.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(run.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(run.timeout, Some(2));
+        assert!(run.json);
+        assert_eq!(run.backend, Some(Tier::Emulated));
+        assert_eq!(run.image, "default");
+        assert_eq!(run.command, ["sh", "-c", "echo out; exit 7"]);
+    }
+
+    #[test]
+    fn run_refuses_bad_input() {
+        assert!(parse(&["run"]).is_err(), "a command is required");
+        assert!(parse(&["run", "--cpus", "0", "--", "true"]).is_err());
+        assert!(parse(&["run", "--mem", "1", "--", "true"]).is_err());
+        assert!(parse(&["run", "--env", "NOEQUALS", "--", "true"]).is_err());
+        assert!(parse(&["run", "--env", "=v", "--", "true"]).is_err());
+        assert!(parse(&["run", "--backend", "container", "--", "true"]).is_err());
+        // Options after `--` belong to the command.
+        let cli = parse(&["run", "--", "ls", "--json"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run");
+        };
+        assert!(!run.json);
+        assert_eq!(run.command, ["ls", "--json"]);
+    }
+
+    #[test]
+    fn run_help_documents_exit_codes() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for code in ["120", "121", "122", "123", "124", "125", "130"] {
+            assert!(help.contains(code), "{code} in run --help");
+        }
+    }
+
+    #[test]
+    fn image_and_doctor_parse() {
+        assert!(matches!(
+            parse(&["image", "ls"]).unwrap().command,
+            Command::Image(ImageCommand::Ls)
+        ));
+        let Command::Image(ImageCommand::Inspect { reference }) =
+            parse(&["image", "inspect"]).unwrap().command
+        else {
+            panic!("not inspect");
+        };
+        assert_eq!(reference, "default");
+        assert!(matches!(
+            parse(&["doctor", "--json"]).unwrap().command,
+            Command::Doctor(DoctorArgs { json: true })
+        ));
+    }
+}

@@ -1,0 +1,259 @@
+//! `mvm run`: pick the backend, find the image, run, stream, exit.
+
+use std::io::{IsTerminal, Read, Write};
+
+use serde_json::json;
+
+use super::exit;
+use super::RunArgs;
+use crate::backend::detect::{judge, HostFacts};
+use crate::backend::{
+    emulated, interrupt, kvm, locate, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec,
+    StdinMode, Tier,
+};
+use crate::image::ImageStore;
+
+/// Writes output to this process's stdout and stderr as it arrives.
+struct StreamSink;
+
+impl OutputSink for StreamSink {
+    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(data)?;
+        out.flush()
+    }
+
+    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let mut err = std::io::stderr().lock();
+        err.write_all(data)?;
+        err.flush()
+    }
+}
+
+/// Keeps output for `--json`.
+#[derive(Default)]
+struct CollectSink {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl OutputSink for CollectSink {
+    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.stdout.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.stderr.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// The spec a `mvm run` command line asks for; stdin is forwarded when it is
+/// not a terminal.
+pub fn spec_from_args(args: &RunArgs, stdin_is_terminal: bool) -> RunSpec {
+    RunSpec {
+        argv: args.command.clone(),
+        env: args.env.iter().cloned().collect(),
+        workdir: args.workdir.clone(),
+        cpus: args.cpus,
+        mem_mib: args.mem_mib,
+        timeout_secs: args.timeout,
+        stdin: if stdin_is_terminal {
+            StdinMode::Null
+        } else {
+            StdinMode::Forward
+        },
+        disks: args.disk.clone(),
+        ready_timeout_secs: args.ready_timeout,
+    }
+}
+
+/// Chooses the tier: the one asked for, else the best one detected.
+fn choose_tier(asked: Option<Tier>, facts: &HostFacts) -> Result<Tier, RunError> {
+    if let Some(tier) = asked {
+        return Ok(tier);
+    }
+    let detection = judge(facts);
+    detection.chosen.ok_or_else(|| {
+        let reasons: Vec<String> = detection
+            .verdicts
+            .iter()
+            .map(|v| format!("{}: {}", v.tier, v.reason))
+            .collect();
+        RunError::NoBackend(reasons.join("; "))
+    })
+}
+
+fn execute(
+    args: &RunArgs,
+    spec: &RunSpec,
+    sink: &mut dyn OutputSink,
+) -> Result<RunOutcome, RunError> {
+    let facts = HostFacts::probe();
+    let tier = choose_tier(args.backend, &facts)?;
+    let image = ImageStore::open_default()?.resolve(&args.image)?;
+    interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
+    let stdin: Option<Box<dyn Read + Send>> = match spec.stdin {
+        StdinMode::Forward => Some(Box::new(std::io::stdin())),
+        StdinMode::Null => None,
+    };
+    match tier {
+        Tier::Kvm => {
+            let artifacts = RunArtifacts {
+                image,
+                vmm: locate::vmm_binary()?,
+            };
+            kvm::run(spec, &artifacts, sink, stdin)
+        }
+        Tier::Emulated => {
+            let qemu = facts.qemu.clone().ok_or_else(|| {
+                RunError::NoBackend(
+                    "emulated: qemu-system-x86_64 not found (install qemu-system-x86, or set MVM_QEMU)"
+                        .into(),
+                )
+            })?;
+            eprintln!(
+                "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
+            );
+            emulated::run(spec, &image, &qemu, sink, stdin)
+        }
+    }
+}
+
+/// Runs `mvm run` and returns the process exit code.
+pub fn main(args: &RunArgs) -> i32 {
+    let spec = spec_from_args(args, std::io::stdin().is_terminal());
+    if args.json {
+        let mut sink = CollectSink::default();
+        let result = execute(args, &spec, &mut sink);
+        let (code, body) = json_report(&result, &sink);
+        println!("{body}");
+        return code;
+    }
+    match execute(args, &spec, &mut StreamSink) {
+        Ok(outcome) => exit::for_status(&outcome.status),
+        Err(e) => {
+            eprintln!("mvm: error: {e}");
+            exit::for_error(&e)
+        }
+    }
+}
+
+/// The `--json` object and the exit code for a finished (or failed) run.
+fn json_report(result: &Result<RunOutcome, RunError>, out: &CollectSink) -> (i32, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, value) = match result {
+        Ok(outcome) => {
+            let code = exit::for_status(&outcome.status);
+            (
+                code,
+                json!({
+                    "stdout": stdout,
+                    "stderr": stderr,
+                    "exit_status": code,
+                    "code": outcome.status.code,
+                    "signal": outcome.status.signal,
+                    "timed_out": outcome.status.timed_out,
+                    "tier": outcome.tier,
+                    "timings": outcome.timings,
+                }),
+            )
+        }
+        Err(e) => {
+            let code = exit::for_error(e);
+            (
+                code,
+                json!({
+                    "stdout": stdout,
+                    "stderr": stderr,
+                    "exit_status": code,
+                    "error": { "kind": exit::error_kind(e), "message": e.to_string() },
+                }),
+            )
+        }
+    };
+    (code, value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Timings, WorkloadStatus};
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+    use std::path::PathBuf;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["mvm", "run"].iter().chain(args.iter())).unwrap();
+        match cli.command {
+            Command::Run(run) => run,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn spec_follows_the_arguments_and_the_terminal() {
+        let args = run_args(&["--env", "K=V", "--timeout", "2", "--", "cat"]);
+        let spec = spec_from_args(&args, false);
+        assert_eq!(spec.stdin, StdinMode::Forward);
+        assert_eq!(spec.env.get("K").map(String::as_str), Some("V"));
+        assert_eq!(spec.timeout_secs, Some(2));
+        assert_eq!(spec.argv, ["cat"]);
+        assert_eq!(spec_from_args(&args, true).stdin, StdinMode::Null);
+    }
+
+    #[test]
+    fn the_tier_asked_for_wins_and_none_usable_is_an_error() {
+        let none = HostFacts::default();
+        assert_eq!(choose_tier(Some(Tier::Kvm), &none).unwrap(), Tier::Kvm);
+        let err = choose_tier(None, &none).unwrap_err();
+        assert_eq!(exit::for_error(&err), exit::NO_BACKEND);
+        assert!(err.to_string().contains("kvm:"), "{err}");
+        let qemu_only = HostFacts {
+            qemu: Some(PathBuf::from("/usr/bin/qemu-system-x86_64")),
+            kvm_modules: vec!["kvm_pvm".into()],
+            dev_kvm: true,
+            dev_kvm_rw: true,
+            ..HostFacts::default()
+        };
+        assert_eq!(choose_tier(None, &qemu_only).unwrap(), Tier::Emulated);
+    }
+
+    #[test]
+    fn json_report_has_output_status_and_timings() {
+        let sink = CollectSink {
+            stdout: b"out\n".to_vec(),
+            stderr: b"err\n".to_vec(),
+        };
+        let outcome = RunOutcome {
+            status: WorkloadStatus {
+                code: Some(7),
+                signal: None,
+                timed_out: false,
+            },
+            timings: Timings {
+                boot_ms: 10,
+                ..Timings::default()
+            },
+            tier: Tier::Kvm,
+        };
+        let (code, body) = json_report(&Ok(outcome), &sink);
+        assert_eq!(code, 7);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["stdout"], "out\n");
+        assert_eq!(v["stderr"], "err\n");
+        assert_eq!(v["exit_status"], 7);
+        assert_eq!(v["tier"], "kvm");
+        assert_eq!(v["timings"]["boot_ms"], 10);
+
+        let (code, body) = json_report(
+            &Err(RunError::Timeout(std::time::Duration::from_secs(2))),
+            &sink,
+        );
+        assert_eq!(code, exit::TIMEOUT);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["kind"], "timeout");
+    }
+}

@@ -1,1 +1,424 @@
-//! wip
+//! Booting and supervising a VM: from a validated [`VmConfig`] to the guest's
+//! end.
+//!
+//! Order matters for the boot report: guest memory is allocated and the kernel
+//! loaded (`kernel_loaded`) before the KVM VM is created (`vm_created`), so a
+//! kernel that does not load never creates a VM.
+//!
+//! Threads: the caller's (setup, then supervision), one per vCPU, one that
+//! waits for host signals, one that feeds stdin to the serial port. When the
+//! VM ends, [`run_cli`] returns the exit status and `main` exits the process,
+//! which ends every other thread (they hold no state that needs saving).
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VmFd;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::load_cmdline;
+use mvm_devices::legacy::{
+    guest_signal, i8042, serial, EventFdTrigger, GuestSignal, GuestSignalDevice, I8042Device,
+    SerialDevice,
+};
+use mvm_loader::kernel;
+use nix::sys::signal::{SigSet, Signal};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::{mptable, regs, zero_page};
+use crate::boot_report::{BootTimeline, Phase};
+use crate::cli::{self, Args, ConsoleTarget, VmConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
+use crate::layout;
+use crate::vcpu::{Vcpu, VcpuContext, VcpuError, VmEvent};
+use crate::vm::{self, Vm, VmError};
+
+/// Errors setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Creating the VM or its memory.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the kernel or initramfs.
+    #[error("kernel {path}: {source}")]
+    Kernel {
+        /// Kernel path.
+        path: String,
+        /// Why.
+        source: kernel::KernelError,
+    },
+    /// Attaching devices.
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
+    /// Configuring a vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Writing boot structures.
+    #[error("{0}")]
+    BootState(String),
+    /// A KVM ioctl outside the VM and vCPU setup.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Host resources (eventfds, threads, signal masks).
+    #[error("{what}: {source}")]
+    Host {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// What device-attaching code gets: the VM, its memory, the device manager
+/// and the command line (to which virtio-mmio devices append themselves).
+pub struct DeviceContext<'a> {
+    /// The VM fd (irqfds, ioeventfds).
+    pub vm: &'a VmFd,
+    /// Guest memory.
+    pub memory: &'a GuestMemoryMmap,
+    /// Buses and slots.
+    pub devices: &'a mut DeviceManager,
+    /// The kernel command line being built.
+    pub cmdline: &'a mut Cmdline,
+}
+
+/// Sends exits to the supervisor and stops every vCPU loop.
+#[derive(Clone)]
+pub struct VmStopper {
+    events: Sender<VmEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VmStopper {
+    /// A stopper reporting on `events` and raising `stop`.
+    pub fn new(events: Sender<VmEvent>, stop: Arc<AtomicBool>) -> Self {
+        Self { events, stop }
+    }
+
+    /// Ends the VM with `reason` (the first reason wins).
+    pub fn stop(&self, reason: ExitReason) {
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            let _ = self.events.send(VmEvent::Exit(reason));
+        }
+    }
+}
+
+/// The guest-signal port's handler: milestones go to the timeline, poweroff
+/// ends the VM.
+pub fn guest_signal_handler(
+    timeline: Arc<BootTimeline>,
+    stopper: VmStopper,
+) -> Box<dyn FnMut(GuestSignal) + Send> {
+    Box::new(move |signal| match signal {
+        GuestSignal::InitReached => timeline.mark(Phase::InitReached),
+        GuestSignal::AgentReady => timeline.mark(Phase::AgentReady),
+        GuestSignal::PoweroffRequested => stopper.stop(ExitReason::Poweroff),
+    })
+}
+
+/// The serial console's sink: records the first byte in the timeline, and
+/// stops writing (without failing the UART) if the destination breaks.
+pub struct ConsoleWriter {
+    out: Box<dyn Write + Send>,
+    timeline: Arc<BootTimeline>,
+    broken: bool,
+}
+
+impl ConsoleWriter {
+    /// Wraps `out`.
+    pub fn new(out: Box<dyn Write + Send>, timeline: Arc<BootTimeline>) -> Self {
+        Self {
+            out,
+            timeline,
+            broken: false,
+        }
+    }
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            self.timeline.mark(Phase::FirstSerialByte);
+        }
+        if self.broken {
+            return Ok(buf.len());
+        }
+        match self.out.write(buf) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                tracing::warn!("guest console output failed, discarding from now on: {e}");
+                self.broken = true;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.broken {
+            if let Err(e) = self.out.flush() {
+                tracing::warn!("guest console flush failed, discarding from now on: {e}");
+                self.broken = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
+    move |source| BootError::Host { what, source }
+}
+
+type SharedSerial = Arc<Mutex<SerialDevice<ConsoleWriter>>>;
+
+/// Puts COM1, the i8042 reset line and the guest-signal port on the PIO bus.
+fn attach_legacy_devices(
+    vm: &VmFd,
+    devices: &mut DeviceManager,
+    console: Box<dyn Write + Send>,
+    timeline: &Arc<BootTimeline>,
+    stopper: &VmStopper,
+) -> Result<SharedSerial, BootError> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
+    vm.register_irqfd(&irq, serial::COM1_IRQ)
+        .map_err(|source| BootError::Kvm {
+            what: "KVM_IRQFD (COM1)",
+            source,
+        })?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        EventFdTrigger::new(irq),
+        ConsoleWriter::new(console, timeline.clone()),
+    )));
+    devices.attach_pio(
+        serial.clone(),
+        serial::COM1_PORT_BASE,
+        serial::COM1_PORT_LEN,
+    )?;
+
+    let reset = stopper.clone();
+    let i8042 = I8042Device::new(Box::new(move || reset.stop(ExitReason::ResetI8042)));
+    devices.attach_pio(
+        Arc::new(Mutex::new(i8042)),
+        i8042::I8042_PORT_BASE,
+        i8042::I8042_PORT_LEN,
+    )?;
+
+    let signals = GuestSignalDevice::new(guest_signal_handler(timeline.clone(), stopper.clone()));
+    devices.attach_pio(
+        Arc::new(Mutex::new(signals)),
+        guest_signal::GUEST_SIGNAL_PORT,
+        guest_signal::GUEST_SIGNAL_PORT_LEN,
+    )?;
+    Ok(serial)
+}
+
+/// Feeds the VMM's stdin to the guest's serial port until EOF.
+fn spawn_console_input(serial: SharedSerial) -> Result<(), BootError> {
+    std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut stdin = io::stdin();
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut pending = buf.get(..n).unwrap_or_default();
+                while !pending.is_empty() {
+                    let taken = match serial.lock() {
+                        Ok(mut s) => s.enqueue_input(pending),
+                        Err(_) => return,
+                    };
+                    pending = pending.get(taken..).unwrap_or_default();
+                    if taken == 0 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })
+        .map(drop)
+        .map_err(host_err("spawning the console input thread"))
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread it
+/// spawns afterwards) and turns them into a VM exit on a dedicated thread.
+fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set.thread_block()
+        .map_err(|e| host_err("blocking host signals")(io::Error::from(e)))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = set.wait() {
+                stopper.stop(ExitReason::HostSignal(sig as i32));
+            }
+        })
+        .map(drop)
+        .map_err(host_err("spawning the signal thread"))
+}
+
+/// Boots `config` and supervises the VM until it ends. `attach_devices` runs
+/// after the legacy devices are on the bus and before the command line is
+/// written: that is where virtio-mmio devices are added.
+pub fn run(
+    config: VmConfig,
+    timeline: Arc<BootTimeline>,
+    attach_devices: impl FnOnce(&mut DeviceContext<'_>) -> Result<(), BootError>,
+) -> Result<ExitReason, BootError> {
+    let kernel_err = |source| BootError::Kernel {
+        path: config.kernel_path.display().to_string(),
+        source,
+    };
+
+    // Memory and kernel first: no VM exists until the kernel is in place.
+    let memory = vm::create_guest_memory(config.mem_bytes)?;
+    let loaded = kernel::load_kernel(&memory, &config.kernel, GuestAddress(layout::HIMEM_START))
+        .map_err(kernel_err)?;
+    let initrd = match &config.initrd {
+        None => None,
+        Some(bytes) => {
+            let ceiling = layout::low_ram_end(config.mem_bytes);
+            let addr =
+                kernel::load_initrd(&memory, bytes, loaded.end, ceiling).map_err(kernel_err)?;
+            Some(zero_page::InitrdLocation {
+                addr: addr.0,
+                size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+            })
+        }
+    };
+    timeline.mark(Phase::KernelLoaded);
+
+    let vm = Vm::new(memory)?;
+    timeline.mark(Phase::VmCreated);
+
+    let (events_tx, events_rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = VmStopper::new(events_tx.clone(), stop.clone());
+    spawn_signal_waiter(stopper.clone())?;
+
+    let console: Box<dyn Write + Send> = match config.console {
+        ConsoleTarget::Stdout => Box::new(io::stdout()),
+        ConsoleTarget::File(f) => Box::new(f),
+    };
+    let mut devices = DeviceManager::new();
+    let serial = attach_legacy_devices(vm.fd(), &mut devices, console, &timeline, &stopper)?;
+
+    let mut cmdline = Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE)
+        .map_err(|e| BootError::BootState(format!("kernel command line: {e}")))?;
+    attach_devices(&mut DeviceContext {
+        vm: vm.fd(),
+        memory: vm.memory(),
+        devices: &mut devices,
+        cmdline: &mut cmdline,
+    })?;
+
+    let mem = vm.memory();
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cmdline)
+        .map_err(|e| BootError::BootState(format!("writing the command line: {e}")))?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(|e| BootError::BootState(format!("kernel command line: {e}")))?;
+    let params = zero_page::build(loaded.setup_header, config.mem_bytes, cmdline_len, initrd)
+        .map_err(|e| BootError::BootState(e.to_string()))?;
+    zero_page::write(mem, &params).map_err(|e| BootError::BootState(e.to_string()))?;
+    mptable::write(mem, config.vcpus).map_err(|e| BootError::BootState(e.to_string()))?;
+    regs::write_boot_tables(mem).map_err(|e| BootError::BootState(e.to_string()))?;
+
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| BootError::Kvm {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), index)?;
+        vcpu.configure(&supported, config.vcpus, loaded.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let ctx = VcpuContext {
+        pio: devices.pio_bus().clone(),
+        mmio: devices.mmio_bus().clone(),
+        events: events_tx,
+        timeline: timeline.clone(),
+        stop,
+    };
+    for vcpu in vcpus {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index()))
+            .spawn(move || vcpu.run(&ctx))
+            .map_err(host_err("spawning a vCPU thread"))?;
+    }
+    spawn_console_input(serial)?;
+    drop(ctx);
+
+    // Supervise: the first exit event ends the VM. `vm` stays alive until the
+    // process exits, so vCPU threads never run on a closed VM.
+    let reason = match events_rx.recv() {
+        Ok(VmEvent::Exit(reason)) => reason,
+        Err(_) => ExitReason::VmmError("every vCPU thread ended without an exit reason".into()),
+    };
+    std::mem::forget(vm);
+    Ok(reason)
+}
+
+/// The whole `mvm-vmm` command: validate, boot, supervise, report. Returns the
+/// process exit status; the caller exits with it.
+pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
+    let report_path = args.boot_report.clone();
+    let write_report = |timeline: &BootTimeline| {
+        if let Some(path) = &report_path {
+            if let Err(e) = timeline.write(path) {
+                eprintln!("mvm-vmm: writing the boot report {}: {e}", path.display());
+            }
+        }
+    };
+    if let Some(path) = &report_path {
+        if let Err(e) = cli::check_boot_report(path) {
+            eprintln!("mvm-vmm: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    }
+    let config = match cli::validate(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            timeline.set_exit("invalid_arguments");
+            write_report(&timeline);
+            eprintln!("mvm-vmm: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    };
+    timeline.mark(Phase::ArgsParsed);
+    match run(config, timeline.clone(), |_| Ok(())) {
+        Ok(reason) => {
+            timeline.set_exit(reason.code_name());
+            write_report(&timeline);
+            let _ = io::stdout().flush();
+            eprintln!("{}", reason.message());
+            reason.status()
+        }
+        Err(e) => {
+            timeline.set_exit("vmm_error");
+            write_report(&timeline);
+            eprintln!("mvm-vmm: {e}");
+            STATUS_VMM_ERROR
+        }
+    }
+}

@@ -1,1 +1,36 @@
-fn main() {}
+//! `mvm-vmm`: boot a Linux guest. See `mvm-vmm --help` for arguments and exit
+//! statuses.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use mvm_vmm::boot_report::BootTimeline;
+use mvm_vmm::cli::Args;
+use mvm_vmm::exit::STATUS_BAD_ARGUMENTS;
+
+fn main() {
+    // Zero of the boot report's clock.
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() {
+                STATUS_BAD_ARGUMENTS
+            } else {
+                0
+            });
+        }
+    };
+    let status = mvm_vmm::boot::run_cli(args, Arc::new(BootTimeline::new(start)));
+    // Ends every thread (vCPUs, console input, signal waiter) with the process.
+    std::process::exit(status);
+}

@@ -131,12 +131,12 @@ pub enum ArgError {
         why: String,
     },
     /// The command line is invalid or too long.
-    #[error("--cmdline {cmdline:?}: {source}")]
+    #[error("--cmdline {cmdline:?}: {why}")]
     Cmdline {
         /// The value given.
         cmdline: String,
         /// Why.
-        source: linux_loader::cmdline::Error,
+        why: String,
     },
     /// The console log cannot be created.
     #[error("--console-log {path}: cannot create: {source}")]
@@ -183,6 +183,20 @@ pub fn check_boot_report(path: &Path) -> Result<(), ArgError> {
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// The command line must be printable ASCII and fit in the zero page's limit
+/// (with room left for devices, checked again when they are appended).
+fn check_cmdline(cmdline: &str) -> Result<(), ArgError> {
+    let err = |why: String| ArgError::Cmdline {
+        cmdline: cmdline.to_string(),
+        why,
+    };
+    if let Some(c) = cmdline.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(err(format!("character {c:?} is not printable ASCII")));
+    }
+    Cmdline::try_from(cmdline, layout::CMDLINE_MAX_SIZE).map_err(|e| err(e.to_string()))?;
+    Ok(())
 }
 
 /// Validates `args` into a [`VmConfig`]. Reads the kernel and initramfs (so
@@ -269,12 +283,7 @@ pub fn validate(args: &Args) -> Result<VmConfig, ArgError> {
         }
     };
 
-    Cmdline::try_from(&args.cmdline, layout::CMDLINE_MAX_SIZE).map_err(|source| {
-        ArgError::Cmdline {
-            cmdline: args.cmdline.clone(),
-            source,
-        }
-    })?;
+    check_cmdline(&args.cmdline)?;
 
     let console = match &args.console_log {
         None => ConsoleTarget::Stdout,

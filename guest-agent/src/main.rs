@@ -3,6 +3,10 @@
 //! As PID 1 it ignores its arguments (the kernel passes it stray command-line words) and
 //! reads `mvm.*` settings from `/proc/cmdline`: `mvm.agent.port`, `mvm.hostname`,
 //! `mvm.agent.log`, and the policy keys of `Policy::from_cmdline`.
+//!
+//! For host-side tests of the PID 1 duties, run it as PID 1 of fresh pid, mount and UTS
+//! namespaces with `MVM_AGENT_PID1_TEST_SOCKET=PATH`: it then serves that Unix socket
+//! instead of vsock and writes nothing to the guest-signal port.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
@@ -31,8 +35,36 @@ fn parse_level(value: &str) -> Option<Level> {
     value.parse().ok()
 }
 
+/// The environment variable of the host-side PID 1 test mode (see the crate docs).
+const PID1_TEST_SOCKET_ENV: &str = "MVM_AGENT_PID1_TEST_SOCKET";
+
+/// Serves connections forever on the guest's transport (vsock, or the test socket).
+fn serve_guest(
+    agent: &std::sync::Arc<Agent>,
+    port: u32,
+    test_socket: Option<&str>,
+) -> std::io::Result<()> {
+    let on_listening = || {
+        if let Err(e) = guest_signal::send(guest_signal::AGENT_LISTENING) {
+            tracing::warn!("agent-listening signal: {e}");
+        }
+    };
+    match test_socket {
+        Some(path) => {
+            let listener = UnixListener::bind(path)?;
+            on_listening();
+            agent.serve_forever(|| listener.accept().map(|(stream, _)| stream))
+        }
+        None => agent.serve_vsock(port, on_listening),
+    }
+}
+
 /// PID 1: never returns, and never exits (that would panic the kernel).
 fn run_init() -> ! {
+    let test_socket = std::env::var(PID1_TEST_SOCKET_ENV).ok();
+    if test_socket.is_some() {
+        guest_signal::disable();
+    }
     let blocked = init::block_power_signals();
     let mount_failures = init::mount_filesystems();
     init::ensure_stdio();
@@ -67,14 +99,10 @@ fn run_init() -> ! {
                 }
                 loop {
                     // The vsock driver may probe after init starts: retry until it is there.
-                    let result = agent.serve_vsock(port, || {
-                        if let Err(e) = guest_signal::send(guest_signal::AGENT_LISTENING) {
-                            tracing::warn!("agent-listening signal: {e}");
-                        }
-                    });
+                    let result = serve_guest(&agent, port, test_socket.as_deref());
                     if let Err(e) = result {
                         if attempt % 50 == 0 {
-                            tracing::warn!("vsock port {port}: {e}; retrying");
+                            tracing::warn!("listening on vsock port {port}: {e}; retrying");
                         }
                     }
                     attempt = attempt.wrapping_add(1);

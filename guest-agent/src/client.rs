@@ -212,6 +212,28 @@ pub struct ExecOutput {
     pub status: ExitStatus,
 }
 
+/// Writes a running process's stdin; can be moved to another thread.
+#[derive(Clone)]
+pub struct ExecStdin {
+    inner: Arc<Inner>,
+    id: u32,
+}
+
+impl ExecStdin {
+    /// Sends bytes to the process's stdin, in frames of at most [`DATA_CHUNK`] bytes.
+    pub fn write(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            self.inner.send(self.id, &Message::Stdin(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the process's stdin.
+    pub fn close(&self) -> Result<(), ClientError> {
+        self.inner.send(self.id, &Message::StdinClose)
+    }
+}
+
 /// A process running in the guest.
 pub struct Exec {
     inner: Arc<Inner>,
@@ -227,16 +249,25 @@ impl Exec {
     }
 
     /// Sends bytes to the process's stdin (only with [`Stdin::Stream`]).
+    ///
+    /// This blocks when the process does not read its stdin. A caller that sends much
+    /// stdin should do so from another thread ([`Exec::stdin`]) while reading events here,
+    /// or a process that writes as much as it reads (`cat`) stalls both directions.
     pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
-        for chunk in data.chunks(DATA_CHUNK) {
-            self.inner.send(self.id, &Message::Stdin(chunk.to_vec()))?;
-        }
-        Ok(())
+        self.stdin().write(data)
     }
 
     /// Ends the process's stdin.
     pub fn close_stdin(&self) -> Result<(), ClientError> {
-        self.inner.send(self.id, &Message::StdinClose)
+        self.stdin().close()
+    }
+
+    /// A handle that writes this process's stdin from any thread.
+    pub fn stdin(&self) -> ExecStdin {
+        ExecStdin {
+            inner: Arc::clone(&self.inner),
+            id: self.id,
+        }
     }
 
     /// Sends a signal to the process's group.
@@ -441,8 +472,16 @@ impl Client {
         };
         self.inner.send(id, &Message::Exec(request))?;
         if let Stdin::Bytes(data) = stdin {
-            exec.write_stdin(&data)?;
-            exec.close_stdin()?;
+            // From a thread, so the caller can read output while stdin is still going in.
+            let writer = exec.stdin();
+            std::thread::Builder::new()
+                .name(format!("agent-stdin-{id}"))
+                .spawn(move || {
+                    // A failure here also ends the request's events, which report it.
+                    if let Err(e) = writer.write(&data).and_then(|()| writer.close()) {
+                        tracing::debug!("exec {id}: stdin: {e}");
+                    }
+                })?;
         }
         Ok(exec)
     }

@@ -13,4 +13,4 @@ pub mod init;
 pub mod protocol;
 pub mod transport;
 
-pub use client::{Client, ClientError, Exec, ExecEvent, ExecOutput, Stdin};
+pub use client::{Client, ClientError, Exec, ExecEvent, ExecOutput, ExecStdin, Stdin};

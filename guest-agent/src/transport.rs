@@ -171,3 +171,59 @@ pub fn connect_hybrid_vsock(
     stream.set_write_timeout(None).map_err(io_err)?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in for the VMM's end of the hybrid vsock socket.
+    fn fake_vmm(answer: &'static [u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            let mut stream = stream;
+            stream.write_all(answer).unwrap();
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn hybrid_connect_leaves_the_data_after_ok_in_the_stream() {
+        let (_dir, path) = fake_vmm(b"OK 1073741824\nhello");
+        let mut stream = connect_hybrid_vsock(&path, 1024, Duration::from_secs(5)).unwrap();
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "hello");
+    }
+
+    #[test]
+    fn hybrid_connect_refusals_are_errors() {
+        let (_dir, path) = fake_vmm(b"");
+        assert!(matches!(
+            connect_hybrid_vsock(&path, 1024, Duration::from_secs(5)),
+            Err(HybridConnectError::Refused { .. })
+        ));
+        let (_dir, path) = fake_vmm(b"NO\n");
+        match connect_hybrid_vsock(&path, 1024, Duration::from_secs(5)) {
+            Err(HybridConnectError::Refused { answer, .. }) => assert_eq!(answer, "NO"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let (_dir, path) = fake_vmm(&[b'x'; 100]);
+        assert!(matches!(
+            connect_hybrid_vsock(&path, 1024, Duration::from_secs(5)),
+            Err(HybridConnectError::Refused { .. })
+        ));
+        assert!(matches!(
+            connect_hybrid_vsock(Path::new("/nonexistent/sock"), 1024, Duration::from_secs(1)),
+            Err(HybridConnectError::Connect { .. })
+        ));
+    }
+}

@@ -612,3 +612,79 @@ fn socket_path_is_what_the_agent_listens_on() {
     let agent = Agent::start(&[]);
     assert!(Path::new(&agent.socket).exists());
 }
+
+#[test]
+fn large_stdin_flows_while_output_is_read() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    // 32 MiB through cat: stdin and stdout move at the same time, or both would stall.
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| u8::try_from((i ^ (i >> 11)) & 0xff).unwrap())
+        .collect();
+    let started = Instant::now();
+    let out = client
+        .exec(
+            &ExecRequest {
+                argv: vec!["cat".into()],
+                ..ExecRequest::default()
+            },
+            Stdin::Bytes(data.clone()),
+        )
+        .unwrap()
+        .wait_output()
+        .unwrap();
+    eprintln!("32 MiB through cat in {:?}", started.elapsed());
+    assert_eq!(out.stdout.len(), data.len());
+    assert_eq!(hex_digest(&out.stdout), hex_digest(&data));
+
+    // The same with a stream written from another thread.
+    let mut exec = client.exec(&sh("sha256sum"), Stdin::Stream).unwrap();
+    let stdin = exec.stdin();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        stdin.write(&sent).unwrap();
+        stdin.close().unwrap();
+    });
+    let mut stdout = Vec::new();
+    while let Some(event) = exec.next_event().unwrap() {
+        if let ExecEvent::Stdout(chunk) = event {
+            stdout.extend(chunk);
+        }
+    }
+    writer.join().unwrap();
+    let reported = String::from_utf8(stdout).unwrap();
+    assert_eq!(
+        reported.split_whitespace().next(),
+        Some(hex_digest(&data).as_str())
+    );
+}
+
+#[test]
+fn a_dead_agent_ends_waits_with_an_error() {
+    let mut agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut exec = client.exec(&sh("echo up; sleep 60"), Stdin::Null).unwrap();
+    assert_eq!(
+        exec.next_event().unwrap(),
+        Some(ExecEvent::Stdout(b"up\n".to_vec()))
+    );
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let started = Instant::now();
+    assert!(matches!(exec.next_event(), Err(ClientError::Closed(_))));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(matches!(client.ping(), Err(ClientError::Closed(_))));
+}
+
+#[test]
+fn connect_times_out_on_a_silent_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let stream = UnixStream::connect(&path).unwrap();
+    let _accepted = listener.accept().unwrap();
+    let started = Instant::now();
+    let result = Client::connect_with_timeout(stream, Some(Duration::from_millis(300)));
+    assert!(matches!(result, Err(ClientError::Timeout(_))));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

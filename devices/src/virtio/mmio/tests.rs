@@ -469,3 +469,21 @@ fn linux_teardown_clears_queue_ready_after_reset_without_error() {
     assert_eq!(r.r(REG_QUEUE_READY), 0);
     assert!(!r.needs_reset());
 }
+
+#[test]
+fn notifier_count_must_match_the_queues() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    let (handle, _inbox) = worker::channel().unwrap();
+    let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+    let err = MmioTransport::with_notifiers(
+        Box::new(FakeDevice {
+            queues: vec![16, 16],
+        }),
+        handle,
+        irq,
+        mem,
+        vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("2 queues but 1"), "{err}");
+}

@@ -41,6 +41,16 @@ pub enum TransportError {
         /// Number of queues declared.
         count: usize,
     },
+    /// The VMM passed a notifier count different from the queue count.
+    #[error("{device}: {queues} queues but {notifiers} queue notifiers")]
+    NotifierCount {
+        /// Device name.
+        device: &'static str,
+        /// Queues the device has.
+        queues: usize,
+        /// Notifiers passed.
+        notifiers: usize,
+    },
     /// An eventfd could not be created or cloned.
     #[error("queue notifier eventfd: {0}")]
     EventFd(#[source] io::Error),
@@ -54,6 +64,28 @@ struct QueueConfig {
     driver: u64,
     device: u64,
     ready: bool,
+}
+
+/// A device's queue sizes must be powers of two in 1..=32768, and few enough to index.
+fn check_queue_sizes(device: &dyn VirtioDevice) -> Result<(), TransportError> {
+    let name = device.name();
+    let queue_max = device.queue_max_sizes();
+    if u32::try_from(queue_max.len()).is_err() || queue_max.len() >= usize::from(u16::MAX) {
+        return Err(TransportError::TooManyQueues {
+            device: name,
+            count: queue_max.len(),
+        });
+    }
+    for (index, &size) in queue_max.iter().enumerate() {
+        if size == 0 || !size.is_power_of_two() || size > 32768 {
+            return Err(TransportError::InvalidQueueMax {
+                device: name,
+                index,
+                size,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn set_low(value: &mut u64, low: u32) {
@@ -104,28 +136,35 @@ impl MmioTransport {
         interrupt: Interrupt,
         mem: GuestMemoryMmap,
     ) -> Result<Self, TransportError> {
-        let name = device.name();
-        let queue_max = device.queue_max_sizes().to_vec();
-        if u32::try_from(queue_max.len()).is_err() || queue_max.len() >= usize::from(u16::MAX) {
-            return Err(TransportError::TooManyQueues {
-                device: name,
-                count: queue_max.len(),
-            });
-        }
-        for (index, &size) in queue_max.iter().enumerate() {
-            if size == 0 || !size.is_power_of_two() || size > 32768 {
-                return Err(TransportError::InvalidQueueMax {
-                    device: name,
-                    index,
-                    size,
-                });
-            }
-        }
+        check_queue_sizes(device.as_ref())?;
+        let queue_max = device.queue_max_sizes();
         let notifiers = queue_max
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()
             .map_err(TransportError::EventFd)?;
+        Self::with_notifiers(device, worker, interrupt, mem, notifiers)
+    }
+
+    /// Like [`MmioTransport::new`], with notifier eventfds the VMM already registered with
+    /// `KVM_IOEVENTFD` (one per queue, in order).
+    pub fn with_notifiers(
+        device: Box<dyn VirtioDevice>,
+        worker: WorkerHandle,
+        interrupt: Interrupt,
+        mem: GuestMemoryMmap,
+        notifiers: Vec<EventFd>,
+    ) -> Result<Self, TransportError> {
+        check_queue_sizes(device.as_ref())?;
+        let name = device.name();
+        let queue_max = device.queue_max_sizes().to_vec();
+        if notifiers.len() != queue_max.len() {
+            return Err(TransportError::NotifierCount {
+                device: name,
+                queues: queue_max.len(),
+                notifiers: notifiers.len(),
+            });
+        }
         Ok(Self {
             queues: vec![QueueConfig::default(); queue_max.len()],
             device,

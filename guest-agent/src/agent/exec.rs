@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -32,6 +32,8 @@ const STDIN_QUEUE: usize = 16;
 /// How long output is still collected after the process ended (from processes that left
 /// its group and still hold its pipes).
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// Pipe buffer size asked for a process's stdout.
+const PIPE_SIZE: usize = 1 << 20;
 /// Longest single sleep of the output loop, so exits and timeouts are noticed promptly.
 const POLL_SLICE: Duration = Duration::from_millis(100);
 
@@ -315,6 +317,13 @@ impl Pipe {
     }
 }
 
+/// Bigger pipe buffers mean fewer, larger frames for bulk output (best effort).
+fn grow_pipe(fd: RawFd) {
+    let size = libc::c_int::try_from(PIPE_SIZE).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ on an open pipe fd takes an integer and touches no memory.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) };
+}
+
 fn kill_group(pgid: i32) {
     // SAFETY: killpg takes plain integers; pgid is a group this agent created.
     unsafe { libc::killpg(pgid, libc::SIGKILL) };
@@ -328,6 +337,7 @@ fn millis(d: Duration) -> u64 {
 fn run_to_exit<S: Duplex>(mut running: Running, shared: &Shared<S>, id: u32) -> ExitStatus {
     let mut pipes: Vec<Pipe> = Vec::with_capacity(2);
     if let Some(p) = running.child.stdout.take() {
+        grow_pipe(p.as_raw_fd());
         pipes.push(Pipe::Stdout(p));
     }
     if let Some(p) = running.child.stderr.take() {

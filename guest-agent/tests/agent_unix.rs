@@ -217,11 +217,31 @@ fn large_output_arrives_intact() {
     eprintln!("64 MiB exec output (incl. generating it) in {elapsed:?}");
 }
 
+/// SHA-256 of `data` in hex, by the host's `sha256sum` (the sha2 crate is slow in an
+/// unoptimised test build), checked against the sha2 crate on a small sample.
 fn hex_digest(data: &[u8]) -> String {
-    Sha256::digest(data)
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let owned = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&owned).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let hex = String::from_utf8(out.stdout).unwrap();
+    hex.split_whitespace().next().unwrap().to_owned()
+}
+
+#[test]
+fn host_digest_tool_agrees_with_sha2() {
+    let sample = b"mvm agent digest sample";
+    let expected: String = Sha256::digest(sample)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect()
+        .collect();
+    assert_eq!(hex_digest(sample), expected);
 }
 
 #[test]
@@ -341,6 +361,18 @@ fn bad_cwd_and_missing_binary_are_clear_errors() {
         agent_error(client.exec(&request, Stdin::Null).unwrap().wait_output()),
         ErrorCode::NotFound
     );
+    // A relative path with a slash is looked up from the request's working directory.
+    let mut relative = ExecRequest {
+        argv: vec!["./true".into()],
+        ..ExecRequest::default()
+    };
+    relative.cwd = Some("/bin".into());
+    assert_eq!(run(&client, &relative).status.code, Some(0));
+    relative.cwd = Some("/".into());
+    assert_eq!(
+        agent_error(client.exec(&relative, Stdin::Null).unwrap().wait_output()),
+        ErrorCode::NotFound
+    );
     let request = ExecRequest {
         argv: vec!["/nonexistent/bin".into()],
         ..ExecRequest::default()
@@ -404,6 +436,13 @@ fn file_errors_are_clear() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     assert!(client.write_file(&link, 0o644, b"redirected").is_err());
     assert_eq!(std::fs::read(&target).unwrap(), b"original");
+    // A FIFO (which nobody reads) neither blocks a write nor a read.
+    let fifo = agent.path("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.clone()).unwrap();
+    // SAFETY: c_fifo is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o666) }, 0);
+    assert!(client.write_file(&fifo, 0o644, b"x").is_err());
+    assert_eq!(agent_error(client.read_file(&fifo)), ErrorCode::BadRequest);
     client.ping().unwrap();
 }
 
@@ -619,7 +658,7 @@ fn large_stdin_flows_while_output_is_read() {
     let client = agent.client();
     // 32 MiB through cat: stdin and stdout move at the same time, or both would stall.
     let data: Vec<u8> = (0..32u32 << 20)
-        .map(|i| u8::try_from((i ^ (i >> 11)) & 0xff).unwrap())
+        .map(|i| (i ^ (i >> 11)).to_le_bytes()[0])
         .collect();
     let started = Instant::now();
     let out = client
@@ -635,7 +674,7 @@ fn large_stdin_flows_while_output_is_read() {
         .unwrap();
     eprintln!("32 MiB through cat in {:?}", started.elapsed());
     assert_eq!(out.stdout.len(), data.len());
-    assert_eq!(hex_digest(&out.stdout), hex_digest(&data));
+    assert!(out.stdout == data, "cat returned different bytes");
 
     // The same with a stream written from another thread.
     let mut exec = client.exec(&sh("sha256sum"), Stdin::Stream).unwrap();
@@ -663,17 +702,20 @@ fn large_stdin_flows_while_output_is_read() {
 fn a_dead_agent_ends_waits_with_an_error() {
     let mut agent = Agent::start(&[]);
     let client = agent.client();
-    let mut exec = client.exec(&sh("echo up; sleep 60"), Stdin::Null).unwrap();
-    assert_eq!(
-        exec.next_event().unwrap(),
-        Some(ExecEvent::Stdout(b"up\n".to_vec()))
-    );
+    let mut exec = client.exec(&sh("echo $$; sleep 60"), Stdin::Null).unwrap();
+    let Some(ExecEvent::Stdout(pid)) = exec.next_event().unwrap() else {
+        panic!("no pid")
+    };
+    let pgid: i32 = String::from_utf8(pid).unwrap().trim().parse().unwrap();
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     let started = Instant::now();
     assert!(matches!(exec.next_event(), Err(ClientError::Closed(_))));
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(matches!(client.ping(), Err(ClientError::Closed(_))));
+    // A host-side agent's workloads outlive a SIGKILL of the agent; clean up.
+    // SAFETY: kill takes plain integers; pgid is the group this test started.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
 }
 
 #[test]

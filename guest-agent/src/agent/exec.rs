@@ -27,12 +27,13 @@ use crate::transport::Duplex;
 
 /// `PATH` for workloads unless the request sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Stdin chunks buffered per process before the connection's reader waits for it.
-const STDIN_QUEUE: usize = 16;
+/// Stdin frames buffered per process before the connection's reader waits for it (each
+/// at most one frame, so a client can pin at most this many MiB per process).
+const STDIN_QUEUE: usize = 4;
 /// How long output is still collected after the process ended (from processes that left
 /// its group and still hold its pipes).
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
-/// Pipe buffer size asked for a process's stdout.
+/// Pipe buffer size asked for a process's stdin and stdout.
 const PIPE_SIZE: usize = 1 << 20;
 /// Longest single sleep of the output loop, so exits and timeouts are noticed promptly.
 const POLL_SLICE: Duration = Duration::from_millis(100);
@@ -101,9 +102,10 @@ fn is_executable_file(path: &Path) -> bool {
 }
 
 /// Finds the program the way a shell would, so a missing binary is a clear error.
-fn resolve_program(program: &str, path_var: &str) -> Result<PathBuf, ErrorReply> {
+/// A relative path with a slash is relative to the process's working directory.
+fn resolve_program(program: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, ErrorReply> {
     if program.contains('/') {
-        let path = PathBuf::from(program);
+        let path = cwd.join(program);
         if is_executable_file(&path) {
             return Ok(path);
         }
@@ -201,7 +203,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
         },
     );
     let path_var = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
-    let resolved = resolve_program(program, path_var)?;
+    let resolved = resolve_program(program, path_var, Path::new(&cwd))?;
 
     let mut command = Command::new(&resolved);
     command
@@ -235,6 +237,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
         .map_err(|_| reply(ErrorCode::Io, format!("pid {} out of range", child.id())))?;
     let (stdin_tx, stdin_rx) = match child.stdin.take() {
         Some(pipe) => {
+            grow_pipe(pipe.as_raw_fd());
             let (tx, rx) = mpsc::sync_channel(STDIN_QUEUE);
             (Some(tx), Some((pipe, rx)))
         }

@@ -41,7 +41,9 @@ impl WriteSink {
             .truncate(!request.append)
             .append(request.append)
             .mode(request.mode)
-            .custom_flags(libc::O_NOFOLLOW)
+            // No symlink in the last component; a FIFO without a reader fails at once
+            // instead of blocking the connection.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| io_reply("cannot open for writing", path, &e))?;
         let is_file = file.metadata().is_ok_and(|m| m.is_file());

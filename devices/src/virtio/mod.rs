@@ -148,6 +148,16 @@ pub enum DeviceEvent {
         /// Why, naming the offending value.
         reason: String,
     },
+    /// The network device dropped a frame the egress policy does not allow, the first
+    /// time for this destination (later drops to it are only counted).
+    EgressDenied {
+        /// Device name ("virtio-net").
+        device: &'static str,
+        /// Where the frame was going ("192.0.2.7:443/tcp").
+        destination: String,
+        /// Why it was dropped.
+        reason: String,
+    },
 }
 
 /// Where [`DeviceEvent`]s go (the audit log, once it exists). Called on whatever thread

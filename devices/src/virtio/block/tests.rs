@@ -514,7 +514,9 @@ fn needs_reset(r: &mut Rig, reason_part: &str) {
     assert_eq!(r.disk(), original_disk(), "the host file is untouched");
     let events = seen.lock().unwrap().clone();
     assert_eq!(events.len(), 1);
-    let crate::virtio::DeviceEvent::NeedsReset { reason, .. } = &events[0];
+    let crate::virtio::DeviceEvent::NeedsReset { reason, .. } = &events[0] else {
+        panic!("not a NeedsReset event: {:?}", events[0]);
+    };
     assert!(reason.contains(reason_part), "{reason}");
     // Once NEEDS_RESET, nothing more is processed until a reset.
     r.run();

@@ -11,10 +11,21 @@
 //! GSO frames, and the device never hands the tap a header the guest wrote.
 //! Constants mirror `linux/virtio_net.h` (VIRTIO 1.2, 5.1).
 
+mod device;
+mod event_handler;
 pub mod frame;
+mod metrics;
 pub mod policy;
+pub mod tap;
 
+#[cfg(test)]
+mod tests;
+
+pub use device::{MacAddr, Net, NetConfig, NetError};
+pub use event_handler::NetWorker;
+pub use metrics::NetMetrics;
 pub use policy::{EgressFilter, EgressRules};
+pub use tap::{FrameBackend, Tap, TapError};
 
 /// Feature: the device has a MAC address in its config space (`VIRTIO_NET_F_MAC`).
 pub const VIRTIO_NET_F_MAC: u32 = 5;

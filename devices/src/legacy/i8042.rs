@@ -2,6 +2,13 @@
 //! it for: the CPU reset line. Linux reboots (`reboot=k`, and the fallback
 //! chain after a `panic=-1` panic) by writing the "pulse reset line" command
 //! (0xFE) to the command port.
+//!
+//! There is no keyboard behind it. The status register always reads
+//! [`I8042_STATUS_NO_CONTROLLER`]: "output buffer full, input buffer empty",
+//! and the data port reads 0xFF. Linux's i8042 driver drains the output buffer
+//! at probe time, gives up after 16 reads ("No controller found") instead of
+//! polling for half a second per command; its reset path only waits for an
+//! empty input buffer, so the 0xFE command arrives at once.
 
 use crate::bus::BusDevice;
 
@@ -11,6 +18,10 @@ pub const I8042_PORT_BASE: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
 /// Offset of the status (read) / command (write) port from the base.
 pub const I8042_COMMAND_OFFSET: u64 = 4;
+/// Status register value: OBF set (bit 0), IBF clear (bit 1).
+pub const I8042_STATUS_NO_CONTROLLER: u8 = 0x01;
+/// Data register value: nothing behind the controller.
+pub const I8042_DATA_EMPTY: u8 = 0xff;
 /// Command byte: pulse the CPU reset line.
 pub const I8042_CMD_RESET_CPU: u8 = 0xfe;
 
@@ -28,10 +39,13 @@ impl I8042Device {
 }
 
 impl BusDevice for I8042Device {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        // Status 0: output buffer empty, input buffer empty: a guest polling
-        // before a command never waits. Data port: nothing to read.
-        data.fill(0);
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = if offset == I8042_COMMAND_OFFSET {
+            I8042_STATUS_NO_CONTROLLER
+        } else {
+            I8042_DATA_EMPTY
+        };
+        data.fill(value);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -73,10 +87,16 @@ mod tests {
     }
 
     #[test]
-    fn status_reads_idle() {
+    fn status_reads_as_no_controller_ready_for_commands() {
         let (mut dev, _) = device();
         let mut status = [0xaau8];
         dev.read(I8042_COMMAND_OFFSET, &mut status);
-        assert_eq!(status, [0]);
+        // Input buffer empty (a reset command is accepted at once), output
+        // buffer "full" (a probing driver drains it and finds no controller).
+        assert_eq!(status[0] & 0x02, 0);
+        assert_eq!(status[0] & 0x01, 1);
+        let mut data = [0u8];
+        dev.read(0, &mut data);
+        assert_eq!(data, [0xff]);
     }
 }

@@ -405,8 +405,19 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
+    let disks = match crate::virtio_devices::open_disks(&args.disks) {
+        Ok(d) => d,
+        Err(e) => {
+            timeline.set_exit("invalid_arguments");
+            write_report(&timeline);
+            eprintln!("mvm-vmm: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    };
     timeline.mark(Phase::ArgsParsed);
-    match run(config, timeline.clone(), |_| Ok(())) {
+    match run(config, timeline.clone(), move |ctx| {
+        crate::virtio_devices::attach_disks(ctx, disks)
+    }) {
         Ok(reason) => {
             timeline.set_exit(reason.code_name());
             write_report(&timeline);

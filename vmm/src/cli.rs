@@ -50,6 +50,14 @@ pub struct Args {
     /// Write a JSON boot report (phase timestamps, exit reason) here on exit.
     #[arg(long, value_name = "FILE")]
     pub boot_report: Option<PathBuf>,
+    /// A virtio-blk disk backed by FILE, read-only or read-write, with an optional id
+    /// (`/sys/block/vdX/serial`). Repeatable: /dev/vda, /dev/vdb, ... in order.
+    #[arg(
+        long = "disk",
+        value_name = "path=FILE,ro|rw[,id=ID]",
+        value_parser = crate::virtio_devices::parse_disk_arg
+    )]
+    pub disks: Vec<mvm_devices::virtio::block::DiskConfig>,
 }
 
 /// Where the guest console goes.

@@ -17,4 +17,5 @@ pub mod device_manager;
 pub mod exit;
 pub mod layout;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vm;

@@ -2,6 +2,7 @@
 //! add an area, write `cases/<area>.rs` with a `pub const CASES: &[Case]`
 //! and add it to [`all`].
 
+pub mod blk;
 pub mod boot;
 pub mod vsock;
 
@@ -9,7 +10,7 @@ use crate::case::Case;
 
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
-    [boot::CASES].concat()
+    [boot::CASES, blk::CASES].concat()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! (poweroff, reboot, panic, or hang). Cases in `crate::cases` assert on the
 //! lines it prints, so those lines are constants here.
 
+pub mod blk;
 pub mod init;
 pub mod modes;
 pub mod signal;

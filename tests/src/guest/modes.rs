@@ -29,6 +29,9 @@ pub const MODES: &[Mode] = &[
     Mode::new("panic", panic),
     Mode::new("hang", hang),
     Mode::new("vsock", super::vsock::run),
+    Mode::new("blk-root", super::blk::root),
+    Mode::new("blk-write", super::blk::write),
+    Mode::new("blk-parallel", super::blk::parallel),
 ];
 
 /// The mode called `name`, or an error listing the known ones.

@@ -1,6 +1,14 @@
 //! `mvm-vmm` refuses bad arguments before creating a VM: non-zero exit, a
 //! message naming the argument, and a boot report without `vm_created`.
 
+// Test helpers outside #[test] functions: a panic is the failure report.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
 use std::path::Path;
 use std::process::{Command, Output};
 

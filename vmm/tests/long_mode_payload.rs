@@ -5,6 +5,14 @@
 //! This needs /dev/kvm (any KVM that runs small payloads; no Linux guest).
 //! It fails, rather than skips, when /dev/kvm is missing.
 
+// Test helpers outside #[test] functions: a panic is the failure report.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};

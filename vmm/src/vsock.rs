@@ -1,0 +1,224 @@
+//! `--vsock cid=N,uds=PATH`: the virtio-vsock device and its host Unix socket.
+//!
+//! The flag's value is parsed here ([`parse_vsock_arg`]); the socket is bound
+//! while the arguments are checked ([`open_vsock`]), so a taken path never
+//! creates a VM; [`attach_vsock`] puts the device on a virtio-mmio slot and
+//! starts its thread. The device itself lives in `mvm_devices::virtio::vsock`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use mvm_devices::virtio::mmio::MmioTransport;
+use mvm_devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockWorker};
+use mvm_devices::virtio::worker::{self, WorkerLoop};
+use mvm_devices::virtio::{Interrupt, VirtioDevice};
+
+use crate::boot::{BootError, DeviceContext};
+
+/// clap's parser for the `--vsock` value.
+pub fn parse_vsock_value(value: &str) -> Result<VsockConfig, String> {
+    parse_vsock_arg(value).map_err(|e| e.to_string())
+}
+
+/// Removes the VM's socket file when dropped: the device thread is never joined
+/// (it ends with the process), so its own cleanup cannot be relied on.
+#[derive(Debug)]
+pub struct SocketFileGuard(PathBuf);
+
+impl SocketFileGuard {
+    /// The guarded path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFileGuard {
+    fn drop(&mut self) {
+        // Already gone is fine.
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A vsock device whose socket is listening, not yet attached.
+#[derive(Debug)]
+pub struct OpenVsock {
+    front: Vsock,
+    worker: VsockWorker,
+}
+
+/// Checks the CID and binds the VM's socket. The guard removes the socket file
+/// when the VMM is done with it.
+pub fn open_vsock(config: &VsockConfig) -> Result<(OpenVsock, SocketFileGuard), VsockError> {
+    let (front, worker) = Vsock::new(config)?;
+    Ok((
+        OpenVsock { front, worker },
+        SocketFileGuard(config.uds_path.clone()),
+    ))
+}
+
+/// Puts the device on the next virtio-mmio slot (irqfd, ioeventfds, bus, command
+/// line) and starts its device thread.
+pub fn attach_vsock(ctx: &mut DeviceContext<'_>, vsock: OpenVsock) -> Result<(), BootError> {
+    let OpenVsock { front, worker } = vsock;
+    let queues = u16::try_from(front.queue_max_sizes().len())
+        .map_err(|_| BootError::BootState("virtio-vsock: too many queues".into()))?;
+    let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
+    let host = |what| move |source| BootError::Host { what, source };
+    let interrupt = Interrupt::new(res.interrupt);
+    let (handle, inbox) = worker::channel().map_err(host("virtio-vsock worker channel"))?;
+    let notifiers = res
+        .queue_notify
+        .iter()
+        .map(|fd| fd.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(host("virtio-vsock queue notifiers"))?;
+    tracing::info!(
+        cid = front.guest_cid(),
+        uds = %worker.muxer().uds_path().display(),
+        addr = res.slot.base,
+        gsi = res.slot.gsi,
+        "virtio-vsock attached"
+    );
+    let transport = MmioTransport::with_notifiers(
+        Box::new(front),
+        handle,
+        interrupt.clone(),
+        ctx.memory.clone(),
+        res.queue_notify,
+    )
+    .map_err(|e| BootError::BootState(format!("vsock: {e}")))?;
+    ctx.devices
+        .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
+    // The thread ends with the process (or when the transport, and with it the
+    // worker handle, is dropped).
+    let thread = worker::spawn(
+        "virtio-vsock",
+        WorkerLoop::new(worker, inbox, notifiers, interrupt),
+        // The device thread's seccomp filter goes here (later issue). It must
+        // allow accept4, socket(AF_UNIX)+connect, recvfrom, write, shutdown,
+        // close, ioctl(FIONBIO), epoll_ctl/epoll_wait.
+        || Ok(()),
+    )
+    .map_err(|e| BootError::BootState(format!("vsock: {e}")))?;
+    drop(thread);
+    Ok(())
+}
+
+/// Why a `--vsock` value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VsockArgError {
+    /// A `key=value` pair the flag does not know, or without `=`.
+    #[error("--vsock: unknown or malformed item {0:?} (expected cid=N,uds=PATH)")]
+    Item(String),
+    /// `cid=` is not a number.
+    #[error("--vsock: cid {0:?} is not a decimal number")]
+    Cid(String),
+    /// A key given twice.
+    #[error("--vsock: {0} given twice")]
+    Duplicate(&'static str),
+    /// A key missing.
+    #[error("--vsock: {0}= is required (expected cid=N,uds=PATH)")]
+    Missing(&'static str),
+    /// `uds=` empty.
+    #[error("--vsock: uds= is empty")]
+    EmptyPath,
+}
+
+/// Parses `cid=N,uds=PATH` (in any order). The CID's range is checked when the
+/// device is created. The path is taken verbatim after `uds=`, so it may not
+/// contain a comma.
+pub fn parse_vsock_arg(value: &str) -> Result<VsockConfig, VsockArgError> {
+    let mut cid = None;
+    let mut uds = None;
+    for item in value.split(',') {
+        match item.split_once('=') {
+            Some(("cid", v)) => {
+                let n = v
+                    .parse::<u64>()
+                    .map_err(|_| VsockArgError::Cid(v.to_owned()))?;
+                if cid.replace(n).is_some() {
+                    return Err(VsockArgError::Duplicate("cid"));
+                }
+            }
+            Some(("uds", v)) => {
+                if v.is_empty() {
+                    return Err(VsockArgError::EmptyPath);
+                }
+                if uds.replace(PathBuf::from(v)).is_some() {
+                    return Err(VsockArgError::Duplicate("uds"));
+                }
+            }
+            _ => return Err(VsockArgError::Item(item.to_owned())),
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or(VsockArgError::Missing("cid"))?,
+        uds_path: uds.ok_or(VsockArgError::Missing("uds"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_binds_and_the_guard_removes_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let (open, guard) = open_vsock(&VsockConfig {
+            guest_cid: 3,
+            uds_path: path.clone(),
+        })
+        .unwrap();
+        assert!(path.exists());
+        // A second VM on the same path is refused before it exists.
+        assert!(open_vsock(&VsockConfig {
+            guest_cid: 4,
+            uds_path: path.clone(),
+        })
+        .is_err());
+        drop(guard);
+        assert!(!path.exists());
+        drop(open);
+    }
+
+    #[test]
+    fn parses_both_orders() {
+        let want = VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::from("/run/vm/v.sock"),
+        };
+        assert_eq!(
+            parse_vsock_arg("cid=3,uds=/run/vm/v.sock"),
+            Ok(want.clone())
+        );
+        assert_eq!(parse_vsock_arg("uds=/run/vm/v.sock,cid=3"), Ok(want));
+    }
+
+    #[test]
+    fn refuses_malformed_values() {
+        assert_eq!(
+            parse_vsock_arg("cid=x,uds=/a"),
+            Err(VsockArgError::Cid("x".into()))
+        );
+        assert_eq!(
+            parse_vsock_arg("cid=-1,uds=/a"),
+            Err(VsockArgError::Cid("-1".into()))
+        );
+        assert_eq!(parse_vsock_arg("cid=3"), Err(VsockArgError::Missing("uds")));
+        assert_eq!(
+            parse_vsock_arg("uds=/a"),
+            Err(VsockArgError::Missing("cid"))
+        );
+        assert_eq!(
+            parse_vsock_arg("cid=3,cid=4,uds=/a"),
+            Err(VsockArgError::Duplicate("cid"))
+        );
+        assert_eq!(parse_vsock_arg("cid=3,uds="), Err(VsockArgError::EmptyPath));
+        assert_eq!(
+            parse_vsock_arg("cid=3,uds=/a,port=5"),
+            Err(VsockArgError::Item("port=5".into()))
+        );
+        assert_eq!(parse_vsock_arg(""), Err(VsockArgError::Item(String::new())));
+    }
+}

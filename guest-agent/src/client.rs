@@ -507,17 +507,24 @@ impl Client {
         data: &[u8],
     ) -> Result<FileDone, ClientError> {
         let (id, rx) = self.inner.register()?;
+        let mut early = None;
         let sent = (|| {
             self.inner.send(id, &Message::WriteFile(request.clone()))?;
             for chunk in data.chunks(DATA_CHUNK) {
+                // The agent answers early only to refuse: stop sending data then.
+                if let Ok(answer) = rx.try_recv() {
+                    early = Some(answer);
+                    break;
+                }
                 self.inner.send(id, &Message::FileData(chunk.to_vec()))?;
             }
             self.inner.send(id, &Message::FileEnd)
         })();
         // An error may arrive before all data is sent; it is the better answer.
-        let answer = match sent {
-            Ok(()) => self.inner.recv(&rx, None),
-            Err(e) => rx.try_recv().map_err(|_| e),
+        let answer = match (early, sent) {
+            (Some(answer), _) => Ok(answer),
+            (None, Ok(())) => self.inner.recv(&rx, None),
+            (None, Err(e)) => rx.try_recv().map_err(|_| e),
         };
         self.inner.forget(id);
         match answer? {

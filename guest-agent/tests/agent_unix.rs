@@ -429,6 +429,13 @@ fn file_errors_are_clear() {
         agent_error(client.write_file(&agent.path("no/such/dir/f"), 0o644, b"x")),
         ErrorCode::NotFound
     );
+    // A refused write of many chunks still gets exactly one answer, and the connection
+    // stays in step.
+    assert_eq!(
+        agent_error(client.write_file(&agent.path("no/dir/big"), 0o644, &vec![0; 4 << 20])),
+        ErrorCode::NotFound
+    );
+    assert_eq!(run(&client, &sh("echo in step")).stdout, b"in step\n");
     // Writes never follow a symlink in the last component.
     let target = agent.path("target");
     std::fs::write(&target, b"original").unwrap();
@@ -729,4 +736,42 @@ fn connect_times_out_on_a_silent_peer() {
     let result = Client::connect_with_timeout(stream, Some(Duration::from_millis(300)));
     assert!(matches!(result, Err(ClientError::Timeout(_))));
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_refused_write_answers_once() {
+    let agent = Agent::start(&[]);
+    let mut stream = agent.stream();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let hello = Hello {
+        major: PROTOCOL_MAJOR,
+        minor: 0,
+        software: "t".into(),
+    };
+    write_frame(&mut stream, 0, &Message::Hello(hello)).unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).unwrap().unwrap().message,
+        Message::Hello(_)
+    ));
+    let request = mvm_agent::protocol::WriteFileRequest {
+        path: agent.path("missing/dir/file"),
+        mode: 0o644,
+        uid: None,
+        gid: None,
+        append: false,
+    };
+    write_frame(&mut stream, 3, &Message::WriteFile(request)).unwrap();
+    for _ in 0..3 {
+        write_frame(&mut stream, 3, &Message::FileData(vec![1; 1000])).unwrap();
+    }
+    write_frame(&mut stream, 3, &Message::FileEnd).unwrap();
+    write_frame(&mut stream, 4, &Message::Ping).unwrap();
+    let first = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(first.request_id, 3);
+    assert_eq!(error_code(&first.message), ErrorCode::NotFound);
+    let second = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(second.request_id, 4, "extra frame: {:?}", second.message);
+    assert!(matches!(second.message, Message::Ready(_)));
 }

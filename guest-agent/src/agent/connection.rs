@@ -281,6 +281,8 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
                     shared.active().insert(id, Active::WriteFile(sink));
                 }
                 Err(e) => {
+                    // The data already on its way is dropped quietly until the end frame.
+                    shared.active().insert(id, Active::FailedWrite);
                     shared.send_error(id, e);
                 }
             }

@@ -433,3 +433,51 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    struct FailingSink;
+    impl Write for FailingSink {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        }
+    }
+
+    #[test]
+    fn console_writer_marks_the_first_byte_and_survives_a_broken_sink() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let mut w = ConsoleWriter::new(Box::new(FailingSink), timeline.clone());
+        w.write_all(&[]).unwrap();
+        assert_eq!(timeline.get(Phase::FirstSerialByte), None);
+        // A broken console must not fail the UART (and so the guest).
+        w.write_all(b"x").unwrap();
+        w.flush().unwrap();
+        w.write_all(b"y").unwrap();
+        assert!(timeline.get(Phase::FirstSerialByte).is_some());
+    }
+
+    #[test]
+    fn guest_signals_mark_milestones_and_poweroff_stops_once() {
+        let timeline = Arc::new(BootTimeline::new(Instant::now()));
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handler = guest_signal_handler(timeline.clone(), VmStopper::new(tx, stop.clone()));
+        handler(GuestSignal::InitReached);
+        handler(GuestSignal::AgentReady);
+        assert!(!stop.load(Ordering::Acquire));
+        handler(GuestSignal::PoweroffRequested);
+        handler(GuestSignal::PoweroffRequested);
+        assert!(stop.load(Ordering::Acquire));
+        assert!(timeline.get(Phase::InitReached).is_some());
+        assert!(timeline.get(Phase::AgentReady).is_some());
+        let events: Vec<VmEvent> = rx.try_iter().collect();
+        assert_eq!(events.len(), 1);
+        assert!(matches!(&events[0], VmEvent::Exit(ExitReason::Poweroff)));
+    }
+}

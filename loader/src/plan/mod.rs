@@ -1,7 +1,7 @@
 //! The execution plan: what admission allows and the VMM must check before the
 //! first guest instruction.
 //!
-//! A plan is JSON (schema in `docs/plan.md`), signed inside a DSSE envelope
+//! A plan is JSON (schema in `docs/trust.md`), signed inside a DSSE envelope
 //! ([`envelope`]). Every struct refuses unknown fields, a plan written for a
 //! newer schema is refused with a message that says so, and [`Plan::from_json`]
 //! validates ranges and names before anyone acts on a plan.
@@ -241,7 +241,12 @@ impl FromStr for EgressHost {
                 && l.bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         };
-        if s.len() <= 253 && s.split('.').all(label_ok) {
+        // An all-digit last label would read as a (malformed) IPv4 address.
+        let numeric_tld = s
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+        if s.len() <= 253 && s.split('.').all(label_ok) && !numeric_tld {
             return Ok(Self::Name(s.to_owned()));
         }
         Err(err())
@@ -947,6 +952,7 @@ pub(crate) mod tests {
             "a..b",
             "a_b",
             "10.0.0.0/",
+            "999.1.1.1",
             "1.2.3.4/+8",
         ] {
             assert!(bad.parse::<EgressHost>().is_err(), "{bad:?}");

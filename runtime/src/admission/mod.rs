@@ -377,6 +377,38 @@ mod tests {
     }
 
     #[test]
+    fn image_facts_come_from_a_stored_manifest() {
+        use crate::image::manifest::{sha256_digest, Artifact, Manifest, MANIFEST_SCHEMA};
+        let manifest = Manifest {
+            schema: MANIFEST_SCHEMA,
+            kernel: Artifact::of("vmlinux", b"kernel"),
+            initramfs: Artifact::of("initramfs.cpio", b"initramfs"),
+            cmdline: "console=ttyS0 quiet".into(),
+            cmdline_sha256: sha256_digest(b"console=ttyS0 quiet"),
+            agent_vsock_port: 1024,
+            inputs: Vec::new(),
+        };
+        let mut stored = StoredImage {
+            digest: sha256_digest(b"manifest"),
+            dir: std::path::PathBuf::from("/nonexistent"),
+            manifest,
+        };
+        let facts = ImageFacts::from_stored(&stored, &["default".to_owned()]).unwrap();
+        assert_eq!(facts, image());
+        stored.manifest.cmdline.push(' ');
+        assert!(matches!(
+            ImageFacts::from_stored(&stored, &[]),
+            Err(AdmitError::Image(_))
+        ));
+        stored.manifest.cmdline.pop();
+        stored.manifest.kernel.sha256 = "md5:abc".into();
+        assert!(matches!(
+            ImageFacts::from_stored(&stored, &[]),
+            Err(AdmitError::Image(_))
+        ));
+    }
+
+    #[test]
     fn each_rule_denies_by_name() {
         let policy = Policy::default();
         let mut r = AdmissionRequest::new("default");

@@ -249,6 +249,23 @@ pub struct Record {
     pub sig: String,
 }
 
+impl fmt::Display for Record {
+    /// One readable line: `seq time event [plan=..] [vm=..] key=value ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:>6} {} {}", self.seq, self.time, self.event)?;
+        if let Some(plan) = &self.plan_id {
+            write!(f, " plan={plan}")?;
+        }
+        if let Some(vm) = &self.vm_id {
+            write!(f, " vm={vm}")?;
+        }
+        for (name, value) in &self.fields {
+            write!(f, " {name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Record {
     /// A signed record for `event` following a record whose line hashed to
     /// `prev`.

@@ -26,7 +26,10 @@ fn log_with(n: u64) -> (tempfile::TempDir, PathBuf) {
             .vm(format!("vm-{}", i % 2))
             .field("exit_status", i)
             .field("stdout_sha256", sha256(&i.to_le_bytes()));
-        assert_eq!(log.append_at(event, at(i64::try_from(i).unwrap())).unwrap(), i);
+        assert_eq!(
+            log.append_at(event, at(i64::try_from(i).unwrap())).unwrap(),
+            i
+        );
     }
     (dir, path)
 }
@@ -56,6 +59,14 @@ fn an_untouched_log_verifies() {
     let last = lines(&path).pop().unwrap();
     assert_eq!(summary.last_hash, sha256(&last[..last.len() - 1]));
     let text = fs::read_to_string(&path).unwrap();
+    let first = &read_records(&path, None).unwrap()[0];
+    assert_eq!(
+        first.to_string(),
+        format!(
+            "     1 2027-01-15T08:00:01Z exec_exited plan=plan-1 vm=vm-1 exit_status=1 stdout_sha256={}",
+            sha256(&1u64.to_le_bytes())
+        )
+    );
     assert!(text.starts_with("{\"seq\":1,\"time\":\"2027-01-15T08:00:01Z\",\"event\":\"exec_exited\",\"plan_id\":\"plan-1\""), "{text}");
 }
 

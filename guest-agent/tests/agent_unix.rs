@@ -37,7 +37,8 @@ impl Agent {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        // The socket file appears at bind, a moment before listen: wait for a connection.
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "agent did not create its socket");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -774,4 +775,46 @@ fn a_refused_write_answers_once() {
     let second = read_frame(&mut stream).unwrap().unwrap();
     assert_eq!(second.request_id, 4, "extra frame: {:?}", second.message);
     assert!(matches!(second.message, Message::Ready(_)));
+}
+
+#[test]
+fn exec_failures_after_fork_are_errors_not_crashes() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    // Executable for root, but inside a directory uid 1000 cannot enter: the exec in the
+    // child fails with EACCES after the fork, which races the reaper every time.
+    let private = agent.dir.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let program = private.join("prog");
+    std::fs::write(&program, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let request = ExecRequest {
+        argv: vec![program.to_str().unwrap().to_owned()],
+        ..ExecRequest::default()
+    };
+    for _ in 0..30 {
+        assert_eq!(
+            agent_error(client.exec(&request, Stdin::Null).unwrap().wait_output()),
+            ErrorCode::PermissionDenied
+        );
+    }
+    // The agent survived and still reports statuses correctly.
+    assert_eq!(run(&client, &sh("exit 4")).status.code, Some(4));
+}
+
+#[test]
+fn workloads_start_with_default_signal_actions_and_no_mask() {
+    // The test harness starts the agent through posix_spawn, which leaves signals ignored
+    // that a workload must not inherit.
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    assert_eq!(
+        run(&client, &sh("grep -E '^Sig(Blk|Ign)' /proc/self/status")).stdout,
+        b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
 }

@@ -49,7 +49,8 @@ impl Pid1Agent {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        // The socket file appears at bind, a moment before listen: wait for a connection.
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "PID 1 agent did not listen");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -122,6 +123,11 @@ fn pid1_mounts_names_and_reaps() {
     assert!(ready.pid1);
     assert_eq!(stdout(&client, "cat /proc/1/comm"), "mvm-agent\n");
     assert_eq!(stdout(&client, "hostname"), "mvm\n");
+    // PID 1 blocks the power signals; its workloads must not inherit that.
+    assert_eq!(
+        stdout(&client, "grep -E '^Sig(Blk|Ign)' /proc/self/status"),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
     let mounts = stdout(&client, "cut -d' ' -f2,3 /proc/mounts");
     for expected in [
         "/proc proc",

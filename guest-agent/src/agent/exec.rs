@@ -127,8 +127,47 @@ fn resolve_program(program: &str, path_var: &str, cwd: &Path) -> Result<PathBuf,
         })
 }
 
+/// The kernel's `struct sigaction` (x86_64 and arm64 layout), for `rt_sigaction(2)`.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::c_ulong,
+    flags: libc::c_ulong,
+    restorer: libc::c_ulong,
+    mask: u64,
+}
+
+/// Every signal back to its default action. Ignored signals survive exec, so a workload
+/// would otherwise inherit whatever the agent's own parent ignored (and glibc's
+/// `posix_spawn` leaves its internal signals 32 and 33 ignored), which the libc wrapper
+/// cannot undo: hence the raw system call.
+fn default_signal_actions() {
+    let default = KernelSigaction {
+        handler: 0, // SIG_DFL
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads `default`, a valid kernel sigaction that outlives the
+        // call; a null old-action pointer is allowed; 8 is the kernel's sigset size.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &default,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8_usize,
+            )
+        };
+    }
+}
+
 /// Runs in the child between fork and exec: only async-signal-safe calls.
 fn isolate(limits: Limits) -> io::Result<()> {
+    default_signal_actions();
     // SAFETY: setsid takes no arguments; it makes the child a session and group leader.
     if unsafe { libc::setsid() } == -1 {
         return Err(io::Error::last_os_error());
@@ -225,7 +264,8 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
     }
     let limits = agent.policy().limits;
     // SAFETY: `isolate` runs between fork and exec and only makes async-signal-safe
-    // system calls (setsid, prctl, setrlimit); it allocates nothing and takes no locks.
+    // system calls (rt_sigaction, setsid, prctl, setrlimit); it allocates nothing and
+    // takes no locks.
     unsafe {
         command.pre_exec(move || isolate(limits));
     }

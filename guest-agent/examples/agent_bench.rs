@@ -3,7 +3,11 @@
 //! ```text
 //! cargo run --release -p mvm-agent --example agent_bench -- --unix /tmp/agent.sock
 //! agent_bench --vsock-uds /run/vm/vsock.sock [--port 1024] [--pings 1000] [--mib 64]
+//!             [--connect-timeout SECS] [--smoke] [--shutdown]
 //! ```
+//!
+//! `--smoke` first checks exec basics (stdout, stderr, exit status, uid, stdin);
+//! `--shutdown` asks the agent to power the guest off at the end.
 //!
 //! Prints one JSON object on stdout (for scripts) and a summary on stderr.
 
@@ -22,6 +26,9 @@ struct Args {
     port: u32,
     pings: usize,
     mib: usize,
+    connect_timeout: u64,
+    smoke: bool,
+    shutdown: bool,
 }
 
 fn parse() -> Result<Args, Box<dyn Error>> {
@@ -31,6 +38,9 @@ fn parse() -> Result<Args, Box<dyn Error>> {
         port: AGENT_VSOCK_PORT,
         pings: 1000,
         mib: 64,
+        connect_timeout: 10,
+        smoke: false,
+        shutdown: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -41,6 +51,9 @@ fn parse() -> Result<Args, Box<dyn Error>> {
             "--port" => args.port = value()?.parse()?,
             "--pings" => args.pings = value()?.parse()?,
             "--mib" => args.mib = value()?.parse()?,
+            "--connect-timeout" => args.connect_timeout = value()?.parse()?,
+            "--smoke" => args.smoke = true,
+            "--shutdown" => args.shutdown = true,
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
@@ -61,16 +74,28 @@ fn sh(script: &str) -> ExecRequest {
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse()?;
     let started = Instant::now();
-    let client = match (&args.unix, &args.vsock_uds) {
-        (Some(path), None) => Client::connect(UnixStream::connect(path)?)?,
-        (None, Some(uds)) => Client::connect(connect_hybrid_vsock(
-            uds,
-            args.port,
-            Duration::from_secs(10),
-        )?)?,
-        _ => return Err("give exactly one of --unix PATH or --vsock-uds PATH".into()),
+    // Retry until the agent listens (a guest may still be booting).
+    let deadline = started + Duration::from_secs(args.connect_timeout);
+    let client = loop {
+        let attempt: Result<Client, Box<dyn Error>> = match (&args.unix, &args.vsock_uds) {
+            (Some(path), None) => UnixStream::connect(path)
+                .map_err(Into::into)
+                .and_then(|s| Client::connect(s).map_err(Into::into)),
+            (None, Some(uds)) => connect_hybrid_vsock(uds, args.port, Duration::from_secs(5))
+                .map_err(Into::into)
+                .and_then(|s| Client::connect(s).map_err(Into::into)),
+            _ => return Err("give exactly one of --unix PATH or --vsock-uds PATH".into()),
+        };
+        match attempt {
+            Ok(client) => break client,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
     };
     let connect_us = micros(started.elapsed());
+    if args.smoke {
+        smoke(&client)?;
+    }
 
     let mut rtts: Vec<f64> = Vec::with_capacity(args.pings);
     for _ in 0..args.pings.max(1) {
@@ -151,5 +176,47 @@ fn main() -> Result<(), Box<dyn Error>> {
         args.mib as f64 / stdin_s
     );
     println!("{result}");
+    if args.shutdown {
+        client.shutdown()?;
+        eprintln!("shutdown acknowledged");
+    }
+    Ok(())
+}
+
+/// Exec basics, each checked: a failure names what was seen.
+fn smoke(client: &Client) -> Result<(), Box<dyn Error>> {
+    let hello = client.hello();
+    let ready = client.ping()?;
+    eprintln!(
+        "agent {} (protocol {}.{}), pid1 {}, boot {} ms, up {} ms",
+        hello.software, hello.major, hello.minor, ready.pid1, ready.boot_ms, ready.uptime_ms
+    );
+    let out = client
+        .exec(&sh("uname -a; id -u"), Stdin::Null)?
+        .wait_output()?;
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    let out = client
+        .exec(&sh("echo out; echo err >&2; exit 7"), Stdin::Null)?
+        .wait_output()?;
+    if out.stdout != b"out\n" || out.stderr != b"err\n" || out.status.code != Some(7) {
+        return Err(format!("exec check: {out:?}").into());
+    }
+    let out = client
+        .exec(&sh("cat"), Stdin::Bytes(b"piped".to_vec()))?
+        .wait_output()?;
+    if out.stdout != b"piped" {
+        return Err(format!("stdin check: {out:?}").into());
+    }
+    let mut timed = sh("sleep 60");
+    timed.timeout_ms = Some(1000);
+    let out = client.exec(&timed, Stdin::Null)?.wait_output()?;
+    if !out.status.timed_out {
+        return Err(format!("timeout check: {out:?}").into());
+    }
+    client.write_file("/tmp/smoke", 0o600, b"file")?;
+    if client.read_file("/tmp/smoke")? != b"file" {
+        return Err("file round trip differs".into());
+    }
+    eprintln!("smoke: ok");
     Ok(())
 }

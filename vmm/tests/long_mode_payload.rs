@@ -74,8 +74,10 @@ fn payload() -> Vec<u8> {
     code
 }
 
-#[test]
-fn long_mode_payload_writes_reach_the_bus() {
+/// A VM with `code` at [`PAYLOAD_ADDR`], the port recorder and the guest-signal
+/// port on the bus, and one vCPU set up by mvm-vmm; runs it until it ends.
+/// Returns the exit, the recorded port bytes, and the timeline.
+fn run_payload(code: &[u8]) -> (ExitReason, Vec<u8>, Arc<BootTimeline>) {
     assert!(
         std::path::Path::new("/dev/kvm").exists(),
         "this test needs /dev/kvm"
@@ -84,7 +86,7 @@ fn long_mode_payload_writes_reach_the_bus() {
 
     let memory = create_guest_memory(32 << 20).unwrap();
     memory
-        .write_slice(&payload(), GuestAddress(PAYLOAD_ADDR))
+        .write_slice(code, GuestAddress(PAYLOAD_ADDR))
         .unwrap();
     regs::write_boot_tables(&memory).unwrap();
     let vm = Vm::new(memory).unwrap();
@@ -122,19 +124,34 @@ fn long_mode_payload_writes_reach_the_bus() {
         stop,
     };
     let runner = std::thread::spawn(move || vcpu.run(&ctx));
-
     let event = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the payload did not finish within 60 s");
     runner.join().unwrap();
     let VmEvent::Exit(reason) = event;
-    assert_eq!(reason, ExitReason::Poweroff);
-
     let bytes = recorder.lock().unwrap().bytes.clone();
+    (reason, bytes, timeline)
+}
+
+#[test]
+fn long_mode_payload_writes_reach_the_bus() {
+    let (reason, bytes, timeline) = run_payload(&payload());
+    assert_eq!(reason, ExitReason::Poweroff);
     let mut expected = b"MVM".to_vec();
     expected.extend_from_slice(&0x1122_3344u32.to_le_bytes());
     expected.extend_from_slice(&0x7000u32.to_le_bytes());
     assert_eq!(bytes, expected);
     assert!(timeline.get(Phase::FirstKvmRun).is_some());
     assert!(timeline.get(Phase::InitReached).is_some());
+}
+
+#[test]
+fn an_exception_without_an_idt_is_a_triple_fault() {
+    // mov dx, 0xe9 ; mov al, 'X' ; out dx, al ; ud2
+    // The boot IDT is empty, so #UD -> #GP -> #DF -> shutdown.
+    let code = [0x66, 0xba, 0xe9, 0x00, 0xb0, b'X', 0xee, 0x0f, 0x0b];
+    let (reason, bytes, _) = run_payload(&code);
+    assert_eq!(bytes, b"X");
+    assert_eq!(reason, ExitReason::TripleFault { vcpu: 0 });
+    assert_eq!(reason.status(), 0);
 }

@@ -518,9 +518,16 @@ impl EgressFilter {
             Err(m) => (DenyReason::Malformed(m), Destination::Malformed),
         };
         self.dropped = self.dropped.saturating_add(1);
-        let key = if self.drops.contains_key(&destination)
-            || self.drops.len() < MAX_TRACKED_DESTINATIONS
-        {
+        // One hash lookup for a destination seen before (the common case under a flood).
+        if let Some(count) = self.drops.get_mut(&destination) {
+            *count = count.saturating_add(1);
+            return Decision::Drop {
+                reason,
+                destination,
+                first: false,
+            };
+        }
+        let key = if self.drops.len() < MAX_TRACKED_DESTINATIONS {
             destination
         } else {
             Destination::Untracked

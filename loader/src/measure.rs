@@ -175,7 +175,10 @@ impl MeasuredArtifact {
             source,
         };
         let file = File::open(path).map_err(read_err)?;
-        let mut bytes = Vec::new();
+        // Size the buffer once from the file's length (bounded by the limit);
+        // the read below still stops at limit + 1 whatever the length says.
+        let hint = file.metadata().map_or(0, |m| m.len()).min(limit);
+        let mut bytes = Vec::with_capacity(usize::try_from(hint).unwrap_or(0).saturating_add(1));
         // Read one byte past the limit to tell "exactly the limit" from "more".
         file.take(limit.saturating_add(1))
             .read_to_end(&mut bytes)

@@ -10,6 +10,7 @@ use ed25519_dalek::SigningKey;
 use super::{Plan, PlanError, UtcTime, WindowError, PLAN_PAYLOAD_TYPE};
 use crate::dsse::{DsseError, Envelope, KeyId, TrustedKeys};
 use crate::measure::Sha256Digest;
+use crate::replay::{ReplayError, ReplayStore};
 
 /// A plan and the envelope that signs it.
 #[derive(Debug, Clone)]
@@ -57,6 +58,9 @@ pub enum PlanVerifyError {
     /// The validity window.
     #[error("{0}")]
     Window(#[from] WindowError),
+    /// The nonce was used before on this host, or the store failed.
+    #[error("{0}")]
+    Replay(#[from] ReplayError),
 }
 
 impl PlanVerifyError {
@@ -71,6 +75,8 @@ impl PlanVerifyError {
             Self::Plan(_) => "invalid_plan",
             Self::Window(WindowError::Expired { .. }) => "expired",
             Self::Window(WindowError::NotYetValid { .. }) => "not_yet_valid",
+            Self::Replay(ReplayError::Replayed { .. }) => "replay",
+            Self::Replay(_) => "replay_store",
         }
     }
 }
@@ -92,6 +98,21 @@ pub fn verify_plan(
         plan,
         keyid: verified.keyid,
     })
+}
+
+/// Everything the VMM checks before measuring, in order: [`verify_plan`],
+/// then the nonce against the host's replay store (recorded only if every
+/// earlier check passed, so a refused plan does not burn its nonce).
+pub fn verify_plan_for_boot(
+    envelope_json: &[u8],
+    trusted: &TrustedKeys,
+    now: UtcTime,
+    skew: Duration,
+    replay: &ReplayStore,
+) -> Result<VerifiedPlan, PlanVerifyError> {
+    let verified = verify_plan(envelope_json, trusted, now, skew)?;
+    replay.check_and_record(&verified.plan.nonce, verified.plan.not_after, now)?;
+    Ok(verified)
 }
 
 /// Decodes an envelope's plan WITHOUT checking the signature (for
@@ -187,6 +208,38 @@ mod tests {
         assert_eq!(reason(&env.to_json(), in_window()), "newer_schema");
 
         assert_eq!(reason(b"not json", in_window()), "malformed_envelope");
+    }
+
+    #[test]
+    fn a_plan_boots_once_per_host() {
+        let k = key(1);
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplayStore::new(dir.path().join("nonces"), CLOCK_SKEW);
+        let env = sign_plan(sample_plan(), &k).unwrap().envelope.to_json();
+        let t = trusted(&k);
+        verify_plan_for_boot(&env, &t, in_window(), CLOCK_SKEW, &store).unwrap();
+        let err = verify_plan_for_boot(&env, &t, in_window(), CLOCK_SKEW, &store).unwrap_err();
+        assert_eq!(err.reason(), "replay");
+        // A refused plan (here: untrusted) does not record its nonce.
+        let other = sign_plan(
+            Plan {
+                nonce: "ff".repeat(16),
+                ..sample_plan()
+            },
+            &key(2),
+        )
+        .unwrap()
+        .envelope
+        .to_json();
+        assert_eq!(
+            verify_plan_for_boot(&other, &t, in_window(), CLOCK_SKEW, &store)
+                .unwrap_err()
+                .reason(),
+            "untrusted_key"
+        );
+        assert!(!std::fs::read_to_string(dir.path().join("nonces"))
+            .unwrap()
+            .contains(&"ff".repeat(16)));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use mvm_agent::transport::connect_hybrid_vsock;
 use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 
 use super::scratch::ScratchDir;
-use super::vmm_process::{vmm_args, VmmProcess};
+use super::vmm_process::{read_boot_report, vmm_args, VmmProcess};
 use super::{
     interrupt, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec, Tier, Timings,
     WorkloadStatus,
@@ -143,7 +143,8 @@ pub fn run(
     let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
     let uds = scratch.path().join("vsock");
     let log = scratch.path().join("vmm.log");
-    let args = vmm_args(&artifacts.image, spec, &uds);
+    let report = scratch.path().join("boot.json");
+    let args = vmm_args(&artifacts.image, spec, &uds, &report);
     let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
 
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
@@ -235,6 +236,7 @@ pub fn run(
         tracing::warn!("mvm-vmm did not exit after shutdown");
     }
     let stopped = Instant::now();
+    let boot_report = read_boot_report(&report);
     drop(scratch);
 
     Ok(RunOutcome {
@@ -252,5 +254,6 @@ pub fn run(
             host_boot_ms: None,
         },
         tier: Tier::Kvm,
+        boot_report,
     })
 }

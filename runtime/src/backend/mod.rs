@@ -117,6 +117,9 @@ pub struct RunOutcome {
     pub timings: Timings,
     /// The tier it ran on.
     pub tier: Tier,
+    /// The VMM's boot report (phase timestamps, exit reason), when it wrote one.
+    #[serde(default)]
+    pub boot_report: Option<serde_json::Value>,
 }
 
 /// Where the workload's output goes as it arrives.

@@ -19,8 +19,9 @@ pub const GUEST_CID: u32 = 3;
 /// The most of the VM log kept for error messages.
 const LOG_TAIL_BYTES: u64 = 16 << 10;
 
-/// The `mvm-vmm` arguments for `spec` on `image`, with its vsock socket at `uds`.
-pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path) -> Vec<String> {
+/// The `mvm-vmm` arguments for `spec` on `image`, with its vsock socket at
+/// `uds` and its boot report written to `report`.
+pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path, report: &Path) -> Vec<String> {
     let mut args = vec![
         "--kernel".to_owned(),
         image.kernel_path().display().to_string(),
@@ -34,12 +35,29 @@ pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path) -> Vec<String> 
         spec.mem_mib.to_string(),
         "--vsock".to_owned(),
         format!("cid={GUEST_CID},uds={}", uds.display()),
+        "--boot-report".to_owned(),
+        report.display().to_string(),
     ];
     for disk in &spec.disks {
         args.push("--disk".to_owned());
         args.push(disk.clone());
     }
     args
+}
+
+/// The largest boot report read back.
+const MAX_BOOT_REPORT: u64 = 1 << 20;
+
+/// Reads the VMM's JSON boot report, if it wrote one.
+pub fn read_boot_report(path: &Path) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_BOOT_REPORT)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// A running `mvm-vmm`; killed and reaped on drop.
@@ -205,7 +223,12 @@ mod tests {
             disks: vec!["/tmp/d.img,ro".into()],
             ready_timeout_secs: 30,
         };
-        let args = vmm_args(&image, &spec, Path::new("/run/x/v.sock"));
+        let args = vmm_args(
+            &image,
+            &spec,
+            Path::new("/run/x/v.sock"),
+            Path::new("/run/x/boot.json"),
+        );
         let joined = args.join(" ");
         assert!(joined.contains("--vcpus 2 --mem-mib 256"), "{joined}");
         assert!(

@@ -158,6 +158,7 @@ fn json_report(result: &Result<RunOutcome, RunError>, out: &CollectSink) -> (i32
                     "timed_out": outcome.status.timed_out,
                     "tier": outcome.tier,
                     "timings": outcome.timings,
+                    "boot_report": outcome.boot_report,
                 }),
             )
         }
@@ -238,6 +239,7 @@ mod tests {
                 ..Timings::default()
             },
             tier: Tier::Kvm,
+            boot_report: None,
         };
         let (code, body) = json_report(&Ok(outcome), &sink);
         assert_eq!(code, 7);

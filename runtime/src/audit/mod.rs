@@ -12,6 +12,7 @@
 //! (cutting the file at a record boundary); receipts carry the audit sequence
 //! range of their run, which anchors it.
 
+mod events;
 mod log;
 pub mod record;
 mod verify;

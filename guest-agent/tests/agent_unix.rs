@@ -36,6 +36,10 @@ impl Agent {
             .args(extra)
             .spawn()
             .unwrap();
+        Self::wait_for(child, socket, dir)
+    }
+
+    fn wait_for(child: Child, socket: PathBuf, dir: tempfile::TempDir) -> Self {
         let deadline = Instant::now() + Duration::from_secs(10);
         // The socket file appears at bind, a moment before listen: wait for a connection.
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -816,5 +820,48 @@ fn workloads_start_with_default_signal_actions_and_no_mask() {
     assert_eq!(
         run(&client, &sh("grep -E '^Sig(Blk|Ign)' /proc/self/status")).stdout,
         b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
+}
+
+#[test]
+fn limits_never_rise_above_the_agents_hard_limits() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // As in a small guest, where the kernel derives init's RLIMIT_NPROC from its memory:
+    // the policy's 4096 must be capped, not make every exec fail with EPERM.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("agent.sock");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mvm-agent"));
+    command
+        .arg("--listen-unix")
+        .arg(&socket)
+        .args(["--log", "warn"]);
+    // SAFETY: setrlimit is async-signal-safe and `limit` lives in the closure.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            let limit = libc::rlimit {
+                rlim_cur: 500,
+                rlim_max: 500,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().unwrap();
+    let agent = Agent::wait_for(child, socket, dir);
+    let client = agent.client();
+    let out = run(
+        &client,
+        &sh("awk '/^Max (processes|open files)/ {print $(NF-2), $(NF-1)}' /proc/self/limits"),
+    );
+    assert_eq!(out.status.code, Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "500 500\n4096 4096\n"
     );
 }

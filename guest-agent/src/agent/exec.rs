@@ -181,6 +181,17 @@ fn isolate(limits: Limits) -> io::Result<()> {
         (libc::RLIMIT_NPROC, limits.nproc),
         (libc::RLIMIT_CORE, limits.core),
     ] {
+        let mut current = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `current` is a valid, writable rlimit that outlives the call.
+        if unsafe { libc::getrlimit(resource, &mut current) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Only ever lower: without privileges (the uid is already dropped here) a limit
+        // cannot rise above its hard limit, which for NPROC depends on guest memory.
+        let value = value.min(current.rlim_max);
         let limit = libc::rlimit {
             rlim_cur: value,
             rlim_max: value,
@@ -264,7 +275,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
     }
     let limits = agent.policy().limits;
     // SAFETY: `isolate` runs between fork and exec and only makes async-signal-safe
-    // system calls (rt_sigaction, setsid, prctl, setrlimit); it allocates nothing and
+    // system calls (rt_sigaction, setsid, prctl, getrlimit, setrlimit); it allocates nothing and
     // takes no locks.
     unsafe {
         command.pre_exec(move || isolate(limits));

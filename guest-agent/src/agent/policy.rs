@@ -13,7 +13,8 @@ pub struct Policy {
     pub limits: Limits,
 }
 
-/// Resource limits (`setrlimit`) for a workload; each is both the soft and the hard limit.
+/// Resource limits (`setrlimit`) for a workload; each is both the soft and the hard limit,
+/// capped at the agent's own hard limit (a limit is only ever lowered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// `RLIMIT_NOFILE`: open files.

@@ -1,0 +1,306 @@
+//! `--net tap=NAME,mac=MAC[,policy=FILE]`: the virtio-net device on a host tap, with its
+//! egress policy enforced in the device.
+//!
+//! The value is parsed here ([`parse_net_arg`]); the policy file is read and the tap opened
+//! while the arguments are checked ([`open_net`]), so a bad policy or a missing tap never
+//! creates a VM; [`attach_net`] puts the device on a virtio-mmio slot and starts its
+//! thread. Without `policy=`, the device passes nothing at all (default deny).
+//!
+//! The policy file is JSON, unknown fields refused:
+//!
+//! ```json
+//! { "allow": [ { "host": "192.0.2.7", "port": 443, "protocol": "tcp" },
+//!              { "host": "10.0.0.0/8", "port": 8080, "protocol": "tcp" } ],
+//!   "resolvers": ["10.0.2.3"],
+//!   "gateways": ["10.0.2.2", "fe80::1"] }
+//! ```
+//!
+//! `allow` entries are the plan's egress rules (addresses or networks; names must have
+//! been resolved at admission); `resolvers` are the only DNS servers the guest may reach;
+//! `gateways` the only addresses ARP and NDP may ask about.
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use mvm_devices::virtio::mmio::MmioTransport;
+use mvm_devices::virtio::net::policy::PolicyError;
+use mvm_devices::virtio::net::{EgressRules, MacAddr, Net, NetConfig, NetError, NetWorker, Tap};
+use mvm_devices::virtio::worker::{self, WorkerLoop};
+use mvm_devices::virtio::{Interrupt, VirtioDevice};
+use mvm_loader::plan::{EgressPolicy, EgressRule};
+use serde::Deserialize;
+
+use crate::boot::{BootError, DeviceContext};
+
+/// Largest policy file read.
+pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
+
+/// One `--net` as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetArg {
+    /// The tap interface.
+    pub tap: String,
+    /// The guest's MAC.
+    pub mac: MacAddr,
+    /// The policy file, if any.
+    pub policy: Option<PathBuf>,
+}
+
+/// Why `--net` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NetArgError {
+    /// A malformed, unknown or repeated `key=value` item.
+    #[error("--net: unknown, malformed or repeated item {0:?} (expected tap=NAME,mac=MAC[,policy=FILE])")]
+    Item(String),
+    /// A required key is missing.
+    #[error("--net: {0}= is required (expected tap=NAME,mac=MAC[,policy=FILE])")]
+    Missing(&'static str),
+    /// The MAC does not parse.
+    #[error("--net: {0}")]
+    Mac(NetError),
+    /// The policy file cannot be read.
+    #[error("--net policy {path}: {source}")]
+    PolicyRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy file is larger than [`MAX_POLICY_BYTES`].
+    #[error("--net policy {0}: larger than {MAX_POLICY_BYTES} bytes")]
+    PolicyTooLarge(PathBuf),
+    /// The policy file is not valid policy JSON.
+    #[error("--net policy {path}: {reason}")]
+    PolicyParse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The policy's content is refused.
+    #[error("--net policy {path}: {source}")]
+    Policy {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: PolicyError,
+    },
+    /// The tap could not be opened.
+    #[error("--net: {0}")]
+    Tap(NetError),
+}
+
+/// clap's parser for one `--net` value.
+pub fn parse_net_value(value: &str) -> Result<NetArg, String> {
+    parse_net_arg(value).map_err(|e| e.to_string())
+}
+
+/// Parses `tap=NAME,mac=MAC[,policy=FILE]`.
+pub fn parse_net_arg(value: &str) -> Result<NetArg, NetArgError> {
+    let mut tap = None;
+    let mut mac = None;
+    let mut policy = None;
+    for item in value.split(',') {
+        let bad = || NetArgError::Item(item.chars().take(64).collect());
+        match item.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() && tap.is_none() => tap = Some(v.to_owned()),
+            Some(("mac", v)) if mac.is_none() => {
+                mac = Some(v.parse::<MacAddr>().map_err(NetArgError::Mac)?)
+            }
+            Some(("policy", v)) if !v.is_empty() && policy.is_none() => {
+                policy = Some(PathBuf::from(v))
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(NetArg {
+        tap: tap.ok_or(NetArgError::Missing("tap"))?,
+        mac: mac.ok_or(NetArgError::Missing("mac"))?,
+        policy,
+    })
+}
+
+/// The policy file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    allow: Vec<EgressRule>,
+    #[serde(default)]
+    resolvers: Vec<IpAddr>,
+    #[serde(default)]
+    gateways: Vec<IpAddr>,
+}
+
+/// Reads and checks a policy file for a guest with MAC `mac`.
+pub fn load_policy(path: &Path, mac: MacAddr) -> Result<EgressRules, NetArgError> {
+    let read_err = |source| NetArgError::PolicyRead {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_POLICY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_POLICY_BYTES {
+        return Err(NetArgError::PolicyTooLarge(path.to_owned()));
+    }
+    let parsed: PolicyFile =
+        serde_json::from_slice(&bytes).map_err(|e| NetArgError::PolicyParse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let plan = EgressPolicy {
+        allow: parsed.allow,
+    };
+    EgressRules::from_plan(&plan, parsed.resolvers, parsed.gateways, Some(mac.octets())).map_err(
+        |source| NetArgError::Policy {
+            path: path.to_owned(),
+            source,
+        },
+    )
+}
+
+/// A network device whose tap is open, not yet attached.
+#[derive(Debug)]
+pub struct OpenNet {
+    front: Net,
+    worker: NetWorker<Tap>,
+}
+
+/// Reads the policy and opens the tap.
+pub fn open_net(arg: &NetArg) -> Result<OpenNet, NetArgError> {
+    let rules = match &arg.policy {
+        Some(path) => load_policy(path, arg.mac)?,
+        None => {
+            tracing::warn!(tap = %arg.tap, "--net without policy=: the device passes nothing");
+            EgressRules::new(vec![], vec![], vec![], Some(arg.mac.octets())).map_err(|source| {
+                NetArgError::Policy {
+                    path: PathBuf::new(),
+                    source,
+                }
+            })?
+        }
+    };
+    let config = NetConfig {
+        tap: arg.tap.clone(),
+        mac: arg.mac,
+        rules,
+    };
+    let (front, worker) = Net::open(&config, None).map_err(NetArgError::Tap)?;
+    Ok(OpenNet { front, worker })
+}
+
+/// Puts the device on the next virtio-mmio slot (irqfd, ioeventfds, bus, command line) and
+/// starts its device thread.
+pub fn attach_net(ctx: &mut DeviceContext<'_>, net: OpenNet) -> Result<(), BootError> {
+    let OpenNet { front, worker } = net;
+    let queues = u16::try_from(front.queue_max_sizes().len())
+        .map_err(|_| BootError::BootState("virtio-net: too many queues".into()))?;
+    let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
+    let host = |what| move |source| BootError::Host { what, source };
+    let interrupt = Interrupt::new(res.interrupt);
+    let (handle, inbox) = worker::channel().map_err(host("virtio-net worker channel"))?;
+    let notifiers = res
+        .queue_notify
+        .iter()
+        .map(|fd| fd.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(host("virtio-net queue notifiers"))?;
+    tracing::info!(
+        tap = worker.backend().name(),
+        mac = %front.mac(),
+        rules = worker.filter().rules().allow_rules().len(),
+        addr = res.slot.base,
+        gsi = res.slot.gsi,
+        "virtio-net attached"
+    );
+    let transport = MmioTransport::with_notifiers(
+        Box::new(front),
+        handle,
+        interrupt.clone(),
+        ctx.memory.clone(),
+        res.queue_notify,
+    )
+    .map_err(|e| BootError::BootState(format!("net: {e}")))?;
+    ctx.devices
+        .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
+    // The thread ends with the process (or when the transport, and with it the worker
+    // handle, is dropped).
+    let thread = worker::spawn(
+        "virtio-net",
+        WorkerLoop::new(worker, inbox, notifiers, interrupt),
+        // The device thread's seccomp filter goes here (later issue). It needs read and
+        // write on the tap fd, epoll_wait/epoll_ctl, eventfd read/write, futex.
+        || Ok(()),
+    )
+    .map_err(|e| BootError::BootState(format!("net: {e}")))?;
+    drop(thread);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_args_parse_and_bad_ones_are_named() {
+        let a = parse_net_arg("tap=tap0,mac=02:00:00:00:00:01,policy=/p.json").unwrap();
+        assert_eq!(a.tap, "tap0");
+        assert_eq!(a.mac.to_string(), "02:00:00:00:00:01");
+        assert_eq!(a.policy.as_deref(), Some(Path::new("/p.json")));
+        let a = parse_net_arg("mac=02:00:00:00:00:01,tap=t").unwrap();
+        assert_eq!(a.policy, None);
+        for (bad, part) in [
+            ("tap=t", "mac= is required"),
+            ("mac=02:00:00:00:00:01", "tap= is required"),
+            ("tap=t,tap=u,mac=02:00:00:00:00:01", "\"tap=u\""),
+            ("tap=t,mac=01:00:00:00:00:01", "unicast"),
+            ("tap=t,mac=02:00:00:00:00:01,speed=10", "\"speed=10\""),
+        ] {
+            let err = parse_net_arg(bad).unwrap_err().to_string();
+            assert!(err.contains(part), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn policy_files_load_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mac: MacAddr = "02:00:00:00:00:01".parse().unwrap();
+        let path = dir.path().join("p.json");
+        std::fs::write(
+            &path,
+            r#"{"allow":[{"host":"192.0.2.7","port":443,"protocol":"tcp"}],
+                "resolvers":["10.0.2.3"],"gateways":["10.0.2.2"]}"#,
+        )
+        .unwrap();
+        let rules = load_policy(&path, mac).unwrap();
+        assert_eq!(rules.allow_rules().len(), 1);
+
+        std::fs::write(&path, r#"{"allow":[],"extra":1}"#).unwrap();
+        let err = load_policy(&path, mac).unwrap_err().to_string();
+        assert!(err.contains("extra"), "{err}");
+
+        std::fs::write(
+            &path,
+            r#"{"allow":[{"host":"example.com","port":443,"protocol":"tcp"}]}"#,
+        )
+        .unwrap();
+        let err = load_policy(&path, mac).unwrap_err().to_string();
+        assert!(err.contains("example.com"), "{err}");
+
+        std::fs::write(&path, vec![b' '; 300 * 1024]).unwrap();
+        assert!(matches!(
+            load_policy(&path, mac),
+            Err(NetArgError::PolicyTooLarge(_))
+        ));
+
+        let err = load_policy(&dir.path().join("none.json"), mac).unwrap_err();
+        assert!(err.to_string().contains("none.json"), "{err}");
+    }
+}

@@ -414,9 +414,19 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
+    let net = match args.net.as_ref().map(crate::net::open_net).transpose() {
+        Ok(n) => n,
+        Err(e) => {
+            timeline.set_exit("invalid_arguments");
+            write_report(&timeline);
+            eprintln!("mvm-vmm: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    };
     timeline.mark(Phase::ArgsParsed);
     match run(config, timeline.clone(), move |ctx| {
-        crate::virtio_devices::attach_disks(ctx, disks)
+        crate::virtio_devices::attach_disks(ctx, disks)?;
+        net.map_or(Ok(()), |n| crate::net::attach_net(ctx, n))
     }) {
         Ok(reason) => {
             timeline.set_exit(reason.code_name());

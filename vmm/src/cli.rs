@@ -58,6 +58,14 @@ pub struct Args {
         value_parser = crate::virtio_devices::parse_disk_arg
     )]
     pub disks: Vec<mvm_devices::virtio::block::DiskConfig>,
+    /// A virtio-net device on the host tap NAME with guest MAC MAC. Frames the guest sends
+    /// pass only where the policy FILE allows (nothing passes without one).
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME,mac=MAC[,policy=FILE]",
+        value_parser = crate::net::parse_net_value
+    )]
+    pub net: Option<crate::net::NetArg>,
 }
 
 /// Where the guest console goes.

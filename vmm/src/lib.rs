@@ -16,6 +16,7 @@ pub mod cli;
 pub mod device_manager;
 pub mod exit;
 pub mod layout;
+pub mod net;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;

@@ -118,12 +118,21 @@ impl Agent {
             let stream = match accept() {
                 Ok(stream) => stream,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
-                    tracing::warn!("accept: {e}; retrying");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                // Only a broken listener ends the loop; anything else (a connection reset
+                // before accept, no fds or memory for now) concerns one connection.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => {
+                    tracing::warn!("accept: {e}; continuing");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             let agent = Arc::clone(self);
             let spawned = std::thread::Builder::new()

@@ -44,9 +44,16 @@ struct Active {
 /// What became of the frame waiting for guest buffers.
 enum Delivery {
     Delivered,
-    NoBuffers,
+    /// The guest's buffers ran out at available-ring index `seen`; none were consumed.
+    NoBuffers {
+        seen: u16,
+    },
     Dropped,
 }
+
+/// Attempts per wake-up to deliver a frame after more buffers showed up while asking for
+/// a kick. Bounds the loop when a guest keeps offering too little room (or a broken ring).
+const RX_RETRIES: u32 = 4;
 
 /// Owns the tap, the egress filter and, between activation and reset, the queues.
 pub struct NetWorker<B> {
@@ -284,6 +291,7 @@ impl<B: FrameBackend> NetWorker<B> {
             return;
         }
         let mut used = false;
+        let mut retries = 0u32;
         loop {
             let len = match self.rx_pending {
                 Some(len) => len,
@@ -314,11 +322,12 @@ impl<B: FrameBackend> NetWorker<B> {
                     used = true;
                 }
                 Ok(Delivery::Dropped) => self.rx_pending = None,
-                Ok(Delivery::NoBuffers) => {
+                Ok(Delivery::NoBuffers { seen }) => {
                     self.rx_deferred = true;
-                    match self.rx_enable_notification() {
-                        Ok(true) => continue,
-                        Ok(false) => break,
+                    retries = retries.saturating_add(1);
+                    match self.rx_ask_for_kick(seen) {
+                        Ok(true) if retries < RX_RETRIES => continue,
+                        Ok(_) => break,
                         Err(reason) => return self.needs_reset(interrupt, &reason),
                     }
                 }
@@ -332,21 +341,25 @@ impl<B: FrameBackend> NetWorker<B> {
         }
     }
 
-    /// Asks the guest to kick RX when it adds buffers; true if some arrived meanwhile.
-    fn rx_enable_notification(&mut self) -> Result<bool, String> {
+    /// Asks the guest to kick RX when it adds buffers past ring index `seen` (where they
+    /// ran out); true if some arrived meanwhile. With EVENT_IDX the kick threshold is the
+    /// ring position, so it is set at `seen`, not at the unconsumed buffers before it.
+    fn rx_ask_for_kick(&mut self, seen: u16) -> Result<bool, String> {
         let Some(act) = self.active.as_mut() else {
             return Ok(false);
         };
-        act.rx
-            .enable_notification(&act.mem)
-            .map_err(|e| format!("RX: cannot enable notifications: {e}"))
+        let resume = act.rx.next_avail();
+        act.rx.set_next_avail(seen);
+        let more = act.rx.enable_notification(&act.mem);
+        act.rx.set_next_avail(resume);
+        more.map_err(|e| format!("RX: cannot enable notifications: {e}"))
     }
 
     /// Writes the frame in `rx_buf[..len]` into one guest buffer, or several when
     /// MRG_RXBUF was negotiated, with a header of the device's own.
     fn deliver(&mut self, len: usize) -> Result<Delivery, String> {
         let Some(act) = self.active.as_mut() else {
-            return Ok(Delivery::NoBuffers);
+            return Ok(Delivery::Dropped);
         };
         let start = act.rx.next_avail();
         let mut writers: Vec<(u16, Writer<'_, ()>)> = Vec::new();
@@ -359,8 +372,9 @@ impl<B: FrameBackend> NetWorker<B> {
                 break;
             }
             let Some(chain) = act.rx.pop_descriptor_chain(&act.mem) else {
+                let seen = act.rx.next_avail();
                 act.rx.set_next_avail(start);
-                return Ok(Delivery::NoBuffers);
+                return Ok(Delivery::NoBuffers { seen });
             };
             let head = chain.head_index();
             let writer = Writer::<()>::new(&act.mem, chain)

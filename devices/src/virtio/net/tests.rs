@@ -489,6 +489,31 @@ fn rx_merges_small_buffers_and_counts_them() {
 }
 
 #[test]
+fn rx_with_too_little_room_waits_without_spinning_then_delivers() {
+    let mut g = Guest::new(true);
+    let frame = build::eth(0x88b5, &[3u8; 1000]);
+    g.host_send(&frame);
+    // One 100-byte buffer cannot hold the frame: the device must return, not spin.
+    g.give_rx(1, 100);
+    assert!(g.rx.take_used(&g.mem).is_empty());
+    // With EVENT_IDX the guest is asked to kick once the ring moves past what it had.
+    let avail_event: u16 = g
+        .mem
+        .read_obj(GuestAddress(
+            g.tx.used - 0x1_0000 + 4 + u64::from(QSIZE) * 8,
+        ))
+        .unwrap();
+    assert_eq!(
+        avail_event, 1,
+        "kick requested after the one buffer offered"
+    );
+    g.give_rx(15, 100);
+    let used = g.rx.take_used(&g.mem);
+    assert_eq!(used.len(), (VNET_HDR_SIZE + frame.len()).div_ceil(100));
+    assert_eq!(used[0].0, 0, "the first buffer is used first");
+}
+
+#[test]
 fn rx_frame_too_big_for_a_single_buffer_is_dropped_and_the_buffer_kept() {
     let mut g = Guest::new(false);
     g.host_send(&build::eth(0x88b5, &[7u8; 500]));

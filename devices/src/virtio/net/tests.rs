@@ -499,9 +499,7 @@ fn rx_with_too_little_room_waits_without_spinning_then_delivers() {
     // With EVENT_IDX the guest is asked to kick once the ring moves past what it had.
     let avail_event: u16 = g
         .mem
-        .read_obj(GuestAddress(
-            g.tx.used - 0x1_0000 + 4 + u64::from(QSIZE) * 8,
-        ))
+        .read_obj(GuestAddress(g.rx.used + 4 + u64::from(QSIZE) * 8))
         .unwrap();
     assert_eq!(
         avail_event, 1,

@@ -75,7 +75,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let args = parse()?;
     let started = Instant::now();
     // Retry until the agent listens (a guest may still be booting).
-    let deadline = started + Duration::from_secs(args.connect_timeout);
+    let deadline = started
+        .checked_add(Duration::from_secs(args.connect_timeout))
+        .ok_or("--connect-timeout is too large")?;
     let client = loop {
         let attempt: Result<Client, Box<dyn Error>> = match (&args.unix, &args.vsock_uds) {
             (Some(path), None) => UnixStream::connect(path)

@@ -865,3 +865,15 @@ fn limits_never_rise_above_the_agents_hard_limits() {
         "500 500\n4096 4096\n"
     );
 }
+
+#[test]
+fn an_absurd_timeout_is_no_timeout_not_a_crash() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut request = sh("echo ok");
+    request.timeout_ms = Some(u64::MAX);
+    let out = run(&client, &request);
+    assert_eq!(out.stdout, b"ok\n");
+    assert!(!out.status.timed_out);
+    client.ping().unwrap();
+}

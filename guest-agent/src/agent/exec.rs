@@ -397,7 +397,8 @@ fn run_to_exit<S: Duplex>(mut running: Running, shared: &Shared<S>, id: u32) -> 
     if let Some(p) = running.child.stderr.take() {
         pipes.push(Pipe::Stderr(p));
     }
-    let deadline = running.timeout.map(|t| running.started + t);
+    // A timeout too large to represent is no timeout (and must not panic the agent).
+    let deadline = running.timeout.and_then(|t| running.started.checked_add(t));
     let mut exit: Option<ChildExit> = None;
     let mut timed_out = false;
     let mut drain_until: Option<Instant> = None;
@@ -409,7 +410,7 @@ fn run_to_exit<S: Duplex>(mut running: Running, shared: &Shared<S>, id: u32) -> 
             match running.exits.try_recv() {
                 Ok(e) => {
                     exit = Some(e);
-                    drain_until = Some(Instant::now() + DRAIN_GRACE);
+                    drain_until = Instant::now().checked_add(DRAIN_GRACE);
                 }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => break,

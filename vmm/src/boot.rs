@@ -414,6 +414,17 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
+    // The guard removes the VM's socket file when this function returns.
+    let (vsock, _vsock_socket) = match args.vsock.as_ref().map(crate::vsock::open_vsock) {
+        None => (None, None),
+        Some(Ok((open, guard))) => (Some(open), Some(guard)),
+        Some(Err(e)) => {
+            timeline.set_exit("invalid_arguments");
+            write_report(&timeline);
+            eprintln!("mvm-vmm: --vsock: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    };
     let net = match args.net.as_ref().map(crate::net::open_net).transpose() {
         Ok(n) => n,
         Err(e) => {
@@ -426,6 +437,7 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
     timeline.mark(Phase::ArgsParsed);
     match run(config, timeline.clone(), move |ctx| {
         crate::virtio_devices::attach_disks(ctx, disks)?;
+        vsock.map_or(Ok(()), |v| crate::vsock::attach_vsock(ctx, v))?;
         net.map_or(Ok(()), |n| crate::net::attach_net(ctx, n))
     }) {
         Ok(reason) => {

@@ -58,6 +58,14 @@ pub struct Args {
         value_parser = crate::virtio_devices::parse_disk_arg
     )]
     pub disks: Vec<mvm_devices::virtio::block::DiskConfig>,
+    /// A virtio-vsock device for guest CID N; host processes reach it through the Unix
+    /// socket PATH (`CONNECT <port>`), guest connections to host port P go to `PATH_P`.
+    #[arg(
+        long = "vsock",
+        value_name = "cid=N,uds=PATH",
+        value_parser = crate::vsock::parse_vsock_value
+    )]
+    pub vsock: Option<mvm_devices::virtio::vsock::VsockConfig>,
     /// A virtio-net device on the host tap NAME with guest MAC MAC. Frames the guest sends
     /// pass only where the policy FILE allows (nothing passes without one).
     #[arg(

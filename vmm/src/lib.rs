@@ -20,3 +20,4 @@ pub mod net;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;
+pub mod vsock;

@@ -3,6 +3,7 @@
 //! I/O at once.
 
 use std::path::Path;
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -21,6 +22,10 @@ pub const CASES: &[Case] = &[
     Case::kvm("blk/rw-pattern", rw_pattern),
     Case::kvm("blk/two-vcpus", two_vcpus),
 ];
+
+/// Generous: under the QEMU-TCG test host on a loaded machine a boot alone can take
+/// 30 s, and the guest then moves 8 MiB through an emulated CPU.
+const IO_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The read-only ext4 root image built by `scripts/build-blk-images`.
 pub const ROOT_IMAGE: &str = "blk-root.ext4";
@@ -57,6 +62,7 @@ fn ro_root(ctx: &Context) -> CaseResult {
     );
     let run = VmLaunch::new(ctx.artifact(VMM)?, ctx.artifact(KERNEL_ELF)?, &ctx.work)
         .cmdline(&cmdline)
+        .timeout(IO_TIMEOUT)
         .arg("--disk")
         .arg(format!("{},id={ROOT_ID}", disk_arg(&image, "ro")))
         .run()?;
@@ -81,6 +87,7 @@ fn rw_pattern(ctx: &Context) -> CaseResult {
     let disk = blank_disk(ctx, "data.img", disk_len)?;
     let run = ctx
         .test_guest(KERNEL_ELF, "blk-write")?
+        .timeout(IO_TIMEOUT)
         .arg("--disk")
         .arg(disk_arg(&disk, "rw"))
         .run()?;
@@ -106,6 +113,7 @@ fn two_vcpus(ctx: &Context) -> CaseResult {
     let run = ctx
         .test_guest(KERNEL_ELF, "blk-parallel")?
         .vcpus(2)
+        .timeout(IO_TIMEOUT)
         .arg("--disk")
         .arg(disk_arg(&disk, "rw"))
         .run()?;

@@ -62,7 +62,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Beyond the workload and ready timeouts, what the outer watchdog allows.
 const WATCHDOG_SLACK: Duration = Duration::from_secs(60);
 /// Bump when the overlay layout changes, so cached initramfs files are rebuilt.
-const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-1";
+const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-2";
+/// The test host modules the virtio-serial ports need, in load order.
+const VIRTIO_MODULES: &str =
+    "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console";
 
 /// The request the host sends on `mvm.ctl`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,7 +202,16 @@ pub fn overlay_archive(mvm: &[u8], vmm: &[u8], image: &StoredImage) -> Result<Ar
     let cpio =
         |e: crate::image::cpio::CpioError| RunError::Missing(format!("test host overlay: {e}"));
     let mut archive = Archive::new();
-    let run = format!("#!/bin/sh\nexec /{GUEST_BIN_DIR}/mvm __testhost-guest /{GUEST_IMAGE_DIR}\n");
+    // The test host kernel has virtio as modules; scripts/build-testhost
+    // copies them to /lib/modules and this script loads them (in dependency
+    // order; one that is built in or missing is skipped).
+    let run = format!(
+        "#!/bin/sh\n\
+         for m in {VIRTIO_MODULES}; do\n\
+         \x20 [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null\n\
+         done\n\
+         exec /{GUEST_BIN_DIR}/mvm __testhost-guest /{GUEST_IMAGE_DIR}\n"
+    );
     archive
         .add_file("testhost/run", 0o755, run.into_bytes())
         .map_err(cpio)?;
@@ -697,21 +709,38 @@ pub fn run(
 // Test host side.
 // ---------------------------------------------------------------------------
 
+/// How long the test host's ports may take to appear: the driver learns
+/// their names from QEMU over its control queue, after `/init` has started.
+const PORT_WAIT: Duration = Duration::from_secs(20);
+
 /// The `/dev` node of the virtio-serial port called `name`, found through
 /// `/sys/class/virtio-ports/<vportNpM>/name` (no udev in the test host).
+fn find_port_once(name: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    entries.flatten().find_map(|entry| {
+        let label = std::fs::read_to_string(entry.path().join("name")).ok()?;
+        let node = Path::new("/dev").join(entry.file_name());
+        (label.trim() == name && node.exists()).then_some(node)
+    })
+}
+
+/// [`find_port_once`], retried until the port shows up or [`PORT_WAIT`] passes.
 fn find_port(name: &str) -> std::io::Result<PathBuf> {
-    let class = Path::new("/sys/class/virtio-ports");
-    for entry in std::fs::read_dir(class)? {
-        let entry = entry?;
-        let label = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
-        if label.trim() == name {
-            return Ok(Path::new("/dev").join(entry.file_name()));
+    let start = Instant::now();
+    loop {
+        if let Some(node) = find_port_once(name) {
+            return Ok(node);
         }
+        if start.elapsed() > PORT_WAIT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no virtio-serial port named {name} under /sys/class/virtio-ports after {PORT_WAIT:?}"
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("no virtio-serial port named {name}"),
-    ))
 }
 
 /// Writes output into a port and counts it.
@@ -903,6 +932,18 @@ mod tests {
         ] {
             assert!(paths.contains(&want), "{want} in {paths:?}");
         }
+        let run = entries.iter().find(|e| e.path == "testhost/run").unwrap();
+        let crate::image::cpio::EntryKind::File(script) = &run.kind else {
+            panic!("run is not a file");
+        };
+        let script = String::from_utf8(script.clone()).unwrap();
+        assert!(script.starts_with("#!/bin/sh\n"), "{script}");
+        assert!(script.contains("insmod /lib/modules/$m.ko"), "{script}");
+        assert!(script.contains("virtio_console"), "{script}");
+        assert!(
+            script.contains("exec /testhost/bin/mvm __testhost-guest /testhost/image\n"),
+            "{script}"
+        );
         // The carried image opens and verifies as the same digest.
         let out = dir.path().join("carried");
         std::fs::create_dir(&out).unwrap();

@@ -39,6 +39,8 @@ pub struct BlockWorker {
     active: Option<Active>,
     chain: Vec<Descriptor>,
     refusal_logged: bool,
+    /// Set for a read-only disk the plan pins: every read is verified (`verity.rs`).
+    verity: Option<super::verity::VerifiedDisk>,
 }
 
 impl BlockWorker {
@@ -56,7 +58,13 @@ impl BlockWorker {
             active: None,
             chain: Vec::with_capacity(MAX_CHAIN),
             refusal_logged: false,
+            verity: None,
         }
+    }
+
+    /// Verifies every read of this (read-only) disk against a dm-verity tree.
+    pub fn set_verity(&mut self, disk: super::verity::VerifiedDisk) {
+        self.verity = Some(disk);
     }
 
     #[cfg(test)]
@@ -211,10 +219,14 @@ impl BlockWorker {
     fn execute(&mut self, request: &Request, mem: &GuestMemoryMmap) -> std::io::Result<u32> {
         match request.kind {
             RequestKind::Read { offset, len } => {
-                self.file.seek(SeekFrom::Start(offset))?;
-                for &(addr, seg_len) in &request.segments {
-                    mem.read_exact_volatile_from(addr, &mut self.file, usize_of(seg_len))
-                        .map_err(std::io::Error::other)?;
+                if let Some(verity) = self.verity.as_mut() {
+                    verity.read_into_guest(&self.file, offset, &request.segments, mem)?;
+                } else {
+                    self.file.seek(SeekFrom::Start(offset))?;
+                    for &(addr, seg_len) in &request.segments {
+                        mem.read_exact_volatile_from(addr, &mut self.file, usize_of(seg_len))
+                            .map_err(std::io::Error::other)?;
+                    }
                 }
                 BlockMetrics::add(&self.metrics.reads, 1);
                 BlockMetrics::add(&self.metrics.read_bytes, u64::from(len));

@@ -10,6 +10,7 @@ mod device;
 mod event_handler;
 mod metrics;
 pub mod request;
+pub mod verity;
 
 #[cfg(test)]
 mod tests;

@@ -24,6 +24,10 @@ fn main() {
     let code = match &cli.command {
         Command::Run(args) => cli::run::main(args),
         Command::Doctor(args) => cli::doctor::main(args),
+        Command::Keys(c) => cli::trust::keys(c),
+        Command::Plan(c) => cli::trust::plan(c),
+        Command::Audit(c) => cli::trust::audit(c),
+        Command::Receipt(c) => cli::trust::receipt(c),
         Command::Image(command) => match cli::image::main(command) {
             Ok(()) => 0,
             Err(e) => {

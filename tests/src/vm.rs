@@ -150,6 +150,10 @@ impl VmLaunch {
             args.push(report.clone().into());
         }
         args.extend(self.extra.iter().cloned());
+        // Without a signed plan, mvm-vmm boots only in its (unverified) --dev mode.
+        if !self.extra.iter().any(|a| a == "--plan") {
+            args.push("--dev".into());
+        }
         args
     }
 

@@ -381,7 +381,7 @@ pub fn run(
 
 /// The whole `mvm-vmm` command: validate, boot, supervise, report. Returns the
 /// process exit status; the caller exits with it.
-pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
+pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
     let report_path = args.boot_report.clone();
     let write_report = |timeline: &BootTimeline| {
         if let Some(path) = &report_path {
@@ -396,7 +396,27 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     }
-    let config = match cli::validate(&args) {
+    // Verified boot: the plan before anything is read, the artifacts right after.
+    let events = match crate::verified_boot::EventLog::open(args.verify.events.as_deref()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("mvm-vmm: --events: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    };
+    let refuse = |plan_id: Option<&str>, r: crate::verified_boot::Refusal| {
+        events.boot_refused(plan_id, &r);
+        timeline.set_exit(r.reason());
+        write_report(&timeline);
+        eprintln!("mvm-vmm: boot refused ({}): {r}", r.reason());
+        r.status()
+    };
+    let plan = match crate::verified_boot::verify_plan(&mut args, &timeline) {
+        Ok(p) => p,
+        Err(r) => return refuse(None, r),
+    };
+    let plan_id = plan.as_ref().map(|p| p.plan_id().to_owned());
+    let mut config = match cli::validate(&args) {
         Ok(c) => c,
         Err(e) => {
             timeline.set_exit("invalid_arguments");
@@ -405,7 +425,12 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
-    let disks = match crate::virtio_devices::open_disks(&args.disks) {
+    if let Some(p) = &plan {
+        if let Err(r) = crate::verified_boot::measure(p, &mut config, &timeline, &events) {
+            return refuse(plan_id.as_deref(), r);
+        }
+    }
+    let mut disks = match crate::virtio_devices::open_disks(&args.disks) {
         Ok(d) => d,
         Err(e) => {
             timeline.set_exit("invalid_arguments");
@@ -434,8 +459,9 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
+    crate::verified_boot::attach_verity(plan, &mut disks, &events);
     timeline.mark(Phase::ArgsParsed);
-    match run(config, timeline.clone(), move |ctx| {
+    let status = match run(config, timeline.clone(), move |ctx| {
         crate::virtio_devices::attach_disks(ctx, disks)?;
         vsock.map_or(Ok(()), |v| crate::vsock::attach_vsock(ctx, v))?;
         net.map_or(Ok(()), |n| crate::net::attach_net(ctx, n))
@@ -453,7 +479,10 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             eprintln!("mvm-vmm: {e}");
             STATUS_VMM_ERROR
         }
-    }
+    };
+    let exit_reason = timeline.report().exit_reason.unwrap_or_default();
+    events.vm_exit(plan_id.as_deref(), &exit_reason, status);
+    status
 }
 
 #[cfg(test)]

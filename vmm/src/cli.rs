@@ -74,6 +74,9 @@ pub struct Args {
         value_parser = crate::net::parse_net_value
     )]
     pub net: Option<crate::net::NetArg>,
+    /// Verified boot: --plan, --trust, --replay-store, --events, --dev.
+    #[command(flatten)]
+    pub verify: crate::verified_boot::VerifyArgs,
 }
 
 /// Where the guest console goes.

@@ -18,6 +18,7 @@ pub mod exit;
 pub mod layout;
 pub mod net;
 pub mod vcpu;
+pub mod verified_boot;
 pub mod virtio_devices;
 pub mod vm;
 pub mod vsock;

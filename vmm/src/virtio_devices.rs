@@ -27,6 +27,18 @@ pub struct OpenDisk {
     worker: BlockWorker,
 }
 
+impl OpenDisk {
+    /// Whether the guest may only read this disk.
+    pub fn read_only(&self) -> bool {
+        self.config.read_only
+    }
+
+    /// The device-thread half, before it starts (verified boot adds its verifier).
+    pub fn worker_mut(&mut self) -> &mut BlockWorker {
+        &mut self.worker
+    }
+}
+
 /// Opens every disk, in order.
 pub fn open_disks(configs: &[DiskConfig]) -> Result<Vec<OpenDisk>, BlockError> {
     configs

@@ -16,6 +16,8 @@ fn run_vmm(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
     let report = dir.join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
         .args(extra)
+        // Argument checks of the unverified mode (verified boot has its own tests).
+        .arg("--dev")
         .arg("--boot-report")
         .arg(&report)
         .output()

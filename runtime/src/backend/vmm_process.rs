@@ -23,6 +23,8 @@ const LOG_TAIL_BYTES: u64 = 16 << 10;
 /// `uds` and its boot report written to `report`.
 pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path, report: &Path) -> Vec<String> {
     let mut args = vec![
+        // Unverified until `mvm run` admits, signs and passes a plan (--plan/--trust).
+        "--dev".to_owned(),
         "--kernel".to_owned(),
         image.kernel_path().display().to_string(),
         "--initrd".to_owned(),

@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod exit;
 pub mod image;
 pub mod run;
+pub mod trust;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -34,6 +35,18 @@ pub enum Command {
     Image(ImageCommand),
     /// Show which backends this host offers, and why.
     Doctor(DoctorArgs),
+    /// The host's admission and audit keys.
+    #[command(subcommand)]
+    Keys(trust::KeysCommand),
+    /// Show or verify a signed execution plan.
+    #[command(subcommand)]
+    Plan(trust::PlanCommand),
+    /// Show or verify the host's audit log.
+    #[command(subcommand)]
+    Audit(trust::AuditCommand),
+    /// Verify a run's signed receipt.
+    #[command(subcommand)]
+    Receipt(trust::ReceiptCommand),
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]
     TesthostGuest {

@@ -4,13 +4,14 @@
 
 pub mod blk;
 pub mod boot;
+pub mod verify;
 pub mod vsock;
 
 use crate::case::Case;
 
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
-    [boot::CASES, blk::CASES].concat()
+    [boot::CASES, blk::CASES, verify::CASES].concat()
 }
 
 #[cfg(test)]

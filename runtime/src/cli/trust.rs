@@ -1,0 +1,503 @@
+//! The trust commands: `mvm keys init|show`, `mvm plan show|verify`,
+//! `mvm audit show|verify`, `mvm receipt verify`; and [`append_vmm_events`], which
+//! turns the events `mvm-vmm --events FILE` wrote into signed audit records (the VMM
+//! holds no audit key; its supervisor appends for it).
+//!
+//! Exit statuses: 0 success; 1 the check failed (the message names what and where);
+//! 2 bad command line; `mvm plan verify` uses the VMM's refusal statuses (10
+//! untrusted_key, 11 bad_signature, 12 invalid_plan, 13 unknown_field, 14
+//! newer_schema, 15 expired, 16 not_yet_valid) so a script gets the same answer
+//! offline as at boot.
+
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use mvm_loader::dsse::{self, TrustedKeys};
+use mvm_loader::plan::envelope::{decode_plan_unverified, verify_plan, PlanVerifyError};
+use mvm_loader::plan::{UtcTime, CLOCK_SKEW};
+use serde_json::Value;
+
+use crate::admission::keys::{config_dir, HostKeys};
+use crate::audit::{self, AuditEvent, AuditLog, EventKind};
+use crate::receipt::verify_receipt;
+
+/// The check failed.
+pub const FAILED: i32 = 1;
+/// A file could not be read or a key could not be loaded.
+pub const UNUSABLE: i32 = 2;
+/// Largest envelope, receipt or key file read.
+const MAX_FILE: u64 = 1 << 20;
+/// Largest VMM events file read (lines beyond it are not appended).
+const MAX_EVENTS_FILE: u64 = 16 << 20;
+
+/// `mvm keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create the host's admission and audit keys (if missing) and print their ids.
+    Init,
+    /// Print the key ids and public key files (for --trust).
+    Show,
+}
+
+/// `mvm plan ...`.
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Print a plan envelope readably (NOT verified: use `mvm plan verify`).
+    Show {
+        /// The DSSE envelope.
+        envelope: PathBuf,
+    },
+    /// Check a plan's signature, schema and validity window offline.
+    Verify {
+        /// The DSSE envelope.
+        envelope: PathBuf,
+        /// A trusted public key file (repeatable; default: this host's admission.pub).
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Vec<PathBuf>,
+    },
+}
+
+/// `mvm audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the audit log.
+    Show(AuditShowArgs),
+    /// Check every record's signature, sequence and chain; name the first bad one.
+    Verify {
+        /// The log (default: the host's audit.jsonl).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// The audit public key file (default: this host's audit.pub).
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Option<PathBuf>,
+    },
+}
+
+/// `mvm audit show`.
+#[derive(Debug, Args)]
+pub struct AuditShowArgs {
+    /// Only this VM's records.
+    #[arg(long, value_name = "ID")]
+    pub vm: Option<String>,
+    /// One JSON record per line, as stored.
+    #[arg(long)]
+    pub json: bool,
+    /// The log (default: the host's audit.jsonl).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+}
+
+/// `mvm receipt ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCommand {
+    /// Check a receipt's signature and print what it states.
+    Verify {
+        /// The receipt (a DSSE envelope).
+        file: PathBuf,
+        /// A trusted public key file (repeatable; default: this host's audit.pub).
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Vec<PathBuf>,
+    },
+}
+
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{}: larger than {limit} bytes", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// The trusted keys from `files`, else this host's `<role>.pub`.
+fn trusted_keys(files: &[PathBuf], role: &str) -> Result<TrustedKeys, String> {
+    let default;
+    let files = if files.is_empty() {
+        let dir = config_dir().map_err(|e| e.to_string())?;
+        default = [dir.join(format!("{role}.pub"))];
+        &default[..]
+    } else {
+        files
+    };
+    let mut trusted = TrustedKeys::new();
+    for f in files {
+        let text = String::from_utf8(read_limited(f, MAX_FILE)?)
+            .map_err(|_| format!("{}: not UTF-8 text", f.display()))?;
+        trusted
+            .add_public_key_file(&text)
+            .map_err(|e| format!("{}: {e}", f.display()))?;
+    }
+    Ok(trusted)
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
+    eprintln!("mvm: {msg}");
+    code
+}
+
+/// `mvm keys`.
+pub fn keys(command: &KeysCommand) -> i32 {
+    let dir = match config_dir() {
+        Ok(d) => d,
+        Err(e) => return fail(UNUSABLE, e),
+    };
+    let keys = match command {
+        KeysCommand::Init => match HostKeys::load_or_create(&dir) {
+            Ok((keys, created)) => {
+                println!(
+                    "{} in {}",
+                    if created {
+                        "created host keys"
+                    } else {
+                        "host keys already exist"
+                    },
+                    dir.display()
+                );
+                keys
+            }
+            Err(e) => return fail(UNUSABLE, e),
+        },
+        KeysCommand::Show => match HostKeys::load(&dir) {
+            Ok(keys) => keys,
+            Err(e) => return fail(UNUSABLE, format!("{e} (run `mvm keys init`)")),
+        },
+    };
+    for info in keys.public() {
+        println!(
+            "{:<10} {}  {}",
+            info.role,
+            info.keyid,
+            info.public_key_file.display()
+        );
+    }
+    0
+}
+
+/// The exit status `mvm plan verify` gives a refusal (the VMM's, see `mvm-vmm --help`).
+pub fn plan_refusal_status(e: &PlanVerifyError) -> i32 {
+    match e.reason() {
+        "untrusted_key" => 10,
+        "bad_signature" => 11,
+        "unknown_field" => 13,
+        "newer_schema" => 14,
+        "expired" => 15,
+        "not_yet_valid" => 16,
+        "replay" => 17,
+        "replay_store" => 18,
+        _ => 12,
+    }
+}
+
+/// `mvm plan`.
+pub fn plan(command: &PlanCommand) -> i32 {
+    match command {
+        PlanCommand::Show { envelope } => {
+            let bytes = match read_limited(envelope, MAX_FILE) {
+                Ok(b) => b,
+                Err(e) => return fail(UNUSABLE, e),
+            };
+            match decode_plan_unverified(&bytes) {
+                Ok(plan) => {
+                    println!("# NOT VERIFIED: run `mvm plan verify` to check the signature");
+                    match serde_json::to_string_pretty(&plan) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => return fail(FAILED, e),
+                    }
+                    0
+                }
+                Err(e) => fail(
+                    plan_refusal_status(&e),
+                    format!("{}: {e}", envelope.display()),
+                ),
+            }
+        }
+        PlanCommand::Verify { envelope, trust } => {
+            let trusted = match trusted_keys(trust, "admission") {
+                Ok(t) => t,
+                Err(e) => return fail(UNUSABLE, e),
+            };
+            let bytes = match read_limited(envelope, MAX_FILE) {
+                Ok(b) => b,
+                Err(e) => return fail(UNUSABLE, e),
+            };
+            match verify_plan(&bytes, &trusted, UtcTime::now(), CLOCK_SKEW) {
+                Ok(v) => {
+                    println!(
+                        "plan {} verified: signed by {}, digest {}, valid {} .. {} (±{} s)",
+                        v.plan.plan_id,
+                        v.keyid,
+                        v.digest,
+                        v.plan.not_before,
+                        v.plan.not_after,
+                        CLOCK_SKEW.as_secs()
+                    );
+                    0
+                }
+                Err(e) => fail(
+                    plan_refusal_status(&e),
+                    format!("plan {} refused ({}): {e}", envelope.display(), e.reason()),
+                ),
+            }
+        }
+    }
+}
+
+fn log_path(given: Option<&PathBuf>) -> Result<PathBuf, String> {
+    given
+        .cloned()
+        .map_or_else(|| audit::default_log_path().map_err(|e| e.to_string()), Ok)
+}
+
+/// `mvm audit`.
+pub fn audit(command: &AuditCommand) -> i32 {
+    match command {
+        AuditCommand::Show(args) => {
+            let path = match log_path(args.log.as_ref()) {
+                Ok(p) => p,
+                Err(e) => return fail(UNUSABLE, e),
+            };
+            let records = match audit::read_records(&path, args.vm.as_deref()) {
+                Ok(r) => r,
+                Err(e) => return fail(FAILED, e),
+            };
+            for record in records {
+                if args.json {
+                    match record.to_line() {
+                        Ok(line) => println!("{}", String::from_utf8_lossy(&line)),
+                        Err(e) => return fail(FAILED, e),
+                    }
+                } else {
+                    println!("{record}");
+                }
+            }
+            0
+        }
+        AuditCommand::Verify { log, trust } => {
+            let path = match log_path(log.as_ref()) {
+                Ok(p) => p,
+                Err(e) => return fail(UNUSABLE, e),
+            };
+            let key_path = match trust {
+                Some(p) => p.clone(),
+                None => match config_dir() {
+                    Ok(d) => d.join("audit.pub"),
+                    Err(e) => return fail(UNUSABLE, e),
+                },
+            };
+            let key = match read_limited(&key_path, MAX_FILE)
+                .and_then(|b| String::from_utf8(b).map_err(|_| "not UTF-8 text".to_owned()))
+                .and_then(|t| dsse::parse_public_key(&t).map_err(|e| e.to_string()))
+            {
+                Ok(k) => k,
+                Err(e) => return fail(UNUSABLE, format!("{}: {e}", key_path.display())),
+            };
+            match audit::verify_log(&path, &key) {
+                Ok(summary) => {
+                    println!(
+                        "audit log {} verified: {} records, last seq {}, last hash {}",
+                        path.display(),
+                        summary.records,
+                        summary.last_seq,
+                        summary.last_hash
+                    );
+                    0
+                }
+                Err(e) => fail(FAILED, e),
+            }
+        }
+    }
+}
+
+/// `mvm receipt`.
+pub fn receipt(command: &ReceiptCommand) -> i32 {
+    let ReceiptCommand::Verify { file, trust } = command;
+    let trusted = match trusted_keys(trust, "audit") {
+        Ok(t) => t,
+        Err(e) => return fail(UNUSABLE, e),
+    };
+    let bytes = match read_limited(file, MAX_FILE) {
+        Ok(b) => b,
+        Err(e) => return fail(UNUSABLE, e),
+    };
+    match verify_receipt(&bytes, &trusted) {
+        Ok(r) => {
+            let p = &r.statement.predicate;
+            println!(
+                "receipt {} verified: signed by {}, plan {} ({}), vm {}, exit status {}, \
+                 command {}, stdout {} ({} bytes), audit seq {}..={}",
+                file.display(),
+                r.keyid,
+                p.plan_id,
+                r.plan_digest,
+                p.vm_id,
+                p.exit_status,
+                p.command_sha256,
+                p.stdout_sha256,
+                p.stdout_bytes,
+                p.audit.first_seq,
+                p.audit.last_seq
+            );
+            0
+        }
+        Err(e) => fail(FAILED, format!("receipt {} refused: {e}", file.display())),
+    }
+}
+
+/// Why the VMM's events could not all be appended.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmEventsError {
+    /// The events file cannot be read.
+    #[error("VMM events {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Appending to the audit log failed.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+}
+
+/// Converts one line the VMM wrote into an audit event, or `None` for a line that is
+/// not an event this log records. The VMM is not trusted to name the VM: `vm_id` comes
+/// from the supervisor.
+pub fn vmm_event(line: &str, vm_id: &str) -> Option<AuditEvent> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let plan_id = v.get("plan_id").and_then(Value::as_str);
+    let fields = v.get("fields").and_then(Value::as_object)?;
+    let text = |k: &str| fields.get(k).and_then(Value::as_str).unwrap_or("");
+    let event = match v.get("event").and_then(Value::as_str)? {
+        "boot_verified" => {
+            let mut e = AuditEvent::new(EventKind::BootVerified).vm(vm_id);
+            if let Some(id) = plan_id {
+                e = e.plan(id);
+            }
+            for (name, value) in fields {
+                if let Some(s) = value.as_str() {
+                    e = e.field(name, s);
+                }
+            }
+            e
+        }
+        "boot_refused" => AuditEvent::boot_refused(plan_id, vm_id, text("reason"), text("detail")),
+        "verity_failure" => AuditEvent::verity_failure(
+            plan_id.unwrap_or(""),
+            vm_id,
+            text("disk"),
+            fields
+                .get("block")
+                .and_then(Value::as_u64)
+                .unwrap_or(u64::MAX),
+            text("detail"),
+        ),
+        "device_error" => {
+            let mut e = AuditEvent::new(EventKind::DeviceError)
+                .vm(vm_id)
+                .field("device", text("device"))
+                .field("detail", text("detail"));
+            if let Some(id) = plan_id {
+                e = e.plan(id);
+            }
+            e
+        }
+        "vm_exit" => AuditEvent::vm_exited(
+            plan_id.unwrap_or(""),
+            vm_id,
+            text("reason"),
+            fields
+                .get("status")
+                .and_then(Value::as_i64)
+                .and_then(|s| i32::try_from(s).ok())
+                .unwrap_or(-1),
+        ),
+        _ => return None,
+    };
+    // An event the log would refuse (bad field names from a hostile VMM) is dropped
+    // here rather than failing the whole append.
+    event.validate().ok().map(|()| event)
+}
+
+/// Appends every event in the VMM's events file to `log`, tagged with `vm_id`.
+/// Returns the sequence numbers written.
+pub fn append_vmm_events(
+    log: &AuditLog,
+    events_file: &Path,
+    vm_id: &str,
+) -> Result<Vec<u64>, VmmEventsError> {
+    let read_err = |source| VmmEventsError::Read {
+        path: events_file.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(events_file).map_err(read_err)?;
+    let mut seqs = Vec::new();
+    for line in std::io::BufReader::new(file.take(MAX_EVENTS_FILE)).lines() {
+        let line = line.map_err(read_err)?;
+        match vmm_event(&line, vm_id) {
+            Some(event) => seqs.push(log.append(event)?),
+            None => {
+                tracing::warn!(line = %line.chars().take(200).collect::<String>(), "VMM event not recorded")
+            }
+        }
+    }
+    Ok(seqs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    #[test]
+    fn vmm_events_become_audit_records_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("events.jsonl");
+        std::fs::write(
+            &events,
+            concat!(
+                r#"{"time":"2026-11-29T00:00:00Z","event":"boot_verified","plan_id":"p1","fields":{"kernel":"sha256:00","cmdline":"sha256:11","disk_root_root_hash":"ab"}}"#, "\n",
+                r#"{"time":"2026-11-29T00:00:01Z","event":"verity_failure","plan_id":"p1","fields":{"disk":"root","block":7,"offset":28672,"len":4096,"detail":"data block 7"}}"#, "\n",
+                r#"{"time":"2026-11-29T00:00:02Z","event":"vm_exit","plan_id":"p1","fields":{"reason":"poweroff","status":0}}"#, "\n",
+                "not json\n",
+                r#"{"event":"boot_refused","fields":{"reason":"kernel_mismatch","detail":"kernel digest mismatch","status":20}}"#, "\n",
+            ),
+        )
+        .unwrap();
+        let key = SigningKey::from_bytes(&[9; 32]);
+        let log_path = dir.path().join("audit.jsonl");
+        let log = AuditLog::new(&log_path, key.clone());
+        let seqs = append_vmm_events(&log, &events, "vm-1").unwrap();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        audit::verify_log(&log_path, &key.verifying_key()).unwrap();
+        let records = audit::read_records(&log_path, Some("vm-1")).unwrap();
+        let kinds: Vec<String> = records.iter().map(|r| r.event.to_string()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "boot_verified",
+                "verity_failure",
+                "vm_exited",
+                "boot_refused"
+            ]
+        );
+        let shown = records[1].to_string();
+        assert!(
+            shown.contains("block=7") || shown.contains("block"),
+            "{shown}"
+        );
+        assert_eq!(records[0].plan_id.as_deref(), Some("p1"));
+        assert!(records[3].plan_id.is_none());
+    }
+
+    #[test]
+    fn plan_refusals_keep_the_vmm_statuses() {
+        let trusted = TrustedKeys::new();
+        let e = verify_plan(b"{}", &trusted, UtcTime::now(), CLOCK_SKEW).unwrap_err();
+        assert_eq!(e.reason(), "malformed_envelope");
+        assert_eq!(plan_refusal_status(&e), 12);
+    }
+}

@@ -1,0 +1,629 @@
+//! Verified boot: `--plan ENVELOPE --trust PUBKEY...`, checked before any VM exists.
+//!
+//! Order, each step only if the one before passed: the envelope's signature by a
+//! trusted key; the plan (schema, unknown fields, rules); its validity window against
+//! the host clock with [`CLOCK_SKEW`] either side; its nonce against the host's replay
+//! store (which survives restarts); the resources and devices on the command line
+//! against the plan; then measurement: the kernel and initramfs bytes that
+//! [`crate::cli::validate`] read once are hashed and compared, and those same bytes are
+//! loaded (no window between measuring and loading); the command line given with
+//! `--cmdline` is compared exactly, before the VMM appends its `virtio_mmio.device=`
+//! entries (so the plan pins what the user asked for, not the VMM's slot layout).
+//! Read-only disks are not hashed at boot: each is pinned by a dm-verity root hash and
+//! every read is verified on the device thread (`mvm_devices::virtio::block::verity`).
+//!
+//! Every refusal has a stable reason name and its own exit status ([`Refusal::status`],
+//! listed in `--help` by `exit::EXIT_STATUS_HELP`), is written to the boot report's `exit_reason`, and is written
+//! as a `boot_refused` event to `--events FILE`. The VMM holds no audit key: the runtime
+//! that supervises it appends these events to the signed audit log after the run.
+//!
+//! `--dev` boots whatever `--kernel/--initrd/--cmdline/--disk` say with nothing
+//! verified, and says so loudly.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use mvm_devices::virtio::block::verity::{VerifiedDisk, VerityFailure};
+use mvm_loader::dsse::TrustedKeys;
+use mvm_loader::measure::{self, MeasureError, MeasuredArtifact};
+use mvm_loader::plan::envelope::{verify_plan_for_boot, PlanVerifyError, VerifiedPlan};
+use mvm_loader::plan::{PinnedDisk, UtcTime, CLOCK_SKEW};
+use mvm_loader::replay::ReplayStore;
+use mvm_loader::verity::{VerityVerifier, DEFAULT_CACHE_BLOCKS};
+use serde_json::{json, Map, Value};
+
+use crate::boot_report::{BootTimeline, Phase};
+use crate::cli::{Args, VmConfig};
+
+/// Largest envelope file read.
+const MAX_ENVELOPE_FILE: u64 = 256 * 1024;
+/// Largest trusted-key file read.
+const MAX_KEY_FILE: u64 = 4096;
+/// File name of the replay store under the data directory.
+const REPLAY_STORE_NAME: &str = "replay-nonces";
+/// Suffix of the dm-verity tree file beside a pinned disk image.
+pub const VERITY_TREE_SUFFIX: &str = ".verity";
+
+/// Exit status: the plan is not signed by a trusted key.
+pub const STATUS_UNTRUSTED_KEY: i32 = 10;
+/// Exit status: a trusted key's signature does not verify (plan edited after signing).
+pub const STATUS_BAD_SIGNATURE: i32 = 11;
+/// Exit status: the envelope is malformed, or the plan breaks a schema rule.
+pub const STATUS_INVALID_PLAN: i32 = 12;
+/// Exit status: the plan has a field this schema does not know.
+pub const STATUS_UNKNOWN_FIELD: i32 = 13;
+/// Exit status: the plan's schema version is newer than this VMM's.
+pub const STATUS_NEWER_SCHEMA: i32 = 14;
+/// Exit status: the plan expired.
+pub const STATUS_EXPIRED: i32 = 15;
+/// Exit status: the plan is not valid yet.
+pub const STATUS_NOT_YET_VALID: i32 = 16;
+/// Exit status: the plan's nonce was used before on this host.
+pub const STATUS_REPLAY: i32 = 17;
+/// Exit status: the replay store cannot be read or written (fails closed).
+pub const STATUS_REPLAY_STORE: i32 = 18;
+/// Exit status: the command line's resources or devices differ from the plan's.
+pub const STATUS_PLAN_MISMATCH: i32 = 19;
+/// Exit status: the kernel's digest differs from the plan's.
+pub const STATUS_KERNEL_MISMATCH: i32 = 20;
+/// Exit status: the initramfs's digest differs from the plan's (or one is missing).
+pub const STATUS_INITRAMFS_MISMATCH: i32 = 21;
+/// Exit status: the command line's digest differs from the plan's.
+pub const STATUS_CMDLINE_MISMATCH: i32 = 22;
+/// Exit status: a pinned disk's image or tree does not fit its plan entry.
+pub const STATUS_DISK_MISMATCH: i32 = 23;
+/// Exit status: `--plan` or `--trust` cannot be read.
+pub const STATUS_PLAN_UNREADABLE: i32 = 24;
+
+/// Verified-boot arguments (flattened into [`Args`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct VerifyArgs {
+    /// The signed execution plan (a DSSE envelope). Its digests, command line, vCPUs,
+    /// memory and disks must match the other arguments, or the boot is refused.
+    #[arg(long, value_name = "ENVELOPE", conflicts_with = "dev")]
+    pub plan: Option<PathBuf>,
+    /// A public key file (`mvm-ed25519-public <base64>`) trusted to sign plans.
+    /// Repeatable; required with --plan.
+    #[arg(long = "trust", value_name = "PUBKEY", requires = "plan")]
+    pub trust: Vec<PathBuf>,
+    /// The host's nonce store (default: $MVM_DATA_DIR/replay-nonces, else
+    /// $XDG_DATA_HOME/mvm/replay-nonces, else ~/.local/share/mvm/replay-nonces,
+    /// else /var/lib/mvm/replay-nonces).
+    #[arg(long, value_name = "FILE", requires = "plan")]
+    pub replay_store: Option<PathBuf>,
+    /// Append events (boot_verified, boot_refused, verity_failure, vm_exit) here as
+    /// JSON lines, for the supervisor's audit log.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Development mode: boot without a plan. NOTHING IS VERIFIED.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+/// Where the replay store lives when `--replay-store` is not given.
+pub fn default_replay_store() -> PathBuf {
+    let env_dir = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(dir) = env_dir("MVM_DATA_DIR") {
+        return dir.join(REPLAY_STORE_NAME);
+    }
+    if let Some(dir) = env_dir("XDG_DATA_HOME") {
+        return dir.join("mvm").join(REPLAY_STORE_NAME);
+    }
+    if let Some(home) = env_dir("HOME") {
+        return home.join(".local/share/mvm").join(REPLAY_STORE_NAME);
+    }
+    PathBuf::from("/var/lib/mvm").join(REPLAY_STORE_NAME)
+}
+
+/// Why a boot was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// Neither `--plan` nor `--dev`.
+    #[error("refusing to boot without a signed plan: give --plan ENVELOPE --trust PUBKEY (or --dev to boot unverified)")]
+    NoPlan,
+    /// `--plan` without any `--trust`.
+    #[error("--plan needs at least one --trust PUBKEY")]
+    NoTrust,
+    /// A file named by `--plan` or `--trust` cannot be used.
+    #[error("{what} {}: {why}", path.display())]
+    Unreadable {
+        /// Which argument.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Signature, plan, window or nonce.
+    #[error("{0}")]
+    Plan(#[from] PlanVerifyError),
+    /// A resource or device on the command line that the plan does not allow.
+    #[error("{what}: plan {plan}, command line {given}")]
+    Mismatch {
+        /// What differs.
+        what: &'static str,
+        /// The plan's value.
+        plan: String,
+        /// The command line's value.
+        given: String,
+    },
+    /// A measured artifact differs from the plan.
+    #[error("{0}")]
+    Measure(MeasureError),
+    /// The plan pins an initramfs and none was given, or the reverse.
+    #[error("initramfs: plan {plan}, command line {given}")]
+    InitramfsPresence {
+        /// What the plan says.
+        plan: String,
+        /// What was given.
+        given: String,
+    },
+    /// A pinned disk's image or tree.
+    #[error("disk {name} ({}): {why}", path.display())]
+    Disk {
+        /// The plan's disk name.
+        name: String,
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+impl Refusal {
+    /// The stable short name (boot report `exit_reason`, events).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoPlan | Self::NoTrust => "no_plan",
+            Self::Unreadable { .. } => "plan_unreadable",
+            Self::Plan(e) => e.reason(),
+            Self::Mismatch { .. } => "plan_mismatch",
+            Self::Measure(MeasureError::Mismatch { artifact, .. }) => match artifact.as_str() {
+                "kernel" => "kernel_mismatch",
+                "initramfs" => "initramfs_mismatch",
+                "cmdline" => "cmdline_mismatch",
+                _ => "artifact_mismatch",
+            },
+            Self::Measure(_) => "artifact_unreadable",
+            Self::InitramfsPresence { .. } => "initramfs_mismatch",
+            Self::Disk { .. } => "disk_mismatch",
+        }
+    }
+
+    /// The process exit status for this refusal.
+    pub fn status(&self) -> i32 {
+        match self.reason() {
+            "untrusted_key" => STATUS_UNTRUSTED_KEY,
+            "bad_signature" => STATUS_BAD_SIGNATURE,
+            "unknown_field" => STATUS_UNKNOWN_FIELD,
+            "newer_schema" => STATUS_NEWER_SCHEMA,
+            "expired" => STATUS_EXPIRED,
+            "not_yet_valid" => STATUS_NOT_YET_VALID,
+            "replay" => STATUS_REPLAY,
+            "replay_store" => STATUS_REPLAY_STORE,
+            "plan_mismatch" => STATUS_PLAN_MISMATCH,
+            "kernel_mismatch" => STATUS_KERNEL_MISMATCH,
+            "initramfs_mismatch" => STATUS_INITRAMFS_MISMATCH,
+            "cmdline_mismatch" => STATUS_CMDLINE_MISMATCH,
+            "disk_mismatch" => STATUS_DISK_MISMATCH,
+            "plan_unreadable" | "artifact_unreadable" => STATUS_PLAN_UNREADABLE,
+            "no_plan" => crate::exit::STATUS_BAD_ARGUMENTS,
+            _ => STATUS_INVALID_PLAN,
+        }
+    }
+}
+
+/// The `--events` file: one JSON object per line, appended with `O_APPEND`.
+#[derive(Debug, Clone, Default)]
+pub struct EventLog {
+    file: Option<Arc<Mutex<File>>>,
+}
+
+impl EventLog {
+    /// Opens (creating, mode 0600) the events file, if one was asked for.
+    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = path
+            .map(|p| {
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(p)
+            })
+            .transpose()?;
+        Ok(Self {
+            file: file.map(|f| Arc::new(Mutex::new(f))),
+        })
+    }
+
+    /// Appends `{"time", "event", "plan_id"?, "fields"}` as one line (one write).
+    pub fn emit(&self, event: &str, plan_id: Option<&str>, fields: Map<String, Value>) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let mut record = json!({
+            "time": UtcTime::now().to_string(),
+            "event": event,
+            "fields": Value::Object(fields),
+        });
+        if let (Some(id), Some(obj)) = (plan_id, record.as_object_mut()) {
+            obj.insert("plan_id".into(), Value::from(id));
+        }
+        let mut line = record.to_string().into_bytes();
+        line.push(b'\n');
+        let written = file
+            .lock()
+            .map_err(|_| std::io::Error::other("events file lock poisoned"))
+            .and_then(|mut f| f.write_all(&line));
+        if let Err(e) = written {
+            tracing::error!(error = %e, event, "cannot write to the events file");
+        }
+    }
+
+    /// `boot_refused` with the reason, the message and the exit status.
+    pub fn boot_refused(&self, plan_id: Option<&str>, refusal: &Refusal) {
+        let mut f = Map::new();
+        f.insert("reason".into(), refusal.reason().into());
+        f.insert("detail".into(), refusal.to_string().into());
+        f.insert("status".into(), refusal.status().into());
+        self.emit("boot_refused", plan_id, f);
+    }
+
+    /// `vm_exit` with the boot report's exit reason and the status.
+    pub fn vm_exit(&self, plan_id: Option<&str>, reason: &str, status: i32) {
+        let mut f = Map::new();
+        f.insert("reason".into(), reason.into());
+        f.insert("status".into(), status.into());
+        self.emit("vm_exit", plan_id, f);
+    }
+}
+
+/// A plan that passed signature, window and nonce checks, and what measurement found.
+#[derive(Debug)]
+pub struct BootPlan {
+    /// The verified plan.
+    pub verified: VerifiedPlan,
+    /// Open pinned disks, in `--disk` order of the read-only disks.
+    pinned: Vec<(PinnedDisk, PathBuf, VerityVerifier)>,
+}
+
+impl BootPlan {
+    /// The plan id, for events.
+    pub fn plan_id(&self) -> &str {
+        &self.verified.plan.plan_id
+    }
+}
+
+fn read_limited(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, Refusal> {
+    let err = |why: String| Refusal::Unreadable {
+        what,
+        path: path.to_path_buf(),
+        why,
+    };
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, limit + 1), &mut bytes)
+        .map_err(|e| err(e.to_string()))?;
+    if bytes.len() as u64 > limit {
+        return Err(err(format!("larger than {limit} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// Step 1 (before the kernel is read): signature, plan, window, nonce; then the
+/// resources and devices on the command line against the plan. With `--dev`,
+/// warns and returns `None`. `args.vcpus` and `args.mem_mib` are set from the plan
+/// (a value given on the command line must equal the plan's).
+pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<BootPlan>, Refusal> {
+    let Some(plan_path) = args.verify.plan.clone() else {
+        if args.verify.dev {
+            eprintln!(
+                "mvm-vmm: WARNING: --dev: NOTHING IS VERIFIED. No signed plan; the kernel, \
+                 initramfs, command line and disks are booted as given. Never use this for \
+                 untrusted work."
+            );
+            return Ok(None);
+        }
+        return Err(Refusal::NoPlan);
+    };
+    if args.verify.trust.is_empty() {
+        return Err(Refusal::NoTrust);
+    }
+    let envelope = read_limited("--plan", &plan_path, MAX_ENVELOPE_FILE)?;
+    let mut trusted = TrustedKeys::new();
+    for key in &args.verify.trust {
+        let text = read_limited("--trust", key, MAX_KEY_FILE)?;
+        let text = String::from_utf8(text).map_err(|_| Refusal::Unreadable {
+            what: "--trust",
+            path: key.clone(),
+            why: "not UTF-8 text".into(),
+        })?;
+        trusted
+            .add_public_key_file(&text)
+            .map_err(|e| Refusal::Unreadable {
+                what: "--trust",
+                path: key.clone(),
+                why: e.to_string(),
+            })?;
+    }
+    let store_path = args
+        .verify
+        .replay_store
+        .clone()
+        .unwrap_or_else(default_replay_store);
+    if let Some(dir) = store_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The store's own checks report a directory that cannot be created.
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let store = ReplayStore::new(store_path, CLOCK_SKEW);
+    let verified = verify_plan_for_boot(&envelope, &trusted, UtcTime::now(), CLOCK_SKEW, &store)?;
+    timeline.mark(Phase::PlanVerified);
+
+    let plan = &verified.plan;
+    let mismatch = |what, plan: String, given: String| Refusal::Mismatch { what, plan, given };
+    let want_vcpus = u32::from(plan.resources.vcpus);
+    if args.vcpus != want_vcpus && args.vcpus != 1 {
+        return Err(mismatch(
+            "--vcpus",
+            want_vcpus.to_string(),
+            args.vcpus.to_string(),
+        ));
+    }
+    args.vcpus = want_vcpus;
+    let want_mib = u64::from(plan.resources.memory_mib);
+    if args.mem_mib != want_mib && args.mem_mib != 128 {
+        return Err(mismatch(
+            "--mem-mib",
+            want_mib.to_string(),
+            args.mem_mib.to_string(),
+        ));
+    }
+    args.mem_mib = want_mib;
+    match (&plan.devices.vsock, &args.vsock) {
+        (None, Some(v)) => return Err(mismatch("--vsock", "none".into(), v.guest_cid.to_string())),
+        (Some(p), Some(v)) if u64::from(p.guest_cid) != v.guest_cid => {
+            return Err(mismatch(
+                "--vsock cid",
+                p.guest_cid.to_string(),
+                v.guest_cid.to_string(),
+            ))
+        }
+        _ => {}
+    }
+    if plan.devices.net.is_none() && args.net.is_some() {
+        return Err(mismatch("--net", "none".into(), "a net device".into()));
+    }
+
+    // Disks: the read-only ones are the plan's pinned disks in order, the writable ones
+    // its scratch disks in order.
+    let (ro, rw): (Vec<_>, Vec<_>) = args.disks.iter().partition(|d| d.read_only);
+    if ro.len() != plan.artifacts.disks.len() {
+        return Err(mismatch(
+            "read-only --disk count",
+            plan.artifacts.disks.len().to_string(),
+            ro.len().to_string(),
+        ));
+    }
+    if rw.len() != plan.devices.scratch_disks.len() {
+        return Err(mismatch(
+            "read-write --disk count",
+            plan.devices.scratch_disks.len().to_string(),
+            rw.len().to_string(),
+        ));
+    }
+    for (disk, scratch) in rw.iter().zip(&plan.devices.scratch_disks) {
+        let want = u64::from(scratch.size_mib) << 20;
+        let len = std::fs::metadata(&disk.path).map_or(0, |m| m.len());
+        if len != want {
+            return Err(Refusal::Disk {
+                name: scratch.name.clone(),
+                path: disk.path.clone(),
+                why: format!("scratch disk is {len} bytes, the plan says {want}"),
+            });
+        }
+    }
+    let mut pinned = Vec::with_capacity(ro.len());
+    for (disk, pin) in ro.iter().zip(&plan.artifacts.disks) {
+        let disk_err = |why: String| Refusal::Disk {
+            name: pin.name.clone(),
+            path: disk.path.clone(),
+            why,
+        };
+        let len = std::fs::metadata(&disk.path)
+            .map_err(|e| disk_err(format!("cannot stat the image: {e}")))?
+            .len();
+        if len != pin.verity.data_size {
+            return Err(disk_err(format!(
+                "image is {len} bytes, the plan's verity data size is {}",
+                pin.verity.data_size
+            )));
+        }
+        let mut tree_path = disk.path.clone().into_os_string();
+        tree_path.push(VERITY_TREE_SUFFIX);
+        let tree_path = PathBuf::from(tree_path);
+        let tree = File::open(&tree_path)
+            .map_err(|e| disk_err(format!("cannot open tree {}: {e}", tree_path.display())))?;
+        let verifier = VerityVerifier::from_file(tree, &pin.verity, DEFAULT_CACHE_BLOCKS)
+            .map_err(|e| disk_err(format!("tree {}: {e}", tree_path.display())))?;
+        pinned.push((pin.clone(), disk.path.clone(), verifier));
+    }
+    Ok(Some(BootPlan { verified, pinned }))
+}
+
+/// Step 2 (after [`crate::cli::validate`] read the kernel and initramfs once):
+/// measures those very bytes and the command line against the plan, then writes
+/// `boot_verified` with every digest.
+pub fn measure(
+    plan: &BootPlan,
+    config: &mut VmConfig,
+    timeline: &BootTimeline,
+    events: &EventLog,
+) -> Result<(), Refusal> {
+    let artifacts = &plan.verified.plan.artifacts;
+    let kernel = MeasuredArtifact::from_bytes("kernel", std::mem::take(&mut config.kernel))
+        .verify(&artifacts.kernel)
+        .map_err(Refusal::Measure)?;
+    config.kernel = kernel.into_bytes();
+    match (&artifacts.initramfs, config.initrd.take()) {
+        (Some(want), Some(bytes)) => {
+            let initrd = MeasuredArtifact::from_bytes("initramfs", bytes)
+                .verify(want)
+                .map_err(Refusal::Measure)?;
+            config.initrd = Some(initrd.into_bytes());
+        }
+        (None, None) => {}
+        (want, given) => {
+            return Err(Refusal::InitramfsPresence {
+                plan: want.map_or("none".into(), |d| d.to_string()),
+                given: given.map_or("none".into(), |b| {
+                    format!("{} ({} bytes)", measure::sha256(&b), b.len())
+                }),
+            })
+        }
+    }
+    measure::verify_cmdline(&config.cmdline, &artifacts.cmdline).map_err(Refusal::Measure)?;
+    timeline.mark(Phase::ArtifactsMeasured);
+
+    let mut f = Map::new();
+    f.insert("kernel".into(), artifacts.kernel.to_string().into());
+    if let Some(i) = &artifacts.initramfs {
+        f.insert("initramfs".into(), i.to_string().into());
+    }
+    f.insert("cmdline".into(), artifacts.cmdline.to_string().into());
+    for (pin, _, _) in &plan.pinned {
+        f.insert(
+            format!("disk_{}_root_hash", pin.name),
+            pin.verity.root_hash.to_string().into(),
+        );
+    }
+    f.insert(
+        "plan_digest".into(),
+        plan.verified.digest.to_string().into(),
+    );
+    f.insert("keyid".into(), plan.verified.keyid.to_string().into());
+    events.emit("boot_verified", Some(plan.plan_id()), f);
+    Ok(())
+}
+
+/// Puts each pinned disk's verifier on its (read-only) disk's worker, in order, with
+/// failures written as `verity_failure` events.
+pub fn attach_verity(
+    plan: Option<BootPlan>,
+    disks: &mut [crate::virtio_devices::OpenDisk],
+    events: &EventLog,
+) {
+    let Some(plan) = plan else {
+        return;
+    };
+    let plan_id = plan.plan_id().to_owned();
+    let mut pinned = plan.pinned.into_iter();
+    for disk in disks.iter_mut().filter(|d| d.read_only()) {
+        let Some((pin, path, verifier)) = pinned.next() else {
+            return;
+        };
+        let events = events.clone();
+        let plan_id = plan_id.clone();
+        let name = pin.name.clone();
+        tracing::info!(disk = %name, image = %path.display(), "every read is verified against the plan's dm-verity root");
+        disk.worker_mut().set_verity(VerifiedDisk::new(
+            verifier,
+            Box::new(move |failure: &VerityFailure| {
+                let mut f = Map::new();
+                f.insert("disk".into(), name.clone().into());
+                if let Some(block) = failure.block {
+                    f.insert("block".into(), block.into());
+                }
+                f.insert("offset".into(), failure.offset.into());
+                f.insert("len".into(), failure.len.into());
+                f.insert("detail".into(), failure.error.clone().into());
+                events.emit("verity_failure", Some(&plan_id), f);
+            }),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn every_refusal_class_has_its_own_status() {
+        let statuses = [
+            STATUS_UNTRUSTED_KEY,
+            STATUS_BAD_SIGNATURE,
+            STATUS_INVALID_PLAN,
+            STATUS_UNKNOWN_FIELD,
+            STATUS_NEWER_SCHEMA,
+            STATUS_EXPIRED,
+            STATUS_NOT_YET_VALID,
+            STATUS_REPLAY,
+            STATUS_REPLAY_STORE,
+            STATUS_PLAN_MISMATCH,
+            STATUS_KERNEL_MISMATCH,
+            STATUS_INITRAMFS_MISMATCH,
+            STATUS_CMDLINE_MISMATCH,
+            STATUS_DISK_MISMATCH,
+            STATUS_PLAN_UNREADABLE,
+        ];
+        for (i, s) in statuses.iter().enumerate() {
+            assert!(!statuses[i + 1..].contains(s), "status {s} repeated");
+            assert!(
+                ![0, 1, 2, 3].contains(s),
+                "status {s} clashes with the VMM's"
+            );
+            assert!(
+                crate::exit::EXIT_STATUS_HELP.contains(&format!("  {s} ")),
+                "{s} not in --help"
+            );
+        }
+        let m = Refusal::Measure(MeasureError::Mismatch {
+            artifact: "kernel".into(),
+            expected: measure::sha256(b"a"),
+            measured: measure::sha256(b"b"),
+        });
+        assert_eq!(m.status(), STATUS_KERNEL_MISMATCH);
+        assert!(m.to_string().contains(&measure::sha256(b"a").to_string()));
+        assert!(m.to_string().contains(&measure::sha256(b"b").to_string()));
+    }
+
+    #[test]
+    fn no_plan_without_dev_is_refused_and_dev_is_allowed() {
+        let t = BootTimeline::new(std::time::Instant::now());
+        let mut a = Args::try_parse_from(["mvm-vmm", "--kernel", "/k"]).unwrap();
+        assert!(matches!(verify_plan(&mut a, &t), Err(Refusal::NoPlan)));
+        let mut a = Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--dev"]).unwrap();
+        assert!(verify_plan(&mut a, &t).unwrap().is_none());
+        assert!(
+            Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--dev", "--plan", "/p"]).is_err()
+        );
+        assert!(Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--trust", "/p"]).is_err());
+    }
+
+    #[test]
+    fn events_are_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(Some(&path)).unwrap();
+        log.boot_refused(Some("plan-1"), &Refusal::NoTrust);
+        log.vm_exit(None, "poweroff", 0);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["event"], "boot_refused");
+        assert_eq!(lines[0]["plan_id"], "plan-1");
+        assert_eq!(lines[0]["fields"]["reason"], "no_plan");
+        assert_eq!(lines[1]["fields"]["status"], 0);
+        assert!(lines[1].get("plan_id").is_none());
+    }
+}

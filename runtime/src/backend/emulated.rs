@@ -495,14 +495,93 @@ fn pump_ctl(stream: UnixStream, tx: mpsc::SyncSender<Chunk>) -> std::io::Result<
         .map(drop)
 }
 
+/// Copies `source` into the stdin port as frames (see [`FramedStdin`]),
+/// ending with the empty frame. The caller keeps another handle on the
+/// socket open until the run ends: closing it would race the last frames.
 fn pump_stdin(mut source: Box<dyn Read + Send>, mut port: UnixStream) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("testhost-in".into())
         .spawn(move || {
-            let _ = std::io::copy(&mut source, &mut port);
-            let _ = port.shutdown(std::net::Shutdown::Write);
+            let mut buf = vec![0u8; STDIN_FRAME_MAX];
+            loop {
+                let n = match source.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => 0,
+                };
+                let Some(data) = buf.get(..n) else { return };
+                let len = u32::try_from(n).unwrap_or(0).to_le_bytes();
+                if port
+                    .write_all(&len)
+                    .and_then(|()| port.write_all(data))
+                    .is_err()
+                    || n == 0
+                {
+                    return;
+                }
+            }
         })
         .map(drop)
+}
+
+/// The largest stdin frame.
+const STDIN_FRAME_MAX: usize = 64 << 10;
+
+/// The test host's end of the stdin port: `[u32 LE length][bytes]` frames,
+/// the empty frame meaning end of input. A virtio-serial port has no
+/// reliable end of file: the host closing its socket reaches the guest on
+/// the control queue, which can overtake the last data on the port's own
+/// queue, so the end travels in band.
+pub struct FramedStdin<R> {
+    inner: R,
+    left: usize,
+    ended: bool,
+}
+
+impl<R: Read> FramedStdin<R> {
+    /// Reads frames from `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            left: 0,
+            ended: false,
+        }
+    }
+}
+
+impl<R: Read> Read for FramedStdin<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.ended || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut len = [0u8; 4];
+            self.inner.read_exact(&mut len)?;
+            let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+            if len == 0 {
+                self.ended = true;
+                return Ok(0);
+            }
+            if len > STDIN_FRAME_MAX {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("stdin frame of {len} bytes (at most {STDIN_FRAME_MAX})"),
+                ));
+            }
+            self.left = len;
+        }
+        let want = buf.len().min(self.left);
+        let slot = buf.get_mut(..want).unwrap_or_default();
+        let n = self.inner.read(slot)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "stdin port closed inside a frame",
+            ));
+        }
+        self.left = self.left.saturating_sub(n);
+        Ok(n)
+    }
 }
 
 /// Runs `spec` inside the test host with QEMU `qemu`.
@@ -561,11 +640,11 @@ pub fn run(
     pump_bytes(err, tx, Chunk::Err).map_err(RunError::io("starting a reader thread"))?;
     write_json_line(&mut ctl_writer, &GuestRequest { spec: spec.clone() })
         .map_err(RunError::io("sending the request to the test host"))?;
-    match (spec.stdin, stdin) {
-        (StdinMode::Forward, Some(source)) => {
-            pump_stdin(source, input).map_err(RunError::io("starting the stdin thread"))?
-        }
-        _ => drop(input.shutdown(std::net::Shutdown::Write)),
+    if let (StdinMode::Forward, Some(source)) = (spec.stdin, stdin) {
+        let port = input
+            .try_clone()
+            .map_err(RunError::io("test host stdin port"))?;
+        pump_stdin(source, port).map_err(RunError::io("starting the stdin thread"))?;
     }
 
     let mut boot_deadline = Some(start + TESTHOST_BOOT_TIMEOUT);
@@ -795,7 +874,9 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         err_bytes: 0,
     };
     let stdin: Option<Box<dyn Read + Send>> = match request.spec.stdin {
-        StdinMode::Forward => Some(Box::new(std::fs::File::open(find_port(PORT_IN)?)?)),
+        StdinMode::Forward => Some(Box::new(FramedStdin::new(std::fs::File::open(find_port(
+            PORT_IN,
+        )?)?))),
         StdinMode::Null => None,
     };
     let result = StoredImage::open_dir(image_dir)
@@ -884,6 +965,50 @@ mod tests {
             Some("\"started\"\n")
         );
         assert_eq!(read_ctl_line(&mut ok).unwrap(), None);
+    }
+
+    #[test]
+    fn stdin_frames_carry_bytes_and_an_in_band_end() {
+        let mut wire = Vec::new();
+        for chunk in [&b"piped "[..], &b"stdin\n"[..], &b""[..]] {
+            wire.extend_from_slice(&u32::try_from(chunk.len()).unwrap().to_le_bytes());
+            wire.extend_from_slice(chunk);
+        }
+        // Bytes after the end frame are never read.
+        wire.extend_from_slice(b"junk");
+        let mut out = String::new();
+        FramedStdin::new(wire.as_slice())
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "piped stdin\n");
+
+        let mut oversize = (u32::try_from(STDIN_FRAME_MAX).unwrap() + 1)
+            .to_le_bytes()
+            .to_vec();
+        oversize.extend_from_slice(&[0; 8]);
+        let err = FramedStdin::new(oversize.as_slice())
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+
+        let mut cut = 10u32.to_le_bytes().to_vec();
+        cut.extend_from_slice(b"abc");
+        let err = FramedStdin::new(cut.as_slice())
+            .read_to_end(&mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn pumped_stdin_reads_back_through_the_framing() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        pump_stdin(Box::new(std::io::Cursor::new(data.clone())), host).unwrap();
+        let mut got = Vec::new();
+        FramedStdin::new(guest).read_to_end(&mut got).unwrap();
+        assert_eq!(got, data);
     }
 
     #[test]

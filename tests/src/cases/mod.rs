@@ -11,7 +11,7 @@ use crate::case::Case;
 
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
-    [boot::CASES, blk::CASES, verify::CASES].concat()
+    [boot::CASES, blk::CASES, vsock::CASES, verify::CASES].concat()
 }
 
 #[cfg(test)]

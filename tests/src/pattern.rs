@@ -3,8 +3,9 @@
 //! A pattern is a comma-separated list of alternatives; a case runs when any
 //! alternative matches its name. An alternative with `*` is a glob over the
 //! whole name (`*` matches any run of characters, `/` included); one without
-//! is a substring (`boot` selects `boot/elf-1cpu`). The empty pattern and
-//! `all` select every case.
+//! is a prefix (`boot` selects `boot/elf-1cpu` but not `verify/valid-boots`,
+//! `boot/elf` selects `boot/elf-1cpu` and `boot/elf-2cpu`). The empty pattern
+//! and `all` select every case.
 
 /// A parsed case-name pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +32,7 @@ impl Pattern {
                 if alt.contains('*') {
                     glob_matches(alt.as_bytes(), name.as_bytes())
                 } else {
-                    name.contains(alt.as_str())
+                    name.starts_with(alt.as_str())
                 }
             })
     }
@@ -78,10 +79,13 @@ mod tests {
     }
 
     #[test]
-    fn substring_selects_an_area() {
+    fn prefix_selects_an_area_and_only_it() {
         let p = Pattern::parse("boot");
         assert!(p.matches("boot/elf-1cpu"));
         assert!(!p.matches("vsock/echo"));
+        assert!(!p.matches("verify/valid-boots-then-replay"));
+        assert!(Pattern::parse("boot/elf").matches("boot/elf-2cpu"));
+        assert!(Pattern::parse("boot/panic").matches("boot/panic"));
     }
 
     #[test]
@@ -97,7 +101,7 @@ mod tests {
 
     #[test]
     fn alternatives_are_ored() {
-        let p = Pattern::parse("report,bzimage");
+        let p = Pattern::parse("boot/report,boot/bzimage");
         assert!(p.matches("boot/report"));
         assert!(p.matches("boot/bzimage"));
         assert!(!p.matches("boot/panic"));

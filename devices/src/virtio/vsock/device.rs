@@ -8,7 +8,9 @@ use thiserror::Error;
 use super::event_handler::VsockWorker;
 use super::muxer::{Muxer, MuxerError};
 use super::{MIN_GUEST_CID, NUM_QUEUES, QUEUE_MAX_SIZE, VMADDR_CID_ANY, VSOCK_CONFIG_SIZE};
-use crate::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK};
+use crate::virtio::{
+    feature, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// How a vsock device is set up (`--vsock cid=N,uds=PATH`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +69,8 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        feature(VIRTIO_F_VERSION_1)
+        // EVENT_IDX: far fewer kicks and interrupts on bulk transfers.
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

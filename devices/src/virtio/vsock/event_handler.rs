@@ -105,7 +105,24 @@ impl VsockWorker {
         };
         let mem = &act.mem;
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            // Guest kicks are pointless while the device is draining the ring anyway.
+            if let Err(e) = queue.disable_notification(mem) {
+                interrupt.mark_needs_reset(NAME, &format!("TX notification flags: {e}"));
+                return;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Ask for a kick on the next packet; with EVENT_IDX this also tells
+                // whether one slipped in meanwhile.
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        interrupt.mark_needs_reset(NAME, &format!("TX notification flags: {e}"));
+                        return;
+                    }
+                }
+            };
             let head = chain.head_index();
             match read_tx_chain(mem, chain, &mut self.tx_bytes) {
                 Ok(()) => {
@@ -148,7 +165,17 @@ impl VsockWorker {
         let mut used = false;
         while self.muxer.has_pending_rx() {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+                // Out of receive buffers with something to deliver: ask for a kick
+                // when the guest adds some (with EVENT_IDX, a stale avail_event
+                // would otherwise mean no kick at all).
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        interrupt.mark_needs_reset(NAME, &format!("RX notification flags: {e}"));
+                        return;
+                    }
+                }
             };
             let head = chain.head_index();
             let mut writer = match Writer::<()>::new(mem, chain) {
@@ -210,8 +237,16 @@ impl VsockWorker {
             return;
         };
         let mem = &act.mem;
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            return;
+        let chain = match queue.pop_descriptor_chain(mem) {
+            Some(chain) => chain,
+            // No event buffer yet: ask for a kick when there is one.
+            None => match queue.enable_notification(mem) {
+                Ok(true) => match queue.pop_descriptor_chain(mem) {
+                    Some(chain) => chain,
+                    None => return,
+                },
+                _ => return,
+            },
         };
         let head = chain.head_index();
         let written = match Writer::<()>::new(mem, chain) {

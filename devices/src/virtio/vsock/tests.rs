@@ -38,6 +38,15 @@ impl DriverQueue {
     /// A queue with its rings laid out from `base` (descriptor table, then the
     /// available ring at +4 KiB, the used ring at +8 KiB) and its buffers from `bufs`.
     fn new(mem: &GuestMemoryMmap, base: u64, bufs: u64) -> (Self, Queue) {
+        Self::with_event_idx(mem, base, bufs, false)
+    }
+
+    fn with_event_idx(
+        mem: &GuestMemoryMmap,
+        base: u64,
+        bufs: u64,
+        event_idx: bool,
+    ) -> (Self, Queue) {
         let (desc, avail, used) = (base, base + 0x1000, base + 0x2000);
         // A fresh queue in zeroed memory: clear what a previous queue left there.
         mem.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
@@ -46,6 +55,7 @@ impl DriverQueue {
         q.set_desc_table_address(Some(lo(desc)), Some(hi(desc)));
         q.set_avail_ring_address(Some(lo(avail)), Some(hi(avail)));
         q.set_used_ring_address(Some(lo(used)), Some(hi(used)));
+        q.set_event_idx(event_idx);
         q.set_ready(true);
         assert!(q.is_valid(mem));
         (
@@ -111,6 +121,12 @@ impl DriverQueue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
         mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
             .unwrap();
+    }
+
+    /// The `avail_event` the device wrote (EVENT_IDX: kick when the ring passes it).
+    fn avail_event(&self, mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QSIZE)))
+            .unwrap()
     }
 
     /// Used entries since the last call: (head, len).
@@ -683,4 +699,28 @@ fn tx_descriptor_outside_guest_memory_is_dropped() {
     assert_eq!(g.tx.take_used(&g.mem).len(), 1);
     assert!(g.recv().is_empty());
     assert_eq!(g.worker.stats().tx_unreadable, 1);
+}
+
+#[test]
+fn with_event_idx_the_device_asks_for_kicks_where_it_waits() {
+    let mut g = Guest::new();
+    g.worker.reset_queues();
+    let (rx, qrx) = DriverQueue::with_event_idx(&g.mem, 0x3_0000, 0x100_0000, true);
+    let (tx, qtx) = DriverQueue::with_event_idx(&g.mem, 0x4_0000, 0x200_0000, true);
+    let (ev, qev) = DriverQueue::with_event_idx(&g.mem, 0x5_0000, 0x3c0_0000, true);
+    (g.rx, g.tx, g.ev) = (rx, tx, ev);
+    g.activate(vec![qrx, qtx, qev]);
+    // No event buffer for the pending TRANSPORT_RESET: kick me at the first one.
+    assert_eq!(g.ev.avail_event(&g.mem), 0);
+    // TX drained: kick me at the next packet.
+    g.send(hdr(VIRTIO_VSOCK_OP_RST, 1, 2, 0, 0), &[]);
+    g.send(hdr(VIRTIO_VSOCK_OP_RST, 1, 3, 0, 0), &[]);
+    assert_eq!(g.tx.avail_event(&g.mem), 2);
+    // Something to deliver and no RX buffer: kick me at the next buffer.
+    g.send(hdr(VIRTIO_VSOCK_OP_RW, 1, 2, 0, 0), &[]);
+    assert_eq!(g.rx.avail_event(&g.mem), 0);
+    g.give_rx(1);
+    let got = g.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.op, VIRTIO_VSOCK_OP_RST);
 }

@@ -3,9 +3,10 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mvm_agent::client::ExecStdin;
 use mvm_agent::protocol::ExecRequest;
 use mvm_agent::transport::connect_hybrid_vsock;
 use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
@@ -19,8 +20,6 @@ use super::{
 
 /// How often the run loop looks at Ctrl-C, deadlines and the VMM.
 const POLL: Duration = Duration::from_millis(50);
-/// While stdin is being forwarded, the loop turns faster so input is not held.
-const POLL_STDIN: Duration = Duration::from_millis(5);
 /// Time the agent gets beyond the workload timeout to report it before the
 /// host stops the VM itself.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
@@ -76,31 +75,40 @@ fn wait_for_agent(
     }
 }
 
-/// Reads `source` on a thread, handing chunks to the run loop; `None` is end
-/// of input. The thread is left blocked in `read` if the run ends first: it
-/// holds nothing that needs cleaning up.
-fn stdin_pump(mut source: Box<dyn Read + Send>) -> Result<Receiver<Option<Vec<u8>>>, RunError> {
-    let (tx, rx) = mpsc::sync_channel(8);
+/// Copies `source` into the workload's stdin from a thread, then closes it,
+/// so the run loop keeps draining output while a large stdin goes in (a
+/// `cat` writes as much as it reads). The thread is left blocked in `read`
+/// if the run ends first: it holds nothing that needs cleaning up.
+fn forward_stdin(mut source: Box<dyn Read + Send>, writer: ExecStdin) -> Result<(), RunError> {
     std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
             let mut buf = vec![0u8; STDIN_CHUNK];
             loop {
-                match source.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
+                let n = match source.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::debug!("stdin: {e}");
+                        0
+                    }
+                };
+                let result = match buf.get(..n) {
+                    Some(data) if n > 0 => writer.write(data),
+                    _ => {
+                        // The process may have exited already; a failed close is moot.
+                        let _ = writer.close();
                         return;
                     }
-                    Ok(n) => {
-                        if tx.send(buf.get(..n).map(<[u8]>::to_vec)).is_err() {
-                            return;
-                        }
-                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!("stdin: {e}");
+                    return;
                 }
             }
         })
-        .map_err(RunError::io("starting the stdin thread"))?;
-    Ok(rx)
+        .map(drop)
+        .map_err(RunError::io("starting the stdin thread"))
 }
 
 /// Asks the agent to power the guest off, without waiting on a hung agent
@@ -160,7 +168,7 @@ pub fn run(
         ..ExecRequest::default()
     };
     let forward = match (spec.stdin, stdin) {
-        (super::StdinMode::Forward, Some(source)) => Some(stdin_pump(source)?),
+        (super::StdinMode::Forward, Some(source)) => Some(source),
         _ => None,
     };
     let mode = if forward.is_some() {
@@ -171,10 +179,12 @@ pub fn run(
     let mut exec = client
         .exec(&request, mode)
         .map_err(|e| agent_error(&mut vmm, &e))?;
+    if let Some(source) = forward {
+        forward_stdin(source, exec.stdin())?;
+    }
     let host_deadline = spec
         .timeout_secs
         .map(|s| Instant::now() + Duration::from_secs(s) + TIMEOUT_GRACE);
-    let mut stdin_rx = forward;
 
     let status = loop {
         if interrupt::requested() {
@@ -191,28 +201,7 @@ pub fn run(
                 )));
             }
         }
-        if let Some(rx) = &stdin_rx {
-            let mut done = false;
-            loop {
-                match rx.try_recv() {
-                    Ok(Some(chunk)) => exec
-                        .write_stdin(&chunk)
-                        .map_err(|e| agent_error(&mut vmm, &e))?,
-                    Ok(None) | Err(TryRecvError::Disconnected) => {
-                        // The process may have exited already; a failed close is moot.
-                        let _ = exec.close_stdin();
-                        done = true;
-                        break;
-                    }
-                    Err(TryRecvError::Empty) => break,
-                }
-            }
-            if done {
-                stdin_rx = None;
-            }
-        }
-        let poll = if stdin_rx.is_some() { POLL_STDIN } else { POLL };
-        match exec.next_event_timeout(poll) {
+        match exec.next_event_timeout(POLL) {
             Ok(Some(ExecEvent::Stdout(data))) => sink
                 .stdout(&data)
                 .map_err(RunError::io("writing the workload's stdout"))?,

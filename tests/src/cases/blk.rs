@@ -123,11 +123,9 @@ fn two_vcpus(ctx: &Context) -> CaseResult {
         .map_err(|e| Failure::new(format!("read back {}: {e}", disk.display())))?;
     for (cpu, region) in bytes.chunks(PARALLEL_REGION).enumerate() {
         let seed = PARALLEL_SEED.wrapping_add(u8::try_from(cpu).unwrap_or(u8::MAX));
-        // The guest's last pass wrote the stream shifted by one.
-        if let Some(bad) = first_mismatch(seed, 1, region) {
+        if let Some(bad) = first_mismatch(seed, 0, region) {
             return Err(run.fail(format!(
-                "region of cpu {cpu}: byte {} is not what the guest wrote",
-                bad - 1
+                "region of cpu {cpu}: byte {bad} is not what the guest wrote"
             )));
         }
     }

@@ -49,12 +49,23 @@ pub fn vmm_binary() -> Result<PathBuf, RunError> {
         })
 }
 
-/// The project checkout, for its build scripts: `$MVM_REPO`, else the first
-/// ancestor of this binary or of the working directory that has
-/// `scripts/build-testhost`.
+/// The file beside an installed `mvm` naming the checkout that built it
+/// (written by `scripts/build-image`).
+const CHECKOUT_FILE: &str = "mvm-checkout";
+
+/// The project checkout, for its build scripts: `$MVM_REPO`, else the one
+/// named in `mvm-checkout` beside this binary, else the first ancestor of
+/// this binary or of the working directory that has `scripts/build-testhost`.
 pub fn repo_root() -> Option<PathBuf> {
     if let Some(root) = env_path("MVM_REPO") {
         return Some(root);
+    }
+    let recorded = exe_dir()
+        .and_then(|dir| std::fs::read_to_string(dir.join(CHECKOUT_FILE)).ok())
+        .map(|text| PathBuf::from(text.trim()))
+        .filter(|root| root.join("scripts/build-testhost").is_file());
+    if recorded.is_some() {
+        return recorded;
     }
     let starts = [exe_dir(), std::env::current_dir().ok()];
     starts.into_iter().flatten().find_map(|start| {

@@ -196,6 +196,9 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, u64)> {
     }
     let mut bytes = Vec::new();
     if size <= max {
+        // One allocation of the stated size (bounded by `max`) instead of
+        // doubling; a file that grows meanwhile is still cut at `max + 1`.
+        bytes.reserve_exact(usize::try_from(size).unwrap_or(0));
         file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     }
     Ok((bytes, size))

@@ -71,6 +71,12 @@ impl VsockWorker {
         &self.muxer
     }
 
+    /// The host side, for tests that tune it.
+    #[cfg(test)]
+    pub(crate) fn muxer_mut(&mut self) -> &mut Muxer {
+        &mut self.muxer
+    }
+
     /// Counters.
     pub fn stats(&self) -> VsockWorkerStats {
         self.stats

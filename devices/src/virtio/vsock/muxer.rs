@@ -12,14 +12,19 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnState, Connection};
 use super::packet::{Op, PacketError, TxPacket, VsockHeader};
 use super::unix::{connect_nonblocking, host_port_path, parse_connect_line, MAX_CONNECT_LINE};
-use super::{MAX_CONNECTIONS, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_TYPE_STREAM};
+use super::{
+    MAX_CONNECTIONS, VIRTIO_VSOCK_OP_REQUEST, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_TYPE_STREAM,
+    VMADDR_CID_HOST,
+};
 
 /// Most RSTs for unknown connections waiting for RX buffers; past this a guest that
 /// floods the device with stray packets gets no answer.
@@ -27,6 +32,9 @@ const MAX_PENDING_RST: usize = 256;
 /// First host-side port given to host-initiated connections (as Firecracker does,
 /// well above the ports guests listen on).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long a host `CONNECT` waits for the guest to accept (or refuse) before the
+/// device gives up: the host socket is closed and the guest told with an RST.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events fetched per epoll_wait.
 const EPOLL_BATCH: usize = 64;
 /// Most epoll_wait rounds per call; whatever is left wakes the device loop again.
@@ -68,6 +76,7 @@ enum FdOwner {
     Listener,
     Pending,
     Conn(ConnKey),
+    ConnectTimer,
 }
 
 /// Counters for tests and metrics.
@@ -79,6 +88,8 @@ pub struct MuxerStats {
     pub rst_sent: u64,
     /// Host or guest connections refused because of [`MAX_CONNECTIONS`].
     pub refused_over_limit: u64,
+    /// Host `CONNECT`s the guest did not answer within [`CONNECT_TIMEOUT`].
+    pub connect_timeouts: u64,
 }
 
 /// The host end of one VM's vsock device.
@@ -97,6 +108,15 @@ pub struct Muxer {
     rx_ready_set: HashSet<ConnKey>,
     rst_queue: VecDeque<VsockHeader>,
     next_local_port: u32,
+    /// When each host-initiated connection still waiting for the guest gives up.
+    connect_deadlines: HashMap<ConnKey, Instant>,
+    /// Fires at the earliest of `connect_deadlines`.
+    connect_timer: TimerFd,
+    /// The deadline `connect_timer` is armed for.
+    timer_armed_for: Option<Instant>,
+    /// The timer expired and must be re-armed or cleared, or it stays readable.
+    timer_fired: bool,
+    connect_timeout: Duration,
     stats: MuxerStats,
 }
 
@@ -113,6 +133,8 @@ impl Muxer {
         let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        let connect_timer = TimerFd::new()
+            .map_err(|e| MuxerError::Epoll(io::Error::from_raw_os_error(e.errno())))?;
         let mut m = Muxer {
             guest_cid,
             uds_path: uds_path.to_owned(),
@@ -126,12 +148,94 @@ impl Muxer {
             rx_ready_set: HashSet::new(),
             rst_queue: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            connect_deadlines: HashMap::new(),
+            connect_timer,
+            timer_armed_for: None,
+            timer_fired: false,
+            connect_timeout: CONNECT_TIMEOUT,
             stats: MuxerStats::default(),
         };
         let fd = m.listener.as_raw_fd();
         m.owners.insert(fd, FdOwner::Listener);
         m.watch(fd, EventSet::IN).map_err(MuxerError::Epoll)?;
+        let fd = m.connect_timer.as_raw_fd();
+        m.owners.insert(fd, FdOwner::ConnectTimer);
+        m.watch(fd, EventSet::IN).map_err(MuxerError::Epoll)?;
         Ok(m)
+    }
+
+    /// Changes how long a host `CONNECT` waits for the guest (tests).
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    /// Gives up on host-initiated connections the guest has not answered in time,
+    /// then arms the timer for the next deadline (arming also clears its expiry, so
+    /// it is never read and never blocks).
+    fn expire_connects(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .connect_deadlines
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            self.connect_deadlines.remove(&key);
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if conn.state() != ConnState::Connecting {
+                continue;
+            }
+            tracing::info!(
+                port = key.1,
+                "vsock: guest did not answer a host CONNECT in time"
+            );
+            self.stats.connect_timeouts = self.stats.connect_timeouts.saturating_add(1);
+            // Close the host socket now; the guest hears an RST for its half.
+            conn.close_silently();
+            let request = VsockHeader {
+                src_cid: self.guest_cid,
+                dst_cid: VMADDR_CID_HOST,
+                src_port: key.1,
+                dst_port: key.0,
+                op: VIRTIO_VSOCK_OP_REQUEST,
+                type_: VIRTIO_VSOCK_TYPE_STREAM,
+                ..VsockHeader::default()
+            };
+            self.refresh(key);
+            self.queue_rst(&request);
+        }
+        self.rearm_connect_timer(now);
+    }
+
+    fn rearm_connect_timer(&mut self, now: Instant) {
+        self.connect_deadlines.retain(|k, _| {
+            self.conns
+                .get(k)
+                .is_some_and(|c| c.state() == ConnState::Connecting)
+        });
+        let next = self.connect_deadlines.values().min().copied();
+        if next == self.timer_armed_for && !self.timer_fired {
+            return;
+        }
+        let result = match next {
+            // A zero duration would disarm it: fire in a millisecond at the earliest.
+            Some(at) => self.connect_timer.reset(
+                at.saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+                None,
+            ),
+            None => self.connect_timer.clear(),
+        };
+        match result {
+            Ok(()) => {
+                self.timer_armed_for = next;
+                self.timer_fired = false;
+            }
+            Err(e) => tracing::warn!(error = %e, "vsock: cannot arm the connect timer"),
+        }
     }
 
     /// The muxer's epoll fd: readable when some host socket needs attention.
@@ -170,7 +274,7 @@ impl Muxer {
         let fds: Vec<RawFd> = self
             .owners
             .iter()
-            .filter(|(_, o)| **o != FdOwner::Listener)
+            .filter(|(_, o)| !matches!(o, FdOwner::Listener | FdOwner::ConnectTimer))
             .map(|(fd, _)| *fd)
             .collect();
         for fd in fds {
@@ -182,6 +286,8 @@ impl Muxer {
         self.rx_ready.clear();
         self.rx_ready_set.clear();
         self.rst_queue.clear();
+        self.connect_deadlines.clear();
+        self.rearm_connect_timer(Instant::now());
     }
 
     fn watch(&mut self, fd: RawFd, wanted: EventSet) -> io::Result<()> {
@@ -269,15 +375,20 @@ impl Muxer {
                 self.on_fd_event(fd, set);
             }
             if n == 0 {
-                return;
+                break;
             }
         }
+        self.expire_connects();
     }
 
     fn on_fd_event(&mut self, fd: RawFd, set: EventSet) {
         match self.owners.get(&fd).copied() {
             Some(FdOwner::Listener) => self.accept_all(),
             Some(FdOwner::Pending) => self.read_connect_line(fd),
+            // Handled by `expire_connects` after every batch, which then re-arms or
+            // clears the timer: that also clears its expiry, so it stops being
+            // readable.
+            Some(FdOwner::ConnectTimer) => self.timer_fired = true,
             Some(FdOwner::Conn(key)) => {
                 if let Some(conn) = self.conns.get_mut(&key) {
                     if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
@@ -379,6 +490,9 @@ impl Muxer {
         let conn = Connection::new_host_initiated(p.stream, self.guest_cid, local_port, port);
         self.owners.insert(fd, FdOwner::Conn(key));
         self.conns.insert(key, conn);
+        if let Some(deadline) = Instant::now().checked_add(self.connect_timeout) {
+            self.connect_deadlines.insert(key, deadline);
+        }
         self.refresh(key);
     }
 

@@ -724,3 +724,54 @@ fn with_event_idx_the_device_asks_for_kicks_where_it_waits() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0.op, VIRTIO_VSOCK_OP_RST);
 }
+
+#[test]
+fn host_connect_the_guest_ignores_times_out() {
+    let mut g = Guest::new();
+    g.worker
+        .muxer_mut()
+        .set_connect_timeout(Duration::from_millis(50));
+    g.give_rx(4);
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let got = g.recv_until(|p| !p.is_empty());
+    assert_eq!(got[0].0.op, VIRTIO_VSOCK_OP_REQUEST);
+    let hport = got[0].0.src_port;
+    // The guest says nothing; the device gives up on its own.
+    let got = g.recv_until(|p| !p.is_empty());
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.op, VIRTIO_VSOCK_OP_RST);
+    assert_eq!((got[0].0.src_port, got[0].0.dst_port), (hport, 52));
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 4];
+    assert_eq!(host.read(&mut b).unwrap(), 0, "host socket closed, no OK");
+    assert_eq!(g.worker.muxer().stats().connect_timeouts, 1);
+    assert_eq!(g.worker.muxer().connection_count(), 0);
+    // The expired timer does not keep the device loop awake.
+    let outer = vmm_sys_util::epoll::Epoll::new().unwrap();
+    outer
+        .ctl(
+            vmm_sys_util::epoll::ControlOperation::Add,
+            g.worker.muxer().epoll_fd(),
+            vmm_sys_util::epoll::EpollEvent::new(vmm_sys_util::epoll::EventSet::IN, 0),
+        )
+        .unwrap();
+    let mut ev = [vmm_sys_util::epoll::EpollEvent::default(); 1];
+    assert_eq!(
+        outer.wait(0, &mut ev).unwrap(),
+        0,
+        "muxer fd still readable"
+    );
+    // An answered CONNECT is not timed out later.
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 53\n").unwrap();
+    let got = g.recv_until(|p| !p.is_empty());
+    let hport = got[0].0.src_port;
+    g.send(hdr(VIRTIO_VSOCK_OP_RESPONSE, 53, hport, 0, 0), &[]);
+    assert_eq!(read_line(&mut host), format!("OK {hport}\n"));
+    std::thread::sleep(Duration::from_millis(100));
+    g.pump();
+    assert!(g.recv().is_empty());
+    assert_eq!(g.worker.muxer().stats().connect_timeouts, 1);
+    assert_eq!(g.worker.muxer().connection_count(), 1);
+}

@@ -192,7 +192,7 @@ pub fn open_net(arg: &NetArg) -> Result<OpenNet, NetArgError> {
         mac: arg.mac,
         rules,
     };
-    let (front, worker) = Net::open(&config, None).map_err(NetArgError::Tap)?;
+    let (front, worker) = Net::open(&config).map_err(NetArgError::Tap)?;
     Ok(OpenNet { front, worker })
 }
 

@@ -250,6 +250,14 @@ impl Interrupt {
         }
     }
 
+    /// Reports an event other than NEEDS_RESET (which [`Interrupt::mark_needs_reset`]
+    /// reports itself) to the hook, if any. Must not block; callers rate-limit.
+    pub fn report(&self, event: &DeviceEvent) {
+        if let Some(hook) = &self.hook {
+            hook(event);
+        }
+    }
+
     /// Whether the device is waiting for a reset.
     #[must_use]
     pub fn needs_reset(&self) -> bool {

@@ -13,8 +13,7 @@ use super::{
     VIRTIO_NET_S_LINK_UP,
 };
 use crate::virtio::{
-    feature, DeviceEventHook, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
-    VIRTIO_RING_F_EVENT_IDX,
+    feature, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Size of the config space exposed: `mac[6]` and `status` (`struct virtio_net_config` up
@@ -94,22 +93,16 @@ pub struct Net {
 }
 
 impl Net {
-    /// Opens the tap and returns the front and the worker that owns it. Drops the policy
-    /// denies are reported to `hook`, the first time per destination.
-    pub fn open(
-        config: &NetConfig,
-        hook: Option<DeviceEventHook>,
-    ) -> Result<(Net, NetWorker<Tap>), NetError> {
+    /// Opens the tap and returns the front and the worker that owns it. The first drop
+    /// per destination is reported through the worker's [`crate::virtio::Interrupt`] hook
+    /// as a [`crate::virtio::DeviceEvent::EgressDenied`].
+    pub fn open(config: &NetConfig) -> Result<(Net, NetWorker<Tap>), NetError> {
         let tap = Tap::open(&config.tap)?;
-        Ok(Self::with_backend(config, tap, hook))
+        Ok(Self::with_backend(config, tap))
     }
 
     /// The front and worker over an already open backend.
-    pub fn with_backend<B: FrameBackend>(
-        config: &NetConfig,
-        backend: B,
-        hook: Option<DeviceEventHook>,
-    ) -> (Net, NetWorker<B>) {
+    pub fn with_backend<B: FrameBackend>(config: &NetConfig, backend: B) -> (Net, NetWorker<B>) {
         let features = feature(VIRTIO_F_VERSION_1)
             | feature(VIRTIO_RING_F_EVENT_IDX)
             | feature(VIRTIO_NET_F_MAC)
@@ -120,7 +113,7 @@ impl Net {
         mac.copy_from_slice(&config.mac.0);
         status.copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         let filter = EgressFilter::new(config.rules.clone());
-        let worker = NetWorker::new(backend, filter, hook, Arc::new(NetMetrics::default()));
+        let worker = NetWorker::new(backend, filter, Arc::new(NetMetrics::default()));
         let front = Net {
             mac: config.mac,
             features,

@@ -23,9 +23,7 @@ use super::{
     VNET_HDR_OFF_NUM_BUFFERS, VNET_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
-use crate::virtio::{
-    feature, Activation, DeviceEvent, DeviceEventHook, GuestMemoryMmap, Interrupt,
-};
+use crate::virtio::{feature, Activation, DeviceEvent, GuestMemoryMmap, Interrupt};
 
 /// Epoll token of the tap fd in the device loop.
 pub const TAP_TOKEN: u32 = WORKER_TOKEN_BASE;
@@ -59,7 +57,6 @@ const RX_RETRIES: u32 = 4;
 pub struct NetWorker<B> {
     backend: B,
     filter: EgressFilter,
-    hook: Option<DeviceEventHook>,
     metrics: Arc<NetMetrics>,
     active: Option<Active>,
     tx_buf: Vec<u8>,
@@ -94,16 +91,10 @@ fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
 }
 
 impl<B: FrameBackend> NetWorker<B> {
-    pub(crate) fn new(
-        backend: B,
-        filter: EgressFilter,
-        hook: Option<DeviceEventHook>,
-        metrics: Arc<NetMetrics>,
-    ) -> Self {
+    pub(crate) fn new(backend: B, filter: EgressFilter, metrics: Arc<NetMetrics>) -> Self {
         Self {
             backend,
             filter,
-            hook,
             metrics,
             active: None,
             tx_buf: vec![0u8; MAX_BUFFER_SIZE],
@@ -177,7 +168,7 @@ impl<B: FrameBackend> NetWorker<B> {
 
     /// Judges and sends every frame the guest queued, then signals the guest if it asked.
     pub fn process_tx(&mut self, interrupt: &Interrupt) {
-        match self.drain_tx() {
+        match self.drain_tx(interrupt) {
             Ok(true) => {
                 if let Some(act) = self.active.as_mut() {
                     signal(&mut act.tx, &act.mem, interrupt);
@@ -189,7 +180,7 @@ impl<B: FrameBackend> NetWorker<B> {
     }
 
     /// Returns whether any buffer was used.
-    fn drain_tx(&mut self) -> Result<bool, String> {
+    fn drain_tx(&mut self, interrupt: &Interrupt) -> Result<bool, String> {
         let mut used = false;
         loop {
             let Some(act) = self.active.as_mut() else {
@@ -213,7 +204,7 @@ impl<B: FrameBackend> NetWorker<B> {
                         &mut self.filter,
                         &mut self.backend,
                         &self.metrics,
-                        self.hook.as_ref(),
+                        interrupt,
                     );
                 } else {
                     count(&self.metrics.tx_bad_length);
@@ -240,7 +231,7 @@ impl<B: FrameBackend> NetWorker<B> {
         filter: &mut EgressFilter,
         backend: &mut B,
         metrics: &NetMetrics,
-        hook: Option<&DeviceEventHook>,
+        interrupt: &Interrupt,
     ) {
         let (hdr, frame) = buf.split_at_mut(VNET_HDR_SIZE);
         match filter.check(frame) {
@@ -273,13 +264,11 @@ impl<B: FrameBackend> NetWorker<B> {
                 }
                 if first {
                     tracing::warn!(device = NAME, %destination, %reason, "egress denied (first drop to this destination)");
-                    if let Some(hook) = hook {
-                        hook(&DeviceEvent::EgressDenied {
-                            device: NAME,
-                            destination: destination.to_string(),
-                            reason: reason.to_string(),
-                        });
-                    }
+                    interrupt.report(&DeviceEvent::EgressDenied {
+                        device: NAME,
+                        destination: destination.to_string(),
+                        reason: reason.to_string(),
+                    });
                 }
             }
         }

@@ -278,7 +278,33 @@ fn testhost_initramfs(
     bytes.extend_from_slice(&overlay);
     std::fs::write(&tmp, &bytes).map_err(RunError::io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, &path).map_err(RunError::io(format!("writing {}", path.display())))?;
+    prune_cache(&dir, &path);
     Ok(path)
+}
+
+/// How many test host initramfs files the cache keeps (each holds the image
+/// and two binaries, tens of MiB).
+const CACHE_KEEP: usize = 3;
+
+/// Removes all but the [`CACHE_KEEP`] newest cached initramfs files.
+/// A running QEMU has its file open already, so removal does not disturb it.
+fn prune_cache(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cpio") && p != keep)
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    files.sort();
+    let surplus = files.len().saturating_sub(CACHE_KEEP.saturating_sub(1));
+    for (_, path) in files.into_iter().take(surplus) {
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::debug!("pruning {}: {e}", path.display());
+        }
+    }
 }
 
 /// The QEMU arguments: the test host machine of `scripts/e2e`, its serial
@@ -593,6 +619,11 @@ pub fn run(
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
+    if let Some(disk) = spec.disks.first() {
+        return Err(RunError::Missing(format!(
+            "--disk {disk}: the emulated backend cannot attach disks yet (the file would have to travel into the test host); use --backend kvm on a host with hardware KVM"
+        )));
+    }
     let testhost = locate::testhost_dir()?;
     let (mvm, vmm) = locate::static_binaries()?;
     let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
@@ -1009,6 +1040,33 @@ mod tests {
         let mut got = Vec::new();
         FramedStdin::new(guest).read_to_end(&mut got).unwrap();
         assert_eq!(got, data);
+    }
+
+    #[test]
+    fn the_cache_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for i in 0..5 {
+            let p = dir.path().join(format!("{i}.cpio"));
+            std::fs::write(&p, b"x").unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1000 + i);
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            paths.push(p);
+        }
+        std::fs::write(dir.path().join("other.txt"), b"x").unwrap();
+        prune_cache(dir.path(), &paths[0]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        // The one in use plus the two newest others; non-cpio files stay.
+        assert_eq!(left, ["0.cpio", "3.cpio", "4.cpio", "other.txt"]);
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ready_timeout: u64,
-    /// Attach a disk (passed to mvm-vmm --disk as given; repeatable).
+    /// Attach a disk: `path=FILE,ro|rw[,id=ID]`, passed to mvm-vmm --disk
+    /// (repeatable; kvm backend only).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// Print one JSON object (stdout, stderr, exit status, timings) instead

@@ -450,7 +450,16 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
-    let net = match args.net.as_ref().map(crate::net::open_net).transpose() {
+    let signed_egress = plan
+        .as_ref()
+        .and_then(|p| p.verified.plan.devices.net.as_ref())
+        .map(|n| &n.egress);
+    let net = match args
+        .net
+        .as_ref()
+        .map(|n| crate::net::open_net(n, signed_egress))
+        .transpose()
+    {
         Ok(n) => n,
         Err(e) => {
             timeline.set_exit("invalid_arguments");

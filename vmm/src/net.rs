@@ -18,6 +18,10 @@
 //! `allow` entries are the plan's egress rules (addresses or networks; names must have
 //! been resolved at admission); `resolvers` are the only DNS servers the guest may reach;
 //! `gateways` the only addresses ARP and NDP may ask about.
+//!
+//! With a signed plan (`--plan`), the allow rules are the plan's `devices.net.egress` and
+//! nothing else: a policy file may then add only `resolvers` and `gateways` (the plan
+//! schema has no place for them yet), and one with `allow` rules is refused.
 
 use std::io::Read;
 use std::net::IpAddr;
@@ -92,6 +96,9 @@ pub enum NetArgError {
     /// The tap could not be opened.
     #[error("--net: {0}")]
     Tap(NetError),
+    /// A policy file with allow rules next to a signed plan.
+    #[error("--net policy {0}: allow rules come from the signed plan; the file may only name resolvers and gateways")]
+    AllowBesidePlan(PathBuf),
 }
 
 /// clap's parser for one `--net` value.
@@ -136,8 +143,13 @@ struct PolicyFile {
     gateways: Vec<IpAddr>,
 }
 
-/// Reads and checks a policy file for a guest with MAC `mac`.
-pub fn load_policy(path: &Path, mac: MacAddr) -> Result<EgressRules, NetArgError> {
+/// Reads and checks a policy file for a guest with MAC `mac`. With `plan` (the signed
+/// plan's egress section), the allow rules are the plan's and the file may not add any.
+pub fn load_policy(
+    path: &Path,
+    mac: MacAddr,
+    plan: Option<&EgressPolicy>,
+) -> Result<EgressRules, NetArgError> {
     let read_err = |source| NetArgError::PolicyRead {
         path: path.to_owned(),
         source,
@@ -155,15 +167,25 @@ pub fn load_policy(path: &Path, mac: MacAddr) -> Result<EgressRules, NetArgError
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-    let plan = EgressPolicy {
-        allow: parsed.allow,
-    };
-    EgressRules::from_plan(&plan, parsed.resolvers, parsed.gateways, Some(mac.octets())).map_err(
-        |source| NetArgError::Policy {
-            path: path.to_owned(),
-            source,
+    let allow = match plan {
+        Some(_) if !parsed.allow.is_empty() => {
+            return Err(NetArgError::AllowBesidePlan(path.to_owned()))
+        }
+        Some(signed) => signed.clone(),
+        None => EgressPolicy {
+            allow: parsed.allow,
         },
+    };
+    EgressRules::from_plan(
+        &allow,
+        parsed.resolvers,
+        parsed.gateways,
+        Some(mac.octets()),
     )
+    .map_err(|source| NetArgError::Policy {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A network device whose tap is open, not yet attached.
@@ -173,18 +195,22 @@ pub struct OpenNet {
     worker: NetWorker<Tap>,
 }
 
-/// Reads the policy and opens the tap.
-pub fn open_net(arg: &NetArg) -> Result<OpenNet, NetArgError> {
-    let rules = match &arg.policy {
-        Some(path) => load_policy(path, arg.mac)?,
-        None => {
-            tracing::warn!(tap = %arg.tap, "--net without policy=: the device passes nothing");
-            EgressRules::new(vec![], vec![], vec![], Some(arg.mac.octets())).map_err(|source| {
-                NetArgError::Policy {
-                    path: PathBuf::new(),
-                    source,
-                }
-            })?
+/// Reads the policy and opens the tap. `plan` is the signed plan's egress section, when
+/// the VMM boots from a plan.
+pub fn open_net(arg: &NetArg, plan: Option<&EgressPolicy>) -> Result<OpenNet, NetArgError> {
+    let policy_err = |source| NetArgError::Policy {
+        path: arg.policy.clone().unwrap_or_default(),
+        source,
+    };
+    let rules = match (&arg.policy, plan) {
+        (Some(path), plan) => load_policy(path, arg.mac, plan)?,
+        (None, Some(signed)) => {
+            EgressRules::from_plan(signed, vec![], vec![], Some(arg.mac.octets()))
+                .map_err(policy_err)?
+        }
+        (None, None) => {
+            tracing::warn!(tap = %arg.tap, "--net without policy= or plan: the device passes nothing");
+            EgressRules::new(vec![], vec![], vec![], Some(arg.mac.octets())).map_err(policy_err)?
         }
     };
     let config = NetConfig {
@@ -279,11 +305,11 @@ mod tests {
                 "resolvers":["10.0.2.3"],"gateways":["10.0.2.2"]}"#,
         )
         .unwrap();
-        let rules = load_policy(&path, mac).unwrap();
+        let rules = load_policy(&path, mac, None).unwrap();
         assert_eq!(rules.allow_rules().len(), 1);
 
         std::fs::write(&path, r#"{"allow":[],"extra":1}"#).unwrap();
-        let err = load_policy(&path, mac).unwrap_err().to_string();
+        let err = load_policy(&path, mac, None).unwrap_err().to_string();
         assert!(err.contains("extra"), "{err}");
 
         std::fs::write(
@@ -291,16 +317,46 @@ mod tests {
             r#"{"allow":[{"host":"example.com","port":443,"protocol":"tcp"}]}"#,
         )
         .unwrap();
-        let err = load_policy(&path, mac).unwrap_err().to_string();
+        let err = load_policy(&path, mac, None).unwrap_err().to_string();
         assert!(err.contains("example.com"), "{err}");
 
         std::fs::write(&path, vec![b' '; 300 * 1024]).unwrap();
         assert!(matches!(
-            load_policy(&path, mac),
+            load_policy(&path, mac, None),
             Err(NetArgError::PolicyTooLarge(_))
         ));
 
-        let err = load_policy(&dir.path().join("none.json"), mac).unwrap_err();
+        let err = load_policy(&dir.path().join("none.json"), mac, None).unwrap_err();
         assert!(err.to_string().contains("none.json"), "{err}");
+    }
+
+    #[test]
+    fn with_a_signed_plan_the_allow_rules_are_the_plans() {
+        let dir = tempfile::tempdir().unwrap();
+        let mac: MacAddr = "02:00:00:00:00:01".parse().unwrap();
+        let signed = EgressPolicy {
+            allow: vec![EgressRule {
+                host: "192.0.2.7".parse().unwrap(),
+                port: 443,
+                protocol: mvm_loader::plan::Protocol::Tcp,
+            }],
+        };
+        let path = dir.path().join("p.json");
+        std::fs::write(
+            &path,
+            r#"{"resolvers":["10.0.2.3"],"gateways":["10.0.2.2"]}"#,
+        )
+        .unwrap();
+        let rules = load_policy(&path, mac, Some(&signed)).unwrap();
+        assert_eq!(rules.allow_rules().len(), 1);
+        std::fs::write(
+            &path,
+            r#"{"allow":[{"host":"0.0.0.0/0","port":22,"protocol":"tcp"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            load_policy(&path, mac, Some(&signed)),
+            Err(NetArgError::AllowBesidePlan(_))
+        ));
     }
 }

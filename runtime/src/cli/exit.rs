@@ -19,6 +19,9 @@ pub const TIMEOUT: i32 = 124;
 pub const MVM_ERROR: i32 = 125;
 /// Ctrl-C / SIGTERM: the workload and the VM were stopped (128 + SIGINT).
 pub const INTERRUPTED: i32 = 130;
+/// Our stdout was closed (`mvm run -- yes | head`): the workload and the VM
+/// were stopped, as a shell's producer would die of SIGPIPE (128 + 13).
+pub const BROKEN_PIPE: i32 = 141;
 
 /// The `--help` text that documents the codes above.
 pub const HELP: &str = "\
@@ -31,6 +34,7 @@ Exit status:
   124    --timeout passed; the command and the VM were stopped
   125    other mvm error (missing mvm-vmm, lost agent connection, I/O)
   130    interrupted (Ctrl-C); the command and the VM were stopped
+  141    our stdout was closed (e.g. `| head`); the command and the VM were stopped
   2      bad command line (from the argument parser)";
 
 /// The process exit code for a workload that ran to an end.
@@ -54,6 +58,9 @@ pub fn for_error(error: &RunError) -> i32 {
         RunError::AgentNotReady { .. } => AGENT_NOT_READY,
         RunError::Timeout(_) => TIMEOUT,
         RunError::Interrupted => INTERRUPTED,
+        RunError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            BROKEN_PIPE
+        }
         RunError::Missing(_) | RunError::Agent(_) | RunError::Io { .. } => MVM_ERROR,
     }
 }
@@ -117,6 +124,10 @@ mod tests {
             RunError::Timeout(Duration::from_secs(2)),
             RunError::Agent("x".into()),
             RunError::Interrupted,
+            RunError::Io {
+                what: "writing the workload's stdout".into(),
+                source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+            },
         ];
         let codes: Vec<i32> = errors.iter().map(for_error).collect();
         assert_eq!(
@@ -128,7 +139,8 @@ mod tests {
                 AGENT_NOT_READY,
                 TIMEOUT,
                 MVM_ERROR,
-                INTERRUPTED
+                INTERRUPTED,
+                BROKEN_PIPE
             ]
         );
         let mut unique = codes.clone();

@@ -134,8 +134,12 @@ pub fn main(args: &RunArgs) -> i32 {
     match execute(args, &spec, &mut StreamSink) {
         Ok(outcome) => exit::for_status(&outcome.status),
         Err(e) => {
-            eprintln!("mvm: error: {e}");
-            exit::for_error(&e)
+            let code = exit::for_error(&e);
+            // A closed stdout is the reader's choice, not an error to report.
+            if code != exit::BROKEN_PIPE {
+                eprintln!("mvm: error: {e}");
+            }
+            code
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 
 use super::{Ending, Guest, GuestError};
 
@@ -43,6 +44,8 @@ pub const SAY_WRITTEN: &str = "blk-write: written and synced";
 pub const SAY_PARALLEL_OK: &str = "blk-parallel: ok";
 
 const CHUNK: usize = 1 << 20;
+/// Buffer alignment O_DIRECT needs (a page covers any logical block size).
+const DIRECT_ALIGN: usize = 4096;
 
 /// Byte at `offset` of the stream with `seed`: position-dependent and different per seed,
 /// so misplaced, stale or missing sectors show. Each aligned 8-byte word is one multiply,
@@ -158,8 +161,8 @@ pub fn write(guest: &Guest) -> Result<Ending, GuestError> {
     Ok(Ending::PowerOff)
 }
 
-/// One `blk-parallel` thread: pin to `cpu`, write its region, fsync, drop the region's
-/// cached pages, read it back from the disk and compare. Returns the CPU it ran on.
+/// One `blk-parallel` thread: pin to `cpu`, write its region, fsync, read it back from
+/// the disk (O_DIRECT) and compare. Returns the CPU it ran on.
 fn parallel_worker(cpu: usize) -> Result<usize, String> {
     use nix::sched::{sched_setaffinity, CpuSet};
     let mut set = CpuSet::new();
@@ -184,19 +187,25 @@ fn parallel_worker(cpu: usize) -> Result<usize, String> {
     super::Console.say(&format!(
         "blk-parallel: cpu {cpu} wrote and synced its region"
     ));
-    // Drop this region's cached pages, so the read below goes to the disk.
-    nix::fcntl::posix_fadvise(
-        std::os::fd::AsRawFd::as_raw_fd(&disk),
-        i64::try_from(base).unwrap_or(0),
-        i64::try_from(PARALLEL_REGION).unwrap_or(0),
-        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-    )
-    .map_err(|e| format!("cpu {cpu} fadvise: {e}"))?;
-    disk.seek(SeekFrom::Start(base))
+    // Read back with O_DIRECT, past the page cache, so the bytes come from the disk. The
+    // buffer must be aligned: take an aligned window of a larger allocation.
+    let mut raw = vec![0u8; PARALLEL_REGION + DIRECT_ALIGN];
+    let at = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    let aligned = raw
+        .get_mut(at..at + PARALLEL_REGION)
+        .ok_or_else(|| format!("cpu {cpu}: no aligned buffer"))?;
+    let mut direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open("/dev/vda")
+        .map_err(|e| format!("open /dev/vda O_DIRECT: {e}"))?;
+    direct
+        .seek(SeekFrom::Start(base))
         .map_err(|e| format!("seek: {e}"))?;
-    buf.fill(0);
-    disk.read_exact(&mut buf)
-        .map_err(|e| format!("cpu {cpu} read: {e}"))?;
+    direct
+        .read_exact(aligned)
+        .map_err(|e| format!("cpu {cpu} direct read: {e}"))?;
+    buf.copy_from_slice(aligned);
     if let Some(bad) = first_mismatch(seed, 0, &buf) {
         return Err(format!(
             "cpu {cpu}: byte {bad} of its region reads back wrong"

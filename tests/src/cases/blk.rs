@@ -25,7 +25,7 @@ pub const CASES: &[Case] = &[
 
 /// Generous: under the QEMU-TCG test host on a loaded machine a boot alone can take
 /// 30 s, and the guest then moves 8 MiB through an emulated CPU.
-const IO_TIMEOUT: Duration = Duration::from_secs(240);
+const IO_TIMEOUT: Duration = Duration::from_secs(360);
 
 /// The read-only ext4 root image built by `scripts/build-blk-images`.
 pub const ROOT_IMAGE: &str = "blk-root.ext4";

@@ -48,7 +48,12 @@ fn elf_1cpu(ctx: &Context) -> CaseResult {
 
 /// 2 vCPUs: the guest kernel brings up both.
 fn elf_2cpu(ctx: &Context) -> CaseResult {
-    let run = ctx.test_guest(KERNEL_ELF, "nproc")?.vcpus(2).run()?;
+    // Two vCPUs on the test host's one emulated CPU boot several times slower.
+    let run = ctx
+        .test_guest(KERNEL_ELF, "nproc")?
+        .vcpus(2)
+        .timeout(std::time::Duration::from_secs(240))
+        .run()?;
     run.expect_exit(0)?;
     run.expect_console(MARKER)?;
     run.expect_console(&cpus_line(2))

@@ -13,7 +13,11 @@ pub fn run(data: &[u8]) {
     let mut rest = data;
     while let Ok((frame, used)) = decode(rest) {
         let prefix = u32::from_be_bytes(rest[..LEN_PREFIX].try_into().expect("4 bytes"));
-        assert_eq!(used, LEN_PREFIX + prefix as usize, "used bytes disagree with the prefix");
+        assert_eq!(
+            used,
+            LEN_PREFIX + prefix as usize,
+            "used bytes disagree with the prefix"
+        );
         assert!(used <= rest.len() && used <= LEN_PREFIX + MAX_FRAME_LEN);
         let again = encode(frame.request_id, &frame.message)
             .unwrap_or_else(|e| panic!("a decoded frame does not re-encode: {e}: {frame:?}"));

@@ -142,13 +142,29 @@ fn check(t: &mut MmioTransport, offered: u64) {
     let status = t.status();
     if status & DEVICE_STATUS_FEATURES_OK != 0 {
         let acked = t.acked_features();
-        assert_eq!(acked & !offered, 0, "FEATURES_OK with unoffered features {acked:#x}");
-        assert_ne!(acked & feature(VIRTIO_F_VERSION_1), 0, "FEATURES_OK without VERSION_1");
+        assert_eq!(
+            acked & !offered,
+            0,
+            "FEATURES_OK with unoffered features {acked:#x}"
+        );
+        assert_ne!(
+            acked & feature(VIRTIO_F_VERSION_1),
+            0,
+            "FEATURES_OK without VERSION_1"
+        );
     }
     if t.is_activated() {
-        assert_ne!(status & DEVICE_STATUS_DRIVER_OK, 0, "queues with the worker before DRIVER_OK");
+        assert_ne!(
+            status & DEVICE_STATUS_DRIVER_OK,
+            0,
+            "queues with the worker before DRIVER_OK"
+        );
     }
     if status & DEVICE_STATUS_DRIVER_OK != 0 {
-        assert_ne!(status & DEVICE_STATUS_FEATURES_OK, 0, "DRIVER_OK without FEATURES_OK");
+        assert_ne!(
+            status & DEVICE_STATUS_FEATURES_OK,
+            0,
+            "DRIVER_OK without FEATURES_OK"
+        );
     }
 }

@@ -10,7 +10,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use mvm_devices::virtio::net::frame::{parse_frame, Mac, Payload, Transport, ARPOP_REPLY, ARPOP_REQUEST};
+use mvm_devices::virtio::net::frame::{
+    parse_frame, Mac, Payload, Transport, ARPOP_REPLY, ARPOP_REQUEST,
+};
 use mvm_devices::virtio::net::policy::{
     AllowRule, Decision, EgressFilter, EgressRules, IpNet, RuleProtocol, Verdict, DNS_PORT,
     MAX_TRACKED_DESTINATIONS,
@@ -62,7 +64,10 @@ fn rules() -> EgressRules {
     ];
     EgressRules::new(
         allow,
-        vec![IpAddr::V4(RESOLVER_V4), IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x53))],
+        vec![
+            IpAddr::V4(RESOLVER_V4),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x53)),
+        ],
         vec![IpAddr::V4(GATEWAY_V4), IpAddr::V6(GATEWAY_V6)],
         Some(GUEST_MAC),
     )
@@ -81,7 +86,11 @@ pub fn run(data: &[u8]) {
         frames += 1;
         check_one(&rules, &mut filter, frame);
     }
-    assert_eq!(filter.passed() + filter.dropped(), frames, "a frame was not counted");
+    assert_eq!(
+        filter.passed() + filter.dropped(),
+        frames,
+        "a frame was not counted"
+    );
     assert!(
         filter.drop_counts().count() <= MAX_TRACKED_DESTINATIONS + 1,
         "drop table grew past its bound"
@@ -103,10 +112,16 @@ fn check_one(rules: &EgressRules, filter: &mut EgressFilter, frame: &[u8]) {
         return;
     }
     let f = parsed.expect("a passed frame parsed");
-    assert_eq!(f.eth.src, GUEST_MAC, "passed a frame with a foreign source MAC");
+    assert_eq!(
+        f.eth.src, GUEST_MAC,
+        "passed a frame with a foreign source MAC"
+    );
     match f.payload {
         Payload::Arp(arp) => {
-            assert_eq!(arp.target_ip, GATEWAY_V4, "passed ARP not about the gateway");
+            assert_eq!(
+                arp.target_ip, GATEWAY_V4,
+                "passed ARP not about the gateway"
+            );
             assert!(matches!(arp.op, ARPOP_REQUEST | ARPOP_REPLY));
         }
         Payload::Ip(ip) => {
@@ -120,8 +135,8 @@ fn check_one(rules: &EgressRules, filter: &mut EgressFilter, frame: &[u8]) {
                     ndp_target,
                     ..
                 } => {
-                    let to_gateway = ip.dst == IpAddr::V6(GATEWAY_V6)
-                        || ndp_target == Some(GATEWAY_V6);
+                    let to_gateway =
+                        ip.dst == IpAddr::V6(GATEWAY_V6) || ndp_target == Some(GATEWAY_V6);
                     assert!(to_gateway, "passed NDP not about the gateway: {ip:?}");
                 }
                 Transport::Tcp { dst_port, .. } | Transport::Udp { dst_port, .. }

@@ -138,7 +138,11 @@ pub fn run(data: &[u8]) {
     }
     let skew = Duration::from_secs(60);
     if let Ok(verified) = verify_plan(data, trusted, inside_window(), skew) {
-        assert_eq!(verified.plan, sample_plan(), "verify_plan accepted another plan");
+        assert_eq!(
+            verified.plan,
+            sample_plan(),
+            "verify_plan accepted another plan"
+        );
     }
     let late: UtcTime = "2026-11-29T01:00:00Z".parse().expect("time");
     assert!(

@@ -74,7 +74,11 @@ pub fn run(data: &[u8]) {
     let superblock = mode & 0x80 != 0;
     match mode & 0x7f {
         0 => {
-            let mut tree = if superblock { g.tree_sb.clone() } else { g.tree.clone() };
+            let mut tree = if superblock {
+                g.tree_sb.clone()
+            } else {
+                g.tree.clone()
+            };
             let patches = usize::from(input.u8() % 16);
             let mut intact = true;
             for _ in 0..patches {
@@ -123,9 +127,15 @@ fn check_pinned(g: &Genuine, tree: &[u8], intact: bool, input: &mut Input<'_>) {
         }
         let verdict = verifier.verify_block(index, &block);
         if genuine {
-            assert!(!intact || verdict.is_ok(), "genuine block {index} refused: {verdict:?}");
+            assert!(
+                !intact || verdict.is_ok(),
+                "genuine block {index} refused: {verdict:?}"
+            );
         } else {
-            assert!(verdict.is_err(), "block {index} with a flipped byte verified");
+            assert!(
+                verdict.is_err(),
+                "block {index} with a flipped byte verified"
+            );
         }
         if input.bool() {
             verifier.clear_cache();
@@ -140,7 +150,10 @@ fn check_pinned(g: &Genuine, tree: &[u8], intact: bool, input: &mut Input<'_>) {
     let offset = u64::from(input.u16()) % (g.image.len() as u64 + 1024);
     let len = usize::from(input.u16() % 4096);
     let mut buf = vec![0u8; len];
-    if verifier.read_verified(&memfd(&image), offset, &mut buf).is_ok() {
+    if verifier
+        .read_verified(&memfd(&image), offset, &mut buf)
+        .is_ok()
+    {
         let from = usize::try_from(offset).unwrap_or(usize::MAX);
         assert_eq!(
             Some(buf.as_slice()),

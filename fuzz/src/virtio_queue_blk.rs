@@ -52,7 +52,8 @@ pub fn fill_memory(mem: &GuestMemoryMmap, bytes: &[u8]) {
     let (low, high) = bytes.split_at(bytes.len().min(LOW_END as usize));
     mem.write_slice(low, GuestAddress(0)).expect("low region");
     let high = &high[..high.len().min(HIGH_SIZE as usize)];
-    mem.write_slice(high, GuestAddress(HIGH_START)).expect("high region");
+    mem.write_slice(high, GuestAddress(HIGH_START))
+        .expect("high region");
 }
 
 /// The disk's initial contents: every byte says where it is.
@@ -63,7 +64,11 @@ pub fn disk_image(sectors: u64) -> Vec<u8> {
 
 fn completed(m: &BlockMetrics) -> u64 {
     let get = |c: &AtomicU64| BlockMetrics::get(c);
-    get(&m.reads) + get(&m.writes) + get(&m.flushes) + get(&m.get_ids) + get(&m.refused)
+    get(&m.reads)
+        + get(&m.writes)
+        + get(&m.flushes)
+        + get(&m.get_ids)
+        + get(&m.refused)
         + get(&m.io_errors)
 }
 
@@ -98,9 +103,14 @@ pub fn run(data: &[u8]) {
     queue.set_event_idx(event_idx);
     queue.set_ready(true);
     // The transport only activates queues that pass this; so does the harness.
-    assert!(queue.is_valid(&mem), "harness queue layout is inside memory");
+    assert!(
+        queue.is_valid(&mem),
+        "harness queue layout is inside memory"
+    );
 
-    let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL_RING + 2)).expect("avail idx");
+    let avail_idx: u16 = mem
+        .read_obj(GuestAddress(AVAIL_RING + 2))
+        .expect("avail idx");
     let used_idx_before: u16 = mem.read_obj(GuestAddress(USED_RING + 2)).expect("used idx");
 
     let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
@@ -122,9 +132,16 @@ pub fn run(data: &[u8]) {
     );
     let used_idx: u16 = mem.read_obj(GuestAddress(USED_RING + 2)).expect("used idx");
     if done > 0 {
-        assert_eq!(u64::from(used_idx), done % 65536, "used idx does not count completions");
+        assert_eq!(
+            u64::from(used_idx),
+            done % 65536,
+            "used idx does not count completions"
+        );
     } else {
-        assert_eq!(used_idx, used_idx_before, "used idx moved without a completion");
+        assert_eq!(
+            used_idx, used_idx_before,
+            "used idx moved without a completion"
+        );
     }
 
     let mut after = Vec::new();

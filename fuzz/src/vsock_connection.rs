@@ -11,8 +11,8 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::rc::Rc;
 use std::io::{self, Read, Write};
+use std::rc::Rc;
 
 use mvm_devices::virtio::vsock::connection::{ConnState, Connection, HostStream};
 use mvm_devices::virtio::vsock::packet::{parse_tx_packet, VsockHeader};
@@ -75,7 +75,15 @@ impl Write for MemStream {
         if end.broken {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        assert!(!end.shut_wr, "write after shutdown_write");
+        if end.shut_wr {
+            // A real socket answers EPIPE; the harness calls it a bug unless told to
+            // tolerate it (see `tolerate_write_after_shutdown`).
+            assert!(
+                tolerate_write_after_shutdown(),
+                "write after shutdown_write (host bytes owed after the half-close)"
+            );
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         let n = buf.len().min(end.room);
         if n == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -95,6 +103,16 @@ impl HostStream for MemStream {
         self.0.borrow_mut().shut_wr = true;
         Ok(())
     }
+}
+
+/// `MVM_FUZZ_TOLERATE=write-after-shutdown` lets a campaign continue past the known
+/// bug in `fuzz/regressions/vsock_connection/host-prefix-after-shutdown` (the `OK <port>`
+/// line is written after the host stream was half-closed) until it is fixed.
+fn tolerate_write_after_shutdown() -> bool {
+    static CELL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CELL.get_or_init(|| {
+        std::env::var("MVM_FUZZ_TOLERATE").is_ok_and(|v| v.contains("write-after-shutdown"))
+    })
 }
 
 /// Op codes of the input, one byte each, followed by their operands.
@@ -232,12 +250,17 @@ fn conn_stream_mut(conn: &mut Connection<MemStream>, f: impl FnOnce(&mut HostEnd
 fn rx(conn: &mut Connection<MemStream>, model: &mut Model, size: usize) {
     let pending = conn.has_pending_rx();
     let peer_free = conn.peer_free();
-    let room = size.saturating_sub(VSOCK_HDR_SIZE).min(MAX_PKT_DATA as usize);
+    let room = size
+        .saturating_sub(VSOCK_HDR_SIZE)
+        .min(MAX_PKT_DATA as usize);
     let mut buf = vec![0u8; room];
     let Some(hdr) = conn.next_rx(&mut buf) else {
         return;
     };
-    assert!(pending, "next_rx produced {hdr:?} while has_pending_rx was false");
+    assert!(
+        pending,
+        "next_rx produced {hdr:?} while has_pending_rx was false"
+    );
     assert_eq!(hdr.src_cid, VMADDR_CID_HOST);
     assert_eq!(hdr.dst_cid, GUEST_CID);
     assert_eq!(hdr.src_port, LOCAL_PORT);
@@ -251,14 +274,20 @@ fn rx(conn: &mut Connection<MemStream>, model: &mut Model, size: usize) {
         .len()
         .saturating_sub(model.prefix_len);
     assert_eq!(
-        hdr.fwd_cnt as usize,
-        written_guest_bytes,
+        hdr.fwd_cnt as usize, written_guest_bytes,
         "fwd_cnt does not count the guest bytes the host received"
     );
     if hdr.op == VIRTIO_VSOCK_OP_RW {
         assert!(hdr.len > 0, "empty RW packet");
-        assert!(hdr.len as usize <= room, "RW payload larger than the RX buffer");
-        assert!(hdr.len <= peer_free, "RW payload {} past the guest's credit {peer_free}", hdr.len);
+        assert!(
+            hdr.len as usize <= room,
+            "RW payload larger than the RX buffer"
+        );
+        assert!(
+            hdr.len <= peer_free,
+            "RW payload {} past the guest's credit {peer_free}",
+            hdr.len
+        );
     } else {
         assert_eq!(hdr.len, 0, "control packet with data");
     }
@@ -266,7 +295,10 @@ fn rx(conn: &mut Connection<MemStream>, model: &mut Model, size: usize) {
 
 fn check(conn: &Connection<MemStream>, model: &mut Model) {
     let buffered = conn.buffered();
-    assert!(buffered <= CONN_BUF_ALLOC as usize, "buffered {buffered} past buf_alloc");
+    assert!(
+        buffered <= CONN_BUF_ALLOC as usize,
+        "buffered {buffered} past buf_alloc"
+    );
     if conn.state() != ConnState::Closed {
         assert_eq!(
             conn.guest_credit() as usize + buffered,
@@ -275,7 +307,11 @@ fn check(conn: &Connection<MemStream>, model: &mut Model) {
         );
     }
     if model.ever_closed {
-        assert_eq!(conn.state(), ConnState::Closed, "a closed connection reopened");
+        assert_eq!(
+            conn.state(),
+            ConnState::Closed,
+            "a closed connection reopened"
+        );
     }
     if conn.state() == ConnState::Closed {
         model.ever_closed = true;
@@ -284,7 +320,10 @@ fn check(conn: &Connection<MemStream>, model: &mut Model) {
     let written = &end.written;
     let prefix = format!("OK {LOCAL_PORT}\n");
     let (head, guest_bytes) = written.split_at(model.prefix_len.min(written.len()));
-    assert!(prefix.as_bytes().starts_with(head), "host got {head:?} before the data");
+    assert!(
+        prefix.as_bytes().starts_with(head),
+        "host got {head:?} before the data"
+    );
     assert!(
         model.accepted.starts_with(guest_bytes),
         "host received bytes the guest did not send, or out of order"

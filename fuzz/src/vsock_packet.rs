@@ -30,12 +30,23 @@ fn check_packet(data: &[u8], guest_cid: u64) {
     };
     let hdr = pkt.hdr;
     assert_eq!(hdr.src_cid, guest_cid, "accepted a spoofed src_cid");
-    assert_eq!(hdr.dst_cid, VMADDR_CID_HOST, "accepted a packet not for the host");
+    assert_eq!(
+        hdr.dst_cid, VMADDR_CID_HOST,
+        "accepted a packet not for the host"
+    );
     assert_eq!(hdr.type_, VIRTIO_VSOCK_TYPE_STREAM);
     assert!(hdr.len <= MAX_PKT_DATA, "accepted len {}", hdr.len);
-    assert_eq!(pkt.data.len(), hdr.len as usize, "data is not exactly len bytes");
+    assert_eq!(
+        pkt.data.len(),
+        hdr.len as usize,
+        "data is not exactly len bytes"
+    );
     if pkt.op != Op::Rw {
-        assert!(pkt.data.is_empty(), "control packet {:?} carries data", pkt.op);
+        assert!(
+            pkt.data.is_empty(),
+            "control packet {:?} carries data",
+            pkt.op
+        );
     }
     assert_eq!(
         &hdr.to_bytes()[..],
@@ -55,6 +66,9 @@ fn check_connect_line(data: &[u8]) {
         assert!(text.starts_with("CONNECT "), "accepted {text:?}");
         assert!(text.ends_with('\n'), "accepted {text:?} without a newline");
         let digits: String = text.chars().filter(char::is_ascii_digit).collect();
-        assert_eq!(digits.trim_start_matches('0').parse::<u32>().unwrap_or(0), port);
+        assert_eq!(
+            digits.trim_start_matches('0').parse::<u32>().unwrap_or(0),
+            port
+        );
     }
 }

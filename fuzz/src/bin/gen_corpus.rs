@@ -30,7 +30,9 @@ fn write(dir: &Path, target: &str, name: &str, data: &[u8], run: fn(&[u8])) {
 }
 
 fn main() {
-    let dir = std::env::args().nth(1).unwrap_or_else(|| "corpus".to_owned());
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "corpus".to_owned());
     let dir = Path::new(&dir);
     blk(dir);
     vsock(dir);
@@ -118,8 +120,20 @@ fn blk(dir: &Path) {
     m.desc(12, STATUS + 4, 1, W, 0);
     m.post(&[0, 3, 6, 8, 11]);
     write(dir, t, "mixed-requests", &blk_seed(4, 63, &m), run);
-    write(dir, t, "mixed-requests-event-idx", &blk_seed(4 | 0x10, 63, &m), run);
-    write(dir, t, "mixed-requests-read-only", &blk_seed(4 | 0x20, 63, &m), run);
+    write(
+        dir,
+        t,
+        "mixed-requests-event-idx",
+        &blk_seed(4 | 0x10, 63, &m),
+        run,
+    );
+    write(
+        dir,
+        t,
+        "mixed-requests-read-only",
+        &blk_seed(4 | 0x20, 63, &m),
+        run,
+    );
 
     // Two-segment read whose second segment is in the high region.
     let mut m = Mem::new();
@@ -345,10 +359,22 @@ fn plan(dir: &Path) {
     write(dir, t, "no-signatures", &unsigned.to_json(), run);
     let mut v: serde_json::Value = serde_json::from_slice(&payload).expect("json");
     v["schema_version"] = 2.into();
-    write(dir, t, "newer-schema", &serde_json::to_vec(&v).expect("json"), run);
+    write(
+        dir,
+        t,
+        "newer-schema",
+        &serde_json::to_vec(&v).expect("json"),
+        run,
+    );
     let mut v: serde_json::Value = serde_json::from_slice(&payload).expect("json");
     v["extra"] = true.into();
-    write(dir, t, "unknown-field", &serde_json::to_vec(&v).expect("json"), run);
+    write(
+        dir,
+        t,
+        "unknown-field",
+        &serde_json::to_vec(&v).expect("json"),
+        run,
+    );
 }
 
 // ---- verity_tree -----------------------------------------------------------------
@@ -360,7 +386,9 @@ fn verity(dir: &Path) {
     let queries = |o: &mut Output| {
         o.u8(7);
         for i in 0..8u8 {
-            o.u8(i * 5).u16(if i % 3 == 0 { 0x0107 } else { 0 }).u8(i & 1);
+            o.u8(i * 5)
+                .u16(if i % 3 == 0 { 0x0107 } else { 0 })
+                .u8(i & 1);
         }
         o.u16(700).u8(0).u16(100).u16(3000);
     };
@@ -379,7 +407,13 @@ fn verity(dir: &Path) {
     queries(&mut o);
     write(dir, t, "raw-tree-superblock", &o.0, run);
     let mut o = Output::default();
-    o.u8(2).u8(2).u8(2).u16(4).bytes(b"salt").bytes(&[9; 32]).u64(4096);
+    o.u8(2)
+        .u8(2)
+        .u8(2)
+        .u16(4)
+        .bytes(b"salt")
+        .bytes(&[9; 32])
+        .u64(4096);
     o.u16(512).bytes(&[0; 512]).bytes(&[0; 8]);
     write(dir, t, "hostile-params", &o.0, run);
 }
@@ -394,9 +428,18 @@ fn net(dir: &Path) {
     let frames: Vec<(&str, Vec<u8>)> = vec![
         ("tcp-allowed", build::tcp4(Ipv4Addr::new(10, 1, 2, 3), 443)),
         ("tcp-denied", build::tcp4(Ipv4Addr::new(8, 8, 8, 8), 443)),
-        ("udp-allowed", build::udp4(net_frame::ALLOW_V4_HOST, 1500, b"data")),
-        ("dns-resolver", build::udp4(net_frame::RESOLVER_V4, 53, b"q")),
-        ("dns-elsewhere", build::udp4(Ipv4Addr::new(10, 9, 9, 9), 53, b"q")),
+        (
+            "udp-allowed",
+            build::udp4(net_frame::ALLOW_V4_HOST, 1500, b"data"),
+        ),
+        (
+            "dns-resolver",
+            build::udp4(net_frame::RESOLVER_V4, 53, b"q"),
+        ),
+        (
+            "dns-elsewhere",
+            build::udp4(Ipv4Addr::new(10, 9, 9, 9), 53, b"q"),
+        ),
         (
             "arp-gateway",
             build::eth(ETHERTYPE_ARP, &build::arp(1, guest4, net_frame::GATEWAY_V4)),
@@ -405,7 +448,12 @@ fn net(dir: &Path) {
             "ipv6-tcp",
             build::eth(
                 ETHERTYPE_IPV6,
-                &build::ipv6(guest6, net_frame::ALLOW_V6_NET, 6, &build::tcp(4000, 80, &[])),
+                &build::ipv6(
+                    guest6,
+                    net_frame::ALLOW_V6_NET,
+                    6,
+                    &build::tcp(4000, 80, &[]),
+                ),
             ),
         ),
         (
@@ -424,14 +472,28 @@ fn net(dir: &Path) {
             "ipv4-fragment",
             build::eth(
                 0x0800,
-                &build::ipv4_with(guest4, Ipv4Addr::new(10, 1, 1, 1), 6, &[], 0x2000, &build::tcp(1, 443, &[])),
+                &build::ipv4_with(
+                    guest4,
+                    Ipv4Addr::new(10, 1, 1, 1),
+                    6,
+                    &[],
+                    0x2000,
+                    &build::tcp(1, 443, &[]),
+                ),
             ),
         ),
         (
             "ipv4-options",
             build::eth(
                 0x0800,
-                &build::ipv4_with(guest4, Ipv4Addr::new(10, 1, 1, 1), 6, &[1, 1, 1, 0], 0, &build::tcp(1, 443, &[])),
+                &build::ipv4_with(
+                    guest4,
+                    Ipv4Addr::new(10, 1, 1, 1),
+                    6,
+                    &[1, 1, 1, 0],
+                    0,
+                    &build::tcp(1, 443, &[]),
+                ),
             ),
         ),
         ("vlan", build::eth(ETHERTYPE_VLAN, &[0, 1, 8, 0, 0x45])),

@@ -40,9 +40,35 @@ struct Bench {
     irq: Interrupt,
     posted: u16,
     _file: tempfile::NamedTempFile,
+    _tree: Option<tempfile::NamedTempFile>,
 }
 
 impl Bench {
+    /// A read-only disk whose every read is checked against a dm-verity tree
+    /// (`block/verity.rs`), to compare with the same reads unverified.
+    fn new_verified() -> Self {
+        use mvm_devices::virtio::block::verity::VerifiedDisk;
+        use mvm_loader::verity::{build_tree, BuildOptions, Salt, VerityVerifier};
+        let mut b = Self::new(true);
+        let tree = tempfile::Builder::new()
+            .prefix("mvm-blk-bench-tree")
+            .tempfile_in("/dev/shm")
+            .expect("tmpfs at /dev/shm");
+        let params = build_tree(
+            b._file.path(),
+            tree.path(),
+            &BuildOptions::new(Salt(vec![7; 32])),
+        )
+        .expect("verity tree");
+        let verifier = VerityVerifier::open(tree.path(), &params).expect("verifier");
+        b.worker.set_verity(VerifiedDisk::new(
+            verifier,
+            Box::new(|f| panic!("bench block failed verification: {f:?}")),
+        ));
+        b._tree = Some(tree);
+        b
+    }
+
     fn new(read_only: bool) -> Self {
         let mut file = tempfile::Builder::new()
             .prefix("mvm-blk-bench")
@@ -97,6 +123,7 @@ impl Bench {
             irq,
             posted: 0,
             _file: file,
+            _tree: None,
         }
     }
 
@@ -163,10 +190,18 @@ impl Bench {
 }
 
 fn sequential(c: &mut Criterion, name: &str, request_type: u32) {
+    sequential_on(c, name, request_type, false);
+}
+
+fn sequential_on(c: &mut Criterion, name: &str, request_type: u32, verified: bool) {
     // 512 KiB requests of 128 page segments (seg_max), one at a time.
     let segments = 128u16;
     let request_bytes = u64::from(segments) * PAGE;
-    let mut b = Bench::new(request_type == VIRTIO_BLK_T_IN);
+    let mut b = if verified {
+        Bench::new_verified()
+    } else {
+        Bench::new(request_type == VIRTIO_BLK_T_IN)
+    };
     let heads = b.lay_out(1, segments, request_type == VIRTIO_BLK_T_IN);
     let mut sector = 0u64;
     let mut group = c.benchmark_group("virtio-blk");
@@ -207,6 +242,7 @@ fn random_read_4k(c: &mut Criterion) {
 
 fn benches(c: &mut Criterion) {
     sequential(c, "sequential-read-512k", VIRTIO_BLK_T_IN);
+    sequential_on(c, "sequential-read-512k-verity", VIRTIO_BLK_T_IN, true);
     sequential(c, "sequential-write-512k", VIRTIO_BLK_T_OUT);
     random_read_4k(c);
 }

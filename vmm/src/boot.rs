@@ -404,6 +404,7 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
+    crate::verified_boot::route_device_events(&events);
     let refuse = |plan_id: Option<&str>, r: crate::verified_boot::Refusal| {
         events.boot_refused(plan_id, &r);
         timeline.set_exit(r.reason());

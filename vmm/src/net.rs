@@ -230,7 +230,7 @@ pub fn attach_net(ctx: &mut DeviceContext<'_>, net: OpenNet) -> Result<(), BootE
         .map_err(|_| BootError::BootState("virtio-net: too many queues".into()))?;
     let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
     let host = |what| move |source| BootError::Host { what, source };
-    let interrupt = Interrupt::new(res.interrupt);
+    let interrupt = crate::verified_boot::audited(Interrupt::new(res.interrupt));
     let (handle, inbox) = worker::channel().map_err(host("virtio-net worker channel"))?;
     let notifiers = res
         .queue_notify

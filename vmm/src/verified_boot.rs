@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use mvm_devices::virtio::block::verity::{VerifiedDisk, VerityFailure};
+use mvm_devices::virtio::{DeviceEvent, DeviceEventHook, Interrupt};
 use mvm_loader::dsse::TrustedKeys;
 use mvm_loader::measure::{self, MeasureError, MeasuredArtifact};
 use mvm_loader::plan::envelope::{verify_plan_for_boot, PlanVerifyError, VerifiedPlan};
@@ -283,6 +284,46 @@ impl EventLog {
         f.insert("status".into(), status.into());
         self.emit("vm_exit", plan_id, f);
     }
+}
+
+/// Where device events go: set once by `run_cli` when `--events` is given.
+static DEVICE_EVENTS: std::sync::OnceLock<EventLog> = std::sync::OnceLock::new();
+
+/// Sends every device's [`DeviceEvent`]s (needs_reset, the first egress drop per
+/// destination) to `events` as `device_error` / `egress_dropped` lines. Call once,
+/// before devices are attached.
+pub fn route_device_events(events: &EventLog) {
+    let _ = DEVICE_EVENTS.set(events.clone());
+}
+
+/// `interrupt` with the device-event hook, when [`route_device_events`] was called.
+pub fn audited(interrupt: Interrupt) -> Interrupt {
+    let Some(events) = DEVICE_EVENTS.get() else {
+        return interrupt;
+    };
+    let events = events.clone();
+    let hook: DeviceEventHook = Arc::new(move |event: &DeviceEvent| {
+        let mut f = Map::new();
+        let kind = match event {
+            DeviceEvent::NeedsReset { device, reason } => {
+                f.insert("device".into(), (*device).into());
+                f.insert("detail".into(), format!("needs_reset: {reason}").into());
+                "device_error"
+            }
+            DeviceEvent::EgressDenied {
+                device,
+                destination,
+                reason,
+            } => {
+                f.insert("device".into(), (*device).into());
+                f.insert("destination".into(), destination.clone().into());
+                f.insert("detail".into(), reason.clone().into());
+                "egress_dropped"
+            }
+        };
+        events.emit(kind, None, f);
+    });
+    interrupt.with_event_hook(hook)
 }
 
 /// A plan that passed signature, window and nonce checks, and what measurement found.

@@ -67,7 +67,7 @@ pub fn attach_disks(ctx: &mut DeviceContext<'_>, disks: Vec<OpenDisk>) -> Result
             .map_err(|_| BootError::BootState("virtio-blk: too many queues".into()))?;
         let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
         let host = |what| move |source| BootError::Host { what, source };
-        let interrupt = Interrupt::new(res.interrupt);
+        let interrupt = crate::verified_boot::audited(Interrupt::new(res.interrupt));
         let (handle, inbox) = worker::channel().map_err(host("virtio-blk worker channel"))?;
         let notifiers = res
             .queue_notify

@@ -203,3 +203,60 @@ fn kernel_cmdline_key_window_and_replay_refusals() {
     // ...and its nonce is spent: the same envelope with the right kernel is a replay.
     assert_refused(&run(d, &env, &k, CMDLINE), 17, "replay");
 }
+
+/// The cost of verification and measurement before a VM exists, with a real kernel:
+/// `MVM_VERIFY_KERNEL=vmlinux [MVM_VERIFY_INITRD=cpio] cargo test -p mvm-vmm --test
+/// verified_boot -- --ignored --nocapture`. The VM is stopped (SIGTERM) once created.
+#[test]
+#[ignore = "needs MVM_VERIFY_KERNEL and /dev/kvm; prints timings"]
+fn time_verification_and_measurement() {
+    let kernel = PathBuf::from(std::env::var_os("MVM_VERIFY_KERNEL").expect("MVM_VERIFY_KERNEL"));
+    let initrd = std::env::var_os("MVM_VERIFY_INITRD").map(PathBuf::from);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut plan = plan_for(&kernel, &"b5".repeat(16));
+    plan.resources.memory_mib = 128;
+    plan.artifacts.initramfs = initrd
+        .as_ref()
+        .map(|p| Sha256Digest::of(&std::fs::read(p).unwrap()));
+    let env = write_signed(d, plan, 1);
+    let key = SigningKey::from_bytes(&[1; 32]);
+    let trust = d.join("admission.pub");
+    std::fs::write(&trust, format_public_key(&key.verifying_key())).unwrap();
+    let report = d.join("report.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"));
+    cmd.arg("--plan")
+        .arg(&env)
+        .arg("--trust")
+        .arg(&trust)
+        .arg("--replay-store")
+        .arg(d.join("replay"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--cmdline")
+        .arg(CMDLINE)
+        .arg("--mem-mib")
+        .arg("128")
+        .arg("--console-log")
+        .arg(d.join("console"))
+        .arg("--boot-report")
+        .arg(&report);
+    if let Some(i) = &initrd {
+        cmd.arg("--initrd").arg(i);
+    }
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    println!("status {:?}; boot report: {r}", out.status.code());
+    let v = r["plan_verified"].as_u64().unwrap();
+    let m = r["artifacts_measured"].as_u64().unwrap();
+    println!(
+        "plan_verified {v} us after start; artifacts_measured {m} us (+{} us: read, inspect, hash {} bytes)",
+        m - v,
+        std::fs::metadata(&kernel).unwrap().len()
+            + initrd.as_ref().map_or(0, |i| std::fs::metadata(i).unwrap().len())
+    );
+}

@@ -395,11 +395,18 @@ pub fn vmm_event(line: &str, vm_id: &str) -> Option<AuditEvent> {
                 .unwrap_or(u64::MAX),
             text("detail"),
         ),
-        "device_error" => {
-            let mut e = AuditEvent::new(EventKind::DeviceError)
-                .vm(vm_id)
-                .field("device", text("device"))
-                .field("detail", text("detail"));
+        kind @ ("device_error" | "egress_dropped") => {
+            let mut e = AuditEvent::new(if kind == "device_error" {
+                EventKind::DeviceError
+            } else {
+                EventKind::EgressDropped
+            })
+            .vm(vm_id)
+            .field("device", text("device"))
+            .field("detail", text("detail"));
+            if let Some(dest) = fields.get("destination").and_then(Value::as_str) {
+                e = e.field("destination", dest);
+            }
             if let Some(id) = plan_id {
                 e = e.plan(id);
             }
@@ -463,6 +470,7 @@ mod tests {
                 r#"{"time":"2026-11-29T00:00:01Z","event":"verity_failure","plan_id":"p1","fields":{"disk":"root","block":7,"offset":28672,"len":4096,"detail":"data block 7"}}"#, "\n",
                 r#"{"time":"2026-11-29T00:00:02Z","event":"vm_exit","plan_id":"p1","fields":{"reason":"poweroff","status":0}}"#, "\n",
                 "not json\n",
+                r#"{"event":"device_error","fields":{"device":"virtio-blk","detail":"needs_reset: bad queue size 3"}}"#, "\n",
                 r#"{"event":"boot_refused","fields":{"reason":"kernel_mismatch","detail":"kernel digest mismatch","status":20}}"#, "\n",
             ),
         )
@@ -471,7 +479,7 @@ mod tests {
         let log_path = dir.path().join("audit.jsonl");
         let log = AuditLog::new(&log_path, key.clone());
         let seqs = append_vmm_events(&log, &events, "vm-1").unwrap();
-        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
         audit::verify_log(&log_path, &key.verifying_key()).unwrap();
         let records = audit::read_records(&log_path, Some("vm-1")).unwrap();
         let kinds: Vec<String> = records.iter().map(|r| r.event.to_string()).collect();
@@ -481,6 +489,7 @@ mod tests {
                 "boot_verified",
                 "verity_failure",
                 "vm_exited",
+                "device_error",
                 "boot_refused"
             ]
         );
@@ -490,7 +499,7 @@ mod tests {
             "{shown}"
         );
         assert_eq!(records[0].plan_id.as_deref(), Some("p1"));
-        assert!(records[3].plan_id.is_none());
+        assert!(records[4].plan_id.is_none());
     }
 
     #[test]

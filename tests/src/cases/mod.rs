@@ -4,7 +4,6 @@
 
 pub mod blk;
 pub mod boot;
-// Not in `all()` yet: scripts/e2e must first provide the `mvm` and `mvm-data/` artifacts.
 pub mod run;
 pub mod verify;
 pub mod vsock;
@@ -13,7 +12,14 @@ use crate::case::Case;
 
 /// Every case, in the order they run.
 pub fn all() -> Vec<Case> {
-    [boot::CASES, blk::CASES, vsock::CASES, verify::CASES].concat()
+    [
+        boot::CASES,
+        blk::CASES,
+        vsock::CASES,
+        verify::CASES,
+        run::CASES,
+    ]
+    .concat()
 }
 
 #[cfg(test)]

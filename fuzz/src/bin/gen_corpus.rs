@@ -251,7 +251,7 @@ fn connection(dir: &Path) {
     o.u8(op::HOST_READABLE);
     o.u8(op::RX_BUFFER).u16(4096);
     o.u8(op::RX_BUFFER).u16(4096);
-    guest_packet(&mut o, VIRTIO_VSOCK_OP_SHUTDOWN as u16, 3, 65536, 9, b"");
+    guest_packet(&mut o, VIRTIO_VSOCK_OP_SHUTDOWN, 3, 65536, 9, b"");
     o.u8(op::RX_BUFFER).u16(4096);
     write(dir, t, "host-initiated", &o.0, run);
 

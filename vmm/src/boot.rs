@@ -226,6 +226,7 @@ fn spawn_console_input(serial: SharedSerial) -> Result<(), BootError> {
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadRole::ConsoleInput, "console-in");
             let mut stdin = io::stdin();
             let mut buf = [0u8; 64];
             loop {
@@ -262,6 +263,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadRole::Signals, "signals");
             if let Ok(sig) = set.wait() {
                 stopper.stop(ExitReason::HostSignal(sig as i32));
             }
@@ -361,13 +363,19 @@ pub fn run(
     };
     for vcpu in vcpus {
         let ctx = ctx.clone();
+        let name = format!("vcpu{}", vcpu.index());
         std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.index()))
-            .spawn(move || vcpu.run(&ctx))
+            .name(name.clone())
+            .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadRole::Vcpu, &name);
+                vcpu.run(&ctx)
+            })
             .map_err(host_err("spawning a vCPU thread"))?;
     }
     spawn_console_input(serial)?;
     drop(ctx);
+    // Every other thread is running under its own filter; the main thread's goes on last.
+    crate::seccomp::enter(crate::seccomp::ThreadRole::Main, "main");
 
     // Supervise: the first exit event ends the VM. `vm` stays alive until the
     // process exits, so vCPU threads never run on a closed VM.
@@ -395,6 +403,10 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
             eprintln!("mvm-vmm: {e}");
             return STATUS_BAD_ARGUMENTS;
         }
+    }
+    if let Err(e) = crate::seccomp::init() {
+        eprintln!("mvm-vmm: {e}");
+        return STATUS_BAD_ARGUMENTS;
     }
     // Verified boot: the plan before anything is read, the artifacts right after.
     let events = match crate::verified_boot::EventLog::open(args.verify.events.as_deref()) {

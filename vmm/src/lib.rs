@@ -17,6 +17,7 @@ pub mod device_manager;
 pub mod exit;
 pub mod layout;
 pub mod net;
+pub mod seccomp;
 pub mod vcpu;
 pub mod verified_boot;
 pub mod virtio_devices;

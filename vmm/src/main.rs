@@ -19,6 +19,11 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Before clap: `--print-seccomp` needs no --kernel.
+    if std::env::args().nth(1).as_deref() == Some("--print-seccomp") {
+        print!("{}", mvm_seccomp::describe());
+        std::process::exit(0);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -261,9 +261,7 @@ pub fn attach_net(ctx: &mut DeviceContext<'_>, net: OpenNet) -> Result<(), BootE
     let thread = worker::spawn(
         "virtio-net",
         WorkerLoop::new(worker, inbox, notifiers, interrupt),
-        // The device thread's seccomp filter goes here (later issue). It needs read and
-        // write on the tap fd, epoll_wait/epoll_ctl, eventfd read/write, futex.
-        || Ok(()),
+        crate::seccomp::device_hook(crate::seccomp::ThreadRole::Net, "virtio-net".into()),
     )
     .map_err(|e| BootError::BootState(format!("net: {e}")))?;
     drop(thread);

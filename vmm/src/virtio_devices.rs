@@ -96,11 +96,11 @@ pub fn attach_disks(ctx: &mut DeviceContext<'_>, disks: Vec<OpenDisk>) -> Result
             .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
         // The thread outlives this function; it ends with the process (or when the
         // transport, and with it the worker handle, is dropped).
+        let name = format!("virtio-blk{index}");
         let thread = worker::spawn(
-            &format!("virtio-blk{index}"),
+            &name,
             WorkerLoop::new(worker, inbox, notifiers, interrupt),
-            // The device thread's seccomp filter goes here (later issue).
-            || Ok(()),
+            crate::seccomp::device_hook(crate::seccomp::ThreadRole::Blk, name.clone()),
         )
         .map_err(|e| BootError::BootState(format!("disk {}: {e}", config.path.display())))?;
         drop(thread);

@@ -94,10 +94,7 @@ pub fn attach_vsock(ctx: &mut DeviceContext<'_>, vsock: OpenVsock) -> Result<(),
     let thread = worker::spawn(
         "virtio-vsock",
         WorkerLoop::new(worker, inbox, notifiers, interrupt),
-        // The device thread's seccomp filter goes here (later issue). It must
-        // allow accept4, socket(AF_UNIX)+connect, recvfrom, write, shutdown,
-        // close, ioctl(FIONBIO), epoll_ctl/epoll_wait.
-        || Ok(()),
+        crate::seccomp::device_hook(crate::seccomp::ThreadRole::Vsock, "virtio-vsock".into()),
     )
     .map_err(|e| BootError::BootState(format!("vsock: {e}")))?;
     drop(thread);

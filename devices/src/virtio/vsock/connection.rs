@@ -380,7 +380,11 @@ impl<S: HostStream> Connection<S> {
 
     /// Carries out the guest's shutdown once the buffered data has gone out.
     fn after_shutdown(&mut self) {
-        if self.state != ConnState::Established || !self.tx_buf.is_empty() {
+        // The `OK` line and the guest's data go out before the host sees end of file.
+        if self.state != ConnState::Established
+            || !self.host_prefix.is_empty()
+            || !self.tx_buf.is_empty()
+        {
             return;
         }
         if self.peer_shut_send && !self.host_write_shut {
@@ -810,6 +814,31 @@ pub(crate) mod tests {
         // More data after SHUTDOWN(SEND) is a protocol error.
         feed(&mut c, guest_hdr(VIRTIO_VSOCK_OP_RW, 1, 8192, 2), b"x");
         assert_eq!(rx(&mut c).unwrap().0.op, VIRTIO_VSOCK_OP_RST);
+    }
+
+    #[test]
+    fn guest_half_close_waits_for_the_ok_line() {
+        // The host takes only 3 bytes: the OK line is still half-written when the
+        // guest half-closes.
+        let s = TestStream {
+            write_room: 3,
+            ..Default::default()
+        };
+        let mut c = Connection::new_host_initiated(s, GUEST, 1024, 52);
+        rx(&mut c).unwrap();
+        let mut resp = guest_hdr(VIRTIO_VSOCK_OP_RESPONSE, 0, 4096, 0);
+        resp.dst_port = 1024;
+        feed(&mut c, resp, &[]);
+        assert_eq!(c.stream.written, b"OK ");
+        let mut sh = guest_hdr(VIRTIO_VSOCK_OP_SHUTDOWN, 0, 4096, 0);
+        sh.flags = VIRTIO_VSOCK_SHUTDOWN_SEND;
+        feed(&mut c, sh, &[]);
+        assert!(!c.stream.shut_wr, "end of file before the OK line was out");
+        assert!(c.wants_write());
+        c.stream.write_room = 100;
+        c.on_host_writable();
+        assert_eq!(c.stream.written, b"OK 1024\n");
+        assert!(c.stream.shut_wr);
     }
 
     #[test]

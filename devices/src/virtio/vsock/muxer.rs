@@ -121,7 +121,9 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` for a guest with CID `guest_cid`.
+    /// Listens on `uds_path` for a guest with CID `guest_cid`. Removing the socket
+    /// file afterwards is the owner's job (mvm-vmm does it on its main thread): the
+    /// device thread's seccomp filter has no `unlink`.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
         if uds_path.exists() {
             return Err(MuxerError::PathExists(uds_path.to_owned()));
@@ -619,12 +621,5 @@ impl Muxer {
     /// The state of the connection between host port `local` and guest port `peer`.
     pub fn connection_state(&self, local: u32, peer: u32) -> Option<ConnState> {
         self.conns.get(&(local, peer)).map(Connection::state)
-    }
-}
-
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        // The socket file would otherwise outlive the VM.
-        let _ = std::fs::remove_file(&self.uds_path);
     }
 }

@@ -663,15 +663,6 @@ fn connection_limit_refuses_the_extra_host_socket() {
 }
 
 #[test]
-fn socket_file_is_removed_when_the_device_goes() {
-    let g = Guest::new();
-    let path = g.uds.clone();
-    assert!(path.exists());
-    drop(g.worker);
-    assert!(!path.exists());
-}
-
-#[test]
 fn rx_buffer_outside_guest_memory_marks_needs_reset() {
     let mut g = Guest::new();
     g.rx.post_raw(

@@ -35,3 +35,51 @@ pub fn memfd(contents: &[u8]) -> File {
     file.write_all(contents).expect("write memfd");
     file
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    type Harness = fn(&[u8]);
+
+    const TARGETS: [(&str, Harness); 8] = [
+        ("virtio_queue_blk", crate::virtio_queue_blk::run),
+        ("vsock_packet", crate::vsock_packet::run),
+        ("vsock_connection", crate::vsock_connection::run),
+        ("agent_frame", crate::agent_frame::run),
+        ("plan_envelope", crate::plan_envelope::run),
+        ("verity_tree", crate::verity_tree::run),
+        ("net_frame", crate::net_frame::run),
+        ("mmio_transport", crate::mmio_transport::run),
+    ];
+
+    /// Runs every file under `dir/<target>/` through its harness; returns how many ran.
+    fn replay(dir: &str) -> usize {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut ran = 0;
+        for (target, run) in TARGETS {
+            let Ok(entries) = std::fs::read_dir(root.join(target)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap();
+                eprintln!("{}", path.display());
+                run(&bytes);
+                ran += 1;
+            }
+        }
+        ran
+    }
+
+    #[test]
+    fn every_seed_passes_its_harness() {
+        assert!(replay("corpus") >= TARGETS.len(), "a target has no seeds");
+    }
+
+    /// Every crash input ever found. Fails until the bug behind each one is fixed.
+    #[test]
+    fn every_regression_passes_its_harness() {
+        replay("regressions");
+    }
+}

@@ -75,15 +75,12 @@ impl Write for MemStream {
         if end.broken {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        if end.shut_wr {
-            // A real socket answers EPIPE; the harness calls it a bug unless told to
-            // tolerate it (see `tolerate_write_after_shutdown`).
-            assert!(
-                tolerate_write_after_shutdown(),
-                "write after shutdown_write (host bytes owed after the half-close)"
-            );
-            return Err(io::ErrorKind::BrokenPipe.into());
-        }
+        // A real socket would answer EPIPE and the host would miss bytes it was owed
+        // (fuzz/regressions/vsock_connection/host-prefix-after-shutdown).
+        assert!(
+            !end.shut_wr,
+            "write after shutdown_write (host bytes owed after the half-close)"
+        );
         let n = buf.len().min(end.room);
         if n == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -103,16 +100,6 @@ impl HostStream for MemStream {
         self.0.borrow_mut().shut_wr = true;
         Ok(())
     }
-}
-
-/// `MVM_FUZZ_TOLERATE=write-after-shutdown` lets a campaign continue past the known
-/// bug in `fuzz/regressions/vsock_connection/host-prefix-after-shutdown` (the `OK <port>`
-/// line is written after the host stream was half-closed) until it is fixed.
-fn tolerate_write_after_shutdown() -> bool {
-    static CELL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CELL.get_or_init(|| {
-        std::env::var("MVM_FUZZ_TOLERATE").is_ok_and(|v| v.contains("write-after-shutdown"))
-    })
 }
 
 /// Op codes of the input, one byte each, followed by their operands.

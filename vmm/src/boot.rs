@@ -404,6 +404,9 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     }
+    if args.jail.jail {
+        crate::jail::close_inherited_fds();
+    }
     if let Err(e) = crate::seccomp::init() {
         eprintln!("mvm-vmm: {e}");
         return STATUS_BAD_ARGUMENTS;
@@ -482,6 +485,30 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
         }
     };
     crate::verified_boot::attach_verity(plan, &mut disks, &events);
+    if args.jail.jail {
+        let jail = crate::jail::JailPlan {
+            keep_dirs: [
+                args.vsock.as_ref().map(|v| v.uds_path.as_path()),
+                report_path.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
+            .filter_map(crate::jail::parent_dir)
+            .collect(),
+            precreate: report_path.iter().cloned().collect(),
+            has_net: net.is_some(),
+            // main, signals, console-in, one per vCPU and per device.
+            threads: u64::from(args.vcpus)
+                .saturating_add(3)
+                .saturating_add(u64::try_from(disks.len()).unwrap_or(u64::MAX))
+                .saturating_add(2),
+        };
+        if let Err(e) = crate::jail::enter(&args.jail, &jail) {
+            timeline.set_exit("vmm_error");
+            eprintln!("mvm-vmm: {e}");
+            return STATUS_VMM_ERROR;
+        }
+    }
     timeline.mark(Phase::ArgsParsed);
     let status = match run(config, timeline.clone(), move |ctx| {
         crate::virtio_devices::attach_disks(ctx, disks)?;

@@ -77,6 +77,9 @@ pub struct Args {
     /// Verified boot: --plan, --trust, --replay-store, --events, --dev.
     #[command(flatten)]
     pub verify: crate::verified_boot::VerifyArgs,
+    /// The jail: --jail, --jail-uid, --jail-gid, --jail-dir.
+    #[command(flatten)]
+    pub jail: crate::jail::JailArgs,
 }
 
 /// Where the guest console goes.

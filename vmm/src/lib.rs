@@ -15,6 +15,7 @@ pub mod boot_report;
 pub mod cli;
 pub mod device_manager;
 pub mod exit;
+pub mod jail;
 pub mod layout;
 pub mod net;
 pub mod seccomp;

@@ -57,7 +57,7 @@ fn a_jailed_vmm_has_no_capabilities_no_new_privs_its_own_root_and_only_its_fds()
     )
     .unwrap();
     let kernel = tiny_vmlinux(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
         .arg("--dev")
         .arg("--jail")
         .arg("--jail-dir")

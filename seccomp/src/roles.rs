@@ -111,15 +111,18 @@ pub fn signals() -> Vec<Allowed> {
 pub fn vcpu() -> Vec<Allowed> {
     with(
         runtime(),
-        [allow!(
-            SYS_ioctl,
-            "run the vCPU; read its registers for the fatal-exit report",
-            arg 1 in [
-                KVM_RUN => "KVM_RUN",
-                KVM_GET_REGS => "KVM_GET_REGS",
-                KVM_GET_SREGS => "KVM_GET_SREGS",
-            ]
-        )],
+        [
+            allow!(
+                SYS_ioctl,
+                "run the vCPU; read its registers for the fatal-exit report",
+                arg 1 in [
+                    KVM_RUN => "KVM_RUN",
+                    KVM_GET_REGS => "KVM_GET_REGS",
+                    KVM_GET_SREGS => "KVM_GET_SREGS",
+                ]
+            ),
+            allow!(SYS_close, "the vCPU fd is closed when the thread ends"),
+        ],
     )
     // `write` (in the runtime set) also carries the serial console, the serial irqfd and the
     // device workers' wake-up eventfds.

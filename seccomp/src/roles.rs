@@ -177,6 +177,10 @@ pub fn vsock() -> Vec<Allowed> {
             ),
             allow!(SYS_connect, "connect that socket to <uds>_<port>"),
             allow!(SYS_recvfrom, "read from a host connection (std's recv)"),
+            allow!(
+                SYS_sendto,
+                "write to a host connection (std's send with MSG_NOSIGNAL)"
+            ),
             allow!(SYS_shutdown, "half-close a connection the guest shut down"),
             allow!(
                 SYS_getsockopt,

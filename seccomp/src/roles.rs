@@ -181,10 +181,6 @@ pub fn vsock() -> Vec<Allowed> {
                 SYS_sendto,
                 "write to a host connection (std's send with MSG_NOSIGNAL)"
             ),
-            allow!(
-                SYS_sendto,
-                "write to a host connection (std's send with MSG_NOSIGNAL)"
-            ),
             allow!(SYS_shutdown, "half-close a connection the guest shut down"),
             allow!(
                 SYS_getsockopt,

@@ -95,12 +95,6 @@ fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuestError {
     move |source| GuestError::Sys { what, source }
 }
 
-/// Waits until the console has sent everything printed so far: with two vCPUs the UART
-/// may still be draining when PID 1 signals poweroff, and the last line would be lost.
-fn drain_console() {
-    let _ = nix::sys::termios::tcdrain(std::io::stdout());
-}
-
 fn mount_sysfs() -> Result<(), GuestError> {
     use nix::mount::{mount, MsFlags};
     match mount(
@@ -231,9 +225,6 @@ pub fn parallel(guest: &Guest) -> Result<Ending, GuestError> {
             .join()
             .map_err(|_| GuestError::Check("a blk-parallel thread panicked".into()))
             .and_then(|r| r.map_err(GuestError::Check));
-        if ran_on.is_err() {
-            drain_console();
-        }
         cpus.push(ran_on?);
     }
     cpus.sort_unstable();
@@ -246,7 +237,6 @@ pub fn parallel(guest: &Guest) -> Result<Ending, GuestError> {
     guest
         .console
         .say(&format!("{SAY_PARALLEL_OK} cpus={cpus:?}"));
-    drain_console();
     Ok(Ending::PowerOff)
 }
 

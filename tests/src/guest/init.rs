@@ -57,8 +57,9 @@ fn mount_basics() -> Result<(), GuestError> {
 
 fn finish(console: &Console, ending: Ending) {
     use nix::sys::reboot::{reboot, RebootMode};
-    // Nothing written may be left in a buffer when the VM ends.
+    // Nothing written may be left in a buffer when the VM ends: not the disks, not the console.
     nix::unistd::sync();
+    console.drain();
     match ending {
         Ending::PowerOff => {
             if let Err(e) = signal::send(signal::POWER_OFF) {

@@ -93,6 +93,13 @@ impl Console {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
+
+    /// Waits until the UART has sent everything printed so far. The VMM ends the VM at the
+    /// poweroff signal; with two vCPUs the serial port may still be draining on the other
+    /// one, and the last lines would be lost.
+    pub fn drain(&self) {
+        let _ = nix::sys::termios::tcdrain(std::io::stdout());
+    }
 }
 
 /// What a mode gets: the console and the kernel command line.

@@ -31,8 +31,10 @@ fn usable() -> bool {
 
 impl Pid1Agent {
     fn start() -> Self {
-        // Not under /tmp or /run: the agent mounts fresh tmpfs there in its namespace.
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        // Not under /tmp, /run or /dev: the agent mounts fresh file systems there in its
+        // namespace, hiding the socket. The target dir may itself be under /tmp (a CI clone),
+        // so /var/tmp, which the agent leaves alone.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let socket = dir.path().join("pid1.sock");
         let unshare = Command::new("unshare")
             .args([
@@ -48,17 +50,19 @@ impl Pid1Agent {
             .env("MVM_AGENT_PID1_TEST_SOCKET", &socket)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // The socket file appears at bind, a moment before listen: wait for a connection.
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "PID 1 agent did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
+        // Built before the wait, so that a failed wait still kills the namespace (Drop).
+        let agent = Self {
             unshare,
             socket,
             _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The socket file appears at bind, a moment before listen: wait for a connection.
+        while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
+            assert!(Instant::now() < deadline, "PID 1 agent did not listen");
+            std::thread::sleep(Duration::from_millis(10));
         }
+        agent
     }
 
     fn client(&self) -> Client {
@@ -87,10 +91,19 @@ impl Pid1Agent {
 impl Drop for Pid1Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.unshare.try_wait() {
-            // Killing PID 1 of the namespace ends every process in it.
-            let pid = self.host_pid();
-            // SAFETY: kill takes plain integers; `pid` is the agent this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Killing PID 1 of the namespace ends every process in it. Runs during a failed
+            // test's unwinding too, so nothing here may panic.
+            let id = self.unshare.id();
+            let children = std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+                .unwrap_or_default();
+            for pid in children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill takes plain integers; `pid` is the agent this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = self.unshare.kill();
             let _ = self.unshare.wait();
         }
     }

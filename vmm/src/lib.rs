@@ -5,11 +5,12 @@
 //! [`cli::VmConfig`] before anything touches KVM; [`boot::run`] creates the
 //! [`vm::Vm`] (KVM VM, in-kernel IOAPIC/LAPIC/PIT, guest memory laid out by
 //! [`layout`]), wires the legacy devices and any virtio-mmio devices through
-//! [`device_manager`], loads the kernel, writes the x86_64 boot state
+//! [`device_manager`] (each virtio device through [`attach`]), loads the kernel, writes the x86_64 boot state
 //! ([`arch::x86_64`]), starts one thread per [`vcpu`], and supervises until the
 //! guest ends. [`boot_report`] records when each phase happened.
 
 pub mod arch;
+pub mod attach;
 pub mod boot;
 pub mod boot_report;
 pub mod cli;

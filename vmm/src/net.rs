@@ -26,17 +26,15 @@
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use mvm_devices::virtio::mmio::MmioTransport;
 use mvm_devices::virtio::net::policy::PolicyError;
 use mvm_devices::virtio::net::{EgressRules, MacAddr, Net, NetConfig, NetError, NetWorker, Tap};
-use mvm_devices::virtio::worker::{self, WorkerLoop};
-use mvm_devices::virtio::{Interrupt, VirtioDevice};
 use mvm_loader::plan::{EgressPolicy, EgressRule};
 use serde::Deserialize;
 
+use crate::attach::{attach_virtio_device, DeviceThread};
 use crate::boot::{BootError, DeviceContext};
+use crate::seccomp::ThreadRole;
 
 /// Largest policy file read.
 pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
@@ -226,45 +224,27 @@ pub fn open_net(arg: &NetArg, plan: Option<&EgressPolicy>) -> Result<OpenNet, Ne
 /// starts its device thread.
 pub fn attach_net(ctx: &mut DeviceContext<'_>, net: OpenNet) -> Result<(), BootError> {
     let OpenNet { front, worker } = net;
-    let queues = u16::try_from(front.queue_max_sizes().len())
-        .map_err(|_| BootError::BootState("virtio-net: too many queues".into()))?;
-    let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
-    let host = |what| move |source| BootError::Host { what, source };
-    let interrupt = crate::verified_boot::audited(Interrupt::new(res.interrupt));
-    let (handle, inbox) = worker::channel().map_err(host("virtio-net worker channel"))?;
-    let notifiers = res
-        .queue_notify
-        .iter()
-        .map(|fd| fd.try_clone())
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(host("virtio-net queue notifiers"))?;
+    let tap = worker.backend().name().to_owned();
+    let mac = front.mac();
+    let rules = worker.filter().rules().allow_rules().len();
+    let slot = attach_virtio_device(
+        ctx,
+        front,
+        worker,
+        DeviceThread {
+            name: "virtio-net".into(),
+            role: ThreadRole::Net,
+            label: "net".into(),
+        },
+    )?;
     tracing::info!(
-        tap = worker.backend().name(),
-        mac = %front.mac(),
-        rules = worker.filter().rules().allow_rules().len(),
-        addr = res.slot.base,
-        gsi = res.slot.gsi,
+        tap,
+        mac = %mac,
+        rules,
+        addr = slot.base,
+        gsi = slot.gsi,
         "virtio-net attached"
     );
-    let transport = MmioTransport::with_notifiers(
-        Box::new(front),
-        handle,
-        interrupt.clone(),
-        ctx.memory.clone(),
-        res.queue_notify,
-    )
-    .map_err(|e| BootError::BootState(format!("net: {e}")))?;
-    ctx.devices
-        .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
-    // The thread ends with the process (or when the transport, and with it the worker
-    // handle, is dropped).
-    let thread = worker::spawn(
-        "virtio-net",
-        WorkerLoop::new(worker, inbox, notifiers, interrupt),
-        crate::seccomp::device_hook(crate::seccomp::ThreadRole::Net, "virtio-net".into()),
-    )
-    .map_err(|e| BootError::BootState(format!("net: {e}")))?;
-    drop(thread);
     Ok(())
 }
 

@@ -5,14 +5,11 @@
 //! never creates a VM; they are attached in order ([`attach_disks`]), so the first
 //! `--disk` is `/dev/vda`, the second `/dev/vdb`, and so on.
 
-use std::sync::{Arc, Mutex};
-
 use mvm_devices::virtio::block::{Block, BlockError, BlockWorker, DiskConfig};
-use mvm_devices::virtio::mmio::MmioTransport;
-use mvm_devices::virtio::worker::{self, WorkerLoop};
-use mvm_devices::virtio::{Interrupt, VirtioDevice};
 
+use crate::attach::{attach_virtio_device, DeviceThread};
 use crate::boot::{BootError, DeviceContext};
+use crate::seccomp::ThreadRole;
 
 /// clap's parser for one `--disk` value.
 pub fn parse_disk_arg(value: &str) -> Result<DiskConfig, String> {
@@ -63,47 +60,26 @@ pub fn attach_disks(ctx: &mut DeviceContext<'_>, disks: Vec<OpenDisk>) -> Result
             front,
             worker,
         } = disk;
-        let queues = u16::try_from(front.queue_max_sizes().len())
-            .map_err(|_| BootError::BootState("virtio-blk: too many queues".into()))?;
-        let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
-        let host = |what| move |source| BootError::Host { what, source };
-        let interrupt = crate::verified_boot::audited(Interrupt::new(res.interrupt));
-        let (handle, inbox) = worker::channel().map_err(host("virtio-blk worker channel"))?;
-        let notifiers = res
-            .queue_notify
-            .iter()
-            .map(|fd| fd.try_clone())
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(host("virtio-blk queue notifiers"))?;
+        let (id, sectors) = (front.id().to_owned(), front.capacity_sectors());
+        let slot = attach_virtio_device(
+            ctx,
+            front,
+            worker,
+            DeviceThread {
+                name: format!("virtio-blk{index}"),
+                role: ThreadRole::Blk,
+                label: format!("disk {}", config.path.display()),
+            },
+        )?;
         tracing::info!(
             disk = %config.path.display(),
             read_only = config.read_only,
-            id = front.id(),
-            sectors = front.capacity_sectors(),
-            addr = res.slot.base,
-            gsi = res.slot.gsi,
+            id,
+            sectors,
+            addr = slot.base,
+            gsi = slot.gsi,
             "virtio-blk attached"
         );
-        let transport = MmioTransport::with_notifiers(
-            Box::new(front),
-            handle,
-            interrupt.clone(),
-            ctx.memory.clone(),
-            res.queue_notify,
-        )
-        .map_err(|e| BootError::BootState(format!("disk {}: {e}", config.path.display())))?;
-        ctx.devices
-            .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
-        // The thread outlives this function; it ends with the process (or when the
-        // transport, and with it the worker handle, is dropped).
-        let name = format!("virtio-blk{index}");
-        let thread = worker::spawn(
-            &name,
-            WorkerLoop::new(worker, inbox, notifiers, interrupt),
-            crate::seccomp::device_hook(crate::seccomp::ThreadRole::Blk, name.clone()),
-        )
-        .map_err(|e| BootError::BootState(format!("disk {}: {e}", config.path.display())))?;
-        drop(thread);
     }
     Ok(())
 }

@@ -6,14 +6,12 @@
 //! starts its thread. The device itself lives in `mvm_devices::virtio::vsock`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use mvm_devices::virtio::mmio::MmioTransport;
 use mvm_devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockWorker};
-use mvm_devices::virtio::worker::{self, WorkerLoop};
-use mvm_devices::virtio::{Interrupt, VirtioDevice};
 
+use crate::attach::{attach_virtio_device, DeviceThread};
 use crate::boot::{BootError, DeviceContext};
+use crate::seccomp::ThreadRole;
 
 /// clap's parser for the `--vsock` value.
 pub fn parse_vsock_value(value: &str) -> Result<VsockConfig, String> {
@@ -60,44 +58,25 @@ pub fn open_vsock(config: &VsockConfig) -> Result<(OpenVsock, SocketFileGuard), 
 /// line) and starts its device thread.
 pub fn attach_vsock(ctx: &mut DeviceContext<'_>, vsock: OpenVsock) -> Result<(), BootError> {
     let OpenVsock { front, worker } = vsock;
-    let queues = u16::try_from(front.queue_max_sizes().len())
-        .map_err(|_| BootError::BootState("virtio-vsock: too many queues".into()))?;
-    let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
-    let host = |what| move |source| BootError::Host { what, source };
-    let interrupt = crate::verified_boot::audited(Interrupt::new(res.interrupt));
-    let (handle, inbox) = worker::channel().map_err(host("virtio-vsock worker channel"))?;
-    let notifiers = res
-        .queue_notify
-        .iter()
-        .map(|fd| fd.try_clone())
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(host("virtio-vsock queue notifiers"))?;
+    let cid = front.guest_cid();
+    let uds = worker.muxer().uds_path().to_path_buf();
+    let slot = attach_virtio_device(
+        ctx,
+        front,
+        worker,
+        DeviceThread {
+            name: "virtio-vsock".into(),
+            role: ThreadRole::Vsock,
+            label: "vsock".into(),
+        },
+    )?;
     tracing::info!(
-        cid = front.guest_cid(),
-        uds = %worker.muxer().uds_path().display(),
-        addr = res.slot.base,
-        gsi = res.slot.gsi,
+        cid,
+        uds = %uds.display(),
+        addr = slot.base,
+        gsi = slot.gsi,
         "virtio-vsock attached"
     );
-    let transport = MmioTransport::with_notifiers(
-        Box::new(front),
-        handle,
-        interrupt.clone(),
-        ctx.memory.clone(),
-        res.queue_notify,
-    )
-    .map_err(|e| BootError::BootState(format!("vsock: {e}")))?;
-    ctx.devices
-        .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
-    // The thread ends with the process (or when the transport, and with it the
-    // worker handle, is dropped).
-    let thread = worker::spawn(
-        "virtio-vsock",
-        WorkerLoop::new(worker, inbox, notifiers, interrupt),
-        crate::seccomp::device_hook(crate::seccomp::ThreadRole::Vsock, "virtio-vsock".into()),
-    )
-    .map_err(|e| BootError::BootState(format!("vsock: {e}")))?;
-    drop(thread);
     Ok(())
 }
 

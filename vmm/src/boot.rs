@@ -391,22 +391,26 @@ pub fn run(
 /// process exit status; the caller exits with it.
 pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
     let report_path = args.boot_report.clone();
+    if !args.jail.no_jail {
+        crate::jail::close_inherited_fds();
+    }
+    // Never dropped: the fd closes with the process (in debug builds, dropping a File
+    // checks it with fcntl, which the main thread's filter does not allow).
+    let report_file = match report_path.as_deref().map(cli::check_boot_report) {
+        None => None,
+        Some(Ok(f)) => Some(std::mem::ManuallyDrop::new(f)),
+        Some(Err(e)) => {
+            eprintln!("mvm-vmm: {e}");
+            return STATUS_BAD_ARGUMENTS;
+        }
+    };
     let write_report = |timeline: &BootTimeline| {
-        if let Some(path) = &report_path {
-            if let Err(e) = timeline.write(path) {
+        if let (Some(path), Some(file)) = (&report_path, &report_file) {
+            if let Err(e) = write_report_to(file, timeline) {
                 eprintln!("mvm-vmm: writing the boot report {}: {e}", path.display());
             }
         }
     };
-    if let Some(path) = &report_path {
-        if let Err(e) = cli::check_boot_report(path) {
-            eprintln!("mvm-vmm: {e}");
-            return STATUS_BAD_ARGUMENTS;
-        }
-    }
-    if args.jail.jail {
-        crate::jail::close_inherited_fds();
-    }
     if let Err(e) = crate::seccomp::init() {
         eprintln!("mvm-vmm: {e}");
         return STATUS_BAD_ARGUMENTS;
@@ -485,26 +489,37 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
         }
     };
     crate::verified_boot::attach_verity(plan, &mut disks, &events);
-    if args.jail.jail {
-        let jail = crate::jail::JailPlan {
-            keep_dirs: [
-                args.vsock.as_ref().map(|v| v.uds_path.as_path()),
-                report_path.as_deref(),
-            ]
+    // Jail call site: every file is open; the VMM is still one thread.
+    let jail = crate::jail::JailPlan {
+        // Guest-initiated vsock connections go to `<uds>_<port>` by path.
+        keep_dirs: args
+            .vsock
+            .as_ref()
+            .and_then(|v| crate::jail::parent_dir(&v.uds_path))
             .into_iter()
-            .flatten()
-            .filter_map(crate::jail::parent_dir)
             .collect(),
-            precreate: report_path.iter().cloned().collect(),
-            has_net: net.is_some(),
-            // main, signals, console-in, one per vCPU and per device.
-            threads: u64::from(args.vcpus)
-                .saturating_add(3)
-                .saturating_add(u64::try_from(disks.len()).unwrap_or(u64::MAX))
-                .saturating_add(2),
-        };
-        if let Err(e) = crate::jail::enter(&args.jail, &jail) {
+        cleanup_files: args.vsock.iter().map(|v| v.uds_path.clone()).collect(),
+        has_net: net.is_some(),
+        // main, signals, console-in, one per vCPU and per device.
+        threads: u64::from(args.vcpus)
+            .saturating_add(3)
+            .saturating_add(u64::try_from(disks.len()).unwrap_or(u64::MAX))
+            .saturating_add(2),
+        vcpus: u64::from(args.vcpus),
+        mem_bytes: config.mem_bytes,
+        image_bytes: u64::try_from(
+            config
+                .kernel
+                .len()
+                .saturating_add(config.initrd.as_ref().map_or(0, Vec::len)),
+        )
+        .unwrap_or(u64::MAX),
+    };
+    match crate::jail::start(&args.jail, &jail) {
+        Ok(state) => tracing::debug!(?state, "jail entered"),
+        Err(e) => {
             timeline.set_exit("vmm_error");
+            write_report(&timeline);
             eprintln!("mvm-vmm: {e}");
             return STATUS_VMM_ERROR;
         }
@@ -532,6 +547,15 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
     let exit_reason = timeline.report().exit_reason.unwrap_or_default();
     events.vm_exit(plan_id.as_deref(), &exit_reason, status);
     status
+}
+
+/// Writes the boot report through the handle created (empty) at start; every way out
+/// of [`run_cli`] writes it once. Only `write` is needed, under the main thread's filter.
+fn write_report_to(file: &std::fs::File, timeline: &BootTimeline) -> io::Result<()> {
+    let mut json = serde_json::to_vec_pretty(&timeline.report()).map_err(io::Error::other)?;
+    json.push(b'\n');
+    let mut file = file;
+    file.write_all(&json)
 }
 
 #[cfg(test)]

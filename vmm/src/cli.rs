@@ -77,7 +77,7 @@ pub struct Args {
     /// Verified boot: --plan, --trust, --replay-store, --events, --dev.
     #[command(flatten)]
     pub verify: crate::verified_boot::VerifyArgs,
-    /// The jail: --jail, --jail-uid, --jail-gid, --jail-dir.
+    /// The jail (on by default): --no-jail, --jail-uid, --jail-gid, --jail-dir, --cgroup-parent.
     #[command(flatten)]
     pub jail: crate::jail::JailArgs,
 }
@@ -207,15 +207,14 @@ fn read_bounded(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, u64)> {
     Ok((bytes, size))
 }
 
-/// Checks that the boot-report path can be written (done first, so that the
-/// report can record a later argument error).
-pub fn check_boot_report(path: &Path) -> Result<(), ArgError> {
-    File::create(path)
-        .map(drop)
-        .map_err(|source| ArgError::BootReport {
-            path: path.to_path_buf(),
-            source,
-        })
+/// Creates the boot report file (done first, so that the report can record a
+/// later argument error). The report is written through this handle at exit: the
+/// jailed VMM may no longer reach the path.
+pub fn check_boot_report(path: &Path) -> Result<File, ArgError> {
+    File::create(path).map_err(|source| ArgError::BootReport {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The command line must be printable ASCII and fit in the zero page's limit

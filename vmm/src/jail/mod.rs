@@ -1,31 +1,40 @@
-//! The jail: after `mvm-vmm` has opened every file it needs and before any thread or guest
-//! code runs, the process moves into a per-VM root and gives up what it no longer needs.
+//! The jail, on by default: after `mvm-vmm` has opened every file it needs and before any
+//! thread or guest code runs, the process moves into a per-VM root and gives up what it no
+//! longer needs.
 //!
 //! Steps, in order (all before the first thread is spawned, so each applies process-wide):
 //! inherited fds above stderr are closed at start ([`close_inherited_fds`]); then
-//! [`enter`]: a new mount namespace with a tmpfs per-VM root holding only `/dev/kvm` and
-//! bind mounts of the directories the VM still uses by path (the vsock socket's, the boot
-//! report's), `pivot_root` into it; a new network namespace unless the VM has a net device;
+//! [`start`]: the VM's cgroup v2 is created ([`cgroup`]); the process forks into a new PID
+//! namespace, the parent staying outside to forward signals, pass the exit status on and
+//! clean up ([`supervisor`]); the child, PID 1 there, builds and enters its per-VM root in
+//! a new mount namespace ([`root`]); a new network namespace unless the VM has a net device;
 //! rlimits (open files, processes, core size 0); when started as root, the capability
 //! bounding set emptied and the process moved to an unprivileged uid/gid (which clears the
 //! effective and permitted sets); `PR_SET_NO_NEW_PRIVS`.
 //!
-//! Off by default for now (`--jail` turns it on); see `docs/jail.md` for what is not done
-//! (PID namespace, cgroups, user namespaces for unprivileged starts).
+//! `--no-jail` skips all of it (development only; it warns). See `docs/jail.md`.
+
+pub mod cgroup;
+pub mod root;
+pub mod supervisor;
 
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
-use nix::unistd::{chdir, chown, pivot_root, setresgid, setresuid, Gid, Uid};
+use nix::unistd::{setresgid, setresuid, Gid, Uid};
 
-/// `--jail`, `--jail-uid`, `--jail-gid`, `--jail-dir`.
+/// `--no-jail`, `--jail-uid`, `--jail-gid`, `--jail-dir`, `--cgroup-parent`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JailArgs {
-    /// Run jailed: per-VM mount namespace and root, no capabilities, no_new_privs,
-    /// unprivileged uid/gid when started as root, rlimits, inherited fds closed.
+    /// Run WITHOUT the jail (development only; prints a warning). By default the VMM runs
+    /// in a new PID, mount and (without --net) network namespace, a per-VM root and cgroup,
+    /// without capabilities, with no_new_privs, as --jail-uid/--jail-gid when started as
+    /// root, with rlimits and inherited fds closed.
     #[arg(long)]
+    pub no_jail: bool,
+    /// Accepted and ignored: the jail is on by default (kept for older callers).
+    #[arg(long, hide = true, conflicts_with = "no_jail")]
     pub jail: bool,
     /// The uid the jailed VMM runs as when started as root.
     #[arg(long, value_name = "UID", default_value_t = 65534)]
@@ -33,9 +42,13 @@ pub struct JailArgs {
     /// The gid the jailed VMM runs as when started as root.
     #[arg(long, value_name = "GID", default_value_t = 65534)]
     pub jail_gid: u32,
-    /// Parent of the per-VM root directories (one `mvm-vmm-<pid>` each).
+    /// Parent of the per-VM root directories (one `mvm-vmm-<pid>` each, removed at exit).
     #[arg(long, value_name = "DIR", default_value = "/run/mvm-jail")]
     pub jail_dir: PathBuf,
+    /// cgroup v2 directory under which each VM gets its cgroup `mvm-vmm-<pid>` (skipped,
+    /// with a logged reason, where cgroup v2 is not there or not writable).
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup/mvm")]
+    pub cgroup_parent: PathBuf,
 }
 
 /// What the jail needs to know about the VM.
@@ -43,12 +56,28 @@ pub struct JailArgs {
 pub struct JailPlan {
     /// Directories still used by path after the jail (bind-mounted at the same path).
     pub keep_dirs: Vec<PathBuf>,
-    /// Files written by path at exit: created before the jail and given to the jail uid.
-    pub precreate: Vec<PathBuf>,
+    /// Files the jailed VMM cannot remove itself (its socket): removed by the supervising
+    /// parent after it exits.
+    pub cleanup_files: Vec<PathBuf>,
     /// The VM has a net device (keep the host's network namespace for its tap).
     pub has_net: bool,
-    /// Number of threads the VMM will start (for RLIMIT_NPROC).
+    /// Number of threads the VMM will start (for RLIMIT_NPROC and pids.max).
     pub threads: u64,
+    /// vCPUs (for cpu.max).
+    pub vcpus: u64,
+    /// Guest RAM in bytes (for memory.max).
+    pub mem_bytes: u64,
+    /// Kernel and initramfs bytes the VMM holds (for memory.max).
+    pub image_bytes: u64,
+}
+
+/// What the jail did (logged; the tests read it from `/proc`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JailState {
+    /// Namespaces, per-VM root, uid change: started as root with the jail on.
+    pub full: bool,
+    /// The VM's cgroup, when one was made.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why the jail could not be entered. The VMM refuses to boot then.
@@ -67,10 +96,18 @@ fn step(what: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
     move |source| JailError { step, source }
 }
 
+fn io_step(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let step = what.into();
+    move |e| JailError {
+        step,
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
 /// Open-file limit inside the jail: the VMM's own fds plus vsock connections.
 const NOFILE_LIMIT: u64 = 1024;
 /// Threads the VMM may start beyond its own count (std's helper threads, slack).
-const NPROC_SLACK: u64 = 16;
+pub const NPROC_SLACK: u64 = 16;
 
 /// Closes every fd above stderr. Call first thing, before the VMM opens anything.
 pub fn close_inherited_fds() {
@@ -85,126 +122,96 @@ pub fn close_inherited_fds() {
     }
 }
 
-/// Enters the jail. Returns the per-VM root's host path.
-pub fn enter(args: &JailArgs, plan: &JailPlan) -> Result<PathBuf, JailError> {
-    let is_root = Uid::effective().is_root();
-    let uid = Uid::from_raw(args.jail_uid);
-    let gid = Gid::from_raw(args.jail_gid);
-    let root = args
-        .jail_dir
-        .join(format!("mvm-vmm-{}", std::process::id()));
-    if is_root {
-        for file in &plan.precreate {
-            std::fs::write(file, b"").map_err(|e| JailError {
-                step: format!("create {}", file.display()),
-                source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-            })?;
-            chown(file, Some(uid), Some(gid)).map_err(step(format!("chown {}", file.display())))?;
-        }
-        build_root(&root, plan, uid, gid)?;
-        if !plan.has_net {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(step("new network namespace"))?;
-        }
-    } else {
+/// Enters the jail (unless `--no-jail`). Started as root, this forks: the process that
+/// called it becomes the supervising parent and never returns from here; the VMM goes on
+/// in the child. Call with one thread only, after every file is open.
+pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
+    if args.no_jail {
         tracing::warn!(
-            "jail: not started as root: no mount/network namespace, no uid change \
+            "--no-jail: the VMM runs without its jail (namespaces, per-VM root, cgroup, \
+             uid change, capability drop); for development only"
+        );
+        return Ok(JailState::default());
+    }
+    if !Uid::effective().is_root() {
+        tracing::warn!(
+            "jail: not started as root: no namespaces, per-VM root, cgroup or uid change \
              (rlimits and no_new_privs only)"
         );
+        limits(plan, false)?;
+        no_new_privs()?;
+        return Ok(JailState::default());
     }
-    limits(plan, is_root)?;
-    if is_root {
-        drop_privileges(uid, gid)?;
+    let uid = Uid::from_raw(args.jail_uid);
+    let gid = Gid::from_raw(args.jail_gid);
+    let name = format!("mvm-vmm-{}", std::process::id());
+    let root_dir = args.jail_dir.join(&name);
+    root::mkdir_all(&root_dir)?;
+    let limits_wanted = cgroup::Limits::for_vm(
+        plan.mem_bytes,
+        plan.image_bytes,
+        plan.vcpus,
+        plan.threads.saturating_add(NPROC_SLACK),
+    );
+    let vm_cgroup = match cgroup::create(&args.cgroup_parent, &name, &limits_wanted) {
+        Ok(cg) => Some(cg),
+        Err(reason) => {
+            tracing::warn!("jail: cgroup skipped: {reason}");
+            None
+        }
+    };
+    let pids_limited = vm_cgroup
+        .as_ref()
+        .is_some_and(|c| c.controllers.iter().any(|n| n == "pids"));
+    let cgroup_dir = vm_cgroup.as_ref().map(|c| c.dir.clone());
+    let cleanup = supervisor::Cleanup {
+        files: plan.cleanup_files.clone(),
+        root_dir: Some(root_dir.clone()),
+        cgroup: vm_cgroup,
+    };
+    let link = match supervisor::fork_supervised(cleanup) {
+        Ok(link) => link,
+        Err(e) => {
+            // Still the only process: undo what was made for the child.
+            let _ = std::fs::remove_dir(&root_dir);
+            if let Some(dir) = &cgroup_dir {
+                cgroup::remove(dir);
+            }
+            return Err(e);
+        }
+    };
+    // The child, PID 1 of its namespace, in its cgroup.
+    root::enter_root(&root_dir, &plan.keep_dirs, uid, gid)?;
+    if !plan.has_net {
+        unshare(CloneFlags::CLONE_NEWNET).map_err(step("new network namespace"))?;
     }
-    // SAFETY: PR_SET_NO_NEW_PRIVS with arg 1 only sets a flag on this process.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(JailError {
-            step: "PR_SET_NO_NEW_PRIVS".into(),
-            source: nix::Error::last(),
-        });
-    }
-    Ok(root)
-}
-
-/// The new mount namespace and the per-VM root, then pivot_root into it.
-fn build_root(root: &Path, plan: &JailPlan, uid: Uid, gid: Gid) -> Result<(), JailError> {
-    unshare(CloneFlags::CLONE_NEWNS).map_err(step("new mount namespace"))?;
-    // Nothing mounted from here on may propagate back to the host.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(step("make / private"))?;
-    mkdir_all(root)?;
-    mount(
-        Some("tmpfs"),
-        root,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=1m"),
-    )
-    .map_err(step(format!("tmpfs on {}", root.display())))?;
-    // /dev/kvm: the only device node, owned by the jail uid.
-    let dev = root.join("dev");
-    mkdir_all(&dev)?;
-    let kvm = dev.join("kvm");
-    let host_kvm = nix::sys::stat::stat("/dev/kvm").map_err(step("stat /dev/kvm"))?;
-    nix::sys::stat::mknod(
-        &kvm,
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        host_kvm.st_rdev,
-    )
-    .map_err(step("mknod /dev/kvm"))?;
-    chown(&kvm, Some(uid), Some(gid)).map_err(step("chown /dev/kvm"))?;
-    for dir in &plan.keep_dirs {
-        let inside = root.join(dir.strip_prefix("/").unwrap_or(dir));
-        mkdir_all(&inside)?;
-        mount(
-            Some(dir.as_path()),
-            &inside,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .map_err(step(format!("bind {}", dir.display())))?;
-    }
-    let old = root.join(".old-root");
-    mkdir_all(&old)?;
-    pivot_root(root, &old).map_err(step("pivot_root"))?;
-    chdir("/").map_err(step("chdir /"))?;
-    umount2("/.old-root", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
-    std::fs::remove_dir("/.old-root").map_err(|e| JailError {
-        step: "remove /.old-root".into(),
-        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-    })?;
-    // Read-only from here: the VMM writes nothing into its root, only into kept dirs.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
-        None::<&str>,
-    )
-    .map_err(step("remount / read-only"))?;
-    Ok(())
-}
-
-fn mkdir_all(dir: &Path) -> Result<(), JailError> {
-    std::fs::create_dir_all(dir).map_err(|e| JailError {
-        step: format!("mkdir {}", dir.display()),
-        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    // With pids.max on the VM's own cgroup, the per-uid RLIMIT_NPROC (shared by every VM
+    // running as the jail uid) would only make VMs fail each other.
+    limits(plan, !pids_limited)?;
+    drop_privileges(uid, gid)?;
+    link.rearm_death_signal()?;
+    no_new_privs()?;
+    Ok(JailState {
+        full: true,
+        cgroup: cgroup_dir,
     })
 }
 
-/// RLIMIT_NPROC counts every process of the uid, so it is set only for the jail uid.
-fn limits(plan: &JailPlan, is_root: bool) -> Result<(), JailError> {
+fn no_new_privs() -> Result<(), JailError> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS with arg 1 only sets a flag on this process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(step("PR_SET_NO_NEW_PRIVS")(nix::Error::last()));
+    }
+    Ok(())
+}
+
+/// Core size 0 and open files always; processes when `nproc` (it counts every process of
+/// the uid, so only for the jail uid, and only without a pids cgroup).
+fn limits(plan: &JailPlan, nproc: bool) -> Result<(), JailError> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
     setrlimit(Resource::RLIMIT_NOFILE, NOFILE_LIMIT, NOFILE_LIMIT)
         .map_err(step("RLIMIT_NOFILE"))?;
-    if is_root {
+    if nproc {
         let nproc = plan.threads.saturating_add(NPROC_SLACK);
         setrlimit(Resource::RLIMIT_NPROC, nproc, nproc).map_err(step("RLIMIT_NPROC"))?;
     }

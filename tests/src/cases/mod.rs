@@ -4,6 +4,7 @@
 
 pub mod blk;
 pub mod boot;
+pub mod hostile;
 pub mod run;
 pub mod verify;
 pub mod vsock;
@@ -18,6 +19,7 @@ pub fn all() -> Vec<Case> {
         vsock::CASES,
         verify::CASES,
         run::CASES,
+        hostile::CASES,
     ]
     .concat()
 }

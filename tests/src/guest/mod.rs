@@ -8,6 +8,7 @@
 //! lines it prints, so those lines are constants here.
 
 pub mod blk;
+pub mod hostile;
 pub mod init;
 pub mod modes;
 pub mod signal;

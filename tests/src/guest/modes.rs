@@ -32,6 +32,8 @@ pub const MODES: &[Mode] = &[
     Mode::new("blk-root", super::blk::root),
     Mode::new("blk-write", super::blk::write),
     Mode::new("blk-parallel", super::blk::parallel),
+    Mode::new("hostile-blk", super::hostile::run_blk),
+    Mode::new("hostile-vsock", super::hostile::run_vsock),
 ];
 
 /// The mode called `name`, or an error listing the known ones.

@@ -62,16 +62,19 @@ pub fn sample_plan() -> Plan {
                 size_mib: 64,
             }],
             net: Some(NetDevice {
+                interface: None,
                 egress: EgressPolicy {
                     allow: vec![
                         EgressRule {
                             host: "10.0.0.0/8".parse().expect("cidr"),
                             port: 443,
+                            last_port: None,
                             protocol: Protocol::Tcp,
                         },
                         EgressRule {
                             host: "2001:db8::1".parse().expect("ip"),
                             port: 53,
+                            last_port: None,
                             protocol: Protocol::Udp,
                         },
                     ],

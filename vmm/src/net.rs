@@ -316,6 +316,7 @@ mod tests {
             allow: vec![EgressRule {
                 host: "192.0.2.7".parse().unwrap(),
                 port: 443,
+                last_port: None,
                 protocol: mvm_loader::plan::Protocol::Tcp,
             }],
         };

@@ -7,6 +7,7 @@
 //! validates ranges and names before anyone acts on a plan.
 
 pub mod envelope;
+pub mod net;
 pub mod time;
 
 use std::collections::BTreeSet;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::measure::Sha256Digest;
 use crate::verity::VerityParams;
+pub use net::NetInterface;
 pub use time::UtcTime;
 
 /// The schema version this code writes and the newest it reads.
@@ -151,6 +153,10 @@ pub struct ScratchDisk {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetDevice {
+    /// The guest's MAC, address, gateway and resolvers ([`net`]). Absent in plans
+    /// written before it existed: the VMM then takes the MAC from `--net`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<NetInterface>,
     /// What the guest may send to. Everything else is dropped in the device.
     pub egress: EgressPolicy,
 }
@@ -169,8 +175,11 @@ pub struct EgressPolicy {
 pub struct EgressRule {
     /// Address, network or DNS name.
     pub host: EgressHost,
-    /// Destination port, 1..=65535.
+    /// Destination port, 1..=65535; the first of the range when `last_port` is set.
     pub port: u16,
+    /// Last destination port of a range (inclusive, at least `port`); absent for one port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_port: Option<u16>,
     /// Transport protocol.
     pub protocol: Protocol,
 }
@@ -282,11 +291,15 @@ impl fmt::Display for EgressRule {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         };
+        let ports = match self.last_port {
+            Some(last) if last != self.port => format!("{}-{last}", self.port),
+            _ => self.port.to_string(),
+        };
         match self.host {
             EgressHost::Ip(IpAddr::V6(_)) | EgressHost::Cidr(IpAddr::V6(_), _) => {
-                write!(f, "[{}]:{}/{proto}", self.host, self.port)
+                write!(f, "[{}]:{ports}/{proto}", self.host)
             }
-            _ => write!(f, "{}:{}/{proto}", self.host, self.port),
+            _ => write!(f, "{}:{ports}/{proto}", self.host),
         }
     }
 }
@@ -524,6 +537,9 @@ impl Plan {
         }
         if let Some(net) = &self.devices.net {
             validate_egress(&net.egress)?;
+            if let Some(interface) = &net.interface {
+                interface.validate()?;
+            }
         }
         if self.guest.uid == 0 || self.guest.gid == 0 {
             return Err(field_err("guest", "workloads may not run as uid or gid 0"));
@@ -672,6 +688,21 @@ fn validate_egress(egress: &EgressPolicy) -> Result<(), PlanError> {
             format!("rule for {} has port 0", rule.host),
         ));
     }
+    if let Some(rule) = egress
+        .allow
+        .iter()
+        .find(|r| r.last_port.is_some_and(|last| last < r.port))
+    {
+        return Err(field_err(
+            "devices.net.egress.allow",
+            format!(
+                "rule for {} has a reversed port range {}-{}",
+                rule.host,
+                rule.port,
+                rule.last_port.unwrap_or_default()
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -737,10 +768,18 @@ pub(crate) mod tests {
                     size_mib: 64,
                 }],
                 net: Some(NetDevice {
+                    interface: Some(NetInterface {
+                        mac: "02:00:0a:c8:00:02".to_owned(),
+                        address: "10.200.0.2".parse().unwrap(),
+                        prefix_len: 30,
+                        gateway: "10.200.0.1".parse().unwrap(),
+                        resolvers: vec!["10.200.0.1".parse().unwrap()],
+                    }),
                     egress: EgressPolicy {
                         allow: vec![EgressRule {
                             host: "10.0.0.0/8".parse().unwrap(),
                             port: 443,
+                            last_port: Some(444),
                             protocol: Protocol::Tcp,
                         }],
                     },
@@ -884,6 +923,14 @@ pub(crate) mod tests {
                 "port",
                 Box::new(|v| v["devices"]["net"]["egress"]["allow"][0]["port"] = 0.into()),
             ),
+            (
+                "reversed port range",
+                Box::new(|v| v["devices"]["net"]["egress"]["allow"][0]["last_port"] = 1.into()),
+            ),
+            (
+                "interface.gateway",
+                Box::new(|v| v["devices"]["net"]["interface"]["gateway"] = "10.9.9.9".into()),
+            ),
         ];
         for (what, edit) in cases {
             let b = json_with(|v| edit(v));
@@ -927,6 +974,34 @@ pub(crate) mod tests {
         assert!(matches!(
             plan.check_window(at("2026-11-28T23:11:01Z"), skew),
             Err(WindowError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn net_sections_without_interface_or_ranges_still_parse() {
+        let old = json_with(|v| {
+            let net = v["devices"]["net"].as_object_mut().unwrap();
+            net.remove("interface");
+            net["egress"]["allow"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("last_port");
+        });
+        let plan = Plan::from_json(&old).unwrap();
+        let net = plan.devices.net.unwrap();
+        assert_eq!(net.interface, None);
+        assert_eq!(net.egress.allow[0].last_port, None);
+        assert_eq!(net.egress.allow[0].to_string(), "10.0.0.0/8:443/tcp");
+        // Absent optional fields are not written, so old plans keep their bytes.
+        let written = String::from_utf8(Plan::from_json(&old).unwrap().to_json().unwrap()).unwrap();
+        assert!(!written.contains("last_port") && !written.contains("interface"));
+        let sample = sample_plan();
+        let rule = &sample.devices.net.as_ref().unwrap().egress.allow[0];
+        assert_eq!(rule.to_string(), "10.0.0.0/8:443-444/tcp");
+        let unknown = json_with(|v| v["devices"]["net"]["interface"]["mtu"] = 1500.into());
+        assert!(matches!(
+            Plan::from_json(&unknown),
+            Err(PlanError::UnknownField(_))
         ));
     }
 

@@ -230,6 +230,7 @@ pub fn admit(
             }),
             scratch_disks: request.scratch_disks.clone(),
             net: (!request.egress.is_empty()).then(|| NetDevice {
+                interface: None,
                 egress: EgressPolicy {
                     allow: request.egress.clone(),
                 },

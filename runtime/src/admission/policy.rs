@@ -290,6 +290,7 @@ pub fn parse_egress_rule(s: &str) -> Result<EgressRule, EgressParseError> {
     Ok(EgressRule {
         host,
         port: parse_port(port, s)?,
+        last_port: None,
         protocol,
     })
 }
@@ -365,7 +366,9 @@ fn network_contains(net: IpAddr, bits: u8, ip: IpAddr, ip_prefix: u8) -> bool {
 impl EgressAllowance {
     /// True if this allowance covers `rule`.
     pub fn covers(&self, rule: &EgressRule) -> bool {
-        if self.protocol != rule.protocol || self.port.is_some_and(|p| p != rule.port) {
+        // netrt: a one-port allowance covers only that port, never a range around it.
+        let one_port = |p: u16| p == rule.port && rule.last_port.unwrap_or(p) == p;
+        if self.protocol != rule.protocol || self.port.is_some_and(|p| !one_port(p)) {
             return false;
         }
         match (&self.host, &rule.host) {

@@ -287,7 +287,8 @@ impl EgressRules {
             allow.push(AllowRule {
                 net,
                 first_port: rule.port,
-                last_port: rule.port,
+                // netrt: plan rules may carry a port range.
+                last_port: rule.last_port.unwrap_or(rule.port),
                 protocol,
             });
         }
@@ -976,11 +977,13 @@ mod tests {
                 EgressRule {
                     host: "192.0.2.7".parse().unwrap(),
                     port: 443,
+                    last_port: None,
                     protocol: Protocol::Tcp,
                 },
                 EgressRule {
                     host: "10.0.0.0/8".parse().unwrap(),
                     port: 5000,
+                    last_port: None,
                     protocol: Protocol::Udp,
                 },
             ],

@@ -147,6 +147,8 @@ pub enum Refusal {
     /// A resource or device on the command line that the plan does not allow.
     #[error("{what}: plan {plan}, command line {given}")]
     Mismatch {
+        /// The (verified) plan's id, for the event.
+        plan_id: String,
         /// What differs.
         what: &'static str,
         /// The plan's value.
@@ -168,6 +170,8 @@ pub enum Refusal {
     /// A pinned disk's image or tree.
     #[error("disk {name} ({}): {why}", path.display())]
     Disk {
+        /// The (verified) plan's id, for the event.
+        plan_id: String,
         /// The plan's disk name.
         name: String,
         /// The image.
@@ -194,6 +198,15 @@ impl Refusal {
             Self::Measure(_) => "artifact_unreadable",
             Self::InitramfsPresence { .. } => "initramfs_mismatch",
             Self::Disk { .. } => "disk_mismatch",
+        }
+    }
+
+    /// The id of the plan refused, when its signature had already verified (an
+    /// unverified id is never repeated as if it were true).
+    pub fn plan_id(&self) -> Option<&str> {
+        match self {
+            Self::Mismatch { plan_id, .. } | Self::Disk { plan_id, .. } => Some(plan_id),
+            _ => None,
         }
     }
 
@@ -270,6 +283,7 @@ impl EventLog {
 
     /// `boot_refused` with the reason, the message and the exit status.
     pub fn boot_refused(&self, plan_id: Option<&str>, refusal: &Refusal) {
+        let plan_id = plan_id.or_else(|| refusal.plan_id());
         let mut f = Map::new();
         f.insert("reason".into(), refusal.reason().into());
         f.insert("detail".into(), refusal.to_string().into());
@@ -408,7 +422,13 @@ pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<Bo
     timeline.mark(Phase::PlanVerified);
 
     let plan = &verified.plan;
-    let mismatch = |what, plan: String, given: String| Refusal::Mismatch { what, plan, given };
+    let plan_id = plan.plan_id.clone();
+    let mismatch = |what, plan: String, given: String| Refusal::Mismatch {
+        plan_id: plan_id.clone(),
+        what,
+        plan,
+        given,
+    };
     let want_vcpus = u32::from(plan.resources.vcpus);
     if args.vcpus != want_vcpus && args.vcpus != 1 {
         return Err(mismatch(
@@ -464,6 +484,7 @@ pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<Bo
         let len = std::fs::metadata(&disk.path).map_or(0, |m| m.len());
         if len != want {
             return Err(Refusal::Disk {
+                plan_id: plan_id.clone(),
                 name: scratch.name.clone(),
                 path: disk.path.clone(),
                 why: format!("scratch disk is {len} bytes, the plan says {want}"),
@@ -473,6 +494,7 @@ pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<Bo
     let mut pinned = Vec::with_capacity(ro.len());
     for (disk, pin) in ro.iter().zip(&plan.artifacts.disks) {
         let disk_err = |why: String| Refusal::Disk {
+            plan_id: plan_id.clone(),
             name: pin.name.clone(),
             path: disk.path.clone(),
             why,
@@ -666,5 +688,25 @@ mod tests {
         assert_eq!(lines[0]["fields"]["reason"], "no_plan");
         assert_eq!(lines[1]["fields"]["status"], 0);
         assert!(lines[1].get("plan_id").is_none());
+    }
+
+    #[test]
+    fn a_refusal_after_the_signature_names_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let log = EventLog::open(Some(&path)).unwrap();
+        let mismatch = Refusal::Mismatch {
+            plan_id: "plan-7".into(),
+            what: "--vcpus",
+            plan: "1".into(),
+            given: "2".into(),
+        };
+        assert_eq!(mismatch.plan_id(), Some("plan-7"));
+        assert_eq!(Refusal::NoTrust.plan_id(), None);
+        log.boot_refused(None, &mismatch);
+        let line: Value =
+            serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!(line["plan_id"], "plan-7");
+        assert_eq!(line["fields"]["reason"], "plan_mismatch");
     }
 }

@@ -32,8 +32,8 @@ use sha2::{Digest, Sha256};
 
 use super::scratch::ScratchDir;
 use super::{
-    interrupt, kvm, locate, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec, StdinMode,
-    Tier,
+    interrupt, kvm, locate, OutputSink, PlanFiles, RunArtifacts, RunError, RunOutcome, RunSpec,
+    StdinMode, Tier,
 };
 use crate::image::cpio::Archive;
 use crate::image::manifest::MANIFEST_FILE;
@@ -67,12 +67,47 @@ const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-2";
 const VIRTIO_MODULES: &str =
     "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console";
 
+/// The most of the VMM's events file the test host sends back (whole lines;
+/// the rest is cut and says so in the log).
+const MAX_VMM_EVENTS: usize = 512 << 10;
+/// The test host's nonce store. Its root is a fresh initramfs on every boot, so
+/// the store lives for one boot only: replay across runs is caught by the
+/// outer host (each run is a new plan with a new nonce, signed there), not here.
+const GUEST_REPLAY_STORE: &str = "/tmp/mvm-replay-nonces";
+
 /// The request the host sends on `mvm.ctl`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestRequest {
     /// What to run.
     pub spec: RunSpec,
+    /// The signed plan and the key to check it with; `None` boots `--dev`.
+    /// Admission and the keys stay on the outer host: only the envelope and
+    /// the admission public key travel.
+    #[serde(default)]
+    pub plan: Option<PlanBundle>,
+}
+
+/// A signed plan in transit to the test host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBundle {
+    /// The DSSE envelope, as signed.
+    pub envelope: String,
+    /// The admission public key file's text.
+    pub trust: String,
+}
+
+/// A boot the inner VMM refused, carried out by its parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestRefusal {
+    /// The VMM's reason name.
+    pub reason: String,
+    /// The VMM's exit status.
+    pub status: i32,
+    /// The VMM's message.
+    pub detail: String,
 }
 
 /// Why the inner run failed, by kind, so the host maps it to the same exit code.
@@ -83,6 +118,7 @@ pub enum GuestErrorKind {
     Image,
     Missing,
     VmmDied,
+    BootRefused,
     AgentNotReady,
     Timeout,
     Interrupted,
@@ -91,6 +127,8 @@ pub enum GuestErrorKind {
 }
 
 /// One line the test host sends on `mvm.ctl`.
+// One report per run crosses the port: its size on the stack does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum GuestRecord {
@@ -102,15 +140,24 @@ pub enum GuestRecord {
         error: Option<(GuestErrorKind, String)>,
         stdout_bytes: u64,
         stderr_bytes: u64,
+        /// The refusal, when the error kind is `boot_refused`.
+        #[serde(default)]
+        refusal: Option<GuestRefusal>,
+        /// The inner VMM's events file (JSON lines), for the outer audit log.
+        #[serde(default)]
+        vmm_events: String,
     },
 }
 
 fn error_kind(e: &RunError) -> GuestErrorKind {
     match e {
         RunError::NoBackend(_) => GuestErrorKind::NoBackend,
+        // Admission happens on the outer host; the test host never denies.
+        RunError::Denied(_) => GuestErrorKind::Missing,
         RunError::Image(_) => GuestErrorKind::Image,
         RunError::Missing(_) => GuestErrorKind::Missing,
         RunError::VmmDied { .. } => GuestErrorKind::VmmDied,
+        RunError::BootRefused { .. } => GuestErrorKind::BootRefused,
         RunError::AgentNotReady { .. } => GuestErrorKind::AgentNotReady,
         RunError::Timeout(_) => GuestErrorKind::Timeout,
         RunError::Interrupted => GuestErrorKind::Interrupted,
@@ -120,9 +167,25 @@ fn error_kind(e: &RunError) -> GuestErrorKind {
 }
 
 /// Rebuilds an inner error on the host side, keeping its kind.
-fn error_from_guest(kind: GuestErrorKind, message: String, spec: &RunSpec) -> RunError {
+fn error_from_guest(
+    kind: GuestErrorKind,
+    message: String,
+    refusal: Option<GuestRefusal>,
+    spec: &RunSpec,
+) -> RunError {
     let inside = format!("inside the test host: {message}");
     match kind {
+        GuestErrorKind::BootRefused => match refusal {
+            Some(r) => RunError::BootRefused {
+                reason: r.reason,
+                status: r.status,
+                detail: r.detail,
+            },
+            None => RunError::VmmDied {
+                reason: inside,
+                log: String::new(),
+            },
+        },
         GuestErrorKind::NoBackend => RunError::NoBackend(inside),
         GuestErrorKind::Image | GuestErrorKind::Missing => RunError::Missing(inside),
         GuestErrorKind::VmmDied => RunError::VmmDied {
@@ -464,6 +527,7 @@ struct FinalReport {
     error: Option<(GuestErrorKind, String)>,
     stdout_bytes: u64,
     stderr_bytes: u64,
+    refusal: Option<GuestRefusal>,
 }
 
 /// What the reader threads hand the run loop.
@@ -611,14 +675,28 @@ impl<R: Read> Read for FramedStdin<R> {
 }
 
 /// Runs `spec` inside the test host with QEMU `qemu`.
+/// Reads the plan files a verified run sends into the test host.
+fn plan_bundle(plan: &PlanFiles) -> Result<PlanBundle, RunError> {
+    let text = |path: &Path| {
+        String::from_utf8(read_file(path)?)
+            .map_err(|_| RunError::Missing(format!("{}: not UTF-8 text", path.display())))
+    };
+    Ok(PlanBundle {
+        envelope: text(&plan.envelope)?,
+        trust: text(&plan.trust)?,
+    })
+}
+
 pub fn run(
     spec: &RunSpec,
     image: &StoredImage,
     qemu_bin: &Path,
+    plan: Option<&PlanFiles>,
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
+    let bundle = plan.map(plan_bundle).transpose()?;
     if let Some(disk) = spec.disks.first() {
         return Err(RunError::Missing(format!(
             "--disk {disk}: the emulated backend cannot attach disks yet (the file would have to travel into the test host); use --backend kvm on a host with hardware KVM"
@@ -669,7 +747,11 @@ pub fn run(
     pump_ctl(ctl, tx.clone()).map_err(RunError::io("starting a reader thread"))?;
     pump_bytes(out, tx.clone(), Chunk::Out).map_err(RunError::io("starting a reader thread"))?;
     pump_bytes(err, tx, Chunk::Err).map_err(RunError::io("starting a reader thread"))?;
-    write_json_line(&mut ctl_writer, &GuestRequest { spec: spec.clone() })
+    let request = GuestRequest {
+        spec: spec.clone(),
+        plan: bundle,
+    };
+    write_json_line(&mut ctl_writer, &request)
         .map_err(RunError::io("sending the request to the test host"))?;
     if let (StdinMode::Forward, Some(source)) = (spec.stdin, stdin) {
         let port = input
@@ -743,13 +825,22 @@ pub fn run(
                     error,
                     stdout_bytes,
                     stderr_bytes,
+                    refusal,
+                    vmm_events,
                 }) => {
                     boot_deadline = None;
+                    // The events go where a local VMM would have written them,
+                    // before anything else can fail.
+                    if let Some(p) = plan {
+                        std::fs::write(&p.events, vmm_events.as_bytes())
+                            .map_err(RunError::io(format!("writing {}", p.events.display())))?;
+                    }
                     report = Some(FinalReport {
                         outcome,
                         error,
                         stdout_bytes,
                         stderr_bytes,
+                        refusal,
                     });
                     drain_deadline = Some(now + DRAIN_TIMEOUT);
                 }
@@ -799,7 +890,13 @@ pub fn run(
     drop(qemu);
     drop(scratch);
 
-    let Some(FinalReport { outcome, error, .. }) = report else {
+    let Some(FinalReport {
+        outcome,
+        error,
+        refusal,
+        ..
+    }) = report
+    else {
         return Err(RunError::Agent("no report from the test host".into()));
     };
     match (outcome, error) {
@@ -810,7 +907,7 @@ pub fn run(
             outcome.timings.host_boot_ms = testhost_ready_ms;
             Ok(outcome)
         }
-        (None, Some((kind, message))) => Err(error_from_guest(kind, message, spec)),
+        (None, Some((kind, message))) => Err(error_from_guest(kind, message, refusal, spec)),
         (None, None) => Err(RunError::Agent("empty report from the test host".into())),
     }
 }
@@ -910,16 +1007,30 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         )?)?))),
         StdinMode::Null => None,
     };
-    let result = StoredImage::open_dir(image_dir)
-        .map_err(RunError::from)
-        .and_then(|image| {
-            let vmm = std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
-                .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
-            let artifacts = RunArtifacts { image, vmm };
-            kvm::run(&request.spec, &artifacts, &mut sink, stdin)
-        });
+    let plan_dir = std::env::temp_dir().join(format!("mvm-plan-{}", std::process::id()));
+    let plan = request
+        .plan
+        .as_ref()
+        .map(|bundle| write_plan_files(bundle, &plan_dir))
+        .transpose();
+    let result = plan.and_then(|plan| {
+        let image = StoredImage::open_dir(image_dir)?;
+        let vmm = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
+            .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
+        let artifacts = RunArtifacts { image, vmm };
+        let result = kvm::run_verified(&request.spec, &artifacts, plan.as_ref(), &mut sink, stdin);
+        Ok((result, plan))
+    });
+    let (result, vmm_events) = match result {
+        Ok((result, plan)) => {
+            let events = plan.map(|p| read_events(&p.events)).unwrap_or_default();
+            (result, events)
+        }
+        Err(e) => (Err(e), String::new()),
+    };
+    let _ = std::fs::remove_dir_all(&plan_dir);
     let _ = sink.out.flush();
     let _ = sink.err.flush();
     let record = match result {
@@ -928,15 +1039,73 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             error: None,
             stdout_bytes: sink.out_bytes,
             stderr_bytes: sink.err_bytes,
+            refusal: None,
+            vmm_events,
         },
         Err(e) => GuestRecord::Report {
             outcome: None,
             error: Some((error_kind(&e), e.to_string())),
             stdout_bytes: sink.out_bytes,
             stderr_bytes: sink.err_bytes,
+            refusal: match e {
+                RunError::BootRefused {
+                    reason,
+                    status,
+                    detail,
+                } => Some(GuestRefusal {
+                    reason,
+                    status,
+                    detail,
+                }),
+                _ => None,
+            },
+            vmm_events,
         },
     };
     write_json_line(&mut ctl_writer, &record)
+}
+
+/// Writes the envelope and the trusted key where the inner VMM reads them; the
+/// replay store is the test host's (per boot), the events file per run.
+fn write_plan_files(bundle: &PlanBundle, dir: &Path) -> Result<PlanFiles, RunError> {
+    std::fs::create_dir_all(dir).map_err(RunError::io(format!("creating {}", dir.display())))?;
+    let files = PlanFiles {
+        envelope: dir.join("plan.dsse.json"),
+        trust: dir.join("admission.pub"),
+        replay_store: PathBuf::from(GUEST_REPLAY_STORE),
+        events: dir.join("vmm-events.jsonl"),
+    };
+    for (path, text) in [
+        (&files.envelope, &bundle.envelope),
+        (&files.trust, &bundle.trust),
+    ] {
+        std::fs::write(path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
+    }
+    Ok(files)
+}
+
+/// The VMM's events file, at most [`MAX_VMM_EVENTS`] bytes of whole lines.
+fn read_events(path: &Path) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    cut_events(text)
+}
+
+fn cut_events(mut text: String) -> String {
+    if text.len() > MAX_VMM_EVENTS {
+        let end = text
+            .as_bytes()
+            .get(..MAX_VMM_EVENTS)
+            .and_then(|head| head.iter().rposition(|&b| b == b'\n'))
+            .map_or(0, |i| i + 1);
+        tracing::warn!(
+            "VMM events are {} bytes; only the first {end} are sent back",
+            text.len()
+        );
+        text.truncate(end);
+    }
+    text
 }
 
 #[cfg(test)]
@@ -964,6 +1133,8 @@ mod tests {
             error: Some((GuestErrorKind::Timeout, "slow".into())),
             stdout_bytes: 3,
             stderr_bytes: 0,
+            refusal: None,
+            vmm_events: "{\"event\":\"vm_exit\"}\n".into(),
         };
         let line = serde_json::to_string(&report).unwrap();
         assert_eq!(parse_record(&line).unwrap(), report);
@@ -974,15 +1145,72 @@ mod tests {
 
     #[test]
     fn inner_errors_keep_their_kind() {
-        let e = error_from_guest(GuestErrorKind::Timeout, "t".into(), &spec());
+        let e = error_from_guest(GuestErrorKind::Timeout, "t".into(), None, &spec());
         assert!(matches!(e, RunError::Timeout(d) if d == Duration::from_secs(2)));
-        let e = error_from_guest(GuestErrorKind::VmmDied, "boom".into(), &spec());
+        let e = error_from_guest(GuestErrorKind::VmmDied, "boom".into(), None, &spec());
         assert!(matches!(e, RunError::VmmDied { .. }));
         assert!(e.to_string().contains("inside the test host: boom"));
         assert_eq!(
             error_kind(&RunError::Interrupted),
             GuestErrorKind::Interrupted
         );
+        let refusal = GuestRefusal {
+            reason: "kernel_mismatch".into(),
+            status: 20,
+            detail: "kernel digest mismatch".into(),
+        };
+        let e = error_from_guest(
+            GuestErrorKind::BootRefused,
+            "x".into(),
+            Some(refusal),
+            &spec(),
+        );
+        assert!(
+            matches!(&e, RunError::BootRefused { reason, status: 20, .. } if reason == "kernel_mismatch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_verified_request_carries_the_envelope_and_key_and_events_come_back() {
+        let request = GuestRequest {
+            spec: spec(),
+            plan: Some(PlanBundle {
+                envelope: "{\"payloadType\":\"x\"}".into(),
+                trust: "mvm-ed25519-public AAAA\n".into(),
+            }),
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        let back: GuestRequest = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, request);
+        // A request without a plan (older host) is a --dev run.
+        let dev: GuestRequest = serde_json::from_str(
+            &serde_json::to_string(&serde_json::json!({"spec": spec()})).unwrap(),
+        )
+        .unwrap();
+        assert!(dev.plan.is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_plan_files(request.plan.as_ref().unwrap(), dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.trust).unwrap(),
+            "mvm-ed25519-public AAAA\n"
+        );
+        assert_eq!(files.replay_store, Path::new(GUEST_REPLAY_STORE));
+        assert_eq!(read_events(&files.events), "", "no events file yet");
+        std::fs::write(&files.events, "a\nb\n").unwrap();
+        assert_eq!(read_events(&files.events), "a\nb\n");
+    }
+
+    #[test]
+    fn events_sent_back_are_cut_at_a_line() {
+        let line = format!("{}\n", "x".repeat(1000));
+        let text = line.repeat(MAX_VMM_EVENTS / 1000 + 10);
+        let cut = cut_events(text);
+        assert!(cut.len() <= MAX_VMM_EVENTS);
+        assert!(cut.ends_with('\n'));
+        assert_eq!(cut.len() % line.len(), 0);
+        assert_eq!(cut_events("short\n".into()), "short\n");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 use super::scratch::ScratchDir;
 use super::vmm_process::{read_boot_report, vmm_args, VmmProcess};
 use super::{
-    interrupt, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec, Tier, Timings,
+    interrupt, OutputSink, PlanFiles, RunArtifacts, RunError, RunOutcome, RunSpec, Tier, Timings,
     WorkloadStatus,
 };
 
@@ -138,12 +138,25 @@ fn agent_error(vmm: &mut VmmProcess, e: &ClientError) -> RunError {
     }
 }
 
-/// Boots `artifacts.image` with `artifacts.vmm`, runs `spec` through the
-/// agent, streams its output into `sink`, and stops the VM. `stdin` is read
-/// only when `spec.stdin` is [`super::StdinMode::Forward`].
+/// Boots `artifacts.image` with `artifacts.vmm` in `--dev` mode (nothing
+/// verified), runs `spec` through the agent, streams its output into `sink`,
+/// and stops the VM. `stdin` is read only when `spec.stdin` is
+/// [`super::StdinMode::Forward`].
 pub fn run(
     spec: &RunSpec,
     artifacts: &RunArtifacts,
+    sink: &mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<RunOutcome, RunError> {
+    run_verified(spec, artifacts, None, sink, stdin)
+}
+
+/// [`run`], with the VMM verifying `plan` (signature, window, nonce,
+/// measurements) before it creates the VM; `None` boots `--dev`.
+pub fn run_verified(
+    spec: &RunSpec,
+    artifacts: &RunArtifacts,
+    plan: Option<&PlanFiles>,
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
@@ -152,7 +165,7 @@ pub fn run(
     let uds = scratch.path().join("vsock");
     let log = scratch.path().join("vmm.log");
     let report = scratch.path().join("boot.json");
-    let args = vmm_args(&artifacts.image, spec, &uds, &report);
+    let args = vmm_args(&artifacts.image, spec, &uds, &report, plan);
     let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
 
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);

@@ -136,6 +136,9 @@ pub enum RunError {
     /// No tier can run a VM here.
     #[error("no usable backend: {0}")]
     NoBackend(String),
+    /// Admission's policy does not allow the request.
+    #[error("{0}")]
+    Denied(#[from] crate::admission::Denial),
     /// The image is missing or broken.
     #[error("image: {0}")]
     Image(#[from] crate::image::ImageError),
@@ -145,6 +148,14 @@ pub enum RunError {
     /// The VM process could not start or ended before the workload did.
     #[error("VM process died: {reason}{}", log_tail(.log))]
     VmmDied { reason: String, log: String },
+    /// The VMM refused to boot: the plan or a measured artifact did not
+    /// verify (`reason` is the VMM's stable name, e.g. `kernel_mismatch`).
+    #[error("boot refused ({reason}, mvm-vmm status {status}): {detail}")]
+    BootRefused {
+        reason: String,
+        status: i32,
+        detail: String,
+    },
     /// The guest agent did not answer in time.
     #[error("guest agent not ready within {timeout:?}: {reason}{}", log_tail(.log))]
     AgentNotReady {
@@ -186,6 +197,20 @@ impl RunError {
         let what = what.into();
         move |source| RunError::Io { what, source }
     }
+}
+
+/// The files of a verified launch: `mvm-vmm --plan ENVELOPE --trust PUBKEY
+/// --replay-store FILE --events FILE`. Without them a backend boots `--dev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanFiles {
+    /// The signed plan (DSSE envelope).
+    pub envelope: PathBuf,
+    /// The admission public key the VMM trusts.
+    pub trust: PathBuf,
+    /// The host's nonce store.
+    pub replay_store: PathBuf,
+    /// Where the VMM appends its events (JSON lines) for the audit log.
+    pub events: PathBuf,
 }
 
 /// Where the files a run needs are: the image and the VMM binary.

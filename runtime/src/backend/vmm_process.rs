@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{RunError, RunSpec};
+use super::{PlanFiles, RunError, RunSpec};
 use crate::image::StoredImage;
 
 /// The guest CID of a VM (the first one available to guests).
@@ -19,12 +19,38 @@ pub const GUEST_CID: u32 = 3;
 /// The most of the VM log kept for error messages.
 const LOG_TAIL_BYTES: u64 = 16 << 10;
 
+/// The VMM's exit statuses for a refused boot (`mvm-vmm --help`; the
+/// constants live in `vmm/src/verified_boot.rs`, which the runtime does not link).
+pub const REFUSAL_STATUSES: std::ops::RangeInclusive<i32> = 10..=24;
+/// How the VMM starts the line that explains a refusal.
+const REFUSAL_PREFIX: &str = "mvm-vmm: boot refused (";
+
 /// The `mvm-vmm` arguments for `spec` on `image`, with its vsock socket at
-/// `uds` and its boot report written to `report`.
-pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path, report: &Path) -> Vec<String> {
-    let mut args = vec![
-        // Unverified until `mvm run` admits, signs and passes a plan (--plan/--trust).
-        "--dev".to_owned(),
+/// `uds` and its boot report written to `report`: verified against `plan`
+/// when given, else `--dev` (nothing verified). The command line passed is the
+/// manifest's, byte for byte: the one admission pinned in the plan (the VMM
+/// appends its `virtio_mmio.device=` entries after comparing it).
+pub fn vmm_args(
+    image: &StoredImage,
+    spec: &RunSpec,
+    uds: &Path,
+    report: &Path,
+    plan: Option<&PlanFiles>,
+) -> Vec<String> {
+    let mut args = match plan {
+        Some(p) => vec![
+            "--plan".to_owned(),
+            p.envelope.display().to_string(),
+            "--trust".to_owned(),
+            p.trust.display().to_string(),
+            "--replay-store".to_owned(),
+            p.replay_store.display().to_string(),
+            "--events".to_owned(),
+            p.events.display().to_string(),
+        ],
+        None => vec!["--dev".to_owned()],
+    };
+    args.extend([
         "--kernel".to_owned(),
         image.kernel_path().display().to_string(),
         "--initrd".to_owned(),
@@ -39,7 +65,7 @@ pub fn vmm_args(image: &StoredImage, spec: &RunSpec, uds: &Path, report: &Path) 
         format!("cid={GUEST_CID},uds={}", uds.display()),
         "--boot-report".to_owned(),
         report.display().to_string(),
-    ];
+    ]);
     for disk in &spec.disks {
         args.push("--disk".to_owned());
         args.push(disk.clone());
@@ -136,11 +162,20 @@ impl VmmProcess {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// A [`RunError::VmmDied`] for an exit that came too early.
+    /// A [`RunError::VmmDied`] for an exit that came too early, or
+    /// [`RunError::BootRefused`] when the VMM refused the plan.
     pub fn died(&self, status: ExitStatus) -> RunError {
+        let log = self.log_tail();
+        if let Some(refused) = status
+            .code()
+            .filter(|c| REFUSAL_STATUSES.contains(c))
+            .and_then(|code| refusal_from_log(code, &log))
+        {
+            return refused;
+        }
         RunError::VmmDied {
             reason: format!("mvm-vmm (pid {}) exited early with {status}", self.pid()),
-            log: self.log_tail(),
+            log,
         }
     }
 
@@ -167,6 +202,19 @@ impl VmmProcess {
     }
 }
 
+/// The refusal the VMM explained in its log (`mvm-vmm: boot refused (REASON):
+/// DETAIL`), if it did.
+pub fn refusal_from_log(status: i32, log: &str) -> Option<RunError> {
+    let line = log.lines().rev().find(|l| l.starts_with(REFUSAL_PREFIX))?;
+    let rest = line.get(REFUSAL_PREFIX.len()..)?;
+    let (reason, detail) = rest.split_once("): ")?;
+    Some(RunError::BootRefused {
+        reason: reason.to_owned(),
+        status,
+        detail: detail.to_owned(),
+    })
+}
+
 impl Drop for VmmProcess {
     fn drop(&mut self) {
         self.kill();
@@ -187,6 +235,32 @@ mod tests {
         assert_eq!(status.code(), Some(3));
         let err = vmm.died(status).to_string();
         assert!(err.contains("kvm: boom"), "{err}");
+    }
+
+    #[test]
+    fn a_refusal_is_read_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let args = vec![
+            "-c".to_owned(),
+            "echo 'mvm-vmm: boot refused (kernel_mismatch): kernel digest mismatch: plan sha256:aa, measured sha256:bb'; exit 20".to_owned(),
+        ];
+        let mut vmm = VmmProcess::spawn(Path::new("/bin/sh"), &args, &log).unwrap();
+        let status = vmm.stop(Duration::from_secs(5)).unwrap();
+        match vmm.died(status) {
+            RunError::BootRefused {
+                reason,
+                status,
+                detail,
+            } => {
+                assert_eq!(reason, "kernel_mismatch");
+                assert_eq!(status, 20);
+                assert!(detail.starts_with("kernel digest mismatch"), "{detail}");
+            }
+            other => panic!("not a refusal: {other}"),
+        }
+        // A refusal status without the VMM's line is only a death.
+        assert!(refusal_from_log(20, "segfault").is_none());
     }
 
     #[test]
@@ -230,7 +304,29 @@ mod tests {
             &spec,
             Path::new("/run/x/v.sock"),
             Path::new("/run/x/boot.json"),
+            None,
         );
+        assert_eq!(args[0], "--dev");
+        let plan = PlanFiles {
+            envelope: "/run/x/plan.json".into(),
+            trust: "/c/admission.pub".into(),
+            replay_store: "/d/replay-nonces".into(),
+            events: "/run/x/events.jsonl".into(),
+        };
+        let verified = vmm_args(
+            &image,
+            &spec,
+            Path::new("/run/x/v.sock"),
+            Path::new("/run/x/boot.json"),
+            Some(&plan),
+        );
+        assert_eq!(
+            verified.get(..8).unwrap().join(" "),
+            "--plan /run/x/plan.json --trust /c/admission.pub \
+             --replay-store /d/replay-nonces --events /run/x/events.jsonl"
+        );
+        assert!(!verified.contains(&"--dev".to_owned()));
+        assert_eq!(verified.get(8..).unwrap(), args.get(1..).unwrap());
         let joined = args.join(" ");
         assert!(joined.contains("--vcpus 2 --mem-mib 256"), "{joined}");
         assert!(

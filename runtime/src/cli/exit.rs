@@ -5,6 +5,12 @@
 
 use crate::backend::{RunError, WorkloadStatus};
 
+/// The VMM refused to boot: the signed plan or a measured artifact did not
+/// verify (the VMM's reason is printed and audited as `boot_refused`).
+pub const BOOT_REFUSED: i32 = 118;
+/// Admission denied the request: a policy rule (named on stderr and in the
+/// audit log as `plan_denied`) does not allow it.
+pub const DENIED: i32 = 119;
 /// No backend can run a VM here (no usable KVM and no emulated tier).
 pub const NO_BACKEND: i32 = 120;
 /// The image is missing, broken, or does not match its manifest.
@@ -27,6 +33,8 @@ pub const BROKEN_PIPE: i32 = 141;
 pub const HELP: &str = "\
 Exit status:
   0-255  the command's own exit status; 128+N if signal N ended it
+  118    boot refused: the VMM did not verify the signed plan or an artifact
+  119    denied by the admission policy (the rule is named; see docs/policy.md)
   120    no usable backend (no hardware KVM, no emulated tier): see `mvm doctor`
   121    no image, or the image does not match its manifest: run `mvm image build`
   122    the VM process (mvm-vmm, or QEMU for --backend emulated) died
@@ -53,8 +61,10 @@ pub fn for_status(status: &WorkloadStatus) -> i32 {
 pub fn for_error(error: &RunError) -> i32 {
     match error {
         RunError::NoBackend(_) => NO_BACKEND,
+        RunError::Denied(_) => DENIED,
         RunError::Image(_) => NO_IMAGE,
         RunError::VmmDied { .. } => VMM_DIED,
+        RunError::BootRefused { .. } => BOOT_REFUSED,
         RunError::AgentNotReady { .. } => AGENT_NOT_READY,
         RunError::Timeout(_) => TIMEOUT,
         RunError::Interrupted => INTERRUPTED,
@@ -69,8 +79,10 @@ pub fn for_error(error: &RunError) -> i32 {
 pub fn error_kind(error: &RunError) -> &'static str {
     match error {
         RunError::NoBackend(_) => "no_backend",
+        RunError::Denied(_) => "denied",
         RunError::Image(_) => "no_image",
         RunError::VmmDied { .. } => "vmm_died",
+        RunError::BootRefused { .. } => "boot_refused",
         RunError::AgentNotReady { .. } => "agent_not_ready",
         RunError::Timeout(_) => "timeout",
         RunError::Interrupted => "interrupted",
@@ -108,6 +120,10 @@ mod tests {
     fn each_failure_has_its_own_code() {
         let errors = [
             RunError::NoBackend("x".into()),
+            RunError::Denied(crate::admission::Denial {
+                rule: crate::admission::Rule::MaxVcpus,
+                reason: "x".into(),
+            }),
             RunError::Image(ImageError::NotFound {
                 reference: "default".into(),
                 store: "/s".into(),
@@ -120,6 +136,11 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 reason: "x".into(),
                 log: String::new(),
+            },
+            RunError::BootRefused {
+                reason: "kernel_mismatch".into(),
+                status: 20,
+                detail: "x".into(),
             },
             RunError::Timeout(Duration::from_secs(2)),
             RunError::Agent("x".into()),
@@ -134,9 +155,11 @@ mod tests {
             codes,
             [
                 NO_BACKEND,
+                DENIED,
                 NO_IMAGE,
                 VMM_DIED,
                 AGENT_NOT_READY,
+                BOOT_REFUSED,
                 TIMEOUT,
                 MVM_ERROR,
                 INTERRUPTED,

@@ -1,6 +1,7 @@
 //! The `mvm` command line: argument definitions (parsing only) and one
 //! module per command that acts on them.
 
+pub mod admit;
 pub mod doctor;
 pub mod exit;
 pub mod image;
@@ -92,6 +93,13 @@ pub struct RunArgs {
     /// The image to boot: a name or a digest (prefix).
     #[arg(long, default_value = crate::image::DEFAULT_IMAGE)]
     pub image: String,
+    /// Write a signed receipt of the run here (verify with `mvm receipt verify`).
+    #[arg(long, value_name = "FILE", conflicts_with = "dev")]
+    pub receipt: Option<PathBuf>,
+    /// Development only: no admission, no signed plan, nothing verified or
+    /// audited (mvm-vmm --dev). Also MVM_DEV=1.
+    #[arg(long)]
+    pub dev: bool,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

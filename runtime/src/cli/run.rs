@@ -4,14 +4,16 @@ use std::io::{IsTerminal, Read, Write};
 
 use serde_json::json;
 
+use super::admit::{self, DigestSink};
 use super::exit;
 use super::RunArgs;
 use crate::backend::detect::{judge, HostFacts};
 use crate::backend::{
-    emulated, interrupt, kvm, locate, OutputSink, RunArtifacts, RunError, RunOutcome, RunSpec,
-    StdinMode, Tier,
+    emulated, interrupt, kvm, locate, OutputSink, PlanFiles, RunArtifacts, RunError, RunOutcome,
+    RunSpec, StdinMode, Tier,
 };
-use crate::image::ImageStore;
+use crate::image::{ImageStore, StoredImage};
+use mvm_loader::plan::UtcTime;
 
 /// Writes output to this process's stdout and stderr as it arrives.
 struct StreamSink;
@@ -85,6 +87,7 @@ fn choose_tier(asked: Option<Tier>, facts: &HostFacts) -> Result<Tier, RunError>
     })
 }
 
+/// Admits the run (unless `--dev`), launches it, and appends its evidence.
 fn execute(
     args: &RunArgs,
     spec: &RunSpec,
@@ -94,6 +97,70 @@ fn execute(
     let tier = choose_tier(args.backend, &facts)?;
     let image = ImageStore::open_default()?.resolve(&args.image)?;
     interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
+    if admit::dev_mode(args) {
+        if args.receipt.is_some() {
+            return Err(RunError::Missing(
+                "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
+            ));
+        }
+        eprintln!(
+            "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
+        );
+        return launch(tier, &facts, spec, &image, None, sink);
+    }
+    if let Some(disk) = spec.disks.first() {
+        return Err(RunError::Missing(format!(
+            "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
+        )));
+    }
+    let admitted = admit::admit_run(args, &image, tier)?;
+    // The plan's timeout is the workload's (the policy's longest without --timeout).
+    let mut spec = spec.clone();
+    spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
+    let mut digests = DigestSink::new(sink);
+    let started = UtcTime::now();
+    let result = launch(
+        tier,
+        &facts,
+        &spec,
+        &image,
+        Some(&admitted.files),
+        &mut digests,
+    );
+    let finished = UtcTime::now();
+    let output = digests.digests();
+    let plan_id = admitted.plan_id().to_owned();
+    let vm_id = admitted.vm_id.clone();
+    match admitted.finish(
+        &spec.argv,
+        &result,
+        output,
+        (started, finished),
+        args.receipt.as_deref(),
+    ) {
+        Ok(evidence) => tracing::info!(
+            plan = %plan_id,
+            vm = %vm_id,
+            first_seq = evidence.audit.first_seq,
+            last_seq = evidence.audit.last_seq,
+            "run audited"
+        ),
+        // The workload ran but its evidence is incomplete: that is a failure.
+        Err(e) if result.is_ok() => return Err(RunError::Missing(format!("evidence: {e}"))),
+        Err(e) => eprintln!("mvm: {e}"),
+    }
+    result
+}
+
+/// Starts the run on `tier`, verified against `plan` when given.
+fn launch(
+    tier: Tier,
+    facts: &HostFacts,
+    spec: &RunSpec,
+    image: &StoredImage,
+    plan: Option<&PlanFiles>,
+    sink: &mut dyn OutputSink,
+) -> Result<RunOutcome, RunError> {
     let stdin: Option<Box<dyn Read + Send>> = match spec.stdin {
         StdinMode::Forward => Some(Box::new(std::io::stdin())),
         StdinMode::Null => None,
@@ -101,10 +168,10 @@ fn execute(
     match tier {
         Tier::Kvm => {
             let artifacts = RunArtifacts {
-                image,
+                image: image.clone(),
                 vmm: locate::vmm_binary()?,
             };
-            kvm::run(spec, &artifacts, sink, stdin)
+            kvm::run_verified(spec, &artifacts, plan, sink, stdin)
         }
         Tier::Emulated => {
             let qemu = facts.qemu.clone().ok_or_else(|| {
@@ -116,7 +183,7 @@ fn execute(
             eprintln!(
                 "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
             );
-            emulated::run(spec, &image, &qemu, sink, stdin)
+            emulated::run(spec, image, &qemu, plan, sink, stdin)
         }
     }
 }

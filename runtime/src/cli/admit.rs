@@ -1,0 +1,579 @@
+//! Admission, audit and the receipt around one `mvm run`.
+//!
+//! [`admit_run`] turns the command line into an [`AdmissionRequest`], checks it
+//! against the host policy, signs the plan with the host admission key and
+//! writes the files `mvm-vmm --plan --trust --replay-store --events` reads; a
+//! denial is audited as `plan_denied` and the run stops there. After the
+//! backend returns, [`Admitted::finish`] appends the run's records in the order
+//! they happened (the VMM's `boot_verified`, `exec_started`, `exec_exited`, the
+//! VMM's `vm_exit`) and, when asked, writes the signed receipt.
+//!
+//! The audit key and the admission key never leave this process: the VMM (and,
+//! for the emulated tier, the test host) gets the envelope and the admission
+//! public key only, and hands its events back as a file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use mvm_loader::measure::Sha256Digest;
+use mvm_loader::plan::envelope::SignedPlan;
+use mvm_loader::plan::{self, UtcTime};
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+
+use super::exit;
+use super::trust::vmm_event;
+use super::RunArgs;
+use crate::admission::keys::config_dir;
+use crate::admission::{
+    admit, AdmissionRequest, AdmitError, Denial, HostKeys, ImageFacts, Policy, Rule,
+};
+use crate::audit::{self, AuditEvent, AuditLog, EventKind};
+use crate::backend::scratch::ScratchDir;
+use crate::backend::{OutputSink, PlanFiles, RunError, RunOutcome, Tier};
+use crate::image::{ImageStore, StoredImage};
+use crate::receipt::{self, command_digest, AuditRange, Measurements, RunPredicate};
+
+/// The replay store's file name in the data directory (the VMM's default too).
+pub const REPLAY_STORE: &str = "replay-nonces";
+/// The most of a VMM events file read back.
+const MAX_EVENTS_FILE: u64 = 16 << 20;
+
+/// Whether `mvm run` skips admission: `--dev`, or `MVM_DEV=1`.
+pub fn dev_mode(args: &RunArgs) -> bool {
+    args.dev || std::env::var_os("MVM_DEV").is_some_and(|v| v == "1")
+}
+
+/// The plan tier a backend gives.
+pub fn plan_tier(tier: Tier) -> plan::Tier {
+    match tier {
+        Tier::Kvm => plan::Tier::Hardware,
+        Tier::Emulated => plan::Tier::Emulated,
+    }
+}
+
+fn admission_error(what: &str) -> impl FnOnce(String) -> RunError + '_ {
+    move |e| RunError::Missing(format!("admission: {what}: {e}"))
+}
+
+/// The request `mvm run ARGS` makes. Without `--timeout` the workload gets the
+/// policy's longest timeout, and that is what the plan records and the run
+/// enforces.
+pub fn admission_request(args: &RunArgs, policy: &Policy) -> AdmissionRequest {
+    let mut request = AdmissionRequest::new(&args.image);
+    request.vcpus = args.cpus;
+    request.memory_mib = args.mem_mib;
+    request.timeout_secs = args.timeout.map_or(policy.limits.max_timeout_secs, |t| {
+        u32::try_from(t).unwrap_or(u32::MAX)
+    });
+    request
+}
+
+fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 8];
+    OsRng.fill_bytes(&mut bytes);
+    format!("{prefix}-{}", hex::encode(bytes))
+}
+
+/// A run that admission signed: its plan, its VM id and the files for the VMM.
+pub struct Admitted {
+    keys: HostKeys,
+    log: AuditLog,
+    /// The signed plan.
+    pub signed: SignedPlan,
+    /// The VM id the supervisor gave this run.
+    pub vm_id: String,
+    /// What the VMM is started with.
+    pub files: PlanFiles,
+    /// The tier the run uses.
+    pub tier: Tier,
+    admitted_seq: u64,
+    _dir: ScratchDir,
+}
+
+/// Admits `args` for `image` on `tier`: loads (or creates) the host keys and
+/// the policy, checks, signs, audits `plan_admitted` (or `plan_denied`), and
+/// writes the envelope for the VMM. Nothing is launched.
+pub fn admit_run(args: &RunArgs, image: &StoredImage, tier: Tier) -> Result<Admitted, RunError> {
+    let config = config_dir().map_err(|e| admission_error("config directory")(e.to_string()))?;
+    let (keys, created) = HostKeys::load_or_create(&config)
+        .map_err(|e| admission_error("host keys")(e.to_string()))?;
+    if created {
+        eprintln!(
+            "mvm: created the host's admission and audit keys in {}",
+            config.display()
+        );
+    }
+    let policy =
+        Policy::load_or_default(&config).map_err(|e| admission_error("policy")(e.to_string()))?;
+    let data = crate::image::store::data_dir()?;
+    let log = AuditLog::new(data.join(audit::AUDIT_FILE), keys.audit.clone());
+
+    let names: Vec<String> = ImageStore::at(&data)
+        .names()?
+        .into_iter()
+        .filter(|(_, digest)| *digest == image.digest)
+        .map(|(name, _)| name)
+        .collect();
+    let facts = ImageFacts::from_stored(image, &names)
+        .map_err(|e| admission_error("image")(e.to_string()))?;
+    let request = admission_request(args, &policy);
+    let signed = match admit(&request, &facts, &policy, &keys.admission, UtcTime::now()) {
+        Ok(signed) => signed,
+        Err(AdmitError::Denied(denial)) => return Err(deny(&log, &request, denial)),
+        Err(e) => return Err(admission_error("plan")(e.to_string())),
+    };
+    // The plan names the weakest tier allowed to run it.
+    let given = plan_tier(tier);
+    if given < signed.plan.required_tier {
+        let denial = Denial {
+            rule: Rule::MinimumTier,
+            reason: format!(
+                "backend '{tier}' gives tier {given}, weaker than the plan's required tier {}",
+                signed.plan.required_tier
+            ),
+        };
+        return Err(deny(&log, &request, denial));
+    }
+    let admitted_seq = log
+        .append(AuditEvent::plan_admitted(&signed))
+        .map_err(|e| admission_error("audit")(e.to_string()))?;
+
+    let dir = ScratchDir::create().map_err(RunError::io("creating the plan directory"))?;
+    let envelope = dir.path().join("plan.dsse.json");
+    std::fs::write(&envelope, signed.envelope.to_json())
+        .map_err(RunError::io(format!("writing {}", envelope.display())))?;
+    let files = PlanFiles {
+        envelope,
+        trust: config.join("admission.pub"),
+        replay_store: data.join(REPLAY_STORE),
+        events: dir.path().join("vmm-events.jsonl"),
+    };
+    tracing::info!(plan = %signed.plan.plan_id, digest = %signed.digest, "admitted");
+    Ok(Admitted {
+        keys,
+        log,
+        signed,
+        vm_id: random_id("vm"),
+        files,
+        tier,
+        admitted_seq,
+        _dir: dir,
+    })
+}
+
+/// Audits a denial (a log that cannot be written does not turn a denial into
+/// an admission) and returns it as the run's error.
+fn deny(log: &AuditLog, request: &AdmissionRequest, denial: Denial) -> RunError {
+    if let Err(e) = log.append(AuditEvent::plan_denied(&request.image_ref, &denial)) {
+        eprintln!("mvm: error: the denial could not be audited: {e}");
+    }
+    RunError::Denied(denial)
+}
+
+/// Passes output on and keeps its sha256 and size.
+pub struct DigestSink<'a> {
+    inner: &'a mut dyn OutputSink,
+    stdout: (Sha256, u64),
+    stderr: (Sha256, u64),
+}
+
+impl<'a> DigestSink<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a mut dyn OutputSink) -> Self {
+        Self {
+            inner,
+            stdout: (Sha256::new(), 0),
+            stderr: (Sha256::new(), 0),
+        }
+    }
+
+    /// `(stdout, stderr)` digests and sizes so far.
+    pub fn digests(&self) -> OutputDigests {
+        let done = |(h, n): &(Sha256, u64)| {
+            let bytes: [u8; 32] = h.clone().finalize().into();
+            (Sha256Digest(bytes), *n)
+        };
+        OutputDigests {
+            stdout: done(&self.stdout),
+            stderr: done(&self.stderr),
+        }
+    }
+}
+
+fn count(state: &mut (Sha256, u64), data: &[u8]) {
+    state.0.update(data);
+    state.1 = state
+        .1
+        .saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+}
+
+impl OutputSink for DigestSink<'_> {
+    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
+        count(&mut self.stdout, data);
+        self.inner.stdout(data)
+    }
+
+    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
+        count(&mut self.stderr, data);
+        self.inner.stderr(data)
+    }
+}
+
+/// Digests and sizes of what the workload wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputDigests {
+    /// stdout.
+    pub stdout: (Sha256Digest, u64),
+    /// stderr.
+    pub stderr: (Sha256Digest, u64),
+}
+
+/// What [`Admitted::finish`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// The run's records: `plan_admitted` .. its last one.
+    pub audit: AuditRange,
+    /// The receipt file, if one was written.
+    pub receipt: Option<PathBuf>,
+}
+
+/// How a run ended, as far as the audit log is concerned.
+fn ended_status(result: &Result<RunOutcome, RunError>) -> Option<(i32, Option<&'static str>)> {
+    match result {
+        Ok(outcome) => Some((exit::for_status(&outcome.status), None)),
+        Err(RunError::Timeout(_)) => Some((exit::TIMEOUT, Some("timed_out"))),
+        Err(RunError::Interrupted) => Some((exit::INTERRUPTED, Some("interrupted"))),
+        Err(RunError::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            Some((exit::BROKEN_PIPE, Some("output_closed")))
+        }
+        Err(_) => None,
+    }
+}
+
+/// Reads the VMM's events file (what is there: a VMM that died mid-run still
+/// wrote some) and turns each line into an event for `vm_id` and `plan_id`.
+/// A line without a plan id gets the admitted one: the supervisor knows which
+/// plan it handed this VMM even when the VMM refused it before trusting it.
+pub fn read_vmm_events(path: &Path, plan_id: &str, vm_id: &str) -> Vec<AuditEvent> {
+    let mut text = String::new();
+    if let Ok(file) = std::fs::File::open(path) {
+        let mut bytes = Vec::new();
+        if let Err(e) = file.take(MAX_EVENTS_FILE).read_to_end(&mut bytes) {
+            tracing::warn!("VMM events {}: {e}", path.display());
+        }
+        text = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    text.lines()
+        .filter_map(|line| {
+            let event = vmm_event(line, vm_id);
+            if event.is_none() {
+                tracing::warn!(line = %line.chars().take(200).collect::<String>(), "VMM event not recorded");
+            }
+            event
+        })
+        .map(|mut event| {
+            if event.plan_id.as_deref().is_none_or(str::is_empty) {
+                event.plan_id = Some(plan_id.to_owned());
+            }
+            event
+        })
+        .collect()
+}
+
+/// The run's records in the order they happened: the VMM's events, with
+/// `exec_started` after `boot_verified` and `exec_exited` before `vm_exited`;
+/// a VM the supervisor stopped (no `vm_exit` from the VMM) gets a `vm_exited`
+/// saying so.
+pub fn order_run_events(
+    vmm: Vec<AuditEvent>,
+    exec_started: Option<AuditEvent>,
+    exec_exited: Option<AuditEvent>,
+    plan_id: &str,
+    vm_id: &str,
+) -> Vec<AuditEvent> {
+    let booted = vmm.iter().any(|e| e.kind == EventKind::BootVerified);
+    let mut started = exec_started.filter(|_| booted);
+    let mut exited = exec_exited.filter(|_| booted);
+    let mut saw_exit = false;
+    let mut out = Vec::new();
+    for event in vmm {
+        match event.kind {
+            EventKind::VmExited => {
+                saw_exit = true;
+                out.extend(started.take());
+                out.extend(exited.take());
+                out.push(event);
+            }
+            EventKind::BootVerified => {
+                out.push(event);
+                out.extend(started.take());
+            }
+            _ => out.push(event),
+        }
+    }
+    out.extend(started);
+    out.extend(exited);
+    if booted && !saw_exit {
+        out.push(AuditEvent::vm_exited(plan_id, vm_id, "stopped_by_mvm", -1));
+    }
+    out
+}
+
+/// The measurements the VMM reported in `boot_verified`, checked against the
+/// plan it was given: a receipt states what was measured, and they must agree.
+fn measured(events: &[AuditEvent], signed: &SignedPlan) -> Result<Measurements, String> {
+    let boot = events
+        .iter()
+        .find(|e| e.kind == EventKind::BootVerified)
+        .ok_or("the VMM reported no verified boot")?;
+    let want = Measurements::of_plan(&signed.plan);
+    let text = |name: &str| match boot.fields.get(name) {
+        Some(audit::FieldValue::Text(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let check = |name: &str, pinned: Option<String>| {
+        if text(name) == pinned {
+            Ok(())
+        } else {
+            Err(format!(
+                "boot_verified {name} {:?} differs from the plan's {:?}",
+                text(name),
+                pinned
+            ))
+        }
+    };
+    check("kernel", Some(want.kernel.to_string()))?;
+    check("initramfs", want.initramfs.map(|d| d.to_string()))?;
+    check("cmdline", Some(want.cmdline.to_string()))?;
+    check("plan_digest", Some(signed.digest.to_string()))?;
+    for (name, root) in &want.disks {
+        check(&format!("disk_{name}_root_hash"), Some(root.to_string()))?;
+    }
+    Ok(want)
+}
+
+impl Admitted {
+    /// The plan id.
+    pub fn plan_id(&self) -> &str {
+        &self.signed.plan.plan_id
+    }
+
+    /// Appends the run's records and, if `receipt` is given and the workload
+    /// ran to an end, writes the signed receipt there. `argv` is hashed, never
+    /// logged. Returns the audit range, or why the evidence is incomplete.
+    pub fn finish(
+        self,
+        argv: &[String],
+        result: &Result<RunOutcome, RunError>,
+        output: OutputDigests,
+        times: (UtcTime, UtcTime),
+        receipt: Option<&Path>,
+    ) -> Result<Evidence, String> {
+        let plan_id = self.plan_id().to_owned();
+        let vm_id = self.vm_id.clone();
+        let vmm = read_vmm_events(&self.files.events, &plan_id, &vm_id);
+        let measurements = measured(&vmm, &self.signed);
+        // Exec is sent once the agent answered; these endings come after it.
+        let exec_sent = matches!(
+            result,
+            Ok(_)
+                | Err(RunError::Timeout(_)
+                    | RunError::Interrupted
+                    | RunError::Agent(_)
+                    | RunError::Io { .. })
+        );
+        let exec_started = exec_sent.then(|| AuditEvent::exec_started(&plan_id, &vm_id, argv));
+        let exec_exited = ended_status(result).map(|(status, how)| {
+            let event =
+                AuditEvent::exec_exited(&plan_id, &vm_id, status, output.stdout, output.stderr);
+            match how {
+                Some(how) => event.field(how, true),
+                None => event,
+            }
+        });
+        let events = order_run_events(vmm, exec_started, exec_exited, &plan_id, &vm_id);
+        let mut last_seq = self.admitted_seq;
+        for event in events {
+            last_seq = self.log.append(event).map_err(|e| e.to_string())?;
+        }
+        let audit = AuditRange {
+            first_seq: self.admitted_seq,
+            last_seq,
+        };
+        let Some(path) = receipt else {
+            return Ok(Evidence {
+                audit,
+                receipt: None,
+            });
+        };
+        let outcome = result
+            .as_ref()
+            .map_err(|e| format!("no receipt written: the run did not finish ({e})"))?;
+        let measurements = measurements.map_err(|e| format!("no receipt written: {e}"))?;
+        let predicate = RunPredicate {
+            plan_id,
+            vm_id,
+            tier: plan_tier(self.tier),
+            measurements,
+            command_sha256: command_digest(argv),
+            exit_status: exit::for_status(&outcome.status),
+            stdout_sha256: output.stdout.0,
+            stdout_bytes: output.stdout.1,
+            stderr_sha256: output.stderr.0,
+            stderr_bytes: output.stderr.1,
+            started_at: times.0,
+            finished_at: times.1,
+            audit,
+        };
+        let statement = receipt::statement(self.signed.digest, predicate);
+        let envelope =
+            receipt::sign_receipt(&statement, &self.keys.audit).map_err(|e| e.to_string())?;
+        std::fs::write(path, envelope.to_json())
+            .map_err(|e| format!("no receipt written: {}: {e}", path.display()))?;
+        Ok(Evidence {
+            audit,
+            receipt: Some(path.to_owned()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::FieldValue;
+    use crate::backend::{Timings, WorkloadStatus};
+
+    fn events(kinds: &[EventKind]) -> Vec<AuditEvent> {
+        kinds
+            .iter()
+            .map(|k| AuditEvent::new(*k).plan("p").vm("v"))
+            .collect()
+    }
+
+    fn kinds(events: &[AuditEvent]) -> Vec<EventKind> {
+        events.iter().map(|e| e.kind).collect()
+    }
+
+    #[test]
+    fn run_records_are_in_the_order_they_happened() {
+        let started = AuditEvent::exec_started("p", "v", &["true"]);
+        let exited = AuditEvent::exec_exited(
+            "p",
+            "v",
+            0,
+            (Sha256Digest::of(b""), 0),
+            (Sha256Digest::of(b""), 0),
+        );
+        let out = order_run_events(
+            events(&[EventKind::BootVerified, EventKind::VmExited]),
+            Some(started.clone()),
+            Some(exited.clone()),
+            "p",
+            "v",
+        );
+        assert_eq!(
+            kinds(&out),
+            [
+                EventKind::BootVerified,
+                EventKind::ExecStarted,
+                EventKind::ExecExited,
+                EventKind::VmExited
+            ]
+        );
+        // Killed by mvm (timeout): no vm_exit from the VMM, one from mvm.
+        let out = order_run_events(
+            events(&[EventKind::BootVerified]),
+            Some(started.clone()),
+            Some(exited.clone()),
+            "p",
+            "v",
+        );
+        assert_eq!(out.last().unwrap().kind, EventKind::VmExited);
+        assert_eq!(
+            out.last().unwrap().fields["reason"],
+            FieldValue::from("stopped_by_mvm")
+        );
+        // A refused boot: no exec records, nothing invented.
+        let out = order_run_events(
+            events(&[EventKind::BootRefused]),
+            Some(started),
+            Some(exited),
+            "p",
+            "v",
+        );
+        assert_eq!(kinds(&out), [EventKind::BootRefused]);
+    }
+
+    #[test]
+    fn vmm_events_get_the_vm_and_the_admitted_plan_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"event":"boot_refused","fields":{"reason":"untrusted_key","detail":"no trusted signature","status":10}}"#,
+                "\n",
+                "garbage\n",
+                r#"{"event":"vm_exit","plan_id":"plan-x","fields":{"reason":"poweroff","status":0}}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let out = read_vmm_events(&path, "plan-1", "vm-1");
+        assert_eq!(kinds(&out), [EventKind::BootRefused, EventKind::VmExited]);
+        assert_eq!(out[0].plan_id.as_deref(), Some("plan-1"));
+        assert_eq!(out[0].vm_id.as_deref(), Some("vm-1"));
+        // An id the VMM gave is kept (and would show a mismatch in the log).
+        assert_eq!(out[1].plan_id.as_deref(), Some("plan-x"));
+        assert!(read_vmm_events(&dir.path().join("none"), "p", "v").is_empty());
+    }
+
+    #[test]
+    fn digest_sink_passes_output_on_and_hashes_it() {
+        #[derive(Default)]
+        struct Keep(Vec<u8>, Vec<u8>);
+        impl OutputSink for Keep {
+            fn stdout(&mut self, d: &[u8]) -> std::io::Result<()> {
+                self.0.extend_from_slice(d);
+                Ok(())
+            }
+            fn stderr(&mut self, d: &[u8]) -> std::io::Result<()> {
+                self.1.extend_from_slice(d);
+                Ok(())
+            }
+        }
+        let mut keep = Keep::default();
+        let mut sink = DigestSink::new(&mut keep);
+        sink.stdout(b"hel").unwrap();
+        sink.stdout(b"lo").unwrap();
+        sink.stderr(b"e").unwrap();
+        let d = sink.digests();
+        assert_eq!(d.stdout, (Sha256Digest::of(b"hello"), 5));
+        assert_eq!(d.stderr, (Sha256Digest::of(b"e"), 1));
+        assert_eq!(keep.0, b"hello");
+    }
+
+    #[test]
+    fn a_run_ending_is_classified_for_the_log() {
+        let ok: Result<RunOutcome, RunError> = Ok(RunOutcome {
+            status: WorkloadStatus {
+                code: Some(3),
+                signal: None,
+                timed_out: false,
+            },
+            timings: Timings::default(),
+            tier: Tier::Kvm,
+            boot_report: None,
+        });
+        assert_eq!(ended_status(&ok), Some((3, None)));
+        let t = Err(RunError::Timeout(std::time::Duration::from_secs(1)));
+        assert_eq!(ended_status(&t), Some((exit::TIMEOUT, Some("timed_out"))));
+        let refused = Err(RunError::BootRefused {
+            reason: "expired".into(),
+            status: 15,
+            detail: String::new(),
+        });
+        assert_eq!(ended_status(&refused), None);
+    }
+}

@@ -9,12 +9,21 @@
     clippy::panic
 )]
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+use support::vmm;
+
+/// The tiny kernel's path, as an argument.
+fn tiny_vmlinux(dir: &Path) -> String {
+    support::tiny_vmlinux(dir).to_str().unwrap().to_string()
+}
 
 fn run_vmm(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
     let report = dir.join("report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
+    let out = vmm()
         .args(extra)
         // Argument checks of the unverified mode (verified boot has its own tests).
         .arg("--dev")
@@ -24,28 +33,6 @@ fn run_vmm(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
         .unwrap();
     let json = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     (out, json)
-}
-
-/// A valid ELF header with one PT_LOAD at 16 MiB.
-fn tiny_vmlinux(dir: &Path) -> String {
-    let mut f = vec![0u8; 120];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&1u32.to_le_bytes());
-    f[72..80].copy_from_slice(&120u64.to_le_bytes());
-    f[88..96].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[96..104].copy_from_slice(&1u64.to_le_bytes());
-    f[104..112].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    f.push(0xf4);
-    let p = dir.join("vmlinux");
-    std::fs::write(&p, f).unwrap();
-    p.to_str().unwrap().to_string()
 }
 
 fn assert_refused(out: &Output, report: &serde_json::Value, needle: &str) {
@@ -112,10 +99,7 @@ fn one_mib_of_memory() {
 
 #[test]
 fn help_documents_exit_statuses() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let out = vmm().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("Exit status:"), "{help}");
@@ -124,7 +108,7 @@ fn help_documents_exit_statuses() {
 
 #[test]
 fn unparseable_arguments_are_usage_errors() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
+    let out = vmm()
         .args(["--kernel", "x", "--vcpus", "many"])
         .output()
         .unwrap();

@@ -1,6 +1,8 @@
-//! The jail, on a running `mvm-vmm --jail` on this machine's /dev/kvm (a tiny ELF whose entry
-//! is `hlt`): what `/proc/PID` says about the jailed process. Run as root (the namespaces and
-//! the uid change need it); fails, rather than skips, when /dev/kvm is missing.
+//! The jail, on by default, on a running `mvm-vmm` (no jail flag) on this machine's /dev/kvm
+//! (a tiny ELF whose entry is `hlt`): what `/proc` says about the jailed VMM (the child of
+//! the process started, PID 1 of its own PID namespace), and what is left after it exits.
+//! Run as root (the namespaces and the uid change need it); fails, rather than skips, when
+//! /dev/kvm is missing.
 
 // Test helpers outside #[test] functions: a panic is the failure report.
 #![allow(
@@ -10,31 +12,17 @@
     clippy::panic
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+mod support;
 
-/// A valid ELF header with one PT_LOAD at 16 MiB whose first byte is `hlt`.
-fn tiny_vmlinux(dir: &Path) -> PathBuf {
-    let mut f = vec![0u8; 120];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&1u32.to_le_bytes());
-    f[72..80].copy_from_slice(&120u64.to_le_bytes());
-    f[88..96].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[96..104].copy_from_slice(&1u64.to_le_bytes());
-    f[104..112].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    f.push(0xf4);
-    let p = dir.join("vmlinux");
-    std::fs::write(&p, f).unwrap();
-    p
-}
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{is_root, require_kvm, tiny_vmlinux, vmm};
+
+/// The uid/gid the tests ask for (not the default, to show the options work).
+const JAIL_UID: u32 = 4242;
+const JAIL_GID: u32 = 4343;
 
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
@@ -44,81 +32,266 @@ fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{key} missing in {status}"))
 }
 
-#[test]
-fn a_jailed_vmm_has_no_capabilities_no_new_privs_its_own_root_and_only_its_fds() {
-    assert!(Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let dir = tempfile::tempdir().unwrap();
-    // The jail uid writes the boot report here (by path, at exit): it must get through.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let kernel = tiny_vmlinux(dir.path());
-    let child = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
-        .arg("--dev")
-        .arg("--jail")
+/// A VM in `dir`: vsock socket `v.sock`, boot report `report.json`, per-VM roots under
+/// `jails/`.
+fn command(dir: &Path) -> Command {
+    let mut cmd = vmm();
+    cmd.arg("--dev")
+        .arg("--jail-uid")
+        .arg(JAIL_UID.to_string())
+        .arg("--jail-gid")
+        .arg(JAIL_GID.to_string())
         .arg("--jail-dir")
-        .arg(dir.path().join("jails"))
+        .arg(dir.join("jails"))
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(tiny_vmlinux(dir))
         .arg("--vsock")
-        .arg(format!("cid=3,uds={}", dir.path().join("v.sock").display()))
+        .arg(format!("cid=3,uds={}", dir.join("v.sock").display()))
         .arg("--boot-report")
-        .arg(dir.path().join("report.json"))
+        .arg(dir.join("report.json"))
+        .env_remove("MVM_SECCOMP")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let proc_dir = PathBuf::from(format!("/proc/{}", child.id()));
-    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
-    let fds: Vec<String> = std::fs::read_dir(proc_dir.join("fd"))
-        .unwrap()
-        .map(|e| {
-            std::fs::read_link(e.unwrap().path())
-                .unwrap()
-                .display()
-                .to_string()
-        })
-        .collect();
-    let root_entries: Vec<String> = std::fs::read_dir(proc_dir.join("root"))
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The jailed VMM: the only child of the supervising process `parent`, once its vCPU
+/// exists (the jail is in place before the VM is created).
+fn jailed_child(parent: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(child) = children.split_whitespace().next() {
+            let child: u32 = child.parse().unwrap();
+            if fd_targets(child)
+                .iter()
+                .any(|f| f == "anon_inode:kvm-vcpu:0")
+            {
+                return child;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no jailed VMM under {parent} with a vCPU"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|p| p.display().to_string())
                 .collect()
         })
-        .unwrap_or_default();
-    // SAFETY: signalling the child we spawned and have not yet reaped.
-    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+        .unwrap_or_default()
+}
+
+fn sorted_entries(dir: &Path) -> Vec<String> {
+    let mut entries: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    entries
+}
+
+fn ns(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: signalling a process this test started (or its child) that has not been
+    // reaped yet.
+    unsafe { libc::kill(i32::try_from(pid).unwrap(), sig) };
+}
+
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for its parent.
+        if state.is_empty() || state.contains(") Z ") {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Where this host keeps the VM's cgroup, if it has cgroup v2 with controllers.
+fn cgroup_parent() -> Option<PathBuf> {
+    Path::new("/sys/fs/cgroup/cgroup.controllers")
+        .is_file()
+        .then(|| PathBuf::from("/sys/fs/cgroup/mvm"))
+}
+
+#[test]
+fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
+    require_kvm();
+    assert!(is_root(), "run this test as root: the jail needs it");
+    let dir = tempfile::tempdir().unwrap();
+    let parent: Child = command(dir.path()).spawn().unwrap();
+    let ppid = parent.id();
+    let vmm_pid = jailed_child(ppid);
+    let proc_dir = PathBuf::from(format!("/proc/{vmm_pid}"));
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    let fds = fd_targets(vmm_pid);
+    let root_entries = sorted_entries(&proc_dir.join("root"));
+    let dev_entries = sorted_entries(&proc_dir.join("root/dev"));
+    let mountinfo = std::fs::read_to_string(proc_dir.join("mountinfo")).unwrap();
+    let own_cgroup = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
+    let pid_ns = (ns(&vmm_pid.to_string(), "pid"), ns("self", "pid"));
+    let net_ns = (ns(&vmm_pid.to_string(), "net"), ns("self", "net"));
+    let vm_root = dir.path().join("jails").join(format!("mvm-vmm-{ppid}"));
+    let vm_root_existed = vm_root.is_dir();
+    let name = format!("mvm-vmm-{ppid}");
+    let limits = cgroup_parent().map(|p| {
+        let cg = p.join(&name);
+        ["memory.max", "pids.max", "cpu.max"].map(|f| {
+            std::fs::read_to_string(cg.join(f))
+                .unwrap_or_else(|e| panic!("{}: {e}", cg.join(f).display()))
+                .trim()
+                .to_owned()
+        })
+    });
+
+    signal(ppid, libc::SIGTERM);
+    let out = parent.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // The supervising parent forwards SIGTERM and exits with the VMM's status.
     assert_eq!(out.status.code(), Some(143), "stderr: {stderr}");
 
     assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{status}");
     assert_eq!(status_field(&status, "Seccomp:"), "2", "{status}");
-    if root {
-        assert_eq!(status_field(&status, "CapEff:"), "0000000000000000");
-        assert_eq!(status_field(&status, "CapPrm:"), "0000000000000000");
-        assert_eq!(status_field(&status, "CapBnd:"), "0000000000000000");
-        let uid = status_field(&status, "Uid:");
-        assert!(uid.split_whitespace().all(|u| u == "65534"), "Uid: {uid}");
-        // The per-VM root: /dev (kvm only) and the kept directory of the socket and report.
-        let mut entries = root_entries.clone();
-        entries.sort();
-        assert_eq!(entries, ["dev", "tmp"], "root holds {root_entries:?}");
-    }
+    assert_eq!(status_field(&status, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapPrm:"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapBnd:"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapAmb:"), "0000000000000000");
+    let uid = status_field(&status, "Uid:");
+    assert!(
+        uid.split_whitespace().all(|u| u == JAIL_UID.to_string()),
+        "Uid: {uid}"
+    );
+    let gid = status_field(&status, "Gid:");
+    assert!(
+        gid.split_whitespace().all(|g| g == JAIL_GID.to_string()),
+        "Gid: {gid}"
+    );
+    assert_eq!(status_field(&status, "Groups:"), JAIL_GID.to_string());
+    // PID 1 of a PID namespace of its own (NSpid: host pid, then 1).
+    assert_eq!(
+        status_field(&status, "NSpid:"),
+        format!("{vmm_pid}\t1"),
+        "{status}"
+    );
+    assert_ne!(pid_ns.0, pid_ns.1, "same PID namespace as the host");
+    assert_ne!(net_ns.0, net_ns.1, "same network namespace as the host");
+
+    // The per-VM root: a tmpfs holding /dev/kvm and the kept directory of the socket.
+    let root_mount = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    assert!(root_mount.contains(" - tmpfs "), "{root_mount}");
+    assert!(
+        root_mount.contains(" ro,"),
+        "root not read-only: {root_mount}"
+    );
+    assert_eq!(root_entries, ["dev", "tmp"], "root holds {root_entries:?}");
+    assert_eq!(dev_entries, ["kvm"]);
+    assert!(
+        vm_root_existed,
+        "{} missing while running",
+        vm_root.display()
+    );
+    assert!(
+        mountinfo.lines().count() <= 3,
+        "mounts other than the root, and the kept dir: {mountinfo}"
+    );
+
+    let report = dir.path().join("report.json").display().to_string();
     for fd in &fds {
         let expected = fd == "/dev/null"
             || fd == "/dev/kvm"
+            || *fd == report
             || fd.starts_with("pipe:")
             || fd.starts_with("socket:")
             || fd.starts_with("anon_inode:");
         assert!(expected, "unexpected fd {fd} in {fds:?}");
     }
-    assert!(fds.iter().any(|f| f == "anon_inode:kvm-vcpu:0"), "{fds:?}");
+
+    match limits {
+        Some([memory, pids, cpu]) => {
+            assert_eq!(
+                own_cgroup.trim(),
+                format!("0::/mvm/{name}"),
+                "cgroup membership"
+            );
+            // 128 MiB guest + 121 bytes of kernel (one page) + 64 MiB overhead.
+            assert_eq!(memory, ((192u64 << 20) + 4096).to_string());
+            // 1 vCPU, no disk: main, signals, console-in, vcpu, 2 more, + 16 slack.
+            assert_eq!(pids, "22");
+            assert_eq!(cpu, "200000 100000");
+            assert!(!Path::new("/sys/fs/cgroup/mvm").join(&name).exists());
+        }
+        None => assert!(stderr.contains("cgroup skipped"), "{stderr}"),
+    }
+
+    // Cleaned up by the supervising parent: the per-VM root, the socket.
+    assert!(!vm_root.exists(), "{} left behind", vm_root.display());
+    assert!(!dir.path().join("v.sock").exists(), "socket left behind");
     let report = std::fs::read_to_string(dir.path().join("report.json")).unwrap();
     assert!(report.contains("host_signal"), "{report}");
+}
+
+#[test]
+fn a_vmm_killed_by_a_signal_is_reported_so_and_killing_the_parent_kills_the_vmm() {
+    require_kvm();
+    assert!(is_root(), "run this test as root: the jail needs it");
+    use std::os::unix::process::ExitStatusExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let parent = command(dir.path()).spawn().unwrap();
+    let vmm_pid = jailed_child(parent.id());
+    signal(vmm_pid, libc::SIGKILL);
+    let out = parent.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{:?}", out.status);
+    assert!(!dir.path().join("v.sock").exists());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut parent = command(dir.path()).spawn().unwrap();
+    let vmm_pid = jailed_child(parent.id());
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    assert!(
+        gone_within(vmm_pid, Duration::from_secs(5)),
+        "the VMM outlived its supervising parent"
+    );
+}
+
+#[test]
+fn no_jail_warns_and_runs_in_place() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let child = command(dir.path()).arg("--no-jail").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = child.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    signal(pid, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("--no-jail"), "no warning: {stderr}");
+    assert!(children.trim().is_empty(), "forked: {children}");
+    // Unjailed: the caller's uid and capabilities (no_new_privs comes with seccomp).
+    if is_root() {
+        assert!(status_field(&status, "Uid:").starts_with('0'), "{status}");
+        assert_ne!(status_field(&status, "CapEff:"), "0000000000000000");
+    }
+    assert!(!dir.path().join("jails").exists());
 }

@@ -16,40 +16,22 @@
     clippy::panic
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod support;
+
+use std::path::Path;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-/// A valid ELF header with one PT_LOAD at 16 MiB whose first byte is `hlt`.
-fn tiny_vmlinux(dir: &Path) -> PathBuf {
-    let mut f = vec![0u8; 120];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&1u32.to_le_bytes());
-    f[72..80].copy_from_slice(&120u64.to_le_bytes());
-    f[88..96].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[96..104].copy_from_slice(&1u64.to_le_bytes());
-    f[104..112].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    f.push(0xf4);
-    let p = dir.join("vmlinux");
-    std::fs::write(&p, f).unwrap();
-    p
-}
+use support::{require_kvm, signal_after, tiny_vmlinux, vmm};
 
 /// Boots the tiny kernel with a disk and a vsock device, `env` set; SIGTERM after
 /// `grace` if it is still running.
 fn run_vmm(dir: &Path, env: &[(&str, &str)], grace: Duration) -> Output {
-    assert!(Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
+    require_kvm();
     let kernel = tiny_vmlinux(dir);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"));
+    let mut cmd = vmm();
     cmd.arg("--dev")
         .arg("--kernel")
         .arg(&kernel)
@@ -68,13 +50,7 @@ fn run_vmm(dir: &Path, env: &[(&str, &str)], grace: Duration) -> Output {
         cmd.env(k, v);
     }
     let child = cmd.spawn().unwrap();
-    let pid = i32::try_from(child.id()).unwrap();
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(grace);
-        // SAFETY: signalling a pid we spawned; if it already exited and was reaped the
-        // kill fails harmlessly (the test process does not spawn others meanwhile).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    });
+    let killer = signal_after(child.id(), libc::SIGTERM, grace);
     let out = child.wait_with_output().unwrap();
     drop(killer);
     out
@@ -82,10 +58,7 @@ fn run_vmm(dir: &Path, env: &[(&str, &str)], grace: Duration) -> Output {
 
 #[test]
 fn print_seccomp_lists_every_role_by_name() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
-        .arg("--print-seccomp")
-        .output()
-        .unwrap();
+    let out = vmm().arg("--print-seccomp").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for role in [

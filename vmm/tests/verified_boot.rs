@@ -4,9 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::expect_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
+
+use support::{tiny_vmlinux, vmm};
 
 use ed25519_dalek::SigningKey;
 use mvm_loader::dsse::format_public_key;
@@ -17,28 +21,6 @@ use mvm_loader::plan::{
 };
 
 const CMDLINE: &str = "console=ttyS0 quiet";
-
-/// A valid ELF header with one PT_LOAD at 16 MiB.
-fn tiny_vmlinux(dir: &Path) -> PathBuf {
-    let mut f = vec![0u8; 120];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2;
-    f[5] = 1;
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    f[64..68].copy_from_slice(&1u32.to_le_bytes());
-    f[72..80].copy_from_slice(&120u64.to_le_bytes());
-    f[88..96].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[96..104].copy_from_slice(&1u64.to_le_bytes());
-    f[104..112].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    f.push(0xf4);
-    let p = dir.join("vmlinux");
-    std::fs::write(&p, f).unwrap();
-    p
-}
 
 fn plan_for(kernel: &Path, nonce: &str) -> Plan {
     let now = UtcTime::now();
@@ -89,7 +71,7 @@ fn run(dir: &Path, envelope: &Path, kernel: &Path, cmdline: &str) -> Run {
     let report = dir.join("report.json");
     let events = dir.join("events.jsonl");
     let _ = std::fs::remove_file(&events);
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
+    let out = vmm()
         .arg("--plan")
         .arg(envelope)
         .arg("--trust")
@@ -145,11 +127,7 @@ fn write_signed(dir: &Path, plan: Plan, seed: u8) -> PathBuf {
 fn no_plan_and_no_dev_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let k = tiny_vmlinux(dir.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
-        .arg("--kernel")
-        .arg(&k)
-        .output()
-        .unwrap();
+    let out = vmm().arg("--kernel").arg(&k).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without a signed plan"));
 }
@@ -224,7 +202,7 @@ fn time_verification_and_measurement() {
     let trust = d.join("admission.pub");
     std::fs::write(&trust, format_public_key(&key.verifying_key())).unwrap();
     let report = d.join("report.json");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mvm-vmm"));
+    let mut cmd = vmm();
     cmd.arg("--plan")
         .arg(&env)
         .arg("--trust")

@@ -12,6 +12,8 @@ use std::time::Duration;
 /// The VMM's own memory beyond guest RAM: its code, heap, stacks, device queues and buffers,
 /// plus the kernel and initramfs images it keeps (added separately, by size).
 pub const VMM_MEMORY_OVERHEAD: u64 = 64 << 20;
+/// The page size memory.max counts in (x86_64).
+const PAGE_SIZE: u64 = 4096;
 /// CPU bandwidth period (microseconds) of `cpu.max`.
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// The controllers the VM's cgroup uses.
@@ -34,9 +36,13 @@ impl Limits {
     /// `vcpus` vCPUs and `threads` threads.
     pub fn for_vm(mem_bytes: u64, images: u64, vcpus: u64, threads: u64) -> Self {
         Self {
+            // Whole pages: the kernel rounds memory.max down to one.
             memory_max: mem_bytes
                 .saturating_add(images)
-                .saturating_add(VMM_MEMORY_OVERHEAD),
+                .saturating_add(VMM_MEMORY_OVERHEAD)
+                .saturating_add(PAGE_SIZE - 1)
+                / PAGE_SIZE
+                * PAGE_SIZE,
             pids_max: threads,
             cpu_quota_us: vcpus.saturating_add(1).saturating_mul(CPU_PERIOD_US),
         }
@@ -170,6 +176,7 @@ mod tests {
     fn limits_follow_the_vm_size() {
         let l = Limits::for_vm(128 << 20, 10 << 20, 2, 22);
         assert_eq!(l.memory_max, (128 + 10 + 64) << 20);
+        assert_eq!(Limits::for_vm(0, 1, 1, 1).memory_max, (64 << 20) + 4096);
         assert_eq!(l.pids_max, 22);
         assert_eq!(l.cpu_quota_us, 300_000);
         let all: Vec<String> = CONTROLLERS.iter().map(|c| (*c).to_owned()).collect();

@@ -129,7 +129,7 @@ fn child_start(go_read: OwnedFd, old_mask: &SigSet) -> Result<ParentLink, JailEr
     }
     // SIGCHLD as before the fork; the forwarded signals stay blocked for the VMM's signal
     // thread, which waits for them.
-    let mut mask = old_mask.clone();
+    let mut mask = *old_mask;
     for sig in FORWARDED {
         mask.add(sig);
     }

@@ -1,0 +1,58 @@
+//! What the `mvm-vmm` binary tests share: the binary, a tiny kernel, /dev/kvm.
+//!
+//! Each test crate uses a part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A `Command` for the `mvm-vmm` binary under test.
+pub fn vmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mvm-vmm"))
+}
+
+/// Fails (rather than skips) without /dev/kvm.
+pub fn require_kvm() {
+    assert!(Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
+}
+
+/// Whether the tests run as root (namespaces, uid change and cgroups need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Writes `dir/vmlinux`: a valid ELF header with one PT_LOAD at 16 MiB whose first byte
+/// is `hlt` (enough for every thread and filter to come up, even on a software KVM).
+pub fn tiny_vmlinux(dir: &Path) -> PathBuf {
+    let mut f = vec![0u8; 120];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[18..20].copy_from_slice(&62u16.to_le_bytes());
+    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    f[64..68].copy_from_slice(&1u32.to_le_bytes());
+    f[72..80].copy_from_slice(&120u64.to_le_bytes());
+    f[88..96].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    f[96..104].copy_from_slice(&1u64.to_le_bytes());
+    f[104..112].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    f.push(0xf4);
+    let p = dir.join("vmlinux");
+    std::fs::write(&p, f).unwrap();
+    p
+}
+
+/// Sends `signal` to `pid` after `grace`, from a thread (the caller waits for the child).
+pub fn signal_after(pid: u32, signal: i32, grace: Duration) -> std::thread::JoinHandle<()> {
+    let pid = i32::try_from(pid).unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(grace);
+        // SAFETY: signalling a pid the test spawned; if it already exited and was reaped
+        // the kill fails harmlessly (the test process does not spawn others meanwhile).
+        unsafe { libc::kill(pid, signal) };
+    })
+}

@@ -246,10 +246,22 @@ pub fn plan(command: &PlanCommand) -> i32 {
     }
 }
 
+/// The log to read: the one given, else the host's. A log that does not exist
+/// is an error, not an empty log: a wrong `--log` or `MVM_DATA_DIR` must not
+/// look like a host where nothing happened.
 fn log_path(given: Option<&PathBuf>) -> Result<PathBuf, String> {
-    given
+    let path = given
         .cloned()
-        .map_or_else(|| audit::default_log_path().map_err(|e| e.to_string()), Ok)
+        .map_or_else(|| audit::default_log_path().map_err(|e| e.to_string()), Ok)?;
+    if !path.exists() {
+        return Err(format!(
+            "audit log {} does not exist: no run has been audited with this data directory \
+             (MVM_DATA_DIR, else $XDG_DATA_HOME/mvm, else ~/.local/share/mvm), or --log names \
+             the wrong file",
+            path.display()
+        ));
+    }
+    Ok(path)
 }
 
 /// `mvm audit`.
@@ -258,7 +270,7 @@ pub fn audit(command: &AuditCommand) -> i32 {
         AuditCommand::Show(args) => {
             let path = match log_path(args.log.as_ref()) {
                 Ok(p) => p,
-                Err(e) => return fail(UNUSABLE, e),
+                Err(e) => return fail(FAILED, e),
             };
             let records = match audit::read_records(&path, args.vm.as_deref()) {
                 Ok(r) => r,
@@ -279,7 +291,7 @@ pub fn audit(command: &AuditCommand) -> i32 {
         AuditCommand::Verify { log, trust } => {
             let path = match log_path(log.as_ref()) {
                 Ok(p) => p,
-                Err(e) => return fail(UNUSABLE, e),
+                Err(e) => return fail(FAILED, e),
             };
             let key_path = match trust {
                 Some(p) => p.clone(),
@@ -500,6 +512,23 @@ mod tests {
         );
         assert_eq!(records[0].plan_id.as_deref(), Some("p1"));
         assert!(records[4].plan_id.is_none());
+    }
+
+    #[test]
+    fn a_missing_log_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("audit.jsonl");
+        let e = log_path(Some(&missing)).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        let show = AuditShowArgs {
+            vm: None,
+            json: false,
+            log: Some(missing.clone()),
+        };
+        assert_eq!(audit(&AuditCommand::Show(show)), FAILED);
+        std::fs::write(&missing, "").unwrap();
+        assert_eq!(log_path(Some(&missing)).unwrap(), missing);
     }
 
     #[test]

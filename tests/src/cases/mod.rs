@@ -2,6 +2,7 @@
 //! add an area, write `cases/<area>.rs` with a `pub const CASES: &[Case]`
 //! and add it to [`all`].
 
+pub mod audit;
 pub mod blk;
 pub mod boot;
 pub mod hostile;
@@ -19,6 +20,7 @@ pub fn all() -> Vec<Case> {
         vsock::CASES,
         verify::CASES,
         run::CASES,
+        audit::CASES,
         hostile::CASES,
     ]
     .concat()

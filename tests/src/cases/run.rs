@@ -36,36 +36,55 @@ const EXIT_TIMEOUT: i32 = 124;
 const BULK_BYTES: u64 = 64 << 20;
 
 /// `mvm run --backend kvm` with the artifacts' VMM and image store, and its
-/// run directories under this case's work directory.
+/// run directories and host keys (created on first use) under this case's work
+/// directory. The audit log and the replay store go to the image store's data
+/// directory.
 fn mvm(ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
-    let data = ctx.artifacts.join(DATA_DIR);
-    if !data.is_dir() {
-        return Err(Failure::new(format!(
-            "artifact {} missing (scripts/e2e builds it)",
-            data.display()
-        )));
-    }
-    let run_dir = ctx.work_file("run");
-    std::fs::create_dir_all(&run_dir).map_err(|e| Failure::new(format!("{e}")))?;
-    let mut command = Command::new(ctx.artifact(MVM)?);
+    let data = image_store(ctx)?;
+    let mut command = mvm_with(ctx, &data, &ctx.work_file("config"))?;
     command
         .arg("run")
         .args(["--backend", "kvm"])
         .args(args)
-        .env("MVM_DATA_DIR", data)
-        .env("MVM_VMM", ctx.artifact(VMM)?)
-        .env("MVM_RUN_DIR", &run_dir)
         .stdin(Stdio::null());
     Ok(command)
 }
 
-fn output(mut command: Command) -> Result<Output, Failure> {
+/// `mvm` (any subcommand) with `data` as its data directory (images, audit log,
+/// replay store), `config` as its config directory (keys, policy), the
+/// artifacts' VMM, and run directories under the case's work directory.
+pub fn mvm_with(ctx: &Context, data: &Path, config: &Path) -> Result<Command, Failure> {
+    let run_dir = ctx.work_file("run");
+    std::fs::create_dir_all(&run_dir).map_err(|e| Failure::new(format!("{e}")))?;
+    let mut command = Command::new(ctx.artifact(MVM)?);
+    command
+        .env("MVM_DATA_DIR", data)
+        .env("MVM_CONFIG_DIR", config)
+        .env("MVM_VMM", ctx.artifact(VMM)?)
+        .env("MVM_RUN_DIR", &run_dir);
+    Ok(command)
+}
+
+/// The artifacts' image store, or a failure saying scripts/e2e builds it.
+pub fn image_store(ctx: &Context) -> Result<PathBuf, Failure> {
+    let data = ctx.artifacts.join(DATA_DIR);
+    if data.is_dir() {
+        Ok(data)
+    } else {
+        Err(Failure::new(format!(
+            "artifact {} missing (scripts/e2e builds it)",
+            data.display()
+        )))
+    }
+}
+
+pub fn output(mut command: Command) -> Result<Output, Failure> {
     command
         .output()
         .map_err(|e| Failure::new(format!("starting mvm: {e}")))
 }
 
-fn describe(out: &Output) -> String {
+pub fn describe(out: &Output) -> String {
     format!(
         "{}{}",
         tail("stdout", &String::from_utf8_lossy(&out.stdout), 10),
@@ -73,7 +92,7 @@ fn describe(out: &Output) -> String {
     )
 }
 
-fn expect_code(out: &Output, want: i32) -> CaseResult {
+pub fn expect_code(out: &Output, want: i32) -> CaseResult {
     match out.status.code() {
         Some(code) if code == want => Ok(()),
         other => Err(

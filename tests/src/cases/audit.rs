@@ -1,0 +1,375 @@
+//! `audit/*`: the evidence `mvm run` leaves (issue 5): a hash-chained, signed
+//! audit log that survives concurrent writers and names the record a tamper
+//! broke; a signed receipt that verifies and refuses a changed payload; a
+//! policy denial with its own status and a `plan_denied` record.
+//!
+//! Each case has its own data directory (the artifacts' images linked in, its
+//! own `audit.jsonl` and replay store) and its own host keys.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::run::{describe, expect_code, image_store, mvm_with, output};
+use crate::case::{Case, CaseResult, Context, Failure};
+
+/// The audit cases.
+pub const CASES: &[Case] = &[
+    Case::kvm("audit/concurrent-8", concurrent_8),
+    Case::kvm("audit/receipt", receipt),
+    Case::kvm("audit/denied", denied),
+];
+
+/// `mvm run`'s exit status for a policy denial (runtime/src/cli/exit.rs).
+const EXIT_DENIED: i32 = 119;
+/// Concurrent runs in `audit/concurrent-8`.
+const CONCURRENT: usize = 8;
+
+fn fail(what: &str) -> impl FnOnce(std::io::Error) -> Failure + '_ {
+    move |e| Failure::new(format!("{what}: {e}"))
+}
+
+/// A case's own mvm homes: `data/` (images linked from the artifacts) and
+/// `config/`.
+struct Homes {
+    data: PathBuf,
+    config: PathBuf,
+}
+
+impl Homes {
+    fn new(ctx: &Context) -> Result<Self, Failure> {
+        let store = image_store(ctx)?;
+        let data = ctx.work_file("data");
+        let config = ctx.work_file("config");
+        std::fs::create_dir_all(&data).map_err(fail("creating the data directory"))?;
+        std::fs::create_dir_all(&config).map_err(fail("creating the config directory"))?;
+        let images = data.join("images");
+        if !images.exists() {
+            std::os::unix::fs::symlink(store.join("images"), &images)
+                .map_err(fail("linking the image store"))?;
+        }
+        Ok(Self { data, config })
+    }
+
+    fn log(&self) -> PathBuf {
+        self.data.join("audit.jsonl")
+    }
+
+    fn mvm(&self, ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
+        let mut command = mvm_with(ctx, &self.data, &self.config)?;
+        command.args(args).stdin(Stdio::null());
+        Ok(command)
+    }
+
+    fn run(&self, ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
+        let mut command = self.mvm(ctx, &["run", "--backend", "kvm"])?;
+        command.args(args);
+        Ok(command)
+    }
+
+    /// `mvm audit verify [--log FILE]`.
+    fn verify(&self, ctx: &Context, log: Option<&Path>) -> Result<Output, Failure> {
+        let mut command = self.mvm(ctx, &["audit", "verify"])?;
+        if let Some(log) = log {
+            command.arg("--log").arg(log);
+        }
+        output(command)
+    }
+}
+
+/// The log's records, parsed.
+fn records(log: &Path) -> Result<Vec<Value>, Failure> {
+    let text = std::fs::read_to_string(log).map_err(fail("reading the audit log"))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Failure::new(format!("audit log line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+fn text<'a>(record: &'a Value, pointer: &str) -> &'a str {
+    record
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+/// Each run's records: admitted (by plan id), then boot_verified, exec_started,
+/// exec_exited (status 0), vm_exited for its VM id, in that order.
+fn check_runs(records: &[Value], runs: usize) -> CaseResult {
+    let admitted: Vec<&str> = records
+        .iter()
+        .filter(|r| text(r, "/event") == "plan_admitted")
+        .map(|r| text(r, "/plan_id"))
+        .collect();
+    if admitted.len() != runs {
+        return Err(Failure::new(format!(
+            "{} plan_admitted records, expected {runs}",
+            admitted.len()
+        )));
+    }
+    for plan in admitted {
+        let kinds: Vec<&str> = records
+            .iter()
+            .filter(|r| text(r, "/plan_id") == plan && !text(r, "/vm_id").is_empty())
+            .map(|r| text(r, "/event"))
+            .collect();
+        let want = ["boot_verified", "exec_started", "exec_exited", "vm_exited"];
+        if kinds != want {
+            return Err(Failure::new(format!(
+                "plan {plan}: records {kinds:?}, expected {want:?}"
+            )));
+        }
+        let vms: Vec<&str> = records
+            .iter()
+            .filter(|r| text(r, "/plan_id") == plan)
+            .map(|r| text(r, "/vm_id"))
+            .filter(|v| !v.is_empty())
+            .collect();
+        if vms.windows(2).any(|w| w.first() != w.get(1)) {
+            return Err(Failure::new(format!(
+                "plan {plan}: records of several VMs {vms:?}"
+            )));
+        }
+        let exited = records
+            .iter()
+            .find(|r| text(r, "/plan_id") == plan && text(r, "/event") == "exec_exited");
+        if exited.and_then(|r| r.pointer("/fields/exit_status")) != Some(&0.into()) {
+            return Err(Failure::new(format!(
+                "plan {plan}: exec_exited without exit_status 0: {exited:?}"
+            )));
+        }
+        let booted = records
+            .iter()
+            .find(|r| text(r, "/plan_id") == plan && text(r, "/event") == "boot_verified");
+        for field in ["kernel", "initramfs", "cmdline", "plan_digest"] {
+            if booted.is_none_or(|r| !text(r, &format!("/fields/{field}")).starts_with("sha256:")) {
+                return Err(Failure::new(format!(
+                    "plan {plan}: boot_verified lacks the {field} digest: {booted:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `mvm audit verify --log copy` must fail and name `line N`.
+fn expect_tamper_named(
+    homes: &Homes,
+    ctx: &Context,
+    what: &str,
+    lines: &[&str],
+    cut: Option<usize>,
+    line: usize,
+) -> CaseResult {
+    let copy = ctx.work_file(&format!("tampered-{}.jsonl", what.replace(' ', "-")));
+    let mut bytes = lines.join("\n").into_bytes();
+    bytes.push(b'\n');
+    if let Some(len) = cut {
+        bytes.truncate(len);
+    }
+    std::fs::write(&copy, &bytes).map_err(fail("writing a tampered copy"))?;
+    let out = homes.verify(ctx, Some(&copy))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(1) || !stderr.contains(&format!("line {line}")) {
+        return Err(Failure::new(format!(
+            "{what}: mvm audit verify exited {:?} without naming line {line}",
+            out.status.code()
+        ))
+        .with_detail(describe(&out)));
+    }
+    Ok(())
+}
+
+/// 8 concurrent runs; the log verifies and holds each run's records; four
+/// tampered copies each fail, naming the record.
+fn concurrent_8(ctx: &Context) -> CaseResult {
+    let homes = Homes::new(ctx)?;
+    // Keys first, so eight runs do not race to create them.
+    expect_code(&output(homes.mvm(ctx, &["keys", "init"])?)?, 0)?;
+    let mut children = Vec::new();
+    for i in 0..CONCURRENT {
+        let script = format!("echo run-{i}");
+        let mut command = homes.run(ctx, &["--", "sh", "-c", &script])?;
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        children.push(command.spawn().map_err(fail("starting mvm"))?);
+    }
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().map_err(fail("waiting for mvm"))?;
+        expect_code(&out, 0)
+            .map_err(|f| Failure::new(format!("run {i}: {}", f.reason)).with_detail(f.detail))?;
+        if out.stdout != format!("run-{i}\n").into_bytes() {
+            return Err(Failure::new(format!("run {i}: wrong stdout")).with_detail(describe(&out)));
+        }
+    }
+    let out = homes.verify(ctx, None)?;
+    expect_code(&out, 0)?;
+    let log = homes.log();
+    check_runs(&records(&log)?, CONCURRENT)?;
+
+    let text = std::fs::read_to_string(&log).map_err(fail("reading the audit log"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() < 10 {
+        return Err(Failure::new(format!("only {} records", lines.len())));
+    }
+    // One byte edited in record 5: a digit of its time.
+    let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    if let Some(line) = edited.get_mut(4) {
+        let at = line
+            .find("\"time\":\"")
+            .map(|i| i + "\"time\":\"".len() + 3)
+            .ok_or_else(|| Failure::new("record 5 has no time"))?;
+        let old = line.as_bytes().get(at).copied().unwrap_or(b'0');
+        let new = if old == b'9' { "8" } else { "9" };
+        line.replace_range(at..=at, new);
+    }
+    let edited: Vec<&str> = edited.iter().map(String::as_str).collect();
+    expect_tamper_named(&homes, ctx, "one byte edited", &edited, None, 5)?;
+    // Record 5 deleted: line 5 now holds seq 6.
+    let mut deleted = lines.clone();
+    deleted.remove(4);
+    expect_tamper_named(&homes, ctx, "one record deleted", &deleted, None, 5)?;
+    // Records 5 and 6 swapped.
+    let mut swapped = lines.clone();
+    swapped.swap(4, 5);
+    expect_tamper_named(&homes, ctx, "two records swapped", &swapped, None, 5)?;
+    // Truncated in the middle of the last record.
+    let full: usize = lines.iter().map(|l| l.len() + 1).sum();
+    let last = lines.last().map_or(0, |l| l.len());
+    expect_tamper_named(
+        &homes,
+        ctx,
+        "truncated mid-record",
+        &lines,
+        Some(full - last / 2 - 1),
+        lines.len(),
+    )?;
+    Ok(())
+}
+
+/// `mvm run --receipt` writes a receipt that `mvm receipt verify --trust
+/// audit.pub` accepts and states the run; one payload byte changed, refused.
+fn receipt(ctx: &Context) -> CaseResult {
+    let homes = Homes::new(ctx)?;
+    let file = ctx.work_file("receipt.json");
+    let receipt_arg = file.display().to_string();
+    let out = output(homes.run(
+        ctx,
+        &[
+            "--receipt",
+            &receipt_arg,
+            "--",
+            "sh",
+            "-c",
+            "echo receipt; exit 3",
+        ],
+    )?)?;
+    expect_code(&out, 3)?;
+    let trust = homes.config.join("audit.pub").display().to_string();
+    let verify = |path: &Path| -> Result<Output, Failure> {
+        let mut command = homes.mvm(ctx, &["receipt", "verify"])?;
+        command.arg(path).args(["--trust", &trust]);
+        output(command)
+    };
+    let out = verify(&file)?;
+    expect_code(&out, 0)?;
+
+    let envelope: Value =
+        serde_json::from_slice(&std::fs::read(&file).map_err(fail("reading the receipt"))?)
+            .map_err(|e| Failure::new(format!("receipt is not JSON: {e}")))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut payload = b64
+        .decode(text(&envelope, "/payload"))
+        .map_err(|e| Failure::new(format!("receipt payload: {e}")))?;
+    let statement: Value = serde_json::from_slice(&payload)
+        .map_err(|e| Failure::new(format!("receipt statement: {e}")))?;
+    let want_stdout = format!("sha256:{}", hex::encode(Sha256::digest(b"receipt\n")));
+    let checks = [
+        (
+            statement.pointer("/predicate/exit_status") == Some(&3.into()),
+            "exit_status 3",
+        ),
+        (
+            text(&statement, "/predicate/stdout_sha256") == want_stdout,
+            "the stdout digest",
+        ),
+        (
+            text(&statement, "/predicate/measurements/kernel").starts_with("sha256:"),
+            "the kernel measurement",
+        ),
+        (
+            statement
+                .pointer("/subject/0/digest/sha256")
+                .and_then(Value::as_str)
+                .is_some_and(|d| d.len() == 64),
+            "the plan digest subject",
+        ),
+    ];
+    for (ok, what) in checks {
+        if !ok {
+            return Err(Failure::new(format!("receipt lacks {what}: {statement}")));
+        }
+    }
+    // The run's audit range is in the log and verifies.
+    expect_code(&homes.verify(ctx, None)?, 0)?;
+
+    // One payload byte changed (inside the JSON, so it still parses).
+    let at = payload.len() / 2;
+    if let Some(byte) = payload.get_mut(at) {
+        *byte = if *byte == b'0' { b'1' } else { b'0' };
+    }
+    let mut tampered = envelope.clone();
+    if let Some(p) = tampered.get_mut("payload") {
+        *p = Value::from(b64.encode(&payload));
+    }
+    let bad = ctx.work_file("receipt-tampered.json");
+    std::fs::write(&bad, tampered.to_string()).map_err(fail("writing the tampered receipt"))?;
+    let out = verify(&bad)?;
+    if out.status.code() != Some(1) {
+        return Err(Failure::new(format!(
+            "a receipt with one payload byte changed: mvm receipt verify exited {:?}, expected 1",
+            out.status.code()
+        ))
+        .with_detail(describe(&out)));
+    }
+    Ok(())
+}
+
+/// A policy capping vCPUs at 1: `--cpus 2` exits with the denial status,
+/// names the rule, and the log has `plan_denied` with it (and verifies).
+fn denied(ctx: &Context) -> CaseResult {
+    let homes = Homes::new(ctx)?;
+    std::fs::write(
+        homes.config.join("policy.toml"),
+        "[limits]\nmax_vcpus = 1\nmax_memory_mib = 2048\nmax_timeout_secs = 3600\n",
+    )
+    .map_err(fail("writing the policy"))?;
+    let out = output(homes.run(ctx, &["--cpus", "2", "--", "true"])?)?;
+    expect_code(&out, EXIT_DENIED)?;
+    if !String::from_utf8_lossy(&out.stderr).contains("limits.max_vcpus") {
+        return Err(
+            Failure::new("the denial does not name limits.max_vcpus").with_detail(describe(&out))
+        );
+    }
+    let records = records(&homes.log())?;
+    let denial = records
+        .iter()
+        .find(|r| text(r, "/event") == "plan_denied")
+        .ok_or_else(|| Failure::new("no plan_denied record"))?;
+    if text(denial, "/fields/rule") != "limits.max_vcpus" {
+        return Err(Failure::new(format!(
+            "plan_denied names the wrong rule: {denial}"
+        )));
+    }
+    if records.iter().any(|r| text(r, "/event") == "plan_admitted") {
+        return Err(Failure::new("a denied run was admitted too"));
+    }
+    expect_code(&homes.verify(ctx, None)?, 0)?;
+    // Within the cap it runs.
+    expect_code(&output(homes.run(ctx, &["--cpus", "1", "--", "true"])?)?, 0)
+}

@@ -59,6 +59,23 @@ fn serve_guest(
     }
 }
 
+/// Configures the network from `mvm.net=`; a failure is logged, and the workload then
+/// runs without the network it asked for (its connections fail, visibly).
+fn configure_network(value: &str) {
+    match init::net::parse_net_config(value) {
+        Ok(config) => match init::net::configure(&config) {
+            Ok(name) => tracing::info!(
+                "network: {name} {}/{} via {}",
+                config.address,
+                config.prefix_len,
+                config.gateway
+            ),
+            Err(e) => tracing::error!("network set-up: {e}"),
+        },
+        Err(e) => tracing::error!("{e}"),
+    }
+}
+
 /// PID 1: never returns, and never exits (that would panic the kernel).
 fn run_init() -> ! {
     let test_socket = std::env::var(PID1_TEST_SOCKET_ENV).ok();
@@ -85,6 +102,9 @@ fn run_init() -> ! {
     let hostname = init::cmdline_value(&cmdline, "mvm.hostname").unwrap_or("mvm");
     if let Err(e) = init::set_hostname(hostname) {
         tracing::warn!("hostname {hostname:?}: {e}");
+    }
+    if let Some(value) = init::cmdline_value(&cmdline, init::net::CMDLINE_KEY) {
+        configure_network(value);
     }
     let port = init::cmdline_value(&cmdline, "mvm.agent.port")
         .and_then(|p| p.parse().ok())

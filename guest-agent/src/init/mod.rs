@@ -2,6 +2,7 @@
 //! hostname, power signals, and telling the VMM how far boot got.
 
 pub mod guest_signal;
+pub mod net;
 pub mod power;
 
 use std::fs::OpenOptions;

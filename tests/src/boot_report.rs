@@ -88,6 +88,11 @@ impl BootReport {
         }
     }
 
+    /// Field `name` as it is (objects such as `jail`).
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.fields.get(name)
+    }
+
     /// The report as one JSON line, for logs.
     pub fn to_line(&self) -> String {
         Value::Object(self.fields.clone()).to_string()

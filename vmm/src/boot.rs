@@ -516,7 +516,17 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
         .unwrap_or(u64::MAX),
     };
     match crate::jail::start(&args.jail, &jail) {
-        Ok(state) => tracing::debug!(?state, "jail entered"),
+        Ok(state) => {
+            tracing::debug!(?state, "jail entered");
+            if state.full {
+                timeline.set_jail(crate::boot_report::JailReport {
+                    uid: state.uid,
+                    gid: state.gid,
+                    pid_namespace: true,
+                    cgroup: state.cgroup.map(|c| c.display().to_string()),
+                });
+            }
+        }
         Err(e) => {
             timeline.set_exit("vmm_error");
             write_report(&timeline);

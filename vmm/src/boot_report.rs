@@ -10,6 +10,9 @@
 //!  "exit":520000,"exit_reason":"poweroff"}
 //! ```
 //!
+//! With the jail on (started as root), `"jail"` says what it did:
+//! `{"uid":65534,"gid":65534,"pid_namespace":true,"cgroup":"/sys/fs/cgroup/mvm/mvm-vmm-42"}`.
+//!
 //! A phase that never happened is `null`. `plan_verified` and
 //! `artifacts_measured` are reserved for plan verification (not done yet).
 
@@ -62,6 +65,7 @@ pub struct BootTimeline {
     start: Instant,
     marks: [AtomicU64; PHASES],
     exit_reason: Mutex<Option<String>>,
+    jail: Mutex<Option<JailReport>>,
 }
 
 /// The JSON document.
@@ -89,6 +93,22 @@ pub struct BootReport {
     pub exit: Option<u64>,
     /// Why the VMM exited (see `exit::ExitReason::code_name`).
     pub exit_reason: Option<String>,
+    /// What the jail did; `null` when it did not run in full (`--no-jail`, or not
+    /// started as root).
+    pub jail: Option<JailReport>,
+}
+
+/// The jail as applied (see `jail::start`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct JailReport {
+    /// The uid the VMM runs as.
+    pub uid: u32,
+    /// The gid the VMM runs as.
+    pub gid: u32,
+    /// The VMM is PID 1 of its own PID namespace.
+    pub pid_namespace: bool,
+    /// The VM's cgroup directory; `null` when skipped (logged).
+    pub cgroup: Option<String>,
 }
 
 impl BootTimeline {
@@ -98,6 +118,7 @@ impl BootTimeline {
             start,
             marks: std::array::from_fn(|_| AtomicU64::new(UNSET)),
             exit_reason: Mutex::new(None),
+            jail: Mutex::new(None),
         }
     }
 
@@ -131,6 +152,13 @@ impl BootTimeline {
         self.mark(Phase::Exit);
     }
 
+    /// Records what the jail did.
+    pub fn set_jail(&self, jail: JailReport) {
+        if let Ok(mut j) = self.jail.lock() {
+            *j = Some(jail);
+        }
+    }
+
     /// The report as it stands.
     pub fn report(&self) -> BootReport {
         let g = |p| self.get(p);
@@ -146,6 +174,7 @@ impl BootTimeline {
             agent_ready: g(Phase::AgentReady),
             exit: g(Phase::Exit),
             exit_reason: self.exit_reason.lock().ok().and_then(|r| r.clone()),
+            jail: self.jail.lock().ok().and_then(|j| j.clone()),
         }
     }
 
@@ -197,9 +226,11 @@ mod tests {
             "agent_ready",
             "exit",
             "exit_reason",
+            "jail",
         ] {
             assert!(obj.contains_key(field), "missing {field}");
         }
+        assert!(obj["jail"].is_null());
         assert!(obj["args_parsed"].is_u64());
         assert!(obj["vm_created"].is_null());
         assert_eq!(obj["exit_reason"], "poweroff");

@@ -244,8 +244,19 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
     // Cleaned up by the supervising parent: the per-VM root, the socket.
     assert!(!vm_root.exists(), "{} left behind", vm_root.display());
     assert!(!dir.path().join("v.sock").exists(), "socket left behind");
-    let report = std::fs::read_to_string(dir.path().join("report.json")).unwrap();
-    assert!(report.contains("host_signal"), "{report}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["exit_reason"], "host_signal", "{report}");
+    assert_eq!(report["jail"]["uid"], JAIL_UID, "{report}");
+    assert_eq!(report["jail"]["gid"], JAIL_GID, "{report}");
+    assert_eq!(report["jail"]["pid_namespace"], true, "{report}");
+    match cgroup_parent() {
+        Some(p) => assert_eq!(
+            report["jail"]["cgroup"],
+            p.join(&name).display().to_string()
+        ),
+        None => assert!(report["jail"]["cgroup"].is_null(), "{report}"),
+    }
 }
 
 #[test]
@@ -294,4 +305,7 @@ fn no_jail_warns_and_runs_in_place() {
         assert_ne!(status_field(&status, "CapEff:"), "0000000000000000");
     }
     assert!(!dir.path().join("jails").exists());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+    assert!(report["jail"].is_null(), "{report}");
 }

@@ -121,6 +121,16 @@ fn report(ctx: &Context) -> CaseResult {
     })?;
     // The report is the measurement the docs quote; keep it in the log.
     println!("    report| {}", report.to_line());
+    // The jail is on by default (the cases run as root on a host with cgroup v2):
+    // an unprivileged uid, a PID namespace, a cgroup (docs/jail.md).
+    let jail = report.field("jail").cloned().unwrap_or_default();
+    let get = |k: &str| jail.get(k).cloned().unwrap_or_default();
+    let jailed = get("uid").as_u64().is_some_and(|u| u != 0)
+        && get("pid_namespace") == true
+        && get("cgroup").is_string();
+    if !jailed {
+        return Err(run.fail(format!("boot report: jail not applied in full: {jail}")));
+    }
     Ok(())
 }
 

@@ -135,7 +135,12 @@ fn port_path(uds: &Path, port: u32) -> PathBuf {
 
 fn listen(uds: &Path, port: u32) -> Result<UnixListener, Failure> {
     let path = port_path(uds, port);
-    UnixListener::bind(&path).map_err(|e| Failure::new(format!("bind {}: {e}", path.display())))
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| Failure::new(format!("bind {}: {e}", path.display())))?;
+    // The jailed VMM connects as its unprivileged uid (docs/jail.md): it needs write access.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .map_err(|e| Failure::new(format!("chmod {}: {e}", path.display())))?;
+    Ok(listener)
 }
 
 /// Serves the guest's host ports until the VMM is gone (the threads are detached; their

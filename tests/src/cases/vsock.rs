@@ -144,6 +144,12 @@ fn bulk_both_ways(ctx: &Context) -> CaseResult {
     let uds = ctx.work_file("v.sock");
     let listener = UnixListener::bind(port_path(&uds, HOST_PORT))
         .map_err(|e| Failure::new(format!("bind host listener: {e}")))?;
+    // The jailed VMM connects as its unprivileged uid (docs/jail.md): it needs write access.
+    std::fs::set_permissions(
+        port_path(&uds, HOST_PORT),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .map_err(|e| Failure::new(format!("chmod host listener: {e}")))?;
     let deadline = Instant::now() + EXCHANGE_TIMEOUT;
     let t = Timeline::new();
     let host = {

@@ -76,6 +76,10 @@ pub struct JailPlan {
 pub struct JailState {
     /// Namespaces, per-VM root, uid change: started as root with the jail on.
     pub full: bool,
+    /// The uid the VMM runs as.
+    pub uid: u32,
+    /// The gid the VMM runs as.
+    pub gid: u32,
     /// The VM's cgroup, when one was made.
     pub cgroup: Option<PathBuf>,
 }
@@ -144,7 +148,8 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
     }
     let uid = Uid::from_raw(args.jail_uid);
     let gid = Gid::from_raw(args.jail_gid);
-    let name = format!("mvm-vmm-{}", std::process::id());
+    sweep_stale(&args.jail_dir, &args.cgroup_parent);
+    let name = format!("{VM_DIR_PREFIX}{}", std::process::id());
     let root_dir = args.jail_dir.join(&name);
     root::mkdir_all(&root_dir)?;
     let limits_wanted = cgroup::Limits::for_vm(
@@ -193,8 +198,41 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
     no_new_privs()?;
     Ok(JailState {
         full: true,
+        uid: args.jail_uid,
+        gid: args.jail_gid,
         cgroup: cgroup_dir,
     })
+}
+
+/// Names of the per-VM root directories and cgroups: this prefix and the supervising pid.
+pub const VM_DIR_PREFIX: &str = "mvm-vmm-";
+
+/// Removes what VMMs killed with SIGKILL (whose supervisor could not clean up) left: empty
+/// per-VM root directories and empty cgroups whose pid no longer runs. `rmdir` removes
+/// neither a non-empty directory nor a cgroup with processes.
+fn sweep_stale(jail_dir: &Path, cgroup_parent: &Path) {
+    for dir in [jail_dir, cgroup_parent] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(VM_DIR_PREFIX))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            match std::fs::remove_dir(entry.path()) {
+                Ok(()) => tracing::info!("jail: removed stale {}", entry.path().display()),
+                Err(e) => tracing::debug!("jail: stale {}: {e}", entry.path().display()),
+            }
+        }
+    }
 }
 
 fn no_new_privs() -> Result<(), JailError> {
@@ -256,6 +294,23 @@ pub fn parent_dir(path: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_removes_only_empty_dirs_of_pids_that_are_gone() {
+        let base = tempfile::tempdir().unwrap();
+        let jails = base.path().join("jails");
+        let dead = jails.join("mvm-vmm-4000000000");
+        let busy = jails.join("mvm-vmm-4000000001");
+        let alive = jails.join(format!("mvm-vmm-{}", std::process::id()));
+        let other = jails.join("keep-me");
+        for d in [&dead, &busy, &alive, &other] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(busy.join("f"), b"").unwrap();
+        sweep_stale(&jails, &base.path().join("no-cgroups"));
+        assert!(!dead.exists());
+        assert!(busy.exists() && alive.exists() && other.exists());
+    }
 
     #[test]
     fn parent_dir_of_a_bare_name_is_the_working_directory() {

@@ -96,7 +96,20 @@ pub struct Admitted {
 /// writes the envelope for the VMM. Nothing is launched.
 pub fn admit_run(args: &RunArgs, image: &StoredImage, tier: Tier) -> Result<Admitted, RunError> {
     let config = config_dir().map_err(|e| admission_error("config directory")(e.to_string()))?;
-    let (keys, created) = HostKeys::load_or_create(&config)
+    let data = crate::image::store::data_dir()?;
+    admit_run_in(&config, &data, args, image, tier)
+}
+
+/// [`admit_run`] with the config directory (keys, policy) and the data
+/// directory (image names, audit log, replay store) given.
+pub fn admit_run_in(
+    config: &Path,
+    data: &Path,
+    args: &RunArgs,
+    image: &StoredImage,
+    tier: Tier,
+) -> Result<Admitted, RunError> {
+    let (keys, created) = HostKeys::load_or_create(config)
         .map_err(|e| admission_error("host keys")(e.to_string()))?;
     if created {
         eprintln!(
@@ -105,11 +118,10 @@ pub fn admit_run(args: &RunArgs, image: &StoredImage, tier: Tier) -> Result<Admi
         );
     }
     let policy =
-        Policy::load_or_default(&config).map_err(|e| admission_error("policy")(e.to_string()))?;
-    let data = crate::image::store::data_dir()?;
+        Policy::load_or_default(config).map_err(|e| admission_error("policy")(e.to_string()))?;
     let log = AuditLog::new(data.join(audit::AUDIT_FILE), keys.audit.clone());
 
-    let names: Vec<String> = ImageStore::at(&data)
+    let names: Vec<String> = ImageStore::at(data)
         .names()?
         .into_iter()
         .filter(|(_, digest)| *digest == image.digest)
@@ -552,6 +564,242 @@ mod tests {
         assert_eq!(d.stdout, (Sha256Digest::of(b"hello"), 5));
         assert_eq!(d.stderr, (Sha256Digest::of(b"e"), 1));
         assert_eq!(keep.0, b"hello");
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(
+            ["mvm", "run"]
+                .iter()
+                .chain(extra)
+                .chain(&["--", "sh", "-c", "echo hi"]),
+        )
+        .unwrap();
+        match cli.command {
+            crate::cli::Command::Run(run) => run,
+            _ => panic!("not run"),
+        }
+    }
+
+    fn outcome(code: i32) -> RunOutcome {
+        RunOutcome {
+            status: WorkloadStatus {
+                code: Some(code),
+                signal: None,
+                timed_out: false,
+            },
+            timings: Timings::default(),
+            tier: Tier::Kvm,
+            boot_report: None,
+        }
+    }
+
+    fn no_output() -> OutputDigests {
+        OutputDigests {
+            stdout: (Sha256Digest::of(b""), 0),
+            stderr: (Sha256Digest::of(b""), 0),
+        }
+    }
+
+    /// What a VMM that verified `signed` writes to its events file.
+    fn vmm_events_for(signed: &SignedPlan) -> String {
+        let a = &signed.plan.artifacts;
+        let boot = serde_json::json!({
+            "time": "2026-11-29T00:00:00Z", "event": "boot_verified",
+            "plan_id": signed.plan.plan_id,
+            "fields": {
+                "kernel": a.kernel.to_string(),
+                "initramfs": a.initramfs.map(|d| d.to_string()),
+                "cmdline": a.cmdline.to_string(),
+                "plan_digest": signed.digest.to_string(),
+                "keyid": "sha256:00",
+            }
+        });
+        let exit = serde_json::json!({
+            "time": "2026-11-29T00:00:02Z", "event": "vm_exit",
+            "plan_id": signed.plan.plan_id,
+            "fields": { "reason": "poweroff", "status": 0 }
+        });
+        format!("{boot}\n{exit}\n")
+    }
+
+    /// A store under `dir` with a built (fake) default image, or `None`
+    /// without busybox-static.
+    fn store_with_image(dir: &Path) -> Option<(PathBuf, PathBuf, StoredImage)> {
+        let (config, data) = (dir.join("config"), dir.join("data"));
+        let inputs = crate::image::build::tests::fake_inputs(dir)?;
+        let image = ImageStore::at(&data)
+            .put("default", &crate::image::build(&inputs).unwrap())
+            .unwrap();
+        Some((config, data, image))
+    }
+
+    #[test]
+    fn an_admitted_run_leaves_a_verifiable_log_and_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((config, data, image)) = store_with_image(dir.path()) else {
+            return;
+        };
+        let args = run_args(&["--cpus", "2"]);
+        let admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm).unwrap();
+        // The files the VMM gets: the envelope verifies with admission.pub.
+        let trusted_text = std::fs::read_to_string(&admitted.files.trust).unwrap();
+        let mut trusted = mvm_loader::dsse::TrustedKeys::new();
+        trusted.add_public_key_file(&trusted_text).unwrap();
+        let envelope = std::fs::read(&admitted.files.envelope).unwrap();
+        let v = mvm_loader::plan::envelope::verify_plan(
+            &envelope,
+            &trusted,
+            UtcTime::now(),
+            mvm_loader::plan::CLOCK_SKEW,
+        )
+        .unwrap();
+        assert_eq!(v.plan.resources.vcpus, 2);
+        assert_eq!(
+            v.plan.artifacts.cmdline,
+            Sha256Digest::of(image.manifest.cmdline.as_bytes())
+        );
+        assert_eq!(v.plan.resources.timeout_secs, 3600, "the policy's longest");
+        assert_eq!(admitted.files.replay_store, data.join(REPLAY_STORE));
+
+        std::fs::write(&admitted.files.events, vmm_events_for(&admitted.signed)).unwrap();
+        let digest = admitted.signed.digest;
+        let vm_id = admitted.vm_id.clone();
+        let argv: Vec<String> = ["sh", "-c", "echo hi"].map(String::from).to_vec();
+        let output = OutputDigests {
+            stdout: (Sha256Digest::of(b"hi\n"), 3),
+            stderr: (Sha256Digest::of(b""), 0),
+        };
+        let receipt_path = dir.path().join("receipt.json");
+        let now = UtcTime::now();
+        let evidence = admitted
+            .finish(
+                &argv,
+                &Ok(outcome(7)),
+                output,
+                (now, now),
+                Some(&receipt_path),
+            )
+            .unwrap();
+        assert_eq!(evidence.audit.first_seq, 1);
+        assert_eq!(evidence.audit.last_seq, 5);
+
+        let log = data.join(audit::AUDIT_FILE);
+        let keys = HostKeys::load(&config).unwrap();
+        audit::verify_log(&log, &keys.audit.verifying_key()).unwrap();
+        let records = audit::read_records(&log, None).unwrap();
+        let kinds: Vec<EventKind> = records.iter().map(|r| r.event).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::PlanAdmitted,
+                EventKind::BootVerified,
+                EventKind::ExecStarted,
+                EventKind::ExecExited,
+                EventKind::VmExited
+            ]
+        );
+        assert!(records
+            .iter()
+            .skip(1)
+            .all(|r| r.vm_id.as_deref() == Some(vm_id.as_str())));
+        assert!(!std::fs::read_to_string(&log).unwrap().contains("echo hi"));
+
+        let mut trusted = mvm_loader::dsse::TrustedKeys::new();
+        trusted.add(keys.audit.verifying_key());
+        let r = receipt::verify_receipt(&std::fs::read(&receipt_path).unwrap(), &trusted).unwrap();
+        assert_eq!(r.plan_digest, digest);
+        let p = &r.statement.predicate;
+        assert_eq!(p.exit_status, 7);
+        assert_eq!(p.command_sha256, command_digest(&argv));
+        assert_eq!(p.stdout_sha256, Sha256Digest::of(b"hi\n"));
+        assert_eq!(p.tier, plan::Tier::Hardware);
+        assert_eq!((p.audit.first_seq, p.audit.last_seq), (1, 5));
+    }
+
+    #[test]
+    fn a_denial_is_audited_and_a_refused_boot_gets_no_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((config, data, image)) = store_with_image(dir.path()) else {
+            return;
+        };
+        let err = admit_run_in(
+            &config,
+            &data,
+            &run_args(&["--cpus", "5"]),
+            &image,
+            Tier::Kvm,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, RunError::Denied(d) if d.rule == Rule::MaxVcpus),
+            "{err}"
+        );
+        assert_eq!(exit::for_error(&err), exit::DENIED);
+        let log = data.join(audit::AUDIT_FILE);
+        let records = audit::read_records(&log, None).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].event, EventKind::PlanDenied);
+        assert_eq!(
+            records[0].fields["rule"],
+            FieldValue::from("limits.max_vcpus")
+        );
+
+        // Refused by the VMM: its event is logged with the admitted plan id, no
+        // exec records, no receipt.
+        let admitted = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm).unwrap();
+        let plan_id = admitted.plan_id().to_owned();
+        std::fs::write(
+            &admitted.files.events,
+            r#"{"event":"boot_refused","fields":{"reason":"kernel_mismatch","detail":"kernel digest mismatch","status":20}}"#,
+        )
+        .unwrap();
+        let refused = Err(RunError::BootRefused {
+            reason: "kernel_mismatch".into(),
+            status: 20,
+            detail: "kernel digest mismatch".into(),
+        });
+        let receipt_path = dir.path().join("receipt.json");
+        let now = UtcTime::now();
+        let e = admitted
+            .finish(
+                &["true".to_owned()],
+                &refused,
+                no_output(),
+                (now, now),
+                Some(&receipt_path),
+            )
+            .unwrap_err();
+        assert!(e.contains("no receipt"), "{e}");
+        assert!(!receipt_path.exists());
+        let records = audit::read_records(&log, None).unwrap();
+        let last = records.last().unwrap();
+        assert_eq!(last.event, EventKind::BootRefused);
+        assert_eq!(last.plan_id.as_deref(), Some(plan_id.as_str()));
+        assert_eq!(records.len(), 3, "denied, admitted, refused");
+    }
+
+    #[test]
+    fn a_backend_weaker_than_the_policy_minimum_is_denied() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((config, data, image)) = store_with_image(dir.path()) else {
+            return;
+        };
+        std::fs::create_dir_all(&config).unwrap();
+        std::fs::write(
+            config.join(crate::admission::policy::POLICY_FILE),
+            "[tier]\nminimum = \"hardware\"\n",
+        )
+        .unwrap();
+        let err = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Emulated)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, RunError::Denied(d) if d.rule == Rule::MinimumTier),
+            "{err}"
+        );
+        assert!(admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm).is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! TRANSPORT_RESET event once the driver brings the device back.
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
 
 use super::muxer::Muxer;
 use super::packet::{parse_tx_packet, read_tx_chain, rx_payload_capacity, write_rx_packet};
@@ -117,7 +117,14 @@ impl VsockWorker {
                 interrupt.mark_needs_reset(NAME, &format!("TX notification flags: {e}"));
                 return;
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let next = match next_chain(queue, mem) {
+                Ok(next) => next,
+                Err(e) => {
+                    interrupt.mark_needs_reset(NAME, &format!("TX {e}"));
+                    return;
+                }
+            };
+            let Some(chain) = next else {
                 // Ask for a kick on the next packet; with EVENT_IDX this also tells
                 // whether one slipped in meanwhile.
                 match queue.enable_notification(mem) {
@@ -170,7 +177,14 @@ impl VsockWorker {
         let mem = &act.mem;
         let mut used = false;
         while self.muxer.has_pending_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let next = match next_chain(queue, mem) {
+                Ok(next) => next,
+                Err(e) => {
+                    interrupt.mark_needs_reset(NAME, &format!("RX {e}"));
+                    return;
+                }
+            };
+            let Some(chain) = next else {
                 // Out of receive buffers with something to deliver: ask for a kick
                 // when the guest adds some (with EVENT_IDX, a stale avail_event
                 // would otherwise mean no kick at all).
@@ -243,16 +257,24 @@ impl VsockWorker {
             return;
         };
         let mem = &act.mem;
-        let chain = match queue.pop_descriptor_chain(mem) {
-            Some(chain) => chain,
+        let chain = match next_chain(queue, mem) {
+            Ok(Some(chain)) => chain,
             // No event buffer yet: ask for a kick when there is one.
-            None => match queue.enable_notification(mem) {
-                Ok(true) => match queue.pop_descriptor_chain(mem) {
-                    Some(chain) => chain,
-                    None => return,
+            Ok(None) => match queue.enable_notification(mem) {
+                Ok(true) => match next_chain(queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => return,
+                    Err(e) => {
+                        interrupt.mark_needs_reset(NAME, &format!("event {e}"));
+                        return;
+                    }
                 },
                 _ => return,
             },
+            Err(e) => {
+                interrupt.mark_needs_reset(NAME, &format!("event {e}"));
+                return;
+            }
         };
         let head = chain.head_index();
         let written = match Writer::<()>::new(mem, chain) {
@@ -275,6 +297,23 @@ impl VsockWorker {
         }
         signal(queue, mem, interrupt);
     }
+}
+
+/// The next available chain, or why the available ring cannot be trusted.
+///
+/// `Queue::pop_descriptor_chain` logs and returns `None` when the driver's available
+/// index is more than the queue size ahead of the device; the "anything new?" check
+/// that follows (`enable_notification`) then keeps answering yes, and the device thread
+/// would spin forever on a hostile guest's ring. The error makes the caller mark the
+/// device NEEDS_RESET instead.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, String> {
+    let mut iter = queue
+        .iter(mem)
+        .map_err(|e| format!("available ring: {e}"))?;
+    Ok(iter.next())
 }
 
 fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {

@@ -766,3 +766,45 @@ fn host_connect_the_guest_ignores_times_out() {
     assert_eq!(g.worker.muxer().stats().connect_timeouts, 1);
     assert_eq!(g.worker.muxer().connection_count(), 1);
 }
+
+/// A hostile guest publishes an available index far past the queue size: the device
+/// must mark itself NEEDS_RESET and return, not spin on the ring (found by the
+/// hostile e2e suite, `v-tx-avail-idx-jump` / `v-rx-avail-idx-jump`).
+#[test]
+fn avail_index_far_ahead_marks_needs_reset_instead_of_spinning() {
+    // TX: the index 1000 ahead.
+    let mut g = Guest::new();
+    g.give_rx(2);
+    g.tx.post(
+        &g.mem,
+        &[(
+            &hdr(VIRTIO_VSOCK_OP_REQUEST, 1, 2, 0, 0).to_bytes(),
+            44,
+            false,
+        )],
+    );
+    g.mem
+        .write_obj(1000u16.to_le(), GuestAddress(g.tx.avail + 2))
+        .unwrap();
+    g.worker.on_tx(&g.irq);
+    assert!(g.irq.needs_reset());
+    assert!(g.tx.take_used(&g.mem).is_empty());
+
+    // RX: the index 1000 ahead while an RST is owed.
+    let mut g = Guest::new();
+    g.give_rx(1);
+    g.mem
+        .write_obj(1000u16.to_le(), GuestAddress(g.rx.avail + 2))
+        .unwrap();
+    g.tx.post(
+        &g.mem,
+        &[(
+            &hdr(VIRTIO_VSOCK_OP_REQUEST, 5000, 4321, 0, 0).to_bytes(),
+            44,
+            false,
+        )],
+    );
+    g.worker.on_tx(&g.irq);
+    assert!(g.irq.needs_reset());
+    assert!(g.rx.take_used(&g.mem).is_empty());
+}

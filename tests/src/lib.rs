@@ -11,6 +11,8 @@ pub mod case;
 pub mod cases;
 pub mod guest;
 pub mod kvm;
+pub mod netbed;
+pub mod netserve;
 pub mod pattern;
 pub mod runner;
 pub mod vm;

@@ -7,6 +7,9 @@
 //! `boot/elf` selects `boot/elf-1cpu` and `boot/elf-2cpu`). The empty pattern
 //! and `all` select every case.
 
+/// Names of benchmark cases, left out of the default run.
+pub const BENCH_PREFIX: &str = "bench/";
+
 /// A parsed case-name pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pattern {
@@ -25,16 +28,19 @@ impl Pattern {
         Self { alternatives }
     }
 
-    /// Whether the case called `name` is selected.
+    /// Whether the case called `name` is selected. Benchmarks (`bench/*`) run only
+    /// when a pattern names them, never in the default (empty or `all`) run.
     pub fn matches(&self, name: &str) -> bool {
-        self.alternatives.is_empty()
-            || self.alternatives.iter().any(|alt| {
-                if alt.contains('*') {
-                    glob_matches(alt.as_bytes(), name.as_bytes())
-                } else {
-                    name.starts_with(alt.as_str())
-                }
-            })
+        if self.alternatives.is_empty() {
+            return !name.starts_with(BENCH_PREFIX);
+        }
+        self.alternatives.iter().any(|alt| {
+            if alt.contains('*') {
+                glob_matches(alt.as_bytes(), name.as_bytes())
+            } else {
+                name.starts_with(alt.as_str())
+            }
+        })
     }
 }
 
@@ -76,6 +82,14 @@ mod tests {
     fn empty_and_all_select_everything() {
         assert!(Pattern::parse("").matches("boot/elf-1cpu"));
         assert!(Pattern::parse("all").matches("vsock/echo"));
+    }
+
+    #[test]
+    fn benchmarks_run_only_when_named() {
+        assert!(!Pattern::parse("").matches("bench/net-policy"));
+        assert!(!Pattern::parse("all").matches("bench/net-policy"));
+        assert!(Pattern::parse("bench").matches("bench/net-policy"));
+        assert!(Pattern::parse("bench/net").matches("bench/net-allow-all"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod blk;
 pub mod boot;
 pub mod hostile;
+pub mod net;
 pub mod run;
 pub mod verify;
 pub mod vsock;
@@ -22,6 +23,8 @@ pub fn all() -> Vec<Case> {
         run::CASES,
         audit::CASES,
         hostile::CASES,
+        net::CASES,
+        net::BENCH,
     ]
     .concat()
 }

@@ -1,0 +1,337 @@
+//! `net/*`: the virtio-net device and its egress filter on a real tap (issue 7).
+//!
+//! Each case builds its own network: a tap for the guest (the gateway side,
+//! [`GATEWAY`]), a namespace behind a veth pair holding two "remote hosts"
+//! ([`REMOTE`], allowed, and [`OTHER`], not), routed by the machine the cases run on,
+//! and the services it needs there (`netserve`). The guest is busybox with a script
+//! as `/init` (`netbed`), booted by `mvm-vmm --net tap=..,mac=..,policy=..`; it reports
+//! on its console with `NET: <key> ...` lines.
+//!
+//! `bench/net-*` (run only when named: `scripts/e2e bench/net`) move the same stream
+//! with the policy's one exact rule and with an allow-all rule set, and print MiB/s.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::case::{tail, Case, CaseResult, Context, Failure, KERNEL_ELF};
+use crate::netbed::{
+    said, write_guest_initramfs, HostTap, Remote, GATEWAY, GUEST_MAC, OTHER, REMOTE,
+};
+use crate::netserve::{self, pattern_sha256, DNS_ANSWER};
+use crate::vm::{VmLaunch, VmRun};
+
+/// The net cases.
+pub const CASES: &[Case] = &[
+    Case::kvm("net/policy", policy),
+    Case::kvm("net/bulk-64mib", bulk_64mib),
+];
+
+/// The throughput benchmark (not in the default run: `scripts/e2e bench/net`).
+pub const BENCH: &[Case] = &[
+    Case::kvm("bench/net-policy", bench_policy),
+    Case::kvm("bench/net-allow-all", bench_allow_all),
+];
+
+/// The allowed echo port.
+const ECHO_PORT: u16 = 7007;
+/// A port with a listener that the policy does not allow.
+const DENIED_PORT: u16 = 7008;
+/// The sink (guest to host) and source (host to guest) ports.
+const SINK_PORT: u16 = 9000;
+const SOURCE_PORT: u16 = 9001;
+/// The bulk transfer, each way.
+const BULK_BYTES: u64 = 64 << 20;
+/// The benchmark's transfer, each way.
+const BENCH_BYTES: u64 = 16 << 20;
+/// Guest RAM: the bulk stream sits in the guest's tmpfs.
+const BULK_MEM_MIB: u32 = 384;
+/// How long the bulk guest may run (TCG; 128 MiB through a nested guest).
+const BULK_TIMEOUT: Duration = Duration::from_secs(900);
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> Failure + '_ {
+    move |e| Failure::new(format!("{what}: {e}"))
+}
+
+/// The policy file `mvm-vmm --net ..,policy=` reads.
+fn write_policy(path: &Path, allow: &str, resolvers: &[&str]) -> Result<(), Failure> {
+    let resolvers: Vec<String> = resolvers.iter().map(|r| format!("\"{r}\"")).collect();
+    let text = format!(
+        "{{\"allow\":[{allow}],\"resolvers\":[{}],\"gateways\":[\"{GATEWAY}\"]}}\n",
+        resolvers.join(",")
+    );
+    std::fs::write(path, text).map_err(io("write the policy"))
+}
+
+/// A guest on `tap` running `script`, with the policy and an events file.
+fn guest(ctx: &Context, tap: &HostTap, script: &str, policy: &Path) -> Result<VmLaunch, Failure> {
+    let initrd = ctx.work_file("net-guest.cpio");
+    write_guest_initramfs(&initrd, script)?;
+    Ok(VmLaunch::new(
+        ctx.artifact(crate::case::VMM)?,
+        ctx.artifact(KERNEL_ELF)?,
+        &ctx.work,
+    )
+    .initrd(initrd)
+    .cmdline("console=ttyS0 quiet panic=-1 reboot=k")
+    .arg("--net")
+    .arg(format!(
+        "tap={},mac={GUEST_MAC},policy={}",
+        tap.name(),
+        policy.display()
+    ))
+    .arg("--events")
+    .arg(ctx.work_file("events.jsonl")))
+}
+
+/// The guest's `NET: <key>` line, or a failure with the console attached.
+fn line<'a>(run: &'a VmRun, key: &str) -> Result<&'a str, Failure> {
+    said(&run.console, key)
+        .ok_or_else(|| run.fail(format!("the guest printed no 'NET: {key}' line")))
+}
+
+/// `egress_dropped` events naming `destination`.
+fn drops_to(events: &str, destination: &str) -> usize {
+    events
+        .lines()
+        .filter(|l| l.contains("\"egress_dropped\"") && l.contains(&format!("\"{destination}")))
+        .count()
+}
+
+fn policy(ctx: &Context) -> CaseResult {
+    let tap = HostTap::create("mvmt-pol")?;
+    let remote = Remote::create("mvmr-pol", "mvmv-pol")?;
+    let (echo, denied_port, dns_ok, dns_other) = remote.within(|| {
+        Ok((
+            netserve::echo(netserve::listen(([0, 0, 0, 0], ECHO_PORT).into())?)?,
+            netserve::echo(netserve::listen(([0, 0, 0, 0], DENIED_PORT).into())?)?,
+            netserve::dns(UdpSocket::bind((REMOTE, 53))?)?,
+            netserve::dns(UdpSocket::bind((OTHER, 53))?)?,
+        ))
+    })?;
+    let policy_file = ctx.work_file("policy.json");
+    write_policy(
+        &policy_file,
+        &format!("{{\"host\":\"{REMOTE}\",\"port\":{ECHO_PORT},\"protocol\":\"tcp\"}}"),
+        &[REMOTE],
+    )?;
+    let script = format!(
+        "{prelude}
+r=$(echo hello-from-guest | timeout 30 nc {REMOTE} {ECHO_PORT} 2>&1); say \"allowed [$r]\"
+r=$(echo x | timeout 8 nc -w 6 {REMOTE} {DENIED_PORT} 2>&1); say \"denied-port [$r]\"
+r=$(echo x | timeout 8 nc -w 6 {OTHER} {ECHO_PORT} 2>&1); say \"denied-host [$r]\"
+r=$(timeout 20 nslookup svc.test {REMOTE} 2>&1 | tr '\\n' ' '); say \"dns-allowed [$r]\"
+r=$(timeout 10 nslookup svc.test {OTHER} 2>&1 | tr '\\n' ' '); say \"dns-other [$r]\"
+",
+        prelude = crate::netbed::guest_prelude()
+    );
+    let run = guest(ctx, &tap, &script, &policy_file)?.run()?;
+    run.expect_exit(0)?;
+    let events = std::fs::read_to_string(ctx.work_file("events.jsonl")).unwrap_or_default();
+    let evidence = || tail("events", &events, 20);
+
+    let allowed = line(&run, "allowed")?;
+    if allowed != "[echo: hello-from-guest]" {
+        return Err(run.fail(format!(
+            "the allowed service's answer was {allowed}, not [echo: hello-from-guest]"
+        )));
+    }
+    let echoed = echo.seen_at(REMOTE);
+    if echoed.len() != 1 {
+        return Err(run.fail(format!(
+            "the allowed service saw {} connections, expected 1",
+            echoed.len()
+        )));
+    }
+    for (what, key, server_seen, destination) in [
+        (
+            "a disallowed port on the allowed host",
+            "denied-port",
+            denied_port.seen().len(),
+            format!("{REMOTE}:{DENIED_PORT}/tcp"),
+        ),
+        (
+            "a disallowed host",
+            "denied-host",
+            echo.seen_at(OTHER).len(),
+            format!("{OTHER}:{ECHO_PORT}/tcp"),
+        ),
+    ] {
+        let said = line(&run, key)?;
+        if said.contains("echo:") {
+            return Err(run.fail(format!("{what} answered the guest: {said}")));
+        }
+        if server_seen != 0 {
+            return Err(run.fail(format!(
+                "{what}: its server saw {server_seen} connections, expected none"
+            )));
+        }
+        if drops_to(&events, &destination) != 1 {
+            return Err(run
+                .fail(format!(
+                    "{what}: expected one egress_dropped event for {destination}"
+                ))
+                .with_detail(evidence()));
+        }
+    }
+    let answer = DNS_ANSWER.to_string();
+    let dns_allowed = line(&run, "dns-allowed")?;
+    if !dns_allowed.contains(&answer) || dns_ok.seen().is_empty() {
+        return Err(run.fail(format!(
+            "DNS to the allowed resolver: guest saw {dns_allowed}, resolver got {} queries",
+            dns_ok.seen().len()
+        )));
+    }
+    let dns_denied = line(&run, "dns-other")?;
+    if dns_denied.contains(&answer) || !dns_other.seen().is_empty() {
+        return Err(run.fail(format!(
+            "DNS to another resolver passed: guest saw {dns_denied}, resolver got {} queries",
+            dns_other.seen().len()
+        )));
+    }
+    if drops_to(&events, &format!("{OTHER}:53/udp")) != 1 {
+        return Err(run
+            .fail(format!(
+                "expected one egress_dropped event for {OTHER}:53/udp"
+            ))
+            .with_detail(evidence()));
+    }
+    drop((echo, denied_port, dns_ok, dns_other, remote, tap));
+    Ok(())
+}
+
+/// What one bulk exchange measured.
+struct Bulk {
+    down_mib_s: f64,
+    up_mib_s: f64,
+}
+
+/// Moves `bytes` host to guest (the source), then the same bytes guest to host (the
+/// sink); checks the sha256 at both ends of both directions.
+fn bulk(ctx: &Context, bytes: u64, allow: &str, label: &str) -> Result<Bulk, Failure> {
+    let tap = HostTap::create(&format!("mvmt-{label}"))?;
+    let remote = Remote::create(&format!("mvmr-{label}"), &format!("mvmv-{label}"))?;
+    let (source, sink) = remote.within(|| {
+        Ok((
+            netserve::source(netserve::listen(([0, 0, 0, 0], SOURCE_PORT).into())?, bytes)?,
+            netserve::sink(netserve::listen(([0, 0, 0, 0], SINK_PORT).into())?)?,
+        ))
+    })?;
+    let policy_file = ctx.work_file("policy.json");
+    write_policy(&policy_file, allow, &[])?;
+    let script = format!(
+        "{prelude}
+timeout 800 nc {REMOTE} {SOURCE_PORT} </dev/null > /tmp/blob
+say \"down $(wc -c < /tmp/blob) $(sha256sum < /tmp/blob | cut -d' ' -f1)\"
+r=$(timeout 800 nc {REMOTE} {SINK_PORT} < /tmp/blob); say \"up [$r]\"
+",
+        prelude = crate::netbed::guest_prelude()
+    );
+    let run = guest(ctx, &tap, &script, &policy_file)?
+        .mem_mib(BULK_MEM_MIB)
+        .timeout(BULK_TIMEOUT)
+        .run()?;
+    run.expect_exit(0)?;
+    let want = pattern_sha256(bytes);
+    let sent = source.seen_at(REMOTE);
+    let Some(sent) = sent.first() else {
+        return Err(run.fail("the source served no connection"));
+    };
+    if sent.bytes_out != bytes || sent.sha256 != want {
+        return Err(run.fail(format!(
+            "the source sent {} bytes sha256 {}, expected {bytes} bytes sha256 {want}",
+            sent.bytes_out, sent.sha256
+        )));
+    }
+    let down = line(&run, "down")?;
+    if down != format!("{bytes} {want}") {
+        return Err(run.fail(format!(
+            "host to guest: the guest got '{down}', expected '{bytes} {want}'"
+        )));
+    }
+    let received = sink.seen_at(REMOTE);
+    let Some(received) = received.first() else {
+        return Err(run.fail("the sink served no connection"));
+    };
+    if received.bytes_in != bytes || received.sha256 != want {
+        return Err(run.fail(format!(
+            "guest to host: the sink got {} bytes sha256 {}, expected {bytes} bytes sha256 {want}",
+            received.bytes_in, received.sha256
+        )));
+    }
+    let up = line(&run, "up")?;
+    if up != format!("[{want} {bytes}]") {
+        return Err(run.fail(format!("guest to host: the guest heard back '{up}'")));
+    }
+    let mib = bytes as f64 / f64::from(1u32 << 20);
+    let rate = |d: Duration| mib / d.as_secs_f64().max(1e-3);
+    let result = Bulk {
+        down_mib_s: rate(sent.elapsed),
+        up_mib_s: rate(received.elapsed),
+    };
+    println!(
+        "  {label}: {mib:.0} MiB host->guest {:.2} MiB/s ({:.1}s), guest->host {:.2} MiB/s ({:.1}s)",
+        result.down_mib_s,
+        sent.elapsed.as_secs_f64(),
+        result.up_mib_s,
+        received.elapsed.as_secs_f64()
+    );
+    drop((source, sink, remote, tap));
+    Ok(result)
+}
+
+fn exact_rule() -> String {
+    format!(
+        "{{\"host\":\"{REMOTE}\",\"port\":{SINK_PORT},\"last_port\":{SOURCE_PORT},\"protocol\":\"tcp\"}}"
+    )
+}
+
+fn bulk_64mib(ctx: &Context) -> CaseResult {
+    bulk(ctx, BULK_BYTES, &exact_rule(), "bulk").map(|_| ())
+}
+
+fn bench_policy(ctx: &Context) -> CaseResult {
+    bulk(ctx, BENCH_BYTES, &exact_rule(), "bpol").map(|_| ())
+}
+
+/// Every TCP and UDP port on every IPv4 address: the check still runs on each frame,
+/// but nothing is refused.
+fn bench_allow_all(ctx: &Context) -> CaseResult {
+    let all = "{\"host\":\"0.0.0.0/0\",\"port\":1,\"last_port\":65535,\"protocol\":\"tcp\"},\
+               {\"host\":\"0.0.0.0/0\",\"port\":1,\"last_port\":65535,\"protocol\":\"udp\"}";
+    bulk(ctx, BENCH_BYTES, all, "ball").map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_matched_by_whole_destination() {
+        let events = concat!(
+            r#"{"event":"egress_dropped","fields":{"destination":"10.99.0.3:7007/tcp"}}"#,
+            "\n",
+            r#"{"event":"egress_dropped","fields":{"destination":"10.99.0.2:7008/tcp"}}"#,
+            "\n",
+            r#"{"event":"vm_exit","fields":{}}"#,
+            "\n"
+        );
+        assert_eq!(drops_to(events, "10.99.0.3:7007/tcp"), 1);
+        assert_eq!(drops_to(events, "10.99.0.2:7007/tcp"), 0);
+        assert_eq!(drops_to(events, "10.99.0.3:53/udp"), 0);
+    }
+
+    #[test]
+    fn policy_file_names_rules_resolvers_and_gateway() {
+        let dir = std::env::temp_dir().join(format!("mvm-net-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("p.json");
+        write_policy(&p, &exact_rule(), &[REMOTE]).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(v["allow"][0]["last_port"], SOURCE_PORT);
+        assert_eq!(v["resolvers"][0], REMOTE);
+        assert_eq!(v["gateways"][0], GATEWAY);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

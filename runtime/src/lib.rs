@@ -5,4 +5,5 @@ pub mod audit;
 pub mod backend;
 pub mod cli;
 pub mod image;
+pub mod net;
 pub mod receipt;

@@ -442,10 +442,8 @@ mod tests {
             libc::SYS_openat,
         ] {
             for role in ThreadRole::ALL {
-                // vsock: AF_UNIX only; main: openat for create+truncate only.
-                if (role == ThreadRole::Vsock && nr == libc::SYS_socket)
-                    || (role == ThreadRole::Main && nr == libc::SYS_openat)
-                {
+                // vsock: AF_UNIX only.
+                if role == ThreadRole::Vsock && nr == libc::SYS_socket {
                     assert!(role
                         .allowed()
                         .iter()
@@ -456,6 +454,27 @@ mod tests {
                     role.allowed().iter().all(|a| a.nr != nr),
                     "{role} allows syscall {nr}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn futex_mmap_and_madvise_are_narrowed_by_argument_in_every_role() {
+        let futex_lock_pi_private = 6 | 128;
+        let map_shared = 0x01;
+        let madv_remove = 9;
+        for role in ThreadRole::ALL {
+            let allowed = role.allowed();
+            for (nr, index, allowed_value, refused_value) in [
+                (libc::SYS_futex, 1, 129, futex_lock_pi_private),
+                (libc::SYS_mmap, 3, 0x22, map_shared),
+                (libc::SYS_madvise, 2, 4, madv_remove),
+            ] {
+                let rule = allowed.iter().find(|a| a.nr == nr).unwrap();
+                let only = rule.only.as_ref().unwrap();
+                assert_eq!(only.index, index, "{role}");
+                assert!(only.values.iter().any(|(v, _)| *v == allowed_value));
+                assert!(only.values.iter().all(|(v, _)| *v != refused_value));
             }
         }
     }

@@ -11,25 +11,61 @@ use crate::{allow, Allowed};
 /// `AF_UNIX` (`<sys/socket.h>`).
 const AF_UNIX: u64 = 1;
 
-/// `O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC`: the flags `std::fs::write` opens with.
-const CREATE_TRUNCATE: u64 = 0o1 | 0o100 | 0o1000 | 0o2_000_000;
+/// `futex(2)` operations (`<linux/futex.h>`): the plain and private wait/wake that glibc's
+/// locks and std's Mutex/Condvar/parking use; no requeue, wake-op or PI operations.
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_WAKE: u64 = 1;
+const FUTEX_PRIVATE_FLAG: u64 = 128;
+const FUTEX_CLOCK_REALTIME: u64 = 256;
+const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_WAKE_BITSET: u64 = 10;
+
+/// `mmap(2)` flags the allocator maps with after setup: anonymous private memory, and
+/// glibc's reservation of a new thread arena (`MAP_NORESERVE`). No file or shared mappings,
+/// no `MAP_FIXED`.
+const MAP_PRIVATE_ANONYMOUS: u64 = 0x02 | 0x20;
+const MAP_PRIVATE_ANONYMOUS_NORESERVE: u64 = 0x02 | 0x20 | 0x4000;
+
+/// `madvise(2)` advice: glibc returns freed heap pages with `MADV_DONTNEED` only.
+const MADV_DONTNEED: u64 = 4;
 
 /// What every Rust thread of this process needs, whatever its job.
 fn runtime() -> Vec<Allowed> {
     vec![
         allow!(
             SYS_futex,
-            "Mutex, Condvar, mpsc channels and thread parking"
+            "Mutex, Condvar, mpsc channels and thread parking (wait/wake only)",
+            arg 1 in [
+                FUTEX_WAIT => "FUTEX_WAIT",
+                FUTEX_WAKE => "FUTEX_WAKE",
+                FUTEX_WAIT | FUTEX_PRIVATE_FLAG => "FUTEX_WAIT_PRIVATE",
+                FUTEX_WAKE | FUTEX_PRIVATE_FLAG => "FUTEX_WAKE_PRIVATE",
+                FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG => "FUTEX_WAIT_BITSET_PRIVATE",
+                FUTEX_WAKE_BITSET | FUTEX_PRIVATE_FLAG => "FUTEX_WAKE_BITSET_PRIVATE",
+                FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG | FUTEX_CLOCK_REALTIME
+                    => "FUTEX_WAIT_BITSET_PRIVATE|FUTEX_CLOCK_REALTIME",
+            ]
         ),
         allow!(SYS_write, "tracing logs and the SIGSYS report go to stderr"),
-        allow!(SYS_mmap, "the allocator maps fresh arenas and large blocks"),
+        allow!(
+            SYS_mmap,
+            "the allocator maps fresh arenas and large blocks (anonymous, private)",
+            arg 3 in [
+                MAP_PRIVATE_ANONYMOUS => "MAP_PRIVATE|MAP_ANONYMOUS",
+                MAP_PRIVATE_ANONYMOUS_NORESERVE => "MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE",
+            ]
+        ),
         allow!(SYS_munmap, "the allocator returns large blocks"),
         allow!(SYS_mremap, "the allocator grows large blocks in place"),
         allow!(
             SYS_mprotect,
             "glibc malloc grows a thread arena by unprotecting it"
         ),
-        allow!(SYS_madvise, "the allocator releases freed pages"),
+        allow!(
+            SYS_madvise,
+            "the allocator releases freed pages",
+            arg 2 in [MADV_DONTNEED => "MADV_DONTNEED"]
+        ),
         allow!(SYS_brk, "the allocator grows the main heap"),
         allow!(
             SYS_clock_gettime,
@@ -77,17 +113,13 @@ fn with(base: Vec<Allowed>, more: impl IntoIterator<Item = Allowed>) -> Vec<Allo
 }
 
 /// Main thread, after setup: waits for the first exit event, then writes the boot report and
-/// the events log, removes the vsock socket and exits.
+/// the events log (both through fds opened at start), removes the vsock socket and exits.
 pub fn main() -> Vec<Allowed> {
     with(
         runtime(),
         [
-            allow!(
-                SYS_openat,
-                "create the --boot-report file at exit (create+truncate for writing only)",
-                arg 2 in [CREATE_TRUNCATE => "O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC"]
-            ),
-            allow!(SYS_close, "close the boot report; drop fds at exit"),
+            // The boot report is written through the fd created at start: no openat.
+            allow!(SYS_close, "drop fds at exit"),
             allow!(SYS_unlink, "remove the VM's vsock socket file at exit"),
         ],
     )

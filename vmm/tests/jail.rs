@@ -140,6 +140,7 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
     let proc_dir = PathBuf::from(format!("/proc/{vmm_pid}"));
     let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
     let fds = fd_targets(vmm_pid);
+    let parent_fds = fd_targets(ppid);
     let root_entries = sorted_entries(&proc_dir.join("root"));
     let dev_entries = sorted_entries(&proc_dir.join("root/dev"));
     let mountinfo = std::fs::read_to_string(proc_dir.join("mountinfo")).unwrap();
@@ -223,6 +224,15 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
             || fd.starts_with("anon_inode:");
         assert!(expected, "unexpected fd {fd} in {fds:?}");
     }
+
+    // The supervising parent holds none of the VM's files: stdio and its pipe to the VMM.
+    assert!(
+        parent_fds.len() <= 4
+            && parent_fds
+                .iter()
+                .all(|f| f == "/dev/null" || f.starts_with("pipe:")),
+        "supervisor fds: {parent_fds:?}"
+    );
 
     match limits {
         Some([memory, pids, cpu]) => {

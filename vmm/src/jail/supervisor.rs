@@ -146,8 +146,27 @@ fn child_start(go_read: OwnedFd, old_mask: &SigSet) -> Result<ParentLink, JailEr
     }
 }
 
+/// Closes every fd above stderr except `keep`.
+fn close_all_but(keep: i32) {
+    let Ok(keep) = u32::try_from(keep) else {
+        return;
+    };
+    for (first, last) in [
+        (3, keep.saturating_sub(1)),
+        (keep.saturating_add(1), u32::MAX),
+    ] {
+        if first <= last {
+            // SAFETY: close_range only closes descriptors; the parent uses none of them
+            // after the fork (they are the VM's: disks, sockets, tap, logs, report).
+            unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        }
+    }
+}
+
 /// The parent: cgroup, go, forward signals, reap, clean up, exit like the child.
 fn supervise(child: Pid, go_write: OwnedFd, mut cleanup: Cleanup, waited: &SigSet) -> ! {
+    // The VM's files are the child's: a listening socket or tap held here would outlive it.
+    close_all_but(std::os::fd::AsRawFd::as_raw_fd(&go_write));
     if let Some(cg) = &cleanup.cgroup {
         if let Err(e) = cgroup::add_process(cg, child.as_raw()) {
             tracing::warn!("jail: cgroup skipped: moving the VMM into it: {e}");

@@ -9,8 +9,8 @@ use super::metrics::NetMetrics;
 use super::policy::{EgressFilter, EgressRules};
 use super::tap::{FrameBackend, Tap, TapError};
 use super::{
-    NUM_QUEUES, QUEUE_MAX_SIZE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    NUM_QUEUES, QUEUE_MAX_SIZE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use crate::virtio::{
     feature, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
@@ -107,7 +107,12 @@ impl Net {
             | feature(VIRTIO_RING_F_EVENT_IDX)
             | feature(VIRTIO_NET_F_MAC)
             | feature(VIRTIO_NET_F_STATUS)
-            | feature(VIRTIO_NET_F_MRG_RXBUF);
+            | feature(VIRTIO_NET_F_MRG_RXBUF)
+            // TX offloads: every tap opened with IFF_VNET_HDR takes them on write
+            // (the kernel checksums and segments); the header is the device's own.
+            | feature(VIRTIO_NET_F_CSUM)
+            | feature(VIRTIO_NET_F_HOST_TSO4)
+            | feature(VIRTIO_NET_F_HOST_TSO6);
         let mut config_space = [0u8; CONFIG_SPACE_SIZE];
         let (mac, status) = config_space.split_at_mut(6);
         mac.copy_from_slice(&config.mac.0);

@@ -16,10 +16,12 @@ use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use super::frame::ETH_HLEN;
 use super::metrics::NetMetrics;
+use super::offload::{tap_header, TxOffloads};
 use super::policy::{Decision, DenyReason, EgressFilter};
 use super::tap::FrameBackend;
 use super::{
-    MAX_BUFFER_SIZE, NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MRG_RXBUF,
+    MAX_BUFFER_SIZE, NUM_QUEUES, QUEUE_MAX_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
     VNET_HDR_OFF_NUM_BUFFERS, VNET_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
@@ -37,6 +39,7 @@ struct Active {
     rx: Queue,
     tx: Queue,
     mergeable: bool,
+    offloads: TxOffloads,
 }
 
 /// What became of the frame waiting for guest buffers.
@@ -147,6 +150,11 @@ impl<B: FrameBackend> NetWorker<B> {
             rx,
             tx,
             mergeable: acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            offloads: TxOffloads {
+                csum: acked_features & feature(VIRTIO_NET_F_CSUM) != 0,
+                tso4: acked_features & feature(VIRTIO_NET_F_HOST_TSO4) != 0,
+                tso6: acked_features & feature(VIRTIO_NET_F_HOST_TSO6) != 0,
+            },
         });
         // Frames may have arrived on the tap while the device was down.
         self.rx_deferred = true;
@@ -201,6 +209,7 @@ impl<B: FrameBackend> NetWorker<B> {
                         .map_err(|e| format!("TX descriptor chain {head}: {e}"))?;
                     Self::send(
                         buf,
+                        act.offloads,
                         &mut self.filter,
                         &mut self.backend,
                         &self.metrics,
@@ -228,6 +237,7 @@ impl<B: FrameBackend> NetWorker<B> {
     /// Judges one frame (virtio header first) and writes it to the tap if it passes.
     fn send(
         buf: &mut [u8],
+        offloads: TxOffloads,
         filter: &mut EgressFilter,
         backend: &mut B,
         metrics: &NetMetrics,
@@ -236,9 +246,15 @@ impl<B: FrameBackend> NetWorker<B> {
         let (hdr, frame) = buf.split_at_mut(VNET_HDR_SIZE);
         match filter.check(frame) {
             Decision::Pass => {
-                // No offloads were negotiated: whatever the guest put in the header, the
-                // tap gets an all-zero one (no checksum or segmentation requests).
-                hdr.fill(0);
+                // The tap gets the device's own header, built from the parsed frame.
+                match tap_header(hdr, frame, offloads) {
+                    Ok(ours) => hdr.copy_from_slice(&ours),
+                    Err(e) => {
+                        count(&metrics.tx_bad_offload);
+                        tracing::debug!(device = NAME, error = %e, "TX offload request refused");
+                        return;
+                    }
+                }
                 let frame_len = u64::try_from(frame.len()).unwrap_or(u64::MAX);
                 match backend.write_frame(buf) {
                     Ok(_) => {

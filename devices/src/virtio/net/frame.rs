@@ -167,6 +167,10 @@ pub struct IpPacket {
     pub ipv6_routing: bool,
     /// The transport header.
     pub transport: Transport,
+    /// Where the transport header starts, counted from the start of the IP header.
+    pub transport_offset: usize,
+    /// Length of the transport header: TCP's data offset in bytes, UDP's 8, else 0.
+    pub transport_header_len: usize,
 }
 
 /// The transport layer of an IP packet.
@@ -493,7 +497,9 @@ fn parse_ipv4(p: &[u8]) -> Result<IpPacket, Malformed> {
         dst: IpAddr::V4(read_ipv4(p, 16)),
         ipv4_options: !options.is_empty(),
         ipv6_routing: false,
+        transport_header_len: transport_header_len(&transport, body),
         transport,
+        transport_offset: header,
     })
 }
 
@@ -578,8 +584,19 @@ fn parse_ipv6(p: &[u8]) -> Result<IpPacket, Malformed> {
         dst: IpAddr::V6(read_ipv6(p, 24)),
         ipv4_options: false,
         ipv6_routing: routing,
+        transport_header_len: transport_header_len(&transport, rest),
         transport,
+        transport_offset: end.saturating_sub(rest.len()),
     })
+}
+
+/// TCP's header length (data offset, already checked to fit) or UDP's; 0 otherwise.
+fn transport_header_len(transport: &Transport, p: &[u8]) -> usize {
+    match transport {
+        Transport::Tcp { .. } => usize::from(byte(p, 12) >> 4) * 4,
+        Transport::Udp { .. } => UDP_HLEN,
+        _ => 0,
+    }
 }
 
 fn parse_transport(protocol: u8, p: &[u8], v6: bool) -> Result<Transport, Malformed> {
@@ -804,6 +821,32 @@ mod tests {
             }
         );
         assert!(!p.ipv4_options);
+    }
+
+    #[test]
+    fn transport_offset_and_header_length_follow_options_and_extensions() {
+        let p = ip(&tcp4(DST4, 443));
+        assert_eq!((p.transport_offset, p.transport_header_len), (20, 20));
+        let p = ip(&udp4(DST4, 53, b"q"));
+        assert_eq!((p.transport_offset, p.transport_header_len), (20, 8));
+        // TCP with 12 bytes of options (data offset 8).
+        let mut t = tcp(1, 2, &[0; 12]);
+        t[12] = 0x80;
+        let p = ip(&eth(ETHERTYPE_IPV4, &ipv4(SRC4, DST4, IPPROTO_TCP, &t)));
+        assert_eq!(p.transport_header_len, 32);
+        // IPv6 with one 8-byte destination-options header before TCP.
+        let mut body = vec![IPPROTO_TCP, 0, 0, 0, 0, 0, 0, 0];
+        body.extend(tcp(1, 2, b"x"));
+        let p = ip(&eth(
+            ETHERTYPE_IPV6,
+            &ipv6(SRC6, DST6, IPPROTO_DSTOPTS, &body),
+        ));
+        assert_eq!((p.transport_offset, p.transport_header_len), (48, 20));
+        let p = ip(&eth(
+            ETHERTYPE_IPV4,
+            &ipv4(SRC4, DST4, IPPROTO_ICMP, &[8, 0, 0, 0, 0, 0, 0, 0]),
+        ));
+        assert_eq!((p.transport_offset, p.transport_header_len), (20, 0));
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct NetMetrics {
     pub tx_malformed: AtomicU64,
     /// TX chains too short for a virtio header or longer than the largest frame.
     pub tx_bad_length: AtomicU64,
+    /// Passed frames whose offload request (checksum, TSO) was refused, dropped.
+    pub tx_bad_offload: AtomicU64,
     /// Passed frames the tap refused (full, or an error).
     pub tx_tap_errors: AtomicU64,
     /// Frames delivered to the guest.

@@ -300,8 +300,17 @@ fn front_offers_mac_status_and_mergeable_buffers() {
     ] {
         assert_ne!(f & feature(bit), 0, "feature {bit}");
     }
-    // No offloads: CSUM (0), GUEST_CSUM (1), GUEST_TSO4 (7), HOST_TSO4 (11).
-    for bit in [0, 1, 7, 11] {
+    // TX offloads: CSUM (0), HOST_TSO4 (11), HOST_TSO6 (12).
+    for bit in [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+    ] {
+        assert_ne!(f & feature(bit), 0, "TX offload feature {bit}");
+    }
+    // No RX offloads: GUEST_CSUM (1), GUEST_TSO4 (7), GUEST_TSO6 (8), GUEST_UFO (10),
+    // and no HOST_ECN (13) or HOST_UFO (14).
+    for bit in [1, 7, 8, 10, 13, 14] {
         assert_eq!(f & feature(bit), 0, "offload feature {bit} offered");
     }
     let mut cfg = [0u8; 10];
@@ -329,6 +338,110 @@ fn allowed_frame_reaches_the_host_with_a_clean_header() {
     assert_eq!(metric(&g, |m| &m.tx_frames), 1);
     assert_eq!(metric(&g, |m| &m.tx_bytes), frame.len() as u64);
     assert!(g.events.lock().unwrap().is_empty());
+}
+
+/// A guest that took the TX offloads.
+fn offload_guest() -> Guest {
+    let mut g = Guest::new(true);
+    let (rx, qrx) = DriverQueue::new(&g.mem, 0x2_0000, 0x120_0000);
+    let (tx, qtx) = DriverQueue::new(&g.mem, 0x3_0000, 0x130_0000);
+    g.worker.detach();
+    g.rx = rx;
+    g.tx = tx;
+    let acked = feature(crate::virtio::VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_NET_F_CSUM)
+        | feature(VIRTIO_NET_F_HOST_TSO4)
+        | feature(VIRTIO_NET_F_HOST_TSO6)
+        | feature(VIRTIO_NET_F_MRG_RXBUF);
+    g.worker.attach(
+        Activation {
+            mem: g.mem.clone(),
+            queues: vec![qrx, qtx],
+            acked_features: acked,
+        },
+        &g.irq,
+    );
+    g
+}
+
+fn post_with_header(g: &mut Guest, hdr: &[u8; VNET_HDR_SIZE], frame: &[u8]) -> u16 {
+    let head = g.tx.post(
+        &g.mem,
+        &[(hdr, len32(hdr), false), (frame, len32(frame), false)],
+    );
+    g.worker.process_tx(&g.irq);
+    head
+}
+
+#[test]
+fn tso_frame_reaches_the_tap_with_the_devices_own_header() {
+    let mut g = offload_guest();
+    // A 20 000-byte TCP segment, as a TSO guest sends it.
+    let payload = vec![0x5a; 20_000];
+    let frame = build::eth(
+        frame::ETHERTYPE_IPV4,
+        &build::ipv4(
+            Ipv4Addr::new(10, 0, 2, 15),
+            SERVICE,
+            frame::IPPROTO_TCP,
+            &build::tcp(40000, 443, &payload),
+        ),
+    );
+    let mut hdr = [0u8; VNET_HDR_SIZE];
+    hdr[0] = offload::VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    hdr[1] = offload::VIRTIO_NET_HDR_GSO_TCPV4;
+    hdr[2..4].copy_from_slice(&9999u16.to_le_bytes()); // hdr_len: the guest's, ignored
+    hdr[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    hdr[6..8].copy_from_slice(&3u16.to_le_bytes()); // csum_start: wrong, ignored
+    hdr[8..10].copy_from_slice(&1u16.to_le_bytes());
+    let head = post_with_header(&mut g, &hdr, &frame);
+    assert_eq!(g.tx.take_used(&g.mem), vec![(head, 0)]);
+    let got = g.host_recv().expect("the TSO frame on the host side");
+    let want = offload::tap_header(
+        &hdr,
+        &frame,
+        offload::TxOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(&got[..VNET_HDR_SIZE], &want[..]);
+    assert_eq!(
+        u16::from_le_bytes([got[6], got[7]]),
+        34,
+        "csum_start from the parse"
+    );
+    assert_eq!(
+        u16::from_le_bytes([got[2], got[3]]),
+        54,
+        "hdr_len from the parse"
+    );
+    assert_eq!(&got[VNET_HDR_SIZE..], &frame[..]);
+    assert_eq!(metric(&g, |m| &m.tx_frames), 1);
+}
+
+#[test]
+fn refused_offload_requests_drop_the_frame_and_count_it() {
+    let mut g = offload_guest();
+    let mut hdr = [0u8; VNET_HDR_SIZE];
+    hdr[0] = offload::VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    hdr[1] = 3; // VIRTIO_NET_HDR_GSO_UDP, never offered
+    hdr[4..6].copy_from_slice(&1448u16.to_le_bytes());
+    let head = post_with_header(&mut g, &hdr, &build::tcp4(SERVICE, 443));
+    assert_eq!(
+        g.tx.take_used(&g.mem),
+        vec![(head, 0)],
+        "the buffer is returned"
+    );
+    assert!(g.host_recv().is_none(), "nothing reached the tap");
+    assert_eq!(metric(&g, |m| &m.tx_bad_offload), 1);
+    assert_eq!(metric(&g, |m| &m.tx_frames), 0);
+    // The policy still comes first: a denied frame is denied, whatever it asks.
+    post_with_header(&mut g, &hdr, &build::tcp4(SERVICE, 80));
+    assert_eq!(metric(&g, |m| &m.tx_denied), 1);
+    assert_eq!(metric(&g, |m| &m.tx_bad_offload), 1);
 }
 
 #[test]

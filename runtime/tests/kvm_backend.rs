@@ -131,6 +131,7 @@ fn spec(argv: &[&str]) -> RunSpec {
         stdin: StdinMode::Null,
         disks: vec![],
         ready_timeout_secs: 10,
+        net: None,
     }
 }
 

@@ -30,8 +30,8 @@ use ed25519_dalek::SigningKey;
 use mvm_loader::measure::Sha256Digest;
 use mvm_loader::plan::envelope::{sign_plan, SignedPlan};
 use mvm_loader::plan::{
-    self, Artifacts, Devices, EgressPolicy, EgressRule, NetDevice, PinnedDisk, Plan, PlanError,
-    Resources, ScratchDisk, Tier, UtcTime, VsockDevice, SCHEMA_VERSION,
+    self, Artifacts, Devices, EgressPolicy, EgressRule, NetDevice, NetInterface, PinnedDisk, Plan,
+    PlanError, Resources, ScratchDisk, Tier, UtcTime, VsockDevice, SCHEMA_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 
@@ -64,6 +64,9 @@ pub struct AdmissionRequest {
     pub required_tier: Option<Tier>,
     /// Writable scratch disks.
     pub scratch_disks: Vec<ScratchDisk>,
+    /// netrt: the guest's network interface (`--net`); with it the plan gets a network
+    /// device even without egress rules.
+    pub net: Option<NetInterface>,
 }
 
 impl AdmissionRequest {
@@ -79,6 +82,7 @@ impl AdmissionRequest {
             secrets: Vec::new(),
             required_tier: None,
             scratch_disks: Vec::new(),
+            net: None,
         }
     }
 }
@@ -229,8 +233,8 @@ pub fn admit(
                 guest_cid: GUEST_CID,
             }),
             scratch_disks: request.scratch_disks.clone(),
-            net: (!request.egress.is_empty()).then(|| NetDevice {
-                interface: None,
+            net: (request.net.is_some() || !request.egress.is_empty()).then(|| NetDevice {
+                interface: request.net.clone(),
                 egress: EgressPolicy {
                     allow: request.egress.clone(),
                 },

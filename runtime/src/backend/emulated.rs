@@ -163,6 +163,8 @@ fn error_kind(e: &RunError) -> GuestErrorKind {
         RunError::Interrupted => GuestErrorKind::Interrupted,
         RunError::Agent(_) => GuestErrorKind::Agent,
         RunError::Io { .. } => GuestErrorKind::Io,
+        // netrt: the test host runs mvm as root; a --net failure there is mvm's own.
+        RunError::Net(_) => GuestErrorKind::Missing,
     }
 }
 
@@ -1123,6 +1125,7 @@ mod tests {
             stdin: StdinMode::Null,
             disks: vec![],
             ready_timeout_secs: 30,
+            net: None,
         }
     }
 

@@ -165,7 +165,9 @@ pub fn run_verified(
     let uds = scratch.path().join("vsock");
     let log = scratch.path().join("vmm.log");
     let report = scratch.path().join("boot.json");
-    let args = vmm_args(&artifacts.image, spec, &uds, &report, plan);
+    let mut args = vmm_args(&artifacts.image, spec, &uds, &report, plan);
+    // netrt: --net (the host network is torn down when `_net` drops, after the VMM).
+    let _net = crate::net::run::attach(spec, scratch.path(), plan.is_some(), &mut args)?;
     let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
 
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);

@@ -74,6 +74,9 @@ pub struct RunSpec {
     pub disks: Vec<String>,
     /// How long to wait for the guest agent after the VMM starts, in seconds.
     pub ready_timeout_secs: u64,
+    /// netrt: the network device (`mvm run --net`), addresses pinned (docs/net.md).
+    #[serde(default)]
+    pub net: Option<crate::net::NetRequest>,
 }
 
 /// How the workload ended.
@@ -139,6 +142,9 @@ pub enum RunError {
     /// Admission's policy does not allow the request.
     #[error("{0}")]
     Denied(#[from] crate::admission::Denial),
+    /// netrt: the host network for `--net` could not be set up.
+    #[error("--net: {0}")]
+    Net(crate::net::NetError),
     /// The image is missing or broken.
     #[error("image: {0}")]
     Image(#[from] crate::image::ImageError),

@@ -298,6 +298,7 @@ mod tests {
             stdin: super::super::StdinMode::Null,
             disks: vec!["/tmp/d.img,ro".into()],
             ready_timeout_secs: 30,
+            net: None,
         };
         let args = vmm_args(
             &image,

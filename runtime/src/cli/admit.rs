@@ -94,10 +94,15 @@ pub struct Admitted {
 /// Admits `args` for `image` on `tier`: loads (or creates) the host keys and
 /// the policy, checks, signs, audits `plan_admitted` (or `plan_denied`), and
 /// writes the envelope for the VMM. Nothing is launched.
-pub fn admit_run(args: &RunArgs, image: &StoredImage, tier: Tier) -> Result<Admitted, RunError> {
+pub fn admit_run(
+    args: &RunArgs,
+    image: &StoredImage,
+    tier: Tier,
+    net: Option<&mut crate::net::run::NetPrep>,
+) -> Result<Admitted, RunError> {
     let config = config_dir().map_err(|e| admission_error("config directory")(e.to_string()))?;
     let data = crate::image::store::data_dir()?;
-    admit_run_in(&config, &data, args, image, tier)
+    admit_run_in(&config, &data, args, image, tier, net)
 }
 
 /// [`admit_run`] with the config directory (keys, policy) and the data
@@ -108,6 +113,7 @@ pub fn admit_run_in(
     args: &RunArgs,
     image: &StoredImage,
     tier: Tier,
+    net: Option<&mut crate::net::run::NetPrep>,
 ) -> Result<Admitted, RunError> {
     let (keys, created) = HostKeys::load_or_create(config)
         .map_err(|e| admission_error("host keys")(e.to_string()))?;
@@ -127,9 +133,18 @@ pub fn admit_run_in(
         .filter(|(_, digest)| *digest == image.digest)
         .map(|(name, _)| name)
         .collect();
-    let facts = ImageFacts::from_stored(image, &names)
+    let mut facts = ImageFacts::from_stored(image, &names)
         .map_err(|e| admission_error("image")(e.to_string()))?;
-    let request = admission_request(args, &policy);
+    let mut request = admission_request(args, &policy);
+    // netrt: --net's egress cap, the plan's net section and the pinned mvm.net= word.
+    let mut policy = policy;
+    if let Some(net) = net {
+        let applied =
+            crate::net::run::apply_to_admission(net, &mut request, &mut facts, &mut policy);
+        if let Err(denial) = applied {
+            return Err(deny(&log, &request, denial));
+        }
+    }
     let signed = match admit(&request, &facts, &policy, &keys.admission, UtcTime::now()) {
         Ok(signed) => signed,
         Err(AdmitError::Denied(denial)) => return Err(deny(&log, &request, denial)),
@@ -641,7 +656,7 @@ mod tests {
             return;
         };
         let args = run_args(&["--cpus", "2"]);
-        let admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm).unwrap();
+        let admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
         // The files the VMM gets: the envelope verifies with admission.pub.
         let trusted_text = std::fs::read_to_string(&admitted.files.trust).unwrap();
         let mut trusted = mvm_loader::dsse::TrustedKeys::new();
@@ -729,6 +744,7 @@ mod tests {
             &run_args(&["--cpus", "5"]),
             &image,
             Tier::Kvm,
+            None,
         )
         .err()
         .unwrap();
@@ -748,7 +764,8 @@ mod tests {
 
         // Refused by the VMM: its event is logged with the admitted plan id, no
         // exec records, no receipt.
-        let admitted = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm).unwrap();
+        let admitted =
+            admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).unwrap();
         let plan_id = admitted.plan_id().to_owned();
         std::fs::write(
             &admitted.files.events,
@@ -792,14 +809,14 @@ mod tests {
             "[tier]\nminimum = \"hardware\"\n",
         )
         .unwrap();
-        let err = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Emulated)
+        let err = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Emulated, None)
             .err()
             .unwrap();
         assert!(
             matches!(&err, RunError::Denied(d) if d.rule == Rule::MinimumTier),
             "{err}"
         );
-        assert!(admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm).is_ok());
+        assert!(admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).is_ok());
     }
 
     #[test]

@@ -5,6 +5,9 @@
 
 use crate::backend::{RunError, WorkloadStatus};
 
+/// netrt: `--net` without the privilege to set the network up (CAP_NET_ADMIN).
+pub const NET_PERMISSION: i32 = 117;
+
 /// The VMM refused to boot: the signed plan or a measured artifact did not
 /// verify (the VMM's reason is printed and audited as `boot_refused`).
 pub const BOOT_REFUSED: i32 = 118;
@@ -33,6 +36,7 @@ pub const BROKEN_PIPE: i32 = 141;
 pub const HELP: &str = "\
 Exit status:
   0-255  the command's own exit status; 128+N if signal N ended it
+  117    --net without CAP_NET_ADMIN (see docs/net.md)
   118    boot refused: the VMM did not verify the signed plan or an artifact
   119    denied by the admission policy (the rule is named; see docs/policy.md)
   120    no usable backend (no hardware KVM, no emulated tier): see `mvm doctor`
@@ -71,7 +75,11 @@ pub fn for_error(error: &RunError) -> i32 {
         RunError::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => {
             BROKEN_PIPE
         }
-        RunError::Missing(_) | RunError::Agent(_) | RunError::Io { .. } => MVM_ERROR,
+        // netrt: a missing privilege has its own status; other --net failures are mvm's.
+        RunError::Net(e) if e.is_permission() => NET_PERMISSION,
+        RunError::Missing(_) | RunError::Agent(_) | RunError::Io { .. } | RunError::Net(_) => {
+            MVM_ERROR
+        }
     }
 }
 
@@ -89,6 +97,8 @@ pub fn error_kind(error: &RunError) -> &'static str {
         RunError::Missing(_) => "missing",
         RunError::Agent(_) => "agent",
         RunError::Io { .. } => "io",
+        RunError::Net(e) if e.is_permission() => "net_permission",
+        RunError::Net(_) => "net",
     }
 }
 

@@ -100,6 +100,18 @@ pub struct RunArgs {
     /// audited (mvm-vmm --dev). Also MVM_DEV=1.
     #[arg(long)]
     pub dev: bool,
+    // netrt: the network flags (docs/net.md).
+    /// Give the VM a network device (needs CAP_NET_ADMIN); nothing passes it but what
+    /// --allow and --dns open. Implied by --allow and --dns.
+    #[arg(long)]
+    pub net: bool,
+    /// Let the guest reach HOST_OR_CIDR:PORT[-PORT][/tcp|/udp] (repeatable; host names
+    /// are resolved now and the plan pins their IPv4 addresses).
+    #[arg(long, value_name = "DEST", value_parser = crate::net::allow::parse_allow)]
+    pub allow: Vec<mvm_loader::plan::EgressRule>,
+    /// A DNS resolver for the guest (repeatable, IPv4; DNS to anything else is dropped).
+    #[arg(long, value_name = "IP", value_parser = crate::net::allow::parse_dns)]
+    pub dns: Vec<std::net::Ipv4Addr>,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -68,6 +68,7 @@ pub fn spec_from_args(args: &RunArgs, stdin_is_terminal: bool) -> RunSpec {
         },
         disks: args.disk.clone(),
         ready_timeout_secs: args.ready_timeout,
+        net: None, // netrt: set in execute(), after the names are pinned
     }
 }
 
@@ -97,6 +98,12 @@ fn execute(
     let tier = choose_tier(args.backend, &facts)?;
     let image = ImageStore::open_default()?.resolve(&args.image)?;
     interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
+    // netrt: --net: names pinned, the network reserved before admission so that the
+    // plan pins it; the host network lives (and is torn down) with `net`.
+    let mut net = crate::net::run::prepare(&crate::net::run::NetFlags::from_args(args), tier)?;
+    let mut spec = spec.clone();
+    spec.net = net.as_ref().map(|n| n.request.clone());
+    let spec = &spec;
     if admit::dev_mode(args) {
         if args.receipt.is_some() {
             return Err(RunError::Missing(
@@ -113,7 +120,7 @@ fn execute(
             "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
         )));
     }
-    let admitted = admit::admit_run(args, &image, tier)?;
+    let admitted = admit::admit_run(args, &image, tier, net.as_mut())?;
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));

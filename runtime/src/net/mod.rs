@@ -9,6 +9,7 @@
 //!   with `nft -f -`.
 //! - [`leftovers`]: what a killed run left (taps and tables of dead owners).
 //! - [`session`]: one VM's network, set up under a host-wide lock and torn down on drop.
+//! - [`run`]: the steps the run path, admission and the kvm backend call.
 //!
 //! Setting up needs CAP_NET_ADMIN ([`NetError::NoCapability`], exit status 117); NAT
 //! needs `nft`. The guest side is `mvm_agent::init::net` (the `mvm.net=` key).
@@ -17,6 +18,7 @@ pub mod allow;
 pub mod leftovers;
 pub mod nft;
 pub mod pool;
+pub mod run;
 pub mod session;
 pub mod tap;
 
@@ -40,6 +42,10 @@ pub struct NetRequest {
     /// host, where the plan is made); `None`: the first free /30 of the pool.
     #[serde(default)]
     pub interface: Option<NetInterface>,
+    /// The tap, when the caller set the host network up already (the kvm tier does it
+    /// before admission and holds it for the run).
+    #[serde(default)]
+    pub tap: Option<String>,
 }
 
 /// Why the host network could not be set up.

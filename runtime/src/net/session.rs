@@ -199,34 +199,6 @@ impl NetSession {
         )
     }
 
-    /// Writes the `mvm-vmm --net ...,policy=FILE` policy file: the resolvers and the
-    /// gateway, and the allow rules unless a signed plan carries them (`with_allow`
-    /// false), and returns the `--net` value.
-    pub fn vmm_net_value(&self, policy: &Path, with_allow: bool) -> Result<String, NetError> {
-        let body = if with_allow {
-            json!({
-                "allow": self.allow,
-                "resolvers": self.interface.resolvers,
-                "gateways": [self.interface.gateway],
-            })
-        } else {
-            json!({
-                "resolvers": self.interface.resolvers,
-                "gateways": [self.interface.gateway],
-            })
-        };
-        let mut file =
-            File::create(policy).map_err(NetError::io(format!("writing {}", policy.display())))?;
-        file.write_all(body.to_string().as_bytes())
-            .map_err(NetError::io(format!("writing {}", policy.display())))?;
-        Ok(format!(
-            "tap={},mac={},policy={}",
-            self.tap,
-            self.interface.mac,
-            policy.display()
-        ))
-    }
-
     fn teardown(&mut self) {
         if self.nat {
             if let Err(e) = nft::delete_table(&nft::table_name(&self.tap)) {
@@ -247,6 +219,32 @@ impl Drop for NetSession {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Writes the `mvm-vmm --net ...,policy=FILE` policy file (the allow rules, the
+/// resolvers, and the gateway as the one address ARP may ask about) and returns the
+/// `--net` value. With a signed plan `allow` must be empty: the plan's rules are the
+/// only ones the VMM takes.
+pub fn write_vmm_policy(
+    path: &Path,
+    tap: &str,
+    interface: &NetInterface,
+    allow: &[EgressRule],
+) -> Result<String, NetError> {
+    let body = json!({
+        "allow": allow,
+        "resolvers": interface.resolvers,
+        "gateways": [interface.gateway],
+    });
+    let mut file =
+        File::create(path).map_err(NetError::io(format!("writing {}", path.display())))?;
+    file.write_all(body.to_string().as_bytes())
+        .map_err(NetError::io(format!("writing {}", path.display())))?;
+    Ok(format!(
+        "tap={tap},mac={},policy={}",
+        interface.mac,
+        path.display()
+    ))
 }
 
 fn fixed_subnet(fixed: &NetInterface) -> Result<Subnet, NetError> {
@@ -329,6 +327,7 @@ mod tests {
             allow: vec![crate::net::allow::parse_allow("192.0.2.0/24:80-81").unwrap()],
             resolvers: vec![Ipv4Addr::new(192, 0, 2, 53)],
             interface: None,
+            tap: None,
         };
         let session = NetSession::create(&request).unwrap();
         let name = session.tap().to_owned();

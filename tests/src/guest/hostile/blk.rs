@@ -335,20 +335,38 @@ fn q_next_out_of_range(b: &mut BlkBench) -> Result<(), String> {
     b.rw.expect_needs_reset("next index 999 in a queue of 16")
 }
 
-/// A data descriptor of length 0xffff_ffff: refused with IOERR, nothing written but the
-/// status byte.
+/// Data descriptors of (almost) 4 GiB. A chain of exactly 2^32 - 1 bytes is legal as a
+/// chain, so its request is refused with IOERR (segment over size_max) and nothing but
+/// the status byte is written; one byte more makes the chain itself illegal (VIRTIO 1.2,
+/// 2.7.5.2), which is NEEDS_RESET.
 fn q_len_4gib(b: &mut BlkBench) -> Result<(), String> {
     let mut vq = b.live(false, 16)?;
+    // 16 (header) + len + 1 (status) = u32::MAX.
+    let len = u32::MAX - 17;
     for kind in [T_IN, T_OUT] {
-        let got = b.simple(false, &mut vq, kind, 0, u32::MAX)?;
-        expect_status(&format!("type {kind} len 4 GiB"), got, S_IOERR, 1)?;
+        let got = b.simple(false, &mut vq, kind, 0, len)?;
+        expect_status(&format!("type {kind} len {len:#x}"), got, S_IOERR, 1)?;
     }
-    // The data page was writable for the read; make sure the device wrote nothing there.
+    // The data page was writable for the read; the device must have written nothing there.
     let first = b.data_bytes(PAGE)?;
     if first.iter().any(|x| *x != dma::CANARY) {
         return Err("the refused read wrote into its buffer".into());
     }
-    b.rw.expect_healthy("after len 4 GiB")
+    b.rw.expect_healthy("after a 4 GiB - 18 segment")?;
+    let hdr = b.header(0, T_IN, 0)?;
+    let st = b.status_byte(0)?;
+    let data = b.data(0, 0, 0, false)?;
+    let head = vq.chain(
+        &mut b.arena,
+        &[
+            Part::read(hdr, 16),
+            Part::read(data, u32::MAX),
+            Part::write(st, 1),
+        ],
+    )?;
+    vq.offer(&mut b.arena, head)?;
+    b.rw.notify(0);
+    b.rw.expect_needs_reset("a chain longer than 4 GiB")
 }
 
 /// A data buffer far outside guest RAM, and one straddling its end.

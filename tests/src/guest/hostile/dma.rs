@@ -218,3 +218,27 @@ impl Arena {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_check_finds_device_writes_outside_the_allowed_ranges() {
+        let mut page = DmaPage::new().unwrap();
+        assert_ne!(page.phys(0), 0);
+        assert_eq!(page.phys(0) % PAGE as u64, 0);
+        page.write(10, &[1, 2, 3]);
+        assert_eq!(page.read(9, 5), vec![CANARY, 1, 2, 3, CANARY]);
+        assert_eq!(page.first_violation(), None);
+        // A "device" write inside an allowed range passes, outside it is caught.
+        page.allow(100, 4);
+        page.store(101, 0xff);
+        assert_eq!(page.first_violation(), None);
+        page.store(104, 0xee);
+        assert_eq!(page.first_violation(), Some((104, CANARY, 0xee)));
+        page.reset();
+        assert_eq!(page.first_violation(), None);
+        assert_eq!(page.read_u16(10), u16::from_le_bytes([CANARY, CANARY]));
+    }
+}

@@ -144,6 +144,11 @@ pub fn disk_by_id<'a>(found: &'a [Found], id: &str) -> Result<&'a Found, String>
 pub fn ram_end() -> Result<u64, String> {
     let iomem =
         std::fs::read_to_string("/proc/iomem").map_err(|e| format!("read /proc/iomem: {e}"))?;
+    ram_end_of(&iomem).ok_or_else(|| "no System RAM in /proc/iomem".into())
+}
+
+/// One past the highest top-level `System RAM` range of an `/proc/iomem` text.
+pub fn ram_end_of(iomem: &str) -> Option<u64> {
     iomem
         .lines()
         .filter(|l| !l.starts_with(' ') && l.ends_with(": System RAM"))
@@ -151,7 +156,6 @@ pub fn ram_end() -> Result<u64, String> {
         .filter_map(|(_, end)| u64::from_str_radix(end.trim(), 16).ok())
         .max()
         .map(|end| end + 1)
-        .ok_or_else(|| "no System RAM in /proc/iomem".into())
 }
 
 /// Reads 4 KiB of disk `/dev/<name>` at `offset` past the page cache and checks it holds
@@ -273,5 +277,14 @@ mod tests {
         }];
         assert_eq!(disk_by_id(&found, RO_ID).unwrap().platform, "virtio-mmio.1");
         assert!(disk_by_id(&found, RW_ID).is_err());
+    }
+
+    #[test]
+    fn ram_end_is_past_the_highest_top_level_ram_range() {
+        let iomem = "00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n\
+                     00100000-07ffffff : System RAM\n  01000000-01ffffff : Kernel code\n\
+                     d0000000-d0000fff : virtio-mmio.0\n";
+        assert_eq!(ram_end_of(iomem), Some(0x0800_0000));
+        assert_eq!(ram_end_of("d0000000-d0000fff : virtio-mmio.0\n"), None);
     }
 }

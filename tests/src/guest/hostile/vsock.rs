@@ -590,3 +590,30 @@ fn v_rx_avail_idx_jump(b: &mut VsockBench) -> Result<(), String> {
     b.prepare()?;
     v_request_no_listener(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_in_the_virtio_layout() {
+        let h = Hdr {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 40_001,
+            dst_port: PORT_DATA,
+            len: 7,
+            type_: TYPE_STREAM,
+            op: OP_RW,
+            flags: 1,
+            buf_alloc: u32::MAX,
+            fwd_cnt: 9,
+        };
+        let b = h.bytes();
+        assert_eq!(b.len(), HDR);
+        assert_eq!(b.get(24..28), Some(&7u32.to_le_bytes()[..]));
+        assert_eq!(b.get(30..32), Some(&OP_RW.to_le_bytes()[..]));
+        assert_eq!(Hdr::parse(&b), Some(h));
+        assert_eq!(Hdr::parse(b.get(..43).unwrap()), None);
+    }
+}

@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 
 use super::frame::ETH_HLEN;
 use super::metrics::NetMetrics;
@@ -82,6 +82,20 @@ impl<B> std::fmt::Debug for NetWorker<B> {
 
 fn count(counter: &std::sync::atomic::AtomicU64) {
     NetMetrics::add(counter, 1);
+}
+
+/// The next chain the driver made available. Unlike `Queue::pop_descriptor_chain`,
+/// which answers `None` both for "nothing new" and for an available index impossibly far
+/// ahead, a broken ring is an error (NEEDS_RESET): otherwise `enable_notification`
+/// keeps reporting work that is never popped, and the device thread spins.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, String> {
+    let mut iter = queue
+        .iter(mem)
+        .map_err(|e| format!("available ring: {e}"))?;
+    Ok(iter.next())
 }
 
 fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
@@ -197,7 +211,9 @@ impl<B: FrameBackend> NetWorker<B> {
             act.tx
                 .disable_notification(&act.mem)
                 .map_err(|e| format!("TX: cannot disable notifications: {e}"))?;
-            while let Some(chain) = act.tx.pop_descriptor_chain(&act.mem) {
+            while let Some(chain) =
+                next_chain(&mut act.tx, &act.mem).map_err(|e| format!("TX {e}"))?
+            {
                 let head = chain.head_index();
                 let mut reader = Reader::<()>::new(&act.mem, chain)
                     .map_err(|e| format!("TX descriptor chain {head}: {e}"))?;
@@ -376,7 +392,8 @@ impl<B: FrameBackend> NetWorker<B> {
             if writers.len() >= usize::from(QUEUE_MAX_SIZE) {
                 break;
             }
-            let Some(chain) = act.rx.pop_descriptor_chain(&act.mem) else {
+            let Some(chain) = next_chain(&mut act.rx, &act.mem).map_err(|e| format!("RX {e}"))?
+            else {
                 let seen = act.rx.next_avail();
                 act.rx.set_next_avail(start);
                 return Ok(Delivery::NoBuffers { seen });

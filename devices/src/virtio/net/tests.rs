@@ -516,6 +516,27 @@ fn hostile_tx_chains_are_dropped_without_harm() {
 }
 
 #[test]
+fn available_index_far_ahead_needs_reset_instead_of_spinning() {
+    // TX: the driver claims 1000 new chains in a 256-entry ring.
+    let mut g = Guest::new(true);
+    g.mem
+        .write_obj(1000u16.to_le(), GuestAddress(g.tx.avail + 2))
+        .unwrap();
+    g.worker.process_tx(&g.irq); // returns: before the fix this never did
+    assert!(g.irq.needs_reset(), "TX");
+    assert_eq!(g.host_recv(), None);
+    // RX: the same, with a frame waiting on the host side.
+    let mut g = Guest::new(true);
+    g.mem
+        .write_obj(1000u16.to_le(), GuestAddress(g.rx.avail + 2))
+        .unwrap();
+    g.host_send(&build::eth(0x88b5, b"x"));
+    g.worker.process_rx(&g.irq);
+    assert!(g.irq.needs_reset(), "RX");
+    assert!(g.rx.take_used(&g.mem).is_empty());
+}
+
+#[test]
 fn tx_descriptor_outside_memory_needs_reset() {
     let mut g = Guest::new(true);
     let head = g.tx.next_desc;

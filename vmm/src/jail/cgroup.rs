@@ -81,8 +81,8 @@ pub enum CgroupSkip {
     /// No cgroup v2 at the parent's location.
     #[error("no cgroup v2 hierarchy at {0} (no cgroup.controllers there)")]
     NotCgroup2(PathBuf),
-    /// None of memory, pids, cpu is available.
-    #[error("none of the memory, pids, cpu controllers is available in {0}")]
+    /// None of memory, pids, cpu is available (or could be enabled).
+    #[error("none of the memory, pids, cpu controllers could be enabled in {0}")]
     NoControllers(PathBuf),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
@@ -115,17 +115,25 @@ pub fn create(parent: &Path, name: &str, limits: &Limits) -> Result<VmCgroup, Cg
     }
     let available_file = parent.join("cgroup.controllers");
     let available = std::fs::read_to_string(&available_file).map_err(io(&available_file))?;
-    let enabled: Vec<String> = CONTROLLERS
-        .iter()
-        .filter(|c| available.split_whitespace().any(|a| a == **c))
-        .map(|c| (*c).to_owned())
-        .collect();
+    // One controller at a time: one that cannot be enabled does not take the others along.
+    let subtree = parent.join("cgroup.subtree_control");
+    let mut enabled = Vec::new();
+    for c in CONTROLLERS {
+        if !available.split_whitespace().any(|a| a == c) {
+            tracing::info!(
+                "jail: cgroup controller {c} not available in {}",
+                parent.display()
+            );
+            continue;
+        }
+        match std::fs::write(&subtree, format!("+{c}")) {
+            Ok(()) => enabled.push(c.to_owned()),
+            Err(e) => tracing::warn!("jail: enabling {c} in {}: {e}", subtree.display()),
+        }
+    }
     if enabled.is_empty() {
         return Err(CgroupSkip::NoControllers(parent.to_path_buf()));
     }
-    let subtree = parent.join("cgroup.subtree_control");
-    let request: Vec<String> = enabled.iter().map(|c| format!("+{c}")).collect();
-    std::fs::write(&subtree, request.join(" ")).map_err(io(&subtree))?;
     let dir = parent.join(name);
     std::fs::create_dir(&dir).map_err(io(&dir))?;
     for (file, value) in limits.files(&enabled) {

@@ -12,7 +12,8 @@
 
 use std::net::UdpSocket;
 use std::path::Path;
-use std::time::Duration;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::case::{tail, Case, CaseResult, Context, Failure, KERNEL_ELF};
 use crate::netbed::{
@@ -25,6 +26,7 @@ use crate::vm::{VmLaunch, VmRun};
 pub const CASES: &[Case] = &[
     Case::kvm("net/policy", policy),
     Case::kvm("net/bulk-64mib", bulk_64mib),
+    Case::kvm("net/runs-leave-nothing", runs_leave_nothing),
 ];
 
 /// The throughput benchmark (not in the default run: `scripts/e2e bench/net`).
@@ -99,8 +101,8 @@ fn drops_to(events: &str, destination: &str) -> usize {
 }
 
 fn policy(ctx: &Context) -> CaseResult {
-    let tap = HostTap::create("mvmt-pol")?;
-    let remote = Remote::create("mvmr-pol", "mvmv-pol")?;
+    let tap = HostTap::create("e2et-pol")?;
+    let remote = Remote::create("e2en-pol", "e2ev-pol")?;
     let (echo, denied_port, dns_ok, dns_other) = remote.within(|| {
         Ok((
             netserve::echo(netserve::listen(([0, 0, 0, 0], ECHO_PORT).into())?)?,
@@ -209,8 +211,8 @@ struct Bulk {
 /// Moves `bytes` host to guest (the source), then the same bytes guest to host (the
 /// sink); checks the sha256 at both ends of both directions.
 fn bulk(ctx: &Context, bytes: u64, allow: &str, label: &str) -> Result<Bulk, Failure> {
-    let tap = HostTap::create(&format!("mvmt-{label}"))?;
-    let remote = Remote::create(&format!("mvmr-{label}"), &format!("mvmv-{label}"))?;
+    let tap = HostTap::create(&format!("e2et-{label}"))?;
+    let remote = Remote::create(&format!("e2en-{label}"), &format!("e2ev-{label}"))?;
     let (source, sink) = remote.within(|| {
         Ok((
             netserve::source(netserve::listen(([0, 0, 0, 0], SOURCE_PORT).into())?, bytes)?,
@@ -300,6 +302,206 @@ fn bench_allow_all(ctx: &Context) -> CaseResult {
     let all = "{\"host\":\"0.0.0.0/0\",\"port\":1,\"last_port\":65535,\"protocol\":\"tcp\"},\
                {\"host\":\"0.0.0.0/0\",\"port\":1,\"last_port\":65535,\"protocol\":\"udp\"}";
     bulk(ctx, BENCH_BYTES, all, "ball").map(|_| ())
+}
+
+/// `mvm run --net` invocations in the runs case.
+const RUNS: usize = 20;
+/// The run whose VMM is killed with SIGKILL (1-based).
+const KILLED_RUN: usize = 10;
+/// How long one `mvm run` may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Taps `mvm run --net` made (`mvm<pid>-<n>`), as `ip -o link` lists them.
+fn mvm_taps() -> Result<Vec<String>, Failure> {
+    let out = crate::netbed::ip(&["-o", "link", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .filter(|name| {
+            name.strip_prefix("mvm")
+                .and_then(|rest| rest.chars().next())
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect())
+}
+
+/// nftables tables `mvm run --net` made (`mvm-<tap>`), and how many rules the whole
+/// ruleset holds in them.
+fn mvm_tables() -> Result<Vec<String>, Failure> {
+    let out = crate::netbed::run("nft", &["list", "tables"])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(" mvm"))
+        .map(|l| l.trim().to_owned())
+        .collect())
+}
+
+/// Processes whose parent chain reaches `ancestor` and whose name is `comm`.
+fn descendants_named(ancestor: u32, comm: &str) -> Vec<u32> {
+    let stat = |pid: u32| -> Option<(String, u32)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let open = text.find('(')?;
+        let close = text.rfind(')')?;
+        let name = text.get(open + 1..close)?.to_owned();
+        let ppid = text.get(close + 2..)?.split(' ').nth(1)?.parse().ok()?;
+        Some((name, ppid))
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some((name, mut parent)) = stat(pid) else {
+            continue;
+        };
+        if name != comm {
+            continue;
+        }
+        for _ in 0..16 {
+            if parent == ancestor {
+                out.push(pid);
+                break;
+            }
+            match stat(parent) {
+                Some((_, p)) if parent > 1 => parent = p,
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<i32>, Failure> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status.code()),
+            Ok(None) if start.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Failure::new(format!(
+                    "mvm run still running after {}s",
+                    timeout.as_secs()
+                )));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(Failure::new(format!("wait for mvm: {e}"))),
+        }
+    }
+}
+
+/// 20 `mvm run --net` invocations (the first reaches an allowed service through the
+/// network `mvm run` set up; one has its VMM killed with SIGKILL) leave no tap and no
+/// nftables table behind.
+fn runs_leave_nothing(ctx: &Context) -> CaseResult {
+    let remote = Remote::create("e2en-runs", "e2ev-runs")?;
+    let echo =
+        remote.within(|| netserve::echo(netserve::listen(([0, 0, 0, 0], ECHO_PORT).into())?))?;
+    let before = (mvm_taps()?, mvm_tables()?);
+    if !before.0.is_empty() || !before.1.is_empty() {
+        return Err(Failure::new(format!(
+            "leftovers before the first run: taps {:?}, tables {:?}",
+            before.0, before.1
+        )));
+    }
+    let data = crate::cases::run::image_store(ctx)?;
+    let config = ctx.work_file("config");
+    let allow = format!("{REMOTE}:{ECHO_PORT}");
+    for i in 1..=RUNS {
+        let guest_cmd = if i == 1 {
+            format!("echo run-{i} | nc {REMOTE} {ECHO_PORT}")
+        } else if i == KILLED_RUN {
+            "sleep 600".to_owned()
+        } else {
+            "true".to_owned()
+        };
+        let mut command = crate::cases::run::mvm_with(ctx, &data, &config)?;
+        command
+            .arg("run")
+            .args(["--backend", "kvm", "--net", "--allow", &allow, "--"])
+            .args(["sh", "-c", &guest_cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if i == KILLED_RUN {
+            let mut child = command
+                .spawn()
+                .map_err(|e| Failure::new(format!("starting mvm: {e}")))?;
+            let mvm_pid = child.id();
+            let start = Instant::now();
+            let killed = loop {
+                let taps = mvm_taps()?;
+                let vmms = descendants_named(mvm_pid, "mvm-vmm");
+                if !vmms.is_empty() && taps.iter().any(|t| t.starts_with(&format!("mvm{mvm_pid}")))
+                {
+                    for pid in &vmms {
+                        // SAFETY: kill(2) with a pid and a signal number; no memory.
+                        unsafe { libc::kill(i32::try_from(*pid).unwrap_or(-1), libc::SIGKILL) };
+                    }
+                    break vmms;
+                }
+                if start.elapsed() > RUN_TIMEOUT {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Failure::new(format!(
+                        "run {i}: no mvm-vmm with its tap within {}s (taps {taps:?})",
+                        RUN_TIMEOUT.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let code = wait_with_timeout(&mut child, RUN_TIMEOUT)?;
+            if code == Some(0) {
+                return Err(Failure::new(format!(
+                    "run {i}: mvm run exited 0 after its VMM {killed:?} was killed"
+                )));
+            }
+            continue;
+        }
+        let out = command
+            .output()
+            .map_err(|e| Failure::new(format!("starting mvm: {e}")))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if out.status.code() != Some(0) {
+            return Err(Failure::new(format!(
+                "run {i} ({guest_cmd}): mvm run exited {:?}",
+                out.status.code()
+            ))
+            .with_detail(format!(
+                "{}{}",
+                tail("stdout", &stdout, 10),
+                tail("stderr", &String::from_utf8_lossy(&out.stderr), 20)
+            )));
+        }
+        if i == 1 && !stdout.contains("echo: run-1") {
+            return Err(Failure::new(format!(
+                "run 1: the allowed service's answer is missing from stdout {stdout:?}"
+            )));
+        }
+    }
+    if echo.seen_at(REMOTE).len() != 1 {
+        return Err(Failure::new(format!(
+            "the echo service saw {} connections, expected 1",
+            echo.seen_at(REMOTE).len()
+        )));
+    }
+    let after = (mvm_taps()?, mvm_tables()?);
+    if !after.0.is_empty() || !after.1.is_empty() {
+        return Err(Failure::new(format!(
+            "after {RUNS} runs (run {KILLED_RUN} killed): taps {:?}, nftables tables {:?} left",
+            after.0, after.1
+        )));
+    }
+    drop((echo, remote));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -52,10 +52,10 @@ pub struct NetRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// No CAP_NET_ADMIN.
-    #[error("--net needs CAP_NET_ADMIN to create and address a tap (run as root, or give mvm the capability: setcap cap_net_admin+ep); see docs/net.md")]
+    #[error("CAP_NET_ADMIN is needed to create and address a tap (run as root, or give mvm the capability: setcap cap_net_admin+ep); see docs/net.md")]
     NoCapability,
     /// No tun driver.
-    #[error("--net needs {} (the tun module: modprobe tun)", tap::TUN_DEVICE)]
+    #[error("{} is needed (the tun module: modprobe tun)", tap::TUN_DEVICE)]
     NoTun,
     /// This process has made its last tap name.
     #[error(

@@ -157,9 +157,21 @@ pub enum NftError {
     },
 }
 
-/// The `nft` binary: `$MVM_NFT`, else `nft` on `PATH`.
+/// The `nft` binary: `$MVM_NFT`, else the first `nft` in `PATH` or the sbin
+/// directories (a test host's init may run `mvm` with no `PATH` at all), else `nft`.
 fn program() -> String {
-    std::env::var("MVM_NFT").unwrap_or_else(|_| "nft".to_owned())
+    if let Ok(path) = std::env::var("MVM_NFT") {
+        return path;
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| std::path::Path::new(d).join("nft"))
+        .find(|p| p.is_file())
+        .map_or_else(|| "nft".to_owned(), |p| p.display().to_string());
+    found
 }
 
 /// Runs `nft ARGS`, feeding it `stdin`; returns its stdout.

@@ -21,7 +21,11 @@ pub const CASES: &[Case] = &[
     Case::kvm("audit/concurrent-8", concurrent_8),
     Case::kvm("audit/receipt", receipt),
     Case::kvm("audit/denied", denied),
+    Case::kvm("audit/overhead", overhead),
 ];
+
+/// Runs of each kind in `audit/overhead`.
+const OVERHEAD_RUNS: usize = 3;
 
 /// `mvm run`'s exit status for a policy denial (runtime/src/cli/exit.rs).
 const EXIT_DENIED: i32 = 119;
@@ -372,4 +376,55 @@ fn denied(ctx: &Context) -> CaseResult {
     expect_code(&homes.verify(ctx, None)?, 0)?;
     // Within the cap it runs.
     expect_code(&output(homes.run(ctx, &["--cpus", "1", "--", "true"])?)?, 0)
+}
+
+/// Boot report phases (µs since the VMM started) and the run's wall time.
+fn phases(out: &Output, wall: std::time::Duration) -> Result<String, Failure> {
+    let value: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Failure::new(format!("--json: {e}")).with_detail(describe(out)))?;
+    let us = |name: &str| {
+        value
+            .pointer(&format!("/boot_report/{name}"))
+            .and_then(Value::as_u64)
+            .map_or_else(|| "-".to_owned(), |v| format!("{:.1}", v as f64 / 1000.0))
+    };
+    let boot_ms = value
+        .pointer("/timings/boot_ms")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok(format!(
+        "plan_verified {} ms, artifacts_measured {} ms, vm_created {} ms, agent_ready {} ms; mvm boot_ms {boot_ms}, wall {} ms",
+        us("plan_verified"),
+        us("artifacts_measured"),
+        us("vm_created"),
+        us("agent_ready"),
+        wall.as_millis()
+    ))
+}
+
+/// Not a check but a measurement (printed): the same `mvm run --json -- true`
+/// with `--dev` and admitted, alternately, with the VMM's boot report phases
+/// and the wall time of the whole command. Fails only if a run fails.
+fn overhead(ctx: &Context) -> CaseResult {
+    let homes = Homes::new(ctx)?;
+    expect_code(&output(homes.mvm(ctx, &["keys", "init"])?)?, 0)?;
+    for i in 0..OVERHEAD_RUNS {
+        for dev in [true, false] {
+            let mut args = vec!["--json"];
+            if dev {
+                args.push("--dev");
+            }
+            args.extend(["--", "true"]);
+            let start = std::time::Instant::now();
+            let out = output(homes.run(ctx, &args)?)?;
+            let wall = start.elapsed();
+            expect_code(&out, 0)?;
+            println!(
+                "audit/overhead run {i} {}: {}",
+                if dev { "--dev " } else { "signed" },
+                phases(&out, wall)?
+            );
+        }
+    }
+    Ok(())
 }

@@ -115,6 +115,7 @@ pub fn admit_run_in(
     tier: Tier,
     net: Option<&mut crate::net::run::NetPrep>,
 ) -> Result<Admitted, RunError> {
+    let started = std::time::Instant::now();
     let (keys, created) = HostKeys::load_or_create(config)
         .map_err(|e| admission_error("host keys")(e.to_string()))?;
     if created {
@@ -176,7 +177,12 @@ pub fn admit_run_in(
         replay_store: data.join(REPLAY_STORE),
         events: dir.path().join("vmm-events.jsonl"),
     };
-    tracing::info!(plan = %signed.plan.plan_id, digest = %signed.digest, "admitted");
+    tracing::info!(
+        plan = %signed.plan.plan_id,
+        digest = %signed.digest,
+        admission_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "admitted (keys, policy, plan signed, plan_admitted appended)"
+    );
     Ok(Admitted {
         keys,
         log,

@@ -138,6 +138,7 @@ fn execute(
     let output = digests.digests();
     let plan_id = admitted.plan_id().to_owned();
     let vm_id = admitted.vm_id.clone();
+    let finishing = std::time::Instant::now();
     match admitted.finish(
         &spec.argv,
         &result,
@@ -150,6 +151,7 @@ fn execute(
             vm = %vm_id,
             first_seq = evidence.audit.first_seq,
             last_seq = evidence.audit.last_seq,
+            audit_us = u64::try_from(finishing.elapsed().as_micros()).unwrap_or(u64::MAX),
             "run audited"
         ),
         // The workload ran but its evidence is incomplete: that is a failure.

@@ -243,6 +243,24 @@ pub fn compile(role: ThreadRole, mode: Mode) -> Result<BpfProgram, SeccompError>
     BpfProgram::try_from(filter).map_err(|e| compile_err(e.into()))
 }
 
+/// Keeps glibc's allocator inside the filters. Call once at process start, before any
+/// thread exists.
+///
+/// The first time glibc's malloc shrinks a thread arena's heap it opens
+/// `/proc/sys/vm/overcommit_memory` (`check_may_shrink_heap`); no role allows `openat`, so
+/// a device thread that freed a large buffer died with SIGSYS (a guest flooding a vsock
+/// connection past its credit made the device drop that connection's 256 KiB buffer; found
+/// by `scripts/e2e hostile`). With trimming off the allocator never shrinks a heap: freed
+/// memory stays in its arena for reuse, so the process holds at most its peak.
+pub fn keep_allocator_inside_filters() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called before other threads
+    // exist, and M_TRIM_THRESHOLD with a positive value is a documented setting.
+    let ok = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
+    if ok != 1 {
+        tracing::warn!("mallopt(M_TRIM_THRESHOLD) refused; heap trimming may trip seccomp");
+    }
+}
+
 /// Installs `role`'s filter on the calling thread, which is named `thread` in reports.
 /// With [`Mode::Off`] this does nothing. The SIGSYS handler must already be installed
 /// ([`sigsys::install_handler`], once per process, from the main thread).

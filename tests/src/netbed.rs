@@ -241,7 +241,7 @@ impl Cpio {
 /// Where the machine running the cases keeps a static busybox (the test host's own).
 pub const BUSYBOX: &str = "/bin/busybox";
 
-/// What every net guest runs first: busybox applets, /proc, /sys, /tmp, IPv6 off on
+/// What every net guest runs first: busybox applets, /proc, /sys, /tmp, /dev, IPv6 off on
 /// its interface (no autoconfiguration chatter for the filter to drop), the address
 /// and the default route. `say` prints a `NET:` line on the console.
 pub fn guest_prelude() -> String {
@@ -250,6 +250,7 @@ pub fn guest_prelude() -> String {
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmp /tmp
+mount -t devtmpfs dev /dev || mknod /dev/null c 1 3
 say() {{ echo \"NET: $*\"; }}
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6

@@ -414,6 +414,13 @@ fn runs_leave_nothing(ctx: &Context) -> CaseResult {
     }
     let data = crate::cases::run::image_store(ctx)?;
     let config = ctx.work_file("config");
+    // The admission policy (docs/policy.md) denies all egress unless it lists it.
+    std::fs::create_dir_all(&config).map_err(io("create the config directory"))?;
+    std::fs::write(
+        config.join("policy.toml"),
+        format!("[egress]\nallow = [\"{REMOTE}:{ECHO_PORT}\"]\n"),
+    )
+    .map_err(io("write policy.toml"))?;
     let allow = format!("{REMOTE}:{ECHO_PORT}");
     for i in 1..=RUNS {
         let guest_cmd = if i == 1 {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::dma::{Arena, PAGE};
 use super::mmio::{self, reg, Slot, REACT};
-use super::ring::{Part, Vq, F_NEXT, F_WRITE};
+use super::ring::{Part, Vq, F_INDIRECT, F_NEXT, F_WRITE};
 use super::*;
 use crate::guest::blk::{fill_pattern, first_mismatch};
 
@@ -283,6 +283,7 @@ pub const SCENARIOS: &[Scenario<BlkBench>] = &[
     ("q-avail-idx-jump", q_avail_idx_jump),
     ("q-head-out-of-range", q_head_out_of_range),
     ("q-index-wrap", q_index_wrap),
+    ("q-indirect-descriptors", q_indirect_descriptors),
     ("b-valid-write-read", b_valid_write_read),
     ("b-sector-past-end", b_sector_past_end),
     ("b-sector-overflow", b_sector_overflow),
@@ -712,4 +713,65 @@ fn b_too_many_segments(b: &mut BlkBench) -> Result<(), String> {
         return Err("the refused read wrote into its buffer".into());
     }
     b.slot(false).expect_healthy("after 129 segments")
+}
+
+/// Writes a 16-byte descriptor at `off` of data page `page` (an indirect table).
+fn table_entry(
+    b: &mut BlkBench,
+    page: usize,
+    index: usize,
+    (addr, len, flags, next): (u64, u32, u16, u16),
+) -> Result<(), String> {
+    let mut raw = Vec::with_capacity(16);
+    raw.extend_from_slice(&addr.to_le_bytes());
+    raw.extend_from_slice(&len.to_le_bytes());
+    raw.extend_from_slice(&flags.to_le_bytes());
+    raw.extend_from_slice(&next.to_le_bytes());
+    b.arena.page(P_DATA + page)?.write(index * 16, &raw);
+    Ok(())
+}
+
+/// Indirect descriptor tables, although the device does not offer INDIRECT_DESC: a
+/// well-formed one is followed (harmless, documented), a nested one, one whose length is
+/// not a multiple of 16, and an empty one each make the device NEEDS_RESET.
+fn q_indirect_descriptors(b: &mut BlkBench) -> Result<(), String> {
+    let table = b.arena.get(P_DATA + 2)?.phys(0);
+    // A well-formed table: header, 512-byte read buffer, status.
+    let mut vq = b.live(false, 16)?;
+    let hdr = b.header(0, T_IN, 3)?;
+    let data = b.data(0, 0, 512, true)?;
+    let st = b.status_byte(0)?;
+    table_entry(b, 2, 0, (hdr, 16, F_NEXT, 1))?;
+    table_entry(b, 2, 1, (data, 512, F_NEXT | F_WRITE, 2))?;
+    table_entry(b, 2, 2, (st, 1, F_WRITE, 0))?;
+    vq.set_desc(&mut b.arena, 0, table, 48, F_INDIRECT, 0)?;
+    vq.offer(&mut b.arena, 0)?;
+    b.rw.notify(0);
+    let (id, len) = vq.wait_used(&b.arena, REACT)?;
+    expect_status("indirect table", (b.status_of(0)?, len), S_OK, 513)?;
+    if id != 0 {
+        return Err(format!("indirect request used as {id}"));
+    }
+    if let Some(bad) = first_mismatch(RW_SEED, 3 * 512, &b.data_bytes(512)?) {
+        return Err(format!("indirect read wrong at {bad}"));
+    }
+    for (what, entry0, table_len) in [
+        ("nested indirect table", (table, 48, F_INDIRECT, 0), 48),
+        ("indirect table of 17 bytes", (hdr, 16, F_NEXT, 1), 17),
+        ("empty indirect table", (hdr, 16, F_NEXT, 1), 0),
+    ] {
+        b.prepare()?;
+        let mut vq = b.live(false, 16)?;
+        b.header(0, T_IN, 3)?;
+        b.status_byte(0)?;
+        b.data(0, 0, 512, true)?;
+        table_entry(b, 2, 0, entry0)?;
+        table_entry(b, 2, 1, (data, 512, F_NEXT | F_WRITE, 2))?;
+        table_entry(b, 2, 2, (st, 1, F_WRITE, 0))?;
+        vq.set_desc(&mut b.arena, 0, table, table_len, F_INDIRECT, 0)?;
+        vq.offer(&mut b.arena, 0)?;
+        b.rw.notify(0);
+        b.rw.expect_needs_reset(what)?;
+    }
+    Ok(())
 }

@@ -159,6 +159,40 @@ pub fn add_process(cgroup: &VmCgroup, pid: i32) -> Result<(), CgroupSkip> {
     std::fs::write(&procs, pid.to_string()).map_err(io(&procs))
 }
 
+/// Logs how close the VM came to its limits (`memory.peak`, the `max`/`oom_kill` counts
+/// of `memory.events`, `pids.events`), read before the cgroup is removed. A VM that hit
+/// `memory.max` gets a warning: reclaim slows it down, an OOM kill ends it.
+pub fn report_pressure(dir: &Path) {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let memory = read("memory.events");
+    let (max, oom) = (
+        event_count(&memory, "max"),
+        event_count(&memory, "oom_kill"),
+    );
+    let pids = event_count(&read("pids.events"), "max");
+    let peak = read("memory.peak");
+    if max > 0 || oom > 0 || pids > 0 {
+        tracing::warn!(
+            "jail: the VM met its cgroup limits: memory.max {max} times, {oom} OOM kills, \
+             pids.max {pids} times (memory.peak {} bytes)",
+            peak.trim()
+        );
+    } else {
+        tracing::debug!("jail: cgroup memory.peak {} bytes", peak.trim());
+    }
+}
+
+/// The count of `key` in a cgroup `*.events` text (`key N` lines); 0 when absent.
+fn event_count(events: &str, key: &str) -> u64 {
+    events
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+}
+
 /// Removes the cgroup directory once its processes are gone (the kernel may take a moment
 /// after the last one is reaped). Logs when it cannot.
 pub fn remove(dir: &Path) {
@@ -193,6 +227,15 @@ mod tests {
         assert!(files.contains(&("pids.max", "22".to_owned())));
         assert!(files.contains(&("memory.max", ((202u64) << 20).to_string())));
         assert_eq!(l.files(&["pids".to_owned()]).len(), 1);
+    }
+
+    #[test]
+    fn event_counts_are_read_by_key() {
+        let events = "low 0\nhigh 0\nmax 17\noom 1\noom_kill 1\n";
+        assert_eq!(event_count(events, "max"), 17);
+        assert_eq!(event_count(events, "oom_kill"), 1);
+        assert_eq!(event_count(events, "oom_group_kill"), 0);
+        assert_eq!(event_count("max x\n", "max"), 0);
     }
 
     #[test]

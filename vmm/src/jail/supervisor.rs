@@ -217,6 +217,7 @@ fn clean_up(cleanup: &Cleanup) {
         }
     }
     if let Some(cg) = &cleanup.cgroup {
+        cgroup::report_pressure(&cg.dir);
         cgroup::remove(&cg.dir);
     }
 }

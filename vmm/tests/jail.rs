@@ -144,6 +144,7 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
     let root_entries = sorted_entries(&proc_dir.join("root"));
     let dev_entries = sorted_entries(&proc_dir.join("root/dev"));
     let mountinfo = std::fs::read_to_string(proc_dir.join("mountinfo")).unwrap();
+    let rlimits = std::fs::read_to_string(proc_dir.join("limits")).unwrap();
     let own_cgroup = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
     let pid_ns = (ns(&vmm_pid.to_string(), "pid"), ns("self", "pid"));
     let net_ns = (ns(&vmm_pid.to_string(), "net"), ns("self", "net"));
@@ -183,6 +184,20 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
         "Gid: {gid}"
     );
     assert_eq!(status_field(&status, "Groups:"), JAIL_GID.to_string());
+    let soft_limit = |name: &str| {
+        let line = rlimits.lines().find(|l| l.starts_with(name)).unwrap();
+        line.get(26..)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(soft_limit("Max core file size"), "0", "{rlimits}");
+    assert_eq!(soft_limit("Max open files"), "1024", "{rlimits}");
+    if cgroup_parent().is_none() {
+        assert_eq!(soft_limit("Max processes"), "4096", "{rlimits}");
+    }
     // PID 1 of a PID namespace of its own (NSpid: host pid, then 1).
     assert_eq!(
         status_field(&status, "NSpid:"),

@@ -61,7 +61,7 @@ pub struct JailPlan {
     pub cleanup_files: Vec<PathBuf>,
     /// The VM has a net device (keep the host's network namespace for its tap).
     pub has_net: bool,
-    /// Number of threads the VMM will start (for RLIMIT_NPROC and pids.max).
+    /// Number of threads the VMM will start (for pids.max).
     pub threads: u64,
     /// vCPUs (for cpu.max).
     pub vcpus: u64,
@@ -110,8 +110,10 @@ fn io_step(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError 
 
 /// Open-file limit inside the jail: the VMM's own fds plus vsock connections.
 const NOFILE_LIMIT: u64 = 1024;
-/// Threads the VMM may start beyond its own count (std's helper threads, slack).
+/// Threads the VMM may start beyond its own count (std's helper threads, slack): pids.max.
 pub const NPROC_SLACK: u64 = 16;
+/// `RLIMIT_NPROC` without a pids cgroup: every process and thread of the jail uid together.
+pub const SHARED_NPROC_LIMIT: u64 = 4096;
 
 /// Closes every fd above stderr. Call first thing, before the VMM opens anything.
 pub fn close_inherited_fds() {
@@ -142,7 +144,7 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
             "jail: not started as root: no namespaces, per-VM root, cgroup or uid change \
              (rlimits and no_new_privs only)"
         );
-        limits(plan, false)?;
+        limits(false)?;
         no_new_privs()?;
         return Ok(JailState::default());
     }
@@ -190,9 +192,7 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
     if !plan.has_net {
         unshare(CloneFlags::CLONE_NEWNET).map_err(step("new network namespace"))?;
     }
-    // With pids.max on the VM's own cgroup, the per-uid RLIMIT_NPROC (shared by every VM
-    // running as the jail uid) would only make VMs fail each other.
-    limits(plan, !pids_limited)?;
+    limits(!pids_limited)?;
     drop_privileges(uid, gid)?;
     link.rearm_death_signal()?;
     no_new_privs()?;
@@ -243,15 +243,24 @@ fn no_new_privs() -> Result<(), JailError> {
     Ok(())
 }
 
-/// Core size 0 and open files always; processes when `nproc` (it counts every process of
-/// the uid, so only for the jail uid, and only without a pids cgroup).
-fn limits(plan: &JailPlan, nproc: bool) -> Result<(), JailError> {
+/// Core size 0 and open files always; processes when `nproc`.
+///
+/// `RLIMIT_NPROC` counts every process and thread of the uid on the host, so it cannot be
+/// a per-VM limit when VMs share the jail uid: a VM-sized value would make concurrent VMs
+/// fail each other's thread creation. With a `pids` cgroup, `pids.max` is the per-VM limit
+/// and `RLIMIT_NPROC` is left alone; without one, it is a ceiling for all the jail uid's
+/// processes together ([`SHARED_NPROC_LIMIT`]). Either way no filtered thread may `clone`.
+fn limits(nproc: bool) -> Result<(), JailError> {
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
     setrlimit(Resource::RLIMIT_NOFILE, NOFILE_LIMIT, NOFILE_LIMIT)
         .map_err(step("RLIMIT_NOFILE"))?;
     if nproc {
-        let nproc = plan.threads.saturating_add(NPROC_SLACK);
-        setrlimit(Resource::RLIMIT_NPROC, nproc, nproc).map_err(step("RLIMIT_NPROC"))?;
+        setrlimit(
+            Resource::RLIMIT_NPROC,
+            SHARED_NPROC_LIMIT,
+            SHARED_NPROC_LIMIT,
+        )
+        .map_err(step("RLIMIT_NPROC"))?;
     }
     Ok(())
 }

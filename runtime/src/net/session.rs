@@ -207,7 +207,7 @@ impl NetSession {
             self.nat = false;
         }
         if self.tap_created {
-            if let Err(e) = tap::delete(&self.tap) {
+            if let Err(e) = delete_tap_when_free(&self.tap) {
                 tracing::warn!(tap = self.tap, "removing the tap: {e}");
             }
             self.tap_created = false;
@@ -245,6 +245,24 @@ pub fn write_vmm_policy(
         interface.mac,
         path.display()
     ))
+}
+
+/// How long teardown waits for a dying VMM (a jailed child may outlive its reaped
+/// supervisor by a moment) to let go of the tap.
+const TAP_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Deletes the tap, retrying while another process still has it attached (EBUSY); what
+/// is still busy after [`TAP_BUSY_WAIT`] is left to the next start's leftover scan.
+fn delete_tap_when_free(name: &str) -> std::io::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match tap::delete(name) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < TAP_BUSY_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn fixed_subnet(fixed: &NetInterface) -> Result<Subnet, NetError> {

@@ -35,7 +35,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as every device sees it.
@@ -81,6 +81,22 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 2;
 #[must_use]
 pub const fn feature(bit: u32) -> u64 {
     1u64 << bit
+}
+
+/// The next available descriptor chain of `queue`, or why its available ring cannot be
+/// trusted. Devices use this instead of `Queue::pop_descriptor_chain`, which logs and
+/// returns `None` when the driver's available index is more than the queue size ahead of
+/// the device: the "anything new?" check that follows (`enable_notification`) then keeps
+/// answering yes and the device thread spins forever on a hostile guest's ring (found by
+/// the hostile e2e suite on vsock). On `Err` the caller marks the device NEEDS_RESET.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, String> {
+    let mut iter = queue
+        .iter(mem)
+        .map_err(|e| format!("available ring: {e}"))?;
+    Ok(iter.next())
 }
 
 /// What a virtio device exposes to its transport, on the vCPU thread.

@@ -10,7 +10,7 @@
 //! TRANSPORT_RESET event once the driver brings the device back.
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
 
 use super::muxer::Muxer;
 use super::packet::{parse_tx_packet, read_tx_chain, rx_payload_capacity, write_rx_packet};
@@ -19,7 +19,7 @@ use super::{
     VSOCK_EVENT_SIZE, VSOCK_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
-use crate::virtio::{Activation, GuestMemoryMmap, Interrupt};
+use crate::virtio::{next_chain, Activation, GuestMemoryMmap, Interrupt};
 
 /// Epoll token of the muxer's epoll fd in the device loop.
 pub const MUXER_TOKEN: u32 = WORKER_TOKEN_BASE;
@@ -297,23 +297,6 @@ impl VsockWorker {
         }
         signal(queue, mem, interrupt);
     }
-}
-
-/// The next available chain, or why the available ring cannot be trusted.
-///
-/// `Queue::pop_descriptor_chain` logs and returns `None` when the driver's available
-/// index is more than the queue size ahead of the device; the "anything new?" check
-/// that follows (`enable_notification`) then keeps answering yes, and the device thread
-/// would spin forever on a hostile guest's ring. The error makes the caller mark the
-/// device NEEDS_RESET instead.
-fn next_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, String> {
-    let mut iter = queue
-        .iter(mem)
-        .map_err(|e| format!("available ring: {e}"))?;
-    Ok(iter.next())
 }
 
 fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {

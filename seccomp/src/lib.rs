@@ -12,7 +12,6 @@
 //! leave the operator with nothing but a signal number; the trap keeps the default deny and
 //! names the culprit.
 
-pub mod allocator;
 pub mod ioctl;
 pub mod roles;
 pub mod sigsys;

@@ -26,12 +26,17 @@ const FUTEX_WAKE_BITSET: u64 = 10;
 const MAP_PRIVATE_ANONYMOUS: u64 = 0x02 | 0x20;
 const MAP_PRIVATE_ANONYMOUS_NORESERVE: u64 = 0x02 | 0x20 | 0x4000;
 
+/// `fcntl(2)` command `F_GETFD` (debug builds only, below).
+#[cfg(debug_assertions)]
+const F_GETFD: u64 = 1;
+
 /// `madvise(2)` advice: glibc returns freed heap pages with `MADV_DONTNEED` only.
 const MADV_DONTNEED: u64 = 4;
 
 /// What every Rust thread of this process needs, whatever its job.
 fn runtime() -> Vec<Allowed> {
-    vec![
+    #[allow(unused_mut)] // pushed to in debug builds only
+    let mut all = vec![
         allow!(
             SYS_futex,
             "Mutex, Condvar, mpsc channels and thread parking (wait/wake only)",
@@ -90,7 +95,15 @@ fn runtime() -> Vec<Allowed> {
             SYS_exit_group,
             "the process ends (also the SIGSYS handler's _exit)"
         ),
-    ]
+    ];
+    // Debug builds only: std checks an fd is still open (fcntl F_GETFD) before it closes it.
+    #[cfg(debug_assertions)]
+    all.push(allow!(
+        SYS_fcntl,
+        "debug builds: std checks an fd is open (F_GETFD) before closing it",
+        arg 1 in [F_GETFD => "F_GETFD"]
+    ));
+    all
 }
 
 /// A device thread's event loop (event-manager on epoll).

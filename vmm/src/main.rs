@@ -12,8 +12,6 @@ use mvm_vmm::exit::STATUS_BAD_ARGUMENTS;
 fn main() {
     // Zero of the boot report's clock.
     let start = Instant::now();
-    // Before any thread: no malloc path may open a file under the seccomp filters.
-    let single_arena = mvm_seccomp::allocator::single_arena();
     // Before any thread: a heap trim would openat under the device threads' filters.
     mvm_seccomp::keep_allocator_inside_filters();
     tracing_subscriber::fmt()
@@ -23,11 +21,6 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    if !single_arena {
-        tracing::warn!(
-            "mallopt(M_ARENA_MAX, 1) failed: a shrinking thread arena may trip a filter"
-        );
-    }
     // Before clap: `--print-seccomp` needs no --kernel.
     if std::env::args().nth(1).as_deref() == Some("--print-seccomp") {
         print!("{}", mvm_seccomp::describe());

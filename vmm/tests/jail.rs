@@ -57,7 +57,8 @@ fn command(dir: &Path) -> Command {
 }
 
 /// The jailed VMM: the only child of the supervising process `parent`, once its vCPU
-/// exists (the jail is in place before the VM is created).
+/// exists (the jail is in place before the VM is created) and its main thread, the last to
+/// do so, is under its seccomp filter.
 fn jailed_child(parent: u32) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -65,9 +66,13 @@ fn jailed_child(parent: u32) -> u32 {
             .unwrap_or_default();
         if let Some(child) = children.split_whitespace().next() {
             let child: u32 = child.parse().unwrap();
-            if fd_targets(child)
-                .iter()
-                .any(|f| f == "anon_inode:kvm-vcpu:0")
+            let status =
+                std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+            let filtered = status.lines().any(|l| l == "Seccomp:\t2");
+            if filtered
+                && fd_targets(child)
+                    .iter()
+                    .any(|f| f == "anon_inode:kvm-vcpu:0")
             {
                 return child;
             }

@@ -470,14 +470,13 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
-    let signed_egress = plan
+    let signed_net = plan
         .as_ref()
-        .and_then(|p| p.verified.plan.devices.net.as_ref())
-        .map(|n| &n.egress);
+        .and_then(|p| p.verified.plan.devices.net.as_ref());
     let net = match args
         .net
         .as_ref()
-        .map(|n| crate::net::open_net(n, signed_egress))
+        .map(|n| crate::net::open_net(n, signed_net))
         .transpose()
     {
         Ok(n) => n,

@@ -20,8 +20,10 @@
 //! `gateways` the only addresses ARP and NDP may ask about.
 //!
 //! With a signed plan (`--plan`), the allow rules are the plan's `devices.net.egress` and
-//! nothing else: a policy file may then add only `resolvers` and `gateways` (the plan
-//! schema has no place for them yet), and one with `allow` rules is refused.
+//! nothing else: a policy file with `allow` rules is refused. When the plan also names
+//! the guest's interface (`devices.net.interface`), the MAC must be the plan's, and the
+//! resolvers and the gateway are the plan's: a policy file may repeat them, not add any.
+//! Without an interface in the plan, a policy file may add `resolvers` and `gateways`.
 
 use std::io::Read;
 use std::net::IpAddr;
@@ -29,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use mvm_devices::virtio::net::policy::PolicyError;
 use mvm_devices::virtio::net::{EgressRules, MacAddr, Net, NetConfig, NetError, NetWorker, Tap};
-use mvm_loader::plan::{EgressPolicy, EgressRule};
+use mvm_loader::plan::{EgressPolicy, EgressRule, NetDevice};
 use serde::Deserialize;
 
 use crate::attach::{attach_virtio_device, DeviceThread};
@@ -94,6 +96,24 @@ pub enum NetArgError {
     /// The tap could not be opened.
     #[error("--net: {0}")]
     Tap(NetError),
+    /// A policy file naming resolvers or gateways the plan's interface does not.
+    #[error("--net policy {path}: {what} {value} is not in the signed plan's interface")]
+    NotInPlan {
+        /// The file.
+        path: PathBuf,
+        /// `resolver` or `gateway`.
+        what: &'static str,
+        /// The address.
+        value: IpAddr,
+    },
+    /// A `--net mac=` other than the signed plan's.
+    #[error("--net mac={given}: the signed plan's interface has MAC {plan}")]
+    MacNotPlans {
+        /// The plan's MAC.
+        plan: String,
+        /// The one given.
+        given: MacAddr,
+    },
     /// A policy file with allow rules next to a signed plan.
     #[error("--net policy {0}: allow rules come from the signed plan; the file may only name resolvers and gateways")]
     AllowBesidePlan(PathBuf),
@@ -142,11 +162,12 @@ struct PolicyFile {
 }
 
 /// Reads and checks a policy file for a guest with MAC `mac`. With `plan` (the signed
-/// plan's egress section), the allow rules are the plan's and the file may not add any.
+/// plan's net section), the allow rules are the plan's and the file may not add any;
+/// when the plan names the interface, the resolvers and gateway are the plan's too.
 pub fn load_policy(
     path: &Path,
     mac: MacAddr,
-    plan: Option<&EgressPolicy>,
+    plan: Option<&NetDevice>,
 ) -> Result<EgressRules, NetArgError> {
     let read_err = |source| NetArgError::PolicyRead {
         path: path.to_owned(),
@@ -169,20 +190,38 @@ pub fn load_policy(
         Some(_) if !parsed.allow.is_empty() => {
             return Err(NetArgError::AllowBesidePlan(path.to_owned()))
         }
-        Some(signed) => signed.clone(),
+        Some(signed) => signed.egress.clone(),
         None => EgressPolicy {
             allow: parsed.allow,
         },
     };
-    EgressRules::from_plan(
-        &allow,
-        parsed.resolvers,
-        parsed.gateways,
-        Some(mac.octets()),
-    )
-    .map_err(|source| NetArgError::Policy {
-        path: path.to_owned(),
-        source,
+    let (resolvers, gateways) = match plan.and_then(|p| p.interface.as_ref()) {
+        Some(interface) => {
+            let (resolvers, gateways) = plan_addresses(interface);
+            let extra = |what, given: &[IpAddr], signed: &[IpAddr]| {
+                given
+                    .iter()
+                    .find(|a| !signed.contains(a))
+                    .map(|a| NetArgError::NotInPlan {
+                        path: path.to_owned(),
+                        what,
+                        value: *a,
+                    })
+            };
+            if let Some(e) = extra("resolver", &parsed.resolvers, &resolvers)
+                .or_else(|| extra("gateway", &parsed.gateways, &gateways))
+            {
+                return Err(e);
+            }
+            (resolvers, gateways)
+        }
+        None => (parsed.resolvers, parsed.gateways),
+    };
+    EgressRules::from_plan(&allow, resolvers, gateways, Some(mac.octets())).map_err(|source| {
+        NetArgError::Policy {
+            path: path.to_owned(),
+            source,
+        }
     })
 }
 
@@ -193,17 +232,38 @@ pub struct OpenNet {
     worker: NetWorker<Tap>,
 }
 
-/// Reads the policy and opens the tap. `plan` is the signed plan's egress section, when
+/// The resolvers and the gateway a plan's interface names.
+fn plan_addresses(interface: &mvm_loader::plan::NetInterface) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    (
+        interface.resolvers.iter().map(|r| IpAddr::V4(*r)).collect(),
+        vec![IpAddr::V4(interface.gateway)],
+    )
+}
+
+/// Reads the policy and opens the tap. `plan` is the signed plan's net section, when
 /// the VMM boots from a plan.
-pub fn open_net(arg: &NetArg, plan: Option<&EgressPolicy>) -> Result<OpenNet, NetArgError> {
+pub fn open_net(arg: &NetArg, plan: Option<&NetDevice>) -> Result<OpenNet, NetArgError> {
     let policy_err = |source| NetArgError::Policy {
         path: arg.policy.clone().unwrap_or_default(),
         source,
     };
+    if let Some(interface) = plan.and_then(|p| p.interface.as_ref()) {
+        if interface.mac_octets() != Some(arg.mac.octets()) {
+            return Err(NetArgError::MacNotPlans {
+                plan: interface.mac.clone(),
+                given: arg.mac,
+            });
+        }
+    }
     let rules = match (&arg.policy, plan) {
         (Some(path), plan) => load_policy(path, arg.mac, plan)?,
         (None, Some(signed)) => {
-            EgressRules::from_plan(signed, vec![], vec![], Some(arg.mac.octets()))
+            let (resolvers, gateways) = signed
+                .interface
+                .as_ref()
+                .map(plan_addresses)
+                .unwrap_or_default();
+            EgressRules::from_plan(&signed.egress, resolvers, gateways, Some(arg.mac.octets()))
                 .map_err(policy_err)?
         }
         (None, None) => {
@@ -312,13 +372,16 @@ mod tests {
     fn with_a_signed_plan_the_allow_rules_are_the_plans() {
         let dir = tempfile::tempdir().unwrap();
         let mac: MacAddr = "02:00:00:00:00:01".parse().unwrap();
-        let signed = EgressPolicy {
-            allow: vec![EgressRule {
-                host: "192.0.2.7".parse().unwrap(),
-                port: 443,
-                last_port: None,
-                protocol: mvm_loader::plan::Protocol::Tcp,
-            }],
+        let signed = NetDevice {
+            interface: None,
+            egress: EgressPolicy {
+                allow: vec![EgressRule {
+                    host: "192.0.2.7".parse().unwrap(),
+                    port: 443,
+                    last_port: None,
+                    protocol: mvm_loader::plan::Protocol::Tcp,
+                }],
+            },
         };
         let path = dir.path().join("p.json");
         std::fs::write(
@@ -337,5 +400,44 @@ mod tests {
             load_policy(&path, mac, Some(&signed)),
             Err(NetArgError::AllowBesidePlan(_))
         ));
+    }
+
+    #[test]
+    fn a_plans_interface_fixes_the_mac_resolvers_and_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        let mac: MacAddr = "02:00:0a:c8:00:02".parse().unwrap();
+        let signed = NetDevice {
+            interface: Some(mvm_loader::plan::NetInterface {
+                mac: "02:00:0a:c8:00:02".into(),
+                address: "10.200.0.2".parse().unwrap(),
+                prefix_len: 30,
+                gateway: "10.200.0.1".parse().unwrap(),
+                resolvers: vec!["10.0.0.53".parse().unwrap()],
+            }),
+            egress: EgressPolicy::default(),
+        };
+        let path = dir.path().join("p.json");
+        // Repeating the plan's addresses is fine.
+        std::fs::write(
+            &path,
+            r#"{"allow":[],"resolvers":["10.0.0.53"],"gateways":["10.200.0.1"]}"#,
+        )
+        .unwrap();
+        load_policy(&path, mac, Some(&signed)).unwrap();
+        // Adding one is not.
+        for (body, what) in [
+            (r#"{"resolvers":["10.0.0.54"]}"#, "resolver 10.0.0.54"),
+            (r#"{"gateways":["10.200.0.5"]}"#, "gateway 10.200.0.5"),
+        ] {
+            std::fs::write(&path, body).unwrap();
+            let err = load_policy(&path, mac, Some(&signed))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        // A MAC other than the plan's is refused before the tap is opened.
+        let arg = parse_net_arg("tap=nonexistent0,mac=02:00:00:00:00:09").unwrap();
+        let err = open_net(&arg, Some(&signed)).unwrap_err().to_string();
+        assert!(err.contains("02:00:0a:c8:00:02"), "{err}");
     }
 }

@@ -167,6 +167,9 @@ pub struct WorkerLoop<W> {
     interrupt: Interrupt,
     active: bool,
     stopped: bool,
+    /// Resets handled so far: a kick read before a reset was handled belongs to the queues
+    /// that reset took away.
+    resets: u64,
 }
 
 impl<W: QueueWorker> WorkerLoop<W> {
@@ -185,6 +188,7 @@ impl<W: QueueWorker> WorkerLoop<W> {
             interrupt,
             active: false,
             stopped: false,
+            resets: 0,
         }
     }
 
@@ -218,6 +222,16 @@ impl<W: QueueWorker> WorkerLoop<W> {
                         self.worker.reset(ops);
                         self.active = false;
                     }
+                    // Kicks the guest made before it reset the device are for the queues
+                    // just dropped. Consume them here, so a kick still pending in this
+                    // epoll round is not judged later as one made before DRIVER_OK (which
+                    // would mark a freshly reset device NEEDS_RESET). The guest's kick and
+                    // its Status write come from one vCPU in that order, so every such
+                    // kick is already counted in its eventfd.
+                    for fd in &self.notifiers {
+                        let _ = fd.read();
+                    }
+                    self.resets = self.resets.wrapping_add(1);
                     // The transport may have given up waiting; that is its business.
                     let _ = ack.send(());
                 }
@@ -231,12 +245,20 @@ impl<W: QueueWorker> WorkerLoop<W> {
     }
 
     fn queue_notified(&mut self, index: usize, ops: &mut EventOps) {
-        if let Some(fd) = self.notifiers.get(index) {
-            // Coalesced kicks: one pass over the queue serves them all.
-            let _ = fd.read();
+        // Coalesced kicks: one pass over the queue serves them all. An empty eventfd means
+        // a reset consumed the kick (see `drain_commands`): nothing to judge.
+        let kicked = self.notifiers.get(index).map(EventFd::read);
+        if matches!(kicked, Some(Err(_))) {
+            return;
         }
         if !self.active {
+            let resets_before = self.resets;
             self.drain_commands(ops);
+            if self.resets != resets_before {
+                // The kick was read before a reset this drain handled: it was for the
+                // queues that reset dropped.
+                return;
+            }
         }
         if self.interrupt.needs_reset() {
             return;
@@ -410,6 +432,80 @@ mod tests {
         );
         assert!(!irq.needs_reset());
         drop(handle);
+        thread.join().unwrap().unwrap();
+    }
+
+    /// A worker whose `activate` waits for the test's go-ahead, so commands and kicks can
+    /// pile up behind it in a known order.
+    struct Gated {
+        log: Log,
+        gate: mpsc::Receiver<()>,
+    }
+
+    impl QueueWorker for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        fn activate(&mut self, a: Activation, irq: &Interrupt, ops: &mut EventOps) {
+            let _ = self.gate.recv_timeout(Duration::from_secs(5));
+            self.log.activate(a, irq, ops);
+        }
+        fn process_queue(&mut self, index: usize, irq: &Interrupt, ops: &mut EventOps) {
+            self.log.process_queue(index, irq, ops);
+        }
+        fn reset(&mut self, ops: &mut EventOps) {
+            self.log.reset(ops);
+        }
+    }
+
+    #[test]
+    fn a_kick_made_before_a_reset_does_not_brick_the_next_activation() {
+        let (handle, inbox) = channel().unwrap();
+        let notifier = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = notifier.try_clone().unwrap();
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let (go, gate) = mpsc::channel();
+        let log = Log::default();
+        let seen = Arc::clone(&log.0);
+        let thread = spawn(
+            "test-dev",
+            WorkerLoop::new(Gated { log, gate }, inbox, vec![notifier], irq.clone()),
+            || Ok(()),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x1000)]).unwrap();
+        let activation = || Activation {
+            mem: mem.clone(),
+            queues: vec![],
+            acked_features: 0,
+        };
+        // The worker is held inside activate; the guest kicks and then resets the device.
+        handle.activate(activation()).unwrap();
+        kick.write(1).unwrap();
+        let handle = Arc::new(handle);
+        let resetter = {
+            let handle = Arc::clone(&handle);
+            std::thread::spawn(move || handle.reset(Duration::from_secs(5)))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        go.send(()).unwrap();
+        resetter.join().unwrap().unwrap();
+        // The stale kick must not have marked the freshly reset device.
+        assert!(
+            !irq.needs_reset(),
+            "a kick from before the reset marked NEEDS_RESET"
+        );
+        // And the device comes back: a new activation and kick are served.
+        go.send(()).unwrap();
+        handle.activate(activation()).unwrap();
+        kick.write(1).unwrap();
+        wait_for(&seen, 4);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec!["activate 0", "reset", "activate 0", "queue 0"]
+        );
+        assert!(!irq.needs_reset());
+        handle.stop().unwrap();
         thread.join().unwrap().unwrap();
     }
 

@@ -34,6 +34,11 @@ const CONCURRENT: usize = 8;
 /// Their `--ready-timeout`: one TCG boot takes 2-20 s depending on the
 /// machine's load, and the eight share one emulated CPU.
 const CONCURRENT_READY_SECS: &str = "900";
+/// Seconds between the starts of the concurrent runs. Eight nested guests booting at
+/// once on the test host's one emulated CPU crawl (minutes per boot under TCG), so the
+/// boots are staggered; each workload then sleeps until about the same moment, so all
+/// eight VMs are alive together and their records reach the log at about the same time.
+const CONCURRENT_STAGGER_SECS: u64 = 12;
 
 fn fail(what: &str) -> impl FnOnce(std::io::Error) -> Failure + '_ {
     move |e| Failure::new(format!("{what}: {e}"))
@@ -201,7 +206,13 @@ fn concurrent_8(ctx: &Context) -> CaseResult {
     expect_code(&output(homes.mvm(ctx, &["keys", "init"])?)?, 0)?;
     let mut children = Vec::new();
     for i in 0..CONCURRENT {
-        let script = format!("echo run-{i}");
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(CONCURRENT_STAGGER_SECS));
+        }
+        // Run i starts i staggers after the first and sleeps for the remaining ones, so
+        // every run ends at about the same time (boot time apart).
+        let rest = CONCURRENT_STAGGER_SECS * u64::try_from(CONCURRENT - 1 - i).unwrap_or(0);
+        let script = format!("sleep {}; echo run-{i}", rest + 5);
         // Eight boots share the test host's one emulated CPU: give the agents time.
         let mut command = homes.run(
             ctx,

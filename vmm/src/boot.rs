@@ -534,6 +534,9 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
         }
     }
     timeline.mark(Phase::ArgsParsed);
+    if let Some(n) = net.as_ref() {
+        timeline.set_net_metrics(n.metrics());
+    }
     let status = match run(config, timeline.clone(), move |ctx| {
         crate::virtio_devices::attach_disks(ctx, disks)?;
         vsock.map_or(Ok(()), |v| crate::vsock::attach_vsock(ctx, v))?;

@@ -232,6 +232,13 @@ pub struct OpenNet {
     worker: NetWorker<Tap>,
 }
 
+impl OpenNet {
+    /// The device's counters, shared with its thread (the boot report reads them).
+    pub fn metrics(&self) -> std::sync::Arc<mvm_devices::virtio::net::NetMetrics> {
+        self.worker.metrics()
+    }
+}
+
 /// The resolvers and the gateway a plan's interface names.
 fn plan_addresses(interface: &mvm_loader::plan::NetInterface) -> (Vec<IpAddr>, Vec<IpAddr>) {
     (

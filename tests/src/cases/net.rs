@@ -83,7 +83,26 @@ fn guest(ctx: &Context, tap: &HostTap, script: &str, policy: &Path) -> Result<Vm
         policy.display()
     ))
     .arg("--events")
-    .arg(ctx.work_file("events.jsonl")))
+    .arg(ctx.work_file("events.jsonl"))
+    .with_boot_report())
+}
+
+/// A counter of the net device from the run's boot report (`"net"`, written as the VMM
+/// exits).
+fn net_counter(run: &VmRun, name: &str) -> Result<u64, Failure> {
+    let report = match run.boot_report.as_ref() {
+        Some(Ok(report)) => report,
+        Some(Err(e)) => return Err(run.fail(format!("boot report: {e}"))),
+        None => return Err(run.fail("no boot report")),
+    };
+    report
+        .field("net")
+        .and_then(|net| net.get(name))
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| {
+            run.fail(format!("the boot report has no net.{name}"))
+                .with_detail(report.to_line())
+        })
 }
 
 /// The guest's `NET: <key>` line, or a failure with the console attached.
@@ -197,6 +216,17 @@ r=$(timeout 10 nslookup svc.test {OTHER} 2>&1 | tr '\\n' ' '); say \"dns-other [
                 "expected one egress_dropped event for {OTHER}:53/udp"
             ))
             .with_detail(evidence()));
+    }
+    // The device counted what it dropped: at least one frame for each of the three
+    // denied destinations, and it passed the allowed traffic.
+    let denied = net_counter(&run, "tx_denied")?;
+    if denied < 3 {
+        return Err(run.fail(format!(
+            "the device counted {denied} denied frames; three destinations were denied"
+        )));
+    }
+    if net_counter(&run, "tx_frames")? == 0 {
+        return Err(run.fail("the device counted no passed frames"));
     }
     drop((echo, denied_port, dns_ok, dns_other, remote, tap));
     Ok(())

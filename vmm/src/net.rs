@@ -1,5 +1,6 @@
-//! `--net tap=NAME,mac=MAC[,policy=FILE]`: the virtio-net device on a host tap, with its
-//! egress policy enforced in the device.
+//! `--net tap=NAME,mac=MAC[,policy=FILE|off]`: the virtio-net device on a host tap, with its
+//! egress policy enforced in the device (`policy=off`, refused with a signed plan, turns the
+//! check off for benchmarks).
 //!
 //! The value is parsed here ([`parse_net_arg`]); the policy file is read and the tap opened
 //! while the arguments are checked ([`open_net`]), so a bad policy or a missing tap never
@@ -50,16 +51,19 @@ pub struct NetArg {
     pub mac: MacAddr,
     /// The policy file, if any.
     pub policy: Option<PathBuf>,
+    /// `policy=off`: no egress check at all, for measuring what the check costs. Refused
+    /// with a signed plan, so only a `--dev` boot can have it.
+    pub unchecked: bool,
 }
 
 /// Why `--net` was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum NetArgError {
     /// A malformed, unknown or repeated `key=value` item.
-    #[error("--net: unknown, malformed or repeated item {0:?} (expected tap=NAME,mac=MAC[,policy=FILE])")]
+    #[error("--net: unknown, malformed or repeated item {0:?} (expected tap=NAME,mac=MAC[,policy=FILE|off])")]
     Item(String),
     /// A required key is missing.
-    #[error("--net: {0}= is required (expected tap=NAME,mac=MAC[,policy=FILE])")]
+    #[error("--net: {0}= is required (expected tap=NAME,mac=MAC[,policy=FILE|off])")]
     Missing(&'static str),
     /// The MAC does not parse.
     #[error("--net: {0}")]
@@ -114,6 +118,9 @@ pub enum NetArgError {
         /// The one given.
         given: MacAddr,
     },
+    /// `policy=off` next to a signed plan.
+    #[error("--net policy=off: a signed plan's egress policy cannot be switched off (policy=off is for --dev benchmarks)")]
+    UncheckedWithPlan,
     /// A policy file with allow rules next to a signed plan.
     #[error("--net policy {0}: allow rules come from the signed plan; the file may only name resolvers and gateways")]
     AllowBesidePlan(PathBuf),
@@ -124,11 +131,12 @@ pub fn parse_net_value(value: &str) -> Result<NetArg, String> {
     parse_net_arg(value).map_err(|e| e.to_string())
 }
 
-/// Parses `tap=NAME,mac=MAC[,policy=FILE]`.
+/// Parses `tap=NAME,mac=MAC[,policy=FILE|off]`.
 pub fn parse_net_arg(value: &str) -> Result<NetArg, NetArgError> {
     let mut tap = None;
     let mut mac = None;
     let mut policy = None;
+    let mut unchecked = false;
     for item in value.split(',') {
         let bad = || NetArgError::Item(item.chars().take(64).collect());
         match item.split_once('=') {
@@ -136,7 +144,8 @@ pub fn parse_net_arg(value: &str) -> Result<NetArg, NetArgError> {
             Some(("mac", v)) if mac.is_none() => {
                 mac = Some(v.parse::<MacAddr>().map_err(NetArgError::Mac)?)
             }
-            Some(("policy", v)) if !v.is_empty() && policy.is_none() => {
+            Some(("policy", "off")) if policy.is_none() && !unchecked => unchecked = true,
+            Some(("policy", v)) if !v.is_empty() && policy.is_none() && !unchecked => {
                 policy = Some(PathBuf::from(v))
             }
             _ => return Err(bad()),
@@ -146,6 +155,7 @@ pub fn parse_net_arg(value: &str) -> Result<NetArg, NetArgError> {
         tap: tap.ok_or(NetArgError::Missing("tap"))?,
         mac: mac.ok_or(NetArgError::Missing("mac"))?,
         policy,
+        unchecked,
     })
 }
 
@@ -261,6 +271,20 @@ pub fn open_net(arg: &NetArg, plan: Option<&NetDevice>) -> Result<OpenNet, NetAr
                 given: arg.mac,
             });
         }
+    }
+    if arg.unchecked {
+        if plan.is_some() {
+            return Err(NetArgError::UncheckedWithPlan);
+        }
+        tracing::warn!(tap = %arg.tap, "--net policy=off: NO egress check; for benchmarks under --dev only");
+        eprintln!("mvm-vmm: warning: --net policy=off: every frame the guest sends reaches the tap unchecked");
+        let config = NetConfig {
+            tap: arg.tap.clone(),
+            mac: arg.mac,
+            rules: EgressRules::unchecked(),
+        };
+        let (front, worker) = Net::open(&config).map_err(NetArgError::Tap)?;
+        return Ok(OpenNet { front, worker });
     }
     let rules = match (&arg.policy, plan) {
         (Some(path), plan) => load_policy(path, arg.mac, plan)?,
@@ -446,5 +470,28 @@ mod tests {
         let arg = parse_net_arg("tap=nonexistent0,mac=02:00:00:00:00:09").unwrap();
         let err = open_net(&arg, Some(&signed)).unwrap_err().to_string();
         assert!(err.contains("02:00:0a:c8:00:02"), "{err}");
+        // A signed plan's policy cannot be switched off.
+        let arg = parse_net_arg("tap=nonexistent0,mac=02:00:0a:c8:00:02,policy=off").unwrap();
+        let err = open_net(&arg, Some(&signed)).unwrap_err();
+        assert!(matches!(err, NetArgError::UncheckedWithPlan), "{err}");
+    }
+
+    #[test]
+    fn policy_off_parses_once_and_never_with_a_file() {
+        let a = parse_net_arg("tap=t,mac=02:00:00:00:00:01,policy=off").unwrap();
+        assert!(a.unchecked);
+        assert_eq!(a.policy, None);
+        assert!(
+            !parse_net_arg("tap=t,mac=02:00:00:00:00:01")
+                .unwrap()
+                .unchecked
+        );
+        for bad in [
+            "tap=t,mac=02:00:00:00:00:01,policy=off,policy=/p.json",
+            "tap=t,mac=02:00:00:00:00:01,policy=/p.json,policy=off",
+            "tap=t,mac=02:00:00:00:00:01,policy=off,policy=off",
+        ] {
+            assert!(parse_net_arg(bad).is_err(), "{bad}");
+        }
     }
 }

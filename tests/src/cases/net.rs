@@ -8,7 +8,8 @@
 //! on its console with `NET: <key> ...` lines.
 //!
 //! `bench/net-*` (run only when named: `scripts/e2e bench/net`) move the same stream
-//! with the policy's one exact rule and with an allow-all rule set, and print MiB/s.
+//! with the policy's one exact rule, with an allow-all rule set, and with no check at all
+//! (`policy=off`, a `--dev`-only switch), and print MiB/s.
 
 use std::net::UdpSocket;
 use std::path::Path;
@@ -33,6 +34,7 @@ pub const CASES: &[Case] = &[
 pub const BENCH: &[Case] = &[
     Case::kvm("bench/net-policy", bench_policy),
     Case::kvm("bench/net-allow-all", bench_allow_all),
+    Case::kvm("bench/net-off", bench_off),
 ];
 
 /// The allowed echo port.
@@ -65,8 +67,15 @@ fn write_policy(path: &Path, allow: &str, resolvers: &[&str]) -> Result<(), Fail
     std::fs::write(path, text).map_err(io("write the policy"))
 }
 
-/// A guest on `tap` running `script`, with the policy and an events file.
-fn guest(ctx: &Context, tap: &HostTap, script: &str, policy: &Path) -> Result<VmLaunch, Failure> {
+/// A guest on `tap` running `script`, with the policy file (`None`: `policy=off`, no
+/// check) and an events file.
+fn guest(
+    ctx: &Context,
+    tap: &HostTap,
+    script: &str,
+    policy: Option<&Path>,
+) -> Result<VmLaunch, Failure> {
+    let policy = policy.map_or_else(|| "off".to_owned(), |p| p.display().to_string());
     let initrd = ctx.work_file("net-guest.cpio");
     write_guest_initramfs(&initrd, script)?;
     Ok(VmLaunch::new(
@@ -78,9 +87,8 @@ fn guest(ctx: &Context, tap: &HostTap, script: &str, policy: &Path) -> Result<Vm
     .cmdline("console=ttyS0 quiet panic=-1 reboot=k")
     .arg("--net")
     .arg(format!(
-        "tap={},mac={GUEST_MAC},policy={}",
-        tap.name(),
-        policy.display()
+        "tap={},mac={GUEST_MAC},policy={policy}",
+        tap.name()
     ))
     .arg("--events")
     .arg(ctx.work_file("events.jsonl"))
@@ -146,7 +154,7 @@ r=$(timeout 10 nslookup svc.test {OTHER} 2>&1 | tr '\\n' ' '); say \"dns-other [
 ",
         prelude = crate::netbed::guest_prelude()
     );
-    let run = guest(ctx, &tap, &script, &policy_file)?.run()?;
+    let run = guest(ctx, &tap, &script, Some(&policy_file))?.run()?;
     run.expect_exit(0)?;
     let events = std::fs::read_to_string(ctx.work_file("events.jsonl")).unwrap_or_default();
     let evidence = || tail("events", &events, 20);
@@ -240,7 +248,8 @@ struct Bulk {
 
 /// Moves `bytes` host to guest (the source), then the same bytes guest to host (the
 /// sink); checks the sha256 at both ends of both directions.
-fn bulk(ctx: &Context, bytes: u64, allow: &str, label: &str) -> Result<Bulk, Failure> {
+/// `allow` is the policy's rules; `None` runs the device with no check (`policy=off`).
+fn bulk(ctx: &Context, bytes: u64, allow: Option<&str>, label: &str) -> Result<Bulk, Failure> {
     let tap = HostTap::create(&format!("e2et-{label}"))?;
     let remote = Remote::create(&format!("e2en-{label}"), &format!("e2ev-{label}"))?;
     let (source, sink) = remote.within(|| {
@@ -250,7 +259,9 @@ fn bulk(ctx: &Context, bytes: u64, allow: &str, label: &str) -> Result<Bulk, Fai
         ))
     })?;
     let policy_file = ctx.work_file("policy.json");
-    write_policy(&policy_file, allow, &[])?;
+    if let Some(allow) = allow {
+        write_policy(&policy_file, allow, &[])?;
+    }
     let script = format!(
         "{prelude}
 timeout 800 nc {REMOTE} {SOURCE_PORT} </dev/null > /tmp/blob
@@ -259,7 +270,7 @@ r=$(timeout 800 nc {REMOTE} {SINK_PORT} < /tmp/blob); say \"up [$r]\"
 ",
         prelude = crate::netbed::guest_prelude()
     );
-    let run = guest(ctx, &tap, &script, &policy_file)?
+    let run = guest(ctx, &tap, &script, allow.map(|_| policy_file.as_path()))?
         .mem_mib(BULK_MEM_MIB)
         .timeout(BULK_TIMEOUT)
         .run()?;
@@ -319,11 +330,11 @@ fn exact_rule() -> String {
 }
 
 fn bulk_64mib(ctx: &Context) -> CaseResult {
-    bulk(ctx, BULK_BYTES, &exact_rule(), "bulk").map(|_| ())
+    bulk(ctx, BULK_BYTES, Some(&exact_rule()), "bulk").map(|_| ())
 }
 
 fn bench_policy(ctx: &Context) -> CaseResult {
-    bulk(ctx, BENCH_BYTES, &exact_rule(), "bpol").map(|_| ())
+    bulk(ctx, BENCH_BYTES, Some(&exact_rule()), "bpol").map(|_| ())
 }
 
 /// Every TCP and UDP port on every IPv4 address: the check still runs on each frame,
@@ -331,7 +342,12 @@ fn bench_policy(ctx: &Context) -> CaseResult {
 fn bench_allow_all(ctx: &Context) -> CaseResult {
     let all = "{\"host\":\"0.0.0.0/0\",\"port\":1,\"last_port\":65535,\"protocol\":\"tcp\"},\
                {\"host\":\"0.0.0.0/0\",\"port\":1,\"last_port\":65535,\"protocol\":\"udp\"}";
-    bulk(ctx, BENCH_BYTES, all, "ball").map(|_| ())
+    bulk(ctx, BENCH_BYTES, Some(all), "ball").map(|_| ())
+}
+
+/// No egress check at all (`policy=off`): the device's cost without the policy.
+fn bench_off(ctx: &Context) -> CaseResult {
+    bulk(ctx, BENCH_BYTES, None, "boff").map(|_| ())
 }
 
 /// `mvm run --net` invocations in the runs case.

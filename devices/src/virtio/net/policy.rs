@@ -175,6 +175,9 @@ pub struct EgressRules {
     resolvers: Vec<IpAddr>,
     gateways: Vec<IpAddr>,
     guest_mac: Option<Mac>,
+    /// Benchmarks only (`mvm-vmm --dev --net ..,policy=off`): pass every frame without
+    /// parsing or judging it. False in every other constructor, `Default` included.
+    unchecked: bool,
 }
 
 /// Why a frame is dropped.
@@ -261,6 +264,7 @@ impl EgressRules {
             resolvers,
             gateways,
             guest_mac,
+            unchecked: false,
         })
     }
 
@@ -488,6 +492,24 @@ pub struct EgressFilter {
     dropped: u64,
 }
 
+impl EgressRules {
+    /// No policy at all: every frame passes unparsed. Only for measuring what the check
+    /// costs (`--dev` benchmarks); a signed plan never yields this.
+    #[must_use]
+    pub fn unchecked() -> Self {
+        Self {
+            unchecked: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether this is [`EgressRules::unchecked`].
+    #[must_use]
+    pub fn is_unchecked(&self) -> bool {
+        self.unchecked
+    }
+}
+
 impl EgressFilter {
     /// A filter enforcing `rules`, with no drops counted yet.
     #[must_use]
@@ -508,6 +530,10 @@ impl EgressFilter {
 
     /// Parses and judges one frame (without the virtio header) and counts the outcome.
     pub fn check(&mut self, frame: &[u8]) -> Decision {
+        if self.rules.unchecked {
+            self.passed = self.passed.saturating_add(1);
+            return Decision::Pass;
+        }
         let (reason, destination) = match parse_frame(frame) {
             Ok(parsed) => match self.rules.decide(&parsed) {
                 Verdict::Allow => {
@@ -922,6 +948,24 @@ mod tests {
         assert_eq!(filter.drops_to(&Destination::Malformed), 1);
         assert_eq!((filter.passed(), filter.dropped()), (1, 5));
         assert_eq!(to80.to_string(), "192.0.2.7:80/tcp");
+    }
+
+    #[test]
+    fn only_the_unchecked_rules_pass_everything() {
+        // Default and an empty rule set deny; only the benchmark's unchecked rules pass,
+        // malformed frames included (nothing is parsed).
+        for rules in [EgressRules::default(), rules()] {
+            assert!(!rules.is_unchecked());
+            let mut filter = EgressFilter::new(rules);
+            assert!(matches!(filter.check(&[0u8; 10]), Decision::Drop { .. }));
+        }
+        let mut filter = EgressFilter::new(EgressRules::unchecked());
+        assert_eq!(
+            filter.check(&tcp4(Ipv4Addr::new(203, 0, 113, 9), 25)),
+            Decision::Pass
+        );
+        assert_eq!(filter.check(&[0u8; 10]), Decision::Pass);
+        assert_eq!((filter.passed(), filter.dropped()), (2, 0));
     }
 
     #[test]

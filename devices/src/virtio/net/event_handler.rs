@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
 
 use super::frame::ETH_HLEN;
 use super::metrics::NetMetrics;
@@ -25,7 +25,7 @@ use super::{
     VNET_HDR_OFF_NUM_BUFFERS, VNET_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
-use crate::virtio::{feature, Activation, DeviceEvent, GuestMemoryMmap, Interrupt};
+use crate::virtio::{feature, next_chain, Activation, DeviceEvent, GuestMemoryMmap, Interrupt};
 
 /// Epoll token of the tap fd in the device loop.
 pub const TAP_TOKEN: u32 = WORKER_TOKEN_BASE;
@@ -82,20 +82,6 @@ impl<B> std::fmt::Debug for NetWorker<B> {
 
 fn count(counter: &std::sync::atomic::AtomicU64) {
     NetMetrics::add(counter, 1);
-}
-
-/// The next chain the driver made available. Unlike `Queue::pop_descriptor_chain`,
-/// which answers `None` both for "nothing new" and for an available index impossibly far
-/// ahead, a broken ring is an error (NEEDS_RESET): otherwise `enable_notification`
-/// keeps reporting work that is never popped, and the device thread spins.
-fn next_chain<'m>(
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, String> {
-    let mut iter = queue
-        .iter(mem)
-        .map_err(|e| format!("available ring: {e}"))?;
-    Ok(iter.next())
 }
 
 fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {

@@ -230,7 +230,18 @@ pub fn run_blk(guest: &Guest) -> Result<Ending, GuestError> {
         blk::BlkBench::prepare,
         blk::BlkBench::after,
     );
-    match bench.recover() {
+    finish(guest, bench.recover(), passed, failed)
+}
+
+/// The last lines of a hostile mode: whether the attacked device came back under its
+/// driver, then the tally.
+fn finish(
+    guest: &Guest,
+    recovered: Result<String, String>,
+    passed: usize,
+    failed: usize,
+) -> Result<Ending, GuestError> {
+    match recovered {
         Ok(line) => guest.console.say(&format!("{SAY_RECOVERED}{line}")),
         Err(e) => guest.console.say(&format!("hostile recovery failed: {e}")),
     }
@@ -253,14 +264,7 @@ pub fn run_vsock(guest: &Guest) -> Result<Ending, GuestError> {
         vsock::VsockBench::prepare,
         vsock::VsockBench::after,
     );
-    match bench.recover() {
-        Ok(line) => guest.console.say(&format!("{SAY_RECOVERED}{line}")),
-        Err(e) => guest.console.say(&format!("hostile recovery failed: {e}")),
-    }
-    guest
-        .console
-        .say(&format!("{SAY_DONE}{passed} passed, {failed} failed"));
-    Ok(Ending::PowerOff)
+    finish(guest, bench.recover(), passed, failed)
 }
 
 #[cfg(test)]

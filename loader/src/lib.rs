@@ -4,6 +4,7 @@
 
 pub mod dsse;
 pub mod kernel;
+pub mod limits;
 pub mod measure;
 pub mod plan;
 pub mod replay;

@@ -44,6 +44,21 @@ pub fn check(condition: bool, reason: impl FnOnce() -> String) -> CaseResult {
     }
 }
 
+/// Where a case runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Beside a real KVM: inside the test host, or directly on a machine with
+    /// hardware virtualization.
+    Kvm,
+    /// On the machine the user has, whatever it is: these cases drive `mvm`
+    /// through the tier that machine gives (`emulated` on a host without
+    /// hardware virtualization, `kvm` on one with it), as a user would.
+    UserHost,
+}
+
+/// The time limit a case gets unless it names its own.
+pub const DEFAULT_LIMIT: Duration = Duration::from_secs(300);
+
 /// One end-to-end case.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
@@ -52,6 +67,11 @@ pub struct Case {
     /// Whether the case needs a usable KVM. Such a case never skips: no KVM
     /// is a failure.
     pub needs_kvm: bool,
+    /// Where the case runs.
+    pub place: Place,
+    /// How long the case may take; past it the runner kills the case's
+    /// processes, reports `FAIL name (timed out after N s)` and goes on.
+    pub limit: Duration,
     /// The case body.
     pub run: fn(&Context) -> CaseResult,
 }
@@ -62,17 +82,41 @@ impl Case {
         Self {
             name,
             needs_kvm: true,
+            place: Place::Kvm,
+            limit: DEFAULT_LIMIT,
             run,
         }
     }
 
-    /// A case that only runs host processes (no KVM needed).
+    /// A case that only runs host processes (no KVM needed), beside the
+    /// KVM cases.
     pub const fn host(name: &'static str, run: fn(&Context) -> CaseResult) -> Self {
         Self {
             name,
             needs_kvm: false,
+            place: Place::Kvm,
+            limit: DEFAULT_LIMIT,
             run,
         }
+    }
+
+    /// A case that runs `mvm` on the user's machine through the tier it
+    /// gives (see [`Place::UserHost`]).
+    pub const fn user_host(name: &'static str, run: fn(&Context) -> CaseResult) -> Self {
+        Self {
+            name,
+            needs_kvm: false,
+            place: Place::UserHost,
+            limit: DEFAULT_LIMIT,
+            run,
+        }
+    }
+
+    /// The same case with its own time limit.
+    #[must_use]
+    pub const fn limit_secs(mut self, secs: u64) -> Self {
+        self.limit = Duration::from_secs(secs);
+        self
     }
 }
 

@@ -7,8 +7,9 @@
 //! `boot/elf` selects `boot/elf-1cpu` and `boot/elf-2cpu`). The empty pattern
 //! and `all` select every case.
 
-/// Names of benchmark cases, left out of the default run.
-pub const BENCH_PREFIX: &str = "bench/";
+/// Areas whose cases run only when a pattern names them: benchmarks, and the
+/// runner's own self-tests (a case made to hang, to prove the time limit).
+pub const EXPLICIT_ONLY: [&str; 2] = ["bench/", "selftest/"];
 
 /// A parsed case-name pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +29,12 @@ impl Pattern {
         Self { alternatives }
     }
 
-    /// Whether the case called `name` is selected. Benchmarks (`bench/*`) run only
-    /// when a pattern names them, never in the default (empty or `all`) run.
+    /// Whether the case called `name` is selected. Benchmarks (`bench/*`) and
+    /// self-tests (`selftest/*`) run only when a pattern names them, never in the
+    /// default (empty or `all`) run.
     pub fn matches(&self, name: &str) -> bool {
         if self.alternatives.is_empty() {
-            return !name.starts_with(BENCH_PREFIX);
+            return !EXPLICIT_ONLY.iter().any(|p| name.starts_with(p));
         }
         self.alternatives.iter().any(|alt| {
             if alt.contains('*') {
@@ -90,6 +92,8 @@ mod tests {
         assert!(!Pattern::parse("all").matches("bench/net-policy"));
         assert!(Pattern::parse("bench").matches("bench/net-policy"));
         assert!(Pattern::parse("bench/net").matches("bench/net-allow-all"));
+        assert!(!Pattern::parse("").matches("selftest/hang"));
+        assert!(Pattern::parse("selftest").matches("selftest/hang"));
     }
 
     #[test]

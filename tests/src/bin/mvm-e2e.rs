@@ -1,18 +1,30 @@
-//! `mvm-e2e [--artifacts DIR] [--work DIR] [--list] [PATTERN]`: runs the
-//! end-to-end cases whose names match PATTERN on this machine's KVM, one
-//! line per case, then `N passed, N failed`. Exits 0 only if something ran
-//! and nothing failed. See docs/e2e.md.
+//! `mvm-e2e [--artifacts DIR] [--work DIR] [--place kvm|user-host|all]
+//! [--limit SECS] [--list] [PATTERN]`: runs the end-to-end cases whose names
+//! match PATTERN, each in its own process under its own time limit, one line
+//! per case, then `N passed, N failed`. Exits 0 only if something ran and
+//! nothing failed. `--one NAME` runs one case in this process (what the runner
+//! starts for each case). See docs/e2e.md.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use mvm_tests::{cases, pattern::Pattern, runner};
+use mvm_tests::case::Place;
+use mvm_tests::runner::{self, Isolation};
+use mvm_tests::{cases, pattern::Pattern};
+
+const USAGE: &str = "usage: mvm-e2e [--artifacts DIR] [--work DIR] [--place kvm|user-host|all] \
+                     [--limit SECS] [--list] [PATTERN] | --one NAME";
 
 struct Args {
     artifacts: PathBuf,
     work: PathBuf,
     list: bool,
+    /// Which cases: `None` is every place.
+    place: Option<Place>,
+    limit: Option<Duration>,
+    one: Option<String>,
     pattern: String,
 }
 
@@ -20,6 +32,9 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut artifacts = std::env::var_os("MVM_E2E_ARTIFACTS").map(PathBuf::from);
     let mut work = std::env::temp_dir().join("mvm-e2e");
     let mut list = false;
+    let mut place = Some(Place::Kvm);
+    let mut limit = None;
+    let mut one = None;
     let mut pattern = None;
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
@@ -29,8 +44,31 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             Some("--work") => work = args.next().context("--work needs a directory")?.into(),
             Some("--list") => list = true,
+            Some("--place") => {
+                place = match args.next().and_then(|v| v.into_string().ok()).as_deref() {
+                    Some("kvm") => Some(Place::Kvm),
+                    Some("user-host") => Some(Place::UserHost),
+                    Some("all") => None,
+                    other => bail!("--place must be kvm, user-host or all, not {other:?}"),
+                }
+            }
+            Some("--limit") => {
+                let secs: u64 = args
+                    .next()
+                    .and_then(|v| v.into_string().ok())
+                    .and_then(|v| v.parse().ok())
+                    .context("--limit needs a number of seconds")?;
+                limit = Some(Duration::from_secs(secs));
+            }
+            Some("--one") => {
+                one = Some(
+                    args.next()
+                        .and_then(|v| v.into_string().ok())
+                        .context("--one needs a case name")?,
+                );
+            }
             Some("-h" | "--help") => {
-                println!("usage: mvm-e2e [--artifacts DIR] [--work DIR] [--list] [PATTERN]");
+                println!("{USAGE}");
                 std::process::exit(0);
             }
             Some(p) if !p.starts_with('-') && pattern.is_none() => pattern = Some(p.to_owned()),
@@ -51,6 +89,9 @@ fn parse_args() -> anyhow::Result<Args> {
         artifacts,
         work,
         list,
+        place,
+        limit,
+        one,
         pattern: pattern.unwrap_or_default(),
     })
 }
@@ -64,19 +105,46 @@ fn main() -> ExitCode {
         }
     };
     let all = cases::all();
+    if let Some(name) = &args.one {
+        let Some(case) = all.iter().find(|c| c.name == name) else {
+            eprintln!("mvm-e2e: no case named {name}");
+            return ExitCode::from(2);
+        };
+        let passed = runner::run_here(case, &args.artifacts, &args.work, &mut std::io::stdout());
+        return if passed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let selected: Vec<_> = all
+        .into_iter()
+        .filter(|c| args.place.is_none_or(|p| c.place == p))
+        .collect();
     let pattern = Pattern::parse(&args.pattern);
     if args.list {
-        for case in all.iter().filter(|c| pattern.matches(c.name)) {
+        for case in selected.iter().filter(|c| pattern.matches(c.name)) {
             println!("{}", case.name);
         }
         return ExitCode::SUCCESS;
     }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("mvm-e2e: locate this binary: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let tally = runner::run(
-        &all,
+        &selected,
         &pattern,
         &args.artifacts,
         &args.work,
         &mut std::io::stdout(),
+        &Isolation::Subprocess {
+            exe,
+            limit: args.limit,
+        },
     );
     if tally.success() {
         ExitCode::SUCCESS

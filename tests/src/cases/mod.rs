@@ -8,6 +8,7 @@ pub mod boot;
 pub mod hostile;
 pub mod net;
 pub mod run;
+pub mod selftest;
 pub mod verify;
 pub mod vsock;
 
@@ -25,6 +26,7 @@ pub fn all() -> Vec<Case> {
         hostile::CASES,
         net::CASES,
         net::BENCH,
+        selftest::CASES,
     ]
     .concat()
 }

@@ -9,6 +9,7 @@ pub mod hostile;
 pub mod net;
 pub mod run;
 pub mod selftest;
+pub mod tier;
 pub mod verify;
 pub mod vsock;
 
@@ -27,6 +28,7 @@ pub fn all() -> Vec<Case> {
         net::CASES,
         net::BENCH,
         selftest::CASES,
+        tier::CASES,
     ]
     .concat()
 }

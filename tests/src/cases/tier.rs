@@ -1,0 +1,151 @@
+//! `tier/*`: the README's main job, `mvm run`, on the machine the user has,
+//! through the tier it gives (no `--backend`): `emulated` on a host without
+//! hardware virtualization (these build machines), `kvm` on one with it. These
+//! cases run on that machine itself, not inside the test host; `scripts/e2e`
+//! runs them first (`mvm-e2e --place user-host`).
+//!
+//! Each case asks `mvm doctor --json` which tier the host gives, and checks
+//! that `mvm run` used it.
+
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::case::{Case, CaseResult, Context, Failure};
+use crate::cases::run::{describe, expect_code, image_store, mvm_with, output};
+
+/// The cases. Each `mvm run` on the emulated tier boots a QEMU test host and
+/// a VM inside it: tens of seconds on a loaded machine.
+pub const CASES: &[Case] = &[
+    Case::user_host("tier/exit-and-streams", exit_and_streams).limit_secs(420),
+    Case::user_host("tier/bulk-16mib", bulk_16mib).limit_secs(420),
+    Case::user_host("tier/json", json).limit_secs(420),
+];
+
+/// Bytes of the bulk case's stdout.
+const BULK_BYTES: usize = 16 << 20;
+
+/// `mvm SUBCOMMAND ARGS` with the artifacts' binaries and image store, keys
+/// and policy under the case's work directory.
+fn mvm(ctx: &Context, subcommand: &str, args: &[&str]) -> Result<Command, Failure> {
+    let data = image_store(ctx)?;
+    let mut command = mvm_with(ctx, &data, &ctx.work_file("config"))?;
+    command.arg(subcommand).args(args).stdin(Stdio::null());
+    Ok(command)
+}
+
+/// The tier `mvm doctor --json` chooses on this host; a host with none fails
+/// the case (a user would get exit 120).
+fn chosen_tier(ctx: &Context) -> Result<String, Failure> {
+    let out = output(mvm(ctx, "doctor", &["--json"])?)?;
+    let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Failure::new(format!("mvm doctor --json is not JSON: {e}")).with_detail(describe(&out))
+    })?;
+    doctor
+        .get("chosen")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Failure::new("mvm doctor --json chose no tier: this host cannot run mvm")
+                .with_detail(describe(&out))
+        })
+}
+
+/// The tier `mvm run` announced on stderr (`mvm: tier: NAME ...`), if any.
+fn announced(out: &Output, tier: &str) -> bool {
+    String::from_utf8_lossy(&out.stderr).contains(tier)
+}
+
+/// Exit status and the two streams, apart.
+fn exit_and_streams(ctx: &Context) -> CaseResult {
+    let tier = chosen_tier(ctx)?;
+    let out = output(mvm(
+        ctx,
+        "run",
+        &["--", "sh", "-c", "echo out; echo err >&2; exit 7"],
+    )?)?;
+    expect_code(&out, 7)?;
+    if out.stdout != b"out\n" {
+        return Err(Failure::new(format!(
+            "stdout {:?}, expected \"out\\n\"",
+            String::from_utf8_lossy(&out.stdout)
+        ))
+        .with_detail(describe(&out)));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stderr.lines().any(|l| l == "err") || stderr.contains("out\n") {
+        return Err(Failure::new("stderr lacks \"err\" or carries stdout").with_detail(describe(&out)));
+    }
+    if tier == "emulated" && !announced(&out, "emulated") {
+        return Err(Failure::new("the emulated tier was not named on stderr").with_detail(describe(&out)));
+    }
+    Ok(())
+}
+
+/// 16 MiB of random bytes from the guest arrive whole: the digest the guest
+/// computed (on stderr) is the digest of what reached our stdout.
+fn bulk_16mib(ctx: &Context) -> CaseResult {
+    let script = format!(
+        "head -c {BULK_BYTES} /dev/urandom > /tmp/bulk && sha256sum /tmp/bulk >&2 && cat /tmp/bulk"
+    );
+    let out = output(mvm(ctx, "run", &["--", "sh", "-c", &script])?)?;
+    expect_code(&out, 0)?;
+    let short = || describe_short(&out);
+    if out.stdout.len() != BULK_BYTES {
+        return Err(Failure::new(format!(
+            "stdout has {} bytes, expected {BULK_BYTES}",
+            out.stdout.len()
+        ))
+        .with_detail(short()));
+    }
+    let ours = hex::encode(Sha256::digest(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let guests = stderr
+        .lines()
+        .find(|l| l.ends_with("/tmp/bulk"))
+        .and_then(|l| l.split_whitespace().next())
+        .ok_or_else(|| Failure::new("the guest printed no sha256sum line").with_detail(short()))?;
+    if guests != ours {
+        return Err(Failure::new(format!(
+            "stdout sha256 {ours}, the guest's {guests}"
+        )));
+    }
+    Ok(())
+}
+
+/// `describe` without 16 MiB of stdout in it.
+fn describe_short(out: &Output) -> String {
+    crate::case::tail("stderr", &String::from_utf8_lossy(&out.stderr), 20)
+}
+
+/// `--json`: one object on stdout, with the workload's streams, status and
+/// the tier the host gave.
+fn json(ctx: &Context) -> CaseResult {
+    let tier = chosen_tier(ctx)?;
+    let out = output(mvm(
+        ctx,
+        "run",
+        &["--json", "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"],
+    )?)?;
+    expect_code(&out, 3)?;
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Failure::new(format!("--json output is not one JSON object: {e}")).with_detail(describe(&out))
+    })?;
+    let field = |name: &str| value.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    let checks = [
+        ("stdout", field("stdout") == "hi\n"),
+        ("stderr", field("stderr") == "oops\n"),
+        ("exit_status", field("exit_status") == 3),
+        ("tier", field("tier") == tier.as_str()),
+    ];
+    for (name, ok) in checks {
+        if !ok {
+            return Err(Failure::new(format!(
+                "--json field {name} is {}, (tier expected {tier})",
+                field(name)
+            ))
+            .with_detail(describe(&out)));
+        }
+    }
+    Ok(())
+}

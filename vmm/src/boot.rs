@@ -31,11 +31,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::{mptable, regs, zero_page};
 use crate::boot_report::{BootTimeline, Phase};
-use crate::cli::{self, Args, ConsoleTarget, VmConfig};
+use crate::cli::Args;
+use crate::config::{self, ConfigError, ConsoleTarget, HostLimits, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
 use crate::layout;
 use crate::vcpu::{Vcpu, VcpuContext, VcpuError, VmEvent};
+use crate::verified_boot::{self, BootPlan, EventLog, Refusal};
 use crate::vm::{self, Vm, VmError};
 
 /// Errors setting up the VM.
@@ -387,16 +389,109 @@ pub fn run(
     Ok(reason)
 }
 
+/// How the VMM stops before the guest runs; [`run_cli`] reports it once (boot report,
+/// stderr, events) and exits with its status.
+#[derive(Debug)]
+pub enum Stop {
+    /// Verified boot refused: a `boot_refused` event, the refusal's own status.
+    Refused {
+        /// The plan's id, once its signature verified.
+        plan_id: Option<String>,
+        /// Why (boxed: a refusal carries both digests and the plan's values).
+        refusal: Box<Refusal>,
+    },
+    /// A bad argument, or more than the host allows: `invalid_arguments`, status 2.
+    Invalid(String),
+    /// The VMM itself failed: `vmm_error`, status 1.
+    Failed(String),
+}
+
+/// Everything ready before the jail: the configuration read (and, with a plan,
+/// measured) and every device's backend open.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The VM to boot.
+    pub config: VmConfig,
+    /// The verified plan's id; `None` with `--dev`.
+    pub plan_id: Option<String>,
+    /// The disks, in `--disk` order, pinned ones with their verifiers.
+    pub disks: Vec<crate::virtio_devices::OpenDisk>,
+    /// The vsock device, its socket listening.
+    pub vsock: Option<crate::vsock::OpenVsock>,
+    /// Removes the vsock socket file when dropped.
+    pub vsock_socket: Option<crate::vsock::SocketFileGuard>,
+    /// The net device, its tap open.
+    pub net: Option<crate::net::OpenNet>,
+}
+
+/// From the parsed command line to a VM ready to create, in boot-report order: the
+/// plan verified (`plan_verified`), the configuration resolved against the plan and the
+/// host, the artifacts measured (`artifacts_measured`), the devices opened. Nothing
+/// here touches KVM.
+pub fn prepare(
+    args: &Args,
+    timeline: &BootTimeline,
+    events: &EventLog,
+    host: &HostLimits,
+) -> Result<Prepared, Stop> {
+    let plan = verified_boot::verify_plan(args, timeline).map_err(|refusal| Stop::Refused {
+        plan_id: None,
+        refusal: Box::new(refusal),
+    })?;
+    let plan_id = plan.as_ref().map(|p| p.plan_id().to_owned());
+    let refused = |refusal| Stop::Refused {
+        plan_id: plan_id.clone(),
+        refusal: Box::new(refusal),
+    };
+    let mut config = match config::resolve(args, plan.as_ref().map(BootPlan::plan), host) {
+        Ok(c) => c,
+        Err(ConfigError::Plan(disagreement)) => {
+            return Err(refused(Refusal::Mismatch {
+                plan_id: plan_id.clone().unwrap_or_default(),
+                disagreement,
+            }))
+        }
+        Err(ConfigError::Arg(e)) => return Err(Stop::Invalid(e.to_string())),
+    };
+    if let Some(p) = &plan {
+        verified_boot::measure(p, &mut config, timeline, events).map_err(refused)?;
+    }
+    let mut disks =
+        crate::virtio_devices::open_disks(&args.disks).map_err(|e| Stop::Invalid(e.to_string()))?;
+    let (vsock, vsock_socket) = match args.vsock.as_ref().map(crate::vsock::open_vsock) {
+        None => (None, None),
+        Some(Ok((open, guard))) => (Some(open), Some(guard)),
+        Some(Err(e)) => return Err(Stop::Invalid(format!("--vsock: {e}"))),
+    };
+    let signed_net = plan.as_ref().and_then(|p| p.plan().devices.net.as_ref());
+    let net = args
+        .net
+        .as_ref()
+        .map(|n| crate::net::open_net(n, signed_net))
+        .transpose()
+        .map_err(|e| Stop::Invalid(e.to_string()))?;
+    verified_boot::attach_verity(plan, &mut disks, events);
+    Ok(Prepared {
+        config,
+        plan_id,
+        disks,
+        vsock,
+        vsock_socket,
+        net,
+    })
+}
+
 /// The whole `mvm-vmm` command: validate, boot, supervise, report. Returns the
-/// process exit status; the caller exits with it.
-pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
+/// process exit status; the caller exits with it. `timeline` has `args_parsed` marked
+/// (by `main`, as clap returns).
+pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
     let report_path = args.boot_report.clone();
     if !args.jail.no_jail {
         crate::jail::close_inherited_fds();
     }
     // Never dropped: the fd closes with the process (in debug builds, dropping a File
     // checks it with fcntl, which the main thread's filter does not allow).
-    let report_file = match report_path.as_deref().map(cli::check_boot_report) {
+    let report_file = match report_path.as_deref().map(config::check_boot_report) {
         None => None,
         Some(Ok(f)) => Some(std::mem::ManuallyDrop::new(f)),
         Some(Err(e)) => {
@@ -415,79 +510,44 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
         eprintln!("mvm-vmm: {e}");
         return STATUS_BAD_ARGUMENTS;
     }
-    // Verified boot: the plan before anything is read, the artifacts right after.
-    let events = match crate::verified_boot::EventLog::open(args.verify.events.as_deref()) {
+    let events = match EventLog::open(args.verify.events.as_deref()) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("mvm-vmm: --events: {e}");
             return STATUS_BAD_ARGUMENTS;
         }
     };
-    crate::verified_boot::route_device_events(&events);
-    let refuse = |plan_id: Option<&str>, r: crate::verified_boot::Refusal| {
-        events.boot_refused(plan_id, &r);
-        timeline.set_exit(r.reason());
+    verified_boot::route_device_events(&events);
+    let stop = |stop: Stop| {
+        let (reason, message, status) = match &stop {
+            Stop::Refused { plan_id, refusal } => {
+                events.boot_refused(plan_id.as_deref(), refusal);
+                (
+                    refusal.reason(),
+                    format!("boot refused ({}): {refusal}", refusal.reason()),
+                    refusal.status(),
+                )
+            }
+            Stop::Invalid(e) => ("invalid_arguments", e.clone(), STATUS_BAD_ARGUMENTS),
+            Stop::Failed(e) => ("vmm_error", e.clone(), STATUS_VMM_ERROR),
+        };
+        timeline.set_exit(reason);
         write_report(&timeline);
-        eprintln!("mvm-vmm: boot refused ({}): {r}", r.reason());
-        r.status()
+        eprintln!("mvm-vmm: {message}");
+        status
     };
-    let plan = match crate::verified_boot::verify_plan(&mut args, &timeline) {
+    let Prepared {
+        config,
+        plan_id,
+        disks,
+        vsock,
+        // Removes the VM's socket file when this function returns.
+        vsock_socket: _vsock_socket,
+        net,
+    } = match prepare(&args, &timeline, &events, &HostLimits::of_this_host()) {
         Ok(p) => p,
-        Err(r) => return refuse(None, r),
+        Err(s) => return stop(s),
     };
-    let plan_id = plan.as_ref().map(|p| p.plan_id().to_owned());
-    let mut config = match cli::validate(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            timeline.set_exit("invalid_arguments");
-            write_report(&timeline);
-            eprintln!("mvm-vmm: {e}");
-            return STATUS_BAD_ARGUMENTS;
-        }
-    };
-    if let Some(p) = &plan {
-        if let Err(r) = crate::verified_boot::measure(p, &mut config, &timeline, &events) {
-            return refuse(plan_id.as_deref(), r);
-        }
-    }
-    let mut disks = match crate::virtio_devices::open_disks(&args.disks) {
-        Ok(d) => d,
-        Err(e) => {
-            timeline.set_exit("invalid_arguments");
-            write_report(&timeline);
-            eprintln!("mvm-vmm: {e}");
-            return STATUS_BAD_ARGUMENTS;
-        }
-    };
-    // The guard removes the VM's socket file when this function returns.
-    let (vsock, _vsock_socket) = match args.vsock.as_ref().map(crate::vsock::open_vsock) {
-        None => (None, None),
-        Some(Ok((open, guard))) => (Some(open), Some(guard)),
-        Some(Err(e)) => {
-            timeline.set_exit("invalid_arguments");
-            write_report(&timeline);
-            eprintln!("mvm-vmm: --vsock: {e}");
-            return STATUS_BAD_ARGUMENTS;
-        }
-    };
-    let signed_net = plan
-        .as_ref()
-        .and_then(|p| p.verified.plan.devices.net.as_ref());
-    let net = match args
-        .net
-        .as_ref()
-        .map(|n| crate::net::open_net(n, signed_net))
-        .transpose()
-    {
-        Ok(n) => n,
-        Err(e) => {
-            timeline.set_exit("invalid_arguments");
-            write_report(&timeline);
-            eprintln!("mvm-vmm: {e}");
-            return STATUS_BAD_ARGUMENTS;
-        }
-    };
-    crate::verified_boot::attach_verity(plan, &mut disks, &events);
     // Jail call site: every file is open; the VMM is still one thread.
     let jail = crate::jail::JailPlan {
         // Guest-initiated vsock connections go to `<uds>_<port>` by path.
@@ -500,11 +560,11 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
         cleanup_files: args.vsock.iter().map(|v| v.uds_path.clone()).collect(),
         has_net: net.is_some(),
         // main, signals, console-in, one per vCPU and per device.
-        threads: u64::from(args.vcpus)
+        threads: u64::from(config.vcpus)
             .saturating_add(3)
             .saturating_add(u64::try_from(disks.len()).unwrap_or(u64::MAX))
             .saturating_add(2),
-        vcpus: u64::from(args.vcpus),
+        vcpus: u64::from(config.vcpus),
         mem_bytes: config.mem_bytes,
         image_bytes: u64::try_from(
             config
@@ -526,14 +586,8 @@ pub fn run_cli(mut args: Args, timeline: Arc<BootTimeline>) -> i32 {
                 });
             }
         }
-        Err(e) => {
-            timeline.set_exit("vmm_error");
-            write_report(&timeline);
-            eprintln!("mvm-vmm: {e}");
-            return STATUS_VMM_ERROR;
-        }
+        Err(e) => return stop(Stop::Failed(e.to_string())),
     }
-    timeline.mark(Phase::ArgsParsed);
     if let Some(n) = net.as_ref() {
         timeline.set_net_metrics(n.metrics());
     }
@@ -573,7 +627,136 @@ fn write_report_to(file: &std::fs::File, timeline: &BootTimeline) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
     use std::time::Instant;
+
+    use crate::config::tests::{elf_file, plan_for};
+
+    const HOST: HostLimits = HostLimits {
+        mem_available_mib: Some(4096),
+        allow_overcommit: false,
+    };
+
+    /// The phases up to the VM's creation that happened, in the report's field order,
+    /// must be non-decreasing.
+    fn assert_phases_in_order(timeline: &BootTimeline) {
+        let r = timeline.report();
+        let phases = [
+            ("args_parsed", r.args_parsed),
+            ("plan_verified", r.plan_verified),
+            ("artifacts_measured", r.artifacts_measured),
+            ("kernel_loaded", r.kernel_loaded),
+            ("vm_created", r.vm_created),
+        ];
+        let happened: Vec<(&str, u64)> = phases
+            .iter()
+            .filter_map(|(name, at)| at.map(|t| (*name, t)))
+            .collect();
+        for pair in happened.windows(2) {
+            let [(a, ta), (b, tb)] = pair else { continue };
+            assert!(ta <= tb, "{a} ({ta} us) after {b} ({tb} us): {r:?}");
+        }
+    }
+
+    /// `main`'s part: the timeline, then clap, then the mark.
+    fn parsed(argv: &[&str]) -> (Args, BootTimeline) {
+        let timeline = BootTimeline::new(Instant::now());
+        let args = Args::try_parse_from(argv).unwrap();
+        timeline.mark(Phase::ArgsParsed);
+        (args, timeline)
+    }
+
+    #[test]
+    fn a_dev_boot_prepares_with_its_phases_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = elf_file(dir.path());
+        let (args, timeline) = parsed(&["mvm-vmm", "--dev", "--kernel", k.to_str().unwrap()]);
+        let p = prepare(&args, &timeline, &EventLog::default(), &HOST).unwrap();
+        assert_eq!((p.config.vcpus, p.config.mem_bytes), (1, 128 << 20));
+        assert_eq!(p.plan_id, None);
+        let r = timeline.report();
+        assert!(
+            r.args_parsed.is_some() && r.plan_verified.is_none(),
+            "{r:?}"
+        );
+        assert_phases_in_order(&timeline);
+    }
+
+    #[test]
+    fn a_signed_boot_prepares_with_its_phases_in_order_and_the_plans_resources() {
+        use ed25519_dalek::SigningKey;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let k = elf_file(d);
+        let cmdline = "console=ttyS0";
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let trust = d.join("admission.pub");
+        std::fs::write(
+            &trust,
+            mvm_loader::dsse::format_public_key(&key.verifying_key()),
+        )
+        .unwrap();
+        let sign = |nonce: &str| {
+            let mut plan = plan_for(&k, cmdline);
+            plan.nonce = nonce.repeat(16);
+            let signed = mvm_loader::plan::envelope::sign_plan(plan, &key).unwrap();
+            let path = d.join(format!("plan-{nonce}.json"));
+            std::fs::write(&path, signed.envelope.to_json()).unwrap();
+            path
+        };
+        let argv = |plan: &std::path::Path, extra: &[&str]| {
+            let mut v: Vec<String> = [
+                "mvm-vmm",
+                "--plan",
+                plan.to_str().unwrap(),
+                "--trust",
+                trust.to_str().unwrap(),
+                "--replay-store",
+                d.join("replay").to_str().unwrap(),
+                "--kernel",
+                k.to_str().unwrap(),
+                "--cmdline",
+                cmdline,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let events = d.join("events.jsonl");
+        let log = EventLog::open(Some(&events)).unwrap();
+
+        // Flags left out: the plan's 2 vCPUs and 256 MiB.
+        let plan = sign("a1");
+        let a = argv(&plan, &[]);
+        let (args, timeline) = parsed(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let p = prepare(&args, &timeline, &log, &HOST).unwrap();
+        assert_eq!((p.config.vcpus, p.config.mem_bytes), (2, 256 << 20));
+        assert_eq!(p.plan_id.as_deref(), Some("config-test"));
+        let r = timeline.report();
+        assert!(
+            r.plan_verified.is_some() && r.artifacts_measured.is_some(),
+            "{r:?}"
+        );
+        assert_phases_in_order(&timeline);
+
+        // An explicit value that disagrees is a plan refusal naming both values.
+        let plan = sign("a2");
+        let a = argv(&plan, &["--mem-mib", "128"]);
+        let (args, timeline) = parsed(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let Err(Stop::Refused { plan_id, refusal }) = prepare(&args, &timeline, &log, &HOST) else {
+            panic!("not refused");
+        };
+        assert_eq!(plan_id.as_deref(), Some("config-test"));
+        assert_eq!(refusal.reason(), "plan_mismatch");
+        assert_eq!(refusal.status(), verified_boot::STATUS_PLAN_MISMATCH);
+        assert_eq!(
+            refusal.to_string(),
+            "--mem-mib 128 disagrees with the signed plan's memory_mib 256"
+        );
+        assert!(timeline.report().artifacts_measured.is_none());
+    }
 
     struct FailingSink;
     impl Write for FailingSink {

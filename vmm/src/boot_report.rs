@@ -17,8 +17,14 @@
 //! `tx_denied` (frames the egress policy dropped; each destination's first drop is also an
 //! `egress_dropped` event): `{"tx_frames":120,"tx_denied":7,"tx_malformed":0,..}`.
 //!
-//! A phase that never happened is `null`. `plan_verified` and
-//! `artifacts_measured` are reserved for plan verification (not done yet).
+//! Each phase is stamped when it ends, so the phases that happened are in field order
+//! (non-decreasing) up to `first_kvm_run`: `args_parsed` as clap returns,
+//! `plan_verified` when the signature, window and nonce passed, `artifacts_measured`
+//! when the kernel, initramfs and command line matched the plan (after the
+//! configuration was resolved and the files read), then `kernel_loaded` and
+//! `vm_created` (after the jail). `first_serial_byte` and `init_reached` may come in
+//! either order. A phase that never happened is `null`: with `--dev`, `plan_verified`
+//! and `artifacts_measured` are.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,11 +37,12 @@ use serde::Serialize;
 /// A phase of the VM's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Arguments parsed and validated.
+    /// The command line parsed (stamped by `main` as clap returns; its values are
+    /// checked against the plan and the host afterwards).
     ArgsParsed,
-    /// The execution plan's signature verified (reserved).
+    /// The execution plan's signature, validity window and nonce verified.
     PlanVerified,
-    /// Artifacts measured against the plan (reserved).
+    /// The kernel, initramfs and command line measured against the plan.
     ArtifactsMeasured,
     /// Kernel (and initramfs) copied into guest memory.
     KernelLoaded,

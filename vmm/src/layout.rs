@@ -77,8 +77,9 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 /// KVM's 3-page TSS region (VMX), right after the identity-map page.
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 
-/// Most memory a VM may have (sanity bound on `--mem-mib`).
-pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+/// Most memory a VM may have: `mvm_loader::limits::MAX_MEMORY_MIB` (the one limit the
+/// runtime admits against), in bytes.
+pub const MAX_MEMORY_BYTES: u64 = mvm_loader::limits::MAX_MEMORY_MIB << 20;
 
 // The fixed regions of the hole must not collide; checked at compile time.
 const _: () = {

@@ -1,8 +1,9 @@
 //! `mvm-vmm`: KVM setup, memory layout, vCPU threads, x86_64 boot state, device
 //! wiring, event loops and the jail.
 //!
-//! The boot path, top to bottom: [`cli`] validates arguments into a
-//! [`cli::VmConfig`] before anything touches KVM; [`boot::run`] creates the
+//! The boot path, top to bottom: [`cli`] parses the arguments; [`verified_boot`]
+//! checks the signed plan; [`config`] resolves the arguments and the plan into one
+//! validated [`config::VmConfig`] before anything touches KVM; [`boot::run`] creates the
 //! [`vm::Vm`] (KVM VM, in-kernel IOAPIC/LAPIC/PIT, guest memory laid out by
 //! [`layout`]), wires the legacy devices and any virtio-mmio devices through
 //! [`device_manager`] (each virtio device through [`attach`]), loads the kernel, writes the x86_64 boot state
@@ -14,6 +15,7 @@ pub mod attach;
 pub mod boot;
 pub mod boot_report;
 pub mod cli;
+pub mod config;
 pub mod device_manager;
 pub mod exit;
 pub mod jail;

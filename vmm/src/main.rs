@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use mvm_vmm::boot_report::BootTimeline;
+use mvm_vmm::boot_report::{BootTimeline, Phase};
 use mvm_vmm::cli::Args;
 use mvm_vmm::exit::STATUS_BAD_ARGUMENTS;
 
@@ -37,7 +37,10 @@ fn main() {
             });
         }
     };
-    let status = mvm_vmm::boot::run_cli(args, Arc::new(BootTimeline::new(start)));
+    let timeline = Arc::new(BootTimeline::new(start));
+    // The phase ends here: what follows (plan, configuration, jail) has its own marks.
+    timeline.mark(Phase::ArgsParsed);
+    let status = mvm_vmm::boot::run_cli(args, timeline);
     // Ends every thread (vCPUs, console input, signal waiter) with the process.
     std::process::exit(status);
 }

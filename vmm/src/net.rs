@@ -110,14 +110,6 @@ pub enum NetArgError {
         /// The address.
         value: IpAddr,
     },
-    /// A `--net mac=` other than the signed plan's.
-    #[error("--net mac={given}: the signed plan's interface has MAC {plan}")]
-    MacNotPlans {
-        /// The plan's MAC.
-        plan: String,
-        /// The one given.
-        given: MacAddr,
-    },
     /// `policy=off` next to a signed plan.
     #[error("--net policy=off: a signed plan's egress policy cannot be switched off (policy=off is for --dev benchmarks)")]
     UncheckedWithPlan,
@@ -258,20 +250,12 @@ fn plan_addresses(interface: &mvm_loader::plan::NetInterface) -> (Vec<IpAddr>, V
 }
 
 /// Reads the policy and opens the tap. `plan` is the signed plan's net section, when
-/// the VMM boots from a plan.
+/// the VMM boots from a plan (whose MAC `config::check_devices` already matched).
 pub fn open_net(arg: &NetArg, plan: Option<&NetDevice>) -> Result<OpenNet, NetArgError> {
     let policy_err = |source| NetArgError::Policy {
         path: arg.policy.clone().unwrap_or_default(),
         source,
     };
-    if let Some(interface) = plan.and_then(|p| p.interface.as_ref()) {
-        if interface.mac_octets() != Some(arg.mac.octets()) {
-            return Err(NetArgError::MacNotPlans {
-                plan: interface.mac.clone(),
-                given: arg.mac,
-            });
-        }
-    }
     if arg.unchecked {
         if plan.is_some() {
             return Err(NetArgError::UncheckedWithPlan);
@@ -466,9 +450,21 @@ mod tests {
                 .to_string();
             assert!(err.contains(what), "{err}");
         }
-        // A MAC other than the plan's is refused before the tap is opened.
-        let arg = parse_net_arg("tap=nonexistent0,mac=02:00:00:00:00:09").unwrap();
-        let err = open_net(&arg, Some(&signed)).unwrap_err().to_string();
+        // A MAC other than the plan's is refused (as a plan disagreement, while the
+        // configuration is resolved) before the tap is opened.
+        let mut plan = crate::config::tests::plan_for(&dir.path().join("p.json"), "");
+        plan.devices.net = Some(signed.clone());
+        let args = <crate::cli::Args as clap::Parser>::try_parse_from([
+            "mvm-vmm",
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=nonexistent0,mac=02:00:00:00:00:09",
+        ])
+        .unwrap();
+        let err = crate::config::check_devices(&args, &plan)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("02:00:0a:c8:00:02"), "{err}");
         // A signed plan's policy cannot be switched off.
         let arg = parse_net_arg("tap=nonexistent0,mac=02:00:0a:c8:00:02,policy=off").unwrap();

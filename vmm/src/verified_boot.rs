@@ -3,9 +3,10 @@
 //! Order, each step only if the one before passed: the envelope's signature by a
 //! trusted key; the plan (schema, unknown fields, rules); its validity window against
 //! the host clock with [`CLOCK_SKEW`] either side; its nonce against the host's replay
-//! store (which survives restarts); the resources and devices on the command line
-//! against the plan; then measurement: the kernel and initramfs bytes that
-//! [`crate::cli::validate`] read once are hashed and compared, and those same bytes are
+//! store (which survives restarts); the disks on the command line against the plan's;
+//! then [`crate::config::resolve`] settles the other flags the plan pins (vCPUs, memory,
+//! vsock, net) and reads the kernel and initramfs; then measurement: those bytes, read
+//! once, are hashed and compared, and those same bytes are
 //! loaded (no window between measuring and loading); the command line given with
 //! `--cmdline` is compared exactly, before the VMM appends its `virtio_mmio.device=`
 //! entries (so the plan pins what the user asked for, not the VMM's slot layout).
@@ -36,7 +37,8 @@ use mvm_loader::verity::{VerityVerifier, DEFAULT_CACHE_BLOCKS};
 use serde_json::{json, Map, Value};
 
 use crate::boot_report::{BootTimeline, Phase};
-use crate::cli::{Args, VmConfig};
+use crate::cli::Args;
+use crate::config::{PlanDisagreement, VmConfig};
 
 /// Largest envelope file read.
 const MAX_ENVELOPE_FILE: u64 = 256 * 1024;
@@ -144,17 +146,13 @@ pub enum Refusal {
     /// Signature, plan, window or nonce.
     #[error("{0}")]
     Plan(#[from] PlanVerifyError),
-    /// A resource or device on the command line that the plan does not allow.
-    #[error("{what}: plan {plan}, command line {given}")]
+    /// A resource or device on the command line that disagrees with the plan.
+    #[error("{disagreement}")]
     Mismatch {
         /// The (verified) plan's id, for the event.
         plan_id: String,
-        /// What differs.
-        what: &'static str,
-        /// The plan's value.
-        plan: String,
-        /// The command line's value.
-        given: String,
+        /// The flag, the plan's field and both values.
+        disagreement: PlanDisagreement,
     },
     /// A measured artifact differs from the plan.
     #[error("{0}")]
@@ -354,6 +352,11 @@ impl BootPlan {
     pub fn plan_id(&self) -> &str {
         &self.verified.plan.plan_id
     }
+
+    /// The verified plan's contents.
+    pub fn plan(&self) -> &mvm_loader::plan::Plan {
+        &self.verified.plan
+    }
 }
 
 fn read_limited(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, Refusal> {
@@ -372,11 +375,11 @@ fn read_limited(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, 
     Ok(bytes)
 }
 
-/// Step 1 (before the kernel is read): signature, plan, window, nonce; then the
-/// resources and devices on the command line against the plan. With `--dev`,
-/// warns and returns `None`. `args.vcpus` and `args.mem_mib` are set from the plan
-/// (a value given on the command line must equal the plan's).
-pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<BootPlan>, Refusal> {
+/// Step 1 (before the kernel is read): signature, plan, window, nonce; then the disks
+/// on the command line against the plan's, each pinned one with its dm-verity tree.
+/// With `--dev`, warns and returns `None`. The other flags the plan pins are settled by
+/// [`crate::config::resolve`].
+pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPlan>, Refusal> {
     let Some(plan_path) = args.verify.plan.clone() else {
         if args.verify.dev {
             eprintln!(
@@ -423,60 +426,33 @@ pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<Bo
 
     let plan = &verified.plan;
     let plan_id = plan.plan_id.clone();
-    let mismatch = |what, plan: String, given: String| Refusal::Mismatch {
+    let mismatch = |flag, given: usize, field, plan: usize| Refusal::Mismatch {
         plan_id: plan_id.clone(),
-        what,
-        plan,
-        given,
+        disagreement: PlanDisagreement {
+            flag,
+            given: given.to_string(),
+            field,
+            plan: plan.to_string(),
+        },
     };
-    let want_vcpus = u32::from(plan.resources.vcpus);
-    if args.vcpus != want_vcpus && args.vcpus != 1 {
-        return Err(mismatch(
-            "--vcpus",
-            want_vcpus.to_string(),
-            args.vcpus.to_string(),
-        ));
-    }
-    args.vcpus = want_vcpus;
-    let want_mib = u64::from(plan.resources.memory_mib);
-    if args.mem_mib != want_mib && args.mem_mib != 128 {
-        return Err(mismatch(
-            "--mem-mib",
-            want_mib.to_string(),
-            args.mem_mib.to_string(),
-        ));
-    }
-    args.mem_mib = want_mib;
-    match (&plan.devices.vsock, &args.vsock) {
-        (None, Some(v)) => return Err(mismatch("--vsock", "none".into(), v.guest_cid.to_string())),
-        (Some(p), Some(v)) if u64::from(p.guest_cid) != v.guest_cid => {
-            return Err(mismatch(
-                "--vsock cid",
-                p.guest_cid.to_string(),
-                v.guest_cid.to_string(),
-            ))
-        }
-        _ => {}
-    }
-    if plan.devices.net.is_none() && args.net.is_some() {
-        return Err(mismatch("--net", "none".into(), "a net device".into()));
-    }
 
     // Disks: the read-only ones are the plan's pinned disks in order, the writable ones
     // its scratch disks in order.
     let (ro, rw): (Vec<_>, Vec<_>) = args.disks.iter().partition(|d| d.read_only);
     if ro.len() != plan.artifacts.disks.len() {
         return Err(mismatch(
-            "read-only --disk count",
-            plan.artifacts.disks.len().to_string(),
-            ro.len().to_string(),
+            "the read-only --disk count",
+            ro.len(),
+            "artifacts.disks count",
+            plan.artifacts.disks.len(),
         ));
     }
     if rw.len() != plan.devices.scratch_disks.len() {
         return Err(mismatch(
-            "read-write --disk count",
-            plan.devices.scratch_disks.len().to_string(),
-            rw.len().to_string(),
+            "the read-write --disk count",
+            rw.len(),
+            "devices.scratch_disks count",
+            plan.devices.scratch_disks.len(),
         ));
     }
     for (disk, scratch) in rw.iter().zip(&plan.devices.scratch_disks) {
@@ -520,7 +496,7 @@ pub fn verify_plan(args: &mut Args, timeline: &BootTimeline) -> Result<Option<Bo
     Ok(Some(BootPlan { verified, pinned }))
 }
 
-/// Step 2 (after [`crate::cli::validate`] read the kernel and initramfs once):
+/// Step 2 (after [`crate::config::resolve`] read the kernel and initramfs once):
 /// measures those very bytes and the command line against the plan, then writes
 /// `boot_verified` with every digest.
 pub fn measure(
@@ -660,10 +636,10 @@ mod tests {
     #[test]
     fn no_plan_without_dev_is_refused_and_dev_is_allowed() {
         let t = BootTimeline::new(std::time::Instant::now());
-        let mut a = Args::try_parse_from(["mvm-vmm", "--kernel", "/k"]).unwrap();
-        assert!(matches!(verify_plan(&mut a, &t), Err(Refusal::NoPlan)));
-        let mut a = Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--dev"]).unwrap();
-        assert!(verify_plan(&mut a, &t).unwrap().is_none());
+        let a = Args::try_parse_from(["mvm-vmm", "--kernel", "/k"]).unwrap();
+        assert!(matches!(verify_plan(&a, &t), Err(Refusal::NoPlan)));
+        let a = Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--dev"]).unwrap();
+        assert!(verify_plan(&a, &t).unwrap().is_none());
         assert!(
             Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--dev", "--plan", "/p"]).is_err()
         );
@@ -697,9 +673,12 @@ mod tests {
         let log = EventLog::open(Some(&path)).unwrap();
         let mismatch = Refusal::Mismatch {
             plan_id: "plan-7".into(),
-            what: "--vcpus",
-            plan: "1".into(),
-            given: "2".into(),
+            disagreement: PlanDisagreement {
+                flag: "--vcpus",
+                given: "2".into(),
+                field: "vcpus",
+                plan: "1".into(),
+            },
         };
         assert_eq!(mismatch.plan_id(), Some("plan-7"));
         assert_eq!(Refusal::NoTrust.plan_id(), None);
@@ -708,5 +687,10 @@ mod tests {
             serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
         assert_eq!(line["plan_id"], "plan-7");
         assert_eq!(line["fields"]["reason"], "plan_mismatch");
+        assert_eq!(
+            line["fields"]["detail"],
+            "--vcpus 2 disagrees with the signed plan's vcpus 1"
+        );
+        assert_eq!(line["fields"]["status"], STATUS_PLAN_MISMATCH);
     }
 }

@@ -13,6 +13,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 use support::vmm;
 
@@ -22,8 +23,15 @@ fn tiny_vmlinux(dir: &Path) -> String {
 }
 
 fn run_vmm(dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+    run_vmm_env(dir, extra, &[])
+}
+
+/// [`run_vmm`] with `env` set (and `MVM_ALLOW_MEM_OVERCOMMIT` only when `env` sets it).
+fn run_vmm_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> (Output, serde_json::Value) {
     let report = dir.join("report.json");
     let out = vmm()
+        .env_remove("MVM_ALLOW_MEM_OVERCOMMIT")
+        .envs(env.iter().copied())
         .args(extra)
         // Argument checks of the unverified mode (verified boot has its own tests).
         .arg("--dev")
@@ -94,6 +102,53 @@ fn one_mib_of_memory() {
         &out,
         &report,
         "--mem-mib 1: 1 MiB is too small for the kernel",
+    );
+}
+
+/// 1 TiB on a host that has less available: refused before the kernel is even read,
+/// naming the value and what the host has, with the bad-arguments status.
+#[test]
+fn memory_the_host_cannot_back_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_vmlinux(dir.path());
+    let wall = Instant::now();
+    let (out, report) = run_vmm(dir.path(), &["--kernel", &k, "--mem-mib", "1048576"]);
+    let wall = wall.elapsed();
+    assert_refused(
+        &out,
+        &report,
+        "--mem-mib 1048576: 1048576 MiB of guest memory requested, but this host has ",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let available: u64 = stderr
+        .split("this host has ")
+        .nth(1)
+        .and_then(|rest| rest.split(" MiB available").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no available MiB in: {stderr}"));
+    assert!(available < 1_048_576, "{stderr}");
+    assert!(stderr.contains("MVM_ALLOW_MEM_OVERCOMMIT=1"), "{stderr}");
+    // Within a second of the VMM's start by its own clock (the wall time adds the
+    // process start-up of a debug build on a loaded machine, so it is bounded loosely).
+    let exit_us = report["exit"].as_u64().unwrap();
+    assert!(exit_us < 1_000_000, "refused {exit_us} us after start");
+    assert!(wall < Duration::from_secs(10), "{wall:?}");
+}
+
+/// `MVM_ALLOW_MEM_OVERCOMMIT=1` lifts the host bound, not the hard ceiling.
+#[test]
+fn overcommit_stops_at_the_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = tiny_vmlinux(dir.path());
+    let (out, report) = run_vmm_env(
+        dir.path(),
+        &["--kernel", &k, "--mem-mib", "1048577"],
+        &[("MVM_ALLOW_MEM_OVERCOMMIT", "1")],
+    );
+    assert_refused(
+        &out,
+        &report,
+        "--mem-mib 1048577: 1048577 MiB of guest memory requested: must be between 1 and 1048576 MiB",
     );
 }
 

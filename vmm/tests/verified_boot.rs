@@ -1,16 +1,17 @@
 //! Verified-boot refusals through the real binary, without KVM: every refusal happens
 //! before a VM exists, so these run on any host. (The same matrix with a real guest is
-//! `scripts/e2e verify`.)
+//! `scripts/e2e verify`.) The boot report's phase order is checked on a real boot of
+//! the tiny kernel, with a plan and with `--dev`, on this machine's /dev/kvm.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::expect_used)]
 
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use support::{tiny_vmlinux, vmm};
+use support::{require_kvm, tiny_vmlinux, vmm};
 
 use ed25519_dalek::SigningKey;
 use mvm_loader::dsse::format_public_key;
@@ -65,27 +66,39 @@ struct Run {
 }
 
 fn run(dir: &Path, envelope: &Path, kernel: &Path, cmdline: &str) -> Run {
+    run_with(dir, envelope, kernel, cmdline, &[])
+}
+
+/// The `mvm-vmm` command of [`run`]: a plan trusted by key 1, events and a boot report in `dir`.
+fn signed_command(dir: &Path, envelope: &Path, kernel: &Path, cmdline: &str) -> Command {
     let key = SigningKey::from_bytes(&[1; 32]);
     let trust = dir.join("admission.pub");
     std::fs::write(&trust, format_public_key(&key.verifying_key())).unwrap();
-    let report = dir.join("report.json");
-    let events = dir.join("events.jsonl");
-    let _ = std::fs::remove_file(&events);
-    let out = vmm()
-        .arg("--plan")
+    let mut cmd = vmm();
+    cmd.arg("--plan")
         .arg(envelope)
         .arg("--trust")
         .arg(&trust)
         .arg("--replay-store")
         .arg(dir.join("replay"))
         .arg("--events")
-        .arg(&events)
+        .arg(dir.join("events.jsonl"))
         .arg("--kernel")
         .arg(kernel)
         .arg("--cmdline")
         .arg(cmdline)
         .arg("--boot-report")
-        .arg(&report)
+        .arg(dir.join("report.json"));
+    cmd
+}
+
+/// [`run`] with `extra` arguments.
+fn run_with(dir: &Path, envelope: &Path, kernel: &Path, cmdline: &str, extra: &[&str]) -> Run {
+    let report = dir.join("report.json");
+    let events = dir.join("events.jsonl");
+    let _ = std::fs::remove_file(&events);
+    let out = signed_command(dir, envelope, kernel, cmdline)
+        .args(extra)
         .output()
         .unwrap();
     Run {
@@ -237,4 +250,129 @@ fn time_verification_and_measurement() {
         std::fs::metadata(&kernel).unwrap().len()
             + initrd.as_ref().map_or(0, |i| std::fs::metadata(i).unwrap().len())
     );
+}
+
+/// An explicit `--mem-mib` or `--vcpus` that disagrees with the signed plan is a plan
+/// refusal naming both values, audited; one that agrees boots (up to the VM: the
+/// refusal tests stop before it, so agreement is checked by reaching `vm_created`
+/// in `phases_are_in_order_for_signed_and_dev_boots`).
+#[test]
+fn an_explicit_value_that_disagrees_with_the_plan_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k = tiny_vmlinux(d);
+    for (nonce, flag, value, want) in [
+        (
+            "c1",
+            "--mem-mib",
+            "128",
+            "--mem-mib 128 disagrees with the signed plan's memory_mib 64",
+        ),
+        (
+            "c2",
+            "--vcpus",
+            "2",
+            "--vcpus 2 disagrees with the signed plan's vcpus 1",
+        ),
+    ] {
+        let env = write_signed(d, plan_for(&k, &nonce.repeat(16)), 1);
+        let r = run_with(d, &env, &k, CMDLINE, &[flag, value]);
+        assert_refused(&r, 19, "plan_mismatch");
+        let stderr = String::from_utf8_lossy(&r.out.stderr);
+        assert!(stderr.contains(want), "{stderr}");
+        assert_eq!(r.events[0]["plan_id"], "vmm-test");
+        assert_eq!(r.events[0]["fields"]["detail"], want);
+        assert!(r.report["plan_verified"].is_u64());
+        assert!(r.report["artifacts_measured"].is_null());
+    }
+}
+
+/// Starts `cmd` (the tiny kernel, `--no-jail`), stops it with SIGTERM once its vCPU
+/// exists, and returns the boot report.
+fn boot_then_stop(mut cmd: Command, dir: &Path) -> serde_json::Value {
+    require_kvm();
+    let child = cmd
+        .arg("--no-jail")
+        .env_remove("MVM_SECCOMP")
+        .env_remove("MVM_ALLOW_MEM_OVERCOMMIT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let has_vcpu = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .any(|p| p.display().to_string() == "anon_inode:kvm-vcpu:0")
+            })
+            .unwrap_or(false)
+    };
+    while !has_vcpu() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let vCPU 0 enter KVM_RUN (the signal thread is up before any vCPU exists).
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling the child this test spawned and has not reaped.
+    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+/// The phases that happened, in the report's field order, are non-decreasing.
+fn assert_phases_in_order(report: &serde_json::Value, want_plan_phases: bool) {
+    let phases = [
+        "args_parsed",
+        "plan_verified",
+        "artifacts_measured",
+        "kernel_loaded",
+        "vm_created",
+        "first_kvm_run",
+        "exit",
+    ];
+    for always in ["args_parsed", "kernel_loaded", "vm_created", "exit"] {
+        assert!(report[always].is_u64(), "{always} missing: {report}");
+    }
+    for plan_phase in ["plan_verified", "artifacts_measured"] {
+        assert_eq!(report[plan_phase].is_u64(), want_plan_phases, "{report}");
+    }
+    let happened: Vec<(&str, u64)> = phases
+        .iter()
+        .filter_map(|p| report[*p].as_u64().map(|t| (*p, t)))
+        .collect();
+    for pair in happened.windows(2) {
+        let ((a, ta), (b, tb)) = (pair[0], pair[1]);
+        assert!(ta <= tb, "{a} ({ta} us) after {b} ({tb} us): {report}");
+    }
+}
+
+#[test]
+fn phases_are_in_order_for_signed_and_dev_boots() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let k = tiny_vmlinux(d);
+
+    // Signed, with the plan's memory given explicitly (it agrees) and vCPUs left out.
+    let env = write_signed(d, plan_for(&k, &"d1".repeat(16)), 1);
+    let mut cmd = signed_command(d, &env, &k, CMDLINE);
+    cmd.args(["--mem-mib", "64"]);
+    let report = boot_then_stop(cmd, d);
+    assert_eq!(report["exit_reason"], "host_signal", "{report}");
+    assert_phases_in_order(&report, true);
+
+    // --dev.
+    let mut cmd = vmm();
+    cmd.arg("--dev")
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--cmdline")
+        .arg(CMDLINE)
+        .arg("--boot-report")
+        .arg(d.join("report.json"));
+    let report = boot_then_stop(cmd, d);
+    assert_phases_in_order(&report, false);
 }

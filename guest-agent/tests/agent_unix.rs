@@ -314,6 +314,38 @@ fn signal_reaches_the_process() {
     assert!(!status.timed_out);
 }
 
+/// `mvm run`'s Ctrl-C: SIGINT reaches the workload's whole group, a workload that
+/// traps it cleans up and its own exit status comes back (not a signal).
+#[test]
+fn a_workload_that_traps_sigint_exits_with_its_own_status() {
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let mut exec = client
+        .exec(
+            &sh("trap 'echo cleaning up; exit 3' INT; echo started; sleep 60 & wait"),
+            Stdin::Null,
+        )
+        .unwrap();
+    assert_eq!(
+        exec.next_event().unwrap(),
+        Some(ExecEvent::Stdout(b"started\n".to_vec()))
+    );
+    let sent = Instant::now();
+    exec.signal(libc::SIGINT).unwrap();
+    let mut stdout = Vec::new();
+    let status = loop {
+        match exec.next_event().unwrap() {
+            Some(ExecEvent::Exit(status)) => break status,
+            Some(ExecEvent::Stdout(data)) => stdout.extend_from_slice(&data),
+            _ => {}
+        }
+    };
+    assert_eq!(stdout, b"cleaning up\n");
+    assert_eq!(status.code, Some(3), "{status:?}");
+    assert_eq!(status.signal, None);
+    assert!(sent.elapsed() < Duration::from_secs(10));
+}
+
 #[test]
 fn closing_the_connection_kills_its_workloads() {
     let agent = Agent::start(&[]);

@@ -7,3 +7,4 @@ pub mod cli;
 pub mod image;
 pub mod net;
 pub mod receipt;
+pub mod terminal;

@@ -248,6 +248,20 @@ pub fn admit(
     sign_plan(plan, admission_key).map_err(|e: PlanError| deny(Rule::PlanSchema, e.to_string()))
 }
 
+/// `[limits] max_memory_mib` alone: the one rule that also holds for `--dev`
+/// runs, which skip admission but must not ask the host for more memory than
+/// its owner allows any VM.
+pub fn check_memory_rule(memory_mib: u32, policy: &Policy) -> Result<(), Denial> {
+    let max = policy.limits.max_memory_mib;
+    if memory_mib > max {
+        return Err(Denial {
+            rule: Rule::MaxMemory,
+            reason: format!("{memory_mib} MiB requested, at most {max} MiB allowed"),
+        });
+    }
+    Ok(())
+}
+
 /// The policy checks alone, in a fixed order (first failure wins).
 pub fn check_policy(
     request: &AdmissionRequest,
@@ -264,15 +278,7 @@ pub fn check_policy(
             ),
         ));
     }
-    if request.memory_mib > limits.max_memory_mib {
-        return Err(deny(
-            Rule::MaxMemory,
-            format!(
-                "{} MiB requested, at most {} MiB allowed",
-                request.memory_mib, limits.max_memory_mib
-            ),
-        ));
-    }
+    check_memory_rule(request.memory_mib, policy)?;
     if request.timeout_secs > limits.max_timeout_secs {
         return Err(deny(
             Rule::MaxTimeout,

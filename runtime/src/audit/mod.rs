@@ -14,6 +14,7 @@
 
 mod events;
 mod log;
+pub mod open_runs;
 pub mod record;
 mod verify;
 
@@ -21,6 +22,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 pub use log::AuditLog;
+pub use open_runs::{close_abandoned, OpenRun};
 pub use record::{AuditEvent, EventKind, FieldValue, Record};
 pub use verify::{verify_log, Problem, VerifySummary};
 

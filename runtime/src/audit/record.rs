@@ -57,8 +57,12 @@ pub enum EventKind {
     ExecExited,
     /// A file was written into the guest (fields: path, size, digest).
     FileWritten,
-    /// The VM exited (fields: reason).
+    /// The VM exited (fields: reason, status; `signal` when a signal ended
+    /// its process).
     VmExited,
+    /// A run whose `mvm` died before closing it, found by a later command
+    /// (fields: pid, reason).
+    RunAbandoned,
 }
 
 impl fmt::Display for EventKind {

@@ -10,7 +10,7 @@
 //!
 //! | port       | direction   | carries                                        |
 //! |------------|-------------|------------------------------------------------|
-//! | `mvm.ctl`  | both        | request (JSON line) in; `started` and the final report (JSON lines) out |
+//! | `mvm.ctl`  | both        | request, then `proceed` and `signal` (JSON lines) in; `started`, `booted` and the final report (JSON lines) out |
 //! | `mvm.in`   | host→guest  | the workload's stdin, closed at its end         |
 //! | `mvm.out`  | guest→host  | the workload's stdout                           |
 //! | `mvm.err`  | guest→host  | the workload's stderr                           |
@@ -19,6 +19,13 @@
 //! request, runs it with the `kvm` backend, and writes the report with the
 //! outcome (or the error, by kind, so exit codes carry across) and the byte
 //! counts of stdout and stderr, so the host knows when it has everything.
+//!
+//! Written ahead: for an audited run the inner `mvm` sends `booted` with the
+//! VMM's events so far (its `boot_verified`) once the inner agent answered, and
+//! waits for the host's `proceed`, which the host sends after appending them and
+//! `exec_started` to its audit log; only then does the workload start. Ctrl-C
+//! on the host travels as `signal` and is handled inside as a local one would be
+//! (passed to the workload, the VM killed after the grace period).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,10 +37,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::interrupt::{self, Action, Forwarder};
 use super::scratch::ScratchDir;
 use super::{
-    interrupt, kvm, locate, OutputSink, PlanFiles, RunArtifacts, RunError, RunOutcome, RunSpec,
-    StdinMode, Tier,
+    kvm, locate, NoJournal, OutputSink, PlanFiles, ProcessEnd, RunArtifacts, RunError, RunJournal,
+    RunOutcome, RunSpec, StdinMode, Tier,
 };
 use crate::image::cpio::Archive;
 use crate::image::manifest::MANIFEST_FILE;
@@ -86,6 +94,23 @@ pub struct GuestRequest {
     /// the admission public key travel.
     #[serde(default)]
     pub plan: Option<PlanBundle>,
+    /// Whether the host writes the run's records ahead: the inner side then
+    /// sends `booted` and waits for `proceed` before the workload starts.
+    #[serde(default)]
+    pub journal: bool,
+}
+
+/// A line the host sends on `mvm.ctl` after the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum HostRecord {
+    /// The host appended what `booted` reported: start the workload.
+    Proceed,
+    /// The host's `mvm` got this signal (Ctrl-C, SIGTERM, SIGHUP).
+    Signal {
+        /// The signal number.
+        signal: i32,
+    },
 }
 
 /// A signed plan in transit to the test host.
@@ -134,6 +159,11 @@ pub enum GuestErrorKind {
 pub enum GuestRecord {
     /// The inner `mvm` read the request (the test host is up).
     Started,
+    /// The inner agent answered; the workload waits for the host's `proceed`.
+    Booted {
+        /// The inner VMM's events file so far (its `boot_verified`).
+        vmm_events: String,
+    },
     /// The run ended; the counts say how much output the host should have.
     Report {
         outcome: Option<RunOutcome>,
@@ -146,12 +176,17 @@ pub enum GuestRecord {
         /// The inner VMM's events file (JSON lines), for the outer audit log.
         #[serde(default)]
         vmm_events: String,
+        /// How the inner VMM process ended, when it died early.
+        #[serde(default)]
+        vm_exit: Option<ProcessEnd>,
     },
 }
 
 fn error_kind(e: &RunError) -> GuestErrorKind {
     match e {
         RunError::NoBackend(_) => GuestErrorKind::NoBackend,
+        // Checked on the outer host before the test host starts.
+        RunError::Resources(_) => GuestErrorKind::Missing,
         // Admission happens on the outer host; the test host never denies.
         RunError::Denied(_) => GuestErrorKind::Missing,
         RunError::Image(_) => GuestErrorKind::Image,
@@ -173,6 +208,7 @@ fn error_from_guest(
     kind: GuestErrorKind,
     message: String,
     refusal: Option<GuestRefusal>,
+    vm_exit: Option<ProcessEnd>,
     spec: &RunSpec,
 ) -> RunError {
     let inside = format!("inside the test host: {message}");
@@ -186,6 +222,7 @@ fn error_from_guest(
             None => RunError::VmmDied {
                 reason: inside,
                 log: String::new(),
+                exit: None,
             },
         },
         GuestErrorKind::NoBackend => RunError::NoBackend(inside),
@@ -193,6 +230,7 @@ fn error_from_guest(
         GuestErrorKind::VmmDied => RunError::VmmDied {
             reason: inside,
             log: String::new(),
+            exit: vm_exit,
         },
         GuestErrorKind::AgentNotReady => RunError::AgentNotReady {
             timeout: Duration::from_secs(spec.ready_timeout_secs),
@@ -372,6 +410,14 @@ fn prune_cache(dir: &Path, keep: &Path) {
     }
 }
 
+/// The test host's memory (QEMU's `-m`) for a guest of `guest_mib`: what the
+/// host must back, and what `backend::resources` checks before starting QEMU.
+pub fn testhost_memory_mib(guest_mib: u32) -> u32 {
+    guest_mib
+        .saturating_add(TESTHOST_OVERHEAD_MIB)
+        .max(TESTHOST_MIN_MIB)
+}
+
 /// The QEMU arguments: the test host machine of `scripts/e2e`, its serial
 /// console into `console_log`, and the four ports on sockets in `sockets`.
 pub fn qemu_args(
@@ -381,10 +427,7 @@ pub fn qemu_args(
     sockets: &Path,
     spec: &RunSpec,
 ) -> Vec<String> {
-    let mem = spec
-        .mem_mib
-        .saturating_add(TESTHOST_OVERHEAD_MIB)
-        .max(TESTHOST_MIN_MIB);
+    let mem = testhost_memory_mib(spec.mem_mib);
     let mut args: Vec<String> = [
         "-M",
         "q35",
@@ -470,6 +513,7 @@ fn spawn_qemu(qemu: &Path, args: &[String], log: &Path) -> Result<Qemu, RunError
     let child = command.spawn().map_err(|e| RunError::VmmDied {
         reason: format!("cannot start {}: {e}", qemu.display()),
         log: String::new(),
+        exit: None,
     })?;
     Ok(Qemu { child })
 }
@@ -503,12 +547,14 @@ fn accept_from(
             return Err(RunError::VmmDied {
                 reason: format!("qemu exited at start with {status}"),
                 log: read_logs(logs),
+                exit: Some(status.into()),
             });
         }
         if start.elapsed() > timeout {
             return Err(RunError::VmmDied {
                 reason: "qemu did not connect its serial ports".into(),
                 log: read_logs(logs),
+                exit: None,
             });
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -530,7 +576,12 @@ struct FinalReport {
     stdout_bytes: u64,
     stderr_bytes: u64,
     refusal: Option<GuestRefusal>,
+    vm_exit: Option<ProcessEnd>,
 }
+
+/// How much longer than the workload's own grace period the host waits for
+/// the test host's report after forwarding a signal (TCG is slow).
+const SIGNAL_SLACK: Duration = Duration::from_secs(30);
 
 /// What the reader threads hand the run loop.
 enum Chunk {
@@ -694,6 +745,7 @@ pub fn run(
     image: &StoredImage,
     qemu_bin: &Path,
     plan: Option<&PlanFiles>,
+    journal: &mut dyn RunJournal,
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
@@ -751,6 +803,7 @@ pub fn run(
     pump_bytes(err, tx, Chunk::Err).map_err(RunError::io("starting a reader thread"))?;
     let request = GuestRequest {
         spec: spec.clone(),
+        journal: bundle.is_some(),
         plan: bundle,
     };
     write_json_line(&mut ctl_writer, &request)
@@ -773,9 +826,25 @@ pub fn run(
     let (mut got_out, mut got_err) = (0u64, 0u64);
     let mut report: Option<FinalReport> = None;
     let mut drain_deadline = None;
+    let mut interrupts = Forwarder::new();
     loop {
-        if interrupt::requested() {
-            return Err(RunError::Interrupted);
+        // Until the inner mvm runs, a signal stops everything; then it is the
+        // inner mvm's to handle, as a local run would.
+        if testhost_ready_ms.is_none() && report.is_none() {
+            if interrupt::requested() {
+                return Err(RunError::Interrupted);
+            }
+        } else {
+            match interrupts.poll_with(interrupt::GRACE + SIGNAL_SLACK) {
+                Action::None => {}
+                Action::Forward(signal) => {
+                    if let Err(e) = write_json_line(&mut ctl_writer, &HostRecord::Signal { signal })
+                    {
+                        tracing::warn!("forwarding signal {signal} to the test host: {e}");
+                    }
+                }
+                Action::Kill => return Err(RunError::Interrupted),
+            }
         }
         let now = Instant::now();
         if boot_deadline.is_some_and(|d| now > d) {
@@ -822,6 +891,16 @@ pub fn run(
                     testhost_ready_ms =
                         Some(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
                 }
+                Ok(GuestRecord::Booted { vmm_events }) => {
+                    // Where a local VMM writes them, then appended ahead by the journal.
+                    if let Some(p) = plan {
+                        std::fs::write(&p.events, cut_events(vmm_events).as_bytes())
+                            .map_err(RunError::io(format!("writing {}", p.events.display())))?;
+                    }
+                    journal.workload_starting()?;
+                    write_json_line(&mut ctl_writer, &HostRecord::Proceed)
+                        .map_err(RunError::io("answering the test host"))?;
+                }
                 Ok(GuestRecord::Report {
                     outcome,
                     error,
@@ -829,6 +908,7 @@ pub fn run(
                     stderr_bytes,
                     refusal,
                     vmm_events,
+                    vm_exit,
                 }) => {
                     boot_deadline = None;
                     // The events go where a local VMM would have written them,
@@ -843,6 +923,7 @@ pub fn run(
                         stdout_bytes,
                         stderr_bytes,
                         refusal,
+                        vm_exit,
                     });
                     drain_deadline = Some(now + DRAIN_TIMEOUT);
                 }
@@ -859,6 +940,7 @@ pub fn run(
                         reason.map(|r| format!(" ({r})")).unwrap_or_default()
                     ),
                     log: read_logs(&logs),
+                    exit: qemu.child.try_wait().ok().flatten().map(Into::into),
                 });
             }
             Ok(Chunk::CtlClosed(_)) => {}
@@ -868,6 +950,7 @@ pub fn run(
                         return Err(RunError::VmmDied {
                             reason: format!("the test host (qemu) exited with {status}"),
                             log: read_logs(&logs),
+                            exit: Some(status.into()),
                         });
                     }
                 }
@@ -876,6 +959,7 @@ pub fn run(
                 return Err(RunError::VmmDied {
                     reason: "the test host's ports all closed".into(),
                     log: read_logs(&logs),
+                    exit: qemu.child.try_wait().ok().flatten().map(Into::into),
                 });
             }
         }
@@ -896,6 +980,7 @@ pub fn run(
         outcome,
         error,
         refusal,
+        vm_exit,
         ..
     }) = report
     else {
@@ -909,7 +994,9 @@ pub fn run(
             outcome.timings.host_boot_ms = testhost_ready_ms;
             Ok(outcome)
         }
-        (None, Some((kind, message))) => Err(error_from_guest(kind, message, refusal, spec)),
+        (None, Some((kind, message))) => {
+            Err(error_from_guest(kind, message, refusal, vm_exit, spec))
+        }
         (None, None) => Err(RunError::Agent("empty report from the test host".into())),
     }
 }
@@ -996,6 +1083,7 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
     let request: GuestRequest = serde_json::from_str(line.trim_end())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     write_json_line(&mut ctl_writer, &GuestRecord::Started)?;
+    let proceed = listen_to_host(reader)?;
 
     let mut sink = PortSink {
         out: open_rw(PORT_OUT)?,
@@ -1022,7 +1110,27 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
             .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
         let artifacts = RunArtifacts { image, vmm };
-        let result = kvm::run_verified(&request.spec, &artifacts, plan.as_ref(), &mut sink, stdin);
+        let mut ahead;
+        let mut none = NoJournal;
+        let journal: &mut dyn RunJournal = match (&plan, request.journal) {
+            (Some(files), true) => {
+                ahead = HostJournal {
+                    events: files.events.clone(),
+                    ctl: ctl_writer.try_clone().map_err(RunError::io("mvm.ctl"))?,
+                    proceed: &proceed,
+                };
+                &mut ahead
+            }
+            _ => &mut none,
+        };
+        let result = kvm::run_verified(
+            &request.spec,
+            &artifacts,
+            plan.as_ref(),
+            journal,
+            &mut sink,
+            stdin,
+        );
         Ok((result, plan))
     });
     let (result, vmm_events) = match result {
@@ -1043,8 +1151,13 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             stderr_bytes: sink.err_bytes,
             refusal: None,
             vmm_events,
+            vm_exit: None,
         },
         Err(e) => GuestRecord::Report {
+            vm_exit: match &e {
+                RunError::VmmDied { exit, .. } => *exit,
+                _ => None,
+            },
             outcome: None,
             error: Some((error_kind(&e), e.to_string())),
             stdout_bytes: sink.out_bytes,
@@ -1065,6 +1178,65 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         },
     };
     write_json_line(&mut ctl_writer, &record)
+}
+
+/// How long the inner side waits for the host's `proceed`.
+const PROCEED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Reads the host's lines after the request on a thread: a `signal` is
+/// delivered here as if it had arrived at this process; each `proceed` is
+/// passed on through the returned channel.
+fn listen_to_host(mut reader: BufReader<std::fs::File>) -> std::io::Result<mpsc::Receiver<()>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("host-ctl".into())
+        .spawn(move || loop {
+            match read_ctl_line(&mut reader) {
+                Ok(Some(line)) => match serde_json::from_str::<HostRecord>(line.trim_end()) {
+                    Ok(HostRecord::Signal { signal }) => interrupt::deliver(signal),
+                    Ok(HostRecord::Proceed) => {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!("bad line from the host: {e}"),
+                },
+                Ok(None) | Err(_) => return,
+            }
+        })?;
+    Ok(rx)
+}
+
+/// The inner side of the outer host's journal: sends `booted` with the VMM's
+/// events so far and waits for the host to say it has written them.
+struct HostJournal<'a> {
+    events: PathBuf,
+    ctl: std::fs::File,
+    proceed: &'a mpsc::Receiver<()>,
+}
+
+impl RunJournal for HostJournal<'_> {
+    fn workload_starting(&mut self) -> Result<(), RunError> {
+        let booted = GuestRecord::Booted {
+            vmm_events: read_events(&self.events),
+        };
+        write_json_line(&mut self.ctl, &booted).map_err(RunError::io("sending booted"))?;
+        let start = Instant::now();
+        loop {
+            if interrupt::requested() {
+                return Err(RunError::Interrupted);
+            }
+            match self.proceed.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() < PROCEED_TIMEOUT => {}
+                Err(_) => {
+                    return Err(RunError::Agent(
+                        "the host did not confirm the run's records".into(),
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// Writes the envelope and the trusted key where the inner VMM reads them; the
@@ -1138,19 +1310,47 @@ mod tests {
             stderr_bytes: 0,
             refusal: None,
             vmm_events: "{\"event\":\"vm_exit\"}\n".into(),
+            vm_exit: Some(ProcessEnd {
+                code: Some(1),
+                signal: None,
+            }),
         };
         let line = serde_json::to_string(&report).unwrap();
         assert_eq!(parse_record(&line).unwrap(), report);
         assert_eq!(parse_record("\"started\"\n").unwrap(), GuestRecord::Started);
+        let booted = GuestRecord::Booted {
+            vmm_events: "{\"event\":\"boot_verified\"}\n".into(),
+        };
+        let line = serde_json::to_string(&booted).unwrap();
+        assert_eq!(parse_record(&line).unwrap(), booted);
+        for host in [HostRecord::Proceed, HostRecord::Signal { signal: 2 }] {
+            let line = serde_json::to_string(&host).unwrap();
+            assert_eq!(serde_json::from_str::<HostRecord>(&line).unwrap(), host);
+        }
+        assert_eq!(
+            serde_json::to_string(&HostRecord::Signal { signal: 2 }).unwrap(),
+            r#"{"signal":{"signal":2}}"#
+        );
         assert!(parse_record("{\"report\":{\"bogus\":1}}").is_err());
         assert!(parse_record("").is_err());
     }
 
     #[test]
     fn inner_errors_keep_their_kind() {
-        let e = error_from_guest(GuestErrorKind::Timeout, "t".into(), None, &spec());
+        let e = error_from_guest(GuestErrorKind::Timeout, "t".into(), None, None, &spec());
         assert!(matches!(e, RunError::Timeout(d) if d == Duration::from_secs(2)));
-        let e = error_from_guest(GuestErrorKind::VmmDied, "boom".into(), None, &spec());
+        let end = ProcessEnd {
+            code: None,
+            signal: Some(9),
+        };
+        let e = error_from_guest(
+            GuestErrorKind::VmmDied,
+            "boom".into(),
+            None,
+            Some(end),
+            &spec(),
+        );
+        assert!(matches!(e, RunError::VmmDied { exit: Some(x), .. } if x == end));
         assert!(matches!(e, RunError::VmmDied { .. }));
         assert!(e.to_string().contains("inside the test host: boom"));
         assert_eq!(
@@ -1166,6 +1366,7 @@ mod tests {
             GuestErrorKind::BootRefused,
             "x".into(),
             Some(refusal),
+            None,
             &spec(),
         );
         assert!(
@@ -1182,6 +1383,7 @@ mod tests {
                 envelope: "{\"payloadType\":\"x\"}".into(),
                 trust: "mvm-ed25519-public AAAA\n".into(),
             }),
+            journal: true,
         };
         let line = serde_json::to_string(&request).unwrap();
         let back: GuestRequest = serde_json::from_str(&line).unwrap();

@@ -11,11 +11,12 @@ use mvm_agent::protocol::ExecRequest;
 use mvm_agent::transport::connect_hybrid_vsock;
 use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 
+use super::interrupt::{self, Action, Forwarder};
 use super::scratch::ScratchDir;
 use super::vmm_process::{read_boot_report, vmm_args, VmmProcess};
 use super::{
-    interrupt, OutputSink, PlanFiles, RunArtifacts, RunError, RunOutcome, RunSpec, Tier, Timings,
-    WorkloadStatus,
+    NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
+    Tier, Timings, WorkloadStatus,
 };
 
 /// How often the run loop looks at Ctrl-C, deadlines and the VMM.
@@ -148,15 +149,18 @@ pub fn run(
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
-    run_verified(spec, artifacts, None, sink, stdin)
+    run_verified(spec, artifacts, None, &mut NoJournal, sink, stdin)
 }
 
 /// [`run`], with the VMM verifying `plan` (signature, window, nonce,
-/// measurements) before it creates the VM; `None` boots `--dev`.
+/// measurements) before it creates the VM; `None` boots `--dev`. `journal`
+/// hears when the workload is about to start (after the agent answered,
+/// before exec is sent).
 pub fn run_verified(
     spec: &RunSpec,
     artifacts: &RunArtifacts,
     plan: Option<&PlanFiles>,
+    journal: &mut dyn RunJournal,
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
@@ -191,6 +195,8 @@ pub fn run_verified(
     } else {
         Stdin::Null
     };
+    // Written ahead: the boot and the workload's start are on disk before exec.
+    journal.workload_starting()?;
     let mut exec = client
         .exec(&request, mode)
         .map_err(|e| agent_error(&mut vmm, &e))?;
@@ -201,12 +207,24 @@ pub fn run_verified(
         .timeout_secs
         .map(|s| Instant::now() + Duration::from_secs(s) + TIMEOUT_GRACE);
 
+    // Ctrl-C / SIGTERM: passed to the workload, then the VM killed after
+    // interrupt::GRACE or at a second signal.
+    let mut interrupts = Forwarder::new();
     let status = loop {
-        if interrupt::requested() {
-            let _ = exec.signal(libc::SIGKILL);
-            shutdown_guest(client, Duration::from_millis(500));
-            vmm.kill();
-            return Err(RunError::Interrupted);
+        match interrupts.poll() {
+            Action::None => {}
+            Action::Forward(signal) => {
+                tracing::info!(signal, "passing the signal to the workload");
+                if let Err(e) = exec.signal(signal) {
+                    tracing::warn!("forwarding signal {signal} to the workload: {e}");
+                }
+            }
+            Action::Kill => {
+                let _ = exec.signal(libc::SIGKILL);
+                shutdown_guest(client, Duration::from_millis(500));
+                vmm.kill();
+                return Err(RunError::Interrupted);
+            }
         }
         if let Some(deadline) = host_deadline {
             if Instant::now() >= deadline {

@@ -13,6 +13,7 @@ pub mod emulated;
 pub mod interrupt;
 pub mod kvm;
 pub mod locate;
+pub mod resources;
 pub mod scratch;
 pub mod vmm_process;
 
@@ -125,6 +126,47 @@ pub struct RunOutcome {
     pub boot_report: Option<serde_json::Value>,
 }
 
+/// Where a run's evidence is written ahead. A backend calls it once the guest
+/// agent answered and before the workload starts, so the audit log holds the
+/// verified boot and the workload's start before any of its output reaches the
+/// user, and a VM or an `mvm` killed afterwards cannot take them away.
+pub trait RunJournal {
+    /// The guest answered and the workload is about to start. An error stops
+    /// the run before it does: a workload whose start cannot be recorded does
+    /// not run.
+    fn workload_starting(&mut self) -> Result<(), RunError>;
+}
+
+/// The journal of a run that records nothing (`--dev`).
+#[derive(Debug, Default)]
+pub struct NoJournal;
+
+impl RunJournal for NoJournal {
+    fn workload_starting(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
+/// How a VM process (mvm-vmm, or QEMU for the emulated tier) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessEnd {
+    /// Its exit status, if it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+}
+
+impl From<std::process::ExitStatus> for ProcessEnd {
+    fn from(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
 /// Where the workload's output goes as it arrives.
 pub trait OutputSink {
     /// Bytes the workload wrote to stdout.
@@ -139,6 +181,9 @@ pub enum RunError {
     /// No tier can run a VM here.
     #[error("no usable backend: {0}")]
     NoBackend(String),
+    /// More vCPUs or memory than mvm or this host can give (nothing started).
+    #[error(transparent)]
+    Resources(#[from] resources::ResourceError),
     /// Admission's policy does not allow the request.
     #[error("{0}")]
     Denied(#[from] crate::admission::Denial),
@@ -153,7 +198,12 @@ pub enum RunError {
     Missing(String),
     /// The VM process could not start or ended before the workload did.
     #[error("VM process died: {reason}{}", log_tail(.log))]
-    VmmDied { reason: String, log: String },
+    VmmDied {
+        reason: String,
+        log: String,
+        /// How the process ended, when it ran and was reaped.
+        exit: Option<ProcessEnd>,
+    },
     /// The VMM refused to boot: the plan or a measured artifact did not
     /// verify (`reason` is the VMM's stable name, e.g. `kernel_mismatch`).
     #[error("boot refused ({reason}, mvm-vmm status {status}): {detail}")]
@@ -193,7 +243,11 @@ fn log_tail(log: &str) -> String {
     if tail.is_empty() {
         String::new()
     } else {
-        format!("\n--- last lines of the VM log ---\n{}", tail.join("\n"))
+        // The log is the guest's and the firmware's console: shown, never obeyed.
+        format!(
+            "\n--- last lines of the VM log ---\n{}",
+            crate::terminal::escape_controls(&tail.join("\n"))
+        )
     }
 }
 
@@ -226,4 +280,25 @@ pub struct RunArtifacts {
     pub image: crate::image::StoredImage,
     /// The `mvm-vmm` to start.
     pub vmm: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vm_log_in_an_error_cannot_reset_the_terminal() {
+        let e = RunError::VmmDied {
+            reason: "qemu exited".into(),
+            log: "\u{1b}c\u{1b}[2JSeaBIOS\nqemu: cannot set up guest memory 'pc.ram'\n".into(),
+            exit: None,
+        };
+        let text = e.to_string();
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert!(text.contains("\\x1bc\\x1b[2JSeaBIOS\n"), "{text:?}");
+        assert!(
+            text.ends_with("cannot set up guest memory 'pc.ram'"),
+            "{text:?}"
+        );
+    }
 }

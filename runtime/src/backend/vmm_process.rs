@@ -128,6 +128,7 @@ impl VmmProcess {
         let child = command.spawn().map_err(|e| RunError::VmmDied {
             reason: format!("cannot start {}: {e}", vmm.display()),
             log: String::new(),
+            exit: None,
         })?;
         Ok(Self {
             child,
@@ -176,6 +177,7 @@ impl VmmProcess {
         RunError::VmmDied {
             reason: format!("mvm-vmm (pid {}) exited early with {status}", self.pid()),
             log,
+            exit: Some(status.into()),
         }
     }
 

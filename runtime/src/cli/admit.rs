@@ -3,10 +3,20 @@
 //! [`admit_run`] turns the command line into an [`AdmissionRequest`], checks it
 //! against the host policy, signs the plan with the host admission key and
 //! writes the files `mvm-vmm --plan --trust --replay-store --events` reads; a
-//! denial is audited as `plan_denied` and the run stops there. After the
-//! backend returns, [`Admitted::finish`] appends the run's records in the order
-//! they happened (the VMM's `boot_verified`, `exec_started`, `exec_exited`, the
-//! VMM's `vm_exit`) and, when asked, writes the signed receipt.
+//! denial is audited as `plan_denied` and the run stops there.
+//!
+//! The run's records are written ahead, in the order things happen:
+//! `plan_admitted` before launch (with the run's marker in `open-runs/`, see
+//! [`crate::audit::open_runs`]); the VMM's events so far (its `boot_verified`)
+//! and `exec_started` when the guest answered and before the workload starts
+//! ([`Admitted`] is the backend's [`RunJournal`]); after the backend returns,
+//! [`Admitted::finish`] appends the VMM's later events, `exec_exited` and
+//! `vm_exited` (the VMM's, or one saying why the VM ended: `vm_process_died`
+//! with the status or signal, `boot_refused`, `stopped_by_mvm`), closes the
+//! marker and, when asked, writes the signed receipt. So a VM killed mid-run
+//! leaves `boot_verified`, `exec_started` and `vm_exited`, and a `mvm` killed
+//! mid-run leaves an open marker that the next command closes with
+//! `run_abandoned`.
 //!
 //! The audit key and the admission key never leave this process: the VMM (and,
 //! for the emulated tier, the test host) gets the envelope and the admission
@@ -28,9 +38,9 @@ use crate::admission::keys::config_dir;
 use crate::admission::{
     admit, AdmissionRequest, AdmitError, Denial, HostKeys, ImageFacts, Policy, Rule,
 };
-use crate::audit::{self, AuditEvent, AuditLog, EventKind};
+use crate::audit::{self, AuditEvent, AuditLog, EventKind, OpenRun};
 use crate::backend::scratch::ScratchDir;
-use crate::backend::{OutputSink, PlanFiles, RunError, RunOutcome, Tier};
+use crate::backend::{OutputSink, PlanFiles, RunError, RunJournal, RunOutcome, Tier};
 use crate::image::{ImageStore, StoredImage};
 use crate::receipt::{self, command_digest, AuditRange, Measurements, RunPredicate};
 
@@ -42,6 +52,16 @@ const MAX_EVENTS_FILE: u64 = 16 << 20;
 /// Whether `mvm run` skips admission: `--dev`, or `MVM_DEV=1`.
 pub fn dev_mode(args: &RunArgs) -> bool {
     args.dev || std::env::var_os("MVM_DEV").is_some_and(|v| v == "1")
+}
+
+/// `--dev` skips admission, not the policy's memory maximum: a development run
+/// may not ask the host for more than its owner allows any VM. Not audited
+/// (`--dev` writes nothing to the log); the denial is the run's error.
+pub fn check_dev_memory(mem_mib: u32) -> Result<(), RunError> {
+    let config = config_dir().map_err(|e| admission_error("config directory")(e.to_string()))?;
+    let policy =
+        Policy::load_or_default(&config).map_err(|e| admission_error("policy")(e.to_string()))?;
+    crate::admission::check_memory_rule(mem_mib, &policy).map_err(RunError::Denied)
 }
 
 /// The plan tier a backend gives.
@@ -87,7 +107,17 @@ pub struct Admitted {
     pub files: PlanFiles,
     /// The tier the run uses.
     pub tier: Tier,
+    /// The command, hashed into `exec_started` (never logged).
+    argv: Vec<String>,
     admitted_seq: u64,
+    last_seq: u64,
+    /// How far the VMM's events file has been appended.
+    events_read: u64,
+    /// The VMM's `boot_verified`, once appended.
+    boot: Option<AuditEvent>,
+    /// Whether `exec_started` is in the log.
+    exec_started: bool,
+    marker: Option<OpenRun>,
     _dir: ScratchDir,
 }
 
@@ -127,6 +157,7 @@ pub fn admit_run_in(
     let policy =
         Policy::load_or_default(config).map_err(|e| admission_error("policy")(e.to_string()))?;
     let log = AuditLog::new(data.join(audit::AUDIT_FILE), keys.audit.clone());
+    report_abandoned(&log, data);
 
     let names: Vec<String> = ImageStore::at(data)
         .names()?
@@ -163,6 +194,10 @@ pub fn admit_run_in(
         };
         return Err(deny(&log, &request, denial));
     }
+    let vm_id = random_id("vm");
+    // The marker first: a mvm killed from here on is found by the next command.
+    let marker = OpenRun::create(data, &signed.plan.plan_id, &vm_id)
+        .map_err(|e| admission_error("audit")(e.to_string()))?;
     let admitted_seq = log
         .append(AuditEvent::plan_admitted(&signed))
         .map_err(|e| admission_error("audit")(e.to_string()))?;
@@ -187,12 +222,34 @@ pub fn admit_run_in(
         keys,
         log,
         signed,
-        vm_id: random_id("vm"),
+        vm_id,
         files,
         tier,
+        argv: args.command.clone(),
         admitted_seq,
+        last_seq: admitted_seq,
+        events_read: 0,
+        boot: None,
+        exec_started: false,
+        marker: Some(marker),
         _dir: dir,
     })
+}
+
+/// Closes the runs whose `mvm` died ([`audit::close_abandoned`]) and says so on
+/// stderr; a failure is reported, not fatal (the command goes on).
+pub fn report_abandoned(log: &AuditLog, data: &Path) {
+    match audit::close_abandoned(log, data) {
+        Ok(closed) => {
+            for run in closed {
+                eprintln!(
+                    "mvm: run {} (vm {}) was abandoned: its mvm (pid {}) is gone; run_abandoned appended (seq {})",
+                    run.marker.plan_id, run.marker.vm_id, run.marker.pid, run.seq
+                );
+            }
+        }
+        Err(e) => eprintln!("mvm: closing abandoned runs: {e}"),
+    }
 }
 
 /// Audits a denial (a log that cannot be written does not turn a denial into
@@ -289,15 +346,40 @@ fn ended_status(result: &Result<RunOutcome, RunError>) -> Option<(i32, Option<&'
 /// A line without a plan id gets the admitted one: the supervisor knows which
 /// plan it handed this VMM even when the VMM refused it before trusting it.
 pub fn read_vmm_events(path: &Path, plan_id: &str, vm_id: &str) -> Vec<AuditEvent> {
-    let mut text = String::new();
-    if let Ok(file) = std::fs::File::open(path) {
-        let mut bytes = Vec::new();
-        if let Err(e) = file.take(MAX_EVENTS_FILE).read_to_end(&mut bytes) {
+    read_vmm_events_from(path, 0, false, plan_id, vm_id).0
+}
+
+/// [`read_vmm_events`] from byte `offset` on; also returns the offset after
+/// what was read (where the next read starts). While the VMM runs
+/// (`running`), a last line without its newline is being written and is left
+/// for the next read.
+pub fn read_vmm_events_from(
+    path: &Path,
+    offset: u64,
+    running: bool,
+    plan_id: &str,
+    vm_id: &str,
+) -> (Vec<AuditEvent>, u64) {
+    use std::io::{Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let read = file.seek(SeekFrom::Start(offset)).and_then(|_| {
+            file.take(MAX_EVENTS_FILE.saturating_sub(offset))
+                .read_to_end(&mut bytes)
+        });
+        if let Err(e) = read {
             tracing::warn!("VMM events {}: {e}", path.display());
         }
-        text = String::from_utf8_lossy(&bytes).into_owned();
     }
-    text.lines()
+    if running {
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(whole);
+    }
+    let whole = bytes.len();
+    let next = offset.saturating_add(u64::try_from(whole).unwrap_or(u64::MAX));
+    let text = String::from_utf8_lossy(&bytes);
+    let events = text
+        .lines()
         .filter_map(|line| {
             let event = vmm_event(line, vm_id);
             if event.is_none() {
@@ -311,44 +393,52 @@ pub fn read_vmm_events(path: &Path, plan_id: &str, vm_id: &str) -> Vec<AuditEven
             }
             event
         })
-        .collect()
+        .collect();
+    (events, next)
 }
 
-/// The run's records in the order they happened: the VMM's events, with
-/// `exec_started` after `boot_verified` and `exec_exited` before `vm_exited`;
-/// a VM the supervisor stopped (no `vm_exit` from the VMM) gets a `vm_exited`
-/// saying so.
-pub fn order_run_events(
+/// The `vm_exited` mvm writes when the VMM reported none: why the VM ended,
+/// as far as `mvm` can tell from how the run ended.
+pub fn vm_ended(result: &Result<RunOutcome, RunError>, plan_id: &str, vm_id: &str) -> AuditEvent {
+    match result {
+        Err(RunError::VmmDied { exit, .. }) => {
+            let status = exit.and_then(|e| e.code).unwrap_or(-1);
+            let event = AuditEvent::vm_exited(plan_id, vm_id, "vm_process_died", status);
+            match exit.and_then(|e| e.signal) {
+                Some(signal) => event.field("signal", signal),
+                None => event,
+            }
+        }
+        Err(RunError::BootRefused { status, .. }) => {
+            AuditEvent::vm_exited(plan_id, vm_id, "boot_refused", *status)
+        }
+        Ok(_) => AuditEvent::vm_exited(plan_id, vm_id, "stopped_by_mvm", -1),
+        Err(e) => AuditEvent::vm_exited(plan_id, vm_id, "stopped_by_mvm", -1)
+            .field("cause", exit::error_kind(e)),
+    }
+}
+
+/// The records that close a run, in the order they happened: the VMM's later
+/// events, with `exec_exited` before the VMM's `vm_exited`; when the VMM
+/// reported no exit, `exec_exited` and then `fallback`.
+pub fn closing_events(
     vmm: Vec<AuditEvent>,
-    exec_started: Option<AuditEvent>,
     exec_exited: Option<AuditEvent>,
-    plan_id: &str,
-    vm_id: &str,
+    fallback: AuditEvent,
 ) -> Vec<AuditEvent> {
-    let booted = vmm.iter().any(|e| e.kind == EventKind::BootVerified);
-    let mut started = exec_started.filter(|_| booted);
-    let mut exited = exec_exited.filter(|_| booted);
+    let mut exited = exec_exited;
     let mut saw_exit = false;
     let mut out = Vec::new();
     for event in vmm {
-        match event.kind {
-            EventKind::VmExited => {
-                saw_exit = true;
-                out.extend(started.take());
-                out.extend(exited.take());
-                out.push(event);
-            }
-            EventKind::BootVerified => {
-                out.push(event);
-                out.extend(started.take());
-            }
-            _ => out.push(event),
+        if event.kind == EventKind::VmExited && !saw_exit {
+            saw_exit = true;
+            out.extend(exited.take());
         }
+        out.push(event);
     }
-    out.extend(started);
     out.extend(exited);
-    if booted && !saw_exit {
-        out.push(AuditEvent::vm_exited(plan_id, vm_id, "stopped_by_mvm", -1));
+    if !saw_exit {
+        out.push(fallback);
     }
     out
 }
@@ -396,7 +486,7 @@ impl Admitted {
     /// ran to an end, writes the signed receipt there. `argv` is hashed, never
     /// logged. Returns the audit range, or why the evidence is incomplete.
     pub fn finish(
-        self,
+        mut self,
         argv: &[String],
         result: &Result<RunOutcome, RunError>,
         output: OutputDigests,
@@ -405,30 +495,46 @@ impl Admitted {
     ) -> Result<Evidence, String> {
         let plan_id = self.plan_id().to_owned();
         let vm_id = self.vm_id.clone();
-        let vmm = read_vmm_events(&self.files.events, &plan_id, &vm_id);
-        let measurements = measured(&vmm, &self.signed);
-        // Exec is sent once the agent answered; these endings come after it.
-        let exec_sent = matches!(
-            result,
-            Ok(_)
-                | Err(RunError::Timeout(_)
-                    | RunError::Interrupted
-                    | RunError::Agent(_)
-                    | RunError::Io { .. })
+        let (vmm, _) = read_vmm_events_from(
+            &self.files.events,
+            self.events_read,
+            false,
+            &plan_id,
+            &vm_id,
         );
-        let exec_started = exec_sent.then(|| AuditEvent::exec_started(&plan_id, &vm_id, argv));
-        let exec_exited = ended_status(result).map(|(status, how)| {
-            let event =
-                AuditEvent::exec_exited(&plan_id, &vm_id, status, output.stdout, output.stderr);
-            match how {
-                Some(how) => event.field(how, true),
-                None => event,
-            }
-        });
-        let events = order_run_events(vmm, exec_started, exec_exited, &plan_id, &vm_id);
-        let mut last_seq = self.admitted_seq;
+        if self.boot.is_none() {
+            self.boot = vmm
+                .iter()
+                .find(|e| e.kind == EventKind::BootVerified)
+                .cloned();
+        }
+        let measurements = measured(self.boot.as_slice(), &self.signed);
+        // Only a workload that started can have ended.
+        let exec_exited =
+            ended_status(result)
+                .filter(|_| self.exec_started)
+                .map(|(status, how)| {
+                    let event = AuditEvent::exec_exited(
+                        &plan_id,
+                        &vm_id,
+                        status,
+                        output.stdout,
+                        output.stderr,
+                    );
+                    match how {
+                        Some(how) => event.field(how, true),
+                        None => event,
+                    }
+                });
+        let events = closing_events(vmm, exec_exited, vm_ended(result, &plan_id, &vm_id));
+        let mut last_seq = self.last_seq;
         for event in events {
             last_seq = self.log.append(event).map_err(|e| e.to_string())?;
+        }
+        // Closed in the log: no longer open. (On an error above the marker
+        // stays, and the next command closes the run with run_abandoned.)
+        if let Some(marker) = self.marker.take() {
+            marker.close();
         }
         let audit = AuditRange {
             first_seq: self.admitted_seq,
@@ -471,6 +577,38 @@ impl Admitted {
     }
 }
 
+impl RunJournal for Admitted {
+    /// Appends the VMM's events so far (its `boot_verified` among them: it
+    /// writes it before the guest runs) and `exec_started`.
+    fn workload_starting(&mut self) -> Result<(), RunError> {
+        let plan_id = self.plan_id().to_owned();
+        let (events, next) = read_vmm_events_from(
+            &self.files.events,
+            self.events_read,
+            true,
+            &plan_id,
+            &self.vm_id,
+        );
+        self.events_read = next;
+        let evidence = |e: audit::AuditError| RunError::Missing(format!("evidence: {e}"));
+        for event in events {
+            if event.kind == EventKind::BootVerified && self.boot.is_none() {
+                self.boot = Some(event.clone());
+            }
+            self.last_seq = self.log.append(event).map_err(evidence)?;
+        }
+        if self.boot.is_none() {
+            return Err(RunError::Missing(
+                "the VMM reported no verified boot before its guest answered; the workload was not started".into(),
+            ));
+        }
+        let started = AuditEvent::exec_started(&plan_id, &self.vm_id, &self.argv);
+        self.last_seq = self.log.append(started).map_err(evidence)?;
+        self.exec_started = true;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,8 +627,7 @@ mod tests {
     }
 
     #[test]
-    fn run_records_are_in_the_order_they_happened() {
-        let started = AuditEvent::exec_started("p", "v", &["true"]);
+    fn closing_records_are_in_the_order_they_happened() {
         let exited = AuditEvent::exec_exited(
             "p",
             "v",
@@ -498,44 +635,85 @@ mod tests {
             (Sha256Digest::of(b""), 0),
             (Sha256Digest::of(b""), 0),
         );
-        let out = order_run_events(
-            events(&[EventKind::BootVerified, EventKind::VmExited]),
-            Some(started.clone()),
+        let fallback = AuditEvent::vm_exited("p", "v", "stopped_by_mvm", -1);
+        // The VMM's own exit comes after the workload's.
+        let out = closing_events(
+            events(&[EventKind::DeviceError, EventKind::VmExited]),
             Some(exited.clone()),
-            "p",
-            "v",
+            fallback.clone(),
         );
         assert_eq!(
             kinds(&out),
             [
-                EventKind::BootVerified,
-                EventKind::ExecStarted,
+                EventKind::DeviceError,
                 EventKind::ExecExited,
                 EventKind::VmExited
             ]
         );
-        // Killed by mvm (timeout): no vm_exit from the VMM, one from mvm.
-        let out = order_run_events(
-            events(&[EventKind::BootVerified]),
-            Some(started.clone()),
-            Some(exited.clone()),
-            "p",
-            "v",
-        );
-        assert_eq!(out.last().unwrap().kind, EventKind::VmExited);
+        assert!(!out.last().unwrap().fields.contains_key("cause"));
+        // No exit from the VMM: mvm's, after the workload's.
+        let out = closing_events(Vec::new(), Some(exited), fallback.clone());
+        assert_eq!(kinds(&out), [EventKind::ExecExited, EventKind::VmExited]);
         assert_eq!(
             out.last().unwrap().fields["reason"],
             FieldValue::from("stopped_by_mvm")
         );
-        // A refused boot: no exec records, nothing invented.
-        let out = order_run_events(
-            events(&[EventKind::BootRefused]),
-            Some(started),
-            Some(exited),
-            "p",
-            "v",
-        );
-        assert_eq!(kinds(&out), [EventKind::BootRefused]);
+        // A refused boot: the refusal, and the VM's end.
+        let out = closing_events(events(&[EventKind::BootRefused]), None, fallback);
+        assert_eq!(kinds(&out), [EventKind::BootRefused, EventKind::VmExited]);
+    }
+
+    #[test]
+    fn a_vm_that_died_is_recorded_with_its_signal_or_status() {
+        let killed: Result<RunOutcome, RunError> = Err(RunError::VmmDied {
+            reason: "x".into(),
+            log: String::new(),
+            exit: Some(crate::backend::ProcessEnd {
+                code: None,
+                signal: Some(9),
+            }),
+        });
+        let e = vm_ended(&killed, "p", "v");
+        assert_eq!(e.kind, EventKind::VmExited);
+        assert_eq!(e.fields["reason"], FieldValue::from("vm_process_died"));
+        assert_eq!(e.fields["signal"], FieldValue::from(9));
+        assert_eq!(e.fields["status"], FieldValue::from(-1));
+        let exited: Result<RunOutcome, RunError> = Err(RunError::VmmDied {
+            reason: "x".into(),
+            log: String::new(),
+            exit: Some(crate::backend::ProcessEnd {
+                code: Some(1),
+                signal: None,
+            }),
+        });
+        let e = vm_ended(&exited, "p", "v");
+        assert_eq!(e.fields["status"], FieldValue::from(1));
+        assert!(!e.fields.contains_key("signal"));
+        let e = vm_ended(&Err(RunError::Interrupted), "p", "v");
+        assert_eq!(e.fields["reason"], FieldValue::from("stopped_by_mvm"));
+        assert_eq!(e.fields["cause"], FieldValue::from("interrupted"));
+        assert!(e.validate().is_ok());
+    }
+
+    #[test]
+    fn vmm_events_are_read_in_whole_lines_from_where_the_last_read_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let boot = r#"{"event":"boot_verified","plan_id":"p","fields":{"kernel":"sha256:00"}}"#;
+        let exit = r#"{"event":"vm_exit","plan_id":"p","fields":{"reason":"poweroff","status":0}}"#;
+        // The VMM is halfway through its second line.
+        std::fs::write(&path, format!("{boot}\n{}", &exit[..10])).unwrap();
+        let (first, at) = read_vmm_events_from(&path, 0, true, "p", "v");
+        assert_eq!(kinds(&first), [EventKind::BootVerified]);
+        assert_eq!(at, u64::try_from(boot.len() + 1).unwrap());
+        // Ended, its last line without a newline: read all the same.
+        std::fs::write(&path, format!("{boot}\n{exit}")).unwrap();
+        let (rest, end) = read_vmm_events_from(&path, at, false, "p", "v");
+        assert_eq!(kinds(&rest), [EventKind::VmExited]);
+        assert_eq!(end, std::fs::metadata(&path).unwrap().len());
+        assert!(read_vmm_events_from(&path, end, false, "p", "v")
+            .0
+            .is_empty());
     }
 
     #[test]
@@ -622,8 +800,9 @@ mod tests {
         }
     }
 
-    /// What a VMM that verified `signed` writes to its events file.
-    fn vmm_events_for(signed: &SignedPlan) -> String {
+    /// What a VMM that verified `signed` writes to its events file: the
+    /// lines before the guest runs, and its exit.
+    fn vmm_events_for(signed: &SignedPlan) -> (String, String) {
         let a = &signed.plan.artifacts;
         let boot = serde_json::json!({
             "time": "2026-11-29T00:00:00Z", "event": "boot_verified",
@@ -641,7 +820,7 @@ mod tests {
             "plan_id": signed.plan.plan_id,
             "fields": { "reason": "poweroff", "status": 0 }
         });
-        format!("{boot}\n{exit}\n")
+        (format!("{boot}\n"), format!("{exit}\n"))
     }
 
     /// A store under `dir` with a built (fake) default image, or `None`
@@ -683,7 +862,28 @@ mod tests {
         assert_eq!(v.plan.resources.timeout_secs, 3600, "the policy's longest");
         assert_eq!(admitted.files.replay_store, data.join(REPLAY_STORE));
 
-        std::fs::write(&admitted.files.events, vmm_events_for(&admitted.signed)).unwrap();
+        // The VMM verified and booted; the guest answered: written ahead.
+        let (boot, exit) = vmm_events_for(&admitted.signed);
+        std::fs::write(&admitted.files.events, &boot).unwrap();
+        let mut admitted = admitted;
+        admitted.workload_starting().unwrap();
+        let log = data.join(audit::AUDIT_FILE);
+        let ahead: Vec<EventKind> = audit::read_records(&log, None)
+            .unwrap()
+            .iter()
+            .map(|r| r.event)
+            .collect();
+        assert_eq!(
+            ahead,
+            [
+                EventKind::PlanAdmitted,
+                EventKind::BootVerified,
+                EventKind::ExecStarted
+            ]
+        );
+        let markers = data.join(crate::audit::open_runs::OPEN_RUNS_DIR);
+        assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 1, "open");
+        std::fs::write(&admitted.files.events, format!("{boot}{exit}")).unwrap();
         let digest = admitted.signed.digest;
         let vm_id = admitted.vm_id.clone();
         let argv: Vec<String> = ["sh", "-c", "echo hi"].map(String::from).to_vec();
@@ -704,8 +904,8 @@ mod tests {
             .unwrap();
         assert_eq!(evidence.audit.first_seq, 1);
         assert_eq!(evidence.audit.last_seq, 5);
+        assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 0, "closed");
 
-        let log = data.join(audit::AUDIT_FILE);
         let keys = HostKeys::load(&config).unwrap();
         audit::verify_log(&log, &keys.audit.verifying_key()).unwrap();
         let records = audit::read_records(&log, None).unwrap();
@@ -798,9 +998,62 @@ mod tests {
         assert!(!receipt_path.exists());
         let records = audit::read_records(&log, None).unwrap();
         let last = records.last().unwrap();
-        assert_eq!(last.event, EventKind::BootRefused);
-        assert_eq!(last.plan_id.as_deref(), Some(plan_id.as_str()));
-        assert_eq!(records.len(), 3, "denied, admitted, refused");
+        assert_eq!(last.event, EventKind::VmExited);
+        assert_eq!(last.fields["reason"], FieldValue::from("boot_refused"));
+        assert_eq!(last.fields["status"], FieldValue::from(20));
+        let refused = &records[records.len() - 2];
+        assert_eq!(refused.event, EventKind::BootRefused);
+        assert_eq!(refused.plan_id.as_deref(), Some(plan_id.as_str()));
+        assert_eq!(records.len(), 4, "denied, admitted, refused, vm exited");
+    }
+
+    /// A run whose mvm died after booting: its records so far stay, and the
+    /// next admission closes it with `run_abandoned`; the log verifies.
+    #[test]
+    fn a_run_whose_mvm_died_is_closed_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((config, data, image)) = store_with_image(dir.path()) else {
+            return;
+        };
+        let mut admitted =
+            admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).unwrap();
+        let (boot, _) = vmm_events_for(&admitted.signed);
+        std::fs::write(&admitted.files.events, &boot).unwrap();
+        admitted.workload_starting().unwrap();
+        let plan_id = admitted.plan_id().to_owned();
+        // SIGKILL: finish never runs (dropping closes nothing). The marker
+        // then names a process that is gone.
+        drop(admitted);
+        let markers = data.join(crate::audit::open_runs::OPEN_RUNS_DIR);
+        let marker_path = markers.join(format!("{plan_id}.json"));
+        let mut marker: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&marker_path).unwrap()).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        marker["pid"] = child.id().into();
+        child.wait().unwrap();
+        std::fs::write(&marker_path, marker.to_string()).unwrap();
+
+        let next = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).unwrap();
+        let log = data.join(audit::AUDIT_FILE);
+        let records = audit::read_records(&log, None).unwrap();
+        let kinds: Vec<EventKind> = records.iter().map(|r| r.event).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::PlanAdmitted,
+                EventKind::BootVerified,
+                EventKind::ExecStarted,
+                EventKind::RunAbandoned,
+                EventKind::PlanAdmitted
+            ]
+        );
+        assert_eq!(records[3].plan_id.as_deref(), Some(plan_id.as_str()));
+        let keys = HostKeys::load(&config).unwrap();
+        audit::verify_log(&log, &keys.audit.verifying_key()).unwrap();
+        // Only the live run's marker is left.
+        assert!(!marker_path.exists());
+        assert_eq!(std::fs::read_dir(&markers).unwrap().count(), 1);
+        drop(next);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 
 use crate::backend::{RunError, WorkloadStatus};
 
+/// `--cpus` or `--mem` beyond what mvm or this host can give
+/// (`mvm_loader::limits`): refused before anything starts.
+pub const RESOURCES: i32 = 116;
 /// netrt: `--net` without the privilege to set the network up (CAP_NET_ADMIN).
 pub const NET_PERMISSION: i32 = 117;
 
@@ -36,6 +39,7 @@ pub const BROKEN_PIPE: i32 = 141;
 pub const HELP: &str = "\
 Exit status:
   0-255  the command's own exit status; 128+N if signal N ended it
+  116    --cpus or --mem beyond what mvm or this host can give (the limit is named)
   117    --net without CAP_NET_ADMIN (see docs/net.md)
   118    boot refused: the VMM did not verify the signed plan or an artifact
   119    denied by the admission policy (the rule is named; see docs/policy.md)
@@ -65,6 +69,7 @@ pub fn for_status(status: &WorkloadStatus) -> i32 {
 pub fn for_error(error: &RunError) -> i32 {
     match error {
         RunError::NoBackend(_) => NO_BACKEND,
+        RunError::Resources(_) => RESOURCES,
         RunError::Denied(_) => DENIED,
         RunError::Image(_) => NO_IMAGE,
         RunError::VmmDied { .. } => VMM_DIED,
@@ -87,6 +92,7 @@ pub fn for_error(error: &RunError) -> i32 {
 pub fn error_kind(error: &RunError) -> &'static str {
     match error {
         RunError::NoBackend(_) => "no_backend",
+        RunError::Resources(_) => "resources",
         RunError::Denied(_) => "denied",
         RunError::Image(_) => "no_image",
         RunError::VmmDied { .. } => "vmm_died",
@@ -130,6 +136,16 @@ mod tests {
     fn each_failure_has_its_own_code() {
         let errors = [
             RunError::NoBackend("x".into()),
+            RunError::Resources(
+                crate::backend::resources::check_with(
+                    crate::backend::Tier::Kvm,
+                    64,
+                    256,
+                    None,
+                    false,
+                )
+                .unwrap_err(),
+            ),
             RunError::Denied(crate::admission::Denial {
                 rule: crate::admission::Rule::MaxVcpus,
                 reason: "x".into(),
@@ -141,6 +157,7 @@ mod tests {
             RunError::VmmDied {
                 reason: "x".into(),
                 log: String::new(),
+                exit: None,
             },
             RunError::AgentNotReady {
                 timeout: Duration::from_secs(1),
@@ -165,6 +182,7 @@ mod tests {
             codes,
             [
                 NO_BACKEND,
+                RESOURCES,
                 DENIED,
                 NO_IMAGE,
                 VMM_DIED,

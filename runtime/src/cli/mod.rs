@@ -59,12 +59,14 @@ pub enum Command {
 /// `mvm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// vCPUs for the VM.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+    /// vCPUs for the VM (at most mvm_loader::limits::MAX_VCPUS, checked
+    /// before anything starts; exit 116).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     pub cpus: u8,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (at most the host's MemAvailable, and the policy's
+    /// max_memory_mib, also with --dev; checked before anything starts).
     #[arg(long = "mem", value_name = "MiB", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(64..=65536))]
+          value_parser = clap::value_parser!(u32).range(64..))]
     pub mem_mib: u32,
     /// Set an environment variable for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]

@@ -9,10 +9,11 @@ use super::exit;
 use super::RunArgs;
 use crate::backend::detect::{judge, HostFacts};
 use crate::backend::{
-    emulated, interrupt, kvm, locate, OutputSink, PlanFiles, RunArtifacts, RunError, RunOutcome,
-    RunSpec, StdinMode, Tier,
+    emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
+    RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier,
 };
 use crate::image::{ImageStore, StoredImage};
+use crate::terminal::escape_controls;
 use mvm_loader::plan::UtcTime;
 
 /// Writes output to this process's stdout and stderr as it arrives.
@@ -96,6 +97,12 @@ fn execute(
 ) -> Result<RunOutcome, RunError> {
     let facts = HostFacts::probe();
     let tier = choose_tier(args.backend, &facts)?;
+    // Before admission, the image and any VM process: the VMM's own bounds and
+    // the host's memory, whatever the flags.
+    resources::check(tier, spec.cpus, spec.mem_mib)?;
+    if admit::dev_mode(args) {
+        admit::check_dev_memory(spec.mem_mib)?;
+    }
     let image = ImageStore::open_default()?.resolve(&args.image)?;
     interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
     // netrt: --net: names pinned, the network reserved before admission so that the
@@ -113,25 +120,28 @@ fn execute(
         eprintln!(
             "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
         );
-        return launch(tier, &facts, spec, &image, None, sink);
+        return launch(tier, &facts, spec, &image, None, &mut NoJournal, sink);
     }
     if let Some(disk) = spec.disks.first() {
         return Err(RunError::Missing(format!(
             "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
         )));
     }
-    let admitted = admit::admit_run(args, &image, tier, net.as_mut())?;
+    let mut admitted = admit::admit_run(args, &image, tier, net.as_mut())?;
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
     let mut digests = DigestSink::new(sink);
     let started = UtcTime::now();
+    // `admitted` writes the run's records ahead, as the backend reaches them.
+    let files = admitted.files.clone();
     let result = launch(
         tier,
         &facts,
         &spec,
         &image,
-        Some(&admitted.files),
+        Some(&files),
+        &mut admitted,
         &mut digests,
     );
     let finished = UtcTime::now();
@@ -156,7 +166,7 @@ fn execute(
         ),
         // The workload ran but its evidence is incomplete: that is a failure.
         Err(e) if result.is_ok() => return Err(RunError::Missing(format!("evidence: {e}"))),
-        Err(e) => eprintln!("mvm: {e}"),
+        Err(e) => eprintln!("mvm: {}", escape_controls(&e)),
     }
     result
 }
@@ -168,6 +178,7 @@ fn launch(
     spec: &RunSpec,
     image: &StoredImage,
     plan: Option<&PlanFiles>,
+    journal: &mut dyn RunJournal,
     sink: &mut dyn OutputSink,
 ) -> Result<RunOutcome, RunError> {
     let stdin: Option<Box<dyn Read + Send>> = match spec.stdin {
@@ -180,7 +191,7 @@ fn launch(
                 image: image.clone(),
                 vmm: locate::vmm_binary()?,
             };
-            kvm::run_verified(spec, &artifacts, plan, sink, stdin)
+            kvm::run_verified(spec, &artifacts, plan, journal, sink, stdin)
         }
         Tier::Emulated => {
             let qemu = facts.qemu.clone().ok_or_else(|| {
@@ -192,7 +203,7 @@ fn launch(
             eprintln!(
                 "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
             );
-            emulated::run(spec, image, &qemu, plan, sink, stdin)
+            emulated::run(spec, image, &qemu, plan, journal, sink, stdin)
         }
     }
 }
@@ -213,7 +224,8 @@ pub fn main(args: &RunArgs) -> i32 {
             let code = exit::for_error(&e);
             // A closed stdout is the reader's choice, not an error to report.
             if code != exit::BROKEN_PIPE {
-                eprintln!("mvm: error: {e}");
+                // The message may carry the VM log's tail or the guest's words.
+                eprintln!("mvm: error: {}", escape_controls(&e.to_string()));
             }
             code
         }

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::admission::keys::{config_dir, HostKeys};
 use crate::audit::{self, AuditEvent, AuditLog, EventKind};
 use crate::receipt::verify_receipt;
+use crate::terminal::escape_controls;
 
 /// The check failed.
 pub const FAILED: i32 = 1;
@@ -264,10 +265,29 @@ fn log_path(given: Option<&PathBuf>) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Before the host's own log is shown or verified, the runs whose `mvm` died
+/// are closed in it (`run_abandoned`), so what is read is what is true now. A
+/// log named with `--log` (a copy, another host's) is only read. Without host
+/// keys nothing can be appended, and nothing was admitted here either.
+fn close_abandoned_runs(given: Option<&PathBuf>) {
+    if given.is_some() {
+        return;
+    }
+    let Ok(data) = crate::image::store::data_dir() else {
+        return;
+    };
+    let Some(keys) = config_dir().ok().and_then(|dir| HostKeys::load(&dir).ok()) else {
+        return;
+    };
+    let log = AuditLog::new(data.join(audit::AUDIT_FILE), keys.audit);
+    crate::cli::admit::report_abandoned(&log, &data);
+}
+
 /// `mvm audit`.
 pub fn audit(command: &AuditCommand) -> i32 {
     match command {
         AuditCommand::Show(args) => {
+            close_abandoned_runs(args.log.as_ref());
             let path = match log_path(args.log.as_ref()) {
                 Ok(p) => p,
                 Err(e) => return fail(FAILED, e),
@@ -283,12 +303,14 @@ pub fn audit(command: &AuditCommand) -> i32 {
                         Err(e) => return fail(FAILED, e),
                     }
                 } else {
-                    println!("{record}");
+                    // Reasons and details come from the VMM and, through it, the guest.
+                    println!("{}", escape_controls(&record.to_string()));
                 }
             }
             0
         }
         AuditCommand::Verify { log, trust } => {
+            close_abandoned_runs(log.as_ref());
             let path = match log_path(log.as_ref()) {
                 Ok(p) => p,
                 Err(e) => return fail(FAILED, e),

@@ -4,7 +4,7 @@
 //! |--------|---------|
 //! | 0 | the guest ended: i8042 reset, triple fault, poweroff signal (a `panic=-1` panic is a reset) |
 //! | 1 | the VMM failed (KVM setup, I/O, an internal error) |
-//! | 2 | invalid arguments (nothing was created) |
+//! | 2 | invalid arguments, or vCPUs or memory past `mvm_loader::limits` (nothing was created) |
 //! | 3 | a vCPU hit a fatal exit: `KVM_EXIT_INTERNAL_ERROR`, `KVM_EXIT_FAIL_ENTRY`, or an exit the VMM does not handle |
 //! | 10..=24 | verified boot refused the boot (one status per reason: `verified_boot::Refusal::status`) |
 //! | 128+N | stopped by host signal N (SIGINT, SIGTERM, SIGHUP) |
@@ -24,7 +24,7 @@ Exit status:
   0      the guest ended: i8042 reset, triple fault, or poweroff via the guest-signal port
          (a guest panic with panic=-1 reboots, so it is a reset)
   1      the VMM failed (KVM setup, I/O, internal error)
-  2      invalid arguments (no VM was created)
+  2      invalid arguments, or more vCPUs or memory than the limits allow (no VM was created)
   3      fatal vCPU exit: KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_FAIL_ENTRY or an unhandled exit
          (the vCPU's registers are printed on stderr)
   128+N  stopped by host signal N
@@ -32,7 +32,7 @@ Boot refused by verified boot (nothing was created, no guest code ran):
   10 untrusted_key      11 bad_signature      12 invalid_plan, malformed_envelope
   13 unknown_field      14 newer_schema       15 expired
   16 not_yet_valid      17 replay             18 replay_store
-  19 plan_mismatch (vCPUs, memory, devices, disk counts)
+  19 plan_mismatch (a flag disagrees with the plan: vCPUs, memory, devices, disk counts)
   20 kernel_mismatch    21 initramfs_mismatch  22 cmdline_mismatch
   23 disk_mismatch      24 plan_unreadable (--plan/--trust file, or an artifact)";
 

@@ -17,13 +17,21 @@ pub const PHASES: [&str; 7] = [
 /// The exit reason field.
 pub const EXIT_REASON: &str = "exit_reason";
 
-/// Pairs `(earlier, later)` that must hold. The first serial byte and the
-/// init signal may come in either order (a `quiet` kernel may print nothing
-/// before init), so each is only bounded by the first `KVM_RUN` and the exit.
-const ORDER: [(&str, &str); 8] = [
-    ("args_parsed", "kernel_loaded"),
-    ("kernel_loaded", "vm_created"),
-    ("vm_created", "first_kvm_run"),
+/// The phases up to the first `KVM_RUN`, in the order they end: those present must be
+/// non-decreasing (`plan_verified` and `artifacts_measured` are null under `--dev`).
+pub const SEQUENCE: [&str; 6] = [
+    "args_parsed",
+    "plan_verified",
+    "artifacts_measured",
+    "kernel_loaded",
+    "vm_created",
+    "first_kvm_run",
+];
+
+/// Pairs `(earlier, later)` that must hold after [`SEQUENCE`]. The first serial
+/// byte and the init signal may come in either order (a `quiet` kernel may print
+/// nothing before init), so each is only bounded by the first `KVM_RUN` and the exit.
+const ORDER: [(&str, &str); 5] = [
     ("first_kvm_run", "first_serial_byte"),
     ("first_kvm_run", "init_reached"),
     ("first_serial_byte", "exit"),
@@ -73,6 +81,17 @@ impl BootReport {
         }
         if self.exit_reason().is_none_or(str::is_empty) {
             problems.push(format!("{EXIT_REASON} missing or empty"));
+        }
+        let present: Vec<(&str, u64)> = SEQUENCE
+            .iter()
+            .filter_map(|p| self.micros(p).map(|t| (*p, t)))
+            .collect();
+        for pair in present.windows(2) {
+            if let [(earlier, a), (later, b)] = pair {
+                if a > b {
+                    problems.push(format!("{earlier} ({a} us) after {later} ({b} us)"));
+                }
+            }
         }
         for (earlier, later) in ORDER {
             if let (Some(a), Some(b)) = (self.micros(earlier), self.micros(later)) {
@@ -131,6 +150,35 @@ mod tests {
             e.contains("vm_created (5000 us) after first_kvm_run"),
             "{e}"
         );
+    }
+
+    /// Issue 12: `args_parsed` was stamped after the jail, so a signed boot's came after
+    /// `plan_verified` and `artifacts_measured`.
+    #[test]
+    fn a_signed_boots_phases_are_ordered_too() {
+        let signed = GOOD.replace(
+            "\"args_parsed\":10,",
+            "\"args_parsed\":10,\"plan_verified\":300,\"artifacts_measured\":700,",
+        );
+        BootReport::parse(&signed).unwrap().validate().unwrap();
+        let late = signed.replace("\"args_parsed\":10,", "\"args_parsed\":800,");
+        let e = BootReport::parse(&late).unwrap().validate().unwrap_err();
+        assert!(
+            e.contains("args_parsed (800 us) after plan_verified (300 us)"),
+            "{e}"
+        );
+        let swapped = signed.replace("\"plan_verified\":300", "\"plan_verified\":750");
+        let e = BootReport::parse(&swapped).unwrap().validate().unwrap_err();
+        assert!(
+            e.contains("plan_verified (750 us) after artifacts_measured (700 us)"),
+            "{e}"
+        );
+        // Under --dev the plan's phases are null, and skipped.
+        let dev = GOOD.replace(
+            "\"args_parsed\":10,",
+            "\"args_parsed\":10,\"plan_verified\":null,\"artifacts_measured\":null,",
+        );
+        BootReport::parse(&dev).unwrap().validate().unwrap();
     }
 
     #[test]

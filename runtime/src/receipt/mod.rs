@@ -23,8 +23,11 @@ use serde::{Deserialize, Serialize};
 pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 /// The in-toto Statement v1 type.
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
-/// The predicate type of an mvm run receipt.
-pub const PREDICATE_TYPE: &str = "https://example.invalid/mvm/receipt/v1";
+/// The predicate type of an mvm run receipt: a URI naming the predicate's
+/// schema (in-toto's convention), documented field by field in
+/// `docs/trust.md#receipts`. It is a name, never fetched. A change to the
+/// fields that an older verifier would misread gets a new version (`/v2`).
+pub const PREDICATE_TYPE: &str = "https://mvm.dev/receipt/v1";
 
 /// An in-toto Statement v1 with an mvm run predicate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +286,7 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&env.payload_unverified().unwrap()).unwrap();
         assert_eq!(json["_type"], STATEMENT_TYPE);
+        assert_eq!(json["predicateType"], "https://mvm.dev/receipt/v1");
         assert_eq!(
             json["subject"][0]["digest"]["sha256"],
             Sha256Digest::of(b"plan payload").to_hex()
@@ -313,16 +317,26 @@ mod tests {
             verify_receipt(&env.to_json(), &trusted()),
             Err(ReceiptError::Envelope(DsseError::UntrustedKey { .. }))
         ));
-        let mut s = sample();
-        s.predicate_type = "https://example.com/other".to_owned();
-        let env = sign_receipt(&s, &key()).unwrap();
-        assert!(matches!(
-            verify_receipt(&env.to_json(), &trusted()),
-            Err(ReceiptError::Type {
-                field: "predicateType",
-                ..
-            })
-        ));
+        // Another predicate, and the placeholder receipts carried before v1 was named.
+        for other in [
+            "https://example.com/other",
+            "https://example.invalid/mvm/receipt/v1",
+            "https://mvm.dev/receipt/v2",
+        ] {
+            let mut s = sample();
+            s.predicate_type = other.to_owned();
+            let env = sign_receipt(&s, &key()).unwrap();
+            assert!(
+                matches!(
+                    verify_receipt(&env.to_json(), &trusted()),
+                    Err(ReceiptError::Type {
+                        field: "predicateType",
+                        ..
+                    })
+                ),
+                "{other}"
+            );
+        }
         let mut s = sample();
         s.subject.clear();
         let env = sign_receipt(&s, &key()).unwrap();

@@ -6,10 +6,10 @@
 //! store (which survives restarts); the disks on the command line against the plan's;
 //! then [`crate::config::resolve`] settles the other flags the plan pins (vCPUs, memory,
 //! vsock, net) and reads the kernel and initramfs; then measurement: those bytes, read
-//! once, are hashed and compared, and those same bytes are
-//! loaded (no window between measuring and loading); the command line given with
-//! `--cmdline` is compared exactly, before the VMM appends its `virtio_mmio.device=`
-//! entries (so the plan pins what the user asked for, not the VMM's slot layout).
+//! once, are hashed and compared, and the same bytes are loaded (no window between
+//! measuring and loading); the command line given with `--cmdline` is compared
+//! exactly, before the VMM appends its `virtio_mmio.device=` entries (so the plan pins
+//! what the user asked for, not the VMM's slot layout).
 //! Read-only disks are not hashed at boot: each is pinned by a dm-verity root hash and
 //! every read is verified on the device thread (`mvm_devices::virtio::block::verity`).
 //!

@@ -130,13 +130,20 @@ fn shutdown_guest(client: Client, grace: Duration) {
     }
 }
 
+/// How long a broken agent connection waits for the VMM to be seen dead.
+const DEATH_WAIT: Duration = Duration::from_secs(1);
+
 fn agent_error(vmm: &mut VmmProcess, e: &ClientError) -> RunError {
-    // A dead VMM explains a broken connection better than the connection does.
-    std::thread::sleep(Duration::from_millis(50));
-    match vmm.try_exit() {
-        Some(status) => vmm.died(status),
-        None => RunError::Agent(e.to_string()),
+    // A dead VMM explains a broken connection better than the connection does;
+    // the connection may break a moment before its process can be reaped.
+    let start = Instant::now();
+    while start.elapsed() < DEATH_WAIT {
+        if let Some(status) = vmm.try_exit() {
+            return vmm.died(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    RunError::Agent(e.to_string())
 }
 
 /// Boots `artifacts.image` with `artifacts.vmm` in `--dev` mode (nothing

@@ -13,7 +13,10 @@ use base64::Engine;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::run::{describe, expect_code, image_store, mvm_with, output};
+use super::run::{
+    descendants, describe, events, expect_code, image_store, last_run, mvm_with, output, running,
+    Watched, FIRST_OUTPUT,
+};
 use crate::case::{Case, CaseResult, Context, Failure};
 
 /// The audit cases.
@@ -22,6 +25,8 @@ pub const CASES: &[Case] = &[
     Case::kvm("audit/receipt", receipt),
     Case::kvm("audit/denied", denied),
     Case::kvm("audit/overhead", overhead),
+    Case::kvm("audit/vm-killed", vm_killed),
+    Case::kvm("audit/mvm-killed", mvm_killed),
 ];
 
 /// Runs of each kind in `audit/overhead`.
@@ -29,6 +34,10 @@ const OVERHEAD_RUNS: usize = 3;
 
 /// `mvm run`'s exit status for a policy denial (runtime/src/cli/exit.rs).
 const EXIT_DENIED: i32 = 119;
+/// `mvm run`'s exit status when the VM process died (runtime/src/cli/exit.rs).
+const EXIT_VMM_DIED: i32 = 122;
+/// The workload of the kill cases: a line to wait for, then a long sleep.
+const STARTED_THEN_SLEEP: &str = "echo started; sleep 120";
 /// Concurrent runs in `audit/concurrent-8`.
 const CONCURRENT: usize = 8;
 /// Their `--ready-timeout`: one TCG boot takes 2-20 s depending on the
@@ -453,6 +462,132 @@ fn overhead(ctx: &Context) -> CaseResult {
                 phases(&out, wall)?
             );
         }
+    }
+    Ok(())
+}
+
+/// The VM's process is killed (SIGKILL to mvm-vmm, mvm's child) after the
+/// workload printed `started`: mvm exits 122 and the log holds the run's
+/// `boot_verified`, `exec_started` and a `vm_exited` saying the process died
+/// of signal 9; the log verifies.
+fn vm_killed(ctx: &Context) -> CaseResult {
+    let homes = Homes::new(ctx)?;
+    let mut run = Watched::spawn(homes.run(ctx, &["--", "sh", "-c", STARTED_THEN_SLEEP])?)?;
+    run.wait_for_line("started", FIRST_OUTPUT)?;
+    let below = descendants(run.pid())?;
+    let vmm = below
+        .iter()
+        .find(|p| p.ppid == run.pid() && p.comm == crate::case::VMM)
+        .ok_or_else(|| Failure::new(format!("no mvm-vmm child of mvm: {below:?}")))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(vmm.pid).unwrap_or(i32::MAX)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| Failure::new(format!("kill -KILL mvm-vmm {}: {e}", vmm.pid)))?;
+    let out = run.wait(std::time::Duration::from_secs(60))?;
+    expect_code(&out, EXIT_VMM_DIED)?;
+    let records = last_run(&records(&homes.log())?)?;
+    let kinds = events(&records);
+    let want = [
+        "plan_admitted",
+        "boot_verified",
+        "exec_started",
+        "vm_exited",
+    ];
+    if kinds != want {
+        return Err(Failure::new(format!(
+            "the run's records are {kinds:?}, expected {want:?}"
+        ))
+        .with_detail(describe(&out)));
+    }
+    let exited = records.last().cloned().unwrap_or_default();
+    if text(&exited, "/fields/reason") != "vm_process_died"
+        || exited.pointer("/fields/signal") != Some(&9.into())
+    {
+        return Err(Failure::new(format!(
+            "vm_exited does not say the VM process died of signal 9: {exited}"
+        )));
+    }
+    expect_code(&homes.verify(ctx, None)?, 0)
+}
+
+/// mvm itself is killed (SIGKILL) while its workload runs: no VM process
+/// outlives it, the next command (`mvm audit show`) appends `run_abandoned`
+/// for the run after its `boot_verified` and `exec_started`, removes the
+/// run's marker, and the log verifies.
+fn mvm_killed(ctx: &Context) -> CaseResult {
+    let homes = Homes::new(ctx)?;
+    let mut run = Watched::spawn(homes.run(ctx, &["--", "sh", "-c", STARTED_THEN_SLEEP])?)?;
+    run.wait_for_line("started", FIRST_OUTPUT)?;
+    let below = descendants(run.pid())?;
+    if !below.iter().any(|p| p.comm == crate::case::VMM) {
+        return Err(Failure::new(format!("no mvm-vmm below mvm: {below:?}")));
+    }
+    run.signal(nix::sys::signal::Signal::SIGKILL)?;
+    let out = run.wait(std::time::Duration::from_secs(30))?;
+    if out.status.code().is_some() {
+        return Err(Failure::new(format!("mvm was not killed: {}", out.status)));
+    }
+    // PR_SET_PDEATHSIG: the VM processes die with mvm.
+    let start = std::time::Instant::now();
+    let left = loop {
+        let left: Vec<_> = below.iter().filter(|p| running(p.pid)).collect();
+        if left.is_empty() || start.elapsed() > std::time::Duration::from_secs(10) {
+            break left.into_iter().cloned().collect::<Vec<_>>();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if !left.is_empty() {
+        return Err(Failure::new(format!(
+            "processes of the killed run still running: {left:?}"
+        )));
+    }
+    let before = last_run(&records(&homes.log())?)?;
+    if events(&before) != ["plan_admitted", "boot_verified", "exec_started"] {
+        return Err(Failure::new(format!(
+            "before the next command the run's records are {:?}, expected them written ahead",
+            events(&before)
+        )));
+    }
+
+    let show = output(homes.mvm(ctx, &["audit", "show"])?)?;
+    expect_code(&show, 0)?;
+    if !String::from_utf8_lossy(&show.stderr).contains("abandoned") {
+        return Err(
+            Failure::new("mvm audit show did not say it closed an abandoned run")
+                .with_detail(describe(&show)),
+        );
+    }
+    let after = last_run(&records(&homes.log())?)?;
+    let kinds = events(&after);
+    let want = [
+        "plan_admitted",
+        "boot_verified",
+        "exec_started",
+        "run_abandoned",
+    ];
+    if kinds != want {
+        return Err(Failure::new(format!(
+            "after mvm audit show the run's records are {kinds:?}, expected {want:?}"
+        )));
+    }
+    let markers = homes.data.join("open-runs");
+    let open: Vec<_> = std::fs::read_dir(&markers)
+        .map_err(fail("listing open-runs"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    if !open.is_empty() {
+        return Err(Failure::new(format!("run markers left: {open:?}")));
+    }
+    expect_code(&homes.verify(ctx, None)?, 0)?;
+    // Closed once: another command appends nothing more.
+    expect_code(&output(homes.mvm(ctx, &["audit", "show"])?)?, 0)?;
+    let again = events(&last_run(&records(&homes.log())?)?);
+    if again != want {
+        return Err(Failure::new(format!(
+            "a second command changed the run's records to {again:?}"
+        )));
     }
     Ok(())
 }

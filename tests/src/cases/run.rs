@@ -10,7 +10,11 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use sha2::{Digest, Sha256};
 
@@ -24,6 +28,7 @@ pub const CASES: &[Case] = &[
     Case::kvm("run/timeout", timeout),
     Case::kvm("run/bulk-stdout-streams", bulk_stdout_streams),
     Case::kvm("run/sequential-64", sequential_64),
+    Case::kvm("run/sigint", sigint),
 ];
 
 /// The `mvm` binary among the artifacts.
@@ -292,13 +297,295 @@ fn sequential_64(ctx: &Context) -> CaseResult {
             "run directories left behind: {left:?}"
         )));
     }
-    let vmms = Command::new("pgrep")
-        .args(["-x", VMM])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    // From /proc, not pgrep: a missing tool must not pass the check.
+    let vmms: Vec<u32> = processes()?
+        .into_iter()
+        .filter(|p| p.comm == VMM && p.state != 'Z')
+        .map(|p| p.pid)
+        .collect();
     if !vmms.is_empty() {
-        return Err(Failure::new(format!("mvm-vmm processes left: {vmms}")));
+        return Err(Failure::new(format!("mvm-vmm processes left: {vmms:?}")));
+    }
+    Ok(())
+}
+
+/// How long a workload may take to print its first line: one boot inside the
+/// test host (TCG) takes 10-60 s on a loaded machine.
+pub const FIRST_OUTPUT: Duration = Duration::from_secs(200);
+
+/// A started `mvm` whose stdout and stderr are read on threads as they come,
+/// so a case can wait for a line and then act on the running process.
+pub struct Watched {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn read_into(mut from: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            let Some(data) = buf.get(..n).filter(|d| !d.is_empty()) else {
+                return;
+            };
+            if let Ok(mut all) = into.lock() {
+                all.extend_from_slice(data);
+            }
+        }
+    })
+}
+
+impl Watched {
+    /// Starts `command` with its stdout and stderr piped to this process.
+    pub fn spawn(mut command: Command) -> Result<Self, Failure> {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| Failure::new(format!("starting mvm: {e}")))?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(read_into(out, stdout.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(read_into(err, stderr.clone()));
+        }
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+            readers,
+        })
+    }
+
+    /// `mvm`'s pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn text(buf: &Arc<Mutex<Vec<u8>>>) -> String {
+        buf.lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until stdout holds the line `line`; fails (and kills `mvm`)
+    /// if `mvm` exits first or `timeout` passes.
+    pub fn wait_for_line(&mut self, line: &str, timeout: Duration) -> CaseResult {
+        let start = Instant::now();
+        loop {
+            if Self::text(&self.stdout).lines().any(|l| l == line) {
+                return Ok(());
+            }
+            let exited = self.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(Failure::new(format!(
+                    "no line {line:?} on stdout after {:?} (mvm {})",
+                    start.elapsed(),
+                    exited.map_or_else(|| "still running, killed".to_owned(), |s| s.to_string())
+                ))
+                .with_detail(format!(
+                    "{}{}",
+                    tail("stdout", &Self::text(&self.stdout), 10),
+                    tail("stderr", &Self::text(&self.stderr), 20)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` to `mvm`.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> CaseResult {
+        nix::sys::signal::kill(pid_of(self.pid()), signal)
+            .map_err(|e| Failure::new(format!("kill -{signal} mvm: {e}")))
+    }
+
+    /// Waits for `mvm` to exit (killing it after `timeout`) and returns its
+    /// status and everything it printed.
+    pub fn wait(mut self, timeout: Duration) -> Result<Output, Failure> {
+        let start = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if start.elapsed() > timeout => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(Failure::new(format!(
+                        "mvm did not exit within {timeout:?}; killed"
+                    ))
+                    .with_detail(tail(
+                        "stderr",
+                        &Self::text(&self.stderr),
+                        20,
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(Failure::new(format!("waiting for mvm: {e}"))),
+            }
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        let take = |buf: &Arc<Mutex<Vec<u8>>>| buf.lock().map(|b| b.clone()).unwrap_or_default();
+        Ok(Output {
+            status,
+            stdout: take(&self.stdout),
+            stderr: take(&self.stderr),
+        })
+    }
+}
+
+fn pid_of(pid: u32) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// A process as `/proc/PID/stat` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Its pid.
+    pub pid: u32,
+    /// Its parent's pid.
+    pub ppid: u32,
+    /// Its state letter (`Z` for a zombie).
+    pub state: char,
+    /// Its command name (at most 15 bytes).
+    pub comm: String,
+}
+
+/// Reads `/proc/PID/stat`: `PID (COMM) STATE PPID ..`, COMM may hold spaces
+/// and parentheses, so it ends at the last `)`.
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open.checked_add(1)?..close)?.to_owned();
+    let mut rest = text.get(close.checked_add(1)?..)?.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some(ProcStat {
+        pid,
+        ppid,
+        state,
+        comm,
+    })
+}
+
+/// Every process (from `/proc`; a missing `/proc` is a failure, not an empty list).
+pub fn processes() -> Result<Vec<ProcStat>, Failure> {
+    let entries =
+        std::fs::read_dir("/proc").map_err(|e| Failure::new(format!("listing /proc: {e}")))?;
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(proc_stat)
+        .collect())
+}
+
+/// The processes below `pid` (children, their children, ..).
+pub fn descendants(pid: u32) -> Result<Vec<ProcStat>, Failure> {
+    let all = processes()?;
+    let mut found: Vec<ProcStat> = Vec::new();
+    let mut parents = vec![pid];
+    while let Some(parent) = parents.pop() {
+        for p in all.iter().filter(|p| p.ppid == parent) {
+            parents.push(p.pid);
+            found.push(p.clone());
+        }
+    }
+    Ok(found)
+}
+
+/// Whether `pid` still runs (exists and is not a zombie).
+pub fn running(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|p| p.state != 'Z')
+}
+
+/// The audit log's records (JSON lines), parsed.
+pub fn audit_records(log: &Path) -> Result<Vec<Value>, Failure> {
+    let text = std::fs::read_to_string(log)
+        .map_err(|e| Failure::new(format!("reading {}: {e}", log.display())))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Failure::new(format!("audit log line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// The records of the last run admitted in `records`: its `plan_admitted` and
+/// every later record with its plan id.
+pub fn last_run(records: &[Value]) -> Result<Vec<Value>, Failure> {
+    let plan = records
+        .iter()
+        .rev()
+        .find(|r| r.pointer("/event") == Some(&"plan_admitted".into()))
+        .and_then(|r| r.pointer("/plan_id"))
+        .cloned()
+        .ok_or_else(|| Failure::new("no plan_admitted in the audit log"))?;
+    Ok(records
+        .iter()
+        .filter(|r| r.pointer("/plan_id") == Some(&plan))
+        .cloned()
+        .collect())
+}
+
+/// The event names of `records`.
+pub fn events(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| {
+            r.pointer("/event")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Ctrl-C: a workload that traps SIGINT gets it, cleans up and exits 3; `mvm`
+/// exits 3 (the workload's status, not 130), and the log has `exec_exited`
+/// with status 3 and the VM's `vm_exited`.
+fn sigint(ctx: &Context) -> CaseResult {
+    let script = "trap 'echo caught INT; exit 3' INT; echo started; sleep 120 & wait";
+    let mut run = Watched::spawn(mvm(ctx, &["--", "sh", "-c", script])?)?;
+    run.wait_for_line("started", FIRST_OUTPUT)?;
+    let sent = Instant::now();
+    run.signal(nix::sys::signal::Signal::SIGINT)?;
+    let out = run.wait(Duration::from_secs(60))?;
+    let took = sent.elapsed();
+    expect_code(&out, 3)?;
+    if !String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l == "caught INT")
+    {
+        return Err(Failure::new("the workload's trap did not run").with_detail(describe(&out)));
+    }
+    // Within the grace period: the workload ended it, not the escalation.
+    if took > Duration::from_secs(30) {
+        return Err(Failure::new(format!(
+            "mvm took {took:?} to exit after SIGINT"
+        )));
+    }
+    let log = image_store(ctx)?.join("audit.jsonl");
+    let records = last_run(&audit_records(&log)?)?;
+    let kinds = events(&records);
+    let exited = records
+        .iter()
+        .find(|r| r.pointer("/event") == Some(&"exec_exited".into()));
+    if exited.and_then(|r| r.pointer("/fields/exit_status")) != Some(&3.into()) {
+        return Err(Failure::new(format!(
+            "no exec_exited with exit_status 3 in the run's records {kinds:?}: {exited:?}"
+        )));
+    }
+    if kinds.last().map(String::as_str) != Some("vm_exited") {
+        return Err(Failure::new(format!(
+            "the run's records {kinds:?} do not end with vm_exited"
+        )));
     }
     Ok(())
 }

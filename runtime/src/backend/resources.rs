@@ -68,8 +68,15 @@ pub fn check_with(
              (the guest's memory and its own): "
         )
     };
-    limits::check_memory(asked, available_mib, allow_overcommit)
-        .map_err(|source| ResourceError { context, source })
+    // The ceiling bounds guests (checked above), not the test host around one:
+    // past it only what the host can back is checked, the context giving the
+    // real size.
+    limits::check_memory(
+        asked.min(limits::MAX_MEMORY_MIB),
+        available_mib,
+        allow_overcommit,
+    )
+    .map_err(|source| ResourceError { context, source })
 }
 
 #[cfg(test)]
@@ -123,5 +130,19 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("--mem 2048 on the emulated tier"), "{text}");
         assert!(text.contains(&format!("needs {asked} MiB")), "{text}");
+        // At the ceiling the guest is allowed; its test host is refused for the
+        // host's memory, not for a ceiling that bounds guests.
+        let e = check_with(Tier::Emulated, 1, 1_048_576, Some(20_000), false).unwrap_err();
+        assert!(
+            matches!(
+                e.source,
+                LimitError::MemoryUnavailable {
+                    available_mib: 20_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(check_with(Tier::Emulated, 1, 1_048_576, Some(20_000), true).is_ok());
     }
 }

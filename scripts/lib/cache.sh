@@ -1,5 +1,7 @@
 # Shared helpers for the build scripts: the content-addressed cache outside the repo.
 # MVM_CACHE overrides the location (default: $XDG_CACHE_HOME/mvm or ~/.cache/mvm).
+# Also brings in static_rustflags (scripts/lib/rust.sh), so every script that
+# sources this file builds static binaries with the same flags.
 
 log() { echo "mvm: $*" >&2; }
 die() { echo "mvm: error: $*" >&2; exit 1; }
@@ -16,3 +18,5 @@ inputs_key() { printf '%s\n' "$@" | sha256sum | cut -c1-32; }
 # callers building the same cache entry at once take turns instead of
 # deleting each other's work directory.
 with_lock() { local l; l="$(cache_root)/$1.lock"; shift; mkdir -p "$(cache_root)"; flock "$l" "$@"; }
+
+source "$(dirname "${BASH_SOURCE[0]}")/rust.sh"

@@ -221,6 +221,25 @@ fn a_silent_guest_is_not_ready(s: &Setup) {
     assert!(start.elapsed() < Duration::from_secs(8));
 }
 
+/// Ctrl-C while the workload runs is passed to it: a workload that traps
+/// SIGINT cleans up and its own status is the run's. Last: the signal count is
+/// process-wide and stays set.
+fn a_signal_is_passed_to_the_workload(s: &Setup) {
+    set_role("agent");
+    let script = "trap 'echo caught INT; exit 3' INT; echo started; sleep 60 & wait";
+    let mut out = Collect::default();
+    let signaller = std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(2));
+        mvm_runtime::backend::interrupt::deliver(libc::SIGINT);
+        Instant::now()
+    });
+    let outcome = kvm::run(&spec(&["sh", "-c", script]), &s.artifacts, &mut out, None).unwrap();
+    let sent = signaller.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\ncaught INT\n");
+    assert_eq!(outcome.status.code, Some(3), "{outcome:?}");
+    assert!(sent.elapsed() < mvm_runtime::backend::interrupt::GRACE);
+}
+
 /// One scenario.
 type Case = fn(&Setup);
 
@@ -230,7 +249,7 @@ fn main() {
     }
     let s = setup();
     std::env::set_var("MVM_RUN_DIR", &s.run_dir);
-    let cases: [(&str, Case); 5] = [
+    let cases: [(&str, Case); 6] = [
         ("streams_and_exit_status", streams_and_exit_status),
         ("stdin_is_forwarded", stdin_is_forwarded),
         ("timeout_stops_the_workload", timeout_stops_the_workload),
@@ -239,6 +258,10 @@ fn main() {
             a_dying_vmm_is_reported_with_its_log,
         ),
         ("a_silent_guest_is_not_ready", a_silent_guest_is_not_ready),
+        (
+            "a_signal_is_passed_to_the_workload",
+            a_signal_is_passed_to_the_workload,
+        ),
     ];
     for (name, case) in cases {
         let start = Instant::now();

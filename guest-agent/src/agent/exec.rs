@@ -165,9 +165,33 @@ fn default_signal_actions() {
     }
 }
 
+/// An empty signal mask. As PID 1 the agent blocks the power signals (SIGINT,
+/// SIGTERM, SIGUSR1, SIGUSR2) in every thread, and a mask survives fork and exec: a
+/// guest workload was seen starting with them blocked, so `mvm run`'s Ctrl-C (SIGINT
+/// through the signal operation) never reached it. Raw system call, as above.
+fn empty_signal_mask() -> io::Result<()> {
+    let empty: u64 = 0;
+    // SAFETY: rt_sigprocmask reads `empty`, a valid 8-byte kernel sigset that outlives
+    // the call; a null old-set pointer is allowed; 8 is the kernel's sigset size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty,
+            std::ptr::null_mut::<u64>(),
+            8_usize,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs in the child between fork and exec: only async-signal-safe calls.
 fn isolate(limits: Limits) -> io::Result<()> {
     default_signal_actions();
+    empty_signal_mask()?;
     // SAFETY: setsid takes no arguments; it makes the child a session and group leader.
     if unsafe { libc::setsid() } == -1 {
         return Err(io::Error::last_os_error());
@@ -275,7 +299,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
     }
     let limits = agent.policy().limits;
     // SAFETY: `isolate` runs between fork and exec and only makes async-signal-safe
-    // system calls (rt_sigaction, setsid, prctl, getrlimit, setrlimit); it allocates nothing and
+    // system calls (rt_sigaction, rt_sigprocmask, setsid, prctl, getrlimit, setrlimit); it allocates nothing and
     // takes no locks.
     unsafe {
         command.pre_exec(move || isolate(limits));

@@ -29,7 +29,10 @@ pub const AGENT_NOT_READY: i32 = 123;
 pub const TIMEOUT: i32 = 124;
 /// Any other mvm failure (a missing binary, a broken agent connection, I/O).
 pub const MVM_ERROR: i32 = 125;
-/// Ctrl-C / SIGTERM: the workload and the VM were stopped (128 + SIGINT).
+/// Ctrl-C / SIGTERM before the workload started, or a workload still running
+/// `interrupt::GRACE` after it was passed the signal (or at a second one): the
+/// workload and the VM were stopped (128 + SIGINT). A workload that exits on
+/// the forwarded signal gives its own status instead.
 pub const INTERRUPTED: i32 = 130;
 /// Our stdout was closed (`mvm run -- yes | head`): the workload and the VM
 /// were stopped, as a shell's producer would die of SIGPIPE (128 + 13).
@@ -49,7 +52,8 @@ Exit status:
   123    the guest agent did not become ready in time (--ready-timeout)
   124    --timeout passed; the command and the VM were stopped
   125    other mvm error (missing mvm-vmm, lost agent connection, I/O)
-  130    interrupted (Ctrl-C); the command and the VM were stopped
+  130    interrupted: Ctrl-C before the command started, or the command still
+         running 5 s after it was passed the signal (or a second Ctrl-C)
   141    our stdout was closed (e.g. `| head`); the command and the VM were stopped
   2      bad command line (from the argument parser)";
 

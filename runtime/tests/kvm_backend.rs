@@ -235,7 +235,10 @@ fn a_signal_is_passed_to_the_workload(s: &Setup) {
     });
     let outcome = kvm::run(&spec(&["sh", "-c", script]), &s.artifacts, &mut out, None).unwrap();
     let sent = signaller.join().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\ncaught INT\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "started\ncaught INT\n"
+    );
     assert_eq!(outcome.status.code, Some(3), "{outcome:?}");
     assert!(sent.elapsed() < mvm_runtime::backend::interrupt::GRACE);
 }

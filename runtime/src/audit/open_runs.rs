@@ -11,7 +11,9 @@
 //! another process under a reused pid, or an earlier boot) gets a
 //! `run_abandoned` record and is removed. A marker is claimed by renaming it
 //! before anything is appended, and a rename succeeds for one process only, so
-//! two commands never close the same run twice.
+//! two commands never close the same run twice. The run directories the dead
+//! `mvm` left (`mvm-<pid>-<n>` in the run directory base) are removed then too,
+//! unless its pid already belongs to another live process.
 //!
 //! The marker lives beside the log it belongs to (not in the run directory,
 //! which may be a tmpfs cleared at logout, and which another `MVM_RUN_DIR`
@@ -232,6 +234,12 @@ pub fn close_abandoned(log: &AuditLog, data_dir: &Path) -> Result<Vec<ClosedRun>
         let seq = log.append(event)?;
         if let Err(e) = std::fs::remove_file(&claimed) {
             tracing::warn!("removing {}: {e}", claimed.display());
+        }
+        // Its run directories, unless the pid now belongs to a live process
+        // (a reused pid's directories are that process's).
+        if process_state(marker.pid).is_none_or(|(state, _)| state == 'Z') {
+            let base = crate::backend::scratch::base_dir();
+            crate::backend::scratch::remove_left_by(&base, marker.pid);
         }
         closed.push(ClosedRun { marker, why, seq });
     }

@@ -7,6 +7,42 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Distinguishes several runs in one process.
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Where run directories go: `$MVM_RUN_DIR`, else `$XDG_RUNTIME_DIR`, else `/tmp`.
+pub fn base_dir() -> PathBuf {
+    ["MVM_RUN_DIR", "XDG_RUNTIME_DIR"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// Removes the run directories (`mvm-<pid>-<n>`) under `base` that process
+/// `pid` left when it was killed before it could (`kill -9 mvm`). The caller
+/// has judged `pid` gone; a directory of another pid is never touched.
+/// Returns how many were removed.
+pub fn remove_left_by(base: &Path, pid: u32) -> usize {
+    let prefix = format!("mvm-{pid}-");
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(n) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!("removing {}: {e}", entry.path().display()),
+        }
+    }
+    removed
+}
+
 /// A directory that is deleted with everything in it on drop.
 #[derive(Debug)]
 pub struct ScratchDir {
@@ -18,13 +54,7 @@ impl ScratchDir {
     /// `mvm-<pid>-<n>` inside it, mode 0700. The path stays short because
     /// Unix socket paths are limited to 107 bytes.
     pub fn create() -> std::io::Result<Self> {
-        let base = ["MVM_RUN_DIR", "XDG_RUNTIME_DIR"]
-            .iter()
-            .filter_map(std::env::var_os)
-            .map(PathBuf::from)
-            .find(|p| p.is_dir())
-            .unwrap_or_else(|| PathBuf::from("/tmp"));
-        Self::create_in(&base)
+        Self::create_in(&base_dir())
     }
 
     /// Creates `mvm-<pid>-<n>` under `base`, mode 0700.
@@ -67,5 +97,27 @@ mod tests {
         assert_ne!(other.path(), path);
         drop(dir);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn only_a_dead_runs_directories_are_removed() {
+        let base = tempfile::tempdir().unwrap();
+        for name in [
+            "mvm-4242-0",
+            "mvm-4242-1",
+            "mvm-42420-0",
+            "mvm-4242-x",
+            "other",
+        ] {
+            std::fs::create_dir(base.path().join(name)).unwrap();
+        }
+        std::fs::write(base.path().join("mvm-4242-0/vmm.log"), b"x").unwrap();
+        assert_eq!(remove_left_by(base.path(), 4242), 2);
+        let mut left: Vec<String> = std::fs::read_dir(base.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["mvm-4242-x", "mvm-42420-0", "other"]);
     }
 }

@@ -398,8 +398,16 @@ pub fn read_vmm_events_from(
 }
 
 /// The `vm_exited` mvm writes when the VMM reported none: why the VM ended,
-/// as far as `mvm` can tell from how the run ended.
-pub fn vm_ended(result: &Result<RunOutcome, RunError>, plan_id: &str, vm_id: &str) -> AuditEvent {
+/// as far as `mvm` can tell from how the run ended. `vmm_reported` says
+/// whether the VMM wrote any event (it writes `boot_verified` or
+/// `boot_refused` before a guest runs): without one, a run that failed for
+/// another reason never had a VM (`not_started`).
+pub fn vm_ended(
+    result: &Result<RunOutcome, RunError>,
+    vmm_reported: bool,
+    plan_id: &str,
+    vm_id: &str,
+) -> AuditEvent {
     match result {
         Err(RunError::VmmDied { exit, .. }) => {
             let status = exit.and_then(|e| e.code).unwrap_or(-1);
@@ -413,6 +421,8 @@ pub fn vm_ended(result: &Result<RunOutcome, RunError>, plan_id: &str, vm_id: &st
             AuditEvent::vm_exited(plan_id, vm_id, "boot_refused", *status)
         }
         Ok(_) => AuditEvent::vm_exited(plan_id, vm_id, "stopped_by_mvm", -1),
+        Err(e) if !vmm_reported => AuditEvent::vm_exited(plan_id, vm_id, "not_started", -1)
+            .field("cause", exit::error_kind(e)),
         Err(e) => AuditEvent::vm_exited(plan_id, vm_id, "stopped_by_mvm", -1)
             .field("cause", exit::error_kind(e)),
     }
@@ -526,7 +536,9 @@ impl Admitted {
                         None => event,
                     }
                 });
-        let events = closing_events(vmm, exec_exited, vm_ended(result, &plan_id, &vm_id));
+        let vmm_reported = self.events_read > 0 || !vmm.is_empty();
+        let ended = vm_ended(result, vmm_reported, &plan_id, &vm_id);
+        let events = closing_events(vmm, exec_exited, ended);
         let mut last_seq = self.last_seq;
         for event in events {
             last_seq = self.log.append(event).map_err(|e| e.to_string())?;
@@ -673,7 +685,7 @@ mod tests {
                 signal: Some(9),
             }),
         });
-        let e = vm_ended(&killed, "p", "v");
+        let e = vm_ended(&killed, true, "p", "v");
         assert_eq!(e.kind, EventKind::VmExited);
         assert_eq!(e.fields["reason"], FieldValue::from("vm_process_died"));
         assert_eq!(e.fields["signal"], FieldValue::from(9));
@@ -686,13 +698,19 @@ mod tests {
                 signal: None,
             }),
         });
-        let e = vm_ended(&exited, "p", "v");
+        let e = vm_ended(&exited, true, "p", "v");
         assert_eq!(e.fields["status"], FieldValue::from(1));
         assert!(!e.fields.contains_key("signal"));
-        let e = vm_ended(&Err(RunError::Interrupted), "p", "v");
+        let e = vm_ended(&Err(RunError::Interrupted), true, "p", "v");
         assert_eq!(e.fields["reason"], FieldValue::from("stopped_by_mvm"));
         assert_eq!(e.fields["cause"], FieldValue::from("interrupted"));
         assert!(e.validate().is_ok());
+        // Stopped before the VMM said anything: there was no VM.
+        let e = vm_ended(&Err(RunError::Interrupted), false, "p", "v");
+        assert_eq!(e.fields["reason"], FieldValue::from("not_started"));
+        let missing = Err(RunError::Missing("no mvm-vmm".into()));
+        let e = vm_ended(&missing, false, "p", "v");
+        assert_eq!(e.fields["cause"], FieldValue::from("missing"));
     }
 
     #[test]

@@ -514,7 +514,8 @@ fn vm_killed(ctx: &Context) -> CaseResult {
 /// mvm itself is killed (SIGKILL) while its workload runs: no VM process
 /// outlives it, the next command (`mvm audit show`) appends `run_abandoned`
 /// for the run after its `boot_verified` and `exec_started`, removes the
-/// run's marker, and the log verifies.
+/// run's marker and the run directories the killed mvm left, and the log
+/// verifies.
 fn mvm_killed(ctx: &Context) -> CaseResult {
     let homes = Homes::new(ctx)?;
     let mut run = Watched::spawn(homes.run(ctx, &["--", "sh", "-c", STARTED_THEN_SLEEP])?)?;
@@ -523,6 +524,7 @@ fn mvm_killed(ctx: &Context) -> CaseResult {
     if !below.iter().any(|p| p.comm == crate::case::VMM) {
         return Err(Failure::new(format!("no mvm-vmm below mvm: {below:?}")));
     }
+    let run_pid = run.pid();
     run.signal(nix::sys::signal::Signal::SIGKILL)?;
     let out = run.wait(std::time::Duration::from_secs(30))?;
     if out.status.code().is_some() {
@@ -569,6 +571,19 @@ fn mvm_killed(ctx: &Context) -> CaseResult {
     if kinds != want {
         return Err(Failure::new(format!(
             "after mvm audit show the run's records are {kinds:?}, expected {want:?}"
+        )));
+    }
+    // The killed mvm's run directories (mvm-<pid>-<n>) went with the marker.
+    let prefix = format!("mvm-{}-", run_pid);
+    let left: Vec<_> = std::fs::read_dir(ctx.work_file("run"))
+        .map_err(fail("listing the run directories"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    if !left.is_empty() {
+        return Err(Failure::new(format!(
+            "the killed mvm's run directories are left: {left:?}"
         )));
     }
     let markers = homes.data.join("open-runs");

@@ -383,7 +383,10 @@ pub fn read_vmm_events_from(
         .filter_map(|line| {
             let event = vmm_event(line, vm_id);
             if event.is_none() {
-                tracing::warn!(line = %line.chars().take(200).collect::<String>(), "VMM event not recorded");
+                tracing::warn!(
+                    line = %crate::terminal::escape_controls(&line.chars().take(200).collect::<String>()),
+                    "VMM event not recorded"
+                );
             }
             event
         })

@@ -138,9 +138,13 @@ impl OpenRun {
             start_ticks: process_state(pid).map_or(0, |(_, start)| start),
             boot_id: boot_id(),
         };
-        let path = dir.join(format!("{}.json", file_stem(plan_id)));
+        let stem = file_stem(plan_id);
+        let path = dir.join(format!("{stem}.json"));
         let text = serde_json::to_vec(&marker).map_err(|e| AuditError::Event(e.to_string()))?;
-        std::fs::write(&path, text).map_err(io(&path, "write run marker"))?;
+        // Written aside and renamed: a sweep in another process never reads half a marker.
+        let partial = dir.join(format!("{stem}.partial-{pid}"));
+        std::fs::write(&partial, text).map_err(io(&partial, "write run marker"))?;
+        std::fs::rename(&partial, &path).map_err(io(&path, "write run marker"))?;
         Ok(Self { path })
     }
 

@@ -22,6 +22,8 @@
 #                                 path std already carries when rust-src is
 #                                 not installed, so having it or not makes
 #                                 no difference
+#       Each also under its physical path when a symlink makes that differ
+#       (rustc's working directory, written into the debug info, is physical).
 #       When several prefixes match, rustc applies the last one given: the
 #       more specific mappings come last.
 # Cargo leaves --remap-path-prefix out of -C metadata (cargo#6966, #7417),
@@ -29,6 +31,19 @@
 #
 # With --target, RUSTFLAGS applies to the target binaries only, not to build
 # scripts or proc-macros: static binaries, dynamic build tools.
+
+# rustflags_remap FROM TO: adds the mapping for FROM as given and, when a symlink makes
+# it differ, for its physical path too (a working directory is always the
+# physical path). rustflags_remap_physical adds only the latter.
+rustflags_remap() {
+  flags+=" --remap-path-prefix=$1=$2"
+  rustflags_remap_physical "$1" "$2"
+}
+rustflags_remap_physical() {
+  local real
+  real=$(realpath -m -- "$1" 2>/dev/null) || return 0
+  [ "$real" = "$1" ] || flags+=" --remap-path-prefix=$real=$2"
+}
 
 # static_rustflags ROOT: prints the flags for the checkout at ROOT. Honours
 # CARGO_HOME, RUSTUP_HOME and CARGO_TARGET_DIR (or a target-dir in cargo's
@@ -43,11 +58,16 @@ static_rustflags() {
   sysroot=$(cd "$root" && rustc --print sysroot)
   commit=$(cd "$root" && rustc -vV | sed -n 's/^commit-hash: //p')
   flags="-C target-feature=+crt-static"
-  flags+=" --remap-path-prefix=$root=/mvm"
-  flags+=" --remap-path-prefix=$cargo_home=/cargo"
-  flags+=" --remap-path-prefix=$rustup_home=/rustup"
-  flags+=" --remap-path-prefix=$target_dir=/mvm/target"
-  [ -n "$commit" ] && flags+=" --remap-path-prefix=$sysroot/lib/rustlib/src/rust=/rustc/$commit"
+  rustflags_remap "$root" /mvm
+  rustflags_remap "$cargo_home" /cargo
+  # Registry and git sources, where cargo runs rustc: its working directory
+  # (the debug info's comp_dir, hashed into the build id before strip) is
+  # the physical path, through any symlink under CARGO_HOME.
+  rustflags_remap_physical "$cargo_home/registry" /cargo/registry
+  rustflags_remap_physical "$cargo_home/git" /cargo/git
+  rustflags_remap "$rustup_home" /rustup
+  rustflags_remap "$target_dir" /mvm/target
+  [ -n "$commit" ] && rustflags_remap "$sysroot/lib/rustlib/src/rust" "/rustc/$commit"
   # RUSTFLAGS is split on spaces: a path with a space cannot be remapped.
   case "$root$cargo_home$rustup_home$target_dir$sysroot" in
     *' '*) echo "mvm: error: a build path holds a space; RUSTFLAGS cannot carry it: $root $cargo_home $target_dir" >&2; return 1 ;;

@@ -96,8 +96,11 @@ fn busybox_version(busybox: &Path) -> Option<String> {
 }
 
 /// The kernel's own inputs, from the `inputs.txt` that `scripts/build-kernel`
-/// leaves beside it (`tarball <sha>`, `fragment <sha>`, `builder <sha>`).
-/// Build times in that file are not inputs and are left out.
+/// leaves beside it (`tarball <sha>`, `source_version <version>`,
+/// `fragment <sha>`, `builder <sha>`, `toolchain <sha>`). Build times in that
+/// file are not inputs and are left out, and so is the `.deb`'s digest: apt's
+/// index may or may not still list it, and the tarball's digest already names
+/// the source, so it would make equal images differ.
 fn kernel_provenance(kernel: &Path) -> Vec<Input> {
     let Some(dir) = kernel.parent() else {
         return Vec::new();
@@ -105,27 +108,38 @@ fn kernel_provenance(kernel: &Path) -> Vec<Input> {
     let Ok(text) = std::fs::read_to_string(dir.join("inputs.txt")) else {
         return Vec::new();
     };
-    let mut inputs = Vec::new();
+    let mut source_version = None;
+    let mut digests = Vec::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();
         let (Some(key), Some(value), None) = (words.next(), words.next(), words.next()) else {
             continue;
         };
         let name = match key {
+            "source_version" => {
+                source_version = Some(value.to_owned());
+                continue;
+            }
             "tarball" => "kernel-source",
             "fragment" => "kernel-config-fragment",
             "builder" => "kernel-builder",
+            "toolchain" => "kernel-toolchain",
             _ => continue,
         };
         if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
-            inputs.push(Input {
-                name: name.into(),
-                sha256: format!("sha256:{value}"),
-                version: None,
-            });
+            digests.push((name, value));
         }
     }
-    inputs
+    digests
+        .into_iter()
+        .map(|(name, value)| Input {
+            name: name.into(),
+            sha256: format!("sha256:{value}"),
+            version: (name == "kernel-source")
+                .then(|| source_version.clone())
+                .flatten(),
+        })
+        .collect()
 }
 
 /// The guest's file tree, apart from `/init`'s and busybox's bytes.
@@ -369,5 +383,59 @@ pub(crate) mod tests {
             names,
             ["kernel-source", "kernel-config-fragment", "kernel-builder"]
         );
+        assert_eq!(inputs[0].version, None);
+    }
+
+    /// The inputs.txt of today's scripts/build-kernel: the source's version
+    /// lands on `kernel-source`; the .deb's digest, the lock's digest, the
+    /// source date and the build time stay out of the manifest.
+    #[test]
+    fn kernel_provenance_carries_the_source_version_and_toolchain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c, d) = (
+            "aa".repeat(32),
+            "bb".repeat(32),
+            "cc".repeat(32),
+            "dd".repeat(32),
+        );
+        std::fs::write(
+            dir.path().join("inputs.txt"),
+            format!(
+                "tarball {a}\nsource_version 6.12.118-1~deb12u1\ndeb {b}\nlock {c}\n\
+                 fragment {c}\nbuilder {d}\ntoolchain {b}\nsource_date_epoch 1795859651\n\
+                 build_seconds 452\n"
+            ),
+        )
+        .unwrap();
+        let inputs = kernel_provenance(&dir.path().join("vmlinux"));
+        let got: Vec<(&str, &str, Option<&str>)> = inputs
+            .iter()
+            .map(|i| (i.name.as_str(), i.sha256.as_str(), i.version.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "kernel-source",
+                    format!("sha256:{a}").as_str(),
+                    Some("6.12.118-1~deb12u1")
+                ),
+                (
+                    "kernel-config-fragment",
+                    format!("sha256:{c}").as_str(),
+                    None
+                ),
+                ("kernel-builder", format!("sha256:{d}").as_str(), None),
+                ("kernel-toolchain", format!("sha256:{b}").as_str(), None),
+            ]
+        );
+        // A .deb digest that apt no longer lists changes nothing.
+        let text = std::fs::read_to_string(dir.path().join("inputs.txt")).unwrap();
+        std::fs::write(
+            dir.path().join("inputs.txt"),
+            text.replace(&format!("deb {b}"), "deb unknown"),
+        )
+        .unwrap();
+        assert_eq!(kernel_provenance(&dir.path().join("vmlinux")), inputs);
     }
 }

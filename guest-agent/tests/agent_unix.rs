@@ -492,10 +492,8 @@ fn file_errors_are_clear() {
 
 #[test]
 fn workloads_drop_to_an_unprivileged_user_with_no_new_privs() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    // Needs root (uid changes, rlimits): without it this fails, never passes quietly.
+    assert!(is_root(), "this test needs root");
     let agent = Agent::start(&[]);
     let client = agent.client();
     let out = run(
@@ -519,10 +517,8 @@ fn workloads_drop_to_an_unprivileged_user_with_no_new_privs() {
 
 #[test]
 fn root_only_when_the_policy_allows_it() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    // Needs root (uid changes, rlimits): without it this fails, never passes quietly.
+    assert!(is_root(), "this test needs root");
     let agent = Agent::start(&["--allow-root"]);
     let client = agent.client();
     let mut root = sh("id -u");
@@ -815,10 +811,8 @@ fn a_refused_write_answers_once() {
 
 #[test]
 fn exec_failures_after_fork_are_errors_not_crashes() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    // Needs root (uid changes, rlimits): without it this fails, never passes quietly.
+    assert!(is_root(), "this test needs root");
     let agent = Agent::start(&[]);
     let client = agent.client();
     // Executable for root, but inside a directory uid 1000 cannot enter: the exec in the
@@ -857,10 +851,8 @@ fn workloads_start_with_default_signal_actions_and_no_mask() {
 
 #[test]
 fn limits_never_rise_above_the_agents_hard_limits() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    // Needs root (uid changes, rlimits): without it this fails, never passes quietly.
+    assert!(is_root(), "this test needs root");
     // As in a small guest, where the kernel derives init's RLIMIT_NPROC from its memory:
     // the policy's 4096 must be capped, not make every exec fail with EPERM.
     let dir = tempfile::tempdir().unwrap();

@@ -19,14 +19,17 @@ struct Pid1Agent {
     _dir: tempfile::TempDir,
 }
 
-fn usable() -> bool {
+/// These tests need root and util-linux's `unshare`; without either they fail
+/// (a missing prerequisite is never a quiet pass).
+fn require_root_and_unshare() {
     // SAFETY: geteuid has no arguments and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let unshare = Command::new("unshare").arg("--version").output().is_ok();
-    if !(root && unshare) {
-        eprintln!("skipped: needs root and unshare");
-    }
-    root && unshare
+    assert!(root, "the PID 1 namespace tests need root");
+    let unshare = Command::new("unshare").arg("--version").output();
+    assert!(
+        unshare.is_ok_and(|o| o.status.success()),
+        "the PID 1 namespace tests need unshare (util-linux)"
+    );
 }
 
 impl Pid1Agent {
@@ -127,9 +130,7 @@ fn stdout(client: &Client, script: &str) -> String {
 
 #[test]
 fn pid1_mounts_names_and_reaps() {
-    if !usable() {
-        return;
-    }
+    require_root_and_unshare();
     let agent = Pid1Agent::start();
     let client = agent.client();
     let ready = client.ping().unwrap();
@@ -179,9 +180,7 @@ fn pid1_mounts_names_and_reaps() {
 
 #[test]
 fn shutdown_request_ends_the_namespace() {
-    if !usable() {
-        return;
-    }
+    require_root_and_unshare();
     let mut agent = Pid1Agent::start();
     let client = agent.client();
     // A workload that would otherwise keep running.
@@ -194,9 +193,7 @@ fn shutdown_request_ends_the_namespace() {
 
 #[test]
 fn busybox_poweroff_signal_ends_the_namespace() {
-    if !usable() {
-        return;
-    }
+    require_root_and_unshare();
     let mut agent = Pid1Agent::start();
     agent.client().ping().unwrap();
     let pid = agent.host_pid();

@@ -128,10 +128,15 @@ fn each_role_dies_on_a_syscall_outside_its_filter_and_the_report_names_the_threa
 #[cfg(feature = "test-hooks")]
 #[test]
 fn the_net_thread_dies_on_a_syscall_outside_its_filter_and_the_report_names_it() {
-    if !support::is_root() || !Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: the net role's violation test needs root and /dev/net/tun");
-        return;
-    }
+    // A missing prerequisite is a failure, never a quiet pass (scripts/test runs as root).
+    assert!(
+        support::is_root(),
+        "the net role's violation test needs root (a tap device)"
+    );
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "the net role's violation test needs /dev/net/tun"
+    );
     let dir = tempfile::tempdir().unwrap();
     let tap = format!("mvmsc{}", std::process::id());
     let net = format!("tap={tap},mac=02:00:00:00:5e:01");

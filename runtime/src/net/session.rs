@@ -321,26 +321,31 @@ mod tests {
         assert!(fixed_subnet(&swapped).is_err());
     }
 
-    fn privileged() -> bool {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let ok = tap::has_net_admin(&status) && Path::new(tap::TUN_DEVICE).exists();
-        if !ok {
-            eprintln!("skipped: needs CAP_NET_ADMIN and /dev/net/tun");
-        }
-        ok
+    /// These tests need CAP_NET_ADMIN, /dev/net/tun and nft; without any of
+    /// them they fail (scripts/test runs as root, scripts/setup installs nftables).
+    fn require_privileged() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(tap::has_net_admin(&status), "this test needs CAP_NET_ADMIN");
+        assert!(
+            Path::new(tap::TUN_DEVICE).exists(),
+            "this test needs {}",
+            tap::TUN_DEVICE
+        );
+        assert!(
+            nft::run(&["--version"], None).is_ok(),
+            "this test needs nft (nftables)"
+        );
     }
 
     fn nft_tables() -> Vec<String> {
-        nft::list_tables().unwrap_or_default()
+        nft::list_tables().unwrap()
     }
 
     /// On the real host: a session makes an addressed tap and its table; dropping it
     /// removes both. Skipped without CAP_NET_ADMIN.
     #[test]
     fn a_session_sets_up_and_tears_down_on_the_host() {
-        if !privileged() {
-            return;
-        }
+        require_privileged();
         let request = NetRequest {
             allow: vec![crate::net::allow::parse_allow("192.0.2.0/24:80-81").unwrap()],
             resolvers: vec![Ipv4Addr::new(192, 0, 2, 53)],
@@ -358,10 +363,7 @@ mod tests {
             "{nets:?}"
         );
         assert!(session.nat());
-        let have_nft = nft::run(&["--version"], None).is_ok();
-        if have_nft {
-            assert!(nft_tables().contains(&nft::table_name(&name)));
-        }
+        assert!(nft_tables().contains(&nft::table_name(&name)));
         assert!(session.cmdline_word().starts_with("mvm.net="));
         // A second, concurrent session gets another subnet.
         let other = NetSession::create(&NetRequest::default()).unwrap();
@@ -377,9 +379,7 @@ mod tests {
     /// next start's scan; a live owner's are not.
     #[test]
     fn leftovers_of_dead_owners_are_removed() {
-        if !privileged() {
-            return;
-        }
+        require_privileged();
         let dead = (4_000_000..4_100_000)
             .find(|p| !leftovers::process_alive(*p))
             .unwrap();
@@ -387,10 +387,7 @@ mod tests {
         // Held so that a concurrent start's scan does not take our fake leftovers first.
         let lock = PoolLock::take(&lock_path()).unwrap();
         tap::create(&name).unwrap();
-        let have_nft = nft::run(&["--version"], None).is_ok();
-        if have_nft {
-            nft::apply(&format!("table ip {} {{}}\n", nft::table_name(&name))).unwrap();
-        }
+        nft::apply(&format!("table ip {} {{}}\n", nft::table_name(&name))).unwrap();
         let live = tap_name(std::process::id(), 9999).unwrap();
         tap::create(&live).unwrap();
         let stale = remove_leftovers();
@@ -399,9 +396,7 @@ mod tests {
         assert!(!stale.taps.contains(&live));
         assert!(!Path::new("/sys/class/net").join(&name).exists());
         assert!(Path::new("/sys/class/net").join(&live).exists());
-        if have_nft {
-            assert!(!nft_tables().contains(&nft::table_name(&name)));
-        }
+        assert!(!nft_tables().contains(&nft::table_name(&name)));
         tap::delete(&live).unwrap();
         assert!(!Path::new("/sys/class/net").join(&live).exists());
     }

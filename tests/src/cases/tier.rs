@@ -74,10 +74,14 @@ fn exit_and_streams(ctx: &Context) -> CaseResult {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !stderr.lines().any(|l| l == "err") || stderr.contains("out\n") {
-        return Err(Failure::new("stderr lacks \"err\" or carries stdout").with_detail(describe(&out)));
+        return Err(
+            Failure::new("stderr lacks \"err\" or carries stdout").with_detail(describe(&out))
+        );
     }
     if tier == "emulated" && !announced(&out, "emulated") {
-        return Err(Failure::new("the emulated tier was not named on stderr").with_detail(describe(&out)));
+        return Err(
+            Failure::new("the emulated tier was not named on stderr").with_detail(describe(&out))
+        );
     }
     Ok(())
 }
@@ -129,7 +133,8 @@ fn json(ctx: &Context) -> CaseResult {
     )?)?;
     expect_code(&out, 3)?;
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
-        Failure::new(format!("--json output is not one JSON object: {e}")).with_detail(describe(&out))
+        Failure::new(format!("--json output is not one JSON object: {e}"))
+            .with_detail(describe(&out))
     })?;
     let field = |name: &str| value.get(name).cloned().unwrap_or(serde_json::Value::Null);
     let checks = [

@@ -31,12 +31,15 @@ pub const PLAN_PAYLOAD_TYPE: &str = "application/vnd.mvm.plan+json";
 pub const MAX_PLAN_BYTES: usize = 64 * 1024;
 /// vCPU count range.
 pub const MIN_VCPUS: u8 = 1;
-/// vCPU count range.
+/// vCPU count range: the one limit, [`crate::limits::MAX_VCPUS`], as the plan's type.
 pub const MAX_VCPUS: u8 = 32;
-/// Guest memory range, MiB.
+const _: () = assert!(MAX_VCPUS as u32 == crate::limits::MAX_VCPUS);
+/// Guest memory range, MiB: a plan is for a real Linux guest, which needs this much.
 pub const MIN_MEMORY_MIB: u32 = 32;
-/// Guest memory range, MiB.
-pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// Guest memory range, MiB: the one limit, [`crate::limits::MAX_MEMORY_MIB`], as the
+/// plan's type.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+const _: () = assert!(MAX_MEMORY_MIB as u64 == crate::limits::MAX_MEMORY_MIB);
 /// Longest workload timeout a plan may carry.
 pub const MAX_TIMEOUT_SECS: u32 = 7 * 24 * 3600;
 /// Longest validity window (`not_after - not_before`). The replay store keeps a

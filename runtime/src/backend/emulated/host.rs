@@ -1,0 +1,417 @@
+//! The host side of an emulated run: start QEMU on the test host with the
+//! run's overlay, send the request, relay stdin, stdout, stderr and
+//! signals, write the run's records ahead when the test host says it booted,
+//! and turn its report back into an outcome or an error.
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::overlay::{read_file, testhost_initramfs};
+use super::protocol::*;
+use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu};
+use crate::backend::interrupt::{self, Action, Forwarder};
+use crate::backend::scratch::ScratchDir;
+use crate::backend::{
+    locate, OutputSink, PlanFiles, ProcessEnd, RunError, RunJournal, RunOutcome, RunSpec,
+    StdinMode, Tier,
+};
+use crate::image::StoredImage;
+
+/// How long the test host may take to boot and start the inner `mvm`.
+const TESTHOST_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long after the report the output ports may still be draining.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Beyond the workload and ready timeouts, what the outer watchdog allows.
+const WATCHDOG_SLACK: Duration = Duration::from_secs(60);
+
+/// The test host's last word, as the run loop keeps it.
+struct FinalReport {
+    outcome: Option<RunOutcome>,
+    error: Option<(GuestErrorKind, String)>,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
+    refusal: Option<GuestRefusal>,
+    vm_exit: Option<ProcessEnd>,
+}
+
+/// How much longer than the workload's own grace period the host waits for
+/// the test host's report after forwarding a signal (TCG is slow).
+const SIGNAL_SLACK: Duration = Duration::from_secs(30);
+
+/// What the reader threads hand the run loop.
+enum Chunk {
+    Out(Vec<u8>),
+    Err(Vec<u8>),
+    Ctl(String),
+    CtlClosed(Option<String>),
+}
+
+fn pump_bytes(
+    mut stream: UnixStream,
+    tx: mpsc::SyncSender<Chunk>,
+    wrap: fn(Vec<u8>) -> Chunk,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("testhost-out".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = stream.read(&mut buf) {
+                let Some(data) = buf.get(..n).filter(|d| !d.is_empty()) else {
+                    return;
+                };
+                if tx.send(wrap(data.to_vec())).is_err() {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}
+
+fn pump_ctl(stream: UnixStream, tx: mpsc::SyncSender<Chunk>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("testhost-ctl".into())
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            loop {
+                match read_ctl_line(&mut reader) {
+                    Ok(Some(line)) => {
+                        if tx.send(Chunk::Ctl(line)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Chunk::CtlClosed(None));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Chunk::CtlClosed(Some(e.to_string())));
+                        return;
+                    }
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// Copies `source` into the stdin port as frames (see [`FramedStdin`]),
+/// ending with the empty frame. The caller keeps another handle on the
+/// socket open until the run ends: closing it would race the last frames.
+fn pump_stdin(mut source: Box<dyn Read + Send>, mut port: UnixStream) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("testhost-in".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; STDIN_FRAME_MAX];
+            loop {
+                let n = match source.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => 0,
+                };
+                let Some(data) = buf.get(..n) else { return };
+                let len = u32::try_from(n).unwrap_or(0).to_le_bytes();
+                if port
+                    .write_all(&len)
+                    .and_then(|()| port.write_all(data))
+                    .is_err()
+                    || n == 0
+                {
+                    return;
+                }
+            }
+        })
+        .map(drop)
+}
+
+/// Reads the plan files a verified run sends into the test host.
+fn plan_bundle(plan: &PlanFiles) -> Result<PlanBundle, RunError> {
+    let text = |path: &Path| {
+        String::from_utf8(read_file(path)?)
+            .map_err(|_| RunError::Missing(format!("{}: not UTF-8 text", path.display())))
+    };
+    Ok(PlanBundle {
+        envelope: text(&plan.envelope)?,
+        trust: text(&plan.trust)?,
+    })
+}
+
+/// Runs `spec` inside the test host with QEMU `qemu`.
+pub fn run(
+    spec: &RunSpec,
+    image: &StoredImage,
+    qemu_bin: &Path,
+    plan: Option<&PlanFiles>,
+    journal: &mut dyn RunJournal,
+    sink: &mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<RunOutcome, RunError> {
+    let start = Instant::now();
+    let bundle = plan.map(plan_bundle).transpose()?;
+    if let Some(disk) = spec.disks.first() {
+        return Err(RunError::Missing(format!(
+            "--disk {disk}: the emulated backend cannot attach disks yet (the file would have to travel into the test host); use --backend kvm on a host with hardware KVM"
+        )));
+    }
+    let testhost = locate::testhost_dir()?;
+    let (mvm, vmm) = locate::static_binaries()?;
+    let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
+
+    let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
+    let mut listeners = Vec::new();
+    for id in ["ctl", "in", "out", "err"] {
+        let path = scratch.path().join(id);
+        let listener = UnixListener::bind(&path)
+            .map_err(RunError::io(format!("listening on {}", path.display())))?;
+        listeners.push(listener);
+    }
+    let console = scratch.path().join("console.log");
+    let qemu_log = scratch.path().join("qemu.log");
+    let args = qemu_args(&testhost, &initramfs, &console, scratch.path(), spec);
+    tracing::debug!("starting {} {}", qemu_bin.display(), args.join(" "));
+    let mut qemu = spawn_qemu(qemu_bin, &args, &qemu_log)?;
+    let logs = [console.as_path(), qemu_log.as_path()];
+    let mut streams = Vec::new();
+    for listener in &listeners {
+        streams.push(accept_from(
+            listener,
+            &mut qemu,
+            &logs,
+            Duration::from_secs(30),
+        )?);
+    }
+    drop(listeners);
+    let mut streams = streams.into_iter();
+    let (Some(ctl), Some(input), Some(out), Some(err)) = (
+        streams.next(),
+        streams.next(),
+        streams.next(),
+        streams.next(),
+    ) else {
+        return Err(RunError::Agent("test host ports missing".into()));
+    };
+
+    let (tx, rx) = mpsc::sync_channel(16);
+    let mut ctl_writer = ctl
+        .try_clone()
+        .map_err(RunError::io("test host control port"))?;
+    pump_ctl(ctl, tx.clone()).map_err(RunError::io("starting a reader thread"))?;
+    pump_bytes(out, tx.clone(), Chunk::Out).map_err(RunError::io("starting a reader thread"))?;
+    pump_bytes(err, tx, Chunk::Err).map_err(RunError::io("starting a reader thread"))?;
+    let request = GuestRequest {
+        spec: spec.clone(),
+        journal: bundle.is_some(),
+        plan: bundle,
+    };
+    write_json_line(&mut ctl_writer, &request)
+        .map_err(RunError::io("sending the request to the test host"))?;
+    if let (StdinMode::Forward, Some(source)) = (spec.stdin, stdin) {
+        let port = input
+            .try_clone()
+            .map_err(RunError::io("test host stdin port"))?;
+        pump_stdin(source, port).map_err(RunError::io("starting the stdin thread"))?;
+    }
+
+    let mut boot_deadline = Some(start + TESTHOST_BOOT_TIMEOUT);
+    let mut testhost_ready_ms = None;
+    let watchdog = spec.timeout_secs.map(|t| {
+        start
+            + TESTHOST_BOOT_TIMEOUT
+            + Duration::from_secs(spec.ready_timeout_secs.saturating_add(t))
+            + WATCHDOG_SLACK
+    });
+    let (mut got_out, mut got_err) = (0u64, 0u64);
+    let mut report: Option<FinalReport> = None;
+    let mut drain_deadline = None;
+    let mut interrupts = Forwarder::new();
+    loop {
+        // Until the inner mvm runs, a signal stops everything; then it is the
+        // inner mvm's to handle, as a local run would.
+        if testhost_ready_ms.is_none() && report.is_none() {
+            if interrupt::requested() {
+                return Err(RunError::Interrupted);
+            }
+        } else {
+            match interrupts.poll_with(interrupt::GRACE + SIGNAL_SLACK) {
+                Action::None => {}
+                Action::Forward(signal) => {
+                    if let Err(e) = write_json_line(&mut ctl_writer, &HostRecord::Signal { signal })
+                    {
+                        tracing::warn!("forwarding signal {signal} to the test host: {e}");
+                    }
+                }
+                Action::Kill => return Err(RunError::Interrupted),
+            }
+        }
+        let now = Instant::now();
+        if boot_deadline.is_some_and(|d| now > d) {
+            return Err(RunError::AgentNotReady {
+                timeout: TESTHOST_BOOT_TIMEOUT,
+                reason: "the test host did not start mvm".into(),
+                log: read_logs(&logs),
+            });
+        }
+        if watchdog.is_some_and(|d| now > d) {
+            return Err(RunError::Timeout(Duration::from_secs(
+                spec.timeout_secs.unwrap_or(0),
+            )));
+        }
+        if let Some(FinalReport {
+            stdout_bytes: want_out,
+            stderr_bytes: want_err,
+            ..
+        }) = report
+        {
+            if got_out >= want_out && got_err >= want_err {
+                break;
+            }
+            if drain_deadline.is_some_and(|d| now > d) {
+                return Err(RunError::Agent(format!(
+                    "output lost between test host and host: stdout {got_out}/{want_out} bytes, stderr {got_err}/{want_err} bytes"
+                )));
+            }
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Chunk::Out(data)) => {
+                got_out = got_out.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+                sink.stdout(&data)
+                    .map_err(RunError::io("writing the workload's stdout"))?;
+            }
+            Ok(Chunk::Err(data)) => {
+                got_err = got_err.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+                sink.stderr(&data)
+                    .map_err(RunError::io("writing the workload's stderr"))?;
+            }
+            Ok(Chunk::Ctl(line)) => match parse_record(&line) {
+                Ok(GuestRecord::Started) => {
+                    boot_deadline = None;
+                    testhost_ready_ms =
+                        Some(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
+                }
+                Ok(GuestRecord::Booted { vmm_events }) => {
+                    // Where a local VMM writes them, then appended ahead by the journal.
+                    if let Some(p) = plan {
+                        std::fs::write(&p.events, cut_events(vmm_events).as_bytes())
+                            .map_err(RunError::io(format!("writing {}", p.events.display())))?;
+                    }
+                    journal.workload_starting()?;
+                    write_json_line(&mut ctl_writer, &HostRecord::Proceed)
+                        .map_err(RunError::io("answering the test host"))?;
+                }
+                Ok(GuestRecord::Report {
+                    outcome,
+                    error,
+                    stdout_bytes,
+                    stderr_bytes,
+                    refusal,
+                    vmm_events,
+                    vm_exit,
+                }) => {
+                    boot_deadline = None;
+                    // The events go where a local VMM would have written them,
+                    // before anything else can fail.
+                    if let Some(p) = plan {
+                        std::fs::write(&p.events, vmm_events.as_bytes())
+                            .map_err(RunError::io(format!("writing {}", p.events.display())))?;
+                    }
+                    report = Some(FinalReport {
+                        outcome,
+                        error,
+                        stdout_bytes,
+                        stderr_bytes,
+                        refusal,
+                        vm_exit,
+                    });
+                    drain_deadline = Some(now + DRAIN_TIMEOUT);
+                }
+                Err(e) => {
+                    return Err(RunError::Agent(format!(
+                        "bad record from the test host: {e}"
+                    )))
+                }
+            },
+            Ok(Chunk::CtlClosed(reason)) if report.is_none() => {
+                return Err(RunError::VmmDied {
+                    reason: format!(
+                        "the test host closed its control port before reporting{}",
+                        reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    ),
+                    log: read_logs(&logs),
+                    exit: qemu.child.try_wait().ok().flatten().map(Into::into),
+                });
+            }
+            Ok(Chunk::CtlClosed(_)) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if report.is_none() {
+                    if let Ok(Some(status)) = qemu.child.try_wait() {
+                        return Err(RunError::VmmDied {
+                            reason: format!("the test host (qemu) exited with {status}"),
+                            log: read_logs(&logs),
+                            exit: Some(status.into()),
+                        });
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(RunError::VmmDied {
+                    reason: "the test host's ports all closed".into(),
+                    log: read_logs(&logs),
+                    exit: qemu.child.try_wait().ok().flatten().map(Into::into),
+                });
+            }
+        }
+    }
+
+    // The test host powers itself off after reporting; give it a moment.
+    let stop_start = Instant::now();
+    while stop_start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(_)) = qemu.child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(qemu);
+    drop(scratch);
+
+    let Some(FinalReport {
+        outcome,
+        error,
+        refusal,
+        vm_exit,
+        ..
+    }) = report
+    else {
+        return Err(RunError::Agent("no report from the test host".into()));
+    };
+    match (outcome, error) {
+        (Some(mut outcome), _) => {
+            outcome.tier = Tier::Emulated;
+            outcome.timings.total_ms =
+                u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            outcome.timings.host_boot_ms = testhost_ready_ms;
+            Ok(outcome)
+        }
+        (None, Some((kind, message))) => {
+            Err(error_from_guest(kind, message, refusal, vm_exit, spec))
+        }
+        (None, None) => Err(RunError::Agent("empty report from the test host".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pumped_stdin_reads_back_through_the_framing() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        pump_stdin(Box::new(std::io::Cursor::new(data.clone())), host).unwrap();
+        let mut got = Vec::new();
+        FramedStdin::new(guest).read_to_end(&mut got).unwrap();
+        assert_eq!(got, data);
+    }
+}

@@ -1,0 +1,202 @@
+//! Launching QEMU: the test host machine's command line, the process
+//! (killed with its parent), and accepting its serial ports' connections.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::protocol::{PORT_CTL, PORT_ERR, PORT_IN, PORT_OUT};
+use crate::backend::interrupt;
+use crate::backend::{RunError, RunSpec};
+
+/// The test host's memory beyond what the inner VM gets: its own kernel, the
+/// initramfs (which holds the image and binaries) and the VMM.
+const TESTHOST_OVERHEAD_MIB: u32 = 768;
+/// The least memory the test host gets.
+const TESTHOST_MIN_MIB: u32 = 1024;
+
+/// The test host's memory (QEMU's `-m`) for a guest of `guest_mib`: what the
+/// host must back, and what `backend::resources` checks before starting QEMU.
+pub fn testhost_memory_mib(guest_mib: u32) -> u32 {
+    guest_mib
+        .saturating_add(TESTHOST_OVERHEAD_MIB)
+        .max(TESTHOST_MIN_MIB)
+}
+
+/// The QEMU arguments: the test host machine of `scripts/e2e`, its serial
+/// console into `console_log`, and the four ports on sockets in `sockets`.
+pub fn qemu_args(
+    testhost: &Path,
+    initramfs: &Path,
+    console_log: &Path,
+    sockets: &Path,
+    spec: &RunSpec,
+) -> Vec<String> {
+    let mem = testhost_memory_mib(spec.mem_mib);
+    let mut args: Vec<String> = [
+        "-M",
+        "q35",
+        "-cpu",
+        "max",
+        "-accel",
+        "tcg",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-nodefaults",
+        "-m",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.push(mem.to_string());
+    args.push("-kernel".into());
+    args.push(testhost.join("vmlinuz").display().to_string());
+    args.push("-initrd".into());
+    args.push(initramfs.display().to_string());
+    args.push("-append".into());
+    args.push("console=ttyS0 quiet panic=-1".into());
+    args.push("-serial".into());
+    args.push(format!("file:{}", console_log.display()));
+    args.push("-device".into());
+    args.push("virtio-serial-pci,id=mvmser".into());
+    for (id, name) in [
+        ("ctl", PORT_CTL),
+        ("in", PORT_IN),
+        ("out", PORT_OUT),
+        ("err", PORT_ERR),
+    ] {
+        args.push("-chardev".into());
+        args.push(format!(
+            "socket,id={id},path={}",
+            sockets.join(id).display()
+        ));
+        args.push("-device".into());
+        args.push(format!(
+            "virtserialport,bus=mvmser.0,chardev={id},name={name}"
+        ));
+    }
+    args
+}
+
+/// QEMU, killed and reaped on drop.
+pub(super) struct Qemu {
+    pub(super) child: Child,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub(super) fn spawn_qemu(qemu: &Path, args: &[String], log: &Path) -> Result<Qemu, RunError> {
+    use std::os::unix::process::CommandExt;
+    let log_file =
+        std::fs::File::create(log).map_err(RunError::io(format!("creating {}", log.display())))?;
+    let mut command = Command::new(qemu);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .process_group(0);
+    // SAFETY: runs in the child between fork and exec and only calls
+    // prctl(2), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|e| RunError::VmmDied {
+        reason: format!("cannot start {}: {e}", qemu.display()),
+        log: String::new(),
+        exit: None,
+    })?;
+    Ok(Qemu { child })
+}
+
+/// Accepts QEMU's connection on `listener`, watching QEMU and Ctrl-C.
+pub(super) fn accept_from(
+    listener: &UnixListener,
+    qemu: &mut Qemu,
+    logs: &[&Path],
+    timeout: Duration,
+) -> Result<UnixStream, RunError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(RunError::io("listening for QEMU"))?;
+    let start = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(RunError::io("accepting QEMU"))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(RunError::io("accepting QEMU")(e)),
+        }
+        if interrupt::requested() {
+            return Err(RunError::Interrupted);
+        }
+        if let Ok(Some(status)) = qemu.child.try_wait() {
+            return Err(RunError::VmmDied {
+                reason: format!("qemu exited at start with {status}"),
+                log: read_logs(logs),
+                exit: Some(status.into()),
+            });
+        }
+        if start.elapsed() > timeout {
+            return Err(RunError::VmmDied {
+                reason: "qemu did not connect its serial ports".into(),
+                log: read_logs(logs),
+                exit: None,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub(super) fn read_logs(logs: &[&Path]) -> String {
+    logs.iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::spec;
+    use super::*;
+
+    #[test]
+    fn qemu_gets_four_named_ports_and_enough_memory() {
+        let args = qemu_args(
+            Path::new("/th"),
+            Path::new("/c/i.cpio"),
+            Path::new("/s/console.log"),
+            Path::new("/s"),
+            &spec(),
+        );
+        let joined = args.join(" ");
+        for name in [PORT_CTL, PORT_IN, PORT_OUT, PORT_ERR] {
+            assert!(joined.contains(&format!("name={name}")), "{joined}");
+        }
+        assert!(joined.contains("-kernel /th/vmlinuz -initrd /c/i.cpio"));
+        assert!(joined.contains("socket,id=ctl,path=/s/ctl"));
+        let m = args.iter().position(|a| a == "-m").unwrap();
+        assert_eq!(args[m + 1], "1024");
+        assert!(joined.contains("-accel tcg"));
+    }
+}

@@ -1,0 +1,318 @@
+//! The test host side (`mvm __testhost-guest`): find the ports, read the
+//! request, run it with the `kvm` backend, and write the report.
+
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::protocol::*;
+use crate::backend::interrupt;
+use crate::backend::{
+    kvm, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, StdinMode,
+};
+use crate::image::StoredImage;
+
+/// The test host's nonce store. Its root is a fresh initramfs on every boot, so
+/// the store lives for one boot only: replay across runs is caught by the
+/// outer host (each run is a new plan with a new nonce, signed there), not here.
+const GUEST_REPLAY_STORE: &str = "/tmp/mvm-replay-nonces";
+
+/// How long the test host's ports may take to appear: the driver learns
+/// their names from QEMU over its control queue, after `/init` has started.
+const PORT_WAIT: Duration = Duration::from_secs(20);
+
+/// The `/dev` node of the virtio-serial port called `name`, found through
+/// `/sys/class/virtio-ports/<vportNpM>/name` (no udev in the test host).
+fn find_port_once(name: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    entries.flatten().find_map(|entry| {
+        let label = std::fs::read_to_string(entry.path().join("name")).ok()?;
+        let node = Path::new("/dev").join(entry.file_name());
+        (label.trim() == name && node.exists()).then_some(node)
+    })
+}
+
+/// [`find_port_once`], retried until the port shows up or [`PORT_WAIT`] passes.
+fn find_port(name: &str) -> std::io::Result<PathBuf> {
+    let start = Instant::now();
+    loop {
+        if let Some(node) = find_port_once(name) {
+            return Ok(node);
+        }
+        if start.elapsed() > PORT_WAIT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "no virtio-serial port named {name} under /sys/class/virtio-ports after {PORT_WAIT:?}"
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes output into a port and counts it.
+struct PortSink {
+    out: std::fs::File,
+    err: std::fs::File,
+    out_bytes: u64,
+    err_bytes: u64,
+}
+
+impl OutputSink for PortSink {
+    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(data)?;
+        self.out_bytes = self
+            .out_bytes
+            .saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+        Ok(())
+    }
+
+    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.err.write_all(data)?;
+        self.err_bytes = self
+            .err_bytes
+            .saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+        Ok(())
+    }
+}
+
+/// The inner side: `mvm __testhost-guest IMAGE_DIR` inside the test host.
+/// Returns an error only when it cannot even report one.
+pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
+    let open_rw = |name: &str| -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(find_port(name)?)
+    };
+    let ctl = open_rw(PORT_CTL)?;
+    let mut ctl_writer = ctl.try_clone()?;
+    let mut reader = BufReader::new(ctl);
+    let line = read_ctl_line(&mut reader)?.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no request on mvm.ctl")
+    })?;
+    let request: GuestRequest = serde_json::from_str(line.trim_end())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    write_json_line(&mut ctl_writer, &GuestRecord::Started)?;
+    let proceed = listen_to_host(reader)?;
+
+    let mut sink = PortSink {
+        out: open_rw(PORT_OUT)?,
+        err: open_rw(PORT_ERR)?,
+        out_bytes: 0,
+        err_bytes: 0,
+    };
+    let stdin: Option<Box<dyn Read + Send>> = match request.spec.stdin {
+        StdinMode::Forward => Some(Box::new(FramedStdin::new(std::fs::File::open(find_port(
+            PORT_IN,
+        )?)?))),
+        StdinMode::Null => None,
+    };
+    let plan_dir = std::env::temp_dir().join(format!("mvm-plan-{}", std::process::id()));
+    let plan = request
+        .plan
+        .as_ref()
+        .map(|bundle| write_plan_files(bundle, &plan_dir))
+        .transpose();
+    let result = plan.and_then(|plan| {
+        let image = StoredImage::open_dir(image_dir)?;
+        let vmm = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
+            .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
+        let artifacts = RunArtifacts { image, vmm };
+        let mut ahead;
+        let mut none = NoJournal;
+        let journal: &mut dyn RunJournal = match (&plan, request.journal) {
+            (Some(files), true) => {
+                ahead = HostJournal {
+                    events: files.events.clone(),
+                    ctl: ctl_writer.try_clone().map_err(RunError::io("mvm.ctl"))?,
+                    proceed: &proceed,
+                };
+                &mut ahead
+            }
+            _ => &mut none,
+        };
+        let result = kvm::run_verified(
+            &request.spec,
+            &artifacts,
+            plan.as_ref(),
+            journal,
+            &mut sink,
+            stdin,
+        );
+        Ok((result, plan))
+    });
+    let (result, vmm_events) = match result {
+        Ok((result, plan)) => {
+            let events = plan.map(|p| read_events(&p.events)).unwrap_or_default();
+            (result, events)
+        }
+        Err(e) => (Err(e), String::new()),
+    };
+    let _ = std::fs::remove_dir_all(&plan_dir);
+    let _ = sink.out.flush();
+    let _ = sink.err.flush();
+    let record = match result {
+        Ok(outcome) => GuestRecord::Report {
+            outcome: Some(outcome),
+            error: None,
+            stdout_bytes: sink.out_bytes,
+            stderr_bytes: sink.err_bytes,
+            refusal: None,
+            vmm_events,
+            vm_exit: None,
+        },
+        Err(e) => GuestRecord::Report {
+            vm_exit: match &e {
+                RunError::VmmDied { exit, .. } => *exit,
+                _ => None,
+            },
+            outcome: None,
+            error: Some((error_kind(&e), e.to_string())),
+            stdout_bytes: sink.out_bytes,
+            stderr_bytes: sink.err_bytes,
+            refusal: match e {
+                RunError::BootRefused {
+                    reason,
+                    status,
+                    detail,
+                } => Some(GuestRefusal {
+                    reason,
+                    status,
+                    detail,
+                }),
+                _ => None,
+            },
+            vmm_events,
+        },
+    };
+    write_json_line(&mut ctl_writer, &record)
+}
+
+/// How long the inner side waits for the host's `proceed`.
+const PROCEED_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Reads the host's lines after the request on a thread: a `signal` is
+/// delivered here as if it had arrived at this process; each `proceed` is
+/// passed on through the returned channel.
+fn listen_to_host(mut reader: BufReader<std::fs::File>) -> std::io::Result<mpsc::Receiver<()>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("host-ctl".into())
+        .spawn(move || loop {
+            match read_ctl_line(&mut reader) {
+                Ok(Some(line)) => match serde_json::from_str::<HostRecord>(line.trim_end()) {
+                    Ok(HostRecord::Signal { signal }) => interrupt::deliver(signal),
+                    Ok(HostRecord::Proceed) => {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!("bad line from the host: {e}"),
+                },
+                Ok(None) | Err(_) => return,
+            }
+        })?;
+    Ok(rx)
+}
+
+/// The inner side of the outer host's journal: sends `booted` with the VMM's
+/// events so far and waits for the host to say it has written them.
+struct HostJournal<'a> {
+    events: PathBuf,
+    ctl: std::fs::File,
+    proceed: &'a mpsc::Receiver<()>,
+}
+
+impl RunJournal for HostJournal<'_> {
+    fn workload_starting(&mut self) -> Result<(), RunError> {
+        let booted = GuestRecord::Booted {
+            vmm_events: read_events(&self.events),
+        };
+        write_json_line(&mut self.ctl, &booted).map_err(RunError::io("sending booted"))?;
+        let start = Instant::now();
+        loop {
+            if interrupt::requested() {
+                return Err(RunError::Interrupted);
+            }
+            match self.proceed.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() < PROCEED_TIMEOUT => {}
+                Err(_) => {
+                    return Err(RunError::Agent(
+                        "the host did not confirm the run's records".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Writes the envelope and the trusted key where the inner VMM reads them; the
+/// replay store is the test host's (per boot), the events file per run.
+fn write_plan_files(bundle: &PlanBundle, dir: &Path) -> Result<PlanFiles, RunError> {
+    std::fs::create_dir_all(dir).map_err(RunError::io(format!("creating {}", dir.display())))?;
+    let files = PlanFiles {
+        envelope: dir.join("plan.dsse.json"),
+        trust: dir.join("admission.pub"),
+        replay_store: PathBuf::from(GUEST_REPLAY_STORE),
+        events: dir.join("vmm-events.jsonl"),
+    };
+    for (path, text) in [
+        (&files.envelope, &bundle.envelope),
+        (&files.trust, &bundle.trust),
+    ] {
+        std::fs::write(path, text).map_err(RunError::io(format!("writing {}", path.display())))?;
+    }
+    Ok(files)
+}
+
+/// The VMM's events file, at most [`MAX_VMM_EVENTS`] bytes of whole lines.
+fn read_events(path: &Path) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    cut_events(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::spec;
+    use super::*;
+
+    #[test]
+    fn a_verified_request_carries_the_envelope_and_key_and_events_come_back() {
+        let request = GuestRequest {
+            spec: spec(),
+            plan: Some(PlanBundle {
+                envelope: "{\"payloadType\":\"x\"}".into(),
+                trust: "mvm-ed25519-public AAAA\n".into(),
+            }),
+            journal: true,
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        let back: GuestRequest = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, request);
+        // A request without a plan (older host) is a --dev run.
+        let dev: GuestRequest = serde_json::from_str(
+            &serde_json::to_string(&serde_json::json!({"spec": spec()})).unwrap(),
+        )
+        .unwrap();
+        assert!(dev.plan.is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_plan_files(request.plan.as_ref().unwrap(), dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&files.trust).unwrap(),
+            "mvm-ed25519-public AAAA\n"
+        );
+        assert_eq!(files.replay_store, Path::new(GUEST_REPLAY_STORE));
+        assert_eq!(read_events(&files.events), "", "no events file yet");
+        std::fs::write(&files.events, "a\nb\n").unwrap();
+        assert_eq!(read_events(&files.events), "a\nb\n");
+    }
+}

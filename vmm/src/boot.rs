@@ -10,248 +10,31 @@
 //! VM ends, [`run_cli`] returns the exit status and `main` exits the process,
 //! which ends every other thread (they hold no state that needs saving).
 
-use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::io::{self, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::VmFd;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
-use mvm_devices::legacy::{
-    guest_signal, i8042, serial, EventFdTrigger, GuestSignal, GuestSignalDevice, I8042Device,
-    SerialDevice,
-};
 use mvm_loader::kernel;
 use nix::sys::signal::{SigSet, Signal};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{mptable, regs, zero_page};
 use crate::boot_report::{BootTimeline, Phase};
 use crate::cli::Args;
 use crate::config::{self, ConfigError, ConsoleTarget, HostLimits, VmConfig};
-use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::device_manager::DeviceManager;
+use crate::devices::{blk, legacy, net, vsock, DeviceContext};
+use crate::error::{host_err, BootError};
+use crate::event_log::{self, EventLog};
 use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
 use crate::layout;
-use crate::vcpu::{Vcpu, VcpuContext, VcpuError, VmEvent};
-use crate::verified_boot::{self, BootPlan, EventLog, Refusal};
-use crate::vm::{self, Vm, VmError};
-
-/// Errors setting up the VM.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// Creating the VM or its memory.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Loading the kernel or initramfs.
-    #[error("kernel {path}: {source}")]
-    Kernel {
-        /// Kernel path.
-        path: String,
-        /// Why.
-        source: kernel::KernelError,
-    },
-    /// Attaching devices.
-    #[error(transparent)]
-    Devices(#[from] DeviceManagerError),
-    /// Configuring a vCPU.
-    #[error(transparent)]
-    Vcpu(#[from] VcpuError),
-    /// Writing boot structures.
-    #[error("{0}")]
-    BootState(String),
-    /// A KVM ioctl outside the VM and vCPU setup.
-    #[error("{what} failed: {source}")]
-    Kvm {
-        /// Which ioctl.
-        what: &'static str,
-        /// The errno.
-        source: kvm_ioctls::Error,
-    },
-    /// Host resources (eventfds, threads, signal masks).
-    #[error("{what}: {source}")]
-    Host {
-        /// What was being done.
-        what: &'static str,
-        /// Why.
-        source: io::Error,
-    },
-}
-
-/// What device-attaching code gets: the VM, its memory, the device manager
-/// and the command line (to which virtio-mmio devices append themselves).
-pub struct DeviceContext<'a> {
-    /// The VM fd (irqfds, ioeventfds).
-    pub vm: &'a VmFd,
-    /// Guest memory.
-    pub memory: &'a GuestMemoryMmap,
-    /// Buses and slots.
-    pub devices: &'a mut DeviceManager,
-    /// The kernel command line being built.
-    pub cmdline: &'a mut Cmdline,
-}
-
-/// Sends exits to the supervisor and stops every vCPU loop.
-#[derive(Clone)]
-pub struct VmStopper {
-    events: Sender<VmEvent>,
-    stop: Arc<AtomicBool>,
-}
-
-impl VmStopper {
-    /// A stopper reporting on `events` and raising `stop`.
-    pub fn new(events: Sender<VmEvent>, stop: Arc<AtomicBool>) -> Self {
-        Self { events, stop }
-    }
-
-    /// Ends the VM with `reason` (the first reason wins).
-    pub fn stop(&self, reason: ExitReason) {
-        if !self.stop.swap(true, Ordering::AcqRel) {
-            let _ = self.events.send(VmEvent::Exit(reason));
-        }
-    }
-}
-
-/// The guest-signal port's handler: milestones go to the timeline, poweroff
-/// ends the VM.
-pub fn guest_signal_handler(
-    timeline: Arc<BootTimeline>,
-    stopper: VmStopper,
-) -> Box<dyn FnMut(GuestSignal) + Send> {
-    Box::new(move |signal| match signal {
-        GuestSignal::InitReached => timeline.mark(Phase::InitReached),
-        GuestSignal::AgentReady => timeline.mark(Phase::AgentReady),
-        GuestSignal::PoweroffRequested => stopper.stop(ExitReason::Poweroff),
-    })
-}
-
-/// The serial console's sink: records the first byte in the timeline, and
-/// stops writing (without failing the UART) if the destination breaks.
-pub struct ConsoleWriter {
-    out: Box<dyn Write + Send>,
-    timeline: Arc<BootTimeline>,
-    broken: bool,
-}
-
-impl ConsoleWriter {
-    /// Wraps `out`.
-    pub fn new(out: Box<dyn Write + Send>, timeline: Arc<BootTimeline>) -> Self {
-        Self {
-            out,
-            timeline,
-            broken: false,
-        }
-    }
-}
-
-impl Write for ConsoleWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if !buf.is_empty() {
-            self.timeline.mark(Phase::FirstSerialByte);
-        }
-        if self.broken {
-            return Ok(buf.len());
-        }
-        match self.out.write(buf) {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                tracing::warn!("guest console output failed, discarding from now on: {e}");
-                self.broken = true;
-                Ok(buf.len())
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.broken {
-            if let Err(e) = self.out.flush() {
-                tracing::warn!("guest console flush failed, discarding from now on: {e}");
-                self.broken = true;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn host_err(what: &'static str) -> impl FnOnce(io::Error) -> BootError {
-    move |source| BootError::Host { what, source }
-}
-
-type SharedSerial = Arc<Mutex<SerialDevice<ConsoleWriter>>>;
-
-/// Puts COM1, the i8042 reset line and the guest-signal port on the PIO bus.
-fn attach_legacy_devices(
-    vm: &VmFd,
-    devices: &mut DeviceManager,
-    console: Box<dyn Write + Send>,
-    timeline: &Arc<BootTimeline>,
-    stopper: &VmStopper,
-) -> Result<SharedSerial, BootError> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
-    vm.register_irqfd(&irq, serial::COM1_IRQ)
-        .map_err(|source| BootError::Kvm {
-            what: "KVM_IRQFD (COM1)",
-            source,
-        })?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        EventFdTrigger::new(irq),
-        ConsoleWriter::new(console, timeline.clone()),
-    )));
-    devices.attach_pio(
-        serial.clone(),
-        serial::COM1_PORT_BASE,
-        serial::COM1_PORT_LEN,
-    )?;
-
-    let reset = stopper.clone();
-    let i8042 = I8042Device::new(Box::new(move || reset.stop(ExitReason::ResetI8042)));
-    devices.attach_pio(
-        Arc::new(Mutex::new(i8042)),
-        i8042::I8042_PORT_BASE,
-        i8042::I8042_PORT_LEN,
-    )?;
-
-    let signals = GuestSignalDevice::new(guest_signal_handler(timeline.clone(), stopper.clone()));
-    devices.attach_pio(
-        Arc::new(Mutex::new(signals)),
-        guest_signal::GUEST_SIGNAL_PORT,
-        guest_signal::GUEST_SIGNAL_PORT_LEN,
-    )?;
-    Ok(serial)
-}
-
-/// Feeds the VMM's stdin to the guest's serial port until EOF.
-fn spawn_console_input(serial: SharedSerial) -> Result<(), BootError> {
-    std::thread::Builder::new()
-        .name("console-in".into())
-        .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::ThreadRole::ConsoleInput, "console-in");
-            let mut stdin = io::stdin();
-            let mut buf = [0u8; 64];
-            loop {
-                let n = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut pending = buf.get(..n).unwrap_or_default();
-                while !pending.is_empty() {
-                    let taken = match serial.lock() {
-                        Ok(mut s) => s.enqueue_input(pending),
-                        Err(_) => return,
-                    };
-                    pending = pending.get(taken..).unwrap_or_default();
-                    if taken == 0 {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
-        })
-        .map(drop)
-        .map_err(host_err("spawning the console input thread"))
-}
+use crate::vcpu::{Vcpu, VcpuContext, VmEvent, VmStopper};
+use crate::verified_boot::{self, BootPlan, Refusal};
+use crate::vm::{self, Vm};
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread it
 /// spawns afterwards) and turns them into a VM exit on a dedicated thread.
@@ -318,7 +101,8 @@ pub fn run(
         ConsoleTarget::File(f) => Box::new(f),
     };
     let mut devices = DeviceManager::new();
-    let serial = attach_legacy_devices(vm.fd(), &mut devices, console, &timeline, &stopper)?;
+    let serial =
+        legacy::attach_legacy_devices(vm.fd(), &mut devices, console, &timeline, &stopper)?;
 
     let mut cmdline = Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| BootError::BootState(format!("kernel command line: {e}")))?;
@@ -374,7 +158,7 @@ pub fn run(
             })
             .map_err(host_err("spawning a vCPU thread"))?;
     }
-    spawn_console_input(serial)?;
+    legacy::spawn_console_input(serial)?;
     drop(ctx);
     // Every other thread is running under its own filter; the main thread's goes on last.
     crate::seccomp::enter(crate::seccomp::ThreadRole::Main, "main");
@@ -415,13 +199,13 @@ pub struct Prepared {
     /// The verified plan's id; `None` with `--dev`.
     pub plan_id: Option<String>,
     /// The disks, in `--disk` order, pinned ones with their verifiers.
-    pub disks: Vec<crate::virtio_devices::OpenDisk>,
+    pub disks: Vec<blk::OpenDisk>,
     /// The vsock device, its socket listening.
-    pub vsock: Option<crate::vsock::OpenVsock>,
+    pub vsock: Option<vsock::OpenVsock>,
     /// Removes the vsock socket file when dropped.
-    pub vsock_socket: Option<crate::vsock::SocketFileGuard>,
+    pub vsock_socket: Option<vsock::SocketFileGuard>,
     /// The net device, its tap open.
-    pub net: Option<crate::net::OpenNet>,
+    pub net: Option<net::OpenNet>,
 }
 
 /// From the parsed command line to a VM ready to create, in boot-report order: the
@@ -456,9 +240,8 @@ pub fn prepare(
     if let Some(p) = &plan {
         verified_boot::measure(p, &mut config, timeline, events).map_err(refused)?;
     }
-    let mut disks =
-        crate::virtio_devices::open_disks(&args.disks).map_err(|e| Stop::Invalid(e.to_string()))?;
-    let (vsock, vsock_socket) = match args.vsock.as_ref().map(crate::vsock::open_vsock) {
+    let mut disks = blk::open_disks(&args.disks).map_err(|e| Stop::Invalid(e.to_string()))?;
+    let (vsock, vsock_socket) = match args.vsock.as_ref().map(vsock::open_vsock) {
         None => (None, None),
         Some(Ok((open, guard))) => (Some(open), Some(guard)),
         Some(Err(e)) => return Err(Stop::Invalid(format!("--vsock: {e}"))),
@@ -467,7 +250,7 @@ pub fn prepare(
     let net = args
         .net
         .as_ref()
-        .map(|n| crate::net::open_net(n, signed_net))
+        .map(|n| net::open_net(n, signed_net))
         .transpose()
         .map_err(|e| Stop::Invalid(e.to_string()))?;
     verified_boot::attach_verity(plan, &mut disks, events);
@@ -517,11 +300,11 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             return STATUS_BAD_ARGUMENTS;
         }
     };
-    verified_boot::route_device_events(&events);
+    event_log::route_device_events(&events);
     let stop = |stop: Stop| {
         let (reason, message, status) = match &stop {
             Stop::Refused { plan_id, refusal } => {
-                events.boot_refused(plan_id.as_deref(), refusal);
+                verified_boot::boot_refused(&events, plan_id.as_deref(), refusal);
                 (
                     refusal.reason(),
                     format!("boot refused ({}): {refusal}", refusal.reason()),
@@ -592,9 +375,9 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
         timeline.set_net_metrics(n.metrics());
     }
     let status = match run(config, timeline.clone(), move |ctx| {
-        crate::virtio_devices::attach_disks(ctx, disks)?;
-        vsock.map_or(Ok(()), |v| crate::vsock::attach_vsock(ctx, v))?;
-        net.map_or(Ok(()), |n| crate::net::attach_net(ctx, n))
+        blk::attach_disks(ctx, disks)?;
+        vsock.map_or(Ok(()), |v| vsock::attach_vsock(ctx, v))?;
+        net.map_or(Ok(()), |n| net::attach_net(ctx, n))
     }) {
         Ok(reason) => {
             timeline.set_exit(reason.code_name());
@@ -756,47 +539,5 @@ mod tests {
             "--mem-mib 128 disagrees with the signed plan's memory_mib 256"
         );
         assert!(timeline.report().artifacts_measured.is_none());
-    }
-
-    struct FailingSink;
-    impl Write for FailingSink {
-        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
-            Err(io::Error::from(io::ErrorKind::BrokenPipe))
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Err(io::Error::from(io::ErrorKind::BrokenPipe))
-        }
-    }
-
-    #[test]
-    fn console_writer_marks_the_first_byte_and_survives_a_broken_sink() {
-        let timeline = Arc::new(BootTimeline::new(Instant::now()));
-        let mut w = ConsoleWriter::new(Box::new(FailingSink), timeline.clone());
-        w.write_all(&[]).unwrap();
-        assert_eq!(timeline.get(Phase::FirstSerialByte), None);
-        // A broken console must not fail the UART (and so the guest).
-        w.write_all(b"x").unwrap();
-        w.flush().unwrap();
-        w.write_all(b"y").unwrap();
-        assert!(timeline.get(Phase::FirstSerialByte).is_some());
-    }
-
-    #[test]
-    fn guest_signals_mark_milestones_and_poweroff_stops_once() {
-        let timeline = Arc::new(BootTimeline::new(Instant::now()));
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handler = guest_signal_handler(timeline.clone(), VmStopper::new(tx, stop.clone()));
-        handler(GuestSignal::InitReached);
-        handler(GuestSignal::AgentReady);
-        assert!(!stop.load(Ordering::Acquire));
-        handler(GuestSignal::PoweroffRequested);
-        handler(GuestSignal::PoweroffRequested);
-        assert!(stop.load(Ordering::Acquire));
-        assert!(timeline.get(Phase::InitReached).is_some());
-        assert!(timeline.get(Phase::AgentReady).is_some());
-        let events: Vec<VmEvent> = rx.try_iter().collect();
-        assert_eq!(events.len(), 1);
-        assert!(matches!(&events[0], VmEvent::Exit(ExitReason::Poweroff)));
     }
 }

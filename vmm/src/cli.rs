@@ -54,7 +54,7 @@ pub struct Args {
     #[arg(
         long = "disk",
         value_name = "path=FILE,ro|rw[,id=ID]",
-        value_parser = crate::virtio_devices::parse_disk_arg
+        value_parser = crate::devices::blk::parse_disk_arg
     )]
     pub disks: Vec<mvm_devices::virtio::block::DiskConfig>,
     /// A virtio-vsock device for guest CID N; host processes reach it through the Unix
@@ -62,7 +62,7 @@ pub struct Args {
     #[arg(
         long = "vsock",
         value_name = "cid=N,uds=PATH",
-        value_parser = crate::vsock::parse_vsock_value
+        value_parser = crate::devices::vsock::parse_vsock_value
     )]
     pub vsock: Option<mvm_devices::virtio::vsock::VsockConfig>,
     /// A virtio-net device on the host tap NAME with guest MAC MAC. Frames the guest sends
@@ -70,13 +70,38 @@ pub struct Args {
     #[arg(
         long = "net",
         value_name = "tap=NAME,mac=MAC[,policy=FILE]",
-        value_parser = crate::net::parse_net_value
+        value_parser = crate::devices::net::parse_net_value
     )]
-    pub net: Option<crate::net::NetArg>,
+    pub net: Option<crate::devices::net::NetArg>,
     /// Verified boot: --plan, --trust, --replay-store, --events, --dev.
     #[command(flatten)]
-    pub verify: crate::verified_boot::VerifyArgs,
+    pub verify: VerifyArgs,
     /// The jail (on by default): --no-jail, --jail-uid, --jail-gid, --jail-dir, --cgroup-parent.
     #[command(flatten)]
     pub jail: crate::jail::JailArgs,
+}
+
+/// Verified-boot arguments (flattened into [`Args`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct VerifyArgs {
+    /// The signed execution plan (a DSSE envelope). Its digests, command line, vCPUs,
+    /// memory and disks must match the other arguments, or the boot is refused.
+    #[arg(long, value_name = "ENVELOPE", conflicts_with = "dev")]
+    pub plan: Option<PathBuf>,
+    /// A public key file (`mvm-ed25519-public <base64>`) trusted to sign plans.
+    /// Repeatable; required with --plan.
+    #[arg(long = "trust", value_name = "PUBKEY", requires = "plan")]
+    pub trust: Vec<PathBuf>,
+    /// The host's nonce store (default: $MVM_DATA_DIR/replay-nonces, else
+    /// $XDG_DATA_HOME/mvm/replay-nonces, else ~/.local/share/mvm/replay-nonces,
+    /// else /var/lib/mvm/replay-nonces).
+    #[arg(long, value_name = "FILE", requires = "plan")]
+    pub replay_store: Option<PathBuf>,
+    /// Append events (boot_verified, boot_refused, verity_failure, vm_exit) here as
+    /// JSON lines, for the supervisor's audit log.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Development mode: boot without a plan. NOTHING IS VERIFIED.
+    #[arg(long)]
+    pub dev: bool,
 }

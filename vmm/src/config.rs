@@ -29,6 +29,8 @@ use mvm_loader::limits::{self, LimitError};
 use mvm_loader::plan::Plan;
 
 use crate::cli::Args;
+use crate::devices::{net, vsock};
+use crate::error::PlanDisagreement;
 use crate::layout;
 
 /// vCPUs without `--vcpus` and without a plan.
@@ -85,20 +87,6 @@ impl HostLimits {
             allow_overcommit: limits::overcommit_allowed_by_env(),
         }
     }
-}
-
-/// A value given on the command line that the signed plan pins to another.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{flag} {given} disagrees with the signed plan's {field} {plan}")]
-pub struct PlanDisagreement {
-    /// The flag (`--mem-mib`), or what was counted (`the read-only --disk count`).
-    pub flag: &'static str,
-    /// Its value.
-    pub given: String,
-    /// The plan's field (`memory_mib`, `devices.vsock.guest_cid`).
-    pub field: &'static str,
-    /// The plan's value.
-    pub plan: String,
 }
 
 /// Why a configuration is refused.
@@ -318,53 +306,11 @@ pub fn resolve_resources(
     })
 }
 
-/// The devices on the command line against the plan's: a vsock device and its guest
-/// CID, a net device and its MAC. (Disks are matched to the plan with their dm-verity
-/// trees in `verified_boot::verify_plan`.)
+/// Each device's flag against the plan's section (vsock, net); the disks are checked
+/// with the plan's pinned disks by verified boot.
 pub fn check_devices(args: &Args, plan: &Plan) -> Result<(), PlanDisagreement> {
-    let disagree = |flag, given: String, field, plan: String| PlanDisagreement {
-        flag,
-        given,
-        field,
-        plan,
-    };
-    match (&plan.devices.vsock, &args.vsock) {
-        (None, Some(v)) => {
-            return Err(disagree(
-                "--vsock cid",
-                v.guest_cid.to_string(),
-                "devices.vsock",
-                "none".into(),
-            ))
-        }
-        (Some(p), Some(v)) if u64::from(p.guest_cid) != v.guest_cid => {
-            return Err(disagree(
-                "--vsock cid",
-                v.guest_cid.to_string(),
-                "devices.vsock.guest_cid",
-                p.guest_cid.to_string(),
-            ))
-        }
-        _ => {}
-    }
-    match (&plan.devices.net, &args.net) {
-        (None, Some(n)) => Err(disagree(
-            "--net tap",
-            n.tap.clone(),
-            "devices.net",
-            "none".into(),
-        )),
-        (Some(signed), Some(n)) => match &signed.interface {
-            Some(interface) if interface.mac_octets() != Some(n.mac.octets()) => Err(disagree(
-                "--net mac",
-                n.mac.to_string(),
-                "devices.net.interface.mac",
-                interface.mac.clone(),
-            )),
-            _ => Ok(()),
-        },
-        _ => Ok(()),
-    }
+    vsock::check_plan(args.vsock.as_ref(), plan.devices.vsock.as_ref())?;
+    net::check_plan(args.net.as_ref(), plan.devices.net.as_ref())
 }
 
 /// Resolves `args` and the verified `plan` (none with `--dev`) into a [`VmConfig`]:

@@ -23,6 +23,27 @@ use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot_report::{BootTimeline, Phase};
 use crate::exit::ExitReason;
 
+/// Sends exits to the supervisor and stops every vCPU loop.
+#[derive(Clone)]
+pub struct VmStopper {
+    events: Sender<VmEvent>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VmStopper {
+    /// A stopper reporting on `events` and raising `stop`.
+    pub fn new(events: Sender<VmEvent>, stop: Arc<AtomicBool>) -> Self {
+        Self { events, stop }
+    }
+
+    /// Ends the VM with `reason` (the first reason wins).
+    pub fn stop(&self, reason: ExitReason) {
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            let _ = self.events.send(VmEvent::Exit(reason));
+        }
+    }
+}
+
 /// What vCPU threads and devices tell the supervisor.
 #[derive(Debug)]
 pub enum VmEvent {

@@ -15,30 +15,29 @@
 //!
 //! Every refusal has a stable reason name and its own exit status ([`Refusal::status`],
 //! listed in `--help` by `exit::EXIT_STATUS_HELP`), is written to the boot report's `exit_reason`, and is written
-//! as a `boot_refused` event to `--events FILE`. The VMM holds no audit key: the runtime
-//! that supervises it appends these events to the signed audit log after the run.
+//! as a `boot_refused` event ([`boot_refused`]) through [`crate::event_log`].
 //!
 //! `--dev` boots whatever `--kernel/--initrd/--cmdline/--disk` say with nothing
 //! verified, and says so loudly.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use mvm_devices::virtio::block::verity::{VerifiedDisk, VerityFailure};
-use mvm_devices::virtio::{DeviceEvent, DeviceEventHook, Interrupt};
 use mvm_loader::dsse::TrustedKeys;
 use mvm_loader::measure::{self, MeasureError, MeasuredArtifact};
 use mvm_loader::plan::envelope::{verify_plan_for_boot, PlanVerifyError, VerifiedPlan};
 use mvm_loader::plan::{PinnedDisk, UtcTime, CLOCK_SKEW};
 use mvm_loader::replay::ReplayStore;
 use mvm_loader::verity::{VerityVerifier, DEFAULT_CACHE_BLOCKS};
-use serde_json::{json, Map, Value};
+use serde_json::Map;
 
 use crate::boot_report::{BootTimeline, Phase};
 use crate::cli::Args;
-use crate::config::{PlanDisagreement, VmConfig};
+use crate::config::VmConfig;
+use crate::devices::blk::OpenDisk;
+use crate::error::PlanDisagreement;
+use crate::event_log::EventLog;
 
 /// Largest envelope file read.
 const MAX_ENVELOPE_FILE: u64 = 256 * 1024;
@@ -79,31 +78,6 @@ pub const STATUS_CMDLINE_MISMATCH: i32 = 22;
 pub const STATUS_DISK_MISMATCH: i32 = 23;
 /// Exit status: `--plan` or `--trust` cannot be read.
 pub const STATUS_PLAN_UNREADABLE: i32 = 24;
-
-/// Verified-boot arguments (flattened into [`Args`]).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct VerifyArgs {
-    /// The signed execution plan (a DSSE envelope). Its digests, command line, vCPUs,
-    /// memory and disks must match the other arguments, or the boot is refused.
-    #[arg(long, value_name = "ENVELOPE", conflicts_with = "dev")]
-    pub plan: Option<PathBuf>,
-    /// A public key file (`mvm-ed25519-public <base64>`) trusted to sign plans.
-    /// Repeatable; required with --plan.
-    #[arg(long = "trust", value_name = "PUBKEY", requires = "plan")]
-    pub trust: Vec<PathBuf>,
-    /// The host's nonce store (default: $MVM_DATA_DIR/replay-nonces, else
-    /// $XDG_DATA_HOME/mvm/replay-nonces, else ~/.local/share/mvm/replay-nonces,
-    /// else /var/lib/mvm/replay-nonces).
-    #[arg(long, value_name = "FILE", requires = "plan")]
-    pub replay_store: Option<PathBuf>,
-    /// Append events (boot_verified, boot_refused, verity_failure, vm_exit) here as
-    /// JSON lines, for the supervisor's audit log.
-    #[arg(long, value_name = "FILE")]
-    pub events: Option<PathBuf>,
-    /// Development mode: boot without a plan. NOTHING IS VERIFIED.
-    #[arg(long)]
-    pub dev: bool,
-}
 
 /// Where the replay store lives when `--replay-store` is not given.
 pub fn default_replay_store() -> PathBuf {
@@ -231,111 +205,14 @@ impl Refusal {
     }
 }
 
-/// The `--events` file: one JSON object per line, appended with `O_APPEND`.
-#[derive(Debug, Clone, Default)]
-pub struct EventLog {
-    file: Option<Arc<Mutex<File>>>,
-}
-
-impl EventLog {
-    /// Opens (creating, mode 0600) the events file, if one was asked for.
-    pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = path
-            .map(|p| {
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(p)
-            })
-            .transpose()?;
-        Ok(Self {
-            file: file.map(|f| Arc::new(Mutex::new(f))),
-        })
-    }
-
-    /// Appends `{"time", "event", "plan_id"?, "fields"}` as one line (one write).
-    pub fn emit(&self, event: &str, plan_id: Option<&str>, fields: Map<String, Value>) {
-        let Some(file) = &self.file else {
-            return;
-        };
-        let mut record = json!({
-            "time": UtcTime::now().to_string(),
-            "event": event,
-            "fields": Value::Object(fields),
-        });
-        if let (Some(id), Some(obj)) = (plan_id, record.as_object_mut()) {
-            obj.insert("plan_id".into(), Value::from(id));
-        }
-        let mut line = record.to_string().into_bytes();
-        line.push(b'\n');
-        let written = file
-            .lock()
-            .map_err(|_| std::io::Error::other("events file lock poisoned"))
-            .and_then(|mut f| f.write_all(&line));
-        if let Err(e) = written {
-            tracing::error!(error = %e, event, "cannot write to the events file");
-        }
-    }
-
-    /// `boot_refused` with the reason, the message and the exit status.
-    pub fn boot_refused(&self, plan_id: Option<&str>, refusal: &Refusal) {
-        let plan_id = plan_id.or_else(|| refusal.plan_id());
-        let mut f = Map::new();
-        f.insert("reason".into(), refusal.reason().into());
-        f.insert("detail".into(), refusal.to_string().into());
-        f.insert("status".into(), refusal.status().into());
-        self.emit("boot_refused", plan_id, f);
-    }
-
-    /// `vm_exit` with the boot report's exit reason and the status.
-    pub fn vm_exit(&self, plan_id: Option<&str>, reason: &str, status: i32) {
-        let mut f = Map::new();
-        f.insert("reason".into(), reason.into());
-        f.insert("status".into(), status.into());
-        self.emit("vm_exit", plan_id, f);
-    }
-}
-
-/// Where device events go: set once by `run_cli` when `--events` is given.
-static DEVICE_EVENTS: std::sync::OnceLock<EventLog> = std::sync::OnceLock::new();
-
-/// Sends every device's [`DeviceEvent`]s (needs_reset, the first egress drop per
-/// destination) to `events` as `device_error` / `egress_dropped` lines. Call once,
-/// before devices are attached.
-pub fn route_device_events(events: &EventLog) {
-    let _ = DEVICE_EVENTS.set(events.clone());
-}
-
-/// `interrupt` with the device-event hook, when [`route_device_events`] was called.
-pub fn audited(interrupt: Interrupt) -> Interrupt {
-    let Some(events) = DEVICE_EVENTS.get() else {
-        return interrupt;
-    };
-    let events = events.clone();
-    let hook: DeviceEventHook = Arc::new(move |event: &DeviceEvent| {
-        let mut f = Map::new();
-        let kind = match event {
-            DeviceEvent::NeedsReset { device, reason } => {
-                f.insert("device".into(), (*device).into());
-                f.insert("detail".into(), format!("needs_reset: {reason}").into());
-                "device_error"
-            }
-            DeviceEvent::EgressDenied {
-                device,
-                destination,
-                reason,
-            } => {
-                f.insert("device".into(), (*device).into());
-                f.insert("destination".into(), destination.clone().into());
-                f.insert("detail".into(), reason.clone().into());
-                "egress_dropped"
-            }
-        };
-        events.emit(kind, None, f);
-    });
-    interrupt.with_event_hook(hook)
+/// Writes `boot_refused` to `events` with the reason, the message and the exit status.
+pub fn boot_refused(events: &EventLog, plan_id: Option<&str>, refusal: &Refusal) {
+    let plan_id = plan_id.or_else(|| refusal.plan_id());
+    let mut f = Map::new();
+    f.insert("reason".into(), refusal.reason().into());
+    f.insert("detail".into(), refusal.to_string().into());
+    f.insert("status".into(), refusal.status().into());
+    events.emit("boot_refused", plan_id, f);
 }
 
 /// A plan that passed signature, window and nonce checks, and what measurement found.
@@ -553,11 +430,7 @@ pub fn measure(
 
 /// Puts each pinned disk's verifier on its (read-only) disk's worker, in order, with
 /// failures written as `verity_failure` events.
-pub fn attach_verity(
-    plan: Option<BootPlan>,
-    disks: &mut [crate::virtio_devices::OpenDisk],
-    events: &EventLog,
-) {
+pub fn attach_verity(plan: Option<BootPlan>, disks: &mut [OpenDisk], events: &EventLog) {
     let Some(plan) = plan else {
         return;
     };
@@ -592,6 +465,7 @@ pub fn attach_verity(
 mod tests {
     use super::*;
     use clap::Parser;
+    use serde_json::Value;
 
     #[test]
     fn every_refusal_class_has_its_own_status() {
@@ -651,7 +525,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         let log = EventLog::open(Some(&path)).unwrap();
-        log.boot_refused(Some("plan-1"), &Refusal::NoTrust);
+        boot_refused(&log, Some("plan-1"), &Refusal::NoTrust);
         log.vm_exit(None, "poweroff", 0);
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
@@ -682,7 +556,7 @@ mod tests {
         };
         assert_eq!(mismatch.plan_id(), Some("plan-7"));
         assert_eq!(Refusal::NoTrust.plan_id(), None);
-        log.boot_refused(None, &mismatch);
+        boot_refused(&log, None, &mismatch);
         let line: Value =
             serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
         assert_eq!(line["plan_id"], "plan-7");

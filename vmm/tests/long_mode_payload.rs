@@ -22,11 +22,11 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use mvm_devices::bus::BusDevice;
 use mvm_devices::legacy::{guest_signal, GuestSignalDevice};
 use mvm_vmm::arch::x86_64::regs;
-use mvm_vmm::boot::{guest_signal_handler, VmStopper};
 use mvm_vmm::boot_report::{BootTimeline, Phase};
 use mvm_vmm::device_manager::DeviceManager;
+use mvm_vmm::devices::legacy::guest_signal_handler;
 use mvm_vmm::exit::ExitReason;
-use mvm_vmm::vcpu::{Vcpu, VcpuContext, VmEvent};
+use mvm_vmm::vcpu::{Vcpu, VcpuContext, VmEvent, VmStopper};
 use mvm_vmm::vm::{create_guest_memory, Vm};
 use vm_memory::{Bytes, GuestAddress};
 

@@ -7,8 +7,8 @@
 
 use mvm_devices::virtio::block::{Block, BlockError, BlockWorker, DiskConfig};
 
-use crate::attach::{attach_virtio_device, DeviceThread};
-use crate::boot::{BootError, DeviceContext};
+use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
+use crate::error::BootError;
 use crate::seccomp::ThreadRole;
 
 /// clap's parser for one `--disk` value.

@@ -1,6 +1,7 @@
 //! `--vsock cid=N,uds=PATH`: the virtio-vsock device and its host Unix socket.
 //!
-//! The flag's value is parsed here ([`parse_vsock_arg`]); the socket is bound
+//! The flag's value is parsed here ([`parse_vsock_arg`]) and checked against the
+//! plan's `devices.vsock` ([`check_plan`]); the socket is bound
 //! while the arguments are checked ([`open_vsock`]), so a taken path never
 //! creates a VM; [`attach_vsock`] puts the device on a virtio-mmio slot and
 //! starts its thread. The device itself lives in `mvm_devices::virtio::vsock`.
@@ -9,13 +10,38 @@ use std::path::{Path, PathBuf};
 
 use mvm_devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockWorker};
 
-use crate::attach::{attach_virtio_device, DeviceThread};
-use crate::boot::{BootError, DeviceContext};
+use mvm_loader::plan::VsockDevice;
+
+use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
+use crate::error::{BootError, PlanDisagreement};
 use crate::seccomp::ThreadRole;
 
 /// clap's parser for the `--vsock` value.
 pub fn parse_vsock_value(value: &str) -> Result<VsockConfig, String> {
     parse_vsock_arg(value).map_err(|e| e.to_string())
+}
+
+/// `--vsock` against the plan's `devices.vsock`: none where the plan has none, and the
+/// plan's guest CID.
+pub fn check_plan(
+    arg: Option<&VsockConfig>,
+    plan: Option<&VsockDevice>,
+) -> Result<(), PlanDisagreement> {
+    match (plan, arg) {
+        (None, Some(v)) => Err(PlanDisagreement {
+            flag: "--vsock cid",
+            given: v.guest_cid.to_string(),
+            field: "devices.vsock",
+            plan: "none".into(),
+        }),
+        (Some(p), Some(v)) if u64::from(p.guest_cid) != v.guest_cid => Err(PlanDisagreement {
+            flag: "--vsock cid",
+            given: v.guest_cid.to_string(),
+            field: "devices.vsock.guest_cid",
+            plan: p.guest_cid.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Removes the VM's socket file when dropped: the device thread is never joined

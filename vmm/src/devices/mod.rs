@@ -1,10 +1,20 @@
-//! Putting one virtio device on the next virtio-mmio slot and starting its thread.
+//! Every device the VMM gives a guest, one module each, and the one generic way a virtio
+//! device gets onto the bus.
+//!
+//! A device module owns the whole of its wiring: its command-line value (parsing), its
+//! check against the signed plan, opening its backend before the jail (so a missing file
+//! never creates a VM), attaching it, and the seccomp role its thread installs. The device
+//! itself (registers, queues, the guest-facing parser) lives in `mvm_devices`.
 //!
 //! Every virtio device (blk, vsock, net) goes through [`attach_virtio_device`]: the slot
 //! (irqfd, ioeventfds), the audited interrupt, the worker channel, the MMIO transport on
 //! the bus, the `virtio_mmio.device=` entry on the command line, and the device thread,
-//! which installs its own seccomp filter before it touches guest data. The per-device
-//! modules only open their backends and say what to log.
+//! which installs its own seccomp filter before it touches guest data.
+
+pub mod blk;
+pub mod legacy;
+pub mod net;
+pub mod vsock;
 
 use std::sync::{Arc, Mutex};
 
@@ -12,9 +22,26 @@ use mvm_devices::virtio::mmio::MmioTransport;
 use mvm_devices::virtio::worker::{self, QueueWorker, WorkerLoop};
 use mvm_devices::virtio::{Interrupt, VirtioDevice};
 
-use crate::boot::{BootError, DeviceContext};
-use crate::device_manager::MmioSlot;
+use kvm_ioctls::VmFd;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestMemoryMmap;
+
+use crate::device_manager::{DeviceManager, MmioSlot};
+use crate::error::BootError;
 use crate::seccomp::ThreadRole;
+
+/// What device-attaching code gets: the VM, its memory, the device manager
+/// and the command line (to which virtio-mmio devices append themselves).
+pub struct DeviceContext<'a> {
+    /// The VM fd (irqfds, ioeventfds).
+    pub vm: &'a VmFd,
+    /// Guest memory.
+    pub memory: &'a GuestMemoryMmap,
+    /// Buses and slots.
+    pub devices: &'a mut DeviceManager,
+    /// The kernel command line being built.
+    pub cmdline: &'a mut Cmdline,
+}
 
 /// How one device is named and confined.
 #[derive(Debug, Clone)]
@@ -47,7 +74,7 @@ where
         .map_err(|_| BootError::BootState(format!("{label}: too many queues")))?;
     let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
     let host = |what| move |source| BootError::Host { what, source };
-    let interrupt = crate::verified_boot::audited(Interrupt::new(res.interrupt));
+    let interrupt = crate::event_log::audited(Interrupt::new(res.interrupt));
     let (handle, inbox) = worker::channel().map_err(host("virtio worker channel"))?;
     let notifiers = res
         .queue_notify

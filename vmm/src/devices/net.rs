@@ -35,8 +35,8 @@ use mvm_devices::virtio::net::{EgressRules, MacAddr, Net, NetConfig, NetError, N
 use mvm_loader::plan::{EgressPolicy, EgressRule, NetDevice};
 use serde::Deserialize;
 
-use crate::attach::{attach_virtio_device, DeviceThread};
-use crate::boot::{BootError, DeviceContext};
+use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
+use crate::error::{BootError, PlanDisagreement};
 use crate::seccomp::ThreadRole;
 
 /// Largest policy file read.
@@ -151,6 +151,31 @@ pub fn parse_net_arg(value: &str) -> Result<NetArg, NetArgError> {
     })
 }
 
+/// `--net` against the plan's `devices.net`: none where the plan has none, and, when the
+/// plan names the guest's interface, the plan's MAC.
+pub fn check_plan(arg: Option<&NetArg>, plan: Option<&NetDevice>) -> Result<(), PlanDisagreement> {
+    match (plan, arg) {
+        (None, Some(n)) => Err(PlanDisagreement {
+            flag: "--net tap",
+            given: n.tap.clone(),
+            field: "devices.net",
+            plan: "none".into(),
+        }),
+        (Some(signed), Some(n)) => match &signed.interface {
+            Some(interface) if interface.mac_octets() != Some(n.mac.octets()) => {
+                Err(PlanDisagreement {
+                    flag: "--net mac",
+                    given: n.mac.to_string(),
+                    field: "devices.net.interface.mac",
+                    plan: interface.mac.clone(),
+                })
+            }
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
 /// The policy file's shape.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,7 +275,7 @@ fn plan_addresses(interface: &mvm_loader::plan::NetInterface) -> (Vec<IpAddr>, V
 }
 
 /// Reads the policy and opens the tap. `plan` is the signed plan's net section, when
-/// the VMM boots from a plan (whose MAC `config::check_devices` already matched).
+/// the VMM boots from a plan (whose MAC [`check_plan`] already matched).
 pub fn open_net(arg: &NetArg, plan: Option<&NetDevice>) -> Result<OpenNet, NetArgError> {
     let policy_err = |source| NetArgError::Policy {
         path: arg.policy.clone().unwrap_or_default(),
@@ -452,17 +477,8 @@ mod tests {
         }
         // A MAC other than the plan's is refused (as a plan disagreement, while the
         // configuration is resolved) before the tap is opened.
-        let mut plan = crate::config::tests::plan_for(&dir.path().join("p.json"), "");
-        plan.devices.net = Some(signed.clone());
-        let args = <crate::cli::Args as clap::Parser>::try_parse_from([
-            "mvm-vmm",
-            "--kernel",
-            "/k",
-            "--net",
-            "tap=nonexistent0,mac=02:00:00:00:00:09",
-        ])
-        .unwrap();
-        let err = crate::config::check_devices(&args, &plan)
+        let arg = parse_net_arg("tap=nonexistent0,mac=02:00:00:00:00:09").unwrap();
+        let err = check_plan(Some(&arg), Some(&signed))
             .unwrap_err()
             .to_string();
         assert!(err.contains("02:00:0a:c8:00:02"), "{err}");

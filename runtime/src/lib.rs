@@ -7,4 +7,5 @@ pub mod cli;
 pub mod image;
 pub mod net;
 pub mod receipt;
+pub mod run;
 pub mod terminal;

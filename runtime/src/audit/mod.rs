@@ -17,6 +17,7 @@ mod log;
 pub mod open_runs;
 pub mod record;
 mod verify;
+pub mod vmm_events;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

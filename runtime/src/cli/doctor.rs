@@ -2,11 +2,11 @@
 
 use serde_json::json;
 
-use super::exit;
 use super::DoctorArgs;
 use crate::backend::detect::{judge, HostFacts};
 use crate::backend::locate;
 use crate::image::{ImageStore, DEFAULT_IMAGE};
+use crate::run::exit;
 
 /// Prints the findings; returns the exit code (0 when some backend is usable).
 pub fn main(args: &DoctorArgs) -> i32 {

@@ -1,9 +1,7 @@
 //! The `mvm` command line: argument definitions (parsing only) and one
 //! module per command that acts on them.
 
-pub mod admit;
 pub mod doctor;
-pub mod exit;
 pub mod image;
 pub mod run;
 pub mod trust;
@@ -12,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 use crate::backend::Tier;
+use crate::run::{exit, RunRequest};
 
 /// mvm: run untrusted code inside a microVM.
 #[derive(Debug, Parser)]
@@ -117,6 +116,24 @@ pub struct RunArgs {
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// Whether this run skips admission: `--dev`, or `MVM_DEV=1`.
+    pub fn dev_mode(&self) -> bool {
+        self.dev || std::env::var_os("MVM_DEV").is_some_and(|v| v == "1")
+    }
+
+    /// What this run asks admission for.
+    pub fn run_request(&self) -> RunRequest {
+        RunRequest {
+            image: self.image.clone(),
+            cpus: self.cpus,
+            mem_mib: self.mem_mib,
+            timeout_secs: self.timeout,
+            argv: self.command.clone(),
+        }
+    }
 }
 
 /// `mvm image ...`.

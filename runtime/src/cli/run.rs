@@ -4,8 +4,6 @@ use std::io::{IsTerminal, Read, Write};
 
 use serde_json::json;
 
-use super::admit::{self, DigestSink};
-use super::exit;
 use super::RunArgs;
 use crate::backend::detect::{judge, HostFacts};
 use crate::backend::{
@@ -13,6 +11,8 @@ use crate::backend::{
     RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier,
 };
 use crate::image::{ImageStore, StoredImage};
+use crate::run::admit::{self, DigestSink};
+use crate::run::exit;
 use crate::terminal::escape_controls;
 use mvm_loader::plan::UtcTime;
 
@@ -100,7 +100,7 @@ fn execute(
     // Before admission, the image and any VM process: the VMM's own bounds and
     // the host's memory, whatever the flags.
     resources::check(tier, spec.cpus, spec.mem_mib)?;
-    if admit::dev_mode(args) {
+    if args.dev_mode() {
         admit::check_dev_memory(spec.mem_mib)?;
     }
     let image = ImageStore::open_default()?.resolve(&args.image)?;
@@ -111,7 +111,7 @@ fn execute(
     let mut spec = spec.clone();
     spec.net = net.as_ref().map(|n| n.request.clone());
     let spec = &spec;
-    if admit::dev_mode(args) {
+    if args.dev_mode() {
         if args.receipt.is_some() {
             return Err(RunError::Missing(
                 "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
@@ -127,7 +127,7 @@ fn execute(
             "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
         )));
     }
-    let mut admitted = admit::admit_run(args, &image, tier, net.as_mut())?;
+    let mut admitted = admit::admit_run(&args.run_request(), &image, tier, net.as_mut())?;
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));

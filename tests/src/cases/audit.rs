@@ -32,9 +32,9 @@ pub const CASES: &[Case] = &[
 /// Runs of each kind in `audit/overhead`.
 const OVERHEAD_RUNS: usize = 3;
 
-/// `mvm run`'s exit status for a policy denial (runtime/src/cli/exit.rs).
+/// `mvm run`'s exit status for a policy denial (runtime/src/run/exit.rs).
 const EXIT_DENIED: i32 = 119;
-/// `mvm run`'s exit status when the VM process died (runtime/src/cli/exit.rs).
+/// `mvm run`'s exit status when the VM process died (runtime/src/run/exit.rs).
 const EXIT_VMM_DIED: i32 = 122;
 /// The workload of the kill cases: a line to wait for, then a long sleep.
 const STARTED_THEN_SLEEP: &str = "echo started; sleep 120";

@@ -35,7 +35,7 @@ pub const CASES: &[Case] = &[
 const MVM: &str = "mvm";
 /// The image store among the artifacts.
 const DATA_DIR: &str = "mvm-data";
-/// `mvm run`'s exit code for `--timeout` (runtime/src/cli/exit.rs).
+/// `mvm run`'s exit code for `--timeout` (runtime/src/run/exit.rs).
 const EXIT_TIMEOUT: i32 = 124;
 /// Bytes of the bulk-output case.
 const BULK_BYTES: u64 = 64 << 20;

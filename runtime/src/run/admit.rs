@@ -31,13 +31,12 @@ use mvm_loader::plan::{self, UtcTime};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 
-use super::exit;
-use super::trust::vmm_event;
-use super::RunArgs;
+use super::{exit, RunRequest};
 use crate::admission::keys::config_dir;
 use crate::admission::{
     admit, AdmissionRequest, AdmitError, Denial, HostKeys, ImageFacts, Policy, Rule,
 };
+use crate::audit::vmm_events::vmm_event;
 use crate::audit::{self, AuditEvent, AuditLog, EventKind, OpenRun};
 use crate::backend::scratch::ScratchDir;
 use crate::backend::{OutputSink, PlanFiles, RunError, RunJournal, RunOutcome, Tier};
@@ -48,11 +47,6 @@ use crate::receipt::{self, command_digest, AuditRange, Measurements, RunPredicat
 pub const REPLAY_STORE: &str = "replay-nonces";
 /// The most of a VMM events file read back.
 const MAX_EVENTS_FILE: u64 = 16 << 20;
-
-/// Whether `mvm run` skips admission: `--dev`, or `MVM_DEV=1`.
-pub fn dev_mode(args: &RunArgs) -> bool {
-    args.dev || std::env::var_os("MVM_DEV").is_some_and(|v| v == "1")
-}
 
 /// `--dev` skips admission, not the policy's memory maximum: a development run
 /// may not ask the host for more than its owner allows any VM. Not audited
@@ -76,16 +70,18 @@ fn admission_error(what: &str) -> impl FnOnce(String) -> RunError + '_ {
     move |e| RunError::Missing(format!("admission: {what}: {e}"))
 }
 
-/// The request `mvm run ARGS` makes. Without `--timeout` the workload gets the
+/// The request a run makes. Without `--timeout` the workload gets the
 /// policy's longest timeout, and that is what the plan records and the run
 /// enforces.
-pub fn admission_request(args: &RunArgs, policy: &Policy) -> AdmissionRequest {
-    let mut request = AdmissionRequest::new(&args.image);
-    request.vcpus = args.cpus;
-    request.memory_mib = args.mem_mib;
-    request.timeout_secs = args.timeout.map_or(policy.limits.max_timeout_secs, |t| {
-        u32::try_from(t).unwrap_or(u32::MAX)
-    });
+pub fn admission_request(run: &RunRequest, policy: &Policy) -> AdmissionRequest {
+    let mut request = AdmissionRequest::new(&run.image);
+    request.vcpus = run.cpus;
+    request.memory_mib = run.mem_mib;
+    request.timeout_secs = run
+        .timeout_secs
+        .map_or(policy.limits.max_timeout_secs, |t| {
+            u32::try_from(t).unwrap_or(u32::MAX)
+        });
     request
 }
 
@@ -121,18 +117,18 @@ pub struct Admitted {
     _dir: ScratchDir,
 }
 
-/// Admits `args` for `image` on `tier`: loads (or creates) the host keys and
+/// Admits `run` for `image` on `tier`: loads (or creates) the host keys and
 /// the policy, checks, signs, audits `plan_admitted` (or `plan_denied`), and
 /// writes the envelope for the VMM. Nothing is launched.
 pub fn admit_run(
-    args: &RunArgs,
+    run: &RunRequest,
     image: &StoredImage,
     tier: Tier,
     net: Option<&mut crate::net::run::NetPrep>,
 ) -> Result<Admitted, RunError> {
     let config = config_dir().map_err(|e| admission_error("config directory")(e.to_string()))?;
     let data = crate::image::store::data_dir()?;
-    admit_run_in(&config, &data, args, image, tier, net)
+    admit_run_in(&config, &data, run, image, tier, net)
 }
 
 /// [`admit_run`] with the config directory (keys, policy) and the data
@@ -140,7 +136,7 @@ pub fn admit_run(
 pub fn admit_run_in(
     config: &Path,
     data: &Path,
-    args: &RunArgs,
+    run: &RunRequest,
     image: &StoredImage,
     tier: Tier,
     net: Option<&mut crate::net::run::NetPrep>,
@@ -167,7 +163,7 @@ pub fn admit_run_in(
         .collect();
     let mut facts = ImageFacts::from_stored(image, &names)
         .map_err(|e| admission_error("image")(e.to_string()))?;
-    let mut request = admission_request(args, &policy);
+    let mut request = admission_request(run, &policy);
     // netrt: --net's egress cap, the plan's net section and the pinned mvm.net= word.
     let mut policy = policy;
     if let Some(net) = net {
@@ -225,7 +221,7 @@ pub fn admit_run_in(
         vm_id,
         files,
         tier,
-        argv: args.command.clone(),
+        argv: run.argv.clone(),
         admitted_seq,
         last_seq: admitted_seq,
         events_read: 0,
@@ -786,18 +782,14 @@ mod tests {
         assert_eq!(keep.0, b"hello");
     }
 
-    fn run_args(extra: &[&str]) -> RunArgs {
-        use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from(
-            ["mvm", "run"]
-                .iter()
-                .chain(extra)
-                .chain(&["--", "sh", "-c", "echo hi"]),
-        )
-        .unwrap();
-        match cli.command {
-            crate::cli::Command::Run(run) => run,
-            _ => panic!("not run"),
+    /// What `mvm run --cpus N -- sh -c "echo hi"` asks for.
+    fn run_request(cpus: u8) -> RunRequest {
+        RunRequest {
+            image: crate::image::DEFAULT_IMAGE.into(),
+            cpus,
+            mem_mib: 256,
+            timeout_secs: None,
+            argv: ["sh", "-c", "echo hi"].map(String::from).to_vec(),
         }
     }
 
@@ -861,7 +853,7 @@ mod tests {
         let Some((config, data, image)) = store_with_image(dir.path()) else {
             return;
         };
-        let args = run_args(&["--cpus", "2"]);
+        let args = run_request(2);
         let admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
         // The files the VMM gets: the envelope verifies with admission.pub.
         let trusted_text = std::fs::read_to_string(&admitted.files.trust).unwrap();
@@ -965,16 +957,9 @@ mod tests {
         let Some((config, data, image)) = store_with_image(dir.path()) else {
             return;
         };
-        let err = admit_run_in(
-            &config,
-            &data,
-            &run_args(&["--cpus", "5"]),
-            &image,
-            Tier::Kvm,
-            None,
-        )
-        .err()
-        .unwrap();
+        let err = admit_run_in(&config, &data, &run_request(5), &image, Tier::Kvm, None)
+            .err()
+            .unwrap();
         assert!(
             matches!(&err, RunError::Denied(d) if d.rule == Rule::MaxVcpus),
             "{err}"
@@ -992,7 +977,7 @@ mod tests {
         // Refused by the VMM: its event is logged with the admitted plan id, no
         // exec records, no receipt.
         let admitted =
-            admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).unwrap();
+            admit_run_in(&config, &data, &run_request(1), &image, Tier::Kvm, None).unwrap();
         let plan_id = admitted.plan_id().to_owned();
         std::fs::write(
             &admitted.files.events,
@@ -1037,7 +1022,7 @@ mod tests {
             return;
         };
         let mut admitted =
-            admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).unwrap();
+            admit_run_in(&config, &data, &run_request(1), &image, Tier::Kvm, None).unwrap();
         let (boot, _) = vmm_events_for(&admitted.signed);
         std::fs::write(&admitted.files.events, &boot).unwrap();
         admitted.workload_starting().unwrap();
@@ -1054,7 +1039,7 @@ mod tests {
         child.wait().unwrap();
         std::fs::write(&marker_path, marker.to_string()).unwrap();
 
-        let next = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).unwrap();
+        let next = admit_run_in(&config, &data, &run_request(1), &image, Tier::Kvm, None).unwrap();
         let log = data.join(audit::AUDIT_FILE);
         let records = audit::read_records(&log, None).unwrap();
         let kinds: Vec<EventKind> = records.iter().map(|r| r.event).collect();
@@ -1089,14 +1074,21 @@ mod tests {
             "[tier]\nminimum = \"hardware\"\n",
         )
         .unwrap();
-        let err = admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Emulated, None)
-            .err()
-            .unwrap();
+        let err = admit_run_in(
+            &config,
+            &data,
+            &run_request(1),
+            &image,
+            Tier::Emulated,
+            None,
+        )
+        .err()
+        .unwrap();
         assert!(
             matches!(&err, RunError::Denied(d) if d.rule == Rule::MinimumTier),
             "{err}"
         );
-        assert!(admit_run_in(&config, &data, &run_args(&[]), &image, Tier::Kvm, None).is_ok());
+        assert!(admit_run_in(&config, &data, &run_request(1), &image, Tier::Kvm, None).is_ok());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 pub mod agent;
 pub mod client;
 pub mod init;
+pub mod net_config;
+pub mod netif;
 pub mod protocol;
 pub mod transport;
 

@@ -62,7 +62,7 @@ fn serve_guest(
 /// Configures the network from `mvm.net=`; a failure is logged, and the workload then
 /// runs without the network it asked for (its connections fail, visibly).
 fn configure_network(value: &str) {
-    match init::net::parse_net_config(value) {
+    match mvm_agent::net_config::parse_net_config(value) {
         Ok(config) => match init::net::configure(&config) {
             Ok(name) => tracing::info!(
                 "network: {name} {}/{} via {}",
@@ -103,7 +103,7 @@ fn run_init() -> ! {
     if let Err(e) = init::set_hostname(hostname) {
         tracing::warn!("hostname {hostname:?}: {e}");
     }
-    if let Some(value) = init::cmdline_value(&cmdline, init::net::CMDLINE_KEY) {
+    if let Some(value) = init::cmdline_value(&cmdline, mvm_agent::net_config::CMDLINE_KEY) {
         configure_network(value);
     }
     let port = init::cmdline_value(&cmdline, "mvm.agent.port")

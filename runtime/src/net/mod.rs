@@ -12,7 +12,8 @@
 //! - [`run`]: the steps the run path, admission and the kvm backend call.
 //!
 //! Setting up needs CAP_NET_ADMIN ([`NetError::NoCapability`], exit status 117); NAT
-//! needs `nft`. The guest side is `mvm_agent::init::net` (the `mvm.net=` key).
+//! needs `nft`. The guest reads the `mvm.net=` word (`mvm_agent::net_config`); the
+//! tap's address is set through `mvm_agent::netif`, the ioctls the guest uses too.
 
 pub mod allow;
 pub mod leftovers;

@@ -139,7 +139,7 @@ pub fn plan_rules(request: &NetRequest) -> Vec<EgressRule> {
 pub fn cmdline_with_net(cmdline: &str, interface: &NetInterface) -> String {
     format!(
         "{cmdline} {}={}",
-        mvm_agent::init::net::CMDLINE_KEY,
+        mvm_agent::net_config::CMDLINE_KEY,
         interface.cmdline_value()
     )
 }

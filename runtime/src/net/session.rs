@@ -194,7 +194,7 @@ impl NetSession {
     pub fn cmdline_word(&self) -> String {
         format!(
             "{}={}",
-            mvm_agent::init::net::CMDLINE_KEY,
+            mvm_agent::net_config::CMDLINE_KEY,
             self.interface.cmdline_value()
         )
     }

@@ -97,9 +97,9 @@ pub fn delete(name: &str) -> io::Result<()> {
 /// Gives `name` the address `gateway/prefix_len`, turns its IPv6 off (no link-local
 /// address, no router solicitations towards the guest) and brings it up.
 pub fn address_and_up(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
-    mvm_agent::init::net::disable_ipv6(name)?;
-    mvm_agent::init::net::set_ipv4(name, gateway, prefix_len)?;
-    mvm_agent::init::net::set_up(name)
+    mvm_agent::netif::disable_ipv6(name)?;
+    mvm_agent::netif::set_ipv4(name, gateway, prefix_len)?;
+    mvm_agent::netif::set_up(name)
 }
 
 /// The interface names under `/sys/class/net`.

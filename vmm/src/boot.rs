@@ -27,7 +27,7 @@ use crate::boot_report::{BootTimeline, Phase};
 use crate::cli::Args;
 use crate::config::{self, ConfigError, ConsoleTarget, HostLimits, VmConfig};
 use crate::device_manager::DeviceManager;
-use crate::devices::{blk, legacy, net, vsock, DeviceContext};
+use crate::devices::{self, legacy, vsock, DeviceContext, OpenDevices};
 use crate::error::{host_err, BootError};
 use crate::event_log::{self, EventLog};
 use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
@@ -186,8 +186,10 @@ pub enum Stop {
     },
     /// A bad argument, or more than the host allows: `invalid_arguments`, status 2.
     Invalid(String),
-    /// The VMM itself failed: `vmm_error`, status 1.
+    /// The VMM itself failed before the VM (the jail): `vmm_error`, status 1.
     Failed(String),
+    /// Building or running the VM failed: `vmm_error`, status 1, and a `vm_exit` event.
+    VmFailed(BootError),
 }
 
 /// Everything ready before the jail: the configuration read (and, with a plan,
@@ -198,14 +200,8 @@ pub struct Prepared {
     pub config: VmConfig,
     /// The verified plan's id; `None` with `--dev`.
     pub plan_id: Option<String>,
-    /// The disks, in `--disk` order, pinned ones with their verifiers.
-    pub disks: Vec<blk::OpenDisk>,
-    /// The vsock device, its socket listening.
-    pub vsock: Option<vsock::OpenVsock>,
-    /// Removes the vsock socket file when dropped.
-    pub vsock_socket: Option<vsock::SocketFileGuard>,
-    /// The net device, its tap open.
-    pub net: Option<net::OpenNet>,
+    /// Every device's backend open; pinned disks with their verifiers.
+    pub devices: OpenDevices,
 }
 
 /// From the parsed command line to a VM ready to create, in boot-report order: the
@@ -240,33 +236,22 @@ pub fn prepare(
     if let Some(p) = &plan {
         verified_boot::measure(p, &mut config, timeline, events).map_err(refused)?;
     }
-    let mut disks = blk::open_disks(&args.disks).map_err(|e| Stop::Invalid(e.to_string()))?;
-    let (vsock, vsock_socket) = match args.vsock.as_ref().map(vsock::open_vsock) {
-        None => (None, None),
-        Some(Ok((open, guard))) => (Some(open), Some(guard)),
-        Some(Err(e)) => return Err(Stop::Invalid(format!("--vsock: {e}"))),
-    };
-    let signed_net = plan.as_ref().and_then(|p| p.plan().devices.net.as_ref());
-    let net = args
-        .net
-        .as_ref()
-        .map(|n| net::open_net(n, signed_net))
-        .transpose()
+    let mut devices = devices::open(&args.devices, plan.as_ref().map(BootPlan::plan))
         .map_err(|e| Stop::Invalid(e.to_string()))?;
-    verified_boot::attach_verity(plan, &mut disks, events);
+    verified_boot::attach_verity(plan, &mut devices.disks, events);
     Ok(Prepared {
         config,
         plan_id,
-        disks,
-        vsock,
-        vsock_socket,
-        net,
+        devices,
     })
 }
 
 /// The whole `mvm-vmm` command: validate, boot, supervise, report. Returns the
 /// process exit status; the caller exits with it. `timeline` has `args_parsed` marked
 /// (by `main`, as clap returns).
+///
+/// Every step is a `Result`; the first [`Stop`], or the VM's end, is reported here and
+/// nowhere else: the boot report, one line on stderr, a `boot_refused` or `vm_exit` event.
 pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
     let report_path = args.boot_report.clone();
     if !args.jail.no_jail {
@@ -289,64 +274,97 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
             }
         }
     };
-    if let Err(e) = crate::seccomp::init() {
-        eprintln!("mvm-vmm: {e}");
-        return STATUS_BAD_ARGUMENTS;
-    }
-    let events = match EventLog::open(args.verify.events.as_deref()) {
-        Ok(e) => e,
+    let events = match crate::seccomp::init()
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            EventLog::open(args.verify.events.as_deref()).map_err(|e| format!("--events: {e}"))
+        }) {
+        Ok(events) => events,
         Err(e) => {
-            eprintln!("mvm-vmm: --events: {e}");
+            eprintln!("mvm-vmm: {e}");
             return STATUS_BAD_ARGUMENTS;
         }
     };
     event_log::route_device_events(&events);
-    let stop = |stop: Stop| {
-        let (reason, message, status) = match &stop {
-            Stop::Refused { plan_id, refusal } => {
-                verified_boot::boot_refused(&events, plan_id.as_deref(), refusal);
-                (
-                    refusal.reason(),
-                    format!("boot refused ({}): {refusal}", refusal.reason()),
-                    refusal.status(),
-                )
-            }
-            Stop::Invalid(e) => ("invalid_arguments", e.clone(), STATUS_BAD_ARGUMENTS),
-            Stop::Failed(e) => ("vmm_error", e.clone(), STATUS_VMM_ERROR),
-        };
-        timeline.set_exit(reason);
-        write_report(&timeline);
-        eprintln!("mvm-vmm: {message}");
-        status
+    let mut held = Held::default();
+    let ended = boot_and_supervise(&args, &timeline, &events, &mut held);
+    let (reason, message, status) = match &ended {
+        Ok(exit) => {
+            let _ = io::stdout().flush();
+            (exit.code_name(), exit.message(), exit.status())
+        }
+        Err(Stop::Refused { plan_id, refusal }) => {
+            verified_boot::boot_refused(&events, plan_id.as_deref(), refusal);
+            (
+                refusal.reason(),
+                format!("mvm-vmm: boot refused ({}): {refusal}", refusal.reason()),
+                refusal.status(),
+            )
+        }
+        Err(Stop::Invalid(e)) => (
+            "invalid_arguments",
+            format!("mvm-vmm: {e}"),
+            STATUS_BAD_ARGUMENTS,
+        ),
+        Err(Stop::Failed(e)) => ("vmm_error", format!("mvm-vmm: {e}"), STATUS_VMM_ERROR),
+        Err(Stop::VmFailed(e)) => ("vmm_error", format!("mvm-vmm: {e}"), STATUS_VMM_ERROR),
     };
+    timeline.set_exit(reason);
+    write_report(&timeline);
+    eprintln!("{message}");
+    // A VM that was built (or failed while being built) ends with `vm_exit`; a boot
+    // stopped before that has said why already (`boot_refused`, or stderr).
+    if matches!(ended, Ok(_) | Err(Stop::VmFailed(_))) {
+        let exit_reason = timeline.report().exit_reason.unwrap_or_default();
+        events.vm_exit(held.plan_id.as_deref(), &exit_reason, status);
+    }
+    status
+}
+
+/// What outlives the boot until [`run_cli`] returns: the plan id (for `vm_exit`) and the
+/// vsock socket file's guard (the file goes when the VMM is done with it).
+#[derive(Default)]
+struct Held {
+    plan_id: Option<String>,
+    _vsock_socket: Option<vsock::SocketFileGuard>,
+}
+
+/// Prepares, jails, boots and supervises; returns how the VM ended, or the [`Stop`] that
+/// kept it from running. `plan_id` is set as soon as the plan verifies.
+fn boot_and_supervise(
+    args: &Args,
+    timeline: &Arc<BootTimeline>,
+    events: &EventLog,
+    held: &mut Held,
+) -> Result<ExitReason, Stop> {
     let Prepared {
         config,
         plan_id,
-        disks,
-        vsock,
-        // Removes the VM's socket file when this function returns.
-        vsock_socket: _vsock_socket,
-        net,
-    } = match prepare(&args, &timeline, &events, &HostLimits::of_this_host()) {
-        Ok(p) => p,
-        Err(s) => return stop(s),
-    };
+        mut devices,
+    } = prepare(args, timeline, events, &HostLimits::of_this_host())?;
+    held.plan_id = plan_id;
+    held._vsock_socket = devices.vsock_socket.take();
     // Jail call site: every file is open; the VMM is still one thread.
     let jail = crate::jail::JailPlan {
         // Guest-initiated vsock connections go to `<uds>_<port>` by path.
         keep_dirs: args
+            .devices
             .vsock
             .as_ref()
             .and_then(|v| crate::jail::parent_dir(&v.uds_path))
             .into_iter()
             .collect(),
-        cleanup_files: args.vsock.iter().map(|v| v.uds_path.clone()).collect(),
-        has_net: net.is_some(),
+        cleanup_files: args
+            .devices
+            .vsock
+            .iter()
+            .map(|v| v.uds_path.clone())
+            .collect(),
+        has_net: devices.net.is_some(),
         // main, signals, console-in, one per vCPU and per device.
         threads: u64::from(config.vcpus)
             .saturating_add(3)
-            .saturating_add(u64::try_from(disks.len()).unwrap_or(u64::MAX))
-            .saturating_add(2),
+            .saturating_add(devices.max_threads()),
         vcpus: u64::from(config.vcpus),
         mem_bytes: config.mem_bytes,
         image_bytes: u64::try_from(
@@ -357,45 +375,18 @@ pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
         )
         .unwrap_or(u64::MAX),
     };
-    match crate::jail::start(&args.jail, &jail) {
-        Ok(state) => {
-            tracing::debug!(?state, "jail entered");
-            if state.full {
-                timeline.set_jail(crate::boot_report::JailReport {
-                    uid: state.uid,
-                    gid: state.gid,
-                    pid_namespace: true,
-                    cgroup: state.cgroup.map(|c| c.display().to_string()),
-                });
-            }
-        }
-        Err(e) => return stop(Stop::Failed(e.to_string())),
+    let state = crate::jail::start(&args.jail, &jail).map_err(|e| Stop::Failed(e.to_string()))?;
+    tracing::debug!(?state, "jail entered");
+    if state.full {
+        timeline.set_jail(crate::boot_report::JailReport {
+            uid: state.uid,
+            gid: state.gid,
+            pid_namespace: true,
+            cgroup: state.cgroup.map(|c| c.display().to_string()),
+        });
     }
-    if let Some(n) = net.as_ref() {
-        timeline.set_net_metrics(n.metrics());
-    }
-    let status = match run(config, timeline.clone(), move |ctx| {
-        blk::attach_disks(ctx, disks)?;
-        vsock.map_or(Ok(()), |v| vsock::attach_vsock(ctx, v))?;
-        net.map_or(Ok(()), |n| net::attach_net(ctx, n))
-    }) {
-        Ok(reason) => {
-            timeline.set_exit(reason.code_name());
-            write_report(&timeline);
-            let _ = io::stdout().flush();
-            eprintln!("{}", reason.message());
-            reason.status()
-        }
-        Err(e) => {
-            timeline.set_exit("vmm_error");
-            write_report(&timeline);
-            eprintln!("mvm-vmm: {e}");
-            STATUS_VMM_ERROR
-        }
-    };
-    let exit_reason = timeline.report().exit_reason.unwrap_or_default();
-    events.vm_exit(plan_id.as_deref(), &exit_reason, status);
-    status
+    devices.report_metrics(timeline);
+    run(config, timeline.clone(), move |ctx| devices.attach(ctx)).map_err(Stop::VmFailed)
 }
 
 /// Writes the boot report through the handle created (empty) at start; every way out

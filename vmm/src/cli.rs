@@ -49,30 +49,9 @@ pub struct Args {
     /// Write a JSON boot report (phase timestamps, exit reason) here on exit.
     #[arg(long, value_name = "FILE")]
     pub boot_report: Option<PathBuf>,
-    /// A virtio-blk disk backed by FILE, read-only or read-write, with an optional id
-    /// (`/sys/block/vdX/serial`). Repeatable: /dev/vda, /dev/vdb, ... in order.
-    #[arg(
-        long = "disk",
-        value_name = "path=FILE,ro|rw[,id=ID]",
-        value_parser = crate::devices::blk::parse_disk_arg
-    )]
-    pub disks: Vec<mvm_devices::virtio::block::DiskConfig>,
-    /// A virtio-vsock device for guest CID N; host processes reach it through the Unix
-    /// socket PATH (`CONNECT <port>`), guest connections to host port P go to `PATH_P`.
-    #[arg(
-        long = "vsock",
-        value_name = "cid=N,uds=PATH",
-        value_parser = crate::devices::vsock::parse_vsock_value
-    )]
-    pub vsock: Option<mvm_devices::virtio::vsock::VsockConfig>,
-    /// A virtio-net device on the host tap NAME with guest MAC MAC. Frames the guest sends
-    /// pass only where the policy FILE allows (nothing passes without one).
-    #[arg(
-        long = "net",
-        value_name = "tap=NAME,mac=MAC[,policy=FILE]",
-        value_parser = crate::devices::net::parse_net_value
-    )]
-    pub net: Option<crate::devices::net::NetArg>,
+    /// The devices: --disk, --vsock, --net (each declared by its module in `devices/`).
+    #[command(flatten)]
+    pub devices: crate::devices::DeviceArgs,
     /// Verified boot: --plan, --trust, --replay-store, --events, --dev.
     #[command(flatten)]
     pub verify: VerifyArgs,

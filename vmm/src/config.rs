@@ -29,7 +29,7 @@ use mvm_loader::limits::{self, LimitError};
 use mvm_loader::plan::Plan;
 
 use crate::cli::Args;
-use crate::devices::{net, vsock};
+use crate::devices;
 use crate::error::PlanDisagreement;
 use crate::layout;
 
@@ -306,13 +306,6 @@ pub fn resolve_resources(
     })
 }
 
-/// Each device's flag against the plan's section (vsock, net); the disks are checked
-/// with the plan's pinned disks by verified boot.
-pub fn check_devices(args: &Args, plan: &Plan) -> Result<(), PlanDisagreement> {
-    vsock::check_plan(args.vsock.as_ref(), plan.devices.vsock.as_ref())?;
-    net::check_plan(args.net.as_ref(), plan.devices.net.as_ref())
-}
-
 /// Resolves `args` and the verified `plan` (none with `--dev`) into a [`VmConfig`]:
 /// resources and devices against the plan, resources against the host, then the
 /// kernel and initramfs read and checked, the command line checked, the console log
@@ -324,7 +317,7 @@ pub fn resolve(
 ) -> Result<VmConfig, ConfigError> {
     let resources = resolve_resources(args, plan, host)?;
     if let Some(plan) = plan {
-        check_devices(args, plan)?;
+        devices::check_plan(&args.devices, plan)?;
     }
     Ok(validate(args, &resources)?)
 }
@@ -735,17 +728,17 @@ pub(crate) mod tests {
         let mut plan = plan_for(&elf_file(dir.path()), "x");
         let vsock = ["--vsock", "cid=3,uds=/tmp/v.sock"];
         // Absent from both, or only from the command line: fine.
-        check_devices(&args_with(&[]), &plan).unwrap();
-        let e = check_devices(&args_with(&vsock), &plan).unwrap_err();
+        devices::check_plan(&args_with(&[]).devices, &plan).unwrap();
+        let e = devices::check_plan(&args_with(&vsock).devices, &plan).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--vsock cid 3 disagrees with the signed plan's devices.vsock none"
         );
         plan.devices.vsock = Some(VsockDevice { guest_cid: 3 });
-        check_devices(&args_with(&vsock), &plan).unwrap();
-        check_devices(&args_with(&[]), &plan).unwrap();
+        devices::check_plan(&args_with(&vsock).devices, &plan).unwrap();
+        devices::check_plan(&args_with(&[]).devices, &plan).unwrap();
         plan.devices.vsock = Some(VsockDevice { guest_cid: 4 });
-        let e = check_devices(&args_with(&vsock), &plan).unwrap_err();
+        let e = devices::check_plan(&args_with(&vsock).devices, &plan).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--vsock cid 3 disagrees with the signed plan's devices.vsock.guest_cid 4"
@@ -753,7 +746,7 @@ pub(crate) mod tests {
         plan.devices.vsock = None;
 
         let net = ["--net", "tap=tap0,mac=02:00:00:00:00:01"];
-        let e = check_devices(&args_with(&net), &plan).unwrap_err();
+        let e = devices::check_plan(&args_with(&net).devices, &plan).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--net tap tap0 disagrees with the signed plan's devices.net none"
@@ -769,18 +762,18 @@ pub(crate) mod tests {
             interface: None,
             egress: EgressPolicy::default(),
         });
-        check_devices(&args_with(&net), &plan).unwrap();
+        devices::check_plan(&args_with(&net).devices, &plan).unwrap();
         plan.devices.net = Some(NetDevice {
             interface: Some(interface("02:00:00:00:00:01")),
             egress: EgressPolicy::default(),
         });
-        check_devices(&args_with(&net), &plan).unwrap();
-        check_devices(&args_with(&[]), &plan).unwrap();
+        devices::check_plan(&args_with(&net).devices, &plan).unwrap();
+        devices::check_plan(&args_with(&[]).devices, &plan).unwrap();
         plan.devices.net = Some(NetDevice {
             interface: Some(interface("02:00:00:00:00:02")),
             egress: EgressPolicy::default(),
         });
-        let e = check_devices(&args_with(&net), &plan).unwrap_err();
+        let e = devices::check_plan(&args_with(&net).devices, &plan).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--net mac 02:00:00:00:00:01 disagrees with the signed plan's \

@@ -315,7 +315,7 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
 
     // Disks: the read-only ones are the plan's pinned disks in order, the writable ones
     // its scratch disks in order.
-    let (ro, rw): (Vec<_>, Vec<_>) = args.disks.iter().partition(|d| d.read_only);
+    let (ro, rw): (Vec<_>, Vec<_>) = args.devices.disks.iter().partition(|d| d.read_only);
     if ro.len() != plan.artifacts.disks.len() {
         return Err(mismatch(
             "the read-only --disk count",

@@ -26,9 +26,130 @@ use kvm_ioctls::VmFd;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
+use mvm_devices::virtio::block::{BlockError, DiskConfig};
+use mvm_devices::virtio::vsock::{VsockConfig, VsockError};
+use mvm_loader::plan::Plan;
+
+use crate::boot_report::BootTimeline;
 use crate::device_manager::{DeviceManager, MmioSlot};
-use crate::error::BootError;
+use crate::error::{BootError, PlanDisagreement};
 use crate::seccomp::ThreadRole;
+
+/// Every device's flag, flattened into [`crate::cli::Args`].
+#[derive(Debug, Default, clap::Args)]
+pub struct DeviceArgs {
+    /// A virtio-blk disk backed by FILE, read-only or read-write, with an optional id
+    /// (`/sys/block/vdX/serial`). Repeatable: /dev/vda, /dev/vdb, ... in order.
+    #[arg(
+        long = "disk",
+        value_name = "path=FILE,ro|rw[,id=ID]",
+        value_parser = blk::parse_disk_arg
+    )]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-vsock device for guest CID N; host processes reach it through the Unix
+    /// socket PATH (`CONNECT <port>`), guest connections to host port P go to `PATH_P`.
+    #[arg(
+        long = "vsock",
+        value_name = "cid=N,uds=PATH",
+        value_parser = vsock::parse_vsock_value
+    )]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on the host tap NAME with guest MAC MAC. Frames the guest sends
+    /// pass only where the policy FILE allows (nothing passes without one).
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME,mac=MAC[,policy=FILE]",
+        value_parser = net::parse_net_value
+    )]
+    pub net: Option<net::NetArg>,
+}
+
+/// Why a device's backend did not open (before any VM exists).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A `--disk` file.
+    #[error(transparent)]
+    Blk(#[from] BlockError),
+    /// The `--vsock` socket.
+    #[error("--vsock: {0}")]
+    Vsock(#[from] VsockError),
+    /// The `--net` policy or tap.
+    #[error(transparent)]
+    Net(#[from] net::NetArgError),
+}
+
+/// Every device on the command line, its backend open, not yet attached.
+#[derive(Debug)]
+pub struct OpenDevices {
+    /// The disks, in `--disk` order (verified boot adds the pinned ones' verifiers).
+    pub disks: Vec<blk::OpenDisk>,
+    /// The vsock device, its socket listening.
+    pub vsock: Option<vsock::OpenVsock>,
+    /// Removes the vsock socket file when dropped.
+    pub vsock_socket: Option<vsock::SocketFileGuard>,
+    /// The net device, its tap open.
+    pub net: Option<net::OpenNet>,
+}
+
+/// Each device's flag against the signed plan's section (vsock, net). The disks are
+/// matched to the plan's pinned disks, with their dm-verity trees, by verified boot.
+pub fn check_plan(args: &DeviceArgs, plan: &Plan) -> Result<(), PlanDisagreement> {
+    vsock::check_plan(args.vsock.as_ref(), plan.devices.vsock.as_ref())?;
+    net::check_plan(args.net.as_ref(), plan.devices.net.as_ref())
+}
+
+/// Opens every device's backend, in order: disks, vsock, net. `plan` is the verified
+/// plan, if any (the net device takes its egress rules from it).
+pub fn open(args: &DeviceArgs, plan: Option<&Plan>) -> Result<OpenDevices, OpenError> {
+    let disks = blk::open_disks(&args.disks)?;
+    let (vsock, vsock_socket) = match args.vsock.as_ref().map(vsock::open_vsock).transpose()? {
+        Some((open, guard)) => (Some(open), Some(guard)),
+        None => (None, None),
+    };
+    let signed_net = plan.and_then(|p| p.devices.net.as_ref());
+    let net = args
+        .net
+        .as_ref()
+        .map(|n| net::open_net(n, signed_net))
+        .transpose()?;
+    Ok(OpenDevices {
+        disks,
+        vsock,
+        vsock_socket,
+        net,
+    })
+}
+
+impl OpenDevices {
+    /// The most device threads this VM runs (for the jail's thread limit): one per disk,
+    /// and one each for vsock and net, counted whether or not they are on.
+    pub fn max_threads(&self) -> u64 {
+        u64::try_from(self.disks.len())
+            .unwrap_or(u64::MAX)
+            .saturating_add(2)
+    }
+
+    /// Where each device's counters go in the boot report.
+    pub fn report_metrics(&self, timeline: &BootTimeline) {
+        if let Some(n) = self.net.as_ref() {
+            timeline.set_net_metrics(n.metrics());
+        }
+    }
+
+    /// Attaches every virtio device in order: disks (`/dev/vda`, ...), vsock, net. The
+    /// vsock socket's guard stays with the caller (returned), which removes the file
+    /// when the VMM is done.
+    pub fn attach(self, ctx: &mut DeviceContext<'_>) -> Result<(), BootError> {
+        blk::attach_disks(ctx, self.disks)?;
+        if let Some(v) = self.vsock {
+            vsock::attach_vsock(ctx, v)?;
+        }
+        if let Some(n) = self.net {
+            net::attach_net(ctx, n)?;
+        }
+        Ok(())
+    }
+}
 
 /// What device-attaching code gets: the VM, its memory, the device manager
 /// and the command line (to which virtio-mmio devices append themselves).

@@ -1,5 +1,7 @@
 //! virtio-blk driven through virtio-queue's mock driver (MockSplitQueue) over mock guest
-//! memory and a temporary file: valid requests, and every hostile case of issue 3.
+//! memory and a temporary file: valid requests, and every hostile case DESIGN.md lists
+//! (bad queue sizes, addresses outside RAM, descriptor loops, lengths past the end of
+//! memory, notify before DRIVER_OK).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::atomic::AtomicU64;

@@ -1,12 +1,12 @@
 //! One client connection: the handshake, then a loop that routes frames to requests.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::exec;
 use super::files::{self, WriteSink};
+use super::reply::{reply, Responder};
 use super::{software, Agent, MAX_CONNECTIONS, MAX_REQUESTS_PER_CONNECTION};
 use crate::protocol::{
     read_frame, write_frame, DecodeError, ErrorCode, ErrorReply, Frame, Hello, Message, ReadError,
@@ -36,9 +36,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl<S: Write> Shared<S> {
-    /// Sends one frame. Returns false if the connection is gone.
-    pub(super) fn send(&self, request_id: u32, message: &Message) -> bool {
+impl<S: Duplex> Responder for Shared<S> {
+    fn send(&self, request_id: u32, message: &Message) -> bool {
         let mut writer = lock(&self.writer);
         match write_frame(&mut *writer, request_id, message) {
             Ok(()) => true,
@@ -52,10 +51,8 @@ impl<S: Write> Shared<S> {
         }
     }
 
-    /// Sends an error frame for a request.
-    pub(super) fn send_error(&self, request_id: u32, reply: ErrorReply) -> bool {
-        tracing::debug!("request {request_id}: {:?}: {}", reply.code, reply.message);
-        self.send(request_id, &Message::Error(reply))
+    fn finish(&self, request_id: u32) {
+        self.active().remove(&request_id);
     }
 }
 
@@ -63,19 +60,6 @@ impl<S> Shared<S> {
     /// The requests in flight.
     pub(super) fn active(&self) -> MutexGuard<'_, HashMap<u32, Active>> {
         lock(&self.active)
-    }
-
-    /// Forgets a finished request.
-    pub(super) fn finish(&self, request_id: u32) {
-        self.active().remove(&request_id);
-    }
-}
-
-/// Builds an error reply.
-pub(super) fn reply(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-    ErrorReply {
-        code,
-        message: message.into(),
     }
 }
 

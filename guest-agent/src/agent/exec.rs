@@ -18,12 +18,11 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::connection::{reply, Shared};
 use super::policy::Limits;
 use super::reaper::ChildExit;
+use super::reply::{reply, Responder};
 use super::Agent;
 use crate::protocol::{ErrorCode, ErrorReply, ExecRequest, ExitStatus, Message, DATA_CHUNK};
-use crate::transport::Duplex;
 
 /// `PATH` for workloads unless the request sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -335,7 +334,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
 }
 
 /// Starts the threads that feed stdin, stream output and report the exit status.
-pub(super) fn supervise<S: Duplex>(mut running: Running, shared: Arc<Shared<S>>, id: u32) {
+pub(super) fn supervise<R: Responder>(mut running: Running, shared: Arc<R>, id: u32) {
     if let Some((pipe, chunks)) = running.stdin_rx.take() {
         let spawned = std::thread::Builder::new()
             .name(format!("exec-{id}-stdin"))
@@ -349,7 +348,7 @@ pub(super) fn supervise<S: Duplex>(mut running: Running, shared: Arc<Shared<S>>,
     let spawned = std::thread::Builder::new()
         .name(format!("exec-{id}"))
         .spawn(move || {
-            let status = run_to_exit(running, &supervisor, id);
+            let status = run_to_exit(running, &*supervisor, id);
             supervisor.finish(id);
             supervisor.send(id, &Message::Exit(status));
         });
@@ -412,7 +411,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Streams output until the pipes close, enforcing the timeout, and returns the status.
-fn run_to_exit<S: Duplex>(mut running: Running, shared: &Shared<S>, id: u32) -> ExitStatus {
+fn run_to_exit<R: Responder>(mut running: Running, shared: &R, id: u32) -> ExitStatus {
     let mut pipes: Vec<Pipe> = Vec::with_capacity(2);
     if let Some(p) = running.child.stdout.take() {
         grow_pipe(p.as_raw_fd());

@@ -9,11 +9,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{fchown, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 
-use super::connection::{reply, Shared};
+use super::reply::{reply, Responder};
 use crate::protocol::{
     ErrorCode, ErrorReply, FileDone, Message, ReadFileRequest, WriteFileRequest, DATA_CHUNK,
 };
-use crate::transport::Duplex;
 
 fn io_reply(action: &str, path: &str, error: &io::Error) -> ErrorReply {
     let code = match error.kind() {
@@ -107,7 +106,7 @@ pub(super) fn open_for_read(request: &ReadFileRequest) -> Result<File, ErrorRepl
 }
 
 /// Streams a file to the client on its own thread: data frames, then a done frame.
-pub(super) fn stream_file<S: Duplex>(mut file: File, shared: Arc<Shared<S>>, id: u32) {
+pub(super) fn stream_file<R: Responder>(mut file: File, shared: Arc<R>, id: u32) {
     let worker = Arc::clone(&shared);
     let spawned = std::thread::Builder::new()
         .name(format!("read-{id}"))

@@ -7,6 +7,7 @@ mod exec;
 mod files;
 pub mod policy;
 pub mod reaper;
+mod reply;
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,8 @@
 
 use std::io::{self, Read, Write};
 
-use super::frame::{decode, encode, peek_len, DecodeError, EncodeError, Frame};
+use super::error::{DecodeError, EncodeError};
+use super::frame::{decode, encode, peek_len, Frame};
 use super::message::Message;
 use super::LEN_PREFIX;
 

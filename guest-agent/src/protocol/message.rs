@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::frame::{DecodeError, EncodeError, FrameType};
+use super::error::{DecodeError, EncodeError};
+use super::frame_type::FrameType;
 
 /// The handshake body, sent first by the client and answered by the agent.
 ///

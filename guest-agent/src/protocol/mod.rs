@@ -9,11 +9,15 @@
 //! A connection starts with a [`Hello`] from the client and one from the agent. An agent that
 //! does not speak the client's major version answers with an error frame and closes.
 
+mod error;
 mod frame;
+mod frame_type;
 mod io;
 mod message;
 
-pub use frame::{decode, encode, peek_len, DecodeError, EncodeError, Frame, FrameType};
+pub use error::{DecodeError, EncodeError};
+pub use frame::{decode, encode, peek_len, Frame};
+pub use frame_type::FrameType;
 pub use io::{read_frame, write_frame, ReadError, WriteError};
 pub use message::{
     ErrorCode, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone, Hello, Message,

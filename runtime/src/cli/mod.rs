@@ -134,6 +134,15 @@ impl RunArgs {
             argv: self.command.clone(),
         }
     }
+
+    /// What this run asks of the network (`--net`, `--allow`, `--dns`).
+    pub fn net_flags(&self) -> crate::net::run::NetFlags {
+        crate::net::run::NetFlags {
+            net: self.net,
+            allow: self.allow.clone(),
+            dns: self.dns.clone(),
+        }
+    }
 }
 
 /// `mvm image ...`.

@@ -107,7 +107,7 @@ fn execute(
     interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
     // netrt: --net: names pinned, the network reserved before admission so that the
     // plan pins it; the host network lives (and is torn down) with `net`.
-    let mut net = crate::net::run::prepare(&crate::net::run::NetFlags::from_args(args), tier)?;
+    let mut net = crate::net::run::prepare(&args.net_flags(), tier)?;
     let mut spec = spec.clone();
     spec.net = net.as_ref().map(|n| n.request.clone());
     let spec = &spec;

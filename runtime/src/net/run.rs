@@ -50,16 +50,6 @@ pub struct NetFlags {
 }
 
 impl NetFlags {
-    /// The flags of `mvm run`.
-    #[must_use]
-    pub fn from_args(args: &crate::cli::RunArgs) -> Self {
-        Self {
-            net: args.net,
-            allow: args.allow.clone(),
-            dns: args.dns.clone(),
-        }
-    }
-
     /// Whether the VM gets a network device.
     #[must_use]
     pub fn wanted(&self) -> bool {

@@ -35,7 +35,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as every device sees it.
@@ -97,6 +97,19 @@ pub fn next_chain<'m>(
         .iter(mem)
         .map_err(|e| format!("available ring: {e}"))?;
     Ok(iter.next())
+}
+
+/// Reads `data.len()` bytes of a device's config space `space` at `offset`; bytes past
+/// its end read as zero. Every device's [`VirtioDevice::read_config`] is this.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = start
+            .checked_add(i)
+            .and_then(|at| space.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
 }
 
 /// What a virtio device exposes to its transport, on the vCPU thread.
@@ -224,6 +237,41 @@ impl Interrupt {
     /// Tells the driver that a queue has used buffers.
     pub fn signal_used_queue(&self) -> std::io::Result<()> {
         self.raise(VIRTIO_MMIO_INT_VRING)
+    }
+
+    /// Tells the driver that `queue` has used buffers, unless it asked not to be told
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`, or the used event with `VIRTIO_F_EVENT_IDX`). A
+    /// failed irqfd write is logged for `device`. Errs when the driver's request cannot
+    /// be read from guest memory: the caller chooses (interrupt anyway, or NEEDS_RESET).
+    pub fn signal_used(
+        &self,
+        device: &'static str,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), virtio_queue::Error> {
+        if queue.needs_notification(mem)? {
+            self.signal_used_or_log(device);
+        }
+        Ok(())
+    }
+
+    /// [`Self::signal_used`], interrupting when the driver's request cannot be read: a
+    /// spurious interrupt is the safe side.
+    pub fn signal_used_or_anyway(
+        &self,
+        device: &'static str,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) {
+        if self.signal_used(device, queue, mem).is_err() {
+            self.signal_used_or_log(device);
+        }
+    }
+
+    fn signal_used_or_log(&self, device: &'static str) {
+        if let Err(e) = self.signal_used_queue() {
+            tracing::warn!(device, error = %e, "cannot signal used buffers");
+        }
     }
 
     /// Tells the driver that the config space (or the device status) changed.

@@ -250,14 +250,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .checked_add(i)
-                .and_then(|at| self.config_space.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_space(&self.config_space, offset, data);
     }
 
     fn name(&self) -> &'static str {

@@ -105,14 +105,8 @@ impl BlockWorker {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        match active.queue.needs_notification(&active.mem) {
-            Ok(true) => {
-                if let Err(e) = interrupt.signal_used_queue() {
-                    tracing::warn!(device = NAME, error = %e, "cannot signal used buffers");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => interrupt.mark_needs_reset(NAME, &format!("used event unreadable: {e}")),
+        if let Err(e) = interrupt.signal_used(NAME, &mut active.queue, &active.mem) {
+            interrupt.mark_needs_reset(NAME, &format!("used event unreadable: {e}"));
         }
     }
 
@@ -127,7 +121,7 @@ impl BlockWorker {
                     .disable_notification(&active.mem)
                     .map_err(|e| format!("cannot disable notifications: {e}"))?;
             }
-            while let Some((head, truncated)) = self.next_chain()? {
+            while let Some((head, truncated)) = self.pop_into_chain()? {
                 self.serve(head, truncated)?;
             }
             let Some(active) = self.active.as_mut() else {
@@ -144,7 +138,7 @@ impl BlockWorker {
     }
 
     /// Pops the next chain into `self.chain`; returns its head and whether it was cut short.
-    fn next_chain(&mut self) -> Result<Option<(u16, bool)>, String> {
+    fn pop_into_chain(&mut self) -> Result<Option<(u16, bool)>, String> {
         let Some(active) = self.active.as_mut() else {
             return Ok(None);
         };

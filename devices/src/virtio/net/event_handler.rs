@@ -84,15 +84,6 @@ fn count(counter: &std::sync::atomic::AtomicU64) {
     NetMetrics::add(counter, 1);
 }
 
-fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-    // On error, interrupting is the safe side.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.signal_used_queue() {
-            tracing::warn!(device = NAME, error = %e, "cannot signal the irqfd");
-        }
-    }
-}
-
 impl<B: FrameBackend> NetWorker<B> {
     pub(crate) fn new(backend: B, filter: EgressFilter, metrics: Arc<NetMetrics>) -> Self {
         Self {
@@ -179,7 +170,7 @@ impl<B: FrameBackend> NetWorker<B> {
         match self.drain_tx(interrupt) {
             Ok(true) => {
                 if let Some(act) = self.active.as_mut() {
-                    signal(&mut act.tx, &act.mem, interrupt);
+                    interrupt.signal_used_or_anyway(NAME, &mut act.tx, &act.mem);
                 }
             }
             Ok(false) => {}
@@ -343,7 +334,7 @@ impl<B: FrameBackend> NetWorker<B> {
         }
         if used {
             if let Some(act) = self.active.as_mut() {
-                signal(&mut act.rx, &act.mem, interrupt);
+                interrupt.signal_used_or_anyway(NAME, &mut act.rx, &act.mem);
             }
         }
     }

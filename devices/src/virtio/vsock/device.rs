@@ -79,14 +79,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config: [u8; VSOCK_CONFIG_SIZE] = self.guest_cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = u64::try_from(i)
-                .ok()
-                .and_then(|i| offset.checked_add(i))
-                .and_then(|at| usize::try_from(at).ok())
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_space(&config, offset, data);
     }
 
     fn name(&self) -> &'static str {

@@ -10,7 +10,7 @@
 //! TRANSPORT_RESET event once the driver brings the device back.
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{QueueOwnedT, QueueT, Writer};
 
 use super::muxer::Muxer;
 use super::packet::{parse_tx_packet, read_tx_chain, rx_payload_capacity, write_rx_packet};
@@ -19,7 +19,7 @@ use super::{
     VSOCK_EVENT_SIZE, VSOCK_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
-use crate::virtio::{next_chain, Activation, GuestMemoryMmap, Interrupt};
+use crate::virtio::{next_chain, Activation, Interrupt};
 
 /// Epoll token of the muxer's epoll fd in the device loop.
 pub const MUXER_TOKEN: u32 = WORKER_TOKEN_BASE;
@@ -155,7 +155,7 @@ impl VsockWorker {
             used = true;
         }
         if used {
-            signal(queue, mem, interrupt);
+            interrupt.signal_used_or_anyway(NAME, queue, mem);
         }
         // Guest packets may have opened credit, answered requests or asked for RSTs.
         self.muxer.process_host_events();
@@ -238,7 +238,7 @@ impl VsockWorker {
             used = true;
         }
         if used {
-            signal(queue, mem, interrupt);
+            interrupt.signal_used_or_anyway(NAME, queue, mem);
         }
     }
 
@@ -295,17 +295,7 @@ impl VsockWorker {
             interrupt.mark_needs_reset(NAME, &format!("event used ring: {e}"));
             return;
         }
-        signal(queue, mem, interrupt);
-    }
-}
-
-fn signal(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-    // Without EVENT_IDX this only honours VRING_AVAIL_F_NO_INTERRUPT; on error,
-    // interrupting is the safe side.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.signal_used_queue() {
-            tracing::warn!(error = %e, "vsock: cannot signal the irqfd");
-        }
+        interrupt.signal_used_or_anyway(NAME, queue, mem);
     }
 }
 

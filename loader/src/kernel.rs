@@ -12,6 +12,8 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::bytes::{le_u16, le_u32, le_u64};
+
 /// Largest kernel image accepted (a microVM kernel is tens of MiB).
 pub const MAX_KERNEL_SIZE: u64 = 512 << 20;
 
@@ -146,21 +148,6 @@ pub enum KernelError {
         /// The memory error.
         source: vm_memory::GuestMemoryError,
     },
-}
-
-fn le_u16(image: &[u8], at: usize) -> Option<u16> {
-    let bytes = image.get(at..at.checked_add(2)?)?;
-    Some(u16::from_le_bytes(bytes.try_into().ok()?))
-}
-
-fn le_u32(image: &[u8], at: usize) -> Option<u32> {
-    let bytes = image.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes(bytes.try_into().ok()?))
-}
-
-fn le_u64(image: &[u8], at: usize) -> Option<u64> {
-    let bytes = image.get(at..at.checked_add(8)?)?;
-    Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
 /// Parses an image's headers: which format, and the guest-physical range it

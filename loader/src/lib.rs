@@ -2,6 +2,7 @@
 //! trusted: the execution plan and its DSSE envelope, artifact measurement, the
 //! dm-verity tree, and loading the kernel and initramfs into guest memory.
 
+pub mod bytes;
 pub mod dsse;
 pub mod kernel;
 pub mod limits;

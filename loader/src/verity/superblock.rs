@@ -21,6 +21,7 @@
 use super::{
     Geometry, VerityError, VerityParams, MAX_SALT_BYTES, VERITY_ALGORITHM, VERITY_HASH_TYPE,
 };
+use crate::bytes::{le_u16, le_u32, le_u64};
 use crate::measure::Sha256Digest;
 
 /// `"verity\0\0"`.
@@ -39,14 +40,6 @@ pub(crate) struct Superblock {
     pub hash_block_size: u32,
     pub data_blocks: u64,
     pub salt: Vec<u8>,
-}
-
-fn le_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn le_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 impl Superblock {
@@ -122,11 +115,7 @@ impl Superblock {
         let algorithm_len = algorithm_raw.iter().position(|&c| c == 0).unwrap_or(32);
         let algorithm =
             String::from_utf8_lossy(algorithm_raw.get(..algorithm_len).unwrap_or(b"")).into_owned();
-        let salt_len = b
-            .get(80..82)
-            .and_then(|s| s.try_into().ok())
-            .map(u16::from_le_bytes)
-            .ok_or_else(|| bad("short"))?;
+        let salt_len = le_u16(b, 80).ok_or_else(|| bad("short"))?;
         let salt_len = usize::from(salt_len);
         if salt_len > MAX_SALT_BYTES {
             return Err(VerityError::Superblock(format!(

@@ -4,6 +4,7 @@
 //! it is a pure function of the descriptors, guest memory and the disk's limits, so a fuzz
 //! target can reach it alone.
 
+use mvm_loader::bytes::{le_u32, le_u64};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -310,8 +311,8 @@ fn read_header(desc: &Descriptor, mem: &GuestMemoryMmap) -> Option<(u32, u64)> {
     }
     let mut header = [0u8; 16];
     mem.read_slice(&mut header, desc.addr()).ok()?;
-    let request_type = u32::from_le_bytes(header.get(0..4)?.try_into().ok()?);
-    let sector = u64::from_le_bytes(header.get(8..16)?.try_into().ok()?);
+    let request_type = le_u32(&header, 0)?;
+    let sector = le_u64(&header, 8)?;
     Some((request_type, sector))
 }
 

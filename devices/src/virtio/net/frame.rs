@@ -24,6 +24,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use mvm_loader::bytes;
+
 /// Length of an Ethernet header without tags.
 pub const ETH_HLEN: usize = 14;
 /// EtherType of IPv4 (`ETH_P_IP`, linux/if_ether.h).
@@ -381,48 +383,48 @@ fn need(bytes: &[u8], layer: Layer, need: usize) -> Result<(), Malformed> {
     Ok(())
 }
 
-fn be16(bytes: &[u8], at: usize) -> u16 {
-    match bytes.get(at..at.saturating_add(2)) {
-        Some(&[a, b]) => u16::from_be_bytes([a, b]),
-        _ => 0,
-    }
+/// A field of `layer` at `at`, read through `mvm_loader::bytes`: a field past the end
+/// (a length check missed) is a truncated frame, never a zero.
+fn field<T>(
+    bytes: &[u8],
+    layer: Layer,
+    at: usize,
+    read: fn(&[u8], usize) -> Option<T>,
+) -> Result<T, Malformed> {
+    read(bytes, at).ok_or(Malformed::Truncated {
+        layer,
+        have: bytes.len(),
+        need: at.saturating_add(std::mem::size_of::<T>()),
+    })
 }
 
-fn byte(bytes: &[u8], at: usize) -> u8 {
-    bytes.get(at).copied().unwrap_or(0)
+fn be16(bytes: &[u8], layer: Layer, at: usize) -> Result<u16, Malformed> {
+    field(bytes, layer, at, bytes::be_u16)
 }
 
-fn read_mac(bytes: &[u8], at: usize) -> Mac {
-    let mut out = [0u8; 6];
-    if let Some(src) = bytes.get(at..at.saturating_add(6)) {
-        out.copy_from_slice(src);
-    }
-    out
+fn byte(bytes: &[u8], layer: Layer, at: usize) -> Result<u8, Malformed> {
+    field(bytes, layer, at, bytes::u8_at)
 }
 
-fn read_ipv4(bytes: &[u8], at: usize) -> Ipv4Addr {
-    let mut out = [0u8; 4];
-    if let Some(src) = bytes.get(at..at.saturating_add(4)) {
-        out.copy_from_slice(src);
-    }
-    Ipv4Addr::from(out)
+fn read_mac(bytes: &[u8], layer: Layer, at: usize) -> Result<Mac, Malformed> {
+    field(bytes, layer, at, bytes::array::<6>)
 }
 
-fn read_ipv6(bytes: &[u8], at: usize) -> Ipv6Addr {
-    let mut out = [0u8; 16];
-    if let Some(src) = bytes.get(at..at.saturating_add(16)) {
-        out.copy_from_slice(src);
-    }
-    Ipv6Addr::from(out)
+fn read_ipv4(bytes: &[u8], layer: Layer, at: usize) -> Result<Ipv4Addr, Malformed> {
+    field(bytes, layer, at, bytes::array::<4>).map(Ipv4Addr::from)
+}
+
+fn read_ipv6(bytes: &[u8], layer: Layer, at: usize) -> Result<Ipv6Addr, Malformed> {
+    field(bytes, layer, at, bytes::array::<16>).map(Ipv6Addr::from)
 }
 
 /// Parses one Ethernet frame (without the virtio header).
 pub fn parse_frame(frame: &[u8]) -> Result<Frame, Malformed> {
     need(frame, Layer::Ethernet, ETH_HLEN)?;
     let eth = EthernetHeader {
-        dst: read_mac(frame, 0),
-        src: read_mac(frame, 6),
-        ethertype: be16(frame, 12),
+        dst: read_mac(frame, Layer::Ethernet, 0)?,
+        src: read_mac(frame, Layer::Ethernet, 6)?,
+        ethertype: be16(frame, Layer::Ethernet, 12)?,
     };
     let rest = frame.get(ETH_HLEN..).unwrap_or_default();
     let payload = match eth.ethertype {
@@ -437,7 +439,12 @@ pub fn parse_frame(frame: &[u8]) -> Result<Frame, Malformed> {
 
 fn parse_arp(p: &[u8]) -> Result<Arp, Malformed> {
     need(p, Layer::Arp, ARP_LEN)?;
-    let (htype, ptype, hlen, plen) = (be16(p, 0), be16(p, 2), byte(p, 4), byte(p, 5));
+    let (htype, ptype, hlen, plen) = (
+        be16(p, Layer::Arp, 0)?,
+        be16(p, Layer::Arp, 2)?,
+        byte(p, Layer::Arp, 4)?,
+        byte(p, Layer::Arp, 5)?,
+    );
     if htype != ARPHRD_ETHER || ptype != ETHERTYPE_IPV4 || hlen != 6 || plen != 4 {
         return Err(Malformed::ArpFormat {
             htype,
@@ -447,28 +454,28 @@ fn parse_arp(p: &[u8]) -> Result<Arp, Malformed> {
         });
     }
     Ok(Arp {
-        op: be16(p, 6),
-        sender_mac: read_mac(p, 8),
-        sender_ip: read_ipv4(p, 14),
-        target_ip: read_ipv4(p, 24),
+        op: be16(p, Layer::Arp, 6)?,
+        sender_mac: read_mac(p, Layer::Arp, 8)?,
+        sender_ip: read_ipv4(p, Layer::Arp, 14)?,
+        target_ip: read_ipv4(p, Layer::Arp, 24)?,
     })
 }
 
 fn parse_ipv4(p: &[u8]) -> Result<IpPacket, Malformed> {
     need(p, Layer::Ipv4, IPV4_MIN_HLEN)?;
-    let version = byte(p, 0) >> 4;
+    let version = byte(p, Layer::Ipv4, 0)? >> 4;
     if version != 4 {
         return Err(Malformed::IpVersion {
             version,
             ethertype: ETHERTYPE_IPV4,
         });
     }
-    let ihl = byte(p, 0) & 0x0f;
+    let ihl = byte(p, Layer::Ipv4, 0)? & 0x0f;
     if ihl < 5 {
         return Err(Malformed::Ipv4Ihl(ihl));
     }
     let header = usize::from(ihl) * 4;
-    let total = be16(p, 2);
+    let total = be16(p, Layer::Ipv4, 2)?;
     if usize::from(total) < header || usize::from(total) > p.len() {
         return Err(Malformed::Ipv4TotalLength {
             total,
@@ -478,8 +485,8 @@ fn parse_ipv4(p: &[u8]) -> Result<IpPacket, Malformed> {
     }
     let options = p.get(IPV4_MIN_HLEN..header).unwrap_or_default();
     check_ipv4_options(options)?;
-    let frag = be16(p, 6);
-    let protocol = byte(p, 9);
+    let frag = be16(p, Layer::Ipv4, 6)?;
+    let protocol = byte(p, Layer::Ipv4, 9)?;
     let body = p.get(header..usize::from(total)).unwrap_or_default();
     let offset = frag & IPV4_OFFSET_MASK;
     let more = frag & IPV4_MF != 0;
@@ -493,11 +500,11 @@ fn parse_ipv4(p: &[u8]) -> Result<IpPacket, Malformed> {
         parse_transport(protocol, body, false)?
     };
     Ok(IpPacket {
-        src: IpAddr::V4(read_ipv4(p, 12)),
-        dst: IpAddr::V4(read_ipv4(p, 16)),
+        src: IpAddr::V4(read_ipv4(p, Layer::Ipv4, 12)?),
+        dst: IpAddr::V4(read_ipv4(p, Layer::Ipv4, 16)?),
         ipv4_options: !options.is_empty(),
         ipv6_routing: false,
-        transport_header_len: transport_header_len(&transport, body),
+        transport_header_len: transport_header_len(&transport, body)?,
         transport,
         transport_offset: header,
     })
@@ -511,7 +518,14 @@ fn check_ipv4_options(options: &[u8]) -> Result<(), Malformed> {
             IPOPT_END => return Ok(()),
             IPOPT_NOOP => at = at.saturating_add(1),
             _ => {
-                let len = byte(options, at.saturating_add(1));
+                let Some(len) = bytes::u8_at(options, at.saturating_add(1)) else {
+                    // A kind without its length byte: reported as a length of 0.
+                    return Err(Malformed::Ipv4Option {
+                        kind,
+                        offset: at,
+                        len: 0,
+                    });
+                };
                 let end = at.saturating_add(usize::from(len));
                 if len < 2 || end > options.len() {
                     return Err(Malformed::Ipv4Option {
@@ -529,14 +543,14 @@ fn check_ipv4_options(options: &[u8]) -> Result<(), Malformed> {
 
 fn parse_ipv6(p: &[u8]) -> Result<IpPacket, Malformed> {
     need(p, Layer::Ipv6, IPV6_HLEN)?;
-    let version = byte(p, 0) >> 4;
+    let version = byte(p, Layer::Ipv6, 0)? >> 4;
     if version != 6 {
         return Err(Malformed::IpVersion {
             version,
             ethertype: ETHERTYPE_IPV6,
         });
     }
-    let declared = be16(p, 4);
+    let declared = be16(p, Layer::Ipv6, 4)?;
     let available = p.len().saturating_sub(IPV6_HLEN);
     if declared == 0 || usize::from(declared) > available {
         return Err(Malformed::Ipv6PayloadLength {
@@ -546,24 +560,24 @@ fn parse_ipv6(p: &[u8]) -> Result<IpPacket, Malformed> {
     }
     let end = IPV6_HLEN.saturating_add(usize::from(declared));
     let mut rest = p.get(IPV6_HLEN..end).unwrap_or_default();
-    let mut next = byte(p, 6);
+    let mut next = byte(p, Layer::Ipv6, 6)?;
     let mut routing = false;
     let mut walked = 0usize;
     let transport = loop {
         let ext_len = match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_MH => {
                 need(rest, Layer::Ipv6Extension, 8)?;
-                (usize::from(byte(rest, 1)) + 1) * 8
+                (usize::from(byte(rest, Layer::Ipv6Extension, 1)?) + 1) * 8
             }
             IPPROTO_AH => {
                 need(rest, Layer::Ipv6Extension, 8)?;
-                (usize::from(byte(rest, 1)) + 2) * 4
+                (usize::from(byte(rest, Layer::Ipv6Extension, 1)?) + 2) * 4
             }
             IPPROTO_FRAGMENT => {
                 need(rest, Layer::Ipv6Extension, 8)?;
-                let frag = be16(rest, 2);
+                let frag = be16(rest, Layer::Ipv6Extension, 2)?;
                 break Transport::Fragment {
-                    protocol: byte(rest, 0),
+                    protocol: byte(rest, Layer::Ipv6Extension, 0)?,
                     offset: frag >> 3,
                     more: frag & 1 != 0,
                 };
@@ -576,34 +590,34 @@ fn parse_ipv6(p: &[u8]) -> Result<IpPacket, Malformed> {
         }
         need(rest, Layer::Ipv6Extension, ext_len)?;
         routing |= next == IPPROTO_ROUTING;
-        next = byte(rest, 0);
+        next = byte(rest, Layer::Ipv6Extension, 0)?;
         rest = rest.get(ext_len..).unwrap_or_default();
     };
     Ok(IpPacket {
-        src: IpAddr::V6(read_ipv6(p, 8)),
-        dst: IpAddr::V6(read_ipv6(p, 24)),
+        src: IpAddr::V6(read_ipv6(p, Layer::Ipv6, 8)?),
+        dst: IpAddr::V6(read_ipv6(p, Layer::Ipv6, 24)?),
         ipv4_options: false,
         ipv6_routing: routing,
-        transport_header_len: transport_header_len(&transport, rest),
+        transport_header_len: transport_header_len(&transport, rest)?,
         transport,
         transport_offset: end.saturating_sub(rest.len()),
     })
 }
 
 /// TCP's header length (data offset, already checked to fit) or UDP's; 0 otherwise.
-fn transport_header_len(transport: &Transport, p: &[u8]) -> usize {
-    match transport {
-        Transport::Tcp { .. } => usize::from(byte(p, 12) >> 4) * 4,
+fn transport_header_len(transport: &Transport, p: &[u8]) -> Result<usize, Malformed> {
+    Ok(match transport {
+        Transport::Tcp { .. } => usize::from(byte(p, Layer::Tcp, 12)? >> 4) * 4,
         Transport::Udp { .. } => UDP_HLEN,
         _ => 0,
-    }
+    })
 }
 
 fn parse_transport(protocol: u8, p: &[u8], v6: bool) -> Result<Transport, Malformed> {
     match protocol {
         IPPROTO_TCP => {
             need(p, Layer::Tcp, TCP_MIN_HLEN)?;
-            let offset = byte(p, 12) >> 4;
+            let offset = byte(p, Layer::Tcp, 12)? >> 4;
             if offset < 5 || usize::from(offset) * 4 > p.len() {
                 return Err(Malformed::TcpDataOffset {
                     offset,
@@ -611,13 +625,13 @@ fn parse_transport(protocol: u8, p: &[u8], v6: bool) -> Result<Transport, Malfor
                 });
             }
             Ok(Transport::Tcp {
-                src_port: be16(p, 0),
-                dst_port: be16(p, 2),
+                src_port: be16(p, Layer::Tcp, 0)?,
+                dst_port: be16(p, Layer::Tcp, 2)?,
             })
         }
         IPPROTO_UDP => {
             need(p, Layer::Udp, UDP_HLEN)?;
-            let declared = be16(p, 4);
+            let declared = be16(p, Layer::Udp, 4)?;
             if usize::from(declared) < UDP_HLEN || usize::from(declared) > p.len() {
                 return Err(Malformed::UdpLength {
                     declared,
@@ -625,32 +639,32 @@ fn parse_transport(protocol: u8, p: &[u8], v6: bool) -> Result<Transport, Malfor
                 });
             }
             Ok(Transport::Udp {
-                src_port: be16(p, 0),
-                dst_port: be16(p, 2),
+                src_port: be16(p, Layer::Udp, 0)?,
+                dst_port: be16(p, Layer::Udp, 2)?,
             })
         }
         IPPROTO_ICMP if !v6 => {
             need(p, Layer::Icmp, ICMP_HLEN)?;
             Ok(Transport::Icmp {
-                icmp_type: byte(p, 0),
-                code: byte(p, 1),
+                icmp_type: byte(p, Layer::Icmp, 0)?,
+                code: byte(p, Layer::Icmp, 1)?,
             })
         }
         IPPROTO_ICMPV6 if v6 => {
             need(p, Layer::Icmpv6, ICMP_HLEN)?;
-            let icmp_type = byte(p, 0);
+            let icmp_type = byte(p, Layer::Icmpv6, 0)?;
             let ndp_target = if matches!(
                 icmp_type,
                 NDISC_NEIGHBOUR_SOLICITATION | NDISC_NEIGHBOUR_ADVERTISEMENT
             ) {
                 need(p, Layer::Icmpv6, NDISC_NS_NA_LEN)?;
-                Some(read_ipv6(p, 8))
+                Some(read_ipv6(p, Layer::Icmpv6, 8)?)
             } else {
                 None
             };
             Ok(Transport::Icmpv6 {
                 icmp_type,
-                code: byte(p, 1),
+                code: byte(p, Layer::Icmpv6, 1)?,
                 ndp_target,
             })
         }

@@ -10,6 +10,8 @@
 //! did not negotiate, or that does not fit the frame (a checksum on ICMP, TSO on UDP or
 //! on the wrong IP version, a segment size of 0), is refused and the frame dropped.
 
+use mvm_loader::bytes::{le_u16, u8_at};
+
 use super::frame::{parse_frame, Payload, Transport, ETH_HLEN};
 use super::VNET_HDR_SIZE;
 
@@ -53,17 +55,15 @@ pub enum OffloadError {
     /// TSO on a frame that is not TCP over the IP version the type names.
     #[error("gso_type {0:#04x} does not match the frame")]
     GsoMismatch(u8),
+    /// The guest's header is shorter than [`VNET_HDR_SIZE`].
+    #[error("guest header of {0} bytes")]
+    ShortHeader(usize),
     /// A GSO frame with a segment size of 0.
     #[error("gso_size 0")]
     GsoSize,
     /// An offset that does not fit the header's 16-bit fields.
     #[error("header offset out of range")]
     Offset,
-}
-
-fn le16(hdr: &[u8], at: usize) -> u16 {
-    let b = |i: usize| hdr.get(at.saturating_add(i)).copied().unwrap_or(0);
-    u16::from_le_bytes([b(0), b(1)])
 }
 
 /// The header for the tap, built from `frame` (Ethernet header first) and the guest's
@@ -75,8 +75,11 @@ pub fn tap_header(
     offloads: TxOffloads,
 ) -> Result<[u8; VNET_HDR_SIZE], OffloadError> {
     let mut out = [0u8; VNET_HDR_SIZE];
-    let flags = guest.first().copied().unwrap_or(0);
-    let gso_type = guest.get(1).copied().unwrap_or(0);
+    let (Some(flags), Some(gso_type), Some(gso_size)) =
+        (u8_at(guest, 0), u8_at(guest, 1), le_u16(guest, 4))
+    else {
+        return Err(OffloadError::ShortHeader(guest.len()));
+    };
     // Nothing asked, or a driver that took no offloads: its header means nothing, and
     // the tap gets zeroes (the frame carries its own checksums).
     if (flags == 0 && gso_type == VIRTIO_NET_HDR_GSO_NONE) || !offloads.csum {
@@ -112,7 +115,6 @@ pub fn tap_header(
             if !is_tcp || want_v4 != v4 {
                 return Err(OffloadError::GsoMismatch(gso_type));
             }
-            let gso_size = le16(guest, 4);
             if gso_size == 0 {
                 return Err(OffloadError::GsoSize);
             }

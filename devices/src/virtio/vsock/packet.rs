@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 
+use mvm_loader::bytes::{le_u16, le_u32, le_u64};
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Reader};
 
@@ -107,30 +108,6 @@ pub struct VsockHeader {
     pub fwd_cnt: u32,
 }
 
-fn le_u16(b: &[u8; VSOCK_HDR_SIZE], off: usize) -> u16 {
-    let mut a = [0u8; 2];
-    if let Some(s) = b.get(off..off + 2) {
-        a.copy_from_slice(s);
-    }
-    u16::from_le_bytes(a)
-}
-
-fn le_u32(b: &[u8; VSOCK_HDR_SIZE], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(off..off + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8; VSOCK_HDR_SIZE], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(off..off + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_le_bytes(a)
-}
-
 fn put(b: &mut [u8; VSOCK_HDR_SIZE], off: usize, v: &[u8]) {
     if let Some(d) = b.get_mut(off..off + v.len()) {
         d.copy_from_slice(v);
@@ -138,26 +115,26 @@ fn put(b: &mut [u8; VSOCK_HDR_SIZE], off: usize, v: &[u8]) {
 }
 
 impl VsockHeader {
-    /// Decodes the little-endian wire form.
+    /// Decodes the little-endian wire form (a whole header by its type, so nothing is
+    /// missing; [`Self::from_prefix`] is the decoder).
     pub fn from_bytes(b: &[u8; VSOCK_HDR_SIZE]) -> Self {
-        VsockHeader {
-            src_cid: le_u64(b, HDR_OFF_SRC_CID),
-            dst_cid: le_u64(b, HDR_OFF_DST_CID),
-            src_port: le_u32(b, HDR_OFF_SRC_PORT),
-            dst_port: le_u32(b, HDR_OFF_DST_PORT),
-            len: le_u32(b, HDR_OFF_LEN),
-            type_: le_u16(b, HDR_OFF_TYPE),
-            op: le_u16(b, HDR_OFF_OP),
-            flags: le_u32(b, HDR_OFF_FLAGS),
-            buf_alloc: le_u32(b, HDR_OFF_BUF_ALLOC),
-            fwd_cnt: le_u32(b, HDR_OFF_FWD_CNT),
-        }
+        Self::from_prefix(b).unwrap_or_default()
     }
 
     /// Decodes the header at the start of `bytes`, if there is a whole one.
-    pub fn from_prefix(bytes: &[u8]) -> Option<Self> {
-        let raw: &[u8; VSOCK_HDR_SIZE] = bytes.get(..VSOCK_HDR_SIZE)?.try_into().ok()?;
-        Some(Self::from_bytes(raw))
+    pub fn from_prefix(b: &[u8]) -> Option<Self> {
+        Some(VsockHeader {
+            src_cid: le_u64(b, HDR_OFF_SRC_CID)?,
+            dst_cid: le_u64(b, HDR_OFF_DST_CID)?,
+            src_port: le_u32(b, HDR_OFF_SRC_PORT)?,
+            dst_port: le_u32(b, HDR_OFF_DST_PORT)?,
+            len: le_u32(b, HDR_OFF_LEN)?,
+            type_: le_u16(b, HDR_OFF_TYPE)?,
+            op: le_u16(b, HDR_OFF_OP)?,
+            flags: le_u32(b, HDR_OFF_FLAGS)?,
+            buf_alloc: le_u32(b, HDR_OFF_BUF_ALLOC)?,
+            fwd_cnt: le_u32(b, HDR_OFF_FWD_CNT)?,
+        })
     }
 
     /// Encodes the little-endian wire form.

@@ -30,9 +30,9 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use mvm_devices::virtio::net::policy::PolicyError;
+use mvm_devices::virtio::net::policy::{AllowRule, IpNet, PolicyError, RuleProtocol};
 use mvm_devices::virtio::net::{EgressRules, MacAddr, Net, NetConfig, NetError, NetWorker, Tap};
-use mvm_loader::plan::{EgressPolicy, EgressRule, NetDevice};
+use mvm_loader::plan::{EgressHost, EgressPolicy, EgressRule, NetDevice, Protocol};
 use serde::Deserialize;
 
 use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
@@ -244,12 +244,44 @@ pub fn load_policy(
         }
         None => (parsed.resolvers, parsed.gateways),
     };
-    EgressRules::from_plan(&allow, resolvers, gateways, Some(mac.octets())).map_err(|source| {
+    egress_rules(&allow, resolvers, gateways, Some(mac.octets())).map_err(|source| {
         NetArgError::Policy {
             path: path.to_owned(),
             source,
         }
     })
+}
+
+/// The device's egress rules from the plan's egress section (the plan's format, converted
+/// here so the device knows nothing of plans), plus what the plan's network set-up adds
+/// (resolvers, gateways, the guest's MAC). Each plan rule opens one port, or one range, of
+/// one protocol; host names must already be resolved to addresses.
+pub fn egress_rules(
+    plan: &EgressPolicy,
+    resolvers: Vec<IpAddr>,
+    gateways: Vec<IpAddr>,
+    guest_mac: Option<[u8; 6]>,
+) -> Result<EgressRules, PolicyError> {
+    let mut allow = Vec::with_capacity(plan.allow.len());
+    for rule in &plan.allow {
+        let net = match &rule.host {
+            EgressHost::Ip(ip) => IpNet::host(*ip),
+            EgressHost::Cidr(ip, bits) => IpNet::new(*ip, *bits)?,
+            EgressHost::Name(name) => return Err(PolicyError::UnresolvedName(name.clone())),
+        };
+        let protocol = match rule.protocol {
+            Protocol::Tcp => RuleProtocol::Tcp,
+            Protocol::Udp => RuleProtocol::Udp,
+        };
+        allow.push(AllowRule {
+            net,
+            first_port: rule.port,
+            // netrt: plan rules may carry a port range.
+            last_port: rule.last_port.unwrap_or(rule.port),
+            protocol,
+        });
+    }
+    EgressRules::new(allow, resolvers, gateways, guest_mac)
 }
 
 /// A network device whose tap is open, not yet attached.
@@ -303,7 +335,7 @@ pub fn open_net(arg: &NetArg, plan: Option<&NetDevice>) -> Result<OpenNet, NetAr
                 .as_ref()
                 .map(plan_addresses)
                 .unwrap_or_default();
-            EgressRules::from_plan(&signed.egress, resolvers, gateways, Some(arg.mac.octets()))
+            egress_rules(&signed.egress, resolvers, gateways, Some(arg.mac.octets()))
                 .map_err(policy_err)?
         }
         (None, None) => {
@@ -351,6 +383,10 @@ pub fn attach_net(ctx: &mut DeviceContext<'_>, net: OpenNet) -> Result<(), BootE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mvm_devices::virtio::net::frame::build::*;
+    use mvm_devices::virtio::net::frame::parse_frame;
+    use mvm_devices::virtio::net::policy::Verdict;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn net_args_parse_and_bad_ones_are_named() {
@@ -504,6 +540,47 @@ mod tests {
             "tap=t,mac=02:00:00:00:00:01,policy=off,policy=off",
         ] {
             assert!(parse_net_arg(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn plan_rules_convert_and_names_are_refused() {
+        let plan: EgressPolicy = serde_json_free_plan();
+        let r = egress_rules(&plan, vec![], vec![], None).unwrap();
+        assert_eq!(r.allow_rules().len(), 2);
+        assert_eq!(
+            r.decide(&parse_frame(&tcp4(Ipv4Addr::new(192, 0, 2, 7), 443)).unwrap()),
+            Verdict::Allow
+        );
+        assert_eq!(
+            r.decide(&parse_frame(&udp4(Ipv4Addr::new(10, 1, 2, 3), 5000, b"")).unwrap()),
+            Verdict::Allow
+        );
+        let mut named = plan.clone();
+        named.allow[0].host = "example.com".parse().unwrap();
+        assert_eq!(
+            egress_rules(&named, vec![], vec![], None),
+            Err(PolicyError::UnresolvedName("example.com".into()))
+        );
+    }
+
+    fn serde_json_free_plan() -> EgressPolicy {
+        use mvm_loader::plan::EgressRule;
+        EgressPolicy {
+            allow: vec![
+                EgressRule {
+                    host: "192.0.2.7".parse().unwrap(),
+                    port: 443,
+                    last_port: None,
+                    protocol: Protocol::Tcp,
+                },
+                EgressRule {
+                    host: "10.0.0.0/8".parse().unwrap(),
+                    port: 5000,
+                    last_port: None,
+                    protocol: Protocol::Udp,
+                },
+            ],
         }
     }
 }

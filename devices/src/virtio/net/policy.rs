@@ -25,8 +25,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use mvm_loader::plan::{EgressHost, EgressPolicy, Protocol};
-
 use super::frame::{
     parse_frame, Frame, IpPacket, Mac, Malformed, Payload, Transport, ARPOP_REPLY, ARPOP_REQUEST,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NDISC_NEIGHBOUR_ADVERTISEMENT,
@@ -266,37 +264,6 @@ impl EgressRules {
             guest_mac,
             unchecked: false,
         })
-    }
-
-    /// The policy a plan's egress section describes, plus what the plan's network set-up
-    /// adds (resolvers, gateways, the guest's MAC). Each plan rule opens one port of one
-    /// protocol; host names must already be resolved to addresses.
-    pub fn from_plan(
-        plan: &EgressPolicy,
-        resolvers: Vec<IpAddr>,
-        gateways: Vec<IpAddr>,
-        guest_mac: Option<Mac>,
-    ) -> Result<Self, PolicyError> {
-        let mut allow = Vec::with_capacity(plan.allow.len());
-        for rule in &plan.allow {
-            let net = match &rule.host {
-                EgressHost::Ip(ip) => IpNet::host(*ip),
-                EgressHost::Cidr(ip, bits) => IpNet::new(*ip, *bits)?,
-                EgressHost::Name(name) => return Err(PolicyError::UnresolvedName(name.clone())),
-            };
-            let protocol = match rule.protocol {
-                Protocol::Tcp => RuleProtocol::Tcp,
-                Protocol::Udp => RuleProtocol::Udp,
-            };
-            allow.push(AllowRule {
-                net,
-                first_port: rule.port,
-                // netrt: plan rules may carry a port range.
-                last_port: rule.last_port.unwrap_or(rule.port),
-                protocol,
-            });
-        }
-        Self::new(allow, resolvers, gateways, guest_mac)
     }
 
     /// The allow rules.
@@ -991,47 +958,6 @@ mod tests {
             }),
             2
         );
-    }
-
-    #[test]
-    fn plan_rules_convert_and_names_are_refused() {
-        let plan: EgressPolicy = serde_json_free_plan();
-        let r = EgressRules::from_plan(&plan, vec![], vec![], None).unwrap();
-        assert_eq!(r.allow_rules().len(), 2);
-        assert_eq!(
-            r.decide(&parse_frame(&tcp4(SERVICE, 443)).unwrap()),
-            Verdict::Allow
-        );
-        assert_eq!(
-            r.decide(&parse_frame(&udp4(Ipv4Addr::new(10, 1, 2, 3), 5000, b"")).unwrap()),
-            Verdict::Allow
-        );
-        let mut named = plan.clone();
-        named.allow[0].host = "example.com".parse().unwrap();
-        assert_eq!(
-            EgressRules::from_plan(&named, vec![], vec![], None),
-            Err(PolicyError::UnresolvedName("example.com".into()))
-        );
-    }
-
-    fn serde_json_free_plan() -> EgressPolicy {
-        use mvm_loader::plan::EgressRule;
-        EgressPolicy {
-            allow: vec![
-                EgressRule {
-                    host: "192.0.2.7".parse().unwrap(),
-                    port: 443,
-                    last_port: None,
-                    protocol: Protocol::Tcp,
-                },
-                EgressRule {
-                    host: "10.0.0.0/8".parse().unwrap(),
-                    port: 5000,
-                    last_port: None,
-                    protocol: Protocol::Udp,
-                },
-            ],
-        }
     }
 
     #[test]

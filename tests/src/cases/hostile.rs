@@ -26,7 +26,7 @@ use crate::vm::VmRun;
 
 /// The hostile cases.
 pub const CASES: &[Case] = &[
-    Case::kvm("hostile/blk", hostile_blk),
+    Case::kvm("hostile/blk", hostile_blk).limit_secs(450),
     Case::kvm("hostile/vsock", hostile_vsock),
 ];
 

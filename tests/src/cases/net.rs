@@ -26,15 +26,15 @@ use crate::vm::{VmLaunch, VmRun};
 /// The net cases.
 pub const CASES: &[Case] = &[
     Case::kvm("net/policy", policy),
-    Case::kvm("net/bulk-64mib", bulk_64mib),
-    Case::kvm("net/runs-leave-nothing", runs_leave_nothing),
+    Case::kvm("net/bulk-64mib", bulk_64mib).limit_secs(900),
+    Case::kvm("net/runs-leave-nothing", runs_leave_nothing).limit_secs(600),
 ];
 
 /// The throughput benchmark (not in the default run: `scripts/e2e bench/net`).
 pub const BENCH: &[Case] = &[
-    Case::kvm("bench/net-policy", bench_policy),
-    Case::kvm("bench/net-allow-all", bench_allow_all),
-    Case::kvm("bench/net-off", bench_off),
+    Case::kvm("bench/net-policy", bench_policy).limit_secs(900),
+    Case::kvm("bench/net-allow-all", bench_allow_all).limit_secs(900),
+    Case::kvm("bench/net-off", bench_off).limit_secs(900),
 ];
 
 /// The allowed echo port.

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mvm_devices::virtio::net::NetMetrics;
+use mvm_devices::virtio::vsock::VsockMetrics;
 use serde::Serialize;
 
 /// A phase of the VM's life.
@@ -79,6 +80,7 @@ pub struct BootTimeline {
     exit_reason: Mutex<Option<String>>,
     jail: Mutex<Option<JailReport>>,
     net: Mutex<Option<Arc<NetMetrics>>>,
+    vsock: Mutex<Option<Arc<VsockMetrics>>>,
 }
 
 /// The JSON document.
@@ -111,6 +113,8 @@ pub struct BootReport {
     pub jail: Option<JailReport>,
     /// The net device's counters when the report was written; `null` without one.
     pub net: Option<NetReport>,
+    /// The vsock device's counters when the report was written; `null` without one.
+    pub vsock: Option<VsockReport>,
 }
 
 /// A net device's counters (see `mvm_devices::virtio::net::NetMetrics`).
@@ -156,6 +160,46 @@ impl NetReport {
     }
 }
 
+/// A vsock device's counters (see `mvm_devices::virtio::vsock::VsockMetrics`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VsockReport {
+    /// Packets delivered to the guest.
+    pub rx_packets: u64,
+    /// Packets taken from the guest.
+    pub tx_packets: u64,
+    /// TX chains that could not be read.
+    pub tx_unreadable: u64,
+    /// RX buffers too small for a header.
+    pub rx_buffers_too_small: u64,
+    /// TRANSPORT_RESET events delivered.
+    pub transport_resets: u64,
+    /// Guest packets dropped as malformed or spoofed.
+    pub dropped_packets: u64,
+    /// RSTs sent.
+    pub rst_sent: u64,
+    /// Connections refused at the connection limit.
+    pub refused_over_limit: u64,
+    /// Host `CONNECT`s the guest did not answer in time.
+    pub connect_timeouts: u64,
+}
+
+impl VsockReport {
+    fn of(m: &VsockMetrics) -> Self {
+        let c = m.counts();
+        Self {
+            rx_packets: c.rx_packets,
+            tx_packets: c.tx_packets,
+            tx_unreadable: c.tx_unreadable,
+            rx_buffers_too_small: c.rx_buffers_too_small,
+            transport_resets: c.transport_resets,
+            dropped_packets: c.dropped_packets,
+            rst_sent: c.rst_sent,
+            refused_over_limit: c.refused_over_limit,
+            connect_timeouts: c.connect_timeouts,
+        }
+    }
+}
+
 /// The jail as applied (see `jail::start`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct JailReport {
@@ -178,6 +222,7 @@ impl BootTimeline {
             exit_reason: Mutex::new(None),
             jail: Mutex::new(None),
             net: Mutex::new(None),
+            vsock: Mutex::new(None),
         }
     }
 
@@ -225,6 +270,13 @@ impl BootTimeline {
         }
     }
 
+    /// Reports the vsock device's counters (read again each time the report is written).
+    pub fn set_vsock_metrics(&self, metrics: Arc<VsockMetrics>) {
+        if let Ok(mut v) = self.vsock.lock() {
+            *v = Some(metrics);
+        }
+    }
+
     /// The report as it stands.
     pub fn report(&self) -> BootReport {
         let g = |p| self.get(p);
@@ -246,6 +298,11 @@ impl BootTimeline {
                 .lock()
                 .ok()
                 .and_then(|n| n.as_deref().map(NetReport::of)),
+            vsock: self
+                .vsock
+                .lock()
+                .ok()
+                .and_then(|v| v.as_deref().map(VsockReport::of)),
         }
     }
 
@@ -321,5 +378,17 @@ mod tests {
         assert_eq!((net.tx_denied, net.rx_frames, net.tx_frames), (3, 5, 0));
         m.tx_denied.fetch_add(1, Ordering::Relaxed);
         assert_eq!(t.report().net.unwrap().tx_denied, 4);
+    }
+
+    #[test]
+    fn vsock_counters_are_read_when_the_report_is_written() {
+        let t = BootTimeline::new(Instant::now());
+        assert!(t.report().vsock.is_none());
+        let m = Arc::new(VsockMetrics::default());
+        t.set_vsock_metrics(Arc::clone(&m));
+        m.rx_packets.fetch_add(2, Ordering::Relaxed);
+        m.rst_sent.fetch_add(1, Ordering::Relaxed);
+        let v = t.report().vsock.unwrap();
+        assert_eq!((v.rx_packets, v.rst_sent, v.tx_packets), (2, 1, 0));
     }
 }

@@ -134,6 +134,9 @@ impl OpenDevices {
         if let Some(n) = self.net.as_ref() {
             timeline.set_net_metrics(n.metrics());
         }
+        if let Some(v) = self.vsock.as_ref() {
+            timeline.set_vsock_metrics(v.metrics());
+        }
     }
 
     /// Attaches every virtio device in order: disks (`/dev/vda`, ...), vsock, net. The

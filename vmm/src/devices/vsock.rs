@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mvm_devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockWorker};
+use mvm_devices::virtio::vsock::{Vsock, VsockConfig, VsockError, VsockMetrics, VsockWorker};
 
 use mvm_loader::plan::VsockDevice;
 
@@ -68,6 +68,13 @@ impl Drop for SocketFileGuard {
 pub struct OpenVsock {
     front: Vsock,
     worker: VsockWorker,
+}
+
+impl OpenVsock {
+    /// The device's counters, for the boot report.
+    pub fn metrics(&self) -> std::sync::Arc<VsockMetrics> {
+        self.worker.metrics()
+    }
 }
 
 /// Checks the CID and binds the VM's socket. The guard removes the socket file

@@ -2,10 +2,12 @@
 //! config space holding the guest CID.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use thiserror::Error;
 
 use super::event_handler::VsockWorker;
+use super::metrics::VsockMetrics;
 use super::muxer::{Muxer, MuxerError};
 use super::{MIN_GUEST_CID, NUM_QUEUES, QUEUE_MAX_SIZE, VMADDR_CID_ANY, VSOCK_CONFIG_SIZE};
 use crate::virtio::{
@@ -47,13 +49,14 @@ impl Vsock {
         if !(MIN_GUEST_CID..VMADDR_CID_ANY).contains(&cid) {
             return Err(VsockError::Cid(cid));
         }
-        let muxer = Muxer::new(cid, &config.uds_path)?;
+        let metrics = Arc::new(VsockMetrics::default());
+        let muxer = Muxer::new(cid, &config.uds_path, Arc::clone(&metrics))?;
         Ok((
             Vsock {
                 guest_cid: cid,
                 queue_sizes: [QUEUE_MAX_SIZE; NUM_QUEUES],
             },
-            VsockWorker::new(cid, muxer),
+            VsockWorker::new(cid, muxer, metrics),
         ))
     }
 

@@ -9,6 +9,8 @@
 //! A device reset drops every connection (host sockets close) and owes the guest a
 //! TRANSPORT_RESET event once the driver brings the device back.
 
+use std::sync::Arc;
+
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{QueueOwnedT, QueueT, Writer};
 
@@ -21,25 +23,12 @@ use super::{
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
 use crate::virtio::{next_chain, Activation, Interrupt};
 
+use super::metrics::{VsockCounts, VsockMetrics};
+
 /// Epoll token of the muxer's epoll fd in the device loop.
 pub const MUXER_TOKEN: u32 = WORKER_TOKEN_BASE;
 
 const NAME: &str = "virtio-vsock";
-
-/// Counters for tests and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct VsockWorkerStats {
-    /// Packets delivered to the guest.
-    pub rx_packets: u64,
-    /// Packets taken from the guest.
-    pub tx_packets: u64,
-    /// TX chains that could not be read (addresses outside guest memory).
-    pub tx_unreadable: u64,
-    /// RX buffers too small for a header, returned empty.
-    pub rx_buffers_too_small: u64,
-    /// TRANSPORT_RESET events delivered.
-    pub transport_resets: u64,
-}
 
 /// The device-thread half of the vsock device.
 #[derive(Debug)]
@@ -50,11 +39,11 @@ pub struct VsockWorker {
     transport_reset_pending: bool,
     tx_bytes: Vec<u8>,
     rx_bytes: Vec<u8>,
-    stats: VsockWorkerStats,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl VsockWorker {
-    pub(crate) fn new(guest_cid: u64, muxer: Muxer) -> Self {
+    pub(crate) fn new(guest_cid: u64, muxer: Muxer, metrics: Arc<VsockMetrics>) -> Self {
         VsockWorker {
             guest_cid,
             muxer,
@@ -62,7 +51,7 @@ impl VsockWorker {
             transport_reset_pending: false,
             tx_bytes: Vec::new(),
             rx_bytes: vec![0u8; MAX_PKT_DATA as usize],
-            stats: VsockWorkerStats::default(),
+            metrics,
         }
     }
 
@@ -77,9 +66,14 @@ impl VsockWorker {
         &mut self.muxer
     }
 
-    /// Counters.
-    pub fn stats(&self) -> VsockWorkerStats {
-        self.stats
+    /// The counters, now.
+    pub fn stats(&self) -> VsockCounts {
+        self.metrics.counts()
+    }
+
+    /// The counters, shared (for the boot report).
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Ends every connection and tells the guest so with a TRANSPORT_RESET event
@@ -143,11 +137,11 @@ impl VsockWorker {
                     self.muxer.on_guest_packet(&self.tx_bytes, parsed);
                 }
                 Err(e) => {
-                    self.stats.tx_unreadable = self.stats.tx_unreadable.saturating_add(1);
+                    VsockMetrics::add(&self.metrics.tx_unreadable, 1);
                     tracing::debug!(error = %e, "vsock: unreadable TX chain dropped");
                 }
             }
-            self.stats.tx_packets = self.stats.tx_packets.saturating_add(1);
+            VsockMetrics::add(&self.metrics.tx_packets, 1);
             if let Err(e) = queue.add_used(mem, head, 0) {
                 interrupt.mark_needs_reset(NAME, &format!("TX used ring: {e}"));
                 return;
@@ -208,7 +202,7 @@ impl VsockWorker {
             let room = writer.available_bytes();
             let mut written = 0u32;
             if room < VSOCK_HDR_SIZE {
-                self.stats.rx_buffers_too_small = self.stats.rx_buffers_too_small.saturating_add(1);
+                VsockMetrics::add(&self.metrics.rx_buffers_too_small, 1);
             } else {
                 let cap = rx_payload_capacity(room);
                 let Some(buf) = self.rx_bytes.get_mut(..cap) else {
@@ -229,7 +223,7 @@ impl VsockWorker {
                         return;
                     }
                 }
-                self.stats.rx_packets = self.stats.rx_packets.saturating_add(1);
+                VsockMetrics::add(&self.metrics.rx_packets, 1);
             }
             if let Err(e) = queue.add_used(mem, head, written) {
                 interrupt.mark_needs_reset(NAME, &format!("RX used ring: {e}"));
@@ -283,7 +277,7 @@ impl VsockWorker {
                 match w.write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes()) {
                     Ok(()) => {
                         self.transport_reset_pending = false;
-                        self.stats.transport_resets = self.stats.transport_resets.saturating_add(1);
+                        VsockMetrics::add(&self.metrics.transport_resets, 1);
                         u32::try_from(VSOCK_EVENT_SIZE).unwrap_or(0)
                     }
                     Err(_) => 0,

@@ -9,12 +9,16 @@
 //! Layout: [`packet`] parses what the guest hands over and builds what it
 //! receives; [`connection`] is the per-connection state machine with credit
 //! flow control; [`unix`] handles the host-side Unix sockets; [`muxer`] ties
-//! connections to host sockets; `device` and `event_handler` drive the queues.
+//! connections to host sockets; `device` and `event_handler` drive the queues;
+//! `metrics` counts what the device did. The parsers a guest or a host process
+//! feeds (`packet`, `connection`, `unix`) are public for the fuzz targets; the rest
+//! is reached through the re-exports below.
 
 pub mod connection;
-pub mod device;
-pub mod event_handler;
-pub mod muxer;
+mod device;
+mod event_handler;
+mod metrics;
+mod muxer;
 pub mod packet;
 pub mod unix;
 
@@ -23,6 +27,8 @@ mod tests;
 
 pub use device::{Vsock, VsockConfig, VsockError};
 pub use event_handler::VsockWorker;
+pub use metrics::{VsockCounts, VsockMetrics};
+pub use muxer::{Muxer, MuxerError};
 
 /// Index of the RX queue (device to guest packets).
 pub const RX_QUEUE: usize = 0;

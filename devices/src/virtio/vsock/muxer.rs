@@ -12,6 +12,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -19,6 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnState, Connection};
+use super::metrics::{VsockCounts, VsockMetrics};
 use super::packet::{Op, PacketError, TxPacket, VsockHeader};
 use super::unix::{connect_nonblocking, host_port_path, parse_connect_line, MAX_CONNECT_LINE};
 use super::{
@@ -79,19 +81,6 @@ enum FdOwner {
     ConnectTimer,
 }
 
-/// Counters for tests and metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct MuxerStats {
-    /// Guest packets dropped as malformed or spoofed.
-    pub dropped_packets: u64,
-    /// RSTs sent for packets that matched no connection or were refused.
-    pub rst_sent: u64,
-    /// Host or guest connections refused because of [`MAX_CONNECTIONS`].
-    pub refused_over_limit: u64,
-    /// Host `CONNECT`s the guest did not answer within [`CONNECT_TIMEOUT`].
-    pub connect_timeouts: u64,
-}
-
 /// The host end of one VM's vsock device.
 #[derive(Debug)]
 pub struct Muxer {
@@ -117,14 +106,18 @@ pub struct Muxer {
     /// The timer expired and must be re-armed or cleared, or it stays readable.
     timer_fired: bool,
     connect_timeout: Duration,
-    stats: MuxerStats,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl Muxer {
     /// Listens on `uds_path` for a guest with CID `guest_cid`. Removing the socket
     /// file afterwards is the owner's job (mvm-vmm does it on its main thread): the
     /// device thread's seccomp filter has no `unlink`.
-    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
+    pub fn new(
+        guest_cid: u64,
+        uds_path: &Path,
+        metrics: Arc<VsockMetrics>,
+    ) -> Result<Self, MuxerError> {
         if uds_path.exists() {
             return Err(MuxerError::PathExists(uds_path.to_owned()));
         }
@@ -155,7 +148,7 @@ impl Muxer {
             timer_armed_for: None,
             timer_fired: false,
             connect_timeout: CONNECT_TIMEOUT,
-            stats: MuxerStats::default(),
+            metrics,
         };
         let fd = m.listener.as_raw_fd();
         m.owners.insert(fd, FdOwner::Listener);
@@ -194,7 +187,7 @@ impl Muxer {
                 port = key.1,
                 "vsock: guest did not answer a host CONNECT in time"
             );
-            self.stats.connect_timeouts = self.stats.connect_timeouts.saturating_add(1);
+            VsockMetrics::add(&self.metrics.connect_timeouts, 1);
             // Close the host socket now; the guest hears an RST for its half.
             conn.close_silently();
             let request = VsockHeader {
@@ -251,8 +244,8 @@ impl Muxer {
     }
 
     /// Counters.
-    pub fn stats(&self) -> MuxerStats {
-        self.stats
+    pub fn stats(&self) -> VsockCounts {
+        self.metrics.counts()
     }
 
     /// Connections tracked now (established, connecting, or closing).
@@ -411,8 +404,7 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.slots_used() >= MAX_CONNECTIONS {
-                        self.stats.refused_over_limit =
-                            self.stats.refused_over_limit.saturating_add(1);
+                        VsockMetrics::add(&self.metrics.refused_over_limit, 1);
                         tracing::warn!("vsock: host connection refused, {MAX_CONNECTIONS} in use");
                         continue;
                     }
@@ -516,7 +508,7 @@ impl Muxer {
         if self.rst_queue.len() >= MAX_PENDING_RST {
             return;
         }
-        self.stats.rst_sent = self.stats.rst_sent.saturating_add(1);
+        VsockMetrics::add(&self.metrics.rst_sent, 1);
         self.rst_queue.push_back(VsockHeader {
             src_cid: to.dst_cid,
             dst_cid: self.guest_cid,
@@ -537,7 +529,7 @@ impl Muxer {
         let pkt = match parsed {
             Ok(p) => p,
             Err(e) => {
-                self.stats.dropped_packets = self.stats.dropped_packets.saturating_add(1);
+                VsockMetrics::add(&self.metrics.dropped_packets, 1);
                 tracing::debug!(error = %e, "vsock: guest packet refused");
                 if e.deserves_rst() {
                     if let Some(h) = VsockHeader::from_prefix(raw) {
@@ -564,7 +556,7 @@ impl Muxer {
 
     fn guest_connect(&mut self, hdr: &VsockHeader) {
         if self.slots_used() >= MAX_CONNECTIONS {
-            self.stats.refused_over_limit = self.stats.refused_over_limit.saturating_add(1);
+            VsockMetrics::add(&self.metrics.refused_over_limit, 1);
             tracing::warn!(
                 port = hdr.dst_port,
                 "vsock: guest connection refused, {MAX_CONNECTIONS} in use"

@@ -35,6 +35,17 @@ fn main() {
                 1
             }
         },
+        Command::Cpio {
+            dev_console,
+            dir,
+            out,
+        } => match cli::image::write_cpio(dir, out, *dev_console) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mvm: error: cpio {}: {e}", dir.display());
+                1
+            }
+        },
         Command::TesthostGuest { image_dir } => {
             match mvm_runtime::backend::emulated::guest_main(image_dir) {
                 Ok(()) => 0,

@@ -1,11 +1,12 @@
 //! `mvm image build|ls|inspect`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
 use super::{ImageBuildArgs, ImageCommand};
 use crate::backend::locate;
+use crate::image::cpio::Archive;
 use crate::image::{build, BuildInputs, ImageStore};
 
 /// The kernel to build with: `--kernel`, else `$MVM_KERNEL`, else the
@@ -109,5 +110,20 @@ pub fn main(command: &ImageCommand) -> anyhow::Result<()> {
             image.verify()?;
         }
     }
+    Ok(())
+}
+
+/// `mvm __cpio [--dev-console] DIR OUT`: DIR's tree as a newc archive at OUT,
+/// written whole or not at all.
+pub fn write_cpio(dir: &Path, out: &Path, dev_console: bool) -> anyhow::Result<()> {
+    let mut archive = Archive::new();
+    archive.add_tree(dir)?;
+    if dev_console {
+        archive.add_char_dev("dev/console", 0o600, 5, 1)?;
+    }
+    let bytes = archive.to_newc()?;
+    let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }

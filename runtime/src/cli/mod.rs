@@ -47,6 +47,18 @@ pub enum Command {
     /// Verify a run's signed receipt.
     #[command(subcommand)]
     Receipt(trust::ReceiptCommand),
+    /// Internal: writes DIR's tree as a newc cpio archive (owners root, times 0,
+    /// sorted), for the build scripts' initramfs files.
+    #[command(name = "__cpio", hide = true)]
+    Cpio {
+        /// Also add `/dev/console` (c 5 1): without it PID 1 starts with no stdio.
+        #[arg(long)]
+        dev_console: bool,
+        /// The tree.
+        dir: PathBuf,
+        /// The archive to write.
+        out: PathBuf,
+    },
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]
     TesthostGuest {

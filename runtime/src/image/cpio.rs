@@ -7,6 +7,8 @@
 //! same tree always gives the same bytes.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 /// The magic at the start of every newc header (no checksum variant).
 const NEWC_MAGIC: &[u8; 6] = b"070701";
@@ -60,6 +62,34 @@ pub enum CpioError {
     /// No `TRAILER!!!` entry before the data ran out.
     #[error("cpio archive has no trailer")]
     NoTrailer,
+}
+
+/// Why a directory tree could not become an archive.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// Reading the tree failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A device node, socket or FIFO: an initramfs tree is files, directories and links.
+    #[error("{}: not a file, directory or symbolic link", path.display())]
+    Unsupported {
+        /// The entry.
+        path: PathBuf,
+    },
+    /// A name (or link target) that is not UTF-8.
+    #[error("{}: name or link target is not UTF-8", path.display())]
+    NotUtf8 {
+        /// The entry.
+        path: PathBuf,
+    },
+    /// The archive refused the entry.
+    #[error(transparent)]
+    Cpio(#[from] CpioError),
 }
 
 /// What an archive entry is.
@@ -147,6 +177,45 @@ impl Archive {
         minor: u32,
     ) -> Result<(), CpioError> {
         self.insert(path, perm, EntryKind::CharDev { major, minor })
+    }
+
+    /// Adds everything under `dir` (files, directories, symbolic links), named
+    /// relative to it, with their permission bits; owners and times are the
+    /// archive's (root, 0), as for every entry.
+    pub fn add_tree(&mut self, dir: &Path) -> Result<(), TreeError> {
+        self.add_tree_under(dir, dir)
+    }
+
+    fn add_tree_under(&mut self, root: &Path, dir: &Path) -> Result<(), TreeError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TreeError::Io { path, source }
+        };
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let path = entry.map_err(io(dir))?.path();
+            let not_utf8 = || TreeError::NotUtf8 { path: path.clone() };
+            let name = path
+                .strip_prefix(root)
+                .ok()
+                .and_then(Path::to_str)
+                .ok_or_else(not_utf8)?;
+            let meta = std::fs::symlink_metadata(&path).map_err(io(&path))?;
+            let perm = meta.permissions().mode();
+            let kind = meta.file_type();
+            if kind.is_dir() {
+                self.add_dir(name, perm)?;
+                self.add_tree_under(root, &path)?;
+            } else if kind.is_file() {
+                let data = std::fs::read(&path).map_err(io(&path))?;
+                self.add_file(name, perm, data)?;
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(io(&path))?;
+                self.add_symlink(name, target.to_str().ok_or_else(not_utf8)?)?;
+            } else {
+                return Err(TreeError::Unsupported { path });
+            }
+        }
+        Ok(())
     }
 
     /// The entries in archive order.
@@ -440,6 +509,29 @@ mod tests {
     }
 
     #[test]
+    fn a_tree_is_read_with_modes_and_links() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("bin")).unwrap();
+        std::fs::create_dir(d.join("tmp")).unwrap();
+        std::fs::set_permissions(d.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::write(d.join("bin/busybox"), [0x7f, b'E', b'L', b'F', 1]).unwrap();
+        std::fs::set_permissions(
+            d.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        symlink("/bin/busybox", d.join("bin/sh")).unwrap();
+        std::fs::write(d.join("init"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(d.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut a = Archive::new();
+        a.add_tree(d).unwrap();
+        a.add_char_dev("dev/console", 0o600, 5, 1).unwrap();
+        assert_eq!(a.to_newc().unwrap(), sample().to_newc().unwrap());
+    }
+
+    #[test]
     fn insertion_order_does_not_change_the_bytes() {
         let mut b = Archive::new();
         b.add_dir("/tmp", 0o1777).unwrap();
@@ -486,6 +578,42 @@ mod tests {
                 ]
             );
         }
+    }
+
+    /// Every header, not only the first: nothing from the build machine or
+    /// the build time. uid, gid, mtime, devmajor, devminor and check are 0,
+    /// inode numbers count up from 1 in path order (the trailer's is 0).
+    #[test]
+    fn no_header_carries_time_owner_or_device() {
+        let bytes = sample().to_newc().unwrap();
+        let mut pos = 0;
+        let mut inodes = Vec::new();
+        loop {
+            assert_eq!(&bytes[pos..pos + 6], NEWC_MAGIC);
+            let f = |i: usize| field(&bytes, pos + 6 + i * 8).unwrap();
+            // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
+            for (i, what) in [
+                (2, "uid"),
+                (3, "gid"),
+                (5, "mtime"),
+                (7, "devmajor"),
+                (8, "devminor"),
+                (12, "check"),
+            ] {
+                assert_eq!(f(i), 0, "{what} at offset {pos}");
+            }
+            let namesize = f(11) as usize;
+            let name = &bytes[pos + HEADER_LEN..pos + HEADER_LEN + namesize - 1];
+            if name == TRAILER.as_bytes() {
+                assert_eq!(f(0), 0);
+                break;
+            }
+            inodes.push(f(0));
+            let data = align4(pos + HEADER_LEN + namesize).unwrap();
+            pos = align4(data + f(6) as usize).unwrap();
+        }
+        let expected: Vec<u32> = (1..=u32::try_from(inodes.len()).unwrap()).collect();
+        assert_eq!(inodes, expected);
     }
 
     #[test]

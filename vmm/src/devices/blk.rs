@@ -1,11 +1,13 @@
 //! `--disk path=FILE,ro|rw[,id=ID]`: virtio-blk devices on virtio-mmio slots, each with
-//! its own device thread.
+//! its own device thread. The value is parsed here ([`parse_disk_spec`]).
 //!
 //! Disks are opened while the arguments are checked ([`open_disks`]), so a missing file
 //! never creates a VM; they are attached in order ([`attach_disks`]), so the first
 //! `--disk` is `/dev/vda`, the second `/dev/vdb`, and so on.
 
-use mvm_devices::virtio::block::{Block, BlockError, BlockWorker, DiskConfig};
+use std::path::PathBuf;
+
+use mvm_devices::virtio::block::{validate_id, Block, BlockError, BlockWorker, DiskConfig};
 
 use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
 use crate::error::BootError;
@@ -13,7 +15,53 @@ use crate::seccomp::ThreadRole;
 
 /// clap's parser for one `--disk` value.
 pub fn parse_disk_arg(value: &str) -> Result<DiskConfig, String> {
-    DiskConfig::parse(value).map_err(|e| e.to_string())
+    parse_disk_spec(value).map_err(|e| e.to_string())
+}
+
+/// Why a `--disk` value was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskArgError {
+    /// The value does not parse.
+    #[error("--disk {spec:?}: {reason}")]
+    Spec {
+        /// The argument.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The id is not one the device can report.
+    #[error(transparent)]
+    Id(#[from] BlockError),
+}
+
+/// Parses `path=FILE,ro|rw[,id=ID]`. The mode is required, so nobody gets a writable
+/// disk by forgetting a flag.
+pub fn parse_disk_spec(spec: &str) -> Result<DiskConfig, DiskArgError> {
+    let err = |reason: &str| DiskArgError::Spec {
+        spec: spec.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut path = None;
+    let mut read_only = None;
+    let mut id = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("path", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
+            Some(("id", i)) if id.is_none() => id = Some(i.to_owned()),
+            None if part == "ro" && read_only.is_none() => read_only = Some(true),
+            None if part == "rw" && read_only.is_none() => read_only = Some(false),
+            _ => return Err(err(&format!("unexpected or repeated {part:?}"))),
+        }
+    }
+    let config = DiskConfig {
+        path: path.ok_or_else(|| err("missing path=FILE"))?,
+        read_only: read_only.ok_or_else(|| err("missing ro or rw"))?,
+        id,
+    };
+    if let Some(id) = &config.id {
+        validate_id(id)?;
+    }
+    Ok(config)
 }
 
 /// An opened disk, not yet attached.
@@ -95,6 +143,32 @@ mod tests {
         assert_eq!(d.id.as_deref(), Some("data"));
         let err = parse_disk_arg("path=/x.img").unwrap_err();
         assert!(err.contains("missing ro or rw"), "{err}");
+    }
+
+    #[test]
+    fn disk_spec_parsing() {
+        assert_eq!(
+            parse_disk_spec("path=/a/b.img,ro,id=root").unwrap(),
+            DiskConfig {
+                path: "/a/b.img".into(),
+                read_only: true,
+                id: Some("root".into())
+            }
+        );
+        assert!(!parse_disk_spec("rw,path=x").unwrap().read_only);
+        for bad in [
+            "path=x",
+            "ro",
+            "path=x,ro,rw",
+            "path=x,ro,path=y",
+            "path=x,ro,id=",
+            "path=x,ro,id=123456789012345678901",
+            "path=x,ro,id=a\u{e9}",
+            "path=x,ro,size=3",
+            "path=,ro",
+        ] {
+            assert!(parse_disk_spec(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

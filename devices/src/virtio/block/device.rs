@@ -31,14 +31,6 @@ pub struct DiskConfig {
 /// Why a disk could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// A `--disk` argument that does not parse.
-    #[error("--disk {spec:?}: {reason}")]
-    Spec {
-        /// The argument.
-        spec: String,
-        /// What is wrong with it.
-        reason: String,
-    },
     /// The id is too long or not printable ASCII.
     #[error("disk id {0:?} must be 1 to 20 printable ASCII characters")]
     BadId(String),
@@ -61,41 +53,9 @@ pub enum BlockError {
     },
 }
 
-impl DiskConfig {
-    /// Parses `path=FILE,ro|rw[,id=ID]` (the `--disk` syntax). The mode is required, so
-    /// nobody gets a writable disk by forgetting a flag.
-    pub fn parse(spec: &str) -> Result<Self, BlockError> {
-        let err = |reason: &str| BlockError::Spec {
-            spec: spec.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let mut path = None;
-        let mut read_only = None;
-        let mut id = None;
-        for part in spec.split(',') {
-            match part.split_once('=') {
-                Some(("path", p)) if !p.is_empty() && path.is_none() => {
-                    path = Some(PathBuf::from(p))
-                }
-                Some(("id", i)) if id.is_none() => id = Some(i.to_owned()),
-                None if part == "ro" && read_only.is_none() => read_only = Some(true),
-                None if part == "rw" && read_only.is_none() => read_only = Some(false),
-                _ => return Err(err(&format!("unexpected or repeated {part:?}"))),
-            }
-        }
-        let config = Self {
-            path: path.ok_or_else(|| err("missing path=FILE"))?,
-            read_only: read_only.ok_or_else(|| err("missing ro or rw"))?,
-            id,
-        };
-        if let Some(id) = &config.id {
-            validate_id(id)?;
-        }
-        Ok(config)
-    }
-}
-
-fn validate_id(id: &str) -> Result<(), BlockError> {
+/// Checks an id for GET_ID (`/sys/block/vdX/serial`): 1 to [`VIRTIO_BLK_ID_BYTES`]
+/// printable ASCII bytes.
+pub fn validate_id(id: &str) -> Result<(), BlockError> {
     if id.is_empty()
         || id.len() > VIRTIO_BLK_ID_BYTES
         || !id.bytes().all(|b| b.is_ascii_graphic() || b == b' ')

@@ -647,34 +647,6 @@ fn activation_without_exactly_one_queue_needs_reset() {
     assert!(r.irq.needs_reset());
 }
 
-// ---- --disk parsing ----
-
-#[test]
-fn disk_spec_parsing() {
-    assert_eq!(
-        DiskConfig::parse("path=/a/b.img,ro,id=root").unwrap(),
-        DiskConfig {
-            path: "/a/b.img".into(),
-            read_only: true,
-            id: Some("root".into())
-        }
-    );
-    assert!(!DiskConfig::parse("rw,path=x").unwrap().read_only);
-    for bad in [
-        "path=x",
-        "ro",
-        "path=x,ro,rw",
-        "path=x,ro,path=y",
-        "path=x,ro,id=",
-        "path=x,ro,id=123456789012345678901",
-        "path=x,ro,id=a\u{e9}",
-        "path=x,ro,size=3",
-        "path=,ro",
-    ] {
-        assert!(DiskConfig::parse(bad).is_err(), "{bad}");
-    }
-}
-
 #[test]
 fn missing_file_is_a_clear_error() {
     let err = Block::open(&DiskConfig {

@@ -46,6 +46,12 @@ fn main() {
                 1
             }
         },
+        Command::TesthostMachine => {
+            for arg in mvm_runtime::backend::emulated::qemu::TESTHOST_MACHINE {
+                println!("{arg}");
+            }
+            0
+        }
         Command::TesthostGuest { image_dir } => {
             match mvm_runtime::backend::emulated::guest_main(image_dir) {
                 Ok(()) => 0,

@@ -59,6 +59,9 @@ pub enum Command {
         /// The archive to write.
         out: PathBuf,
     },
+    /// Internal: prints the test host machine's QEMU arguments, one per line.
+    #[command(name = "__testhost-machine", hide = true)]
+    TesthostMachine,
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]
     TesthostGuest {

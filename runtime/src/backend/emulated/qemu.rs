@@ -16,6 +16,24 @@ const TESTHOST_OVERHEAD_MIB: u32 = 768;
 /// The least memory the test host gets.
 const TESTHOST_MIN_MIB: u32 = 1024;
 
+/// The test host machine as QEMU arguments: q35 with TCG's `max` CPU (it emulates
+/// AMD SVM with nested paging, so the test host has a real KVM), one vCPU, no
+/// default devices or graphics, and a guest reboot ends QEMU. `scripts/e2e`
+/// boots the same machine (`mvm __testhost-machine` prints these).
+pub const TESTHOST_MACHINE: [&str; 11] = [
+    "-M",
+    "q35",
+    "-cpu",
+    "max",
+    "-accel",
+    "tcg",
+    "-smp",
+    "1",
+    "-nographic",
+    "-no-reboot",
+    "-nodefaults",
+];
+
 /// The test host's memory (QEMU's `-m`) for a guest of `guest_mib`: what the
 /// host must back, and what `backend::resources` checks before starting QEMU.
 pub fn testhost_memory_mib(guest_mib: u32) -> u32 {
@@ -34,23 +52,8 @@ pub fn qemu_args(
     spec: &RunSpec,
 ) -> Vec<String> {
     let mem = testhost_memory_mib(spec.mem_mib);
-    let mut args: Vec<String> = [
-        "-M",
-        "q35",
-        "-cpu",
-        "max",
-        "-accel",
-        "tcg",
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-reboot",
-        "-nodefaults",
-        "-m",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let mut args: Vec<String> = TESTHOST_MACHINE.iter().map(|s| (*s).to_owned()).collect();
+    args.push("-m".into());
     args.push(mem.to_string());
     args.push("-kernel".into());
     args.push(testhost.join("vmlinuz").display().to_string());

@@ -117,7 +117,7 @@ fn memory_the_host_cannot_back_is_refused_at_once() {
     assert_refused(
         &out,
         &report,
-        "--mem-mib 1048576: 1048576 MiB of guest memory requested, but this host has ",
+        "--mem-mib 1048576: 1048576 MiB of memory needed, but this host has ",
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     let available: u64 = stderr

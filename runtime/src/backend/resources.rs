@@ -68,15 +68,9 @@ pub fn check_with(
              (the guest's memory and its own): "
         )
     };
-    // The ceiling bounds guests (checked above), not the test host around one:
-    // past it only what the host can back is checked, the context giving the
-    // real size.
-    limits::check_memory(
-        asked.min(limits::MAX_MEMORY_MIB),
-        available_mib,
-        allow_overcommit,
-    )
-    .map_err(|source| ResourceError { context, source })
+    // The ceiling bounds guests (checked above), not the test host around one.
+    limits::check_available(asked, available_mib, allow_overcommit)
+        .map_err(|source| ResourceError { context, source })
 }
 
 #[cfg(test)]

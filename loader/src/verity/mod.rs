@@ -22,7 +22,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use build::{build_tree, BuildOptions};
-pub use verifier::{VerityVerifier, DEFAULT_CACHE_BLOCKS};
+pub use verifier::{VerityVerifier, DEFAULT_CACHE_BLOCKS, READ_CHUNK_BYTES};
 
 /// dm-verity hash format version 1 ("normal": salt before the data).
 pub const VERITY_HASH_TYPE: u32 = 1;

@@ -319,3 +319,134 @@ fn params_serialise_as_veritysetup_prints_them() {
     assert!("AB".repeat(32).parse::<RootHash>().is_err());
     assert!("ab".parse::<RootHash>().is_err());
 }
+
+/// Writes `byte ^ 0xff` over the byte at `at` of `path`.
+fn flip(path: &Path, at: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+}
+
+#[test]
+fn a_flipped_data_byte_fails_even_with_its_neighbours_and_hash_block_cached() {
+    let img = image(300, 4096, 31);
+    let params = build_tree(&img.data, &img.tree, &BuildOptions::new(salt())).unwrap();
+    let f = File::open(&img.data).unwrap();
+    let mut v = VerityVerifier::open(&img.tree, &params).unwrap();
+    // Every block verifies once, block 100 included: its hash block and its
+    // neighbours are now all cached.
+    let mut all = vec![0u8; 300 * 4096];
+    v.read_verified(&f, 0, &mut all).unwrap();
+    assert!(v.cached_blocks() > 0);
+    // The host changes block 100 after it verified: every read still sees it.
+    flip(&img.data, 100 * 4096 + 17);
+    for _ in 0..2 {
+        let mut one = vec![0u8; 4096];
+        let err = v.read_verified(&f, 100 * 4096, &mut one).unwrap_err();
+        assert!(
+            matches!(err, VerityError::DataBlock { block: 100, .. }),
+            "{err}"
+        );
+        // A run through it fails too, and its neighbours still read.
+        let mut run = vec![0u8; 8 * 4096];
+        assert!(v.read_verified(&f, 96 * 4096, &mut run).is_err());
+        v.read_verified(&f, 99 * 4096, &mut one).unwrap();
+        v.read_verified(&f, 101 * 4096, &mut one).unwrap();
+    }
+}
+
+#[test]
+fn at_most_once_skips_verified_blocks_and_says_so() {
+    // The documented trade-off of the (default-off) option, pinned by a test:
+    // a block that verified before the host changed it is served unverified;
+    // one that had not verified yet still fails; eviction brings the check back.
+    let img = image(300, 4096, 37);
+    let mut opts = BuildOptions::new(salt());
+    opts.hash_block_size = 512; // 16 data blocks per level-0 hash block
+    let params = build_tree(&img.data, &img.tree, &opts).unwrap();
+    let f = File::open(&img.data).unwrap();
+    let mut v = VerityVerifier::from_file(File::open(&img.tree).unwrap(), &params, 64).unwrap();
+    v.set_check_at_most_once(true);
+    let mut one = vec![0u8; 4096];
+    v.read_verified(&f, 40 * 4096, &mut one).unwrap();
+    flip(&img.data, 40 * 4096 + 3);
+    flip(&img.data, 41 * 4096 + 3);
+    // Block 40 verified before the write: served without a check.
+    v.read_verified(&f, 40 * 4096, &mut one).unwrap();
+    // Block 41 shares the hash block but never verified: refused.
+    assert!(matches!(
+        v.read_verified(&f, 41 * 4096, &mut one),
+        Err(VerityError::DataBlock { block: 41, .. })
+    ));
+    // Dropping the cache drops the marks.
+    v.clear_cache();
+    assert!(matches!(
+        v.read_verified(&f, 40 * 4096, &mut one),
+        Err(VerityError::DataBlock { block: 40, .. })
+    ));
+    // Off (the default), nothing is skipped.
+    let mut v = VerityVerifier::open(&img.tree, &params).unwrap();
+    assert!(v.read_verified(&f, 40 * 4096, &mut one).is_err());
+}
+
+#[test]
+fn a_flipped_tree_byte_is_detected() {
+    let img = image(300, 4096, 41);
+    let mut opts = BuildOptions::new(salt());
+    opts.hash_block_size = 512;
+    let params = build_tree(&img.data, &img.tree, &opts).unwrap();
+    let geometry = Geometry::new(&params).unwrap();
+    let f = File::open(&img.data).unwrap();
+    // Level 0's block 3 (data blocks 48..64) and the top block.
+    let level0 = (geometry.level_start[0] + 3) * 512 + 40;
+    let top = 5;
+    for (at, at_most_once) in [(level0, false), (level0, true), (top, false)] {
+        let _ = build_tree(&img.data, &img.tree, &opts).unwrap();
+        flip(&img.tree, at);
+        let mut v = VerityVerifier::open(&img.tree, &params).unwrap();
+        v.set_check_at_most_once(at_most_once);
+        let mut one = vec![0u8; 4096];
+        let err = v.read_verified(&f, 50 * 4096, &mut one).unwrap_err();
+        assert!(matches!(err, VerityError::HashBlock { .. }), "{err}");
+        // Nothing under a bad hash block ever reads, on any later try.
+        assert!(v.read_verified(&f, 50 * 4096, &mut one).is_err());
+    }
+}
+
+#[test]
+fn the_cache_stays_within_its_bound_when_the_guest_reads_everywhere() {
+    let img = image(1000, 4096, 43);
+    let mut opts = BuildOptions::new(salt());
+    opts.hash_block_size = 512; // 63 + 4 + 1 hash blocks
+    let params = build_tree(&img.data, &img.tree, &opts).unwrap();
+    let data = fs::read(&img.data).unwrap();
+    let f = File::open(&img.data).unwrap();
+    for at_most_once in [false, true] {
+        let mut v = VerityVerifier::from_file(File::open(&img.tree).unwrap(), &params, 5).unwrap();
+        v.set_check_at_most_once(at_most_once);
+        let mut x = 7u64;
+        for round in 0..3000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let block = if round < 1000 {
+                round
+            } else {
+                (x >> 33) % 1000
+            };
+            let mut one = vec![0u8; 4096];
+            v.read_verified(&f, block * 4096, &mut one).unwrap();
+            let at = usize::try_from(block).unwrap() * 4096;
+            assert_eq!(one, data[at..at + 4096]);
+            assert!(v.cached_blocks() <= 5, "{} cached", v.cached_blocks());
+        }
+        // One read bigger than a chunk: read and hashed in bounded runs.
+        let mut all = vec![0u8; 1000 * 4096];
+        v.read_verified(&f, 0, &mut all).unwrap();
+        assert_eq!(all, data);
+        assert!(v.cached_blocks() <= 5);
+    }
+}

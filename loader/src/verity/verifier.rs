@@ -5,7 +5,13 @@
 //! until a block already verified (or the root) vouches for them. Verified hash
 //! blocks are kept in a bounded cache, so a sequential read mostly hashes the
 //! data block and nothing else. The tree file is untrusted: a block in the
-//! cache is only ever one whose hash matched its parent.
+//! cache is only ever one whose hash matched its parent, and the cache holds the
+//! bytes that were hashed (the tree file is not re-read while a block is cached).
+//!
+//! Data blocks are hashed on every read, in runs of up to [`READ_CHUNK_BYTES`]
+//! read with one `pread`. dm-verity's `check_at_most_once` exists as a
+//! default-off option ([`VerityVerifier::set_check_at_most_once`]) that weakens
+//! this; `docs/verified-boot.md` says what it gives up.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -19,9 +25,21 @@ use super::{salted_hash, Geometry, VerityError, VerityParams, DIGEST_SIZE};
 /// upper tree of a 4 GiB image plus a window of level-0 blocks.
 pub const DEFAULT_CACHE_BLOCKS: usize = 1024;
 
-/// A bounded cache of verified hash blocks, evicted oldest first.
+/// Most data bytes read (and hashed) in one pass: one `pread` into the
+/// verifier's buffer, which therefore never grows past this (plus one block).
+pub const READ_CHUNK_BYTES: u64 = 1 << 20;
+
+/// A verified hash block and, in at-most-once mode, which of the data blocks
+/// it vouches for have verified since it was cached (one bit per digest slot).
+struct Entry {
+    block: Box<[u8]>,
+    marks: Box<[u64]>,
+}
+
+/// A bounded cache of verified hash blocks, evicted oldest first. Its memory is
+/// at most `capacity` x (hash block + one bit per digest in it).
 struct BlockCache {
-    blocks: HashMap<u64, Box<[u8]>>,
+    blocks: HashMap<u64, Entry>,
     order: VecDeque<u64>,
     capacity: usize,
 }
@@ -36,7 +54,28 @@ impl BlockCache {
     }
 
     fn get(&self, key: u64) -> Option<&[u8]> {
-        self.blocks.get(&key).map(|b| &**b)
+        self.blocks.get(&key).map(|e| &*e.block)
+    }
+
+    fn is_marked(&self, key: u64, slot: u64) -> bool {
+        let word = usize::try_from(slot / 64).ok();
+        self.blocks
+            .get(&key)
+            .and_then(|e| e.marks.get(word?))
+            .is_some_and(|w| w & (1u64 << (slot % 64)) != 0)
+    }
+
+    fn mark(&mut self, key: u64, slot: u64) {
+        let Some(entry) = self.blocks.get_mut(&key) else {
+            return;
+        };
+        let Some(word) = usize::try_from(slot / 64)
+            .ok()
+            .and_then(|w| entry.marks.get_mut(w))
+        else {
+            return;
+        };
+        *word |= 1u64 << (slot % 64);
     }
 
     fn insert(&mut self, key: u64, block: Box<[u8]>) {
@@ -52,7 +91,8 @@ impl BlockCache {
             }
         }
         self.order.push_back(key);
-        self.blocks.insert(key, block);
+        let marks = vec![0u64; (block.len() / DIGEST_SIZE).div_ceil(64)].into_boxed_slice();
+        self.blocks.insert(key, Entry { block, marks });
     }
 
     fn clear(&mut self) {
@@ -69,7 +109,13 @@ pub struct VerityVerifier {
     /// Byte offset of the first hash block in the tree file.
     tree_offset: u64,
     cache: BlockCache,
-    /// Scratch buffer of one data block for [`VerityVerifier::read_verified`].
+    /// dm-verity's `check_at_most_once`: a data block that verified is not
+    /// hashed again while the level-0 hash block vouching for it stays cached.
+    /// Off by default (every read hashes every block); see
+    /// [`VerityVerifier::set_check_at_most_once`].
+    at_most_once: bool,
+    /// The data blocks of one read, as read and hashed; at most
+    /// [`READ_CHUNK_BYTES`] (or one data block, if larger).
     scratch: Vec<u8>,
 }
 
@@ -128,15 +174,14 @@ impl VerityVerifier {
         if len < needed {
             return Err(VerityError::TreeTooShort { len, needed });
         }
-        let scratch_len = usize::try_from(geometry.data_block_size)
-            .map_err(|_| VerityError::Params("data block size".to_owned()))?;
         Ok(Self {
             params: params.clone(),
             geometry,
             tree,
             tree_offset,
             cache: BlockCache::new(cache_blocks),
-            scratch: vec![0; scratch_len],
+            at_most_once: false,
+            scratch: Vec::new(),
         })
     }
 
@@ -155,6 +200,19 @@ impl VerityVerifier {
         self.cache.clear();
     }
 
+    /// Turns dm-verity's `check_at_most_once` on or off (off by default).
+    ///
+    /// On, a data block that verified is not hashed again while the level-0 hash
+    /// block that vouches for it is cached; the marks live in that cache entry
+    /// and go when it is evicted, so the memory bound is unchanged. **This
+    /// weakens the per-read guarantee**: the bytes are still read from the image
+    /// file every time, so a host-side write to the image after a block verified
+    /// is served to the guest unverified until the mark is evicted. See
+    /// `docs/verified-boot.md`.
+    pub fn set_check_at_most_once(&mut self, on: bool) {
+        self.at_most_once = on;
+    }
+
     /// Checks `data` (exactly one data block) as block number `index`.
     pub fn verify_block(&mut self, index: u64, data: &[u8]) -> Result<(), VerityError> {
         if index >= self.geometry.data_blocks
@@ -166,13 +224,23 @@ impl VerityVerifier {
                 data_size: self.params.data_size,
             });
         }
+        let bits = self.geometry.fanout_bits;
+        let slot = index & fanout_mask(bits);
+        let mark_key = if self.at_most_once && self.geometry.levels() > 0 {
+            let key = self.cache_key(0, index >> bits)?;
+            if self.cache.is_marked(key, slot) {
+                return Ok(());
+            }
+            Some(key)
+        } else {
+            None
+        };
         let computed = salted_hash(&self.params.salt.0, data);
         let expected = if self.geometry.levels() == 0 {
             self.params.root_hash.0
         } else {
-            let bits = self.geometry.fanout_bits;
             let block = self.verified_hash_block(0, index >> bits)?;
-            digest_at(block, index & fanout_mask(bits))
+            digest_at(block, slot)
                 .ok_or_else(|| VerityError::Params("digest outside hash block".to_owned()))?
         };
         if computed != expected {
@@ -181,6 +249,9 @@ impl VerityVerifier {
                 expected: hex::encode(expected),
                 computed: hex::encode(computed),
             });
+        }
+        if let Some(key) = mark_key {
+            self.cache.mark(key, slot);
         }
         Ok(())
     }
@@ -205,32 +276,91 @@ impl VerityVerifier {
                 data_size: self.params.data_size,
             });
         };
-        let dbs = u64::from(self.geometry.data_block_size);
         let mut pos = offset;
+        while pos < end {
+            let (first, count) = self.chunk_for(pos, end);
+            let block_start = first * u64::from(self.geometry.data_block_size);
+            let verified = self.read_blocks_verified(image, first, count)?;
+            let from = usize::try_from(pos - block_start).unwrap_or(usize::MAX);
+            let avail = verified.len().saturating_sub(from);
+            let take = usize::try_from(end - pos).unwrap_or(usize::MAX).min(avail);
+            let dst_at = usize::try_from(pos - offset).unwrap_or(usize::MAX);
+            let src = verified.get(from..from.saturating_add(take));
+            let dst = buf.get_mut(dst_at..dst_at.saturating_add(take));
+            match (src, dst) {
+                (Some(s), Some(d)) if take > 0 => d.copy_from_slice(s),
+                _ => return Err(VerityError::Params("read range arithmetic".to_owned())),
+            }
+            pos += take as u64;
+        }
+        Ok(())
+    }
+
+    /// The run of data blocks (first, count) to read for the bytes from `pos`
+    /// to `end`, at most [`READ_CHUNK_BYTES`] worth: what one call of
+    /// [`VerityVerifier::read_blocks_verified`] should be asked for.
+    /// `pos < end <= data_size` is the caller's to check.
+    pub fn chunk_for(&self, pos: u64, end: u64) -> (u64, u64) {
+        let dbs = u64::from(self.geometry.data_block_size);
+        let first = pos / dbs;
+        let last = end.saturating_sub(1) / dbs;
+        let max = (READ_CHUNK_BYTES / dbs).max(1);
+        (first, (last.saturating_sub(first) + 1).min(max))
+    }
+
+    /// Reads data blocks `first..first + count` of `image` in one `pread`,
+    /// hashes every one of them against the tree, and returns those bytes (the
+    /// very bytes that were hashed, held in the verifier's buffer). Every call
+    /// hashes every block: nothing about data blocks is remembered between
+    /// calls. At most [`READ_CHUNK_BYTES`] per call (see [`Self::chunk_for`]).
+    pub fn read_blocks_verified(
+        &mut self,
+        image: &File,
+        first: u64,
+        count: u64,
+    ) -> Result<&[u8], VerityError> {
+        let dbs = u64::from(self.geometry.data_block_size);
+        let out_of_range = VerityError::OutOfRange {
+            offset: first.saturating_mul(dbs),
+            len: count.saturating_mul(dbs),
+            data_size: self.params.data_size,
+        };
+        let bytes = count
+            .checked_mul(dbs)
+            .filter(|&b| b <= READ_CHUNK_BYTES.max(dbs));
+        let in_range = first
+            .checked_add(count)
+            .is_some_and(|e| e <= self.geometry.data_blocks);
+        let (Some(bytes), true, true) = (bytes, in_range, count > 0) else {
+            return Err(out_of_range);
+        };
+        let bytes = usize::try_from(bytes).map_err(|_| out_of_range)?;
         let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(bytes, 0);
         let result = (|| {
-            while pos < end {
-                let index = pos / dbs;
-                let block_start = index * dbs;
-                image
-                    .read_exact_at(&mut scratch, block_start)
-                    .map_err(io("read image"))?;
-                self.verify_block(index, &scratch)?;
-                let from = usize::try_from(pos - block_start).unwrap_or(0);
-                let take = usize::try_from((end - pos).min(dbs - (pos - block_start))).unwrap_or(0);
-                let dst_at = usize::try_from(pos - offset).unwrap_or(0);
-                let src = scratch.get(from..from + take);
-                let dst = buf.get_mut(dst_at..dst_at + take);
-                match (src, dst) {
-                    (Some(s), Some(d)) => d.copy_from_slice(s),
-                    _ => return Err(VerityError::Params("read range arithmetic".to_owned())),
-                }
-                pos += take as u64;
+            let data = scratch
+                .get_mut(..bytes)
+                .ok_or_else(|| VerityError::Params("read buffer".to_owned()))?;
+            image
+                .read_exact_at(data, first * dbs)
+                .map_err(io("read image"))?;
+            let block_len = usize::try_from(dbs).unwrap_or(usize::MAX);
+            for (i, block) in (first..).zip(data.chunks_exact(block_len)) {
+                self.verify_block(i, block)?;
             }
             Ok(())
         })();
         self.scratch = scratch;
-        result
+        result?;
+        self.scratch
+            .get(..bytes)
+            .ok_or_else(|| VerityError::Params("read buffer".to_owned()))
+    }
+
+    /// Hash blocks currently cached (never more than the capacity given to
+    /// [`VerityVerifier::from_file`]).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.blocks.len()
     }
 
     /// Returns hash block `index` of `level`, verified up to a cached block or

@@ -45,8 +45,9 @@ struct Bench {
 
 impl Bench {
     /// A read-only disk whose every read is checked against a dm-verity tree
-    /// (`block/verity.rs`), to compare with the same reads unverified.
-    fn new_verified() -> Self {
+    /// (`block/verity.rs`), to compare with the same reads unverified. With
+    /// `at_most_once`, dm-verity's `check_at_most_once` (off in the VMM).
+    fn new_verified(at_most_once: bool) -> Self {
         use mvm_devices::virtio::block::verity::VerifiedDisk;
         use mvm_loader::verity::{build_tree, BuildOptions, Salt, VerityVerifier};
         let mut b = Self::new(true);
@@ -60,7 +61,8 @@ impl Bench {
             &BuildOptions::new(Salt(vec![7; 32])),
         )
         .expect("verity tree");
-        let verifier = VerityVerifier::open(tree.path(), &params).expect("verifier");
+        let mut verifier = VerityVerifier::open(tree.path(), &params).expect("verifier");
+        verifier.set_check_at_most_once(at_most_once);
         b.worker.set_verity(VerifiedDisk::new(
             verifier,
             Box::new(|f| panic!("bench block failed verification: {f:?}")),
@@ -189,18 +191,25 @@ impl Bench {
     }
 }
 
-fn sequential(c: &mut Criterion, name: &str, request_type: u32) {
-    sequential_on(c, name, request_type, false);
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verity {
+    Off,
+    EveryRead,
+    AtMostOnce,
 }
 
-fn sequential_on(c: &mut Criterion, name: &str, request_type: u32, verified: bool) {
+fn sequential(c: &mut Criterion, name: &str, request_type: u32) {
+    sequential_on(c, name, request_type, Verity::Off);
+}
+
+fn sequential_on(c: &mut Criterion, name: &str, request_type: u32, verity: Verity) {
     // 512 KiB requests of 128 page segments (seg_max), one at a time.
     let segments = 128u16;
     let request_bytes = u64::from(segments) * PAGE;
-    let mut b = if verified {
-        Bench::new_verified()
-    } else {
-        Bench::new(request_type == VIRTIO_BLK_T_IN)
+    let mut b = match verity {
+        Verity::Off => Bench::new(request_type == VIRTIO_BLK_T_IN),
+        Verity::EveryRead => Bench::new_verified(false),
+        Verity::AtMostOnce => Bench::new_verified(true),
     };
     let heads = b.lay_out(1, segments, request_type == VIRTIO_BLK_T_IN);
     let mut sector = 0u64;
@@ -242,7 +251,18 @@ fn random_read_4k(c: &mut Criterion) {
 
 fn benches(c: &mut Criterion) {
     sequential(c, "sequential-read-512k", VIRTIO_BLK_T_IN);
-    sequential_on(c, "sequential-read-512k-verity", VIRTIO_BLK_T_IN, true);
+    sequential_on(
+        c,
+        "sequential-read-512k-verity",
+        VIRTIO_BLK_T_IN,
+        Verity::EveryRead,
+    );
+    sequential_on(
+        c,
+        "sequential-read-512k-verity-at-most-once",
+        VIRTIO_BLK_T_IN,
+        Verity::AtMostOnce,
+    );
     sequential(c, "sequential-write-512k", VIRTIO_BLK_T_OUT);
     random_read_4k(c);
 }

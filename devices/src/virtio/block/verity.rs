@@ -1,6 +1,6 @@
 //! Verified reads for a read-only disk that the plan pins with a dm-verity root hash.
 //!
-//! Every guest read goes through [`VerityVerifier::read_verified`]: each data block the
+//! Every guest read goes through [`VerityVerifier::read_blocks_verified`]: each data block the
 //! read touches is hashed and checked against the tree (and the tree up to the pinned
 //! root) before any of its bytes reach guest memory. A block that does not verify is an
 //! I/O error for that request (`VIRTIO_BLK_S_IOERR`) and a [`VerityFailure`] report;
@@ -11,7 +11,7 @@
 use std::fs::File;
 
 use mvm_loader::verity::{VerityError, VerityVerifier};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::virtio::GuestMemoryMmap;
 
@@ -34,8 +34,6 @@ pub type FailureSink = Box<dyn FnMut(&VerityFailure) + Send>;
 /// A read-only disk's verifier and where its failures go.
 pub struct VerifiedDisk {
     verifier: VerityVerifier,
-    /// One segment's worth of verified bytes, reused across requests.
-    buf: Vec<u8>,
     on_failure: FailureSink,
     failures: u64,
 }
@@ -54,7 +52,6 @@ impl VerifiedDisk {
     pub fn new(verifier: VerityVerifier, on_failure: FailureSink) -> Self {
         Self {
             verifier,
-            buf: Vec::new(),
             on_failure,
             failures: 0,
         }
@@ -73,8 +70,11 @@ impl VerifiedDisk {
     }
 
     /// Fills the guest's `segments` with the verified bytes of `image` from `offset` on.
-    /// Segments are at most `size_max` bytes each (the request parser enforces it), so
-    /// the buffer never grows past one segment.
+    /// The request's data blocks are read and hashed in runs of up to
+    /// [`mvm_loader::verity::READ_CHUNK_BYTES`] (one `pread` per run, into the verifier's
+    /// buffer, which is all the memory a read needs), and each run's verified bytes are
+    /// copied straight into the segments they belong to. No byte reaches guest memory
+    /// before the whole run holding it has verified.
     pub fn read_into_guest(
         &mut self,
         image: &File,
@@ -83,11 +83,8 @@ impl VerifiedDisk {
         mem: &GuestMemoryMmap,
     ) -> std::io::Result<()> {
         let total: u64 = segments.iter().map(|&(_, len)| u64::from(len)).sum();
-        let mut pos = offset;
-        for &(addr, seg_len) in segments {
-            let len = usize::try_from(seg_len).map_err(std::io::Error::other)?;
-            self.buf.resize(len, 0);
-            if let Err(e) = self.verifier.read_verified(image, pos, &mut self.buf) {
+        if let Err(e) = Self::scatter(&mut self.verifier, image, offset, total, segments, mem) {
+            if let ScatterError::Verity(e) = e {
                 self.failures = self.failures.saturating_add(1);
                 let block = match &e {
                     VerityError::DataBlock { block, .. } => Some(*block),
@@ -103,12 +100,77 @@ impl VerifiedDisk {
                 (self.on_failure)(&failure);
                 return Err(std::io::Error::other(e));
             }
-            mem.write_slice(&self.buf, addr)
-                .map_err(std::io::Error::other)?;
-            pos = pos.saturating_add(u64::from(seg_len));
+            return Err(std::io::Error::other(e));
         }
         Ok(())
     }
+
+    fn scatter(
+        verifier: &mut VerityVerifier,
+        image: &File,
+        offset: u64,
+        total: u64,
+        segments: &[(GuestAddress, u32)],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), ScatterError> {
+        let end = offset
+            .checked_add(total)
+            .filter(|&e| e <= verifier.data_size())
+            .ok_or(ScatterError::Verity(VerityError::OutOfRange {
+                offset,
+                len: total,
+                data_size: verifier.data_size(),
+            }))?;
+        let block_size = u64::from(verifier.params().data_block_size);
+        let mut segs = segments.iter();
+        // The current segment and how much of it is filled.
+        let mut seg: Option<(GuestAddress, u64)> = None;
+        let mut seg_done = 0u64;
+        let mut pos = offset;
+        while pos < end {
+            let (first, count) = verifier.chunk_for(pos, end);
+            let chunk_start = first.saturating_mul(block_size);
+            let verified = verifier
+                .read_blocks_verified(image, first, count)
+                .map_err(ScatterError::Verity)?;
+            let chunk_end = chunk_start.saturating_add(verified.len() as u64).min(end);
+            while pos < chunk_end {
+                let (addr, seg_len) = match seg {
+                    Some(s) if seg_done < s.1 => s,
+                    _ => {
+                        let &(addr, len) = segs.next().ok_or(ScatterError::Arithmetic)?;
+                        seg = Some((addr, u64::from(len)));
+                        seg_done = 0;
+                        continue;
+                    }
+                };
+                let take = (seg_len - seg_done).min(chunk_end - pos);
+                let from =
+                    usize::try_from(pos - chunk_start).map_err(|_| ScatterError::Arithmetic)?;
+                let take_usize = usize::try_from(take).map_err(|_| ScatterError::Arithmetic)?;
+                let src = verified
+                    .get(from..from.saturating_add(take_usize))
+                    .ok_or(ScatterError::Arithmetic)?;
+                let dst = addr.checked_add(seg_done).ok_or(ScatterError::Arithmetic)?;
+                mem.write_slice(src, dst)
+                    .map_err(|e| ScatterError::Memory(e.to_string()))?;
+                seg_done += take;
+                pos += take;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why [`VerifiedDisk::scatter`] stopped: only a `Verity` error is a failed check.
+#[derive(Debug, thiserror::Error)]
+enum ScatterError {
+    #[error(transparent)]
+    Verity(VerityError),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("verified read: segment arithmetic")]
+    Arithmetic,
 }
 
 #[cfg(test)]
@@ -192,5 +254,30 @@ mod tests {
         assert!(disk
             .read_into_guest(&image, 8 * 4096, &[(GuestAddress(0x2000), 512)], &mem)
             .is_err());
+    }
+
+    #[test]
+    fn a_read_larger_than_a_chunk_lands_in_the_right_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, verifier) = image_and_tree(dir.path(), 300);
+        let mut disk = VerifiedDisk::new(verifier, Box::new(|_| {}));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        // 512 B, 1 MiB + 512 B, 3 KiB: runs and segments end in different places.
+        let segs = [
+            (GuestAddress(0x1000), 512),
+            (GuestAddress(0x10_0000), (1 << 20) + 512),
+            (GuestAddress(0x30_0000), 3072),
+        ];
+        let offset = 3 * 4096 + 1024;
+        disk.read_into_guest(&image, offset, &segs, &mem).unwrap();
+        let mut at = usize::try_from(offset).unwrap();
+        for (addr, len) in segs {
+            let mut got = vec![0u8; len as usize];
+            mem.read_slice(&mut got, addr).unwrap();
+            let want: Vec<u8> = (at..at + len as usize).map(byte_at).collect();
+            assert!(got == want, "segment at {addr:?}");
+            at += len as usize;
+        }
+        assert_eq!(disk.failures(), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! wiring, event loops and the jail.
 //!
 //! The boot path, top to bottom (each module takes names only from modules below it;
-//! `tests/module_graph.rs` holds that): [`cli`] parses the arguments; [`verified_boot`]
+//! the workspace's `tests/tests/module_graph.rs` holds that): [`cli`] parses the arguments; [`verified_boot`]
 //! checks the signed plan; [`config`] resolves the arguments and the plan into one
 //! validated [`config::VmConfig`] before anything touches KVM; [`boot::run`] creates the
 //! [`vm::Vm`] (KVM VM, in-kernel IOAPIC/LAPIC/PIT, guest memory laid out by

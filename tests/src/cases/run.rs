@@ -116,21 +116,29 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
 
 /// `out` on stdout, `err` on stderr, exit 7.
 fn exit_and_streams(ctx: &Context) -> CaseResult {
-    let out = output(mvm(
-        ctx,
-        &["--", "sh", "-c", "echo out; echo err >&2; exit 7"],
-    )?)?;
-    expect_code(&out, 7)?;
+    let out = output(mvm(ctx, &["--", "sh", "-c", STREAMS_SCRIPT])?)?;
+    expect_streams(&out)
+}
+
+/// A workload that writes one line to each stream and exits 7.
+pub const STREAMS_SCRIPT: &str = "echo out; echo err >&2; exit 7";
+
+/// What [`STREAMS_SCRIPT`] must give: exit 7, exactly `out` on stdout, `err`
+/// on stderr and no stdout there.
+pub fn expect_streams(out: &Output) -> CaseResult {
+    expect_code(out, 7)?;
     if out.stdout != b"out\n" {
         return Err(Failure::new(format!(
             "stdout {:?}, expected \"out\\n\"",
             String::from_utf8_lossy(&out.stdout)
         ))
-        .with_detail(describe(&out)));
+        .with_detail(describe(out)));
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if !stderr.lines().any(|l| l == "err") {
-        return Err(Failure::new("stderr has no line \"err\"").with_detail(describe(&out)));
+    if !stderr.lines().any(|l| l == "err") || stderr.contains("out\n") {
+        return Err(
+            Failure::new("stderr lacks \"err\" or carries stdout").with_detail(describe(out))
+        );
     }
     Ok(())
 }

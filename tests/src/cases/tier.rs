@@ -12,7 +12,9 @@ use std::process::{Command, Output, Stdio};
 use sha2::{Digest, Sha256};
 
 use crate::case::{Case, CaseResult, Context, Failure};
-use crate::cases::run::{describe, expect_code, image_store, mvm_with, output};
+use crate::cases::run::{
+    describe, expect_code, expect_streams, image_store, mvm_with, output, STREAMS_SCRIPT,
+};
 
 /// The cases. Each `mvm run` on the emulated tier boots a QEMU test host and
 /// a VM inside it: tens of seconds on a loaded machine.
@@ -59,25 +61,8 @@ fn announced(out: &Output, tier: &str) -> bool {
 /// Exit status and the two streams, apart.
 fn exit_and_streams(ctx: &Context) -> CaseResult {
     let tier = chosen_tier(ctx)?;
-    let out = output(mvm(
-        ctx,
-        "run",
-        &["--", "sh", "-c", "echo out; echo err >&2; exit 7"],
-    )?)?;
-    expect_code(&out, 7)?;
-    if out.stdout != b"out\n" {
-        return Err(Failure::new(format!(
-            "stdout {:?}, expected \"out\\n\"",
-            String::from_utf8_lossy(&out.stdout)
-        ))
-        .with_detail(describe(&out)));
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !stderr.lines().any(|l| l == "err") || stderr.contains("out\n") {
-        return Err(
-            Failure::new("stderr lacks \"err\" or carries stdout").with_detail(describe(&out))
-        );
-    }
+    let out = output(mvm(ctx, "run", &["--", "sh", "-c", STREAMS_SCRIPT])?)?;
+    expect_streams(&out)?;
     if tier == "emulated" && !announced(&out, "emulated") {
         return Err(
             Failure::new("the emulated tier was not named on stderr").with_detail(describe(&out))

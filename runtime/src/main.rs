@@ -52,6 +52,18 @@ fn main() {
             }
             0
         }
+        Command::TesthostCmdline { run } => {
+            match mvm_runtime::backend::emulated::qemu::testhost_cmdline(run) {
+                Ok(line) => {
+                    println!("{line}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("mvm: error: {e}");
+                    2
+                }
+            }
+        }
         Command::TesthostGuest { image_dir } => {
             match mvm_runtime::backend::emulated::guest_main(image_dir) {
                 Ok(()) => 0,

@@ -62,6 +62,14 @@ pub enum Command {
     /// Internal: prints the test host machine's QEMU arguments, one per line.
     #[command(name = "__testhost-machine", hide = true)]
     TesthostMachine,
+    /// Internal: prints the test host kernel's command line, with `mvm.run=RUN`
+    /// when RUN is given and not empty (what the test host's /init runs).
+    #[command(name = "__testhost-cmdline", hide = true)]
+    TesthostCmdline {
+        /// The argument for the test host's /testhost/run.
+        #[arg(default_value = "")]
+        run: String,
+    },
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]
     TesthostGuest {

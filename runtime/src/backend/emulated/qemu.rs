@@ -34,6 +34,29 @@ pub const TESTHOST_MACHINE: [&str; 11] = [
     "-nodefaults",
 ];
 
+/// The test host kernel's command line, as `mvm run` boots it: the console on
+/// the first serial port, quiet, and a panic ends QEMU at once.
+pub const TESTHOST_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// [`TESTHOST_CMDLINE`] with `mvm.run=RUN` added (when `run` is not empty): the
+/// argument the test host's `/init` (`scripts/build-testhost`) hands to
+/// `/testhost/run`. `scripts/e2e` passes its case pattern this way, through
+/// `mvm __testhost-cmdline PATTERN`.
+pub fn testhost_cmdline(run: &str) -> Result<String, String> {
+    if run.is_empty() {
+        return Ok(TESTHOST_CMDLINE.to_owned());
+    }
+    // The value must reach /init as one word, unchanged: the kernel splits the
+    // line at spaces and treats quotes, and /init splits it again in shell.
+    let survives = |c: char| c.is_ascii_alphanumeric() || "/_.,*-".contains(c);
+    match run.chars().find(|c| !survives(*c)) {
+        Some(c) => Err(format!(
+            "'{run}' holds {c:?}: only A-Z a-z 0-9 / _ . , * - pass the test host's kernel command line unchanged"
+        )),
+        None => Ok(format!("{TESTHOST_CMDLINE} mvm.run={run}")),
+    }
+}
+
 /// The test host's memory (QEMU's `-m`) for a guest of `guest_mib`: what the
 /// host must back, and what `backend::resources` checks before starting QEMU.
 pub fn testhost_memory_mib(guest_mib: u32) -> u32 {
@@ -60,7 +83,7 @@ pub fn qemu_args(
     args.push("-initrd".into());
     args.push(initramfs.display().to_string());
     args.push("-append".into());
-    args.push("console=ttyS0 quiet panic=-1".into());
+    args.push(TESTHOST_CMDLINE.into());
     args.push("-serial".into());
     args.push(format!("file:{}", console_log.display()));
     args.push("-device".into());
@@ -201,5 +224,21 @@ mod tests {
         let m = args.iter().position(|a| a == "-m").unwrap();
         assert_eq!(args[m + 1], "1024");
         assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("-append console=ttyS0 quiet panic=-1 -serial"));
+    }
+
+    #[test]
+    fn testhost_cmdline_carries_one_plain_word() {
+        assert_eq!(
+            testhost_cmdline("").unwrap(),
+            "console=ttyS0 quiet panic=-1"
+        );
+        assert_eq!(
+            testhost_cmdline("boot/report,boot/elf-*").unwrap(),
+            "console=ttyS0 quiet panic=-1 mvm.run=boot/report,boot/elf-*"
+        );
+        for bad in ["a b", "a\"b", "x=$y", "a\nb", "é"] {
+            assert!(testhost_cmdline(bad).is_err(), "{bad:?}");
+        }
     }
 }

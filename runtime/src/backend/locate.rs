@@ -77,7 +77,9 @@ pub fn repo_root() -> Option<PathBuf> {
 }
 
 /// Runs a project build script that prints its output directory on its last
-/// line of stdout.
+/// line of stdout. `MVM_BIN` names this `mvm` to it, for the helpers the
+/// scripts call (`mvm __cpio` in `scripts/build-testhost`) instead of
+/// building one from the checkout.
 pub fn run_build_script(name: &str) -> Result<PathBuf, RunError> {
     let root = repo_root().ok_or_else(|| {
         RunError::Missing(format!(
@@ -85,7 +87,11 @@ pub fn run_build_script(name: &str) -> Result<PathBuf, RunError> {
         ))
     })?;
     let script = root.join("scripts").join(name);
-    let out = Command::new(&script)
+    let mut command = Command::new(&script);
+    if let Ok(me) = std::env::current_exe() {
+        command.env("MVM_BIN", me);
+    }
+    let out = command
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(RunError::io(format!("running {}", script.display())))?;

@@ -283,30 +283,31 @@ pub(crate) mod tests {
 
     /// Inputs made from host binaries: /bin/busybox stands in for both the
     /// agent (any static ELF will do for building) and busybox, and a fake
-    /// ELF file for the kernel. Returns `None` without busybox-static.
-    pub(crate) fn fake_inputs(dir: &Path) -> Option<BuildInputs> {
+    /// ELF file for the kernel. Fails without busybox-static.
+    pub(crate) fn fake_inputs(dir: &Path) -> BuildInputs {
         let busybox = PathBuf::from("/bin/busybox");
-        if !busybox.exists() {
-            return None;
-        }
+        // scripts/setup installs busybox-static; without it the tests fail, never
+        // pass quietly.
+        assert!(
+            busybox.exists(),
+            "these tests need /bin/busybox (busybox-static)"
+        );
         let kernel = dir.join("vmlinux");
         let mut k = b"\x7fELF\x02\x01\x01".to_vec();
         k.resize(4096, 0xaa);
         std::fs::write(&kernel, k).unwrap();
-        Some(BuildInputs {
+        BuildInputs {
             kernel,
             agent: busybox.clone(),
             busybox,
             cmdline: None,
-        })
+        }
     }
 
     #[test]
     fn building_twice_gives_identical_artifacts() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(inputs) = fake_inputs(dir.path()) else {
-            return;
-        };
+        let inputs = fake_inputs(dir.path());
         let a = build(&inputs).unwrap();
         let b = build(&inputs).unwrap();
         assert_eq!(a.manifest.initramfs.sha256, b.manifest.initramfs.sha256);
@@ -321,9 +322,7 @@ pub(crate) mod tests {
     #[test]
     fn initramfs_has_init_console_and_applets() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(inputs) = fake_inputs(dir.path()) else {
-            return;
-        };
+        let inputs = fake_inputs(dir.path());
         let image = build(&inputs).unwrap();
         let entries = parse_newc(&image.initramfs).unwrap();
         let find = |p: &str| entries.iter().find(|e| e.path == p).unwrap().clone();
@@ -352,9 +351,7 @@ pub(crate) mod tests {
     #[test]
     fn a_dynamic_agent_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(mut inputs) = fake_inputs(dir.path()) else {
-            return;
-        };
+        let mut inputs = fake_inputs(dir.path());
         inputs.agent = PathBuf::from("/bin/ls");
         let err = build(&inputs).unwrap_err().to_string();
         assert!(err.contains("dynamically linked"), "{err}");
@@ -363,9 +360,7 @@ pub(crate) mod tests {
     #[test]
     fn a_non_elf_kernel_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let Some(mut inputs) = fake_inputs(dir.path()) else {
-            return;
-        };
+        let mut inputs = fake_inputs(dir.path());
         let bz = dir.path().join("bzImage");
         std::fs::write(&bz, b"MZ not elf").unwrap();
         inputs.kernel = bz;

@@ -16,13 +16,14 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Cap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
 use mvm_loader::kernel;
 use nix::sys::signal::{SigSet, Signal};
 use vm_memory::GuestAddress;
 
-use crate::arch::x86_64::{mptable, regs, zero_page};
+use crate::arch::x86_64::{cpuid, mptable, regs, zero_page};
 use crate::boot_report::{BootTimeline, Phase};
 use crate::cli::Args;
 use crate::config::{self, ConfigError, ConsoleTarget, HostLimits, VmConfig};
@@ -61,7 +62,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
 /// after the legacy devices are on the bus and before the command line is
 /// written: that is where virtio-mmio devices are added.
 pub fn run(
-    config: VmConfig,
+    mut config: VmConfig,
     timeline: Arc<BootTimeline>,
     attach_devices: impl FnOnce(&mut DeviceContext<'_>) -> Result<(), BootError>,
 ) -> Result<ExitReason, BootError> {
@@ -87,6 +88,11 @@ pub fn run(
         }
     };
     timeline.mark(Phase::KernelLoaded);
+    // The images are in guest memory now; their copies would stay resident for the VM's
+    // whole life (17 MiB for the default image). Freed here, before any filter forbids
+    // the munmap.
+    drop(std::mem::take(&mut config.kernel));
+    drop(config.initrd.take());
 
     let vm = Vm::new(memory)?;
     timeline.mark(Phase::VmCreated);
@@ -126,13 +132,16 @@ pub fn run(
     mptable::write(mem, config.vcpus).map_err(|e| BootError::BootState(e.to_string()))?;
     regs::write_boot_tables(mem).map_err(|e| BootError::BootState(e.to_string()))?;
 
-    let supported = vm
+    let mut supported = vm
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| BootError::Kvm {
             what: "KVM_GET_SUPPORTED_CPUID",
             source,
         })?;
+    if vm.kvm().check_extension(Cap::TscDeadlineTimer) {
+        cpuid::offer_tsc_deadline(&mut supported);
+    }
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(vm.fd(), index)?;

@@ -63,10 +63,41 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
             bytes: mem_bytes,
             why: "larger than this host's address space".to_string(),
         })?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Allocate {
+    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Allocate {
         bytes: mem_bytes,
         source,
-    })
+    })?;
+    for region in memory.iter() {
+        advise_huge_pages(region);
+    }
+    Ok(memory)
+}
+
+/// Asks for transparent huge pages on a guest memory region (`MADV_HUGEPAGE`).
+///
+/// Guest RAM is touched first by the VMM copying the kernel in, then by the guest
+/// itself; with 4 KiB pages each first touch is a host page fault, and under KVM a
+/// nested-paging fault too. With 2 MiB pages the kernel's 15 MiB load is a handful of
+/// faults instead of thousands, and KVM can map the guest with 2 MiB entries. What it
+/// costs: a page the guest touches brings in its whole 2 MiB, so the VMM's RSS grows
+/// towards the guest's size sooner. A host without THP (or with it set to `never`)
+/// refuses or ignores the advice; the VM then runs on small pages as before.
+fn advise_huge_pages(region: &vm_memory::GuestRegionMmap) {
+    let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+        return;
+    };
+    let Ok(len) = usize::try_from(region.len()) else {
+        return;
+    };
+    // SAFETY: [host, host + len) is the region's own live anonymous mapping; the advice
+    // changes how the kernel backs it, never its contents or its validity.
+    let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "MADV_HUGEPAGE refused; guest memory stays on small pages"
+        );
+    }
 }
 
 /// A KVM VM with its memory and in-kernel devices.

@@ -14,6 +14,8 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Leaf 0x1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 0x1 ECX: the local APIC timer has TSC-deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 0x1 EDX: more than one logical processor per package.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x6 ECX: energy performance bias (not virtualised).
@@ -106,6 +108,23 @@ fn topology_leaf(function: u32, index: u32, apic_id: u8, count: u8) -> kvm_cpuid
         ecx,
         edx: u32::from(apic_id),
         ..Default::default()
+    }
+}
+
+/// Adds the TSC-deadline timer (leaf 0x1 ECX bit 24) to KVM's supported CPUID.
+///
+/// KVM emulates it in the in-kernel local APIC whenever it reports
+/// `KVM_CAP_TSC_DEADLINE_TIMER`, but leaves the bit out of `KVM_GET_SUPPORTED_CPUID`
+/// for the VMM to set (the KVM API documentation says so). Without it Linux keeps the
+/// PIT as its clock event device: it checks the IO-APIC timer route at boot
+/// (`check_timer`, busy-waiting on PIT ticks) and takes a PIT interrupt every tick, each
+/// one a VM exit. With it the guest programs one-shot deadlines on its local APIC and
+/// never starts the PIT.
+pub fn offer_tsc_deadline(supported: &mut CpuId) {
+    for e in supported.as_mut_slice() {
+        if e.function == 0x1 {
+            e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+        }
     }
 }
 
@@ -214,6 +233,24 @@ mod tests {
             .iter()
             .find(|e| e.function == f && e.index == i)
             .unwrap()
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_on_leaf_1_only() {
+        let mut c = host(b"AuthenticAMD");
+        offer_tsc_deadline(&mut c);
+        assert_eq!(
+            get(&c, 1, 0).ecx & LEAF1_ECX_TSC_DEADLINE,
+            LEAF1_ECX_TSC_DEADLINE
+        );
+        let filtered = filter_cpuid(&c, 0, 1).unwrap();
+        assert_eq!(
+            get(&filtered, 1, 0).ecx & LEAF1_ECX_TSC_DEADLINE,
+            LEAF1_ECX_TSC_DEADLINE
+        );
+        for e in c.as_slice().iter().filter(|e| e.function != 1) {
+            assert_eq!(e.ecx & LEAF1_ECX_TSC_DEADLINE, 0, "leaf {:#x}", e.function);
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! and add it to [`all`].
 
 pub mod audit;
+pub mod bench_boot;
 pub mod blk;
 pub mod boot;
 pub mod hostile;
@@ -27,6 +28,7 @@ pub fn all() -> Vec<Case> {
         hostile::CASES,
         net::CASES,
         net::BENCH,
+        bench_boot::BENCH,
         selftest::CASES,
         tier::CASES,
     ]

@@ -6,6 +6,7 @@
 //! verity-pinned ext4 root with one changed block boots, the guest gets an I/O error
 //! for that block only, and the events file records the failure.
 
+use std::ffi::OsString;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -84,7 +85,7 @@ fn fresh_nonce(tag: &str) -> String {
 }
 
 /// What one verified launch uses: artifacts, the plan, and the files around it.
-struct Setup {
+pub(crate) struct Setup {
     kernel: PathBuf,
     initrd: Option<PathBuf>,
     cmdline: String,
@@ -98,9 +99,14 @@ impl Setup {
     /// A plan pinning the test kernel, initramfs and the `marker` mode's command line,
     /// valid from a minute ago for ten minutes.
     fn new(ctx: &Context, tag: &str) -> Result<Self, Failure> {
+        Self::for_mode(ctx, tag, MODE)
+    }
+
+    /// The same for the test guest's `mode` (`bench/boot` uses `reboot`).
+    pub(crate) fn for_mode(ctx: &Context, tag: &str, mode: &str) -> Result<Self, Failure> {
         let kernel = ctx.artifact(KERNEL_ELF)?;
         let initrd = ctx.artifact(INITRAMFS_TEST)?;
-        let cmdline = test_cmdline(MODE);
+        let cmdline = test_cmdline(mode);
         let digest = |p: &Path| {
             std::fs::read(p)
                 .map(|b| Sha256Digest::of(&b))
@@ -154,23 +160,33 @@ impl Setup {
     }
 
     /// Signs the plan with admission's key and writes the envelope.
-    fn signed(&self, ctx: &Context) -> Result<PathBuf, Failure> {
+    pub(crate) fn signed(&self, ctx: &Context) -> Result<PathBuf, Failure> {
         let signed = sign_plan(self.plan.clone(), &key(1)).map_err(|e| fail("sign plan", e))?;
         write_envelope(ctx, &signed.envelope)
+    }
+
+    /// The arguments that make `mvm-vmm` verify `envelope`: the plan, admission's key,
+    /// the replay store and the events file.
+    pub(crate) fn verify_args(&self, envelope: &Path) -> Vec<OsString> {
+        vec![
+            "--plan".into(),
+            envelope.into(),
+            "--trust".into(),
+            self.trust.clone().into(),
+            "--replay-store".into(),
+            self.replay.clone().into(),
+            "--events".into(),
+            self.events.clone().into(),
+        ]
     }
 
     fn launch(&self, ctx: &Context, envelope: &Path) -> Result<VmLaunch, Failure> {
         let mut launch = VmLaunch::new(ctx.artifact(VMM)?, self.kernel.clone(), &ctx.work)
             .cmdline(&self.cmdline)
-            .with_boot_report()
-            .arg("--plan")
-            .arg(envelope)
-            .arg("--trust")
-            .arg(&self.trust)
-            .arg("--replay-store")
-            .arg(&self.replay)
-            .arg("--events")
-            .arg(&self.events);
+            .with_boot_report();
+        for arg in self.verify_args(envelope) {
+            launch = launch.arg(arg);
+        }
         if let Some(initrd) = &self.initrd {
             launch = launch.initrd(initrd.clone());
         }

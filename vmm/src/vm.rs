@@ -4,8 +4,9 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
 };
 
@@ -35,11 +36,11 @@ pub enum VmError {
     },
     /// mmap of guest memory failed.
     #[error("allocating {bytes} bytes of guest memory failed: {source}")]
-    Allocate {
+    Map {
         /// Requested bytes.
         bytes: u64,
         /// The error.
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
 }
 
@@ -63,14 +64,84 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
             bytes: mem_bytes,
             why: "larger than this host's address space".to_string(),
         })?;
-    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Allocate {
-        bytes: mem_bytes,
-        source,
-    })?;
-    for region in memory.iter() {
-        advise_huge_pages(region);
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (base, len) in ranges {
+        let host = map_aligned(len).map_err(|source| VmError::Map {
+            bytes: mem_bytes,
+            source,
+        })?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: [host, host + len) is a private anonymous mapping made just above, of
+        // exactly `len` bytes, that nothing else refers to. It is never unmapped: the VMM
+        // runs one VM and the mapping ends with the process.
+        let mapping = unsafe {
+            MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .with_raw_mmap_pointer(host)
+        }
+        .build()
+        .map_err(|e| VmError::BadMemorySize {
+            bytes: mem_bytes,
+            why: format!("guest memory region: {e}"),
+        })?;
+        let region = GuestRegionMmap::new(mapping, base).ok_or_else(|| VmError::BadMemorySize {
+            bytes: mem_bytes,
+            why: "a region wraps the guest address space".to_string(),
+        })?;
+        advise_huge_pages(&region);
+        regions.push(region);
     }
-    Ok(memory)
+    GuestMemoryMmap::from_regions(regions).map_err(|e| VmError::BadMemorySize {
+        bytes: mem_bytes,
+        why: format!("guest memory regions: {e}"),
+    })
+}
+
+/// The alignment of guest RAM in the VMM's address space: one huge page.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `len` bytes of anonymous memory starting on a [`HUGE_PAGE`] boundary.
+///
+/// Guest RAM starts on huge-page boundaries in guest-physical space (0, 4 GiB); a host
+/// mapping on the same boundary lets each 2 MiB of the guest be one transparent huge
+/// page and KVM map it with one 2 MiB nested-paging entry. `mmap` alone only promises
+/// 4 KiB alignment, so this maps `len + HUGE_PAGE` and unmaps the unaligned head and tail.
+fn map_aligned(len: usize) -> Result<*mut u8, std::io::Error> {
+    let total = len
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks; nothing
+    // is overwritten.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let head = aligned - start;
+    let tail = total - head - len;
+    // SAFETY: both ranges lie inside the mapping made above, outside the aligned `len`
+    // bytes that are kept, and are page-aligned (mmap returns page-aligned addresses,
+    // `aligned` and `len` are multiples of the page size).
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    Ok(aligned as *mut u8)
 }
 
 /// Asks for transparent huge pages on a guest memory region (`MADV_HUGEPAGE`).
@@ -82,7 +153,7 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, VmError> {
 /// costs: a page the guest touches brings in its whole 2 MiB, so the VMM's RSS grows
 /// towards the guest's size sooner. A host without THP (or with it set to `never`)
 /// refuses or ignores the advice; the VM then runs on small pages as before.
-fn advise_huge_pages(region: &vm_memory::GuestRegionMmap) {
+fn advise_huge_pages(region: &GuestRegionMmap) {
     let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
         return;
     };
@@ -185,6 +256,26 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_ram_starts_on_a_huge_page_in_the_vmm() {
+        for mib in [1u64, 3, 128, 129] {
+            let mem = create_guest_memory(mib << 20).unwrap();
+            for region in mem.iter() {
+                let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+                assert_eq!(host as usize % HUGE_PAGE, 0, "{mib} MiB");
+                assert_eq!(region.len(), mib << 20);
+            }
+            // Every byte is usable.
+            use vm_memory::Bytes;
+            mem.write_obj(0xa5u8, GuestAddress((mib << 20) - 1))
+                .unwrap();
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress((mib << 20) - 1)).unwrap(),
+                0xa5
+            );
+        }
+    }
 
     #[test]
     fn memory_follows_the_layout() {

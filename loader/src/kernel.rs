@@ -6,11 +6,11 @@
 //! copies it into guest memory with `linux-loader` and returns the 64-bit entry
 //! point. [`place_initrd`] picks the initramfs address, [`load_initrd`] copies it.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read, Seek};
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::bytes::{le_u16, le_u32, le_u64};
 
@@ -140,6 +140,9 @@ pub enum KernelError {
         /// Highest address (exclusive) the initramfs may reach.
         ceiling: u64,
     },
+    /// The image's file could not be read.
+    #[error("reading the image failed: {0}")]
+    Read(#[source] std::io::Error),
     /// Writing the initramfs into guest memory failed.
     #[error("writing the initramfs at {addr:#x} into guest memory failed: {source}")]
     InitrdWrite {
@@ -153,27 +156,37 @@ pub enum KernelError {
 /// Parses an image's headers: which format, and the guest-physical range it
 /// needs. Pure; the fuzz target for kernel images.
 pub fn inspect_kernel(image: &[u8]) -> Result<KernelInfo, KernelError> {
-    let size = u64::try_from(image.len()).unwrap_or(u64::MAX);
-    if size == 0 {
+    inspect_kernel_header(image, u64::try_from(image.len()).unwrap_or(u64::MAX))
+}
+
+/// How much of a kernel file [`inspect_kernel_header`] is given: the ELF header and
+/// program headers, or the bzImage setup header, lie in it.
+pub const KERNEL_HEADER_PREFIX: usize = 64 << 10;
+
+/// [`inspect_kernel`] from the first bytes `head` of a file of `file_len` bytes (for a
+/// kernel loaded straight from its file): every header read comes from `head`, every
+/// range is checked against `file_len`. Headers that lie beyond `head` are refused.
+pub fn inspect_kernel_header(head: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
+    if file_len == 0 || head.is_empty() {
         return Err(KernelError::Empty);
     }
-    if size > MAX_KERNEL_SIZE {
+    if file_len > MAX_KERNEL_SIZE {
         return Err(KernelError::TooLarge {
-            size,
+            size: file_len,
             max: MAX_KERNEL_SIZE,
         });
     }
-    if image.starts_with(&ELF_MAGIC) {
-        return inspect_elf(image);
+    if head.starts_with(&ELF_MAGIC) {
+        return inspect_elf(head, file_len);
     }
-    if le_u32(image, BZ_HEADER) == Some(BZ_HDRS_MAGIC) {
-        return inspect_bzimage(image);
+    if le_u32(head, BZ_HEADER) == Some(BZ_HDRS_MAGIC) {
+        return inspect_bzimage(head, file_len);
     }
-    let first_bytes = image.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let first_bytes = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
     Err(KernelError::UnknownFormat { first_bytes })
 }
 
-fn inspect_elf(image: &[u8]) -> Result<KernelInfo, KernelError> {
+fn inspect_elf(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
     let bad = |why: &str| KernelError::BadElf(why.to_string());
     if image.len() < ELF64_EHDR_SIZE {
         return Err(bad("shorter than an ELF64 header"));
@@ -208,7 +221,16 @@ fn inspect_elf(image: &[u8]) -> Result<KernelInfo, KernelError> {
             .ok_or_else(|| bad("program header offset overflows"))?;
         let phdr = image
             .get(at..at.saturating_add(ELF64_PHDR_SIZE))
-            .ok_or_else(|| KernelError::BadElf(format!("program header {i} past end of file")))?;
+            .ok_or_else(|| {
+                if u64::try_from(image.len()).unwrap_or(u64::MAX) < file_len {
+                    KernelError::BadElf(format!(
+                        "program header {i} lies beyond the first {} bytes",
+                        image.len()
+                    ))
+                } else {
+                    KernelError::BadElf(format!("program header {i} past end of file"))
+                }
+            })?;
         if le_u32(phdr, 0) != Some(PT_LOAD) {
             continue;
         }
@@ -217,7 +239,7 @@ fn inspect_elf(image: &[u8]) -> Result<KernelInfo, KernelError> {
         let file_end = offset
             .checked_add(filesz)
             .ok_or_else(|| bad("segment file range overflows"))?;
-        if file_end > u64::try_from(image.len()).unwrap_or(u64::MAX) {
+        if file_end > file_len {
             return Err(KernelError::BadElf(format!(
                 "segment {i} file range ends at {file_end:#x}, past the end of the file"
             )));
@@ -238,7 +260,7 @@ fn inspect_elf(image: &[u8]) -> Result<KernelInfo, KernelError> {
     })
 }
 
-fn inspect_bzimage(image: &[u8]) -> Result<KernelInfo, KernelError> {
+fn inspect_bzimage(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
     let bad = |why: String| KernelError::BadBzImage(why);
     let field_missing = || bad("truncated setup header".to_string());
     if le_u16(image, BZ_BOOT_FLAG) != Some(0xaa55) {
@@ -265,7 +287,7 @@ fn inspect_bzimage(image: &[u8]) -> Result<KernelInfo, KernelError> {
         n => u64::from(n),
     };
     let setup_len = (setup_sects + 1) * 512;
-    let image_len = u64::try_from(image.len()).unwrap_or(u64::MAX);
+    let image_len = file_len;
     let payload_len = image_len.checked_sub(setup_len).ok_or_else(|| {
         bad(format!(
             "file of {image_len} bytes is shorter than its {setup_len}-byte setup"
@@ -305,16 +327,29 @@ pub fn load_kernel<M: GuestMemoryBackend>(
     highmem_start: GuestAddress,
 ) -> Result<LoadedKernel, KernelError> {
     let info = inspect_kernel(image)?;
-    let mut cursor = Cursor::new(image);
+    load_kernel_from(mem, &mut Cursor::new(image), &info, highmem_start)
+}
+
+/// Loads the kernel that `info` describes from `source` (its bytes, or its file: the
+/// segments are read straight into guest memory, with no copy in between).
+pub fn load_kernel_from<M, F>(
+    mem: &M,
+    source: &mut F,
+    info: &KernelInfo,
+    highmem_start: GuestAddress,
+) -> Result<LoadedKernel, KernelError>
+where
+    M: GuestMemoryBackend,
+    F: Read + ReadVolatile + Seek,
+{
     match info.format {
         KernelFormat::Elf => {
-            let result =
-                Elf::load(mem, None, &mut cursor, Some(highmem_start)).map_err(|source| {
-                    KernelError::Load {
-                        format: info.format,
-                        source,
-                    }
-                })?;
+            let result = Elf::load(mem, None, source, Some(highmem_start)).map_err(|source| {
+                KernelError::Load {
+                    format: info.format,
+                    source,
+                }
+            })?;
             Ok(LoadedKernel {
                 format: info.format,
                 entry: result.kernel_load,
@@ -326,7 +361,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
             let result = BzImage::load(
                 mem,
                 Some(GuestAddress(BZIMAGE_LOAD_ADDRESS)),
-                &mut cursor,
+                source,
                 Some(highmem_start),
             )
             .map_err(|source| KernelError::Load {
@@ -375,8 +410,29 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     ceiling: u64,
 ) -> Result<GuestAddress, KernelError> {
     let size = u64::try_from(initrd.len()).unwrap_or(u64::MAX);
+    load_initrd_from(mem, &mut &initrd[..], size, kernel_end, ceiling)
+}
+
+/// Places an initramfs of `size` bytes with [`place_initrd`] and reads it from `source`
+/// straight into `mem`; returns its guest address. Fewer than `size` bytes is an error.
+pub fn load_initrd_from<M, F>(
+    mem: &M,
+    source: &mut F,
+    size: u64,
+    kernel_end: u64,
+    ceiling: u64,
+) -> Result<GuestAddress, KernelError>
+where
+    M: GuestMemoryBackend,
+    F: ReadVolatile,
+{
     let addr = place_initrd(size, kernel_end, ceiling)?;
-    mem.write_slice(initrd, GuestAddress(addr))
+    let len = usize::try_from(size).map_err(|_| KernelError::InitrdDoesNotFit {
+        size,
+        kernel_end,
+        ceiling,
+    })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), source, len)
         .map_err(|source| KernelError::InitrdWrite { addr, source })?;
     Ok(GuestAddress(addr))
 }
@@ -514,6 +570,64 @@ mod tests {
         let header = { k.setup_header.unwrap().header };
         assert_eq!(header, BZ_HDRS_MAGIC);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0xab);
+    }
+
+    #[test]
+    fn a_header_prefix_says_what_the_whole_image_says() {
+        let mut elf = tiny_elf(0x100_0000, &[0x90; 16], 0x1000);
+        elf.resize(200_000, 0xcc);
+        let len = elf.len() as u64;
+        let whole = inspect_kernel(&elf).unwrap();
+        let head = inspect_kernel_header(&elf[..KERNEL_HEADER_PREFIX], len).unwrap();
+        assert_eq!(
+            (whole.format, whole.load_start, whole.load_end),
+            (head.format, head.load_start, head.load_end)
+        );
+        let bz = tiny_bzimage(100_000);
+        let whole = inspect_kernel(&bz).unwrap();
+        let head = inspect_kernel_header(&bz[..4096], bz.len() as u64).unwrap();
+        assert_eq!(whole.load_end, head.load_end);
+        // A segment that ends past the file is refused from the prefix too.
+        assert!(inspect_kernel_header(&elf[..KERNEL_HEADER_PREFIX], 100).is_err());
+        // Program headers beyond the prefix are refused, naming why.
+        let err = inspect_kernel_header(&elf[..40], len).unwrap_err();
+        assert!(matches!(err, KernelError::BadElf(_)), "{err}");
+        assert!(matches!(
+            inspect_kernel_header(&[], 10),
+            Err(KernelError::Empty)
+        ));
+        assert!(matches!(
+            inspect_kernel_header(&elf[..64], MAX_KERNEL_SIZE + 1),
+            Err(KernelError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn loads_straight_from_a_file() {
+        use std::io::Write;
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let code = [0x0f, 0x0b, 0xf4];
+        let elf = tiny_elf(0x100_0000, &code, 0x1000);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&elf).unwrap();
+        let info = inspect_kernel(&elf).unwrap();
+        let k = load_kernel_from(&mem, &mut file, &info, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(k.entry, GuestAddress(0x100_0000));
+        let mut back = [0u8; 3];
+        mem.read_slice(&mut back, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(back, code);
+
+        let mut initrd = tempfile::tempfile().unwrap();
+        initrd.write_all(b"070701").unwrap();
+        std::io::Seek::rewind(&mut initrd).unwrap();
+        let at = load_initrd_from(&mem, &mut initrd, 6, 0x110_0000, 32 << 20).unwrap();
+        let mut back = [0u8; 6];
+        mem.read_slice(&mut back, at).unwrap();
+        assert_eq!(&back, b"070701");
+        // A file shorter than its stated size is an error, not a short initramfs.
+        std::io::Seek::rewind(&mut initrd).unwrap();
+        assert!(load_initrd_from(&mem, &mut initrd, 4096, 0x110_0000, 32 << 20).is_err());
     }
 
     #[test]

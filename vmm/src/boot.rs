@@ -19,7 +19,6 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Cap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
-use mvm_loader::kernel;
 use nix::sys::signal::{SigSet, Signal};
 use vm_memory::GuestAddress;
 
@@ -32,6 +31,7 @@ use crate::devices::{self, legacy, vsock, DeviceContext, OpenDevices};
 use crate::error::{host_err, BootError};
 use crate::event_log::{self, EventLog};
 use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
+use crate::image::Image;
 use crate::layout;
 use crate::vcpu::{Vcpu, VcpuContext, VmEvent, VmStopper};
 use crate::verified_boot::{self, BootPlan, Refusal};
@@ -73,24 +73,31 @@ pub fn run(
 
     // Memory and kernel first: no VM exists until the kernel is in place.
     let memory = vm::create_guest_memory(config.mem_bytes)?;
-    let loaded = kernel::load_kernel(&memory, &config.kernel, GuestAddress(layout::HIMEM_START))
+    let loaded = config
+        .kernel
+        .load_kernel(
+            &memory,
+            &config.kernel_info,
+            GuestAddress(layout::HIMEM_START),
+        )
         .map_err(kernel_err)?;
-    let initrd = match &config.initrd {
+    let initrd = match config.initrd.as_mut() {
         None => None,
-        Some(bytes) => {
+        Some(image) => {
             let ceiling = layout::low_ram_end(config.mem_bytes);
-            let addr =
-                kernel::load_initrd(&memory, bytes, loaded.end, ceiling).map_err(kernel_err)?;
+            let addr = image
+                .load_initrd(&memory, loaded.end, ceiling)
+                .map_err(kernel_err)?;
             Some(zero_page::InitrdLocation {
                 addr: addr.0,
-                size: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+                size: image.len(),
             })
         }
     };
     timeline.mark(Phase::KernelLoaded);
-    // The images are in guest memory now; their copies would stay resident for the VM's
-    // whole life (17 MiB for the default image). Freed here, before any filter forbids
-    // the munmap.
+    // The images are in guest memory now; their copies (or open files) would stay for
+    // the VM's whole life (17 MiB for the default image). Freed here, before any filter
+    // forbids the munmap.
     drop(std::mem::take(&mut config.kernel));
     drop(config.initrd.take());
 
@@ -376,13 +383,10 @@ fn boot_and_supervise(
             .saturating_add(devices.max_threads()),
         vcpus: u64::from(config.vcpus),
         mem_bytes: config.mem_bytes,
-        image_bytes: u64::try_from(
-            config
-                .kernel
-                .len()
-                .saturating_add(config.initrd.as_ref().map_or(0, Vec::len)),
-        )
-        .unwrap_or(u64::MAX),
+        image_bytes: config
+            .kernel
+            .len()
+            .saturating_add(config.initrd.as_ref().map_or(0, Image::len)),
     };
     let state = crate::jail::start(&args.jail, &jail).map_err(|e| Stop::Failed(e.to_string()))?;
     tracing::debug!(?state, "jail entered");

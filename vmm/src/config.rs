@@ -15,12 +15,12 @@
 //!   through `mvm_loader::limits` (the runtime admits against the same functions),
 //!   memory against the host's MemAvailable unless `MVM_ALLOW_MEM_OVERCOMMIT=1`.
 //!
-//! Then the kernel and initramfs are read once (what is measured is what is booted)
-//! and checked against the memory size, the command line is checked, and the console
-//! log is created.
+//! Then the kernel and initramfs are read once (what is measured is what is booted;
+//! with `--dev`, where nothing is measured, they are opened and their headers read, and
+//! the load reads them straight into guest memory: [`crate::image`]) and checked against
+//! the memory size, the command line is checked, and the console log is created.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -31,6 +31,7 @@ use mvm_loader::plan::Plan;
 use crate::cli::Args;
 use crate::devices;
 use crate::error::PlanDisagreement;
+use crate::image::Image;
 use crate::layout;
 
 /// vCPUs without `--vcpus` and without a plan.
@@ -54,12 +55,14 @@ pub enum ConsoleTarget {
 pub struct VmConfig {
     /// Where the kernel came from (for messages).
     pub kernel_path: PathBuf,
-    /// The kernel image bytes.
-    pub kernel: Vec<u8>,
+    /// The kernel image: its bytes with a plan, its open file with `--dev`.
+    pub kernel: Image,
     /// What the kernel's headers say.
     pub kernel_info: KernelInfo,
-    /// The initramfs bytes, if any.
-    pub initrd: Option<Vec<u8>>,
+    /// Where the initramfs came from (for messages).
+    pub initrd_path: Option<PathBuf>,
+    /// The initramfs, if any (bytes or open file, as the kernel).
+    pub initrd: Option<Image>,
     /// The kernel command line, as given.
     pub cmdline: String,
     /// vCPU count, 1..=`limits::MAX_VCPUS`.
@@ -319,28 +322,9 @@ pub fn resolve(
     if let Some(plan) = plan {
         devices::check_plan(&args.devices, plan)?;
     }
-    Ok(validate(args, &resources)?)
-}
-
-/// Reads `path` if it holds at most `max` bytes; returns the bytes (none if
-/// the file is larger) and the file size.
-fn read_bounded(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, u64)> {
-    let file = File::open(path)?;
-    let size = file.metadata()?.len();
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    let mut bytes = Vec::new();
-    if size <= max {
-        // One allocation of the stated size (bounded by `max`) instead of
-        // doubling; a file that grows meanwhile is still cut at `max + 1`.
-        bytes.reserve_exact(usize::try_from(size).unwrap_or(0));
-        file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
-    }
-    Ok((bytes, size))
+    // With a plan the images are read whole, to be measured; with --dev they stay open
+    // files, read straight into guest memory.
+    Ok(validate(args, &resources, plan.is_some())?)
 }
 
 /// Creates the boot report file (done first, so that the report can record a
@@ -368,16 +352,24 @@ fn check_cmdline(cmdline: &str) -> Result<(), ArgError> {
 }
 
 /// Reads and checks what `args` name for settled `resources`: the kernel and
-/// initramfs (so that what is checked is what is booted) against the memory size, the
-/// command line; creates the console log.
-fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
+/// initramfs (read `whole` when a plan will measure them, so that what is checked is what
+/// is booted; else opened, their headers read) against the memory size, the command
+/// line; creates the console log.
+fn validate(args: &Args, resources: &Resources, whole: bool) -> Result<VmConfig, ArgError> {
     let origin = resources.mem_origin;
     let mib = resources.mem_mib;
     let mem_bytes = resources.mem_bytes();
 
     let kernel_path = args.kernel.clone();
+    let get = |path: &Path, max| {
+        if whole {
+            Image::read(path, max)
+        } else {
+            Image::open(path)
+        }
+    };
     let (kernel, size) =
-        read_bounded(&kernel_path, MAX_KERNEL_SIZE).map_err(|source| ArgError::KernelRead {
+        get(&kernel_path, MAX_KERNEL_SIZE).map_err(|source| ArgError::KernelRead {
             path: kernel_path.clone(),
             source,
         })?;
@@ -391,7 +383,7 @@ fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
             max: MAX_KERNEL_SIZE,
         }));
     }
-    let kernel_info = kernel::inspect_kernel(&kernel).map_err(kernel_err)?;
+    let kernel_info = kernel.inspect_kernel().map_err(kernel_err)?;
     if kernel_info.load_start < layout::HIMEM_START {
         return Err(kernel_err(KernelError::BadElf(format!(
             "loads at {:#x}, below {:#x}",
@@ -416,8 +408,8 @@ fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
     let initrd = match &args.initrd {
         None => None,
         Some(path) => {
-            let (bytes, size) =
-                read_bounded(path, MAX_INITRD_SIZE).map_err(|source| ArgError::InitrdRead {
+            let (image, size) =
+                get(path, MAX_INITRD_SIZE).map_err(|source| ArgError::InitrdRead {
                     path: path.clone(),
                     source,
                 })?;
@@ -436,7 +428,7 @@ fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
                     path.display()
                 ),
             })?;
-            Some(bytes)
+            Some(image)
         }
     };
 
@@ -456,6 +448,7 @@ fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
         kernel_path,
         kernel,
         kernel_info,
+        initrd_path: args.initrd.clone(),
         initrd,
         cmdline: args.cmdline.clone(),
         vcpus: resources.vcpus,
@@ -560,6 +553,28 @@ pub(crate) mod tests {
         assert_eq!(cfg.vcpus, 1);
         assert_eq!(cfg.mem_bytes, 128 << 20);
         assert_eq!(cfg.kernel_info.load_end, 0x110_0000);
+    }
+
+    #[test]
+    fn dev_keeps_the_files_open_and_a_plan_reads_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = elf_file(dir.path());
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, b"070701").unwrap();
+        let mut a = args(&k);
+        a.initrd = Some(initrd);
+        let dev = validate_dev(&a).unwrap();
+        assert!(
+            matches!(dev.kernel, Image::File { len: 121, .. }),
+            "{:?}",
+            dev.kernel
+        );
+        assert!(matches!(dev.initrd, Some(Image::File { len: 6, .. })));
+        assert_eq!(dev.kernel_info.load_end, 0x110_0000);
+        let plan = plan_for(&k, &a.cmdline);
+        let signed = resolve(&a, Some(&plan), &HOST).unwrap();
+        assert!(matches!(&signed.kernel, Image::Bytes(b) if b.len() == 121));
+        assert!(matches!(&signed.initrd, Some(Image::Bytes(b)) if b == b"070701"));
     }
 
     #[test]

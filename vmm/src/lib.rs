@@ -24,6 +24,7 @@ pub mod devices;
 pub mod error;
 pub mod event_log;
 pub mod exit;
+pub mod image;
 pub mod jail;
 pub mod layout;
 pub mod seccomp;

@@ -38,6 +38,7 @@ use crate::config::VmConfig;
 use crate::devices::blk::OpenDisk;
 use crate::error::PlanDisagreement;
 use crate::event_log::EventLog;
+use crate::image::Image;
 
 /// Largest envelope file read.
 const MAX_ENVELOPE_FILE: u64 = 256 * 1024;
@@ -383,16 +384,35 @@ pub fn measure(
     events: &EventLog,
 ) -> Result<(), Refusal> {
     let artifacts = &plan.verified.plan.artifacts;
-    let kernel = MeasuredArtifact::from_bytes("kernel", std::mem::take(&mut config.kernel))
+    let unreadable = |artifact: &str, path: Option<&PathBuf>| {
+        let (artifact, path) = (artifact.to_owned(), path.cloned().unwrap_or_default());
+        move |source| {
+            Refusal::Measure(MeasureError::Read {
+                artifact,
+                path,
+                source,
+            })
+        }
+    };
+    let kernel_bytes = std::mem::take(&mut config.kernel)
+        .into_bytes()
+        .map_err(unreadable("kernel", Some(&config.kernel_path)))?;
+    let kernel = MeasuredArtifact::from_bytes("kernel", kernel_bytes)
         .verify(&artifacts.kernel)
         .map_err(Refusal::Measure)?;
-    config.kernel = kernel.into_bytes();
-    match (&artifacts.initramfs, config.initrd.take()) {
+    config.kernel = Image::Bytes(kernel.into_bytes());
+    let given = config
+        .initrd
+        .take()
+        .map(Image::into_bytes)
+        .transpose()
+        .map_err(unreadable("initramfs", config.initrd_path.as_ref()))?;
+    match (&artifacts.initramfs, given) {
         (Some(want), Some(bytes)) => {
             let initrd = MeasuredArtifact::from_bytes("initramfs", bytes)
                 .verify(want)
                 .map_err(Refusal::Measure)?;
-            config.initrd = Some(initrd.into_bytes());
+            config.initrd = Some(Image::Bytes(initrd.into_bytes()));
         }
         (None, None) => {}
         (want, given) => {

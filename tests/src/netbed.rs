@@ -173,71 +173,6 @@ impl Drop for HostTap {
     }
 }
 
-/// A newc cpio archive built in memory.
-#[derive(Debug, Default)]
-pub struct Cpio {
-    buf: Vec<u8>,
-    ino: u32,
-}
-
-/// `S_IFDIR | 0755`.
-const MODE_DIR: u32 = 0o040_755;
-/// `S_IFREG | 0755`.
-const MODE_EXEC: u32 = 0o100_755;
-/// `S_IFCHR | 0600`.
-const MODE_CHAR: u32 = 0o020_600;
-
-impl Cpio {
-    fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
-            self.buf.push(0);
-        }
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
-        let size = u32::try_from(data.len())
-            .map_err(|_| io::Error::other(format!("{name} too big for newc")))?;
-        let namesize = u32::try_from(name.len().saturating_add(1))
-            .map_err(|_| io::Error::other("name too long"))?;
-        self.ino = self.ino.saturating_add(1);
-        let fields = [
-            self.ino, mode, 0, 0, 1, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0,
-        ];
-        self.buf.extend_from_slice(b"070701");
-        for field in fields {
-            self.buf
-                .extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        self.buf.extend_from_slice(name.as_bytes());
-        self.buf.push(0);
-        self.pad();
-        self.buf.extend_from_slice(data);
-        self.pad();
-        Ok(())
-    }
-
-    /// A directory.
-    pub fn dir(&mut self, name: &str) -> io::Result<()> {
-        self.entry(name, MODE_DIR, (0, 0), &[])
-    }
-
-    /// An executable file.
-    pub fn exec(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
-        self.entry(name, MODE_EXEC, (0, 0), data)
-    }
-
-    /// A character device node.
-    pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) -> io::Result<()> {
-        self.entry(name, MODE_CHAR, (major, minor), &[])
-    }
-
-    /// The archive with its trailer.
-    pub fn finish(mut self) -> io::Result<Vec<u8>> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
-        Ok(self.buf)
-    }
-}
-
 /// Where the machine running the cases keeps a static busybox (the test host's own).
 pub const BUSYBOX: &str = "/bin/busybox";
 
@@ -264,24 +199,45 @@ ip route add default via {GATEWAY}
 }
 
 /// Writes a guest initramfs to `out`: busybox and `script` as `/init` (ending with a
-/// reboot, which ends the VMM), and `/dev/console`.
-pub fn write_guest_initramfs(out: &Path, script: &str) -> Result<(), Failure> {
-    let busybox = std::fs::read(BUSYBOX)
-        .map_err(|e| Failure::new(format!("cannot read {BUSYBOX} for the guest: {e}")))?;
-    let init = format!("{script}\nsay done\nsync\nreboot -f\n");
-    let build = || -> io::Result<Vec<u8>> {
-        let mut cpio = Cpio::default();
-        for dir in ["bin", "dev", "proc", "sys", "tmp"] {
-            cpio.dir(dir)?;
-        }
-        cpio.char_dev("dev/console", 5, 1)?;
-        cpio.exec("bin/busybox", &busybox)?;
-        cpio.exec("init", init.as_bytes())?;
-        cpio.finish()
-    };
-    let bytes = build().map_err(|e| Failure::new(format!("guest initramfs: {e}")))?;
-    std::fs::write(out, bytes)
-        .map_err(|e| Failure::new(format!("cannot write {}: {e}", out.display())))
+/// reboot, which ends the VMM), and `/dev/console`. The archive is written by `mvm`
+/// (`mvm __cpio`, the runtime's own newc writer, as for every other initramfs the suite
+/// boots), from a tree staged in `stage`.
+pub fn write_guest_initramfs(
+    mvm: &Path,
+    stage: &Path,
+    out: &Path,
+    script: &str,
+) -> Result<(), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: &str, e: io::Error| Failure::new(format!("guest initramfs: {what}: {e}"));
+    let _ = std::fs::remove_dir_all(stage);
+    for dir in ["bin", "dev", "proc", "sys", "tmp"] {
+        std::fs::create_dir_all(stage.join(dir)).map_err(|e| fail(dir, e))?;
+    }
+    std::fs::copy(BUSYBOX, stage.join("bin/busybox"))
+        .map_err(|e| fail(&format!("copy {BUSYBOX}"), e))?;
+    let init = stage.join("init");
+    std::fs::write(&init, format!("{script}\nsay done\nsync\nreboot -f\n"))
+        .map_err(|e| fail("write /init", e))?;
+    for exec in [stage.join("bin/busybox"), init] {
+        std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| fail("chmod", e))?;
+    }
+    let status = std::process::Command::new(mvm)
+        .arg("__cpio")
+        .arg("--dev-console")
+        .arg(stage)
+        .arg(out)
+        .status()
+        .map_err(|e| fail(&format!("run {}", mvm.display()), e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Failure::new(format!(
+            "guest initramfs: {} __cpio exited with {status}",
+            mvm.display()
+        )))
+    }
 }
 
 /// The `NET: <key> ...` line the guest printed, without the prefix and key.
@@ -297,25 +253,6 @@ pub fn said<'a>(console: &'a str, key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpio_entries_are_newc_and_aligned() {
-        let mut c = Cpio::default();
-        c.dir("bin").unwrap();
-        c.exec("init", b"#!/bin/sh\n").unwrap();
-        c.char_dev("dev/console", 5, 1).unwrap();
-        let bytes = c.finish().unwrap();
-        assert_eq!(bytes.len() % 4, 0);
-        assert!(bytes.starts_with(b"070701"));
-        let text = String::from_utf8_lossy(&bytes);
-        // Mode of the console node, then its rdev 5:1.
-        assert!(text.contains(&format!("{:08x}", 0o020_600)));
-        assert!(text.contains("0000000500000001"));
-        assert!(text.contains("TRAILER!!!"));
-        // The script's data follows its name, 4-byte aligned: header 110 + "init\0" = 115 -> 116.
-        let at = text.find("init\0").unwrap();
-        assert_eq!(&bytes[at + 6..at + 16], b"#!/bin/sh\n");
-    }
 
     #[test]
     fn said_finds_the_keyed_line() {

@@ -77,7 +77,8 @@ fn guest(
 ) -> Result<VmLaunch, Failure> {
     let policy = policy.map_or_else(|| "off".to_owned(), |p| p.display().to_string());
     let initrd = ctx.work_file("net-guest.cpio");
-    write_guest_initramfs(&initrd, script)?;
+    let stage = ctx.work_file("net-guest");
+    write_guest_initramfs(&ctx.artifact("mvm")?, &stage, &initrd, script)?;
     Ok(VmLaunch::new(
         ctx.artifact(crate::case::VMM)?,
         ctx.artifact(KERNEL_ELF)?,

@@ -111,19 +111,8 @@ impl VmmProcess {
             .args(args)
             .stdin(Stdio::null())
             .stdout(log_file)
-            .stderr(log_err)
-            .process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls prctl(2), which is async-signal-safe; it touches no
-        // memory shared with the parent.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .stderr(log_err);
+        own_group_dies_with_us(&mut command);
         tracing::debug!("starting {} {}", vmm.display(), args.join(" "));
         let child = command.spawn().map_err(|e| RunError::VmmDied {
             reason: format!("cannot start {}: {e}", vmm.display()),
@@ -220,6 +209,24 @@ pub fn refusal_from_log(status: i32, log: &str) -> Option<RunError> {
 impl Drop for VmmProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Puts the child `command` will start in its own process group (a terminal's Ctrl-C
+/// reaches `mvm`, which stops the run in order, not the child directly) and has the
+/// kernel kill it when `mvm` dies (`PR_SET_PDEATHSIG`), so a killed `mvm` leaves no VMM
+/// or test host behind. Used for every VMM and QEMU the runtime starts.
+pub(crate) fn own_group_dies_with_us(command: &mut Command) {
+    command.process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // prctl(2), which is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -122,7 +122,6 @@ impl Drop for Qemu {
 }
 
 pub(super) fn spawn_qemu(qemu: &Path, args: &[String], log: &Path) -> Result<Qemu, RunError> {
-    use std::os::unix::process::CommandExt;
     let log_file =
         std::fs::File::create(log).map_err(RunError::io(format!("creating {}", log.display())))?;
     let mut command = Command::new(qemu);
@@ -130,18 +129,8 @@ pub(super) fn spawn_qemu(qemu: &Path, args: &[String], log: &Path) -> Result<Qem
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log_file)
-        .process_group(0);
-    // SAFETY: runs in the child between fork and exec and only calls
-    // prctl(2), which is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+        .stderr(log_file);
+    crate::backend::vmm_process::own_group_dies_with_us(&mut command);
     let child = command.spawn().map_err(|e| RunError::VmmDied {
         reason: format!("cannot start {}: {e}", qemu.display()),
         log: String::new(),

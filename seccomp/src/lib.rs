@@ -1,7 +1,10 @@
 //! One seccomp filter per `mvm-vmm` thread role, written as typed data.
 //!
-//! Each role's allow-list lives in [`roles`], one function per role, each syscall next to
-//! the reason that thread needs it. [`install`] compiles a role's list with seccompiler and
+//! A role ([`Role`]) is a name and an allow-list, each syscall next to the reason that
+//! thread needs it: the VMM's core threads' roles and the sets every thread shares are in
+//! [`roles`]; a device's role is written by the device's module in the VMM, so adding a
+//! device touches nothing here. `mvm-vmm --print-seccomp` prints every role ([`describe`]),
+//! and [`lint`] holds every role to the same rules. [`install`] compiles a role's list with seccompiler and
 //! loads it on the calling thread only (no TSYNC): every thread installs its own filter, and
 //! the main thread installs its filter last.
 //!
@@ -13,6 +16,8 @@
 //! names the culprit.
 
 pub mod ioctl;
+pub mod lint;
+pub mod names;
 pub mod roles;
 pub mod sigsys;
 
@@ -26,72 +31,46 @@ use seccompiler::{
 
 pub use sigsys::STATUS_SECCOMP_VIOLATION;
 
-/// The thread roles of `mvm-vmm`, one filter each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ThreadRole {
-    /// The main thread: setup, then supervision until the VM ends, then the exit report.
-    Main,
-    /// The thread that waits for SIGINT/SIGTERM/SIGHUP and turns them into a VM exit.
-    Signals,
-    /// A vCPU thread: the KVM_RUN loop; PIO/MMIO exits are dispatched on this thread.
-    Vcpu,
-    /// The thread feeding the VMM's stdin to the guest's serial port.
-    ConsoleInput,
-    /// A virtio-blk device thread.
-    Blk,
-    /// The virtio-vsock device thread (the host end is a Unix socket).
-    Vsock,
-    /// The virtio-net device thread (the host end is a tap).
-    Net,
+/// A thread role: its name and its allow-list. The VMM's core threads' roles are in
+/// [`roles`]; each device's role is declared by the device's own module in the VMM, on top
+/// of [`roles::device_thread`].
+#[derive(Clone, Copy)]
+pub struct Role {
+    /// The role's short name (`MVM_TEST_SECCOMP_VIOLATE`, `--print-seccomp`, reports).
+    pub name: &'static str,
+    allowed: fn() -> Vec<Allowed>,
 }
 
-impl ThreadRole {
-    /// Every role, in the order `--print-seccomp` lists them.
-    pub const ALL: [ThreadRole; 7] = [
-        ThreadRole::Main,
-        ThreadRole::Signals,
-        ThreadRole::Vcpu,
-        ThreadRole::ConsoleInput,
-        ThreadRole::Blk,
-        ThreadRole::Vsock,
-        ThreadRole::Net,
-    ];
-
-    /// The role's short name (`MVM_TEST_SECCOMP_VIOLATE`, `--print-seccomp`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadRole::Main => "main",
-            ThreadRole::Signals => "signals",
-            ThreadRole::Vcpu => "vcpu",
-            ThreadRole::ConsoleInput => "console-input",
-            ThreadRole::Blk => "blk",
-            ThreadRole::Vsock => "vsock",
-            ThreadRole::Net => "net",
-        }
-    }
-
-    /// The role named `name`, if any.
-    pub fn from_name(name: &str) -> Option<ThreadRole> {
-        ThreadRole::ALL.into_iter().find(|r| r.name() == name)
+impl Role {
+    /// The role `name`, allowed what `allowed` lists.
+    pub const fn new(name: &'static str, allowed: fn() -> Vec<Allowed>) -> Role {
+        Role { name, allowed }
     }
 
     /// The role's allow-list.
-    pub fn allowed(self) -> Vec<Allowed> {
-        match self {
-            ThreadRole::Main => roles::main(),
-            ThreadRole::Signals => roles::signals(),
-            ThreadRole::Vcpu => roles::vcpu(),
-            ThreadRole::ConsoleInput => roles::console_input(),
-            ThreadRole::Blk => roles::blk(),
-            ThreadRole::Vsock => roles::vsock(),
-            ThreadRole::Net => roles::net(),
-        }
+    pub fn allowed(&self) -> Vec<Allowed> {
+        (self.allowed)()
     }
 }
 
-impl fmt::Display for ThreadRole {
+impl PartialEq for Role {
+    /// Roles are told apart by name (a VMM never has two roles of one name: a test checks).
+    fn eq(&self, other: &Role) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Role {}
+
+impl fmt::Debug for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        write!(f, "Role({})", self.name)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
     }
 }
 
@@ -189,16 +168,16 @@ pub enum SeccompError {
     /// seccompiler refused the rules (a bug in [`roles`]).
     #[error("seccomp filter for role {role}: cannot compile: {reason}")]
     Compile {
-        /// The role.
-        role: ThreadRole,
+        /// The role's name.
+        role: &'static str,
         /// seccompiler's message.
         reason: String,
     },
     /// The kernel refused the filter.
     #[error("seccomp filter for role {role} on thread {thread}: cannot install: {reason}")]
     Install {
-        /// The role.
-        role: ThreadRole,
+        /// The role's name.
+        role: &'static str,
         /// The thread's name.
         thread: String,
         /// seccompiler's message.
@@ -213,9 +192,9 @@ pub enum SeccompError {
 }
 
 /// Compiles `role`'s filter. `default` is the action for a syscall outside the list.
-pub fn compile(role: ThreadRole, mode: Mode) -> Result<BpfProgram, SeccompError> {
+pub fn compile(role: &Role, mode: Mode) -> Result<BpfProgram, SeccompError> {
     let compile_err = |e: seccompiler::Error| SeccompError::Compile {
-        role,
+        role: role.name,
         reason: e.to_string(),
     };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -264,14 +243,14 @@ pub fn keep_allocator_inside_filters() {
 /// Installs `role`'s filter on the calling thread, which is named `thread` in reports.
 /// With [`Mode::Off`] this does nothing. The SIGSYS handler must already be installed
 /// ([`sigsys::install_handler`], once per process, from the main thread).
-pub fn install(role: ThreadRole, thread: &str, mode: Mode) -> Result<(), SeccompError> {
+pub fn install(role: &Role, thread: &str, mode: Mode) -> Result<(), SeccompError> {
     if mode == Mode::Off {
         return Ok(());
     }
     let program = compile(role, mode)?;
     sigsys::set_thread_name(thread);
     seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install {
-        role,
+        role: role.name,
         thread: thread.to_owned(),
         reason: e.to_string(),
     })?;
@@ -281,117 +260,12 @@ pub fn install(role: ThreadRole, thread: &str, mode: Mode) -> Result<(), Seccomp
     Ok(())
 }
 
-/// The syscall name for `nr`, if any role lists it.
-pub fn syscall_name(nr: i64) -> Option<&'static str> {
-    ThreadRole::ALL
-        .into_iter()
-        .flat_map(ThreadRole::allowed)
-        .find(|a| a.nr == nr)
-        .map(|a| a.name)
-}
-
-macro_rules! name_table {
-    ($($sys:ident),+ $(,)?) => {
-        /// Names for the SIGSYS report, without allocating: every syscall a role allows
-        /// (a test checks that) and the ones a breached thread would likely try.
-        static NAMES: &[(i64, &str)] = &[$((libc::$sys, strip_sys(stringify!($sys)))),+];
-    };
-}
-
-name_table![
-    SYS_read,
-    SYS_write,
-    SYS_close,
-    SYS_futex,
-    SYS_mmap,
-    SYS_munmap,
-    SYS_mremap,
-    SYS_mprotect,
-    SYS_madvise,
-    SYS_brk,
-    SYS_clock_gettime,
-    SYS_sched_yield,
-    SYS_getrandom,
-    SYS_rt_sigprocmask,
-    SYS_sigaltstack,
-    SYS_rt_sigreturn,
-    SYS_exit,
-    SYS_exit_group,
-    SYS_epoll_wait,
-    SYS_epoll_ctl,
-    SYS_openat,
-    SYS_unlink,
-    SYS_rt_sigtimedwait,
-    SYS_ioctl,
-    SYS_clock_nanosleep,
-    SYS_nanosleep,
-    SYS_lseek,
-    SYS_pread64,
-    SYS_pwrite64,
-    SYS_fdatasync,
-    SYS_fsync,
-    SYS_accept4,
-    SYS_socket,
-    SYS_connect,
-    SYS_recvfrom,
-    SYS_shutdown,
-    SYS_getsockopt,
-    SYS_timerfd_settime,
-    SYS_readv,
-    SYS_writev,
-    SYS_umask,
-    SYS_open,
-    SYS_execve,
-    SYS_execveat,
-    SYS_clone,
-    SYS_clone3,
-    SYS_fork,
-    SYS_vfork,
-    SYS_ptrace,
-    SYS_mount,
-    SYS_socketpair,
-    SYS_bind,
-    SYS_listen,
-    SYS_accept,
-    SYS_sendto,
-    SYS_sendmsg,
-    SYS_recvmsg,
-    SYS_kill,
-    SYS_tgkill,
-    SYS_prctl,
-    SYS_fcntl,
-    SYS_fstat,
-    SYS_statx,
-    SYS_newfstatat,
-    SYS_epoll_pwait,
-    SYS_poll,
-    SYS_ppoll,
-    SYS_gettid,
-    SYS_getpid,
-    SYS_dup,
-    SYS_dup3,
-    SYS_pipe2,
-    SYS_eventfd2,
-    SYS_sched_getaffinity,
-    SYS_rseq,
-    SYS_set_robust_list,
-    SYS_preadv,
-    SYS_pwritev,
-    SYS_unlinkat,
-    SYS_getdents64,
-];
-
-/// [`syscall_name`] from a static table: safe to call in a signal handler.
-pub fn syscall_name_static(nr: i64) -> Option<&'static str> {
-    NAMES.iter().find(|(n, _)| *n == nr).map(|(_, name)| *name)
-}
-
-/// The `--print-seccomp` text: every role, its syscalls by name, the allowed argument values
-/// and why.
-pub fn describe() -> String {
+/// The `--print-seccomp` text: every role in `roles`, its syscalls by name, the allowed
+/// argument values and why.
+pub fn describe(roles: &[Role]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    for role in ThreadRole::ALL {
+    for role in roles {
         let allowed = role.allowed();
         let _ = writeln!(out, "{role}: {} syscalls", allowed.len());
         for a in allowed {
@@ -407,12 +281,12 @@ pub fn describe() -> String {
 
 #[cfg(feature = "test-hooks")]
 mod test_hooks {
-    use super::ThreadRole;
+    use super::Role;
 
     /// With `MVM_TEST_SECCOMP_VIOLATE=<role>`, a thread of that role makes a syscall no
     /// role allows (`umask`) right after its filter went on. Test builds only.
-    pub(super) fn violate_if_asked(role: ThreadRole) {
-        if std::env::var("MVM_TEST_SECCOMP_VIOLATE").ok().as_deref() == Some(role.name()) {
+    pub(super) fn violate_if_asked(role: &Role) {
+        if std::env::var("MVM_TEST_SECCOMP_VIOLATE").ok().as_deref() == Some(role.name) {
             // SAFETY: umask takes an integer and cannot fail; it is here to be refused.
             unsafe { libc::syscall(libc::SYS_umask, 0o022) };
         }
@@ -424,110 +298,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_role_compiles_in_both_modes() {
-        for role in ThreadRole::ALL {
+    fn every_core_role_compiles_in_both_modes_and_passes_the_lint() {
+        for role in roles::CORE {
             for mode in [Mode::Log, Mode::Enforce] {
-                let p = compile(role, mode).unwrap();
+                let p = compile(&role, mode).unwrap();
                 assert!(p.len() > 10, "{role}: {} instructions", p.len());
             }
+            assert_eq!(lint::problems(&role), Vec::<String>::new());
         }
     }
 
     #[test]
-    fn no_role_lists_a_syscall_twice_and_every_rule_says_why() {
-        for role in ThreadRole::ALL {
-            let allowed = role.allowed();
-            for (i, a) in allowed.iter().enumerate() {
-                assert!(a.why.len() > 8, "{role}: {} has no reason", a.name);
-                assert!(
-                    allowed.iter().skip(i + 1).all(|b| b.nr != a.nr),
-                    "{role}: {} twice",
-                    a.name
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn the_test_hook_syscall_and_dangerous_ones_are_in_no_role() {
-        for nr in [
-            libc::SYS_umask,
-            libc::SYS_execve,
-            libc::SYS_ptrace,
-            libc::SYS_clone3,
-            libc::SYS_socket,
-            libc::SYS_mount,
-            libc::SYS_openat,
-        ] {
-            for role in ThreadRole::ALL {
-                // vsock: AF_UNIX only.
-                if role == ThreadRole::Vsock && nr == libc::SYS_socket {
-                    assert!(role
-                        .allowed()
-                        .iter()
-                        .any(|a| a.nr == nr && a.only.is_some()));
-                    continue;
-                }
-                assert!(
-                    role.allowed().iter().all(|a| a.nr != nr),
-                    "{role} allows syscall {nr}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn futex_mmap_and_madvise_are_narrowed_by_argument_in_every_role() {
-        let futex_lock_pi_private = 6 | 128;
-        let map_shared = 0x01;
-        let madv_remove = 9;
-        for role in ThreadRole::ALL {
-            let allowed = role.allowed();
-            for (nr, index, allowed_value, refused_value) in [
-                (libc::SYS_futex, 1, 129, futex_lock_pi_private),
-                (libc::SYS_mmap, 3, 0x22, map_shared),
-                (libc::SYS_madvise, 2, 4, madv_remove),
-            ] {
-                let rule = allowed.iter().find(|a| a.nr == nr).unwrap();
-                let only = rule.only.as_ref().unwrap();
-                assert_eq!(only.index, index, "{role}");
-                assert!(only.values.iter().any(|(v, _)| *v == allowed_value));
-                assert!(only.values.iter().all(|(v, _)| *v != refused_value));
-            }
-        }
-    }
-
-    #[test]
-    fn the_signal_safe_name_table_covers_every_allowed_syscall() {
-        for role in ThreadRole::ALL {
-            for a in role.allowed() {
-                assert_eq!(syscall_name_static(a.nr), Some(a.name), "{role}");
-            }
-        }
-        assert_eq!(syscall_name_static(libc::SYS_umask), Some("umask"));
-    }
-
-    #[test]
-    fn ioctl_is_always_restricted_by_request() {
-        for role in ThreadRole::ALL {
-            for a in role.allowed() {
-                if a.nr == libc::SYS_ioctl {
-                    assert!(a.only.is_some(), "{role}: ioctl without a request list");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn names_and_modes_round_trip() {
-        for role in ThreadRole::ALL {
-            assert_eq!(ThreadRole::from_name(role.name()), Some(role));
-        }
+    fn modes_parse_and_describe_names_every_role() {
         assert_eq!(Mode::parse("on").unwrap(), Mode::Enforce);
         assert_eq!(Mode::parse("log").unwrap(), Mode::Log);
         assert!(Mode::parse("yes").is_err());
-        assert_eq!(syscall_name(libc::SYS_read), Some("read"));
-        let text = describe();
+        let text = describe(&roles::CORE);
         assert!(text.contains("vcpu:") && text.contains("KVM_RUN"), "{text}");
+        assert!(
+            text.contains("main:") && text.contains("signals:"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn roles_are_equal_by_name() {
+        assert_eq!(roles::MAIN, roles::MAIN);
+        assert_ne!(roles::MAIN, roles::VCPU);
+        assert_eq!(
+            format!("{:?} {}", roles::VCPU, roles::VCPU),
+            "Role(vcpu) vcpu"
+        );
     }
 }

@@ -1,15 +1,26 @@
-//! The allow-lists, one function per thread role. Read this file to know what a compromised
-//! thread of each role could still ask the kernel for.
+//! What every thread shares, and the roles of the VMM's core threads (main, signals,
+//! vCPUs). Each device's role is written by its module in the VMM (`vmm/src/devices/`) on
+//! top of [`device_thread`]; `mvm-vmm --print-seccomp` lists every role the VMM has.
 //!
 //! No role may `open`/`openat` for reading, create sockets other than the vsock device's
-//! Unix connections, `execve`, `clone`, `mount` or `ptrace`: every file, socket, eventfd and
-//! KVM fd a thread uses was opened before its filter went on.
+//! Unix connections, `execve`, `clone`, `mount` or `ptrace` ([`crate::lint`] holds every
+//! role to that): every file, socket, eventfd and KVM fd a thread uses was opened before
+//! its filter went on.
 
-use crate::ioctl::{FIONBIO, KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN};
-use crate::{allow, Allowed};
+use crate::ioctl::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN};
+use crate::{allow, Allowed, Role};
 
-/// `AF_UNIX` (`<sys/socket.h>`).
-const AF_UNIX: u64 = 1;
+/// The core roles, in the order `--print-seccomp` lists them (the devices' follow).
+pub const CORE: [Role; 3] = [MAIN, SIGNALS, VCPU];
+
+/// The main thread: setup, then supervision until the VM ends, then the exit report.
+pub const MAIN: Role = Role::new("main", main);
+
+/// The thread that waits for SIGINT/SIGTERM/SIGHUP and turns them into a VM exit.
+pub const SIGNALS: Role = Role::new("signals", signals);
+
+/// A vCPU thread: the KVM_RUN loop; PIO/MMIO exits are dispatched on this thread.
+pub const VCPU: Role = Role::new("vcpu", vcpu);
 
 /// `futex(2)` operations (`<linux/futex.h>`): the plain and private wait/wake that glibc's
 /// locks and std's Mutex/Condvar/parking use; no requeue, wake-op or PI operations.
@@ -125,9 +136,20 @@ fn with(base: Vec<Allowed>, more: impl IntoIterator<Item = Allowed>) -> Vec<Allo
     all
 }
 
+/// A thread of this process that is not a device loop: the runtime set, and `own`.
+pub fn thread(own: impl IntoIterator<Item = Allowed>) -> Vec<Allowed> {
+    with(runtime(), own)
+}
+
+/// A device thread (a `WorkerLoop` on epoll): the runtime set, the event loop's, and
+/// `own`, what the device's backend needs.
+pub fn device_thread(own: impl IntoIterator<Item = Allowed>) -> Vec<Allowed> {
+    with(with(runtime(), event_loop()), own)
+}
+
 /// Main thread, after setup: waits for the first exit event, then writes the boot report and
 /// the events log (both through fds opened at start), removes the vsock socket and exits.
-pub fn main() -> Vec<Allowed> {
+fn main() -> Vec<Allowed> {
     with(
         runtime(),
         [
@@ -140,7 +162,7 @@ pub fn main() -> Vec<Allowed> {
 
 /// The signal thread: `sigwait` for SIGINT/SIGTERM/SIGHUP, then one message to the main
 /// thread.
-pub fn signals() -> Vec<Allowed> {
+fn signals() -> Vec<Allowed> {
     with(
         runtime(),
         [allow!(
@@ -153,7 +175,7 @@ pub fn signals() -> Vec<Allowed> {
 /// A vCPU thread: KVM_RUN; PIO/MMIO exits run the bus devices on this thread (serial output,
 /// virtio-mmio registers, which hand queues to the device threads through a channel and an
 /// eventfd).
-pub fn vcpu() -> Vec<Allowed> {
+fn vcpu() -> Vec<Allowed> {
     with(
         runtime(),
         [
@@ -171,93 +193,4 @@ pub fn vcpu() -> Vec<Allowed> {
     )
     // `write` (in the runtime set) also carries the serial console, the serial irqfd and the
     // device workers' wake-up eventfds.
-}
-
-/// The console input thread: stdin to the serial port.
-pub fn console_input() -> Vec<Allowed> {
-    with(
-        runtime(),
-        [
-            allow!(SYS_read, "read the VMM's stdin"),
-            allow!(
-                SYS_clock_nanosleep,
-                "back off 5 ms while the UART's input FIFO is full"
-            ),
-            allow!(
-                SYS_nanosleep,
-                "the same back-off, on libcs that use nanosleep"
-            ),
-        ],
-    )
-}
-
-/// A virtio-blk thread: requests against the backing file it was given, the verity tree.
-pub fn blk() -> Vec<Allowed> {
-    with(
-        with(runtime(), event_loop()),
-        [
-            allow!(SYS_lseek, "position the disk file before a read or write"),
-            allow!(SYS_pread64, "read a disk or verity-tree block at an offset"),
-            allow!(
-                SYS_pwrite64,
-                "write a block of a read-write disk at an offset"
-            ),
-            allow!(SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
-            allow!(SYS_fsync, "VIRTIO_BLK_T_FLUSH where sync_all is used"),
-        ],
-    )
-    // `read`/`write` serve both the eventfds and the disk file.
-}
-
-/// The virtio-vsock thread: the VM's listening Unix socket, connections to `<uds>_<port>`.
-pub fn vsock() -> Vec<Allowed> {
-    with(
-        with(runtime(), event_loop()),
-        [
-            allow!(SYS_accept4, "accept a host connection on the VM's socket"),
-            allow!(
-                SYS_socket,
-                "a Unix stream socket for a guest connection to <uds>_<port>",
-                arg 0 in [AF_UNIX => "AF_UNIX"]
-            ),
-            allow!(SYS_connect, "connect that socket to <uds>_<port>"),
-            allow!(SYS_recvfrom, "read from a host connection (std's recv)"),
-            allow!(
-                SYS_sendto,
-                "write to a host connection (std's send with MSG_NOSIGNAL)"
-            ),
-            allow!(SYS_shutdown, "half-close a connection the guest shut down"),
-            allow!(
-                SYS_getsockopt,
-                "SO_ERROR of a non-blocking connect that completed"
-            ),
-            allow!(
-                SYS_ioctl,
-                "make an accepted connection non-blocking",
-                arg 1 in [FIONBIO => "FIONBIO"]
-            ),
-            allow!(
-                SYS_timerfd_settime,
-                "arm the timer that drops host CONNECTs the guest never answers"
-            ),
-        ],
-    )
-}
-
-/// The virtio-net thread: frames between the guest and the tap.
-pub fn net() -> Vec<Allowed> {
-    with(
-        with(runtime(), event_loop()),
-        [
-            allow!(
-                SYS_readv,
-                "read a frame (vnet header + payload) from the tap"
-            ),
-            allow!(
-                SYS_writev,
-                "write a frame (vnet header + payload) to the tap"
-            ),
-        ],
-    )
-    // `read`/`write` on the tap are in the event loop and runtime sets.
 }

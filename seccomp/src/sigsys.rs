@@ -75,7 +75,7 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     }
     report.push(b" made syscall ");
     report.push_number(i64::from(nr));
-    if let Some(known) = crate::syscall_name_static(i64::from(nr)) {
+    if let Some(known) = crate::names::syscall_name(i64::from(nr)) {
         report.push(b" (");
         report.push(known.as_bytes());
         report.push(b")");

@@ -49,7 +49,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            crate::seccomp::enter(crate::seccomp::ThreadRole::Signals, "signals");
+            crate::seccomp::enter(&crate::seccomp::roles::SIGNALS, "signals");
             if let Ok(sig) = set.wait() {
                 stopper.stop(ExitReason::HostSignal(sig as i32));
             }
@@ -169,7 +169,7 @@ pub fn run(
         std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadRole::Vcpu, &name);
+                crate::seccomp::enter(&crate::seccomp::roles::VCPU, &name);
                 vcpu.run(&ctx)
             })
             .map_err(host_err("spawning a vCPU thread"))?;
@@ -177,7 +177,7 @@ pub fn run(
     legacy::spawn_console_input(serial)?;
     drop(ctx);
     // Every other thread is running under its own filter; the main thread's goes on last.
-    crate::seccomp::enter(crate::seccomp::ThreadRole::Main, "main");
+    crate::seccomp::enter(&crate::seccomp::roles::MAIN, "main");
 
     // Supervise: the first exit event ends the VM. `vm` stays alive until the
     // process exits, so vCPU threads never run on a closed VM.

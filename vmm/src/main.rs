@@ -36,7 +36,7 @@ fn main() {
         .init();
     // Before clap: `--print-seccomp` needs no --kernel.
     if std::env::args().nth(1).as_deref() == Some("--print-seccomp") {
-        print!("{}", mvm_seccomp::describe());
+        print!("{}", mvm_seccomp::describe(&mvm_vmm::devices::all_roles()));
         std::process::exit(0);
     }
     let args = match Args::try_parse() {

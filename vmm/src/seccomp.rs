@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-pub use mvm_seccomp::{Mode, ThreadRole, STATUS_SECCOMP_VIOLATION};
+pub use mvm_seccomp::{roles, Mode, Role, STATUS_SECCOMP_VIOLATION};
 
 /// Environment variable that selects the mode.
 pub const MODE_ENV: &str = "MVM_SECCOMP";
@@ -40,7 +40,7 @@ pub fn init() -> Result<Mode, mvm_seccomp::SeccompError> {
 
 /// Installs `role`'s filter on the calling thread, named `thread` in a violation report.
 /// Before [`init`] (unit tests that drive boot pieces directly) this does nothing.
-pub fn enter(role: ThreadRole, thread: &str) {
+pub fn enter(role: &Role, thread: &str) {
     let Some(mode) = MODE.get().copied() else {
         return;
     };
@@ -52,11 +52,11 @@ pub fn enter(role: ThreadRole, thread: &str) {
 
 /// A device thread's `before_run` hook for `mvm_devices::virtio::worker::spawn`.
 pub fn device_hook(
-    role: ThreadRole,
+    role: Role,
     thread: String,
 ) -> impl FnOnce() -> Result<(), String> + Send + 'static {
     move || {
-        enter(role, &thread);
+        enter(&role, &thread);
         Ok(())
     }
 }

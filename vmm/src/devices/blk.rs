@@ -11,7 +11,22 @@ use mvm_devices::virtio::block::{validate_id, Block, BlockError, BlockWorker, Di
 
 use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
 use crate::error::BootError;
-use crate::seccomp::ThreadRole;
+use mvm_seccomp::{allow, roles::device_thread, Role};
+
+/// A disk's thread: requests against the backing file it was given, and the verity tree.
+pub const ROLE: Role = Role::new("blk", || {
+    device_thread([
+        allow!(SYS_lseek, "position the disk file before a read or write"),
+        allow!(SYS_pread64, "read a disk or verity-tree block at an offset"),
+        allow!(
+            SYS_pwrite64,
+            "write a block of a read-write disk at an offset"
+        ),
+        allow!(SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
+        allow!(SYS_fsync, "VIRTIO_BLK_T_FLUSH where sync_all is used"),
+    ])
+    // `read`/`write` serve both the eventfds and the disk file.
+});
 
 /// clap's parser for one `--disk` value.
 pub fn parse_disk_arg(value: &str) -> Result<DiskConfig, String> {
@@ -115,7 +130,7 @@ pub fn attach_disks(ctx: &mut DeviceContext<'_>, disks: Vec<OpenDisk>) -> Result
             worker,
             DeviceThread {
                 name: format!("virtio-blk{index}"),
-                role: ThreadRole::Blk,
+                role: ROLE,
                 label: format!("disk {}", config.path.display()),
             },
         )?;

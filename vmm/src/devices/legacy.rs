@@ -18,8 +18,8 @@ use crate::boot_report::{BootTimeline, Phase};
 use crate::device_manager::DeviceManager;
 use crate::error::{host_err, BootError};
 use crate::exit::ExitReason;
-use crate::seccomp::ThreadRole;
 use crate::vcpu::VmStopper;
+use mvm_seccomp::{allow, roles, Role};
 
 /// The guest-signal port's handler: milestones go to the timeline, poweroff
 /// ends the VM.
@@ -126,12 +126,27 @@ pub fn attach_legacy_devices(
     Ok(serial)
 }
 
+/// The `console-in` thread: the VMM's stdin to the serial port.
+pub const CONSOLE_INPUT_ROLE: Role = Role::new("console-input", || {
+    roles::thread([
+        allow!(SYS_read, "read the VMM's stdin"),
+        allow!(
+            SYS_clock_nanosleep,
+            "back off 5 ms while the UART's input FIFO is full"
+        ),
+        allow!(
+            SYS_nanosleep,
+            "the same back-off, on libcs that use nanosleep"
+        ),
+    ])
+});
+
 /// Feeds the VMM's stdin to the guest's serial port until EOF.
 pub fn spawn_console_input(serial: SharedSerial) -> Result<(), BootError> {
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
-            crate::seccomp::enter(ThreadRole::ConsoleInput, "console-in");
+            crate::seccomp::enter(&CONSOLE_INPUT_ROLE, "console-in");
             let mut stdin = io::stdin();
             let mut buf = [0u8; 64];
             loop {

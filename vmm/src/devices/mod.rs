@@ -33,7 +33,21 @@ use mvm_loader::plan::Plan;
 use crate::boot_report::BootTimeline;
 use crate::device_manager::{DeviceManager, MmioSlot};
 use crate::error::{BootError, PlanDisagreement};
-use crate::seccomp::ThreadRole;
+use mvm_seccomp::Role;
+
+/// Every device thread's seccomp role (`--print-seccomp`, the filter tests).
+pub const ROLES: [Role; 4] = [
+    legacy::CONSOLE_INPUT_ROLE,
+    blk::ROLE,
+    vsock::ROLE,
+    net::ROLE,
+];
+
+/// Every role of this VMM's threads: the core ones (main, signals, vCPUs), then each
+/// device's, as `--print-seccomp` lists them.
+pub fn all_roles() -> Vec<Role> {
+    mvm_seccomp::roles::CORE.into_iter().chain(ROLES).collect()
+}
 
 /// Every device's flag, flattened into [`crate::cli::Args`].
 #[derive(Debug, Default, clap::Args)]
@@ -172,8 +186,8 @@ pub struct DeviceContext<'a> {
 pub struct DeviceThread {
     /// The device thread's name (`virtio-blk0`, `virtio-vsock`); seccomp reports name it.
     pub name: String,
-    /// The seccomp role the thread installs.
-    pub role: ThreadRole,
+    /// The seccomp role the thread installs (the device module's `ROLE`).
+    pub role: Role,
     /// What a failure message starts with (`disk /x.img`, `vsock`).
     pub label: String,
 }
@@ -225,4 +239,70 @@ where
     .map_err(|e| BootError::BootState(format!("{label}: {e}")))?;
     drop(joiner);
     Ok(res.slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seccomp::Mode;
+
+    #[test]
+    fn every_role_compiles_passes_the_lint_and_has_its_own_name() {
+        let all = all_roles();
+        for (i, role) in all.iter().enumerate() {
+            for mode in [Mode::Log, Mode::Enforce] {
+                let p = mvm_seccomp::compile(role, mode).unwrap();
+                assert!(p.len() > 10, "{role}: {} instructions", p.len());
+            }
+            assert_eq!(mvm_seccomp::lint::problems(role), Vec::<String>::new());
+            assert!(
+                all.iter().skip(i + 1).all(|r| r.name != role.name),
+                "{role} twice"
+            );
+        }
+        let names: Vec<&str> = all.iter().map(|r| r.name).collect();
+        assert_eq!(
+            names,
+            [
+                "main",
+                "signals",
+                "vcpu",
+                "console-input",
+                "blk",
+                "vsock",
+                "net"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_vsock_thread_may_open_a_socket_and_only_af_unix() {
+        for role in all_roles() {
+            let socket = role
+                .allowed()
+                .into_iter()
+                .find(|a| a.nr == libc::SYS_socket);
+            match socket {
+                None => assert_ne!(role.name, "vsock"),
+                Some(a) => {
+                    assert_eq!(role.name, "vsock");
+                    let only = a.only.unwrap();
+                    assert_eq!((only.index, only.values), (0, vec![(1, "AF_UNIX")]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn print_seccomp_lists_every_role_with_its_count() {
+        let text = mvm_seccomp::describe(&all_roles());
+        for role in all_roles() {
+            let head = format!("{}: {} syscalls", role.name, role.allowed().len());
+            assert!(text.contains(&head), "{head} missing:\n{text}");
+        }
+        assert!(
+            text.contains("FIONBIO") && text.contains("KVM_RUN"),
+            "{text}"
+        );
+    }
 }

@@ -37,7 +37,22 @@ use serde::Deserialize;
 
 use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
 use crate::error::{BootError, PlanDisagreement};
-use crate::seccomp::ThreadRole;
+use mvm_seccomp::{allow, roles::device_thread, Role};
+
+/// The net thread: frames between the guest and the tap.
+pub const ROLE: Role = Role::new("net", || {
+    device_thread([
+        allow!(
+            SYS_readv,
+            "read a frame (vnet header + payload) from the tap"
+        ),
+        allow!(
+            SYS_writev,
+            "write a frame (vnet header + payload) to the tap"
+        ),
+    ])
+    // `read`/`write` on the tap are in the event loop and runtime sets.
+});
 
 /// Largest policy file read.
 pub const MAX_POLICY_BYTES: u64 = 256 * 1024;
@@ -365,7 +380,7 @@ pub fn attach_net(ctx: &mut DeviceContext<'_>, net: OpenNet) -> Result<(), BootE
         worker,
         DeviceThread {
             name: "virtio-net".into(),
-            role: ThreadRole::Net,
+            role: ROLE,
             label: "net".into(),
         },
     )?;

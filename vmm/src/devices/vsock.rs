@@ -14,7 +14,43 @@ use mvm_loader::plan::VsockDevice;
 
 use crate::devices::{attach_virtio_device, DeviceContext, DeviceThread};
 use crate::error::{BootError, PlanDisagreement};
-use crate::seccomp::ThreadRole;
+use mvm_seccomp::ioctl::FIONBIO;
+use mvm_seccomp::{allow, roles::device_thread, Role};
+
+/// `AF_UNIX` (`<sys/socket.h>`), the only family the vsock thread may open a socket in.
+const AF_UNIX: u64 = 1;
+
+/// The vsock thread: the VM's listening Unix socket, and connections to `<uds>_<port>`.
+pub const ROLE: Role = Role::new("vsock", || {
+    device_thread([
+        allow!(SYS_accept4, "accept a host connection on the VM's socket"),
+        allow!(
+            SYS_socket,
+            "a Unix stream socket for a guest connection to <uds>_<port>",
+            arg 0 in [AF_UNIX => "AF_UNIX"]
+        ),
+        allow!(SYS_connect, "connect that socket to <uds>_<port>"),
+        allow!(SYS_recvfrom, "read from a host connection (std's recv)"),
+        allow!(
+            SYS_sendto,
+            "write to a host connection (std's send with MSG_NOSIGNAL)"
+        ),
+        allow!(SYS_shutdown, "half-close a connection the guest shut down"),
+        allow!(
+            SYS_getsockopt,
+            "SO_ERROR of a non-blocking connect that completed"
+        ),
+        allow!(
+            SYS_ioctl,
+            "make an accepted connection non-blocking",
+            arg 1 in [FIONBIO => "FIONBIO"]
+        ),
+        allow!(
+            SYS_timerfd_settime,
+            "arm the timer that drops host CONNECTs the guest never answers"
+        ),
+    ])
+});
 
 /// clap's parser for the `--vsock` value.
 pub fn parse_vsock_value(value: &str) -> Result<VsockConfig, String> {
@@ -99,7 +135,7 @@ pub fn attach_vsock(ctx: &mut DeviceContext<'_>, vsock: OpenVsock) -> Result<(),
         worker,
         DeviceThread {
             name: "virtio-vsock".into(),
-            role: ThreadRole::Vsock,
+            role: ROLE,
             label: "vsock".into(),
         },
     )?;

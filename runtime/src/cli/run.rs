@@ -11,8 +11,9 @@ use crate::backend::{
     RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier,
 };
 use crate::image::{ImageStore, StoredImage};
-use crate::run::admit::{self, DigestSink};
+use crate::run::admit;
 use crate::run::exit;
+use crate::run::output_digest::DigestSink;
 use crate::terminal::escape_controls;
 use mvm_loader::plan::UtcTime;
 

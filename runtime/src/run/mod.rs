@@ -5,6 +5,8 @@
 
 pub mod admit;
 pub mod exit;
+pub mod output_digest;
+pub mod vmm_events;
 
 /// What one run asks admission for, as the caller (the CLI, an SDK user)
 /// chose it.

@@ -31,8 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use mvm_devices::virtio::net::NetMetrics;
-use mvm_devices::virtio::vsock::VsockMetrics;
+use mvm_devices::virtio::net::{NetCounts, NetMetrics};
+use mvm_devices::virtio::vsock::{VsockCounts, VsockMetrics};
 use serde::Serialize;
 
 /// A phase of the VM's life.
@@ -112,92 +112,9 @@ pub struct BootReport {
     /// started as root).
     pub jail: Option<JailReport>,
     /// The net device's counters when the report was written; `null` without one.
-    pub net: Option<NetReport>,
+    pub net: Option<NetCounts>,
     /// The vsock device's counters when the report was written; `null` without one.
-    pub vsock: Option<VsockReport>,
-}
-
-/// A net device's counters (see `mvm_devices::virtio::net::NetMetrics`).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct NetReport {
-    /// Frames the policy passed and the tap took.
-    pub tx_frames: u64,
-    /// Bytes of those frames.
-    pub tx_bytes: u64,
-    /// Frames the egress policy dropped (malformed ones included).
-    pub tx_denied: u64,
-    /// Dropped frames that did not parse.
-    pub tx_malformed: u64,
-    /// Passed frames whose offload request was refused.
-    pub tx_bad_offload: u64,
-    /// Passed frames the tap refused.
-    pub tx_tap_errors: u64,
-    /// Frames delivered to the guest.
-    pub rx_frames: u64,
-    /// Bytes of those frames.
-    pub rx_bytes: u64,
-    /// Host frames too big for the guest's buffers.
-    pub rx_too_big: u64,
-    /// Times the device went NEEDS_RESET.
-    pub needs_reset: u64,
-}
-
-impl NetReport {
-    fn of(m: &NetMetrics) -> Self {
-        let g = NetMetrics::get;
-        Self {
-            tx_frames: g(&m.tx_frames),
-            tx_bytes: g(&m.tx_bytes),
-            tx_denied: g(&m.tx_denied),
-            tx_malformed: g(&m.tx_malformed),
-            tx_bad_offload: g(&m.tx_bad_offload),
-            tx_tap_errors: g(&m.tx_tap_errors),
-            rx_frames: g(&m.rx_frames),
-            rx_bytes: g(&m.rx_bytes),
-            rx_too_big: g(&m.rx_too_big),
-            needs_reset: g(&m.needs_reset),
-        }
-    }
-}
-
-/// A vsock device's counters (see `mvm_devices::virtio::vsock::VsockMetrics`).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct VsockReport {
-    /// Packets delivered to the guest.
-    pub rx_packets: u64,
-    /// Packets taken from the guest.
-    pub tx_packets: u64,
-    /// TX chains that could not be read.
-    pub tx_unreadable: u64,
-    /// RX buffers too small for a header.
-    pub rx_buffers_too_small: u64,
-    /// TRANSPORT_RESET events delivered.
-    pub transport_resets: u64,
-    /// Guest packets dropped as malformed or spoofed.
-    pub dropped_packets: u64,
-    /// RSTs sent.
-    pub rst_sent: u64,
-    /// Connections refused at the connection limit.
-    pub refused_over_limit: u64,
-    /// Host `CONNECT`s the guest did not answer in time.
-    pub connect_timeouts: u64,
-}
-
-impl VsockReport {
-    fn of(m: &VsockMetrics) -> Self {
-        let c = m.counts();
-        Self {
-            rx_packets: c.rx_packets,
-            tx_packets: c.tx_packets,
-            tx_unreadable: c.tx_unreadable,
-            rx_buffers_too_small: c.rx_buffers_too_small,
-            transport_resets: c.transport_resets,
-            dropped_packets: c.dropped_packets,
-            rst_sent: c.rst_sent,
-            refused_over_limit: c.refused_over_limit,
-            connect_timeouts: c.connect_timeouts,
-        }
-    }
+    pub vsock: Option<VsockCounts>,
 }
 
 /// The jail as applied (see `jail::start`).
@@ -297,12 +214,12 @@ impl BootTimeline {
                 .net
                 .lock()
                 .ok()
-                .and_then(|n| n.as_deref().map(NetReport::of)),
+                .and_then(|n| n.as_deref().map(NetMetrics::counts)),
             vsock: self
                 .vsock
                 .lock()
                 .ok()
-                .and_then(|v| v.as_deref().map(VsockReport::of)),
+                .and_then(|v| v.as_deref().map(VsockMetrics::counts)),
         }
     }
 

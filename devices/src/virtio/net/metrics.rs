@@ -4,6 +4,35 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The counters' values at one moment (the boot report's `net`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NetCounts {
+    /// See [`NetMetrics::tx_frames`].
+    pub tx_frames: u64,
+    /// See [`NetMetrics::tx_bytes`].
+    pub tx_bytes: u64,
+    /// See [`NetMetrics::tx_denied`].
+    pub tx_denied: u64,
+    /// See [`NetMetrics::tx_malformed`].
+    pub tx_malformed: u64,
+    /// See [`NetMetrics::tx_bad_length`].
+    pub tx_bad_length: u64,
+    /// See [`NetMetrics::tx_bad_offload`].
+    pub tx_bad_offload: u64,
+    /// See [`NetMetrics::tx_tap_errors`].
+    pub tx_tap_errors: u64,
+    /// See [`NetMetrics::rx_frames`].
+    pub rx_frames: u64,
+    /// See [`NetMetrics::rx_bytes`].
+    pub rx_bytes: u64,
+    /// See [`NetMetrics::rx_too_big`].
+    pub rx_too_big: u64,
+    /// See [`NetMetrics::rx_tap_errors`].
+    pub rx_tap_errors: u64,
+    /// See [`NetMetrics::needs_reset`].
+    pub needs_reset: u64,
+}
+
 /// What one virtio-net device did. Updated by the worker with relaxed atomics.
 #[derive(Debug, Default)]
 pub struct NetMetrics {
@@ -42,5 +71,25 @@ impl NetMetrics {
     #[must_use]
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Every counter, now.
+    #[must_use]
+    pub fn counts(&self) -> NetCounts {
+        let g = Self::get;
+        NetCounts {
+            tx_frames: g(&self.tx_frames),
+            tx_bytes: g(&self.tx_bytes),
+            tx_denied: g(&self.tx_denied),
+            tx_malformed: g(&self.tx_malformed),
+            tx_bad_length: g(&self.tx_bad_length),
+            tx_bad_offload: g(&self.tx_bad_offload),
+            tx_tap_errors: g(&self.tx_tap_errors),
+            rx_frames: g(&self.rx_frames),
+            rx_bytes: g(&self.rx_bytes),
+            rx_too_big: g(&self.rx_too_big),
+            rx_tap_errors: g(&self.rx_tap_errors),
+            needs_reset: g(&self.needs_reset),
+        }
     }
 }

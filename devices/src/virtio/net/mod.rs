@@ -26,7 +26,7 @@ mod tests;
 
 pub use device::{MacAddr, Net, NetConfig, NetError};
 pub use event_handler::NetWorker;
-pub use metrics::NetMetrics;
+pub use metrics::{NetCounts, NetMetrics};
 pub use policy::{EgressFilter, EgressRules};
 pub use tap::{FrameBackend, Tap, TapError};
 

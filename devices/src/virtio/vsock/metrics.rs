@@ -26,8 +26,8 @@ pub struct VsockMetrics {
     pub connect_timeouts: AtomicU64,
 }
 
-/// The counters' values at one moment.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// The counters' values at one moment (the boot report's `vsock`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct VsockCounts {
     /// See [`VsockMetrics::rx_packets`].
     pub rx_packets: u64,

@@ -13,6 +13,7 @@ use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 
 use super::interrupt::{self, Action, Forwarder};
 use super::scratch::ScratchDir;
+use super::stdin_pump;
 use super::vmm_process::{read_boot_report, vmm_args, VmmProcess};
 use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
@@ -76,40 +77,20 @@ fn wait_for_agent(
     }
 }
 
-/// Copies `source` into the workload's stdin from a thread, then closes it,
-/// so the run loop keeps draining output while a large stdin goes in (a
-/// `cat` writes as much as it reads). The thread is left blocked in `read`
-/// if the run ends first: it holds nothing that needs cleaning up.
-fn forward_stdin(mut source: Box<dyn Read + Send>, writer: ExecStdin) -> Result<(), RunError> {
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; STDIN_CHUNK];
-            loop {
-                let n = match source.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::debug!("stdin: {e}");
-                        0
-                    }
-                };
-                let result = match buf.get(..n) {
-                    Some(data) if n > 0 => writer.write(data),
-                    _ => {
-                        // The process may have exited already; a failed close is moot.
-                        let _ = writer.close();
-                        return;
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!("stdin: {e}");
-                    return;
-                }
-            }
-        })
-        .map(drop)
-        .map_err(RunError::io("starting the stdin thread"))
+/// Copies `source` into the workload's stdin (see [`stdin_pump`]), then closes it.
+fn forward_stdin(source: Box<dyn Read + Send>, writer: ExecStdin) -> Result<(), RunError> {
+    stdin_pump::spawn("stdin", source, STDIN_CHUNK, move |data| {
+        if data.is_empty() {
+            // The process may have exited already; a failed close is moot.
+            let _ = writer.close();
+            return false;
+        }
+        writer
+            .write(data)
+            .map_err(|e| tracing::debug!("stdin: {e}"))
+            .is_ok()
+    })
+    .map_err(RunError::io("starting the stdin thread"))
 }
 
 /// Asks the agent to power the guest off, without waiting on a hung agent

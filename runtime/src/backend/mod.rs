@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod locate;
 pub mod resources;
 pub mod scratch;
+pub mod stdin_pump;
 pub mod vmm_process;
 
 use std::collections::BTreeMap;

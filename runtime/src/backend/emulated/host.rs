@@ -14,6 +14,7 @@ use super::protocol::*;
 use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu};
 use crate::backend::interrupt::{self, Action, Forwarder};
 use crate::backend::scratch::ScratchDir;
+use crate::backend::stdin_pump;
 use crate::backend::{
     locate, OutputSink, PlanFiles, ProcessEnd, RunError, RunJournal, RunOutcome, RunSpec,
     StdinMode, Tier,
@@ -99,30 +100,13 @@ fn pump_ctl(stream: UnixStream, tx: mpsc::SyncSender<Chunk>) -> std::io::Result<
 /// Copies `source` into the stdin port as frames (see [`FramedStdin`]),
 /// ending with the empty frame. The caller keeps another handle on the
 /// socket open until the run ends: closing it would race the last frames.
-fn pump_stdin(mut source: Box<dyn Read + Send>, mut port: UnixStream) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("testhost-in".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; STDIN_FRAME_MAX];
-            loop {
-                let n = match source.read(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => 0,
-                };
-                let Some(data) = buf.get(..n) else { return };
-                let len = u32::try_from(n).unwrap_or(0).to_le_bytes();
-                if port
-                    .write_all(&len)
-                    .and_then(|()| port.write_all(data))
-                    .is_err()
-                    || n == 0
-                {
-                    return;
-                }
-            }
-        })
-        .map(drop)
+fn pump_stdin(source: Box<dyn Read + Send>, mut port: UnixStream) -> std::io::Result<()> {
+    stdin_pump::spawn("testhost-in", source, STDIN_FRAME_MAX, move |data| {
+        let len = u32::try_from(data.len()).unwrap_or(0).to_le_bytes();
+        port.write_all(&len)
+            .and_then(|()| port.write_all(data))
+            .is_ok()
+    })
 }
 
 /// Reads the plan files a verified run sends into the test host.

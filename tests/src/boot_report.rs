@@ -152,7 +152,7 @@ mod tests {
         );
     }
 
-    /// Issue 12: `args_parsed` was stamped after the jail, so a signed boot's came after
+    /// `args_parsed` used to be stamped after the jail, so a signed boot's came after
     /// `plan_verified` and `artifacts_measured`.
     #[test]
     fn a_signed_boots_phases_are_ordered_too() {

@@ -14,7 +14,7 @@ const OUTPUT_LIMIT: u64 = 4 << 20;
 /// How often the runner polls a running VMM for exit.
 const POLL: Duration = Duration::from_millis(10);
 
-/// One `mvm-vmm` invocation: the CLI of issue 2 (`--kernel --initrd
+/// One `mvm-vmm` invocation: the base flags (`--kernel --initrd
 /// --cmdline --vcpus --mem-mib --console-log --boot-report`) plus any extra
 /// arguments a case adds.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! `audit/*`: the evidence `mvm run` leaves (issue 5): a hash-chained, signed
+//! `audit/*`: the evidence `mvm run` leaves: a hash-chained, signed
 //! audit log that survives concurrent writers and names the record a tamper
 //! broke; a signed receipt that verifies and refuses a changed payload; a
 //! policy denial with its own status and a `plan_denied` record.

@@ -1,4 +1,4 @@
-//! `blk/*`: real Linux guests on virtio-blk disks (issue 3): a read-only ext4 root, a
+//! `blk/*`: real Linux guests on virtio-blk disks: a read-only ext4 root, a
 //! read-write disk whose bytes the host checks, the disk id in sysfs, and two vCPUs doing
 //! I/O at once.
 

@@ -1,5 +1,5 @@
 //! `boot/*`: a real Linux guest reaches userspace through `mvm-vmm`, and
-//! every way it can end is an orderly exit (issue 2).
+//! every way it can end is an orderly exit.
 
 use crate::boot_report::PHASES;
 use crate::case::{Case, CaseResult, Context, Failure, KERNEL_BZIMAGE, KERNEL_ELF, VMM};
@@ -106,7 +106,7 @@ fn panic(ctx: &Context) -> CaseResult {
 /// The boot report has every phase, in order, and an exit reason. `validate` checks
 /// that the phases that happened are non-decreasing in the order they end
 /// (`boot_report::SEQUENCE`): `args_parsed` used to be stamped after the jail, later than
-/// `plan_verified` and `artifacts_measured` (issue 12). This is a `--dev` boot, so those
+/// `plan_verified` and `artifacts_measured`. This is a `--dev` boot, so those
 /// two are null (`verify/valid-boots-then-replay` orders them for a signed boot).
 fn report(ctx: &Context) -> CaseResult {
     let run = ctx

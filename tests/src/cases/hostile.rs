@@ -1,4 +1,4 @@
-//! `hostile/*`: the guest attacks the device model (issue 6, item 3). Its init unbinds a
+//! `hostile/*`: the guest attacks the device model. Its init unbinds a
 //! virtio-mmio device, drives the registers through `/dev/mem` and builds broken rings in
 //! its own pages (`guest/hostile/`). Each boot runs many scenarios; the guest prints one
 //! PASS or FAIL line per scenario after checking the device's answer, its own canaries and

@@ -1,4 +1,4 @@
-//! `net/*`: the virtio-net device and its egress filter on a real tap (issue 7).
+//! `net/*`: the virtio-net device and its egress filter on a real tap.
 //!
 //! Each case builds its own network: a tap for the guest (the gateway side,
 //! [`GATEWAY`]), a namespace behind a veth pair holding two "remote hosts"

@@ -1,4 +1,4 @@
-//! `run/*`: the whole journey through `mvm run --backend kvm` (issue 4):
+//! `run/*`: the whole journey through `mvm run --backend kvm`:
 //! output on the right streams, exit status, stdin, timeout, bulk output
 //! that streams, and nothing left behind after many runs.
 //!

@@ -1,4 +1,4 @@
-//! `verify/*`: verified boot (issue 5). Plans are built and signed here with the loader
+//! `verify/*`: verified boot. Plans are built and signed here with the loader
 //! library, on the clock of the machine the VMM runs on. Every tampered plan or artifact
 //! must be refused before any guest code runs (no console output, no `vm_created` in the
 //! boot report), with its reason on stderr, its own exit status and a `boot_refused`

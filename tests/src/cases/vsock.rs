@@ -1,6 +1,6 @@
 //! `vsock/*`: the virtio-vsock device moves bulk data intact, both ways, on a
 //! host-initiated (`CONNECT <port>` through the VM's Unix socket) and a
-//! guest-initiated (to `<uds>_<port>`) connection (issue 4).
+//! guest-initiated (to `<uds>_<port>`) connection.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::Shutdown;

@@ -1,4 +1,4 @@
-//! The `blk-*` modes: what the guest does with its virtio-blk disks (issue 3).
+//! The `blk-*` modes: what the guest does with its virtio-blk disks.
 //!
 //! - `blk-root`: booted from a read-only ext4 root (`root=/dev/vda ro`); prints a file of
 //!   that root, the disk's serial (`/sys/block/vda/serial`), and tries to write the raw

@@ -11,7 +11,7 @@
 //! [`device_manager`]), loads the kernel, writes the x86_64 boot state
 //! ([`arch::x86_64`]), starts one thread per [`vcpu`], and supervises until the guest
 //! ends. [`boot_report`] records when each phase happened; [`event_log`] writes the
-//! audit events; [`error`] holds the error types that cross modules.
+//! audit events; [`logger`] writes the diagnostic log to stderr; [`error`] holds the error types that cross modules.
 //! `docs/architecture.md` draws the whole of it.
 
 pub mod arch;
@@ -27,6 +27,7 @@ pub mod exit;
 pub mod image;
 pub mod jail;
 pub mod layout;
+pub mod logger;
 pub mod seccomp;
 pub mod vcpu;
 pub mod verified_boot;

@@ -8,4 +8,5 @@ pub mod image;
 pub mod net;
 pub mod receipt;
 pub mod run;
+pub mod secrets;
 pub mod terminal;

@@ -28,6 +28,7 @@ fn main() {
         Command::Plan(c) => cli::trust::plan(c),
         Command::Audit(c) => cli::trust::audit(c),
         Command::Receipt(c) => cli::trust::receipt(c),
+        Command::Secret(c) => cli::secret::main(c),
         Command::Image(command) => match cli::image::main(command) {
             Ok(()) => 0,
             Err(e) => {

@@ -76,6 +76,17 @@ const MOUNTS: &[MountPoint] = &[
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: "mode=0755",
     },
+    // Released secrets (`/run/secrets/NAME`, each 0400 and owned by the workload's uid),
+    // on a tmpfs of their own: never on a disk, and only root (the agent) writes here.
+    MountPoint {
+        source: "tmpfs",
+        target: "/run/secrets",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID
+            .union(MsFlags::MS_NODEV)
+            .union(MsFlags::MS_NOEXEC),
+        data: "mode=0755,size=1m",
+    },
 ];
 
 /// Mounts the guest's filesystems. Returns what failed (an already mounted filesystem is

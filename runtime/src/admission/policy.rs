@@ -34,7 +34,7 @@ allow = ["*"]
 allow = []
 
 [secrets]
-# Names of secrets a plan may ask for.
+# Names of secrets a plan may ask for (`mvm run --secret NAME`; docs/secrets.md).
 allow = []
 
 [tier]

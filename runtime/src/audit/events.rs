@@ -9,6 +9,7 @@ use mvm_loader::plan::Plan;
 use super::record::{AuditEvent, EventKind};
 use crate::admission::Denial;
 use crate::receipt::command_digest;
+use crate::secrets::ReleasedSecret;
 
 impl AuditEvent {
     /// Admission signed `signed`.
@@ -96,6 +97,17 @@ impl AuditEvent {
             .vm(vm_id)
             .field("argv_sha256", command_digest(argv))
             .field("argc", argv.len() as u64)
+    }
+
+    /// A secret was handed to the backend for the measured guest of `plan_id` (its name,
+    /// the sha256 of its value and how it goes in; never the value).
+    pub fn secret_released(plan_id: &str, vm_id: &str, secret: &ReleasedSecret) -> Self {
+        Self::new(EventKind::SecretReleased)
+            .plan(plan_id)
+            .vm(vm_id)
+            .field("name", secret.name.clone())
+            .field("value_sha256", secret.sha256)
+            .field("delivery", secret.delivery.clone())
     }
 
     /// A command exited.

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mvm_agent::client::ExecStdin;
-use mvm_agent::protocol::ExecRequest;
+use mvm_agent::protocol::{ExecRequest, WriteFileRequest};
 use mvm_agent::transport::connect_hybrid_vsock;
 use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 
@@ -19,6 +19,7 @@ use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
     Tier, Timings, WorkloadStatus,
 };
+use crate::secrets::Secret;
 
 /// How often the run loop looks at Ctrl-C, deadlines and the VMM.
 const POLL: Duration = Duration::from_millis(50);
@@ -91,6 +92,27 @@ fn forward_stdin(source: Box<dyn Read + Send>, writer: ExecStdin) -> Result<(), 
             .is_ok()
     })
     .map_err(RunError::io("starting the stdin thread"))
+}
+
+/// The uid and gid that own a released secret's file and run the workload:
+/// the agent's unprivileged default.
+const SECRET_OWNER: u32 = mvm_agent::agent::policy::DEFAULT_WORKLOAD_ID;
+
+/// Writes each secret to its file in the guest (`/run/secrets/NAME`, the
+/// agent's own tmpfs), mode 0400, owned by [`SECRET_OWNER`].
+pub(crate) fn deliver_secrets(client: &Client, secrets: &[Secret]) -> Result<(), ClientError> {
+    for secret in secrets {
+        let request = WriteFileRequest {
+            path: secret.guest_path(),
+            mode: 0o400,
+            uid: Some(SECRET_OWNER),
+            gid: Some(SECRET_OWNER),
+            append: false,
+        };
+        client.write_file_with(&request, secret.value.expose())?;
+        tracing::info!(name = %secret.name, "secret delivered");
+    }
+    Ok(())
 }
 
 /// Asks the agent to power the guest off, without waiting on a hung agent
@@ -183,8 +205,17 @@ pub fn run_verified(
     } else {
         Stdin::Null
     };
-    // Written ahead: the boot and the workload's start are on disk before exec.
-    journal.workload_starting()?;
+    // Written ahead: the boot, each secret's release and the workload's start
+    // are on disk before exec; the secrets go in before the workload starts.
+    let secrets = journal.workload_starting()?;
+    deliver_secrets(&client, &secrets).map_err(|e| agent_error(&mut vmm, &e))?;
+    let request = ExecRequest {
+        // The workload's identity made explicit when it owns a secret file.
+        uid: (!secrets.is_empty()).then_some(SECRET_OWNER),
+        gid: (!secrets.is_empty()).then_some(SECRET_OWNER),
+        ..request
+    };
+    drop(secrets);
     let mut exec = client
         .exec(&request, mode)
         .map_err(|e| agent_error(&mut vmm, &e))?;

@@ -23,6 +23,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::secrets::Secret;
 use serde::{Deserialize, Serialize};
 
 /// A backend tier, strongest first.
@@ -132,10 +133,11 @@ pub struct RunOutcome {
 /// verified boot and the workload's start before any of its output reaches the
 /// user, and a VM or an `mvm` killed afterwards cannot take them away.
 pub trait RunJournal {
-    /// The guest answered and the workload is about to start. An error stops
-    /// the run before it does: a workload whose start cannot be recorded does
-    /// not run.
-    fn workload_starting(&mut self) -> Result<(), RunError>;
+    /// The guest answered and the workload is about to start. Returns the
+    /// secrets to put into the guest first (each already recorded as
+    /// released). An error stops the run before the workload starts: a
+    /// workload whose start cannot be recorded does not run.
+    fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError>;
 }
 
 /// The journal of a run that records nothing (`--dev`).
@@ -143,8 +145,8 @@ pub trait RunJournal {
 pub struct NoJournal;
 
 impl RunJournal for NoJournal {
-    fn workload_starting(&mut self) -> Result<(), RunError> {
-        Ok(())
+    fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError> {
+        Ok(Vec::new())
     }
 }
 

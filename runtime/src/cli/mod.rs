@@ -4,6 +4,7 @@
 pub mod doctor;
 pub mod image;
 pub mod run;
+pub mod secret;
 pub mod trust;
 
 use clap::{Args, Parser, Subcommand};
@@ -47,6 +48,9 @@ pub enum Command {
     /// Verify a run's signed receipt.
     #[command(subcommand)]
     Receipt(trust::ReceiptCommand),
+    /// The host's secrets, which a verified run may be given (`mvm run --secret NAME`).
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Internal: writes DIR's tree as a newc cpio archive (owners root, times 0,
     /// sorted), for the build scripts' initramfs files.
     #[command(name = "__cpio", hide = true)]
@@ -117,6 +121,12 @@ pub struct RunArgs {
     /// The image to boot: a name or a digest (prefix).
     #[arg(long, default_value = crate::image::DEFAULT_IMAGE)]
     pub image: String,
+    /// Give the command the stored secret NAME (`mvm secret set NAME`) as the file
+    /// /run/secrets/NAME, readable only by its uid (repeatable). Released only after the
+    /// VMM verified the signed plan, which names it, and measured what it booted; the
+    /// policy's [secrets] allow must list it. Not with --dev.
+    #[arg(long = "secret", value_name = "NAME", conflicts_with = "dev")]
+    pub secrets: Vec<String>,
     /// Write a signed receipt of the run here (verify with `mvm receipt verify`).
     #[arg(long, value_name = "FILE", conflicts_with = "dev")]
     pub receipt: Option<PathBuf>,
@@ -155,6 +165,7 @@ impl RunArgs {
             mem_mib: self.mem_mib,
             timeout_secs: self.timeout,
             argv: self.command.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 

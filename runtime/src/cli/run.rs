@@ -118,6 +118,11 @@ fn execute(
                 "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
             ));
         }
+        if let Some(name) = args.secrets.first() {
+            return Err(RunError::Missing(format!(
+                "--secret {name}: a secret is released only to a verified, measured boot, and development mode has none: drop --dev / MVM_DEV"
+            )));
+        }
         eprintln!(
             "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
         );

@@ -127,6 +127,10 @@ pub struct RunPredicate {
     pub finished_at: UtcTime,
     /// The run's records in the host audit log.
     pub audit: AuditRange,
+    /// The secrets the run was given: names and digests, never values. Absent
+    /// when none (receipts of runs without secrets read as before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secrets::ReleasedSecret>,
 }
 
 /// The digest of an argv: each element followed by a NUL byte.
@@ -273,6 +277,7 @@ mod tests {
                 first_seq: 10,
                 last_seq: 14,
             },
+            secrets: Vec::new(),
         };
         statement(Sha256Digest::of(b"plan payload"), predicate)
     }

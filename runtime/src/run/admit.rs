@@ -39,6 +39,8 @@ use crate::backend::scratch::ScratchDir;
 use crate::backend::{PlanFiles, RunError, RunJournal, RunOutcome, Tier};
 use crate::image::{ImageStore, StoredImage};
 use crate::receipt::{self, command_digest, AuditRange, RunPredicate};
+use crate::secrets::store::SecretStore;
+use crate::secrets::{ReleasedSecret, Secret};
 
 /// The replay store's file name in the data directory (the VMM's default too).
 pub const REPLAY_STORE: &str = "replay-nonces";
@@ -77,6 +79,7 @@ pub fn admission_request(run: &RunRequest, policy: &Policy) -> AdmissionRequest 
         .map_or(policy.limits.max_timeout_secs, |t| {
             u32::try_from(t).unwrap_or(u32::MAX)
         });
+    request.secrets = run.secrets.clone();
     request
 }
 
@@ -108,6 +111,11 @@ pub struct Admitted {
     boot: Option<AuditEvent>,
     /// Whether `exec_started` is in the log.
     exec_started: bool,
+    /// The secrets the plan names, read from the store at admission; handed
+    /// over only by [`RunJournal::workload_starting`], after a verified boot.
+    secrets: Vec<Secret>,
+    /// The secrets recorded as released (for the receipt).
+    released: Vec<ReleasedSecret>,
     marker: Option<OpenRun>,
     _dir: ScratchDir,
 }
@@ -158,6 +166,22 @@ pub fn admit_run_in(
         .collect();
     let mut facts = ImageFacts::from_stored(image, &names)
         .map_err(|e| admission_error("image")(e.to_string()))?;
+    // Before a plan is signed: a secret that is not there stops the run here.
+    let store = SecretStore::at(config);
+    let secrets = run
+        .secrets
+        .iter()
+        .map(|name| store.get(name))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RunError::Missing(format!("secret: {e}")))?;
+    let total: usize = secrets.iter().map(|s| s.value.len()).sum();
+    if total > crate::secrets::MAX_RUN_BYTES {
+        return Err(RunError::Missing(format!(
+            "secret: {} secrets of {total} bytes together; a run may be given at most {} bytes",
+            secrets.len(),
+            crate::secrets::MAX_RUN_BYTES
+        )));
+    }
     let mut request = admission_request(run, &policy);
     // netrt: --net's egress cap, the plan's net section and the pinned mvm.net= word.
     let mut policy = policy;
@@ -222,6 +246,8 @@ pub fn admit_run_in(
         events_read: 0,
         boot: None,
         exec_started: false,
+        secrets,
+        released: Vec::new(),
         marker: Some(marker),
         _dir: dir,
     })
@@ -351,6 +377,7 @@ impl Admitted {
             started_at: times.0,
             finished_at: times.1,
             audit,
+            secrets: self.released.clone(),
         };
         let statement = receipt::statement(self.signed.digest, predicate);
         let envelope =
@@ -366,8 +393,10 @@ impl Admitted {
 
 impl RunJournal for Admitted {
     /// Appends the VMM's events so far (its `boot_verified` among them: it
-    /// writes it before the guest runs) and `exec_started`.
-    fn workload_starting(&mut self) -> Result<(), RunError> {
+    /// writes it before the guest runs), then, when the boot's measurements
+    /// are the plan's pins, `secret_released` for each secret the plan names,
+    /// then `exec_started`; returns those secrets for the backend to deliver.
+    fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError> {
         let plan_id = self.plan_id().to_owned();
         let (events, next) = read_vmm_events_from(
             &self.files.events,
@@ -389,10 +418,32 @@ impl RunJournal for Admitted {
                 "the VMM reported no verified boot before its guest answered; the workload was not started".into(),
             ));
         }
+        let secrets = std::mem::take(&mut self.secrets);
+        if !secrets.is_empty() {
+            // The VMM's word that it booted what the plan pins, checked field by
+            // field against the signed plan: else no secret leaves this process.
+            measured(self.boot.as_slice(), &self.signed).map_err(|e| {
+                RunError::Missing(format!(
+                    "no secret released: {e}; the workload was not started"
+                ))
+            })?;
+        }
+        for secret in &secrets {
+            if !self.signed.plan.secrets.contains(&secret.name) {
+                return Err(RunError::Missing(format!(
+                    "no secret released: the signed plan does not name {:?}",
+                    secret.name
+                )));
+            }
+            let released = ReleasedSecret::file(secret);
+            let event = AuditEvent::secret_released(&plan_id, &self.vm_id, &released);
+            self.last_seq = self.log.append(event).map_err(evidence)?;
+            self.released.push(released);
+        }
         let started = AuditEvent::exec_started(&plan_id, &self.vm_id, &self.argv);
         self.last_seq = self.log.append(started).map_err(evidence)?;
         self.exec_started = true;
-        Ok(())
+        Ok(secrets)
     }
 }
 
@@ -411,6 +462,7 @@ mod tests {
             mem_mib: 256,
             timeout_secs: None,
             argv: ["sh", "-c", "echo hi"].map(String::from).to_vec(),
+            secrets: Vec::new(),
         }
     }
 
@@ -568,6 +620,140 @@ mod tests {
         assert_eq!(p.stdout_sha256, Sha256Digest::of(b"hi\n"));
         assert_eq!(p.tier, plan::Tier::Hardware);
         assert_eq!((p.audit.first_seq, p.audit.last_seq), (1, 5));
+    }
+
+    /// A config directory whose policy allows `TOKEN`, with `TOKEN` stored.
+    fn with_secret(config: &Path, value: &[u8]) {
+        std::fs::create_dir_all(config).unwrap();
+        std::fs::write(
+            config.join(crate::admission::policy::POLICY_FILE),
+            "[secrets]\nallow = [\"TOKEN\"]\n",
+        )
+        .unwrap();
+        SecretStore::at(config)
+            .set("TOKEN", &crate::secrets::SecretValue::new(value.to_vec()))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_secret_is_released_after_the_verified_boot_and_only_its_digest_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, data, image) = store_with_image(dir.path());
+        let value = b"tok-5f1d0c-VALUE";
+        with_secret(&config, value);
+        let mut args = run_request(1);
+        args.secrets = vec!["TOKEN".into()];
+        let mut admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
+        assert_eq!(admitted.signed.plan.secrets, ["TOKEN"]);
+        let (boot, exit) = vmm_events_for(&admitted.signed);
+        std::fs::write(&admitted.files.events, &boot).unwrap();
+        let secrets = admitted.workload_starting().unwrap();
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets[0].value.expose(), value);
+        let log = data.join(audit::AUDIT_FILE);
+        let records = audit::read_records(&log, None).unwrap();
+        let kinds: Vec<EventKind> = records.iter().map(|r| r.event).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::PlanAdmitted,
+                EventKind::BootVerified,
+                EventKind::SecretReleased,
+                EventKind::ExecStarted
+            ]
+        );
+        assert_eq!(
+            records[2].fields.get("value_sha256"),
+            Some(&FieldValue::Text(Sha256Digest::of(value).to_string()))
+        );
+        std::fs::write(&admitted.files.events, format!("{boot}{exit}")).unwrap();
+        let receipt_path = dir.path().join("receipt.json");
+        let now = UtcTime::now();
+        admitted
+            .finish(
+                &args.argv,
+                &Ok(outcome(0)),
+                no_output(),
+                (now, now),
+                Some(&receipt_path),
+            )
+            .unwrap();
+        let receipt = std::fs::read_to_string(&receipt_path).unwrap();
+        let keys = HostKeys::load(&config).unwrap();
+        let mut trusted = mvm_loader::dsse::TrustedKeys::new();
+        trusted.add(keys.audit.verifying_key());
+        let verified = receipt::verify_receipt(receipt.as_bytes(), &trusted).unwrap();
+        let listed = &verified.statement.predicate.secrets;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (
+                listed[0].name.as_str(),
+                listed[0].sha256,
+                listed[0].delivery.as_str()
+            ),
+            ("TOKEN", Sha256Digest::of(value), "file")
+        );
+        // The value itself is in neither the log nor the receipt (nor base64 of it).
+        let b64 = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(value)
+        };
+        for text in [std::fs::read_to_string(&log).unwrap(), receipt] {
+            assert!(!text.contains("5f1d0c") && !text.contains(&b64), "{text}");
+        }
+    }
+
+    #[test]
+    fn no_secret_leaves_for_a_boot_that_is_not_the_plans() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, data, image) = store_with_image(dir.path());
+        with_secret(&config, b"never-released");
+        let mut args = run_request(1);
+        args.secrets = vec!["TOKEN".into()];
+        let mut admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
+        // The VMM says it verified the plan but measured another initramfs.
+        let (boot, _) = vmm_events_for(&admitted.signed);
+        let other = Sha256Digest::of(b"a tampered initramfs").to_string();
+        let planned = admitted
+            .signed
+            .plan
+            .artifacts
+            .initramfs
+            .unwrap()
+            .to_string();
+        std::fs::write(&admitted.files.events, boot.replace(&planned, &other)).unwrap();
+        let e = admitted.workload_starting().unwrap_err().to_string();
+        assert!(e.contains("no secret released"), "{e}");
+        let log = std::fs::read_to_string(data.join(audit::AUDIT_FILE)).unwrap();
+        assert!(
+            !log.contains("secret_released") && !log.contains("exec_started"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn a_secret_missing_from_the_store_or_the_policy_stops_the_run_before_a_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, data, image) = store_with_image(dir.path());
+        let mut args = run_request(1);
+        args.secrets = vec!["TOKEN".into()];
+        let e = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("mvm secret set TOKEN"), "{e}");
+        // Stored, but the policy does not allow it: denied and audited.
+        SecretStore::at(&config)
+            .set("TOKEN", &crate::secrets::SecretValue::new(b"v".to_vec()))
+            .unwrap();
+        let e = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None)
+            .err()
+            .unwrap();
+        assert!(matches!(e, RunError::Denied(_)), "{e}");
+        let log = std::fs::read_to_string(data.join(audit::AUDIT_FILE)).unwrap();
+        assert!(
+            log.contains("plan_denied") && log.contains("secrets.allow"),
+            "{log}"
+        );
     }
 
     #[test]

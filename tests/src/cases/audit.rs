@@ -56,15 +56,15 @@ fn fail(what: &str) -> impl FnOnce(std::io::Error) -> Failure + '_ {
     move |e| Failure::new(format!("{what}: {e}"))
 }
 
-/// A case's own mvm homes: `data/` (images linked from the artifacts) and
-/// `config/`.
-struct Homes {
-    data: PathBuf,
-    config: PathBuf,
+/// A case's own mvm homes: `data/` (images linked from the artifacts, unless the
+/// case put its own `data/images` there first) and `config/`.
+pub(super) struct Homes {
+    pub(super) data: PathBuf,
+    pub(super) config: PathBuf,
 }
 
 impl Homes {
-    fn new(ctx: &Context) -> Result<Self, Failure> {
+    pub(super) fn new(ctx: &Context) -> Result<Self, Failure> {
         let store = image_store(ctx)?;
         let data = ctx.work_file("data");
         let config = ctx.work_file("config");
@@ -78,24 +78,24 @@ impl Homes {
         Ok(Self { data, config })
     }
 
-    fn log(&self) -> PathBuf {
+    pub(super) fn log(&self) -> PathBuf {
         self.data.join("audit.jsonl")
     }
 
-    fn mvm(&self, ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
+    pub(super) fn mvm(&self, ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
         let mut command = mvm_with(ctx, &self.data, &self.config)?;
         command.args(args).stdin(Stdio::null());
         Ok(command)
     }
 
-    fn run(&self, ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
+    pub(super) fn run(&self, ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
         let mut command = self.mvm(ctx, &["run", "--backend", "kvm"])?;
         command.args(args);
         Ok(command)
     }
 
     /// `mvm audit verify [--log FILE]`.
-    fn verify(&self, ctx: &Context, log: Option<&Path>) -> Result<Output, Failure> {
+    pub(super) fn verify(&self, ctx: &Context, log: Option<&Path>) -> Result<Output, Failure> {
         let mut command = self.mvm(ctx, &["audit", "verify"])?;
         if let Some(log) = log {
             command.arg("--log").arg(log);

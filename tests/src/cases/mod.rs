@@ -9,6 +9,7 @@ pub mod boot;
 pub mod hostile;
 pub mod net;
 pub mod run;
+pub mod secret;
 pub mod selftest;
 pub mod tier;
 pub mod verify;
@@ -25,6 +26,7 @@ pub fn all() -> Vec<Case> {
         verify::CASES,
         run::CASES,
         audit::CASES,
+        secret::CASES,
         hostile::CASES,
         net::CASES,
         net::BENCH,

@@ -279,8 +279,8 @@ pub fn run(
                         std::fs::write(&p.events, cut_events(vmm_events).as_bytes())
                             .map_err(RunError::io(format!("writing {}", p.events.display())))?;
                     }
-                    journal.workload_starting()?;
-                    write_json_line(&mut ctl_writer, &HostRecord::Proceed)
+                    let secrets = journal.workload_starting()?;
+                    write_json_line(&mut ctl_writer, &HostRecord::Proceed { secrets })
                         .map_err(RunError::io("answering the test host"))?;
                 }
                 Ok(GuestRecord::Report {

@@ -39,11 +39,17 @@ pub struct GuestRequest {
 }
 
 /// A line the host sends on `mvm.ctl` after the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum HostRecord {
-    /// The host appended what `booted` reported: start the workload.
-    Proceed,
+    /// The host appended what `booted` reported (and each secret's release):
+    /// put the secrets into the guest, then start the workload.
+    Proceed {
+        /// The secrets the host released for this measured boot (base64 on the
+        /// wire; never printed).
+        #[serde(with = "crate::secrets::wire", default)]
+        secrets: Vec<crate::secrets::Secret>,
+    },
     /// The host's `mvm` got this signal (Ctrl-C, SIGTERM, SIGHUP).
     Signal {
         /// The signal number.
@@ -320,7 +326,19 @@ mod tests {
         };
         let line = serde_json::to_string(&booted).unwrap();
         assert_eq!(parse_record(&line).unwrap(), booted);
-        for host in [HostRecord::Proceed, HostRecord::Signal { signal: 2 }] {
+        let secret = crate::secrets::Secret {
+            name: "TOKEN".into(),
+            value: crate::secrets::SecretValue::new(b"v".to_vec()),
+        };
+        for host in [
+            HostRecord::Proceed {
+                secrets: Vec::new(),
+            },
+            HostRecord::Proceed {
+                secrets: vec![secret],
+            },
+            HostRecord::Signal { signal: 2 },
+        ] {
             let line = serde_json::to_string(&host).unwrap();
             assert_eq!(serde_json::from_str::<HostRecord>(&line).unwrap(), host);
         }

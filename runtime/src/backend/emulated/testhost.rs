@@ -12,6 +12,7 @@ use crate::backend::{
     kvm, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, StdinMode,
 };
 use crate::image::StoredImage;
+use crate::secrets::Secret;
 
 /// The test host's nonce store. Its root is a fresh initramfs on every boot, so
 /// the store lives for one boot only: replay across runs is caught by the
@@ -197,9 +198,11 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
 const PROCEED_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Reads the host's lines after the request on a thread: a `signal` is
-/// delivered here as if it had arrived at this process; each `proceed` is
-/// passed on through the returned channel.
-fn listen_to_host(mut reader: BufReader<std::fs::File>) -> std::io::Result<mpsc::Receiver<()>> {
+/// delivered here as if it had arrived at this process; each `proceed` (with
+/// its secrets) is passed on through the returned channel.
+fn listen_to_host(
+    mut reader: BufReader<std::fs::File>,
+) -> std::io::Result<mpsc::Receiver<Vec<Secret>>> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("host-ctl".into())
@@ -207,12 +210,17 @@ fn listen_to_host(mut reader: BufReader<std::fs::File>) -> std::io::Result<mpsc:
             match read_ctl_line(&mut reader) {
                 Ok(Some(line)) => match serde_json::from_str::<HostRecord>(line.trim_end()) {
                     Ok(HostRecord::Signal { signal }) => interrupt::deliver(signal),
-                    Ok(HostRecord::Proceed) => {
-                        if tx.send(()).is_err() {
+                    Ok(HostRecord::Proceed { secrets }) => {
+                        if tx.send(secrets).is_err() {
                             return;
                         }
                     }
-                    Err(e) => tracing::warn!("bad line from the host: {e}"),
+                    // Where, not what: the line may hold a secret.
+                    Err(e) => tracing::warn!(
+                        "bad line from the host ({:?} error at column {})",
+                        e.classify(),
+                        e.column()
+                    ),
                 },
                 Ok(None) | Err(_) => return,
             }
@@ -225,11 +233,11 @@ fn listen_to_host(mut reader: BufReader<std::fs::File>) -> std::io::Result<mpsc:
 struct HostJournal<'a> {
     events: PathBuf,
     ctl: std::fs::File,
-    proceed: &'a mpsc::Receiver<()>,
+    proceed: &'a mpsc::Receiver<Vec<Secret>>,
 }
 
 impl RunJournal for HostJournal<'_> {
-    fn workload_starting(&mut self) -> Result<(), RunError> {
+    fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError> {
         let booted = GuestRecord::Booted {
             vmm_events: read_events(&self.events),
         };
@@ -240,7 +248,7 @@ impl RunJournal for HostJournal<'_> {
                 return Err(RunError::Interrupted);
             }
             match self.proceed.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => return Ok(()),
+                Ok(secrets) => return Ok(secrets),
                 Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() < PROCEED_TIMEOUT => {}
                 Err(_) => {
                     return Err(RunError::Agent(

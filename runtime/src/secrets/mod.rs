@@ -1,0 +1,209 @@
+//! Secrets: values a user keeps on the host ([`store`]) and a run may be given, by name,
+//! only once its VM is measured.
+//!
+//! A secret's value lives in a [`SecretValue`]: it prints as `<redacted>`, is wiped from
+//! memory when dropped, and is known everywhere else (audit records, receipts, `--json`,
+//! plans, errors) by its name and [`SecretValue::digest`] only. The plan names the
+//! secrets a run may receive; admission checks the names against the policy; the run's
+//! journal hands the values to the backend only after the VMM reported `boot_verified`
+//! for that plan with measurements equal to its pins, and writes `secret_released` for
+//! each first. The guest's agent puts each in `/run/secrets/NAME` (its own tmpfs), mode
+//! 0400, owned by the workload's uid. `docs/secrets.md` says what this protects against.
+
+pub mod store;
+
+use std::fmt;
+
+use mvm_loader::measure::Sha256Digest;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Where a released secret goes in the guest: `/run/secrets/<name>`.
+pub const GUEST_DIR: &str = "/run/secrets";
+
+/// The most bytes one secret's value may have (a token, a key, a certificate chain).
+pub const MAX_VALUE_BYTES: usize = 16 << 10;
+
+/// The most bytes of secrets one run may be given, all values together (so that they
+/// cross the emulated tier's control port, base64 in one line of at most 1 MiB).
+pub const MAX_RUN_BYTES: usize = 256 << 10;
+
+/// A secret's value: never printed, wiped when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(Zeroizing<Vec<u8>>);
+
+impl SecretValue {
+    /// Wraps `bytes` (the caller's copy is the caller's to wipe).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The value itself: for delivery into a measured guest, nothing else.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// sha256 of the value: what records and listings show of it.
+    pub fn digest(&self) -> Sha256Digest {
+        Sha256Digest::of(&self.0)
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A secret, named, with its value: what a run's journal hands the backend to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// Its name (`plan::check_secret_name`).
+    pub name: String,
+    /// Its value.
+    pub value: SecretValue,
+}
+
+impl Secret {
+    /// Where the agent writes it in the guest.
+    pub fn guest_path(&self) -> String {
+        format!("{GUEST_DIR}/{}", self.name)
+    }
+}
+
+/// A released secret as the receipt lists it: the name, the digest, how it went in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleasedSecret {
+    /// The secret's name.
+    pub name: String,
+    /// sha256 of its value.
+    pub sha256: Sha256Digest,
+    /// How the guest got it: `file` (`/run/secrets/NAME`).
+    pub delivery: String,
+}
+
+impl ReleasedSecret {
+    /// The record of `secret`, delivered as a file.
+    pub fn file(secret: &Secret) -> Self {
+        Self {
+            name: secret.name.clone(),
+            sha256: secret.value.digest(),
+            delivery: "file".to_owned(),
+        }
+    }
+}
+
+/// Carries secrets across the emulated tier's control port as base64 strings; a value
+/// is still never printed (the wire type's `Debug` is the redacting one).
+pub mod wire {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{Secret, SecretValue, MAX_VALUE_BYTES};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct OnWire {
+        name: String,
+        value: String,
+    }
+
+    /// `serde(with = "secrets::wire")` for a `Vec<Secret>`.
+    pub fn serialize<S: Serializer>(secrets: &[Secret], s: S) -> Result<S::Ok, S::Error> {
+        let on_wire: Vec<OnWire> = secrets
+            .iter()
+            .map(|secret| OnWire {
+                name: secret.name.clone(),
+                value: STANDARD.encode(secret.value.expose()),
+            })
+            .collect();
+        on_wire.serialize(s)
+    }
+
+    /// The other half of [`serialize`]; a name or value that could not have been sent is
+    /// refused.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+        use serde::de::Error;
+        let on_wire = Vec::<OnWire>::deserialize(d)?;
+        on_wire
+            .into_iter()
+            .map(|w| {
+                mvm_loader::plan::check_secret_name(&w.name).map_err(D::Error::custom)?;
+                let bytes = zeroize::Zeroizing::new(
+                    STANDARD
+                        .decode(w.value.as_bytes())
+                        .map_err(|_| D::Error::custom(format!("secret {}: not base64", w.name)))?,
+                );
+                if bytes.len() > MAX_VALUE_BYTES {
+                    return Err(D::Error::custom(format!("secret {}: too large", w.name)));
+                }
+                Ok(Secret {
+                    name: w.name,
+                    value: SecretValue::new(bytes.to_vec()),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_never_prints() {
+        let s = Secret {
+            name: "TOKEN".into(),
+            value: SecretValue::new(b"hunter2-value".to_vec()),
+        };
+        let shown = format!("{s:?} {:?}", vec![s.clone()]);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("TOKEN") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert_eq!(s.guest_path(), "/run/secrets/TOKEN");
+        assert_eq!(s.value.digest(), Sha256Digest::of(b"hunter2-value"));
+    }
+
+    #[test]
+    fn the_wire_form_round_trips_and_refuses_bad_names_and_sizes() {
+        #[derive(Serialize, Deserialize)]
+        struct Carrier {
+            #[serde(with = "wire")]
+            secrets: Vec<Secret>,
+        }
+        let secrets = vec![Secret {
+            name: "A_B".into(),
+            value: SecretValue::new(vec![0, 1, 2, 255]),
+        }];
+        let text = serde_json::to_string(&Carrier {
+            secrets: secrets.clone(),
+        })
+        .unwrap();
+        let back: Carrier = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.secrets, secrets);
+        for bad in [
+            r#"{"secrets":[{"name":"../x","value":""}]}"#,
+            r#"{"secrets":[{"name":"A","value":"!!"}]}"#,
+        ] {
+            assert!(serde_json::from_str::<Carrier>(bad).is_err(), "{bad}");
+        }
+        use base64::Engine as _;
+        let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; MAX_VALUE_BYTES + 1]);
+        let text = format!(r#"{{"secrets":[{{"name":"A","value":"{big}"}}]}}"#);
+        assert!(serde_json::from_str::<Carrier>(&text).is_err());
+    }
+}

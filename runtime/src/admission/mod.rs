@@ -317,6 +317,20 @@ pub fn check_policy(
                 format!("secret {name:?} is not in the allowed list"),
             ));
         }
+        if let Some(bound) = policy.secrets.images.get(name) {
+            let matches = bound
+                .iter()
+                .any(|b| *b == digest || image.names.iter().any(|n| n == b));
+            if !matches {
+                return Err(deny(
+                    Rule::Secrets,
+                    format!(
+                        "secret {name:?} is bound to the images {bound:?} ([secrets.images]), not {:?} ({digest})",
+                        request.image_ref
+                    ),
+                ));
+            }
+        }
     }
     let required = request.required_tier.unwrap_or(policy.tier.minimum);
     if required < policy.tier.minimum {
@@ -460,6 +474,25 @@ mod tests {
             err.to_string(),
             "denied by policy rule limits.max_vcpus: 8 vCPUs requested, at most 4 allowed"
         );
+    }
+
+    #[test]
+    fn a_secret_bound_to_other_images_is_denied() {
+        let policy = Policy::from_toml(
+            "[secrets]\nallow = [\"TOKEN\", \"FREE\"]\n[secrets.images]\nTOKEN = [\"python\"]\n",
+            std::path::Path::new("p"),
+        )
+        .unwrap();
+        let mut r = AdmissionRequest::new("default");
+        r.secrets = vec!["FREE".to_owned()];
+        assert!(admit(&r, &image(), &policy, &key(), now()).is_ok());
+        r.secrets = vec!["TOKEN".to_owned()];
+        assert_eq!(denied_rule(&r, &policy), Rule::Secrets);
+        let mut python = image();
+        python.names.push("python".to_owned());
+        assert!(admit(&r, &python, &policy, &key(), now()).is_ok());
+        let bad = "[secrets]\nallow = []\n[secrets.images]\n\"a b\" = [\"x\"]\n";
+        assert!(Policy::from_toml(bad, std::path::Path::new("p")).is_err());
     }
 
     #[test]

@@ -36,6 +36,9 @@ allow = []
 [secrets]
 # Names of secrets a plan may ask for (`mvm run --secret NAME`; docs/secrets.md).
 allow = []
+# A secret may be bound to images (names or "sha256:..." digests):
+# [secrets.images]
+# API_TOKEN = ["python"]
 
 [tier]
 # container < emulated < delegated < hardware
@@ -101,6 +104,9 @@ pub struct EgressRules {
 pub struct SecretRules {
     /// Secret names a plan may carry.
     pub allow: Vec<String>,
+    /// `[secrets.images]`: a secret listed here may go only to these images (names or
+    /// `sha256:` digests, as `[images] allow`); one not listed, to any allowed image.
+    pub images: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `[tier]`.
@@ -185,7 +191,12 @@ impl Policy {
             reason,
         };
         let policy: Policy = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        for name in &policy.secrets.allow {
+        for name in policy
+            .secrets
+            .allow
+            .iter()
+            .chain(policy.secrets.images.keys())
+        {
             plan::check_secret_name(name).map_err(invalid)?;
         }
         if policy.guest.uid == 0 || policy.guest.gid == 0 {

@@ -34,7 +34,7 @@ use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
 use crate::image::Image;
 use crate::layout;
 use crate::vcpu::{Vcpu, VcpuContext, VmEvent, VmStopper};
-use crate::verified_boot::{self, BootPlan, Refusal};
+use crate::verified_boot::{self, BootPlan, LoadedDigests, PendingMeasurement, Refusal};
 use crate::vm::{self, Vm};
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread it
@@ -58,12 +58,15 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
         .map_err(host_err("spawning the signal thread"))
 }
 
-/// Boots `config` and supervises the VM until it ends. `attach_devices` runs
-/// after the legacy devices are on the bus and before the command line is
-/// written: that is where virtio-mmio devices are added.
+/// Boots `config` and supervises the VM until it ends. `loaded` gets the images'
+/// digests once they are in guest memory (hashed as they were loaded, when
+/// `config.hash_images`), before any VM exists: verified boot's last check, whose error
+/// ends the boot there. `attach_devices` runs after the legacy devices are on the bus
+/// and before the command line is written: that is where virtio-mmio devices are added.
 pub fn run(
     mut config: VmConfig,
     timeline: Arc<BootTimeline>,
+    loaded: impl FnOnce(Option<&LoadedDigests>) -> Result<(), BootError>,
     attach_devices: impl FnOnce(&mut DeviceContext<'_>) -> Result<(), BootError>,
 ) -> Result<ExitReason, BootError> {
     let kernel_err = |source| BootError::Kernel {
@@ -73,33 +76,52 @@ pub fn run(
 
     // Memory and kernel first: no VM exists until the kernel is in place.
     let memory = vm::create_guest_memory(config.mem_bytes)?;
-    let loaded = config
-        .kernel
-        .load_kernel(
-            &memory,
-            &config.kernel_info,
-            GuestAddress(layout::HIMEM_START),
-        )
-        .map_err(kernel_err)?;
-    let initrd = match config.initrd.as_mut() {
-        None => None,
+    let highmem = GuestAddress(layout::HIMEM_START);
+    let (kernel, kernel_digest) = if config.hash_images {
+        let (kernel, digest) = config
+            .kernel
+            .load_kernel_hashed(&memory, highmem)
+            .map_err(kernel_err)?;
+        (kernel, Some(digest))
+    } else {
+        let kernel = config
+            .kernel
+            .load_kernel(&memory, &config.kernel_info, highmem)
+            .map_err(kernel_err)?;
+        (kernel, None)
+    };
+    let ceiling = layout::low_ram_end(config.mem_bytes);
+    let (initrd, initrd_digest) = match config.initrd.as_mut() {
+        None => (None, None),
         Some(image) => {
-            let ceiling = layout::low_ram_end(config.mem_bytes);
-            let addr = image
-                .load_initrd(&memory, loaded.end, ceiling)
-                .map_err(kernel_err)?;
-            Some(zero_page::InitrdLocation {
+            let (addr, digest) = if config.hash_images {
+                let (addr, digest) = image
+                    .load_initrd_hashed(&memory, kernel.end, ceiling)
+                    .map_err(kernel_err)?;
+                (addr, Some(digest))
+            } else {
+                let addr = image
+                    .load_initrd(&memory, kernel.end, ceiling)
+                    .map_err(kernel_err)?;
+                (addr, None)
+            };
+            let location = zero_page::InitrdLocation {
                 addr: addr.0,
                 size: image.len(),
-            })
+            };
+            (Some(location), digest)
         }
     };
+    let digests = kernel_digest.map(|kernel| LoadedDigests {
+        kernel,
+        initramfs: initrd_digest,
+    });
+    loaded(digests.as_ref())?;
     timeline.mark(Phase::KernelLoaded);
-    // The images are in guest memory now; their copies (or open files) would stay for
-    // the VM's whole life (17 MiB for the default image). Freed here, before any filter
-    // forbids the munmap.
-    drop(std::mem::take(&mut config.kernel));
+    // The images are in guest memory now; their open files are closed here.
+    drop(config.kernel);
     drop(config.initrd.take());
+    let loaded = kernel;
 
     let vm = Vm::new(memory)?;
     timeline.mark(Phase::VmCreated);
@@ -218,6 +240,9 @@ pub struct Prepared {
     pub plan_id: Option<String>,
     /// Every device's backend open; pinned disks with their verifiers.
     pub devices: OpenDevices,
+    /// Verified boot's last check, once the images are loaded (hashed); `None` with
+    /// `--dev`.
+    pub measurement: Option<PendingMeasurement>,
 }
 
 /// From the parsed command line to a VM ready to create, in boot-report order: the
@@ -249,9 +274,10 @@ pub fn prepare(
         }
         Err(ConfigError::Arg(e)) => return Err(Stop::Invalid(e.to_string())),
     };
-    if let Some(p) = &plan {
-        verified_boot::measure(p, &mut config, timeline, events).map_err(refused)?;
-    }
+    let measurement = match &plan {
+        Some(p) => Some(verified_boot::measure(p, &mut config).map_err(refused)?),
+        None => None,
+    };
     let mut devices = devices::open(&args.devices, plan.as_ref().map(BootPlan::plan))
         .map_err(|e| Stop::Invalid(e.to_string()))?;
     verified_boot::attach_verity(plan, &mut devices.disks, events);
@@ -259,6 +285,7 @@ pub fn prepare(
         config,
         plan_id,
         devices,
+        measurement,
     })
 }
 
@@ -357,8 +384,9 @@ fn boot_and_supervise(
         config,
         plan_id,
         mut devices,
+        measurement,
     } = prepare(args, timeline, events, &HostLimits::of_this_host())?;
-    held.plan_id = plan_id;
+    held.plan_id = plan_id.clone();
     held._vsock_socket = devices.vsock_socket.take();
     // Jail call site: every file is open; the VMM is still one thread.
     let jail = crate::jail::JailPlan {
@@ -399,7 +427,28 @@ fn boot_and_supervise(
         });
     }
     devices.report_metrics(timeline);
-    run(config, timeline.clone(), move |ctx| devices.attach(ctx)).map_err(Stop::VmFailed)
+    // A refusal at the last check of verified boot (the loaded images' digests) is kept
+    // here and reported as a refusal, not as a VM failure.
+    let mut refusal = None;
+    let checked = |digests: Option<&LoadedDigests>| -> Result<(), BootError> {
+        let (Some(pending), Some(digests)) = (measurement, digests) else {
+            return Ok(());
+        };
+        pending.complete(digests, timeline, events).map_err(|r| {
+            refusal = Some(r);
+            BootError::Refused
+        })
+    };
+    let ended = run(config, timeline.clone(), checked, move |ctx| {
+        devices.attach(ctx)
+    });
+    match (ended, refusal) {
+        (_, Some(refusal)) => Err(Stop::Refused {
+            plan_id,
+            refusal: Box::new(refusal),
+        }),
+        (ended, None) => ended.map_err(Stop::VmFailed),
+    }
 }
 
 /// Writes the boot report through the handle created (empty) at start; every way out
@@ -415,6 +464,7 @@ fn write_report_to(file: &std::fs::File, timeline: &BootTimeline) -> io::Result<
 mod tests {
     use super::*;
     use clap::Parser;
+    use mvm_loader::measure::Sha256Digest;
     use std::time::Instant;
 
     use crate::config::tests::{elf_file, plan_for};
@@ -518,15 +568,59 @@ mod tests {
         let plan = sign("a1");
         let a = argv(&plan, &[]);
         let (args, timeline) = parsed(&a.iter().map(String::as_str).collect::<Vec<_>>());
-        let p = prepare(&args, &timeline, &log, &HOST).unwrap();
+        let mut p = prepare(&args, &timeline, &log, &HOST).unwrap();
         assert_eq!((p.config.vcpus, p.config.mem_bytes), (2, 256 << 20));
         assert_eq!(p.plan_id.as_deref(), Some("config-test"));
+        assert!(p.config.hash_images);
+        // The images are measured as they are loaded: not yet.
         let r = timeline.report();
         assert!(
-            r.plan_verified.is_some() && r.artifacts_measured.is_some(),
+            r.plan_verified.is_some() && r.artifacts_measured.is_none(),
             "{r:?}"
         );
+        assert!(!std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .contains("boot_verified"));
+        // Loaded hashed, the digest matches: artifacts_measured, then boot_verified.
+        let memory = crate::vm::create_guest_memory(p.config.mem_bytes).unwrap();
+        let (_, digest) = p
+            .config
+            .kernel
+            .load_kernel_hashed(&memory, GuestAddress(layout::HIMEM_START))
+            .unwrap();
+        assert_eq!(digest, Sha256Digest::of(&std::fs::read(&k).unwrap()));
+        let loaded = LoadedDigests {
+            kernel: digest,
+            initramfs: None,
+        };
+        p.measurement
+            .take()
+            .unwrap()
+            .complete(&loaded, &timeline, &log)
+            .unwrap();
+        assert!(timeline.report().artifacts_measured.is_some());
+        assert!(std::fs::read_to_string(&events)
+            .unwrap()
+            .contains("boot_verified"));
         assert_phases_in_order(&timeline);
+
+        // Bytes that are not the plan's (a file changed after the header check): the
+        // kernel_mismatch refusal, and no boot_verified.
+        let plan = sign("a3");
+        let a = argv(&plan, &[]);
+        let (args, timeline) = parsed(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let p = prepare(&args, &timeline, &log, &HOST).unwrap();
+        let other = LoadedDigests {
+            kernel: Sha256Digest::of(b"another kernel"),
+            initramfs: None,
+        };
+        let refusal = p
+            .measurement
+            .unwrap()
+            .complete(&other, &timeline, &log)
+            .unwrap_err();
+        assert_eq!(refusal.reason(), "kernel_mismatch");
+        assert!(timeline.report().artifacts_measured.is_none());
 
         // An explicit value that disagrees is a plan refusal naming both values.
         let plan = sign("a2");

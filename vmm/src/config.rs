@@ -55,14 +55,17 @@ pub enum ConsoleTarget {
 pub struct VmConfig {
     /// Where the kernel came from (for messages).
     pub kernel_path: PathBuf,
-    /// The kernel image: its bytes with a plan, its open file with `--dev`.
+    /// The kernel image, open.
     pub kernel: Image,
     /// What the kernel's headers say.
     pub kernel_info: KernelInfo,
     /// Where the initramfs came from (for messages).
     pub initrd_path: Option<PathBuf>,
-    /// The initramfs, if any (bytes or open file, as the kernel).
+    /// The initramfs, if any, open.
     pub initrd: Option<Image>,
+    /// Load the kernel and initramfs hashed, for verified boot to compare with the plan
+    /// before the first guest instruction (a signed plan); `--dev` loads them unhashed.
+    pub hash_images: bool,
     /// The kernel command line, as given.
     pub cmdline: String,
     /// vCPU count, 1..=`limits::MAX_VCPUS`.
@@ -322,9 +325,11 @@ pub fn resolve(
     if let Some(plan) = plan {
         devices::check_plan(&args.devices, plan)?;
     }
-    // With a plan the images are read whole, to be measured; with --dev they stay open
-    // files, read straight into guest memory.
-    Ok(validate(args, &resources, plan.is_some())?)
+    // The images stay open files, read straight into guest memory; with a plan they are
+    // hashed in that same pass.
+    let mut config = validate(args, &resources)?;
+    config.hash_images = plan.is_some();
+    Ok(config)
 }
 
 /// Creates the boot report file (done first, so that the report can record a
@@ -352,27 +357,18 @@ fn check_cmdline(cmdline: &str) -> Result<(), ArgError> {
 }
 
 /// Reads and checks what `args` name for settled `resources`: the kernel and
-/// initramfs (read `whole` when a plan will measure them, so that what is checked is what
-/// is booted; else opened, their headers read) against the memory size, the command
+/// initramfs (opened, the kernel's headers read) against the memory size, the command
 /// line; creates the console log.
-fn validate(args: &Args, resources: &Resources, whole: bool) -> Result<VmConfig, ArgError> {
+fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
     let origin = resources.mem_origin;
     let mib = resources.mem_mib;
     let mem_bytes = resources.mem_bytes();
 
     let kernel_path = args.kernel.clone();
-    let get = |path: &Path, max| {
-        if whole {
-            Image::read(path, max)
-        } else {
-            Image::open(path)
-        }
-    };
-    let (kernel, size) =
-        get(&kernel_path, MAX_KERNEL_SIZE).map_err(|source| ArgError::KernelRead {
-            path: kernel_path.clone(),
-            source,
-        })?;
+    let (kernel, size) = Image::open(&kernel_path).map_err(|source| ArgError::KernelRead {
+        path: kernel_path.clone(),
+        source,
+    })?;
     let kernel_err = |source| ArgError::Kernel {
         path: kernel_path.clone(),
         source,
@@ -408,11 +404,10 @@ fn validate(args: &Args, resources: &Resources, whole: bool) -> Result<VmConfig,
     let initrd = match &args.initrd {
         None => None,
         Some(path) => {
-            let (image, size) =
-                get(path, MAX_INITRD_SIZE).map_err(|source| ArgError::InitrdRead {
-                    path: path.clone(),
-                    source,
-                })?;
+            let (image, size) = Image::open(path).map_err(|source| ArgError::InitrdRead {
+                path: path.clone(),
+                source,
+            })?;
             if size > MAX_INITRD_SIZE {
                 return Err(ArgError::InitrdTooLarge {
                     path: path.clone(),
@@ -451,6 +446,7 @@ fn validate(args: &Args, resources: &Resources, whole: bool) -> Result<VmConfig,
         initrd_path: args.initrd.clone(),
         initrd,
         cmdline: args.cmdline.clone(),
+        hash_images: false,
         vcpus: resources.vcpus,
         mem_bytes,
         console,
@@ -556,7 +552,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn dev_keeps_the_files_open_and_a_plan_reads_them_whole() {
+    fn the_images_stay_open_files_and_a_plan_has_them_hashed() {
         let dir = tempfile::tempdir().unwrap();
         let k = elf_file(dir.path());
         let initrd = dir.path().join("initrd");
@@ -564,17 +560,14 @@ pub(crate) mod tests {
         let mut a = args(&k);
         a.initrd = Some(initrd);
         let dev = validate_dev(&a).unwrap();
-        assert!(
-            matches!(dev.kernel, Image::File { len: 121, .. }),
-            "{:?}",
-            dev.kernel
-        );
-        assert!(matches!(dev.initrd, Some(Image::File { len: 6, .. })));
+        assert_eq!(dev.kernel.len(), 121);
+        assert_eq!(dev.initrd.as_ref().map(Image::len), Some(6));
         assert_eq!(dev.kernel_info.load_end, 0x110_0000);
+        assert!(!dev.hash_images);
         let plan = plan_for(&k, &a.cmdline);
         let signed = resolve(&a, Some(&plan), &HOST).unwrap();
-        assert!(matches!(&signed.kernel, Image::Bytes(b) if b.len() == 121));
-        assert!(matches!(&signed.initrd, Some(Image::Bytes(b)) if b == b"070701"));
+        assert!(signed.hash_images);
+        assert_eq!(signed.kernel.len(), 121);
     }
 
     #[test]

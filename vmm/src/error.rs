@@ -33,6 +33,10 @@ pub enum BootError {
     /// Writing boot structures.
     #[error("{0}")]
     BootState(String),
+    /// Verified boot refused the loaded images (the refusal itself is reported by the
+    /// caller that checked them).
+    #[error("the loaded kernel or initramfs is not what the plan pins")]
+    Refused,
     /// A KVM ioctl outside the VM and vCPU setup.
     #[error("{what} failed: {source}")]
     Kvm {

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use mvm_devices::virtio::block::verity::{VerifiedDisk, VerityFailure};
 use mvm_loader::dsse::TrustedKeys;
-use mvm_loader::measure::{self, MeasureError, MeasuredArtifact};
+use mvm_loader::measure::{self, MeasureError, Sha256Digest};
 use mvm_loader::plan::envelope::{verify_plan_for_boot, PlanVerifyError, VerifiedPlan};
 use mvm_loader::plan::{PinnedDisk, UtcTime, CLOCK_SKEW};
 use mvm_loader::replay::ReplayStore;
@@ -38,7 +38,6 @@ use crate::config::VmConfig;
 use crate::devices::blk::OpenDisk;
 use crate::error::PlanDisagreement;
 use crate::event_log::EventLog;
-use crate::image::Image;
 
 /// Largest envelope file read.
 const MAX_ENVELOPE_FILE: u64 = 256 * 1024;
@@ -374,58 +373,38 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
     Ok(Some(BootPlan { verified, pinned }))
 }
 
-/// Step 2 (after [`crate::config::resolve`] read the kernel and initramfs once):
-/// measures those very bytes and the command line against the plan, then writes
-/// `boot_verified` with every digest.
-pub fn measure(
-    plan: &BootPlan,
-    config: &mut VmConfig,
-    timeline: &BootTimeline,
-    events: &EventLog,
-) -> Result<(), Refusal> {
+/// Step 2, before the jail: the command line against the plan, and an initramfs given
+/// exactly when the plan pins one. The kernel and initramfs are measured as they are
+/// loaded ([`crate::config::VmConfig::hash_images`]); the returned [`PendingMeasurement`]
+/// compares their digests with the plan's once they are in guest memory, before the
+/// first guest instruction, and only then writes `boot_verified`.
+pub fn measure(plan: &BootPlan, config: &mut VmConfig) -> Result<PendingMeasurement, Refusal> {
     let artifacts = &plan.verified.plan.artifacts;
-    let unreadable = |artifact: &str, path: Option<&PathBuf>| {
-        let (artifact, path) = (artifact.to_owned(), path.cloned().unwrap_or_default());
-        move |source| {
-            Refusal::Measure(MeasureError::Read {
-                artifact,
-                path,
-                source,
-            })
-        }
-    };
-    let kernel_bytes = std::mem::take(&mut config.kernel)
-        .into_bytes()
-        .map_err(unreadable("kernel", Some(&config.kernel_path)))?;
-    let kernel = MeasuredArtifact::from_bytes("kernel", kernel_bytes)
-        .verify(&artifacts.kernel)
-        .map_err(Refusal::Measure)?;
-    config.kernel = Image::Bytes(kernel.into_bytes());
-    let given = config
-        .initrd
-        .take()
-        .map(Image::into_bytes)
-        .transpose()
-        .map_err(unreadable("initramfs", config.initrd_path.as_ref()))?;
-    match (&artifacts.initramfs, given) {
-        (Some(want), Some(bytes)) => {
-            let initrd = MeasuredArtifact::from_bytes("initramfs", bytes)
-                .verify(want)
-                .map_err(Refusal::Measure)?;
-            config.initrd = Some(Image::Bytes(initrd.into_bytes()));
-        }
-        (None, None) => {}
+    match (&artifacts.initramfs, config.initrd.as_mut()) {
+        (Some(_), Some(_)) | (None, None) => {}
         (want, given) => {
+            let given = match given {
+                None => "none".to_owned(),
+                Some(image) => {
+                    let len = image.len();
+                    let digest = image.sha256().map_err(|source| {
+                        Refusal::Measure(MeasureError::Read {
+                            artifact: "initramfs".into(),
+                            path: config.initrd_path.clone().unwrap_or_default(),
+                            source,
+                        })
+                    })?;
+                    format!("{digest} ({len} bytes)")
+                }
+            };
             return Err(Refusal::InitramfsPresence {
                 plan: want.map_or("none".into(), |d| d.to_string()),
-                given: given.map_or("none".into(), |b| {
-                    format!("{} ({} bytes)", measure::sha256(&b), b.len())
-                }),
-            })
+                given,
+            });
         }
     }
     measure::verify_cmdline(&config.cmdline, &artifacts.cmdline).map_err(Refusal::Measure)?;
-    timeline.mark(Phase::ArtifactsMeasured);
+    config.hash_images = true;
 
     let mut f = Map::new();
     f.insert("kernel".into(), artifacts.kernel.to_string().into());
@@ -444,8 +423,69 @@ pub fn measure(
         plan.verified.digest.to_string().into(),
     );
     f.insert("keyid".into(), plan.verified.keyid.to_string().into());
-    events.emit("boot_verified", Some(plan.plan_id()), f);
-    Ok(())
+    Ok(PendingMeasurement {
+        plan_id: plan.plan_id().to_owned(),
+        kernel: artifacts.kernel,
+        initramfs: artifacts.initramfs,
+        boot_verified: f,
+    })
+}
+
+/// The digests of the kernel and initramfs as they were loaded (hashed in the same pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedDigests {
+    /// The kernel file's sha256.
+    pub kernel: Sha256Digest,
+    /// The initramfs file's sha256, if one was loaded.
+    pub initramfs: Option<Sha256Digest>,
+}
+
+/// The last step of verified boot, waiting for the images to be in guest memory.
+#[derive(Debug)]
+pub struct PendingMeasurement {
+    plan_id: String,
+    kernel: Sha256Digest,
+    initramfs: Option<Sha256Digest>,
+    boot_verified: Map<String, serde_json::Value>,
+}
+
+impl PendingMeasurement {
+    /// Compares what was loaded with the plan's pins: on a match marks
+    /// `artifacts_measured` and writes `boot_verified` (with every digest); else the
+    /// refusal, and nothing has run.
+    pub fn complete(
+        self,
+        loaded: &LoadedDigests,
+        timeline: &BootTimeline,
+        events: &EventLog,
+    ) -> Result<(), Refusal> {
+        let check = |artifact: &str, expected: Sha256Digest, measured: Sha256Digest| {
+            if expected == measured {
+                Ok(())
+            } else {
+                Err(Refusal::Measure(MeasureError::Mismatch {
+                    artifact: artifact.to_owned(),
+                    expected,
+                    measured,
+                }))
+            }
+        };
+        check("kernel", self.kernel, loaded.kernel)?;
+        match (self.initramfs, loaded.initramfs) {
+            (Some(want), Some(got)) => check("initramfs", want, got)?,
+            (None, None) => {}
+            // `measure` refused a presence mismatch before the jail.
+            (want, got) => {
+                return Err(Refusal::InitramfsPresence {
+                    plan: want.map_or("none".into(), |d| d.to_string()),
+                    given: got.map_or("none".into(), |d| d.to_string()),
+                })
+            }
+        }
+        timeline.mark(Phase::ArtifactsMeasured);
+        events.emit("boot_verified", Some(&self.plan_id), self.boot_verified);
+        Ok(())
+    }
 }
 
 /// Puts each pinned disk's verifier on its (read-only) disk's worker, in order, with

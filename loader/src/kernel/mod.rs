@@ -14,6 +14,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::bytes::{le_u16, le_u32, le_u64};
 
+pub mod hashed;
+
 /// Largest kernel image accepted (a microVM kernel is tens of MiB).
 pub const MAX_KERNEL_SIZE: u64 = 512 << 20;
 
@@ -186,7 +188,24 @@ pub fn inspect_kernel_header(head: &[u8], file_len: u64) -> Result<KernelInfo, K
     Err(KernelError::UnknownFormat { first_bytes })
 }
 
-fn inspect_elf(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
+/// One `PT_LOAD` segment of an ELF kernel: `filesz` bytes at file `offset` go to
+/// guest-physical `paddr`, which spans `memsz` bytes in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub(crate) offset: u64,
+    pub(crate) paddr: u64,
+    pub(crate) filesz: u64,
+    pub(crate) memsz: u64,
+}
+
+/// What an ELF kernel's headers say: its entry point and its loadable segments, each
+/// checked against the file's length.
+pub(crate) struct ElfLayout {
+    pub(crate) entry: u64,
+    pub(crate) segments: Vec<Segment>,
+}
+
+pub(crate) fn elf_layout(image: &[u8], file_len: u64) -> Result<ElfLayout, KernelError> {
     let bad = |why: &str| KernelError::BadElf(why.to_string());
     if image.len() < ELF64_EHDR_SIZE {
         return Err(bad("shorter than an ELF64 header"));
@@ -203,6 +222,7 @@ fn inspect_elf(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
             "machine {machine}, not x86_64 ({EM_X86_64})"
         )));
     }
+    let entry = le_u64(image, 24).ok_or_else(|| bad("truncated header"))?;
     let phoff = le_u64(image, 32).ok_or_else(|| bad("truncated header"))?;
     let phentsize = le_u16(image, 54).ok_or_else(|| bad("truncated header"))?;
     let phnum = le_u16(image, 56).ok_or_else(|| bad("truncated header"))?;
@@ -212,8 +232,7 @@ fn inspect_elf(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
         )));
     }
     let phoff = usize::try_from(phoff).map_err(|_| bad("program header offset too large"))?;
-    let mut load_start = u64::MAX;
-    let mut load_end = 0u64;
+    let mut segments = Vec::new();
     for i in 0..usize::from(phnum) {
         let at = i
             .checked_mul(ELF64_PHDR_SIZE)
@@ -244,14 +263,33 @@ fn inspect_elf(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
                 "segment {i} file range ends at {file_end:#x}, past the end of the file"
             )));
         }
-        let mem_end = paddr
+        paddr
             .checked_add(memsz)
             .ok_or_else(|| bad("segment memory range overflows"))?;
-        load_start = load_start.min(paddr);
-        load_end = load_end.max(mem_end);
+        segments.push(Segment {
+            offset,
+            paddr,
+            filesz,
+            memsz,
+        });
     }
-    if load_end == 0 {
+    if segments.is_empty() {
         return Err(bad("no loadable segments"));
+    }
+    Ok(ElfLayout { entry, segments })
+}
+
+fn inspect_elf(image: &[u8], file_len: u64) -> Result<KernelInfo, KernelError> {
+    let layout = elf_layout(image, file_len)?;
+    let load_start = layout.segments.iter().map(|s| s.paddr).min().unwrap_or(0);
+    let load_end = layout
+        .segments
+        .iter()
+        .map(|s| s.paddr.saturating_add(s.memsz))
+        .max()
+        .unwrap_or(0);
+    if load_end == 0 {
+        return Err(KernelError::BadElf("no loadable segments".to_string()));
     }
     Ok(KernelInfo {
         format: KernelFormat::Elf,
@@ -472,7 +510,7 @@ mod tests {
         f
     }
 
-    fn tiny_bzimage(payload: usize) -> Vec<u8> {
+    pub(crate) fn tiny_bzimage(payload: usize) -> Vec<u8> {
         let setup_sects = 1u8;
         let mut f = vec![0u8; (usize::from(setup_sects) + 1) * 512 + payload];
         f[BZ_SETUP_SECTS] = setup_sects;

@@ -19,7 +19,7 @@ use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
     Tier, Timings, WorkloadStatus,
 };
-use crate::secrets::Secret;
+use crate::secrets::{Delivery, Secret};
 
 /// How often the run loop looks at Ctrl-C, deadlines and the VMM.
 const POLL: Duration = Duration::from_millis(50);
@@ -98,10 +98,11 @@ fn forward_stdin(source: Box<dyn Read + Send>, writer: ExecStdin) -> Result<(), 
 /// the agent's unprivileged default.
 const SECRET_OWNER: u32 = mvm_agent::agent::policy::DEFAULT_WORKLOAD_ID;
 
-/// Writes each secret to its file in the guest (`/run/secrets/NAME`, the
-/// agent's own tmpfs), mode 0400, owned by [`SECRET_OWNER`].
+/// Writes each file secret to its file in the guest (`/run/secrets/NAME`, the
+/// agent's own tmpfs), mode 0400, owned by [`SECRET_OWNER`]. (Environment
+/// secrets go in the exec request.)
 pub(crate) fn deliver_secrets(client: &Client, secrets: &[Secret]) -> Result<(), ClientError> {
-    for secret in secrets {
+    for secret in secrets.iter().filter(|s| s.delivery == Delivery::File) {
         let request = WriteFileRequest {
             path: secret.guest_path(),
             mode: 0o400,
@@ -209,12 +210,18 @@ pub fn run_verified(
     // are on disk before exec; the secrets go in before the workload starts.
     let secrets = journal.workload_starting()?;
     deliver_secrets(&client, &secrets).map_err(|e| agent_error(&mut vmm, &e))?;
-    let request = ExecRequest {
+    let mut request = ExecRequest {
         // The workload's identity made explicit when it owns a secret file.
         uid: (!secrets.is_empty()).then_some(SECRET_OWNER),
         gid: (!secrets.is_empty()).then_some(SECRET_OWNER),
         ..request
     };
+    for secret in secrets.iter().filter(|s| s.delivery == Delivery::Env) {
+        // Checked at admission: UTF-8 without NUL.
+        if let Some(value) = secret.env_value() {
+            request.env.insert(secret.name.clone(), value);
+        }
+    }
     drop(secrets);
     let mut exec = client
         .exec(&request, mode)

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use crate::backend::Tier;
 use crate::run::{exit, RunRequest};
+use crate::secrets::{Delivery, SecretRequest};
 
 /// mvm: run untrusted code inside a microVM.
 #[derive(Debug, Parser)]
@@ -127,6 +128,11 @@ pub struct RunArgs {
     /// policy's [secrets] allow must list it. Not with --dev.
     #[arg(long = "secret", value_name = "NAME", conflicts_with = "dev")]
     pub secrets: Vec<String>,
+    /// Give the command the stored secret NAME as its environment variable NAME (UTF-8
+    /// text; over an --env of the same name), released as --secret is (repeatable).
+    /// Its children, and anything of its uid reading /proc/PID/environ, see it too.
+    #[arg(long = "secret-env", value_name = "NAME", conflicts_with = "dev")]
+    pub secret_env: Vec<String>,
     /// Write a signed receipt of the run here (verify with `mvm receipt verify`).
     #[arg(long, value_name = "FILE", conflicts_with = "dev")]
     pub receipt: Option<PathBuf>,
@@ -165,7 +171,16 @@ impl RunArgs {
             mem_mib: self.mem_mib,
             timeout_secs: self.timeout,
             argv: self.command.clone(),
-            secrets: self.secrets.clone(),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|name| (name, Delivery::File))
+                .chain(self.secret_env.iter().map(|name| (name, Delivery::Env)))
+                .map(|(name, delivery)| SecretRequest {
+                    name: name.clone(),
+                    delivery,
+                })
+                .collect(),
         }
     }
 

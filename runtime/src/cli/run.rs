@@ -118,7 +118,7 @@ fn execute(
                 "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
             ));
         }
-        if let Some(name) = args.secrets.first() {
+        if let Some(name) = args.secrets.iter().chain(&args.secret_env).next() {
             return Err(RunError::Missing(format!(
                 "--secret {name}: a secret is released only to a verified, measured boot, and development mode has none: drop --dev / MVM_DEV"
             )));

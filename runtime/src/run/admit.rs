@@ -40,7 +40,7 @@ use crate::backend::{PlanFiles, RunError, RunJournal, RunOutcome, Tier};
 use crate::image::{ImageStore, StoredImage};
 use crate::receipt::{self, command_digest, AuditRange, RunPredicate};
 use crate::secrets::store::SecretStore;
-use crate::secrets::{ReleasedSecret, Secret};
+use crate::secrets::{Delivery, ReleasedSecret, Secret};
 
 /// The replay store's file name in the data directory (the VMM's default too).
 pub const REPLAY_STORE: &str = "replay-nonces";
@@ -79,7 +79,12 @@ pub fn admission_request(run: &RunRequest, policy: &Policy) -> AdmissionRequest 
         .map_or(policy.limits.max_timeout_secs, |t| {
             u32::try_from(t).unwrap_or(u32::MAX)
         });
-    request.secrets = run.secrets.clone();
+    // The plan names each secret once, however many ways it goes in.
+    for s in &run.secrets {
+        if !request.secrets.contains(&s.name) {
+            request.secrets.push(s.name.clone());
+        }
+    }
     request
 }
 
@@ -171,9 +176,20 @@ pub fn admit_run_in(
     let secrets = run
         .secrets
         .iter()
-        .map(|name| store.get(name))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RunError::Missing(format!("secret: {e}")))?;
+        .map(|asked| {
+            let mut secret = store
+                .get(&asked.name)
+                .map_err(|e| RunError::Missing(format!("secret: {e}")))?;
+            secret.delivery = asked.delivery;
+            if secret.delivery == Delivery::Env && secret.env_value().is_none() {
+                return Err(RunError::Missing(format!(
+                    "secret: --secret-env {}: the value is not UTF-8 text without NUL bytes, which an environment variable needs; use --secret for a file",
+                    asked.name
+                )));
+            }
+            Ok(secret)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let total: usize = secrets.iter().map(|s| s.value.len()).sum();
     if total > crate::secrets::MAX_RUN_BYTES {
         return Err(RunError::Missing(format!(
@@ -435,7 +451,7 @@ impl RunJournal for Admitted {
                     secret.name
                 )));
             }
-            let released = ReleasedSecret::file(secret);
+            let released = ReleasedSecret::of(secret);
             let event = AuditEvent::secret_released(&plan_id, &self.vm_id, &released);
             self.last_seq = self.log.append(event).map_err(evidence)?;
             self.released.push(released);
@@ -622,6 +638,13 @@ mod tests {
         assert_eq!((p.audit.first_seq, p.audit.last_seq), (1, 5));
     }
 
+    fn file_secret(name: &str) -> crate::secrets::SecretRequest {
+        crate::secrets::SecretRequest {
+            name: name.into(),
+            delivery: Delivery::File,
+        }
+    }
+
     /// A config directory whose policy allows `TOKEN`, with `TOKEN` stored.
     fn with_secret(config: &Path, value: &[u8]) {
         std::fs::create_dir_all(config).unwrap();
@@ -642,7 +665,7 @@ mod tests {
         let value = b"tok-5f1d0c-VALUE";
         with_secret(&config, value);
         let mut args = run_request(1);
-        args.secrets = vec!["TOKEN".into()];
+        args.secrets = vec![file_secret("TOKEN")];
         let mut admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
         assert_eq!(admitted.signed.plan.secrets, ["TOKEN"]);
         let (boot, exit) = vmm_events_for(&admitted.signed);
@@ -704,12 +727,43 @@ mod tests {
     }
 
     #[test]
+    fn an_env_secret_must_be_text_and_is_recorded_as_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, data, image) = store_with_image(dir.path());
+        with_secret(&config, b"\xff\xfe binary");
+        let mut args = run_request(1);
+        args.secrets = vec![crate::secrets::SecretRequest {
+            name: "TOKEN".into(),
+            delivery: Delivery::Env,
+        }];
+        let e = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not UTF-8") && !e.contains("binary"), "{e}");
+
+        with_secret(&config, b"text-value");
+        // Asked both ways: the plan names it once, two releases are recorded.
+        args.secrets.push(file_secret("TOKEN"));
+        let mut admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
+        assert_eq!(admitted.signed.plan.secrets, ["TOKEN"]);
+        let (boot, _) = vmm_events_for(&admitted.signed);
+        std::fs::write(&admitted.files.events, &boot).unwrap();
+        let secrets = admitted.workload_starting().unwrap();
+        let deliveries: Vec<Delivery> = secrets.iter().map(|s| s.delivery).collect();
+        assert_eq!(deliveries, [Delivery::Env, Delivery::File]);
+        let log = std::fs::read_to_string(data.join(audit::AUDIT_FILE)).unwrap();
+        assert_eq!(log.matches("secret_released").count(), 2, "{log}");
+        assert!(log.contains("\"delivery\":\"env\"") && !log.contains("text-value"));
+    }
+
+    #[test]
     fn no_secret_leaves_for_a_boot_that_is_not_the_plans() {
         let dir = tempfile::tempdir().unwrap();
         let (config, data, image) = store_with_image(dir.path());
         with_secret(&config, b"never-released");
         let mut args = run_request(1);
-        args.secrets = vec!["TOKEN".into()];
+        args.secrets = vec![file_secret("TOKEN")];
         let mut admitted = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None).unwrap();
         // The VMM says it verified the plan but measured another initramfs.
         let (boot, _) = vmm_events_for(&admitted.signed);
@@ -736,7 +790,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (config, data, image) = store_with_image(dir.path());
         let mut args = run_request(1);
-        args.secrets = vec!["TOKEN".into()];
+        args.secrets = vec![file_secret("TOKEN")];
         let e = admit_run_in(&config, &data, &args, &image, Tier::Kvm, None)
             .err()
             .unwrap();

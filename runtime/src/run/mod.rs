@@ -22,6 +22,7 @@ pub struct RunRequest {
     pub timeout_secs: Option<u64>,
     /// The command (hashed into the records, never logged).
     pub argv: Vec<String>,
-    /// The stored secrets the run asks for, by name (released after a verified boot).
-    pub secrets: Vec<String>,
+    /// The stored secrets the run asks for, by name and delivery (released after a
+    /// verified boot).
+    pub secrets: Vec<crate::secrets::SecretRequest>,
 }

@@ -65,6 +65,36 @@ impl fmt::Debug for SecretValue {
     }
 }
 
+/// How a released secret goes into the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// The file `/run/secrets/NAME`, 0400, owned by the workload's uid (`--secret`).
+    #[default]
+    File,
+    /// The environment variable `NAME` of the workload (`--secret-env`): seen by the
+    /// workload, its children and anything of its uid that reads `/proc/PID/environ`.
+    Env,
+}
+
+impl fmt::Display for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::File => "file",
+            Self::Env => "env",
+        })
+    }
+}
+
+/// A secret a run asks for: its name and how it is to go in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRequest {
+    /// The stored secret's name.
+    pub name: String,
+    /// File or environment variable.
+    pub delivery: Delivery,
+}
+
 /// A secret, named, with its value: what a run's journal hands the backend to deliver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Secret {
@@ -72,12 +102,22 @@ pub struct Secret {
     pub name: String,
     /// Its value.
     pub value: SecretValue,
+    /// How it goes into the guest.
+    pub delivery: Delivery,
 }
 
 impl Secret {
-    /// Where the agent writes it in the guest.
+    /// Where the agent writes it in the guest (file delivery).
     pub fn guest_path(&self) -> String {
         format!("{GUEST_DIR}/{}", self.name)
+    }
+
+    /// The value as an environment variable's (env delivery): UTF-8 text without NUL.
+    pub fn env_value(&self) -> Option<String> {
+        std::str::from_utf8(self.value.expose())
+            .ok()
+            .filter(|s| !s.contains('\0'))
+            .map(str::to_owned)
     }
 }
 
@@ -89,17 +129,17 @@ pub struct ReleasedSecret {
     pub name: String,
     /// sha256 of its value.
     pub sha256: Sha256Digest,
-    /// How the guest got it: `file` (`/run/secrets/NAME`).
+    /// How the guest got it: `file` (`/run/secrets/NAME`) or `env`.
     pub delivery: String,
 }
 
 impl ReleasedSecret {
-    /// The record of `secret`, delivered as a file.
-    pub fn file(secret: &Secret) -> Self {
+    /// The record of `secret`.
+    pub fn of(secret: &Secret) -> Self {
         Self {
             name: secret.name.clone(),
             sha256: secret.value.digest(),
-            delivery: "file".to_owned(),
+            delivery: secret.delivery.to_string(),
         }
     }
 }
@@ -111,13 +151,15 @@ pub mod wire {
     use base64::Engine as _;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    use super::{Secret, SecretValue, MAX_VALUE_BYTES};
+    use super::{Delivery, Secret, SecretValue, MAX_VALUE_BYTES};
 
     #[derive(Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct OnWire {
         name: String,
         value: String,
+        #[serde(default)]
+        delivery: Delivery,
     }
 
     /// `serde(with = "secrets::wire")` for a `Vec<Secret>`.
@@ -127,6 +169,7 @@ pub mod wire {
             .map(|secret| OnWire {
                 name: secret.name.clone(),
                 value: STANDARD.encode(secret.value.expose()),
+                delivery: secret.delivery,
             })
             .collect();
         on_wire.serialize(s)
@@ -152,6 +195,7 @@ pub mod wire {
                 Ok(Secret {
                     name: w.name,
                     value: SecretValue::new(bytes.to_vec()),
+                    delivery: w.delivery,
                 })
             })
             .collect()
@@ -167,6 +211,7 @@ mod tests {
         let s = Secret {
             name: "TOKEN".into(),
             value: SecretValue::new(b"hunter2-value".to_vec()),
+            delivery: Delivery::File,
         };
         let shown = format!("{s:?} {:?}", vec![s.clone()]);
         assert!(!shown.contains("hunter2"), "{shown}");
@@ -185,10 +230,20 @@ mod tests {
             #[serde(with = "wire")]
             secrets: Vec<Secret>,
         }
-        let secrets = vec![Secret {
-            name: "A_B".into(),
-            value: SecretValue::new(vec![0, 1, 2, 255]),
-        }];
+        let secrets = vec![
+            Secret {
+                name: "A_B".into(),
+                value: SecretValue::new(vec![0, 1, 2, 255]),
+                delivery: Delivery::File,
+            },
+            Secret {
+                name: "C".into(),
+                value: SecretValue::new(b"text".to_vec()),
+                delivery: Delivery::Env,
+            },
+        ];
+        assert_eq!(secrets[0].env_value(), None);
+        assert_eq!(secrets[1].env_value().as_deref(), Some("text"));
         let text = serde_json::to_string(&Carrier {
             secrets: secrets.clone(),
         })

@@ -212,6 +212,7 @@ impl SecretStore {
         Ok(Secret {
             name: name.to_owned(),
             value: SecretValue::new(bytes.to_vec()),
+            delivery: super::Delivery::File,
         })
     }
 

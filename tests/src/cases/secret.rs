@@ -132,10 +132,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// `mvm run --secret API_TOKEN`: the workload, as uid 1000, finds the file 0400 and its
-/// own, on a tmpfs, holding the value (compared by digest, so the value is never
-/// printed); the log has `secret_released` (name and digest) between `boot_verified`
-/// and `exec_started`; the receipt lists it; the value is nowhere on the host.
+/// `mvm run --secret API_TOKEN --secret-env API_TOKEN`: the workload, as uid 1000, finds
+/// the file 0400 and its own, on a tmpfs, holding the value, and the same value in its
+/// environment (both compared by digest, so the value is never printed); the log has
+/// `secret_released` (name and digest) between `boot_verified` and `exec_started`; the
+/// receipt lists both deliveries; the value is nowhere on the host.
 fn released(ctx: &Context) -> CaseResult {
     let homes = Homes::new(ctx)?;
     let value = fresh_value();
@@ -145,7 +146,8 @@ fn released(ctx: &Context) -> CaseResult {
     let script = format!(
         "id -u; stat -c '%a %u' /run/secrets/{NAME}; sha256sum < /run/secrets/{NAME}; \
          grep ' /run/secrets ' /proc/mounts | cut -d' ' -f3; \
-         touch /run/secrets/planted 2>/dev/null && echo planted || echo not-planted"
+         touch /run/secrets/planted 2>/dev/null && echo planted || echo not-planted; \
+         printf %s \"${NAME}\" | sha256sum"
     );
     let out = output(homes.run(
         ctx,
@@ -153,6 +155,8 @@ fn released(ctx: &Context) -> CaseResult {
             "--receipt",
             &receipt_arg,
             "--secret",
+            NAME,
+            "--secret-env",
             NAME,
             "--",
             "sh",
@@ -167,9 +171,10 @@ fn released(ctx: &Context) -> CaseResult {
     let want = [
         WORKLOAD_UID.to_owned(),
         format!("400 {WORKLOAD_UID}"),
-        want_sum,
+        want_sum.clone(),
         "tmpfs".to_owned(),
         "not-planted".to_owned(),
+        want_sum,
     ];
     if lines != want {
         return Err(
@@ -219,15 +224,17 @@ fn released(ctx: &Context) -> CaseResult {
         .map_err(|e| Failure::new(format!("receipt payload: {e}")))?;
     let statement: Value = serde_json::from_slice(&payload)
         .map_err(|e| Failure::new(format!("receipt statement: {e}")))?;
-    let listed = statement
-        .pointer("/predicate/secrets/0")
-        .cloned()
-        .unwrap_or_default();
-    if listed.pointer("/name") != Some(&NAME.into())
-        || listed.pointer("/sha256") != Some(&want_digest.into())
-        || listed.pointer("/delivery") != Some(&"file".into())
-    {
-        return Err(Failure::new(format!("the receipt's secrets: {statement}")));
+    for (at, delivery) in [(0, "file"), (1, "env")] {
+        let listed = statement
+            .pointer(&format!("/predicate/secrets/{at}"))
+            .cloned()
+            .unwrap_or_default();
+        if listed.pointer("/name") != Some(&NAME.into())
+            || listed.pointer("/sha256") != Some(&want_digest.clone().into())
+            || listed.pointer("/delivery") != Some(&delivery.into())
+        {
+            return Err(Failure::new(format!("the receipt's secrets: {statement}")));
+        }
     }
     absent(
         &value,

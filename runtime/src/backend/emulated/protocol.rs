@@ -329,6 +329,7 @@ mod tests {
         let secret = crate::secrets::Secret {
             name: "TOKEN".into(),
             value: crate::secrets::SecretValue::new(b"v".to_vec()),
+            delivery: crate::secrets::Delivery::Env,
         };
         for host in [
             HostRecord::Proceed {

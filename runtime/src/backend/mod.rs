@@ -17,6 +17,7 @@ pub mod resources;
 pub mod scratch;
 pub mod stdin_pump;
 pub mod vmm_process;
+pub mod wall;
 
 use std::collections::BTreeMap;
 use std::fmt;

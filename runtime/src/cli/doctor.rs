@@ -4,9 +4,44 @@ use serde_json::json;
 
 use super::DoctorArgs;
 use crate::backend::detect::{judge, HostFacts};
-use crate::backend::locate;
+use crate::backend::wall::{self, Wall};
+use crate::backend::{locate, Tier};
 use crate::image::{ImageStore, DEFAULT_IMAGE};
 use crate::run::exit;
+
+/// Every backend's wall, built or not, best first, for a process of this user.
+fn all_walls() -> Vec<Wall> {
+    let as_root = nix::unistd::Uid::effective().is_root();
+    [Tier::Kvm, Tier::Emulated]
+        .into_iter()
+        .map(|t| wall::of(t, as_root))
+        .chain(wall::not_built())
+        .collect()
+}
+
+/// The walls with this host's verdict on each (`usable`, `reason`), for `--json`.
+fn walls(detection: &crate::backend::detect::Detection) -> Vec<serde_json::Value> {
+    all_walls()
+        .into_iter()
+        .map(|w| {
+            let verdict = detection
+                .verdicts
+                .iter()
+                .find(|v| v.tier.to_string() == w.backend);
+            let mut value = serde_json::to_value(&w).unwrap_or_default();
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("usable".into(), verdict.is_some_and(|v| v.usable).into());
+                obj.insert(
+                    "reason".into(),
+                    verdict
+                        .map_or("not built in this version".to_owned(), |v| v.reason.clone())
+                        .into(),
+                );
+            }
+            value
+        })
+        .collect()
+}
 
 /// Prints the findings; returns the exit code (0 when some backend is usable).
 pub fn main(args: &DoctorArgs) -> i32 {
@@ -37,6 +72,7 @@ pub fn main(args: &DoctorArgs) -> i32 {
             "image": image.as_ref().map(|i| i.digest.clone()).map_err(|e| e.to_string()),
             "mvm_vmm": vmm.as_ref().map(|p| p.display().to_string()).map_err(|e| e.to_string()),
             "static_binaries": statics.as_ref().map(|_| true).map_err(|e| e.to_string()),
+            "walls": walls(&detection),
         });
         println!("{value}");
         return code;
@@ -54,6 +90,31 @@ pub fn main(args: &DoctorArgs) -> i32 {
     match detection.chosen {
         Some(tier) => println!("chosen: {tier}"),
         None => println!("chosen: none (mvm run exits {})", exit::NO_BACKEND),
+    }
+    println!("walls (what each backend puts around a workload; also in each receipt):");
+    for w in all_walls() {
+        let here = detection
+            .verdicts
+            .iter()
+            .find(|v| v.tier.to_string() == w.backend)
+            .map_or("not built", |v| {
+                if v.usable {
+                    "usable here"
+                } else {
+                    "not usable here"
+                }
+            });
+        println!("  {} ({here}):", w.backend);
+        println!(
+            "    hardware-virtualized: {}; disk blocks verified on every read: {}",
+            mark(w.hardware_virtualized).trim_end(),
+            mark(w.disk_blocks_verified).trim_end()
+        );
+        println!("    isolation: {}", w.isolation);
+        println!("    plan verified by: {}", w.plan_verified_by);
+        println!("    jail: {}", w.jail);
+        println!("    seccomp: {}", w.seccomp);
+        println!("    egress enforced in: {}", w.egress_enforced_in);
     }
     println!("host:");
     println!(

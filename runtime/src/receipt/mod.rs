@@ -131,6 +131,10 @@ pub struct RunPredicate {
     /// when none (receipts of runs without secrets read as before).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::secrets::ReleasedSecret>,
+    /// The wall the run had (`mvm doctor`'s row for its backend). Absent in receipts
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall: Option<crate::backend::wall::Wall>,
 }
 
 /// The digest of an argv: each element followed by a NUL byte.
@@ -278,6 +282,10 @@ mod tests {
                 last_seq: 14,
             },
             secrets: Vec::new(),
+            wall: Some(crate::backend::wall::of(
+                crate::backend::Tier::Emulated,
+                true,
+            )),
         };
         statement(Sha256Digest::of(b"plan payload"), predicate)
     }

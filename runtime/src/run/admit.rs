@@ -394,6 +394,10 @@ impl Admitted {
             finished_at: times.1,
             audit,
             secrets: self.released.clone(),
+            wall: Some(crate::backend::wall::of(
+                self.tier,
+                nix::unistd::Uid::effective().is_root(),
+            )),
         };
         let statement = receipt::statement(self.signed.digest, predicate);
         let envelope =

@@ -1,0 +1,122 @@
+//! What wall each backend puts around a workload, as facts: one row per backend, shown by
+//! `mvm doctor` (text and `--json`) and carried in each run's receipt, so whoever checks a
+//! receipt knows what kind of wall the run had, not only that it ran.
+//!
+//! The rows say what this build does. The backends that are named in the design but not
+//! built (`container`, `vz`) have rows too, saying so, so that a reader of `mvm doctor`
+//! sees the whole table and no row claims more than the code gives.
+
+use serde::{Deserialize, Serialize};
+
+use super::Tier;
+
+/// The facts of one backend's wall.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wall {
+    /// The backend (`kvm`, `emulated`, `container`, `vz`).
+    pub backend: String,
+    /// Whether this version of mvm can run it at all (built, whatever this host offers).
+    pub built: bool,
+    /// Whether the guest runs under hardware virtualization on this host (the emulated
+    /// tier's inner VM does, on an emulated CPU).
+    pub hardware_virtualized: bool,
+    /// What separates the workload from the host kernel, in a few words.
+    pub isolation: String,
+    /// Who verifies the signed plan and measures kernel, initramfs and command line.
+    pub plan_verified_by: String,
+    /// Whether read-only disks are verified block by block on every read.
+    pub disk_blocks_verified: bool,
+    /// The jail around the process that runs the VM.
+    pub jail: String,
+    /// Seccomp filters on that process.
+    pub seccomp: String,
+    /// Where the egress policy is enforced.
+    pub egress_enforced_in: String,
+}
+
+/// The jail `mvm-vmm` builds when started by `uid` (0: root).
+fn vmm_jail(as_root: bool) -> &'static str {
+    if as_root {
+        "mvm-vmm: PID, mount and network namespaces, per-VM root, unprivileged uid, no capabilities, cgroup, rlimits, no_new_privs"
+    } else {
+        "mvm-vmm not started as root: rlimits and no_new_privs only (no namespaces, per-VM root or cgroup)"
+    }
+}
+
+/// The wall of `tier` when `mvm` runs as root or not (`as_root`).
+pub fn of(tier: Tier, as_root: bool) -> Wall {
+    match tier {
+        Tier::Kvm => Wall {
+            backend: tier.to_string(),
+            built: true,
+            hardware_virtualized: true,
+            isolation: "a KVM virtual machine with its own kernel (mvm-vmm: virtio-mmio blk, net, vsock only)".into(),
+            plan_verified_by: "mvm-vmm, before the first guest instruction".into(),
+            disk_blocks_verified: true,
+            jail: vmm_jail(as_root).into(),
+            seccomp: "one filter per mvm-vmm thread (mvm-vmm --print-seccomp)".into(),
+            egress_enforced_in: "mvm-vmm's virtio-net device, every frame".into(),
+        },
+        Tier::Emulated => Wall {
+            backend: tier.to_string(),
+            built: true,
+            hardware_virtualized: false,
+            isolation: "a KVM virtual machine inside a QEMU-TCG test host: the outer wall is QEMU's CPU emulator".into(),
+            plan_verified_by: "mvm-vmm inside the test host, before the first guest instruction".into(),
+            disk_blocks_verified: true,
+            jail: format!(
+                "inside the test host: {}; the QEMU process on this host: none beyond its own user's rights",
+                vmm_jail(true)
+            ),
+            seccomp: "one filter per mvm-vmm thread inside the test host; none on QEMU".into(),
+            egress_enforced_in: "mvm-vmm's virtio-net device inside the test host, every frame".into(),
+        },
+    }
+}
+
+/// The rows of backends named in the design and not built in this version.
+pub fn not_built() -> Vec<Wall> {
+    let row = |backend: &str, isolation: &str| Wall {
+        backend: backend.to_owned(),
+        built: false,
+        hardware_virtualized: false,
+        isolation: isolation.to_owned(),
+        plan_verified_by: "nowhere: not built".to_owned(),
+        disk_blocks_verified: false,
+        jail: "not built".to_owned(),
+        seccomp: "not built".to_owned(),
+        egress_enforced_in: "not built".to_owned(),
+    };
+    vec![
+        row(
+            "container",
+            "not built in this version; would share the host kernel (namespaces and seccomp only)",
+        ),
+        row(
+            "vz",
+            "not built in this version; would be Apple Virtualization.framework on macOS",
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_hardware_tier_claims_hardware_and_unbuilt_rows_claim_nothing() {
+        assert!(of(Tier::Kvm, true).hardware_virtualized);
+        assert!(!of(Tier::Emulated, true).hardware_virtualized);
+        assert!(of(Tier::Kvm, false)
+            .jail
+            .contains("rlimits and no_new_privs only"));
+        assert!(of(Tier::Kvm, true).jail.contains("namespaces"));
+        for row in not_built() {
+            assert!(!row.built && !row.hardware_virtualized && !row.disk_blocks_verified);
+        }
+        let json = serde_json::to_string(&of(Tier::Emulated, false)).unwrap();
+        let back: Wall = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, of(Tier::Emulated, false));
+    }
+}

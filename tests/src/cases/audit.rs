@@ -346,6 +346,12 @@ fn receipt(ctx: &Context) -> CaseResult {
             "the kernel measurement",
         ),
         (
+            text(&statement, "/predicate/wall/backend") == "kvm"
+                && statement.pointer("/predicate/wall/hardware_virtualized") == Some(&true.into())
+                && text(&statement, "/predicate/wall/plan_verified_by").starts_with("mvm-vmm"),
+            "the wall of the kvm backend",
+        ),
+        (
             statement
                 .pointer("/subject/0/digest/sha256")
                 .and_then(Value::as_str)

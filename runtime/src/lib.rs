@@ -8,5 +8,6 @@ pub mod image;
 pub mod net;
 pub mod receipt;
 pub mod run;
+pub mod sdk;
 pub mod secrets;
 pub mod terminal;

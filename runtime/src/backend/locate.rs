@@ -138,11 +138,26 @@ fn is_static(path: &Path) -> bool {
         == Some(false)
 }
 
+/// The directory of the `mvm` on `PATH`, its links followed (where `scripts/setup`
+/// installs it): what a program using the SDK, whose own binary is elsewhere, falls
+/// back to.
+fn installed_mvm_dir() -> Option<PathBuf> {
+    find_in_path("mvm")?
+        .canonicalize()
+        .ok()?
+        .parent()
+        .map(Path::to_owned)
+}
+
 /// The static `mvm` and `mvm-vmm` that go into the test host:
-/// `$MVM_STATIC_BIN_DIR`, else this binary's own directory when both there
-/// are static (as `scripts/build-image` builds them).
+/// `$MVM_STATIC_BIN_DIR`, else this binary's own directory, else the installed
+/// `mvm`'s, whichever first has both static (as `scripts/build-image` builds them).
 pub fn static_binaries() -> Result<(PathBuf, PathBuf), RunError> {
-    let candidates = [env_path("MVM_STATIC_BIN_DIR"), exe_dir()];
+    let candidates = [
+        env_path("MVM_STATIC_BIN_DIR"),
+        exe_dir(),
+        installed_mvm_dir(),
+    ];
     for dir in candidates.into_iter().flatten() {
         let mvm = dir.join("mvm");
         let vmm = dir.join("mvm-vmm");

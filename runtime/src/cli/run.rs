@@ -1,21 +1,15 @@
-//! `mvm run`: pick the backend, find the image, run, stream, exit.
+//! `mvm run`: the command line turned into a run ([`crate::run::execute`], which the
+//! SDK uses too), its output streamed or collected for `--json`, its exit status.
 
 use std::io::{IsTerminal, Read, Write};
 
 use serde_json::json;
 
 use super::RunArgs;
-use crate::backend::detect::{judge, HostFacts};
-use crate::backend::{
-    emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
-    RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier,
-};
-use crate::image::{ImageStore, StoredImage};
-use crate::run::admit;
+use crate::backend::{OutputSink, RunError, RunOutcome, RunSpec, StdinMode};
+use crate::run::execute::RunOptions;
 use crate::run::exit;
-use crate::run::output_digest::DigestSink;
 use crate::terminal::escape_controls;
-use mvm_loader::plan::UtcTime;
 
 /// Writes output to this process's stdout and stderr as it arrives.
 struct StreamSink;
@@ -74,144 +68,27 @@ pub fn spec_from_args(args: &RunArgs, stdin_is_terminal: bool) -> RunSpec {
     }
 }
 
-/// Chooses the tier: the one asked for, else the best one detected.
-fn choose_tier(asked: Option<Tier>, facts: &HostFacts) -> Result<Tier, RunError> {
-    if let Some(tier) = asked {
-        return Ok(tier);
+/// What the command line asks beyond the spec.
+pub fn options_from_args(args: &RunArgs) -> RunOptions {
+    RunOptions {
+        backend: args.backend,
+        image: args.image.clone(),
+        request: args.run_request(),
+        receipt: args.receipt.clone(),
+        dev: args.dev_mode(),
+        net: args.net_flags(),
+        forward_signals: true,
     }
-    let detection = judge(facts);
-    detection.chosen.ok_or_else(|| {
-        let reasons: Vec<String> = detection
-            .verdicts
-            .iter()
-            .map(|v| format!("{}: {}", v.tier, v.reason))
-            .collect();
-        RunError::NoBackend(reasons.join("; "))
-    })
 }
 
-/// Admits the run (unless `--dev`), launches it, and appends its evidence.
+/// Admits, launches and audits the run, the workload's stdin being ours.
 fn execute(
     args: &RunArgs,
     spec: &RunSpec,
     sink: &mut dyn OutputSink,
 ) -> Result<RunOutcome, RunError> {
-    let facts = HostFacts::probe();
-    let tier = choose_tier(args.backend, &facts)?;
-    // Before admission, the image and any VM process: the VMM's own bounds and
-    // the host's memory, whatever the flags.
-    resources::check(tier, spec.cpus, spec.mem_mib)?;
-    if args.dev_mode() {
-        admit::check_dev_memory(spec.mem_mib)?;
-    }
-    let image = ImageStore::open_default()?.resolve(&args.image)?;
-    interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
-    // netrt: --net: names pinned, the network reserved before admission so that the
-    // plan pins it; the host network lives (and is torn down) with `net`.
-    let mut net = crate::net::run::prepare(&args.net_flags(), tier)?;
-    let mut spec = spec.clone();
-    spec.net = net.as_ref().map(|n| n.request.clone());
-    let spec = &spec;
-    if args.dev_mode() {
-        if args.receipt.is_some() {
-            return Err(RunError::Missing(
-                "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
-            ));
-        }
-        if let Some(name) = args.secrets.iter().chain(&args.secret_env).next() {
-            return Err(RunError::Missing(format!(
-                "--secret {name}: a secret is released only to a verified, measured boot, and development mode has none: drop --dev / MVM_DEV"
-            )));
-        }
-        eprintln!(
-            "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
-        );
-        return launch(tier, &facts, spec, &image, None, &mut NoJournal, sink);
-    }
-    if let Some(disk) = spec.disks.first() {
-        return Err(RunError::Missing(format!(
-            "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
-        )));
-    }
-    let mut admitted = admit::admit_run(&args.run_request(), &image, tier, net.as_mut())?;
-    // The plan's timeout is the workload's (the policy's longest without --timeout).
-    let mut spec = spec.clone();
-    spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
-    let mut digests = DigestSink::new(sink);
-    let started = UtcTime::now();
-    // `admitted` writes the run's records ahead, as the backend reaches them.
-    let files = admitted.files.clone();
-    let result = launch(
-        tier,
-        &facts,
-        &spec,
-        &image,
-        Some(&files),
-        &mut admitted,
-        &mut digests,
-    );
-    let finished = UtcTime::now();
-    let output = digests.digests();
-    let plan_id = admitted.plan_id().to_owned();
-    let vm_id = admitted.vm_id.clone();
-    let finishing = std::time::Instant::now();
-    match admitted.finish(
-        &spec.argv,
-        &result,
-        output,
-        (started, finished),
-        args.receipt.as_deref(),
-    ) {
-        Ok(evidence) => tracing::info!(
-            plan = %plan_id,
-            vm = %vm_id,
-            first_seq = evidence.audit.first_seq,
-            last_seq = evidence.audit.last_seq,
-            audit_us = u64::try_from(finishing.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "run audited"
-        ),
-        // The workload ran but its evidence is incomplete: that is a failure.
-        Err(e) if result.is_ok() => return Err(RunError::Missing(format!("evidence: {e}"))),
-        Err(e) => eprintln!("mvm: {}", escape_controls(&e)),
-    }
-    result
-}
-
-/// Starts the run on `tier`, verified against `plan` when given.
-fn launch(
-    tier: Tier,
-    facts: &HostFacts,
-    spec: &RunSpec,
-    image: &StoredImage,
-    plan: Option<&PlanFiles>,
-    journal: &mut dyn RunJournal,
-    sink: &mut dyn OutputSink,
-) -> Result<RunOutcome, RunError> {
-    let stdin: Option<Box<dyn Read + Send>> = match spec.stdin {
-        StdinMode::Forward => Some(Box::new(std::io::stdin())),
-        StdinMode::Null => None,
-    };
-    match tier {
-        Tier::Kvm => {
-            let artifacts = RunArtifacts {
-                image: image.clone(),
-                vmm: locate::vmm_binary()?,
-            };
-            kvm::run_verified(spec, &artifacts, plan, journal, sink, stdin)
-        }
-        Tier::Emulated => {
-            let qemu = facts.qemu.clone().ok_or_else(|| {
-                RunError::NoBackend(
-                    "emulated: qemu-system-x86_64 not found (install qemu-system-x86, or set MVM_QEMU)"
-                        .into(),
-                )
-            })?;
-            eprintln!(
-                "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
-            );
-            emulated::run(spec, image, &qemu, plan, journal, sink, stdin)
-        }
-    }
+    let stdin: Box<dyn Read + Send> = Box::new(std::io::stdin());
+    crate::run::execute::execute(&options_from_args(args), spec, sink, Some(stdin))
 }
 
 /// Runs `mvm run` and returns the process exit code.
@@ -279,10 +156,10 @@ fn json_report(result: &Result<RunOutcome, RunError>, out: &CollectSink) -> (i32
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Tier;
     use crate::backend::{Timings, WorkloadStatus};
     use crate::cli::{Cli, Command};
     use clap::Parser;
-    use std::path::PathBuf;
 
     fn run_args(args: &[&str]) -> RunArgs {
         let cli = Cli::try_parse_from(["mvm", "run"].iter().chain(args.iter())).unwrap();
@@ -301,23 +178,6 @@ mod tests {
         assert_eq!(spec.timeout_secs, Some(2));
         assert_eq!(spec.argv, ["cat"]);
         assert_eq!(spec_from_args(&args, true).stdin, StdinMode::Null);
-    }
-
-    #[test]
-    fn the_tier_asked_for_wins_and_none_usable_is_an_error() {
-        let none = HostFacts::default();
-        assert_eq!(choose_tier(Some(Tier::Kvm), &none).unwrap(), Tier::Kvm);
-        let err = choose_tier(None, &none).unwrap_err();
-        assert_eq!(exit::for_error(&err), exit::NO_BACKEND);
-        assert!(err.to_string().contains("kvm:"), "{err}");
-        let qemu_only = HostFacts {
-            qemu: Some(PathBuf::from("/usr/bin/qemu-system-x86_64")),
-            kvm_modules: vec!["kvm_pvm".into()],
-            dev_kvm: true,
-            dev_kvm_rw: true,
-            ..HostFacts::default()
-        };
-        assert_eq!(choose_tier(None, &qemu_only).unwrap(), Tier::Emulated);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! (`crate::cli`) only turns its arguments into a [`RunRequest`] and prints.
 
 pub mod admit;
+pub mod execute;
 pub mod exit;
 pub mod output_digest;
 pub mod vmm_events;

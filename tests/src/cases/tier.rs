@@ -22,6 +22,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("tier/exit-and-streams", exit_and_streams).limit_secs(420),
     Case::user_host("tier/bulk-16mib", bulk_16mib).limit_secs(420),
     Case::user_host("tier/json", json).limit_secs(420),
+    Case::user_host("tier/sdk-example", sdk_example).limit_secs(420),
 ];
 
 /// Bytes of the bulk case's stdout.
@@ -136,6 +137,49 @@ fn json(ctx: &Context) -> CaseResult {
             ))
             .with_detail(describe(&out)));
         }
+    }
+    Ok(())
+}
+
+/// The SDK's example program (`runtime/examples/run.rs`, built by `scripts/e2e` as
+/// `sdk-run`), a program of its own that embeds mvm: it runs a command on this host's
+/// tier, gets its output and exit code back, and the run is admitted and audited like
+/// `mvm run`'s.
+fn sdk_example(ctx: &Context) -> CaseResult {
+    let data = image_store(ctx)?;
+    let config = ctx.work_file("config");
+    let run_dir = ctx.work_file("run");
+    std::fs::create_dir_all(&run_dir).map_err(|e| Failure::new(format!("{e}")))?;
+    let tier = chosen_tier(ctx)?;
+    let exited = || {
+        std::fs::read_to_string(data.join("audit.jsonl"))
+            .unwrap_or_default()
+            .matches("\"exec_exited\"")
+            .count()
+    };
+    let before = exited();
+    let mut command = Command::new(ctx.artifact("sdk-run")?);
+    command
+        .env("MVM_DATA_DIR", &data)
+        .env("MVM_CONFIG_DIR", &config)
+        .env("MVM_VMM", ctx.artifact(crate::case::VMM)?)
+        .env("MVM_RUN_DIR", &run_dir)
+        .args(["sh", "-c", "echo from the sdk; echo to stderr >&2; exit 5"])
+        .stdin(Stdio::null());
+    let out = output(command)?;
+    expect_code(&out, 5)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!("run: exit code 5 on the {tier} tier");
+    if out.stdout != b"from the sdk\n" || !stderr.contains("to stderr") || !stderr.contains(&want) {
+        return Err(Failure::new(format!(
+            "the SDK example's output (want stdout 'from the sdk', stderr with '{want}')"
+        ))
+        .with_detail(describe(&out)));
+    }
+    if exited() != before + 1 {
+        return Err(Failure::new(
+            "the SDK's run did not add one exec_exited to the audit log",
+        ));
     }
     Ok(())
 }

@@ -1,0 +1,219 @@
+//! One run from options to outcome: tier, resource limits, image, network, admission
+//! (or development mode), launch on the backend, and the run's evidence. `mvm run`
+//! (`crate::cli::run`) and the SDK ([`crate::sdk`]) are both written on [`execute`].
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use super::output_digest::DigestSink;
+use super::{admit, RunRequest};
+use crate::backend::detect::{judge, HostFacts};
+use crate::backend::{
+    emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
+    RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier,
+};
+use crate::image::{ImageStore, StoredImage};
+use crate::terminal::escape_controls;
+use mvm_loader::plan::UtcTime;
+
+/// What a run is asked beyond its [`RunSpec`]: where, with which image, under
+/// admission or not, with which evidence.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The backend; `None` takes the best one this host offers.
+    pub backend: Option<Tier>,
+    /// The image: a name or a digest (prefix).
+    pub image: String,
+    /// What admission is asked for (resources, timeout, command, secrets).
+    pub request: RunRequest,
+    /// Write a signed receipt here.
+    pub receipt: Option<PathBuf>,
+    /// Development mode: no admission, nothing verified or audited.
+    pub dev: bool,
+    /// The network asked for (`--net`, `--allow`, `--dns`).
+    pub net: crate::net::run::NetFlags,
+    /// Install the Ctrl-C / SIGTERM handler that passes signals to the workload (the
+    /// CLI does; a program embedding mvm usually handles its own signals).
+    pub forward_signals: bool,
+}
+
+/// Chooses the tier: the one asked for, else the best one detected.
+pub fn choose_tier(asked: Option<Tier>, facts: &HostFacts) -> Result<Tier, RunError> {
+    if let Some(tier) = asked {
+        return Ok(tier);
+    }
+    let detection = judge(facts);
+    detection.chosen.ok_or_else(|| {
+        let reasons: Vec<String> = detection
+            .verdicts
+            .iter()
+            .map(|v| format!("{}: {}", v.tier, v.reason))
+            .collect();
+        RunError::NoBackend(reasons.join("; "))
+    })
+}
+
+/// Admits the run (unless development mode), launches it, and appends its evidence:
+/// the whole of `mvm run` and of [`crate::sdk::Run`] between the caller's options and
+/// the workload's outcome. `stdin` feeds the workload when `spec.stdin` forwards it.
+pub fn execute(
+    options: &RunOptions,
+    spec: &RunSpec,
+    sink: &mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<RunOutcome, RunError> {
+    let facts = HostFacts::probe();
+    let tier = choose_tier(options.backend, &facts)?;
+    // Before admission, the image and any VM process: the VMM's own bounds and
+    // the host's memory, whatever the flags.
+    resources::check(tier, spec.cpus, spec.mem_mib)?;
+    if options.dev {
+        admit::check_dev_memory(spec.mem_mib)?;
+    }
+    let image = ImageStore::open_default()?.resolve(&options.image)?;
+    if options.forward_signals {
+        interrupt::install().map_err(RunError::io("installing the Ctrl-C handler"))?;
+    }
+    // netrt: --net: names pinned, the network reserved before admission so that the
+    // plan pins it; the host network lives (and is torn down) with `net`.
+    let mut net = crate::net::run::prepare(&options.net, tier)?;
+    let mut spec = spec.clone();
+    spec.net = net.as_ref().map(|n| n.request.clone());
+    let spec = &spec;
+    if options.dev {
+        if options.receipt.is_some() {
+            return Err(RunError::Missing(
+                "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
+            ));
+        }
+        if let Some(asked) = options.request.secrets.first() {
+            return Err(RunError::Missing(format!(
+                "--secret {}: a secret is released only to a verified, measured boot, and development mode has none: drop --dev / MVM_DEV",
+                asked.name
+            )));
+        }
+        eprintln!(
+            "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
+        );
+        return launch(
+            tier,
+            &facts,
+            spec,
+            &image,
+            None,
+            &mut NoJournal,
+            sink,
+            stdin,
+        );
+    }
+    if let Some(disk) = spec.disks.first() {
+        return Err(RunError::Missing(format!(
+            "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
+        )));
+    }
+    let mut admitted = admit::admit_run(&options.request, &image, tier, net.as_mut())?;
+    // The plan's timeout is the workload's (the policy's longest without --timeout).
+    let mut spec = spec.clone();
+    spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
+    let mut digests = DigestSink::new(sink);
+    let started = UtcTime::now();
+    // `admitted` writes the run's records ahead, as the backend reaches them.
+    let files = admitted.files.clone();
+    let result = launch(
+        tier,
+        &facts,
+        &spec,
+        &image,
+        Some(&files),
+        &mut admitted,
+        &mut digests,
+        stdin,
+    );
+    let finished = UtcTime::now();
+    let output = digests.digests();
+    let plan_id = admitted.plan_id().to_owned();
+    let vm_id = admitted.vm_id.clone();
+    let finishing = std::time::Instant::now();
+    match admitted.finish(
+        &spec.argv,
+        &result,
+        output,
+        (started, finished),
+        options.receipt.as_deref(),
+    ) {
+        Ok(evidence) => tracing::info!(
+            plan = %plan_id,
+            vm = %vm_id,
+            first_seq = evidence.audit.first_seq,
+            last_seq = evidence.audit.last_seq,
+            audit_us = u64::try_from(finishing.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "run audited"
+        ),
+        // The workload ran but its evidence is incomplete: that is a failure.
+        Err(e) if result.is_ok() => return Err(RunError::Missing(format!("evidence: {e}"))),
+        Err(e) => eprintln!("mvm: {}", escape_controls(&e)),
+    }
+    result
+}
+
+/// Starts the run on `tier`, verified against `plan` when given.
+#[allow(clippy::too_many_arguments)] // one call site each: the dev and admitted paths
+fn launch(
+    tier: Tier,
+    facts: &HostFacts,
+    spec: &RunSpec,
+    image: &StoredImage,
+    plan: Option<&PlanFiles>,
+    journal: &mut dyn RunJournal,
+    sink: &mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<RunOutcome, RunError> {
+    let stdin = match spec.stdin {
+        StdinMode::Forward => stdin,
+        StdinMode::Null => None,
+    };
+    match tier {
+        Tier::Kvm => {
+            let artifacts = RunArtifacts {
+                image: image.clone(),
+                vmm: locate::vmm_binary()?,
+            };
+            kvm::run_verified(spec, &artifacts, plan, journal, sink, stdin)
+        }
+        Tier::Emulated => {
+            let qemu = facts.qemu.clone().ok_or_else(|| {
+                RunError::NoBackend(
+                    "emulated: qemu-system-x86_64 not found (install qemu-system-x86, or set MVM_QEMU)"
+                        .into(),
+                )
+            })?;
+            eprintln!(
+                "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
+            );
+            emulated::run(spec, image, &qemu, plan, journal, sink, stdin)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::exit;
+
+    #[test]
+    fn the_tier_asked_for_wins_and_none_usable_is_an_error() {
+        let none = HostFacts::default();
+        assert_eq!(choose_tier(Some(Tier::Kvm), &none).unwrap(), Tier::Kvm);
+        let err = choose_tier(None, &none).unwrap_err();
+        assert_eq!(exit::for_error(&err), exit::NO_BACKEND);
+        assert!(err.to_string().contains("kvm:"), "{err}");
+        let qemu_only = HostFacts {
+            qemu: Some(PathBuf::from("/usr/bin/qemu-system-x86_64")),
+            kvm_modules: vec!["kvm_pvm".into()],
+            dev_kvm: true,
+            dev_kvm_rw: true,
+            ..HostFacts::default()
+        };
+        assert_eq!(choose_tier(None, &qemu_only).unwrap(), Tier::Emulated);
+    }
+}

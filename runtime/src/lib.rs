@@ -5,6 +5,7 @@ pub mod audit;
 pub mod backend;
 pub mod cli;
 pub mod image;
+pub mod mcp;
 pub mod net;
 pub mod receipt;
 pub mod run;

@@ -19,4 +19,12 @@ inputs_key() { printf '%s\n' "$@" | sha256sum | cut -c1-32; }
 # deleting each other's work directory.
 with_lock() { local l; l="$(cache_root)/$1.lock"; shift; mkdir -p "$(cache_root)"; flock "$l" "$@"; }
 
+# The venv of the MCP client the tests drive `mvm mcp` with: keyed by its pinned
+# requirements and Debian's python3 (scripts/setup installs it; scripts/e2e uses it).
+mcp_client_venv() {
+  local repo; repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  echo "$(cache_root)/mcp-client/$(inputs_key "$(sha256_of "$repo/tests/mcp/requirements.txt")" \
+    "$(/usr/bin/python3 --version 2>&1)")"
+}
+
 source "$(dirname "${BASH_SOURCE[0]}")/rust.sh"

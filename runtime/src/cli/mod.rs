@@ -52,6 +52,9 @@ pub enum Command {
     /// The host's secrets, which a verified run may be given (`mvm run --secret NAME`).
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// A Model Context Protocol server on stdin/stdout: an AI agent's tool calls
+    /// (run_command, host_info) run in fresh microVMs (docs/mcp.md).
+    Mcp,
     /// Internal: writes DIR's tree as a newc cpio archive (owners root, times 0,
     /// sorted), for the build scripts' initramfs files.
     #[command(name = "__cpio", hide = true)]

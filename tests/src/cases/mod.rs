@@ -7,6 +7,7 @@ pub mod bench_boot;
 pub mod blk;
 pub mod boot;
 pub mod hostile;
+pub mod mcp;
 pub mod net;
 pub mod run;
 pub mod secret;
@@ -33,6 +34,7 @@ pub fn all() -> Vec<Case> {
         bench_boot::BENCH,
         selftest::CASES,
         tier::CASES,
+        mcp::CASES,
     ]
     .concat()
 }

@@ -24,6 +24,7 @@ fn main() {
     let code = match &cli.command {
         Command::Run(args) => cli::run::main(args),
         Command::Doctor(args) => cli::doctor::main(args),
+        Command::Bench(args) => cli::bench::main(args),
         Command::Keys(c) => cli::trust::keys(c),
         Command::Plan(c) => cli::trust::plan(c),
         Command::Audit(c) => cli::trust::audit(c),

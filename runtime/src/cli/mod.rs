@@ -1,6 +1,7 @@
 //! The `mvm` command line: argument definitions (parsing only) and one
 //! module per command that acts on them.
 
+pub mod bench;
 pub mod doctor;
 pub mod image;
 pub mod run;
@@ -37,6 +38,8 @@ pub enum Command {
     Image(ImageCommand),
     /// Show which backends this host offers, and why.
     Doctor(DoctorArgs),
+    /// Time N runs of a command (default `true`): min, median and p95 of each boot phase.
+    Bench(bench::BenchArgs),
     /// The host's admission and audit keys.
     #[command(subcommand)]
     Keys(trust::KeysCommand),

@@ -23,6 +23,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("tier/bulk-16mib", bulk_16mib).limit_secs(420),
     Case::user_host("tier/json", json).limit_secs(420),
     Case::user_host("tier/sdk-example", sdk_example).limit_secs(420),
+    Case::user_host("tier/bench", bench).limit_secs(420),
 ];
 
 /// Bytes of the bulk case's stdout.
@@ -180,6 +181,43 @@ fn sdk_example(ctx: &Context) -> CaseResult {
         return Err(Failure::new(
             "the SDK's run did not add one exec_exited to the audit log",
         ));
+    }
+    Ok(())
+}
+
+/// `mvm bench --runs 2 --json`: two admitted runs on this host's tier, and for each phase
+/// (the VMM's boot report and the runtime's timings) both runs' figures and their
+/// minimum, median and p95, ordered as such.
+fn bench(ctx: &Context) -> CaseResult {
+    let tier = chosen_tier(ctx)?;
+    let out = output(mvm(ctx, "bench", &["--runs", "2", "--json"])?)?;
+    expect_code(&out, 0)?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Failure::new(format!("mvm bench --json is not JSON: {e}")).with_detail(describe(&out))
+    })?;
+    let get = |v: &serde_json::Value, key: &str| v.get(key).cloned().unwrap_or_default();
+    if get(&report, "tier") != tier.as_str() || get(&report, "runs") != 2 {
+        return Err(Failure::new(format!("bench report: {report}")));
+    }
+    let phases = get(&report, "phases")
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for want in [
+        "vmm: start -> first KVM_RUN",
+        "VM start -> agent ready",
+        "whole run (admission to exit)",
+    ] {
+        let phase = phases
+            .iter()
+            .find(|p| get(p, "phase") == want)
+            .ok_or_else(|| Failure::new(format!("bench report has no {want:?}: {report}")))?;
+        let n = get(phase, "runs_ms").as_array().map_or(0, Vec::len);
+        let ms = |key| get(phase, key).as_f64().unwrap_or(-1.0);
+        let (min, median, p95) = (ms("min_ms"), ms("median_ms"), ms("p95_ms"));
+        if n != 2 || !(0.0 < min && min <= median && median <= p95) {
+            return Err(Failure::new(format!("bench phase {want:?}: {phase}")));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,199 @@
+//! `mvm bench`: N runs of a command (default `true`) in fresh microVMs, each admitted,
+//! verified and audited as `mvm run`'s (through the SDK), and the minimum, median and 95th
+//! percentile of every phase: the VMM's own boot report (process start to the first
+//! `KVM_RUN`, to the guest's init) and the runtime's timings (VM start to agent ready,
+//! exec, shutdown, the whole run as the caller waits for it). For boot-time harnesses:
+//! `--json` gives the same figures, and every run's raw numbers.
+//!
+//! Snapshot restore is not built, so there is no restore column yet.
+
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::backend::{OutputSink, RunOutcome, Tier};
+use crate::run::exit;
+use crate::sdk::Run;
+
+/// `mvm bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Runs to make (1..=100).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+    /// Use this backend instead of the best one detected.
+    #[arg(long, value_enum)]
+    pub backend: Option<Tier>,
+    /// The image: a name or a digest (prefix).
+    #[arg(long, default_value = crate::image::DEFAULT_IMAGE)]
+    pub image: String,
+    /// Development mode (no admission, nothing verified or audited), to see its cost.
+    #[arg(long)]
+    pub dev: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// The command to run each time (default: `true`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Output is counted, not kept.
+struct Discard;
+
+impl OutputSink for Discard {
+    fn stdout(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn stderr(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The phases, in milliseconds, of one run, by name; absent where a run has none.
+fn phases(outcome: &RunOutcome, wall_ms: f64) -> Vec<(&'static str, Option<f64>)> {
+    let report = |key: &str| {
+        outcome
+            .boot_report
+            .as_ref()
+            .and_then(|r| r.get(key))
+            .and_then(Value::as_u64)
+            .map(|us| us as f64 / 1000.0)
+    };
+    let t = &outcome.timings;
+    vec![
+        ("vmm: start -> first KVM_RUN", report("first_kvm_run")),
+        ("vmm: start -> guest init", report("init_reached")),
+        (
+            "test host boot (emulated)",
+            t.host_boot_ms.map(|v| v as f64),
+        ),
+        ("VM start -> agent ready", Some(t.boot_ms as f64)),
+        ("exec", Some(t.exec_ms as f64)),
+        ("shutdown", Some(t.shutdown_ms as f64)),
+        ("backend total", Some(t.total_ms as f64)),
+        ("whole run (admission to exit)", Some(wall_ms)),
+    ]
+}
+
+/// Minimum, median and 95th percentile (nearest rank) of `values`, if any.
+pub fn stats(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    // Nearest rank: the smallest value with at least `percent`% of the values at or below.
+    let at = |percent: usize| {
+        let rank = (percent * n).div_ceil(100).clamp(1, n);
+        sorted.get(rank - 1).copied().unwrap_or(f64::NAN)
+    };
+    let median = if n % 2 == 1 {
+        at(50)
+    } else {
+        let lo = sorted.get(n / 2 - 1).copied().unwrap_or(f64::NAN);
+        let hi = sorted.get(n / 2).copied().unwrap_or(f64::NAN);
+        (lo + hi) / 2.0
+    };
+    Some((sorted.first().copied().unwrap_or(f64::NAN), median, at(95)))
+}
+
+/// Runs `mvm bench`; returns the exit code (that of the first failed run, if one failed).
+pub fn main(args: &BenchArgs) -> i32 {
+    let command = if args.command.is_empty() {
+        vec!["true".to_owned()]
+    } else {
+        args.command.clone()
+    };
+    let mut runs: Vec<Vec<(&'static str, Option<f64>)>> = Vec::new();
+    let mut tier = None;
+    for i in 1..=args.runs {
+        let mut run = Run::new(command.clone())
+            .image(args.image.clone())
+            .development(args.dev);
+        if let Some(t) = args.backend {
+            run = run.backend(t);
+        }
+        let started = Instant::now();
+        match run.stream(&mut Discard) {
+            Ok(outcome) => {
+                let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+                if !args.json {
+                    eprintln!("mvm bench: run {i}/{}: {wall_ms:.0} ms", args.runs);
+                }
+                tier = Some(outcome.tier);
+                runs.push(phases(&outcome, wall_ms));
+            }
+            Err(e) => {
+                eprintln!("mvm bench: run {i}: {e}");
+                return exit::for_error(&e);
+            }
+        }
+    }
+    let names: Vec<&str> = runs
+        .first()
+        .map(|r| r.iter().map(|(n, _)| *n).collect())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let values: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.get(k).and_then(|(_, v)| *v))
+            .collect();
+        if let Some((min, median, p95)) = stats(&values) {
+            rows.push((*name, min, median, p95, values));
+        }
+    }
+    let tier = tier.map(|t| t.to_string()).unwrap_or_default();
+    if args.json {
+        let phases: Vec<Value> = rows
+            .iter()
+            .map(|(name, min, median, p95, values)| {
+                json!({"phase": name, "min_ms": min, "median_ms": median, "p95_ms": p95, "runs_ms": values})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"tier": tier, "runs": args.runs, "command": command, "dev": args.dev, "phases": phases, "restore": null})
+        );
+        return 0;
+    }
+    println!(
+        "mvm bench: {} runs of {:?} on the {tier} tier{}; milliseconds",
+        args.runs,
+        command.join(" "),
+        if args.dev {
+            " (--dev)"
+        } else {
+            " (admitted, verified, audited)"
+        }
+    );
+    println!(
+        "  {:<34} {:>9} {:>9} {:>9}",
+        "phase", "min", "median", "p95"
+    );
+    for (name, min, median, p95, _) in &rows {
+        println!("  {name:<34} {min:>9.1} {median:>9.1} {p95:>9.1}");
+    }
+    println!("  (restore from a snapshot: not built)");
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_median_and_nearest_rank_p95() {
+        assert_eq!(stats(&[]), None);
+        assert_eq!(stats(&[5.0]), Some((5.0, 5.0, 5.0)));
+        assert_eq!(stats(&[3.0, 1.0, 2.0]), Some((1.0, 2.0, 3.0)));
+        assert_eq!(stats(&[4.0, 1.0, 3.0, 2.0]), Some((1.0, 2.5, 4.0)));
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(stats(&hundred), Some((1.0, 50.5, 95.0)));
+        assert_eq!(stats(&[f64::NAN, 2.0]), Some((2.0, 2.0, 2.0)));
+    }
+}

@@ -2,7 +2,7 @@
 //! through `log`), as one line on stderr:
 //!
 //! ```text
-//! 2026-12-05T03:11:58.522Z WARN mvm_vmm::seccomp: seccomp filters are not enforced (MVM_SECCOMP); development only mode=Log
+//! 2026-12-05T03:11:58Z WARN mvm_vmm::seccomp: seccomp filters are not enforced (MVM_SECCOMP); development only mode=Log
 //! ```
 //!
 //! the time (UTC, as the audit log writes it), the level, where from, the message, then
@@ -15,6 +15,8 @@
 use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use mvm_loader::plan::UtcTime;
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
@@ -62,35 +64,13 @@ fn emit(level: &dyn fmt::Display, target: &str, body: &str) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let time = utc(now.as_secs(), now.subsec_millis());
+    // The audit log's clock format (`mvm_loader::plan::UtcTime`), to the second.
+    let time = i64::try_from(now.as_secs())
+        .ok()
+        .and_then(UtcTime::from_unix)
+        .map_or_else(|| "-".to_owned(), |t| t.to_string());
     let line = format!("{time} {level} {target}: {body}\n");
     let _ = std::io::stderr().write_all(line.as_bytes());
-}
-
-/// `secs` since the Unix epoch as `YYYY-MM-DDThh:mm:ss.mmmZ` (the proleptic Gregorian
-/// calendar, counted from 0000-03-01 so that a leap day ends its year).
-fn utc(secs: u64, millis: u32) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days from 0000-03-01 to 1970-01-01; 146_097 days make 400 years.
-    let days = days + 719_468;
-    let (era, day_of_era) = (days / 146_097, days % 146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = era * 400 + year_of_era + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
 }
 
 struct StderrLog {
@@ -232,15 +212,6 @@ mod tests {
             tracing::info!(count = 2);
         });
         assert_eq!(lines, ["attached slot=3 disk=/x.img", "plain", "count=2"]);
-    }
-
-    #[test]
-    fn times_are_utc_calendar_dates() {
-        assert_eq!(utc(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(utc(951_782_400, 5), "2000-02-29T00:00:00.005Z");
-        assert_eq!(utc(951_868_799, 999), "2000-02-29T23:59:59.999Z");
-        assert_eq!(utc(1_796_441_518, 522), "2026-12-05T03:31:58.522Z");
-        assert_eq!(utc(4_107_542_400, 0), "2100-03-01T00:00:00.000Z");
     }
 
     #[test]

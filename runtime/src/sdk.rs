@@ -59,11 +59,13 @@ pub struct Output {
     pub timings: Timings,
 }
 
-/// Keeps what a run writes.
-#[derive(Default)]
-struct Collect {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
+/// An [`OutputSink`] that keeps what a run writes (also `mvm run --json`'s).
+#[derive(Debug, Default)]
+pub struct Collect {
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
 }
 
 impl OutputSink for Collect {

@@ -9,6 +9,7 @@ use super::RunArgs;
 use crate::backend::{OutputSink, RunError, RunOutcome, RunSpec, StdinMode};
 use crate::run::execute::RunOptions;
 use crate::run::exit;
+use crate::sdk::Collect as CollectSink;
 use crate::terminal::escape_controls;
 
 /// Writes output to this process's stdout and stderr as it arrives.
@@ -25,25 +26,6 @@ impl OutputSink for StreamSink {
         let mut err = std::io::stderr().lock();
         err.write_all(data)?;
         err.flush()
-    }
-}
-
-/// Keeps output for `--json`.
-#[derive(Default)]
-struct CollectSink {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-impl OutputSink for CollectSink {
-    fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.stdout.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.stderr.extend_from_slice(data);
-        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 //! the flow control that keeps a flooding guest from growing host memory.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -56,6 +56,9 @@ pub enum ClientError {
     /// The connection could not be set up.
     #[error("connection setup: {0}")]
     Setup(#[from] std::io::Error),
+    /// The caller's source or destination of a file transfer failed.
+    #[error("{0}")]
+    Source(std::io::Error),
 }
 
 struct Inner {
@@ -495,6 +498,7 @@ impl Client {
                 uid: None,
                 gid: None,
                 append: false,
+                atomic: false,
             },
             data,
         )
@@ -504,22 +508,49 @@ impl Client {
     pub fn write_file_with(
         &self,
         request: &WriteFileRequest,
-        data: &[u8],
+        mut data: &[u8],
+    ) -> Result<FileDone, ClientError> {
+        self.write_file_from(request, &mut data)
+    }
+
+    /// Writes a file whose contents are read from `source` as they go: memory stays at
+    /// one chunk whatever the size. A read error from `source` cancels the write in the
+    /// guest (protocol 1.1; an atomic write then leaves nothing) and is returned as
+    /// [`ClientError::Source`].
+    pub fn write_file_from(
+        &self,
+        request: &WriteFileRequest,
+        source: &mut dyn Read,
     ) -> Result<FileDone, ClientError> {
         let (id, rx) = self.inner.register()?;
         let mut early = None;
+        let mut buf = vec![0u8; DATA_CHUNK];
         let sent = (|| {
             self.inner.send(id, &Message::WriteFile(request.clone()))?;
-            for chunk in data.chunks(DATA_CHUNK) {
+            loop {
                 // The agent answers early only to refuse: stop sending data then.
                 if let Ok(answer) = rx.try_recv() {
                     early = Some(answer);
                     break;
                 }
-                self.inner.send(id, &Message::FileData(chunk.to_vec()))?;
+                let n = match source.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.cancel(id, &format!("the source failed: {e}"));
+                        return Err(ClientError::Source(e));
+                    }
+                };
+                let chunk = buf.get(..n).unwrap_or_default().to_vec();
+                self.inner.send(id, &Message::FileData(chunk))?;
             }
             self.inner.send(id, &Message::FileEnd)
         })();
+        if let Err(e @ ClientError::Source(_)) = sent {
+            self.inner.forget(id);
+            return Err(e);
+        }
         // An error may arrive before all data is sent; it is the better answer.
         let answer = match (early, sent) {
             (Some(answer), _) => Ok(answer),
@@ -534,6 +565,17 @@ impl Client {
         }
     }
 
+    /// Cancels request `id` in the agent (protocol 1.1: an error frame from the client).
+    fn cancel(&self, id: u32, why: &str) {
+        let reply = ErrorReply {
+            code: crate::protocol::ErrorCode::BadRequest,
+            message: format!("cancelled: {why}"),
+        };
+        if let Err(e) = self.inner.send(id, &Message::Error(reply)) {
+            tracing::debug!("request {id}: cannot cancel: {e}");
+        }
+    }
+
     /// Reads a whole file from the guest (at most [`DEFAULT_READ_LIMIT`] bytes).
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>, ClientError> {
         self.read_file_limited(path, DEFAULT_READ_LIMIT)
@@ -541,6 +583,20 @@ impl Client {
 
     /// Reads a whole file from the guest, failing if it exceeds `limit` bytes.
     pub fn read_file_limited(&self, path: &str, limit: u64) -> Result<Vec<u8>, ClientError> {
+        let mut contents = Vec::new();
+        self.read_file_to(path, limit, &mut contents)?;
+        Ok(contents)
+    }
+
+    /// Streams a file from the guest into `sink` as it arrives, failing (and cancelling
+    /// the read) once it exceeds `limit` bytes or `sink` fails. Returns its size. What
+    /// reached `sink` before a failure is the caller's to discard.
+    pub fn read_file_to(
+        &self,
+        path: &str,
+        limit: u64,
+        sink: &mut dyn Write,
+    ) -> Result<u64, ClientError> {
         let (id, rx) = self.inner.register()?;
         let result = (|| {
             self.inner.send(
@@ -549,21 +605,24 @@ impl Client {
                     path: path.to_owned(),
                 }),
             )?;
-            let mut contents = Vec::new();
+            let mut total: u64 = 0;
             loop {
                 match self.inner.recv(&rx, None)? {
                     Message::FileData(data) => {
-                        let total = u64::try_from(contents.len().saturating_add(data.len()))
-                            .unwrap_or(u64::MAX);
+                        total = total.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
                         if total > limit {
+                            self.cancel(id, "over the read limit");
                             return Err(ClientError::TooLarge {
                                 path: path.to_owned(),
                                 limit,
                             });
                         }
-                        contents.extend_from_slice(&data);
+                        if let Err(e) = sink.write_all(&data) {
+                            self.cancel(id, "the destination failed");
+                            return Err(ClientError::Source(e));
+                        }
                     }
-                    Message::FileDone(_) => return Ok(contents),
+                    Message::FileDone(_) => return Ok(total),
                     Message::Error(reply) => return Err(ClientError::Agent(reply)),
                     other => {
                         return Err(ClientError::Unexpected(format!("{:?}", other.frame_type())))

@@ -794,6 +794,7 @@ fn a_refused_write_answers_once() {
         uid: None,
         gid: None,
         append: false,
+        atomic: false,
     };
     write_frame(&mut stream, 3, &Message::WriteFile(request)).unwrap();
     for _ in 0..3 {
@@ -900,4 +901,120 @@ fn an_absurd_timeout_is_no_timeout_not_a_crash() {
     assert_eq!(out.stdout, b"ok\n");
     assert!(!out.status.timed_out);
     client.ping().unwrap();
+}
+
+/// A connection that has said hello, for frame-level tests.
+fn greeted(agent: &Agent) -> UnixStream {
+    let mut stream = agent.stream();
+    let hello = Hello {
+        major: PROTOCOL_MAJOR,
+        minor: 1,
+        software: "t".into(),
+    };
+    write_frame(&mut stream, 0, &Message::Hello(hello)).unwrap();
+    assert!(matches!(
+        read_frame(&mut stream).unwrap().unwrap().message,
+        Message::Hello(_)
+    ));
+    stream
+}
+
+fn atomic_write(path: String) -> Message {
+    Message::WriteFile(mvm_agent::protocol::WriteFileRequest {
+        path,
+        mode: 0o600,
+        uid: None,
+        gid: None,
+        append: false,
+        atomic: true,
+    })
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "agent.sock")
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn an_atomic_write_is_whole_or_absent_and_replaces_a_link_without_following_it() {
+    let agent = Agent::start(&[]);
+    let mut stream = greeted(&agent);
+    // Cancelled half-way (an error frame from the client): nothing is left.
+    let target = agent.path("out.bin");
+    write_frame(&mut stream, 1, &atomic_write(target.clone())).unwrap();
+    write_frame(&mut stream, 1, &Message::FileData(vec![7; 4096])).unwrap();
+    let cancel = mvm_agent::protocol::ErrorReply {
+        code: ErrorCode::BadRequest,
+        message: "cancelled".into(),
+    };
+    write_frame(&mut stream, 1, &Message::Error(cancel)).unwrap();
+    write_frame(&mut stream, 2, &Message::Ping).unwrap();
+    let answer = read_frame(&mut stream).unwrap().unwrap();
+    assert_eq!(answer.request_id, 2, "{:?}", answer.message);
+    assert!(
+        entries(agent.dir.path()).is_empty(),
+        "{:?}",
+        entries(agent.dir.path())
+    );
+
+    // A connection that closes mid-write leaves nothing either.
+    let mut doomed = greeted(&agent);
+    write_frame(&mut doomed, 1, &atomic_write(target.clone())).unwrap();
+    write_frame(&mut doomed, 1, &Message::FileData(vec![7; 4096])).unwrap();
+    drop(doomed);
+
+    // Whole: the data lands at the end frame, over a symlink (replaced, not followed).
+    let elsewhere = agent.path("elsewhere");
+    std::fs::write(&elsewhere, b"keep").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+    write_frame(&mut stream, 3, &atomic_write(target.clone())).unwrap();
+    write_frame(&mut stream, 3, &Message::FileData(b"new".to_vec())).unwrap();
+    write_frame(&mut stream, 3, &Message::FileEnd).unwrap();
+    let done = read_frame(&mut stream).unwrap().unwrap();
+    assert!(
+        matches!(done.message, Message::FileDone(_)),
+        "{:?}",
+        done.message
+    );
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), b"keep");
+    assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    assert!(!std::fs::symlink_metadata(&target).unwrap().is_symlink());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while entries(agent.dir.path()) != ["elsewhere", "out.bin"] {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            entries(agent.dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_error_frame_from_the_client_cancels_a_running_process() {
+    assert!(is_root(), "this test needs root");
+    let agent = Agent::start(&[]);
+    let mut stream = greeted(&agent);
+    write_frame(&mut stream, 5, &Message::Exec(sh("sleep 30"))).unwrap();
+    let cancel = mvm_agent::protocol::ErrorReply {
+        code: ErrorCode::BadRequest,
+        message: "cancelled".into(),
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    write_frame(&mut stream, 5, &Message::Error(cancel)).unwrap();
+    loop {
+        let frame = read_frame(&mut stream).unwrap().unwrap();
+        if let Message::Exit(status) = frame.message {
+            assert_eq!(frame.request_id, 5);
+            assert_eq!(status.signal, Some(libc::SIGKILL));
+            break;
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
 }

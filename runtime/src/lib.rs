@@ -9,6 +9,7 @@ pub mod mcp;
 pub mod net;
 pub mod receipt;
 pub mod run;
+pub mod sandbox;
 pub mod sdk;
 pub mod secrets;
 pub mod terminal;

@@ -220,6 +220,21 @@ fn stdin_sender<S>(shared: &Shared<S>, id: u32) -> Option<SyncSender<Vec<u8>>> {
     }
 }
 
+/// Cancels request `id`, if it is in flight: a process's group is killed (its exit is
+/// still reported), a write is dropped. A read runs to its end (its frames are the
+/// client's to ignore).
+fn cancel<S>(shared: &Shared<S>, id: u32) {
+    let mut active = shared.active();
+    match active.get(&id) {
+        Some(Active::Exec(control)) => control.kill(),
+        Some(Active::WriteFile(_) | Active::FailedWrite) => {
+            tracing::info!("request {id}: write cancelled");
+            active.remove(&id);
+        }
+        Some(Active::ReadFile) | None => {}
+    }
+}
+
 /// Acts on one frame. Returns false when the connection must close.
 fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame) -> bool {
     let id = frame.request_id;
@@ -365,6 +380,12 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
                 error.code,
                 error.message
             );
+            // An error frame from the client for a request in flight cancels it
+            // (protocol 1.1): a process is killed, a write is dropped (an atomic one
+            // leaves nothing), a read stops being routed.
+            if id != CONNECTION_REQUEST_ID {
+                cancel(shared, id);
+            }
         }
         other @ (Message::Hello(_)
         | Message::Ready(_)

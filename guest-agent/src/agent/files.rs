@@ -28,24 +28,56 @@ pub(super) struct WriteSink {
     file: File,
     path: String,
     size: u64,
+    /// An atomic write's temporary file, renamed over `path` at the end and removed if
+    /// the write never ends.
+    temp: Option<String>,
+}
+
+/// The temporary name of an atomic write: hidden, beside the target (the same
+/// filesystem, so the rename is atomic), unique per agent process and write.
+fn temp_name(path: &str) -> Result<String, ErrorReply> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(reply(
+            ErrorCode::BadRequest,
+            format!("{path:?} does not name a file"),
+        ));
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(format!("{dir}/.{name}.mvm-part-{}-{n}", std::process::id()))
 }
 
 impl WriteSink {
-    /// Opens (creating, truncating unless appending) the file a request names.
+    /// Opens (creating, truncating unless appending) the file a request names; an atomic
+    /// write opens a fresh temporary file beside it instead.
     pub(super) fn open(request: &WriteFileRequest) -> Result<Self, ErrorReply> {
         let path = &request.path;
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(!request.append)
-            .append(request.append)
-            .mode(request.mode)
+        let temp = request.atomic.then(|| temp_name(path)).transpose()?;
+        let mut options = OpenOptions::new();
+        options.write(true).mode(request.mode);
+        match &temp {
+            // A name nobody else uses: created here, never an existing file or link.
+            Some(_) => options.create_new(true),
+            None => options
+                .create(true)
+                .truncate(!request.append)
+                .append(request.append),
+        };
+        let file = options
             // No symlink in the last component; a FIFO without a reader fails at once
             // instead of blocking the connection.
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
+            .open(temp.as_deref().unwrap_or(path))
             .map_err(|e| io_reply("cannot open for writing", path, &e))?;
-        let is_file = file.metadata().is_ok_and(|m| m.is_file());
+        // From here an error drops `sink`, and an atomic write's temporary file with it.
+        let sink = Self {
+            file,
+            path: path.clone(),
+            size: 0,
+            temp,
+        };
+        let is_file = sink.file.metadata().is_ok_and(|m| m.is_file());
         if !is_file {
             return Err(reply(
                 ErrorCode::BadRequest,
@@ -53,17 +85,14 @@ impl WriteSink {
             ));
         }
         // The mode applies to an existing file too, and regardless of the umask.
-        file.set_permissions(std::fs::Permissions::from_mode(request.mode))
+        sink.file
+            .set_permissions(std::fs::Permissions::from_mode(request.mode))
             .map_err(|e| io_reply("cannot set mode of", path, &e))?;
         if request.uid.is_some() || request.gid.is_some() {
-            fchown(&file, request.uid, request.gid)
+            fchown(&sink.file, request.uid, request.gid)
                 .map_err(|e| io_reply("cannot change owner of", path, &e))?;
         }
-        Ok(Self {
-            file,
-            path: path.clone(),
-            size: 0,
-        })
+        Ok(sink)
     }
 
     /// Appends one chunk.
@@ -77,13 +106,34 @@ impl WriteSink {
         Ok(())
     }
 
-    /// Completes the write.
+    /// Completes the write: an atomic one is synced and renamed over its target.
     pub(super) fn finish(mut self) -> Result<FileDone, ErrorReply> {
         self.file
             .flush()
             .map_err(|e| io_reply("cannot write", &self.path, &e))?;
+        if let Some(temp) = &self.temp {
+            self.file
+                .sync_all()
+                .map_err(|e| io_reply("cannot sync", &self.path, &e))?;
+            // rename(2) replaces a symlink at the target rather than following it.
+            std::fs::rename(temp, &self.path)
+                .map_err(|e| io_reply("cannot rename into place", &self.path, &e))?;
+            self.temp = None;
+        }
         tracing::info!("wrote {} bytes to {:?}", self.size, self.path);
         Ok(FileDone { size: self.size })
+    }
+}
+
+impl Drop for WriteSink {
+    /// An atomic write that did not finish (an error, a cancel, a closed connection)
+    /// leaves nothing behind.
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            if let Err(e) = std::fs::remove_file(&temp) {
+                tracing::warn!("cannot remove the unfinished write {temp:?}: {e}");
+            }
+        }
     }
 }
 

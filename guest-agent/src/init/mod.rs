@@ -76,6 +76,15 @@ const MOUNTS: &[MountPoint] = &[
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
         data: "mode=0755",
     },
+    // The workload's own place (a sandbox's working directory and `cp` target), owned by
+    // the unprivileged workload uid, in memory like the rest of the root.
+    MountPoint {
+        source: "tmpfs",
+        target: "/work",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: "mode=0755,uid=1000,gid=1000",
+    },
     // Released secrets (`/run/secrets/NAME`, each 0400 and owned by the workload's uid),
     // on a tmpfs of their own: never on a disk, and only root (the agent) writes here.
     MountPoint {

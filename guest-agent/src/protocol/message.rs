@@ -164,6 +164,12 @@ pub struct WriteFileRequest {
     /// Append instead of truncating.
     #[serde(default)]
     pub append: bool,
+    /// Write into a temporary file beside `path` and rename it over `path` only at the
+    /// end frame: readers see the old file or the whole new one, and a write cancelled or
+    /// cut off leaves no partial file. Not with `append`. (Protocol 1.1; not sent when
+    /// false, so a 1.0 agent still reads every other request.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub atomic: bool,
 }
 
 fn default_file_mode() -> u32 {
@@ -365,6 +371,9 @@ impl Message {
             FrameType::WriteFile => {
                 let request: WriteFileRequest = json(t, body)?;
                 check_abs_path(t, &request.path)?;
+                if request.atomic && request.append {
+                    return Err(bad(t, "atomic and append exclude each other".to_owned()));
+                }
                 if request.mode > 0o7777 {
                     return Err(bad(
                         t,

@@ -30,7 +30,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Protocol major version: a client with another major version is refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version: additions that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 0;
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;

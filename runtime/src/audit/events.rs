@@ -8,6 +8,7 @@ use mvm_loader::plan::Plan;
 
 use super::record::{AuditEvent, EventKind};
 use crate::admission::Denial;
+use crate::backend::SessionEvent;
 use crate::receipt::command_digest;
 use crate::secrets::ReleasedSecret;
 
@@ -136,6 +137,63 @@ impl AuditEvent {
             .field("path", truncate(path))
             .field("size", contents.len() as u64)
             .field("sha256", Sha256Digest::of(contents))
+    }
+
+    /// What a sandbox's session did in the guest: each request by the session's
+    /// number for it, argv and files by digest and size.
+    pub fn session(plan_id: &str, vm_id: &str, event: &SessionEvent) -> Self {
+        let base = |kind| Self::new(kind).plan(plan_id).vm(vm_id);
+        match event {
+            SessionEvent::ExecStarted { request, argv } => {
+                Self::exec_started(plan_id, vm_id, argv).field("request", *request)
+            }
+            SessionEvent::ExecExited {
+                request,
+                status,
+                stdout,
+                stderr,
+                error,
+            } => {
+                let mut e = base(EventKind::ExecExited)
+                    .field("request", *request)
+                    .field("stdout_sha256", stdout.0)
+                    .field("stdout_bytes", stdout.1)
+                    .field("stderr_sha256", stderr.0)
+                    .field("stderr_bytes", stderr.1);
+                if let Some(status) = status {
+                    e = e.field("exit_status", *status);
+                }
+                if let Some(error) = error {
+                    e = e.field("error", truncate(error));
+                }
+                e
+            }
+            SessionEvent::FileWritten {
+                request,
+                path,
+                data,
+                complete,
+            } => base(EventKind::FileWritten)
+                .field("request", *request)
+                .field("path", truncate(path))
+                .field("size", data.1)
+                .field("sha256", data.0)
+                .field("complete", *complete),
+            SessionEvent::FileRead {
+                request,
+                path,
+                data,
+                complete,
+            } => base(EventKind::FileRead)
+                .field("request", *request)
+                .field("path", truncate(path))
+                .field("size", data.1)
+                .field("sha256", data.0)
+                .field("complete", *complete),
+            SessionEvent::Stopping { reason } => {
+                base(EventKind::SessionStopping).field("reason", truncate(reason))
+            }
+        }
     }
 
     /// The VM exited; `reason` as the VMM reported it (poweroff, reset, panic,

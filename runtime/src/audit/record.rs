@@ -57,6 +57,10 @@ pub enum EventKind {
     ExecExited,
     /// A file was written into the guest (fields: path, size, digest).
     FileWritten,
+    /// A file was read out of the guest (fields: path, size, digest).
+    FileRead,
+    /// A sandbox's session is ending (field: reason).
+    SessionStopping,
     /// The VM exited (fields: reason, status; `signal` when a signal ended
     /// its process).
     VmExited,

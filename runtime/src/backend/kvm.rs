@@ -17,7 +17,7 @@ use super::stdin_pump;
 use super::vmm_process::{read_boot_report, vmm_args, VmmProcess};
 use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
-    Tier, Timings, WorkloadStatus,
+    Tier, Timings, VmProbe, Workload, WorkloadStatus,
 };
 use crate::secrets::{Delivery, Secret};
 
@@ -109,6 +109,7 @@ pub(crate) fn deliver_secrets(client: &Client, secrets: &[Secret]) -> Result<(),
             uid: Some(SECRET_OWNER),
             gid: Some(SECRET_OWNER),
             append: false,
+            atomic: false,
         };
         client.write_file_with(&request, secret.value.expose())?;
         tracing::info!(name = %secret.name, "secret delivered");
@@ -160,20 +161,37 @@ pub fn run(
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
-    run_verified(spec, artifacts, None, &mut NoJournal, sink, stdin)
+    run_verified(
+        spec,
+        artifacts,
+        None,
+        &mut NoJournal,
+        Workload::command(sink, stdin),
+    )
+}
+
+/// The session's view of a local VMM.
+struct LocalVm<'a>(&'a mut VmmProcess);
+
+impl VmProbe for LocalVm<'_> {
+    fn ended(&mut self) -> Option<String> {
+        self.0
+            .try_exit()
+            .map(|status| format!("mvm-vmm exited ({status})"))
+    }
 }
 
 /// [`run`], with the VMM verifying `plan` (signature, window, nonce,
 /// measurements) before it creates the VM; `None` boots `--dev`. `journal`
 /// hears when the workload is about to start (after the agent answered,
-/// before exec is sent).
+/// before exec is sent). A [`Workload::Session`] gets its own agent connection
+/// instead of the spec's command, and the VM stops when it returns.
 pub fn run_verified(
     spec: &RunSpec,
     artifacts: &RunArtifacts,
     plan: Option<&PlanFiles>,
     journal: &mut dyn RunJournal,
-    sink: &mut dyn OutputSink,
-    stdin: Option<Box<dyn Read + Send>>,
+    workload: Workload<'_>,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
     let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
@@ -197,15 +215,6 @@ pub fn run_verified(
         timeout_ms: spec.timeout_secs.map(|s| s.saturating_mul(1000)),
         ..ExecRequest::default()
     };
-    let forward = match (spec.stdin, stdin) {
-        (super::StdinMode::Forward, Some(source)) => Some(source),
-        _ => None,
-    };
-    let mode = if forward.is_some() {
-        Stdin::Stream
-    } else {
-        Stdin::Null
-    };
     // Written ahead: the boot, each secret's release and the workload's start
     // are on disk before exec; the secrets go in before the workload starts.
     let secrets = journal.workload_starting()?;
@@ -222,7 +231,40 @@ pub fn run_verified(
             request.env.insert(secret.name.clone(), value);
         }
     }
+    let env_secrets = secrets.iter().any(|s| s.delivery == Delivery::Env);
     drop(secrets);
+    let (sink, stdin) = match workload {
+        Workload::Command { sink, stdin } => (sink, stdin),
+        Workload::Session(server) => {
+            if env_secrets {
+                return Err(RunError::Missing(
+                    "a session takes secrets as files only (--secret), not in an environment"
+                        .into(),
+                ));
+            }
+            let stream = connect_hybrid_vsock(&uds, port, ready_timeout)
+                .map_err(|e| RunError::Agent(format!("session connection: {e}")))?;
+            let status = server.serve(stream, journal, &mut LocalVm(&mut vmm))?;
+            return Ok(finish(
+                client,
+                &mut vmm,
+                scratch,
+                &report,
+                (start, ready),
+                guest_boot_ms,
+                status,
+            ));
+        }
+    };
+    let forward = match (spec.stdin, stdin) {
+        (super::StdinMode::Forward, Some(source)) => Some(source),
+        _ => None,
+    };
+    let mode = if forward.is_some() {
+        Stdin::Stream
+    } else {
+        Stdin::Null
+    };
     let mut exec = client
         .exec(&request, mode)
         .map_err(|e| agent_error(&mut vmm, &e))?;
@@ -277,22 +319,41 @@ pub fn run_verified(
             Err(e) => return Err(agent_error(&mut vmm, &e)),
         }
     };
-    let exited = Instant::now();
+    Ok(finish(
+        client,
+        &mut vmm,
+        scratch,
+        &report,
+        (start, ready),
+        guest_boot_ms,
+        WorkloadStatus {
+            code: status.code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+        },
+    ))
+}
 
+/// Powers the guest off, stops the VMM and puts the outcome together.
+fn finish(
+    client: Client,
+    vmm: &mut VmmProcess,
+    scratch: ScratchDir,
+    report: &Path,
+    (start, ready): (Instant, Instant),
+    guest_boot_ms: Option<u64>,
+    status: WorkloadStatus,
+) -> RunOutcome {
+    let exited = Instant::now();
     shutdown_guest(client, SHUTDOWN_GRACE);
     if vmm.stop(SHUTDOWN_GRACE).is_none() {
         tracing::warn!("mvm-vmm did not exit after shutdown");
     }
     let stopped = Instant::now();
-    let boot_report = read_boot_report(&report);
+    let boot_report = read_boot_report(report);
     drop(scratch);
-
-    Ok(RunOutcome {
-        status: WorkloadStatus {
-            code: status.code,
-            signal: status.signal,
-            timed_out: status.timed_out,
-        },
+    RunOutcome {
+        status,
         timings: Timings {
             boot_ms: millis(ready.duration_since(start)),
             exec_ms: millis(exited.duration_since(ready)),
@@ -303,5 +364,5 @@ pub fn run_verified(
         },
         tier: Tier::Kvm,
         boot_report,
-    })
+    }
 }

@@ -149,6 +149,29 @@ fn installed_mvm_dir() -> Option<PathBuf> {
         .map(Path::to_owned)
 }
 
+/// The `mvm` that supervises a sandbox: `$MVM_BIN`, else this binary when it
+/// is `mvm`, else the `mvm` beside it (a program embedding the SDK, built in
+/// the same target directory), else the first on `PATH`.
+pub fn mvm_binary() -> Result<PathBuf, RunError> {
+    if let Some(path) = env_path("MVM_BIN").filter(|p| p.is_file()) {
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().ok();
+    if let Some(exe) = exe.filter(|e| e.file_name().is_some_and(|n| n == "mvm")) {
+        return Ok(exe);
+    }
+    exe_dir()
+        .map(|d| d.join("mvm"))
+        .filter(|p| p.is_file())
+        .or_else(|| find_in_path("mvm"))
+        .ok_or_else(|| {
+            RunError::Missing(
+                "mvm not found beside this program or on PATH (cargo build -p mvm-runtime, or set MVM_BIN)"
+                    .into(),
+            )
+        })
+}
+
 /// The static `mvm` and `mvm-vmm` that go into the test host:
 /// `$MVM_STATIC_BIN_DIR`, else this binary's own directory, else the installed
 /// `mvm`'s, whichever first has both static (as `scripts/build-image` builds them).

@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod locate;
 pub mod resources;
 pub mod scratch;
+pub mod session;
 pub mod stdin_pump;
 pub mod vmm_process;
 pub mod wall;
@@ -26,6 +27,8 @@ use std::time::Duration;
 
 use crate::secrets::Secret;
 use serde::{Deserialize, Serialize};
+
+pub use session::{SessionEvent, SessionServer, VmProbe, Workload};
 
 /// A backend tier, strongest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -139,6 +142,14 @@ pub trait RunJournal {
     /// released). An error stops the run before the workload starts: a
     /// workload whose start cannot be recorded does not run.
     fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError>;
+
+    /// A session did something in the guest. Appended before the session goes on
+    /// (an exec's start before the agent hears of it); an error stops the request.
+    /// A journal that records nothing ignores it.
+    fn session_event(&mut self, event: &SessionEvent) -> Result<(), RunError> {
+        let _ = event;
+        Ok(())
+    }
 }
 
 /// The journal of a run that records nothing (`--dev`).

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod doctor;
 pub mod image;
 pub mod run;
+pub mod sandbox;
 pub mod secret;
 pub mod trust;
 
@@ -55,6 +56,9 @@ pub enum Command {
     /// The host's secrets, which a verified run may be given (`mvm run --secret NAME`).
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Long-lived sandboxes: create, exec, cp, stop (docs/sandboxes.md).
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
     /// A Model Context Protocol server on stdin/stdout: an AI agent's tool calls
     /// (run_command, host_info) run in fresh microVMs (docs/mcp.md).
     Mcp,
@@ -80,6 +84,12 @@ pub enum Command {
         /// The argument for the test host's /testhost/run.
         #[arg(default_value = "")]
         run: String,
+    },
+    /// Internal: a sandbox's supervisor (started by `mvm sandbox create`).
+    #[command(name = "__sandbox-supervise", hide = true)]
+    SandboxSupervise {
+        /// The sandbox's directory.
+        dir: PathBuf,
     },
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]

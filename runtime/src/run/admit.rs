@@ -36,7 +36,7 @@ use crate::admission::{
 };
 use crate::audit::{self, AuditEvent, AuditLog, EventKind, OpenRun};
 use crate::backend::scratch::ScratchDir;
-use crate::backend::{PlanFiles, RunError, RunJournal, RunOutcome, Tier};
+use crate::backend::{PlanFiles, RunError, RunJournal, RunOutcome, SessionEvent, Tier};
 use crate::image::{ImageStore, StoredImage};
 use crate::receipt::{self, command_digest, AuditRange, RunPredicate};
 use crate::secrets::store::SecretStore;
@@ -464,6 +464,16 @@ impl RunJournal for Admitted {
         self.last_seq = self.log.append(started).map_err(evidence)?;
         self.exec_started = true;
         Ok(secrets)
+    }
+
+    /// Appends what a sandbox's session did, in order with the run's records.
+    fn session_event(&mut self, event: &SessionEvent) -> Result<(), RunError> {
+        let record = AuditEvent::session(self.plan_id(), &self.vm_id, event);
+        self.last_seq = self
+            .log
+            .append(record)
+            .map_err(|e| RunError::Missing(format!("evidence: {e}")))?;
+        Ok(())
     }
 }
 

@@ -5,12 +5,12 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use super::output_digest::DigestSink;
+use super::output_digest::{DigestSink, OutputDigests};
 use super::{admit, RunRequest};
 use crate::backend::detect::{judge, HostFacts};
 use crate::backend::{
     emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
-    RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier,
+    RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier, Workload,
 };
 use crate::image::{ImageStore, StoredImage};
 use crate::terminal::escape_controls;
@@ -62,6 +62,16 @@ pub fn execute(
     sink: &mut dyn OutputSink,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<RunOutcome, RunError> {
+    execute_workload(options, spec, Workload::command(sink, stdin))
+}
+
+/// [`execute`] for any [`Workload`]: a sandbox's supervisor runs its session here,
+/// admitted, launched and recorded as a run is.
+pub fn execute_workload(
+    options: &RunOptions,
+    spec: &RunSpec,
+    workload: Workload<'_>,
+) -> Result<RunOutcome, RunError> {
     let facts = HostFacts::probe();
     let tier = choose_tier(options.backend, &facts)?;
     // Before admission, the image and any VM process: the VMM's own bounds and
@@ -95,16 +105,7 @@ pub fn execute(
         eprintln!(
             "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
         );
-        return launch(
-            tier,
-            &facts,
-            spec,
-            &image,
-            None,
-            &mut NoJournal,
-            sink,
-            stdin,
-        );
+        return launch(tier, &facts, spec, &image, None, &mut NoJournal, workload);
     }
     if let Some(disk) = spec.disks.first() {
         return Err(RunError::Missing(format!(
@@ -115,7 +116,13 @@ pub fn execute(
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
-    let mut digests = DigestSink::new(sink);
+    let mut digests = None;
+    let workload = match workload {
+        Workload::Command { sink, stdin } => {
+            Workload::command(digests.insert(DigestSink::new(sink)), stdin)
+        }
+        Workload::Session(server) => Workload::Session(server),
+    };
     let started = UtcTime::now();
     // `admitted` writes the run's records ahead, as the backend reaches them.
     let files = admitted.files.clone();
@@ -126,11 +133,10 @@ pub fn execute(
         &image,
         Some(&files),
         &mut admitted,
-        &mut digests,
-        stdin,
+        workload,
     );
     let finished = UtcTime::now();
-    let output = digests.digests();
+    let output = digests.map_or_else(OutputDigests::empty, |d| d.digests());
     let plan_id = admitted.plan_id().to_owned();
     let vm_id = admitted.vm_id.clone();
     let finishing = std::time::Instant::now();
@@ -157,7 +163,6 @@ pub fn execute(
 }
 
 /// Starts the run on `tier`, verified against `plan` when given.
-#[allow(clippy::too_many_arguments)] // one call site each: the dev and admitted paths
 fn launch(
     tier: Tier,
     facts: &HostFacts,
@@ -165,12 +170,17 @@ fn launch(
     image: &StoredImage,
     plan: Option<&PlanFiles>,
     journal: &mut dyn RunJournal,
-    sink: &mut dyn OutputSink,
-    stdin: Option<Box<dyn Read + Send>>,
+    workload: Workload<'_>,
 ) -> Result<RunOutcome, RunError> {
-    let stdin = match spec.stdin {
-        StdinMode::Forward => stdin,
-        StdinMode::Null => None,
+    let workload = match workload {
+        Workload::Command { sink, stdin } => Workload::command(
+            sink,
+            match spec.stdin {
+                StdinMode::Forward => stdin,
+                StdinMode::Null => None,
+            },
+        ),
+        Workload::Session(server) => Workload::Session(server),
     };
     match tier {
         Tier::Kvm => {
@@ -178,7 +188,7 @@ fn launch(
                 image: image.clone(),
                 vmm: locate::vmm_binary()?,
             };
-            kvm::run_verified(spec, &artifacts, plan, journal, sink, stdin)
+            kvm::run_verified(spec, &artifacts, plan, journal, workload)
         }
         Tier::Emulated => {
             let qemu = facts.qemu.clone().ok_or_else(|| {
@@ -190,7 +200,7 @@ fn launch(
             eprintln!(
                 "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
             );
-            emulated::run(spec, image, &qemu, plan, journal, sink, stdin)
+            emulated::run(spec, image, &qemu, plan, journal, workload)
         }
     }
 }

@@ -66,6 +66,17 @@ pub struct OutputDigests {
     pub stderr: (Sha256Digest, u64),
 }
 
+impl OutputDigests {
+    /// No output at all (a session's: its commands' output is recorded per command).
+    pub fn empty() -> Self {
+        let none = (Sha256Digest::of(b""), 0);
+        Self {
+            stdout: none,
+            stderr: none,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

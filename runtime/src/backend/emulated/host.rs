@@ -3,6 +3,7 @@
 //! signals, write the run's records ahead when the test host says it booted,
 //! and turn its report back into an outcome or an error.
 
+use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -17,7 +18,7 @@ use crate::backend::scratch::ScratchDir;
 use crate::backend::stdin_pump;
 use crate::backend::{
     locate, OutputSink, PlanFiles, ProcessEnd, RunError, RunJournal, RunOutcome, RunSpec,
-    StdinMode, Tier,
+    StdinMode, Tier, VmProbe, Workload,
 };
 use crate::image::StoredImage;
 
@@ -121,17 +122,70 @@ fn plan_bundle(plan: &PlanFiles) -> Result<PlanBundle, RunError> {
     })
 }
 
-/// Runs `spec` inside the test host with QEMU `qemu`.
+/// A session's view of the test host: the control port's lines it reads
+/// while checking are kept for the run loop, which handles them afterwards.
+struct TestHostVm<'a> {
+    rx: &'a mpsc::Receiver<Chunk>,
+    stash: &'a mut VecDeque<Chunk>,
+    qemu: &'a mut super::qemu::Qemu,
+}
+
+impl VmProbe for TestHostVm<'_> {
+    fn ended(&mut self) -> Option<String> {
+        let mut why = None;
+        while let Ok(chunk) = self.rx.try_recv() {
+            match &chunk {
+                Chunk::Ctl(line)
+                    if matches!(parse_record(line), Ok(GuestRecord::Report { .. })) =>
+                {
+                    why = Some("the test host reported the end of its run".to_owned());
+                }
+                Chunk::CtlClosed(_) => {
+                    why = Some("the test host closed its control port".to_owned());
+                }
+                _ => {}
+            }
+            self.stash.push_back(chunk);
+        }
+        if why.is_none() {
+            if let Ok(Some(status)) = self.qemu.child.try_wait() {
+                why = Some(format!("the test host (qemu) exited with {status}"));
+            }
+        }
+        why
+    }
+}
+
+/// Where a session's (absent) output goes.
+struct NoOutput;
+
+impl OutputSink for NoOutput {
+    fn stdout(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn stderr(&mut self, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `spec` inside the test host with QEMU `qemu`: its command, or a
+/// session served on the test host's `mvm.in` port.
 pub fn run(
     spec: &RunSpec,
     image: &StoredImage,
     qemu_bin: &Path,
     plan: Option<&PlanFiles>,
     journal: &mut dyn RunJournal,
-    sink: &mut dyn OutputSink,
-    stdin: Option<Box<dyn Read + Send>>,
+    workload: Workload<'_>,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
+    let mut no_output = NoOutput;
+    let session = workload.is_session();
+    let (sink, stdin, mut server): (&mut dyn OutputSink, _, _) = match workload {
+        Workload::Command { sink, stdin } => (sink, stdin, None),
+        Workload::Session(server) => (&mut no_output, None, Some(server)),
+    };
+    let mut session_status = None;
     let bundle = plan.map(plan_bundle).transpose()?;
     if let Some(disk) = spec.disks.first() {
         return Err(RunError::Missing(format!(
@@ -185,8 +239,10 @@ pub fn run(
     pump_bytes(err, tx, Chunk::Err).map_err(RunError::io("starting a reader thread"))?;
     let request = GuestRequest {
         spec: spec.clone(),
-        journal: bundle.is_some(),
+        // A session starts at `booted` too, written ahead or not.
+        journal: bundle.is_some() || session,
         plan: bundle,
+        session,
     };
     write_json_line(&mut ctl_writer, &request)
         .map_err(RunError::io("sending the request to the test host"))?;
@@ -209,6 +265,7 @@ pub fn run(
     let mut report: Option<FinalReport> = None;
     let mut drain_deadline = None;
     let mut interrupts = Forwarder::new();
+    let mut stash = VecDeque::new();
     loop {
         // Until the inner mvm runs, a signal stops everything; then it is the
         // inner mvm's to handle, as a local run would.
@@ -256,7 +313,11 @@ pub fn run(
                 )));
             }
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        let next = match stash.pop_front() {
+            Some(chunk) => Ok(chunk),
+            None => rx.recv_timeout(Duration::from_millis(100)),
+        };
+        match next {
             Ok(Chunk::Out(data)) => {
                 got_out = got_out.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
                 sink.stdout(&data)
@@ -282,6 +343,21 @@ pub fn run(
                     let secrets = journal.workload_starting()?;
                     write_json_line(&mut ctl_writer, &HostRecord::Proceed { secrets })
                         .map_err(RunError::io("answering the test host"))?;
+                    if let Some(server) = server.take() {
+                        let agent = input
+                            .try_clone()
+                            .map_err(RunError::io("test host agent port"))?;
+                        let mut vm = TestHostVm {
+                            rx: &rx,
+                            stash: &mut stash,
+                            qemu: &mut qemu,
+                        };
+                        let served = server.serve(agent, journal, &mut vm);
+                        // Whatever the session's end, the test host stops and reports.
+                        let _ = write_json_line(&mut ctl_writer, &HostRecord::Stop);
+                        let _ = input.shutdown(std::net::Shutdown::Write);
+                        session_status = Some(served?);
+                    }
                 }
                 Ok(GuestRecord::Report {
                     outcome,
@@ -371,6 +447,9 @@ pub fn run(
     match (outcome, error) {
         (Some(mut outcome), _) => {
             outcome.tier = Tier::Emulated;
+            if let Some(status) = session_status {
+                outcome.status = status;
+            }
             outcome.timings.total_ms =
                 u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
             outcome.timings.host_boot_ms = testhost_ready_ms;

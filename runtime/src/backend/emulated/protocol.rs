@@ -36,6 +36,11 @@ pub struct GuestRequest {
     /// sends `booted` and waits for `proceed` before the workload starts.
     #[serde(default)]
     pub journal: bool,
+    /// A session instead of the spec's command: once the workload may start, the
+    /// inner side relays `mvm.in` byte for byte to a fresh agent connection until
+    /// the host sends `stop` (see `crate::backend::session`).
+    #[serde(default)]
+    pub session: bool,
 }
 
 /// A line the host sends on `mvm.ctl` after the request.
@@ -50,6 +55,8 @@ pub enum HostRecord {
         #[serde(with = "crate::secrets::wire", default)]
         secrets: Vec<crate::secrets::Secret>,
     },
+    /// The session is over: stop relaying, power the VM off and report.
+    Stop,
     /// The host's `mvm` got this signal (Ctrl-C, SIGTERM, SIGHUP).
     Signal {
         /// The signal number.

@@ -3,13 +3,15 @@
 
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::protocol::*;
 use crate::backend::interrupt;
 use crate::backend::{
-    kvm, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, StdinMode,
+    kvm, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, SessionServer,
+    StdinMode, VmProbe, Workload, WorkloadStatus,
 };
 use crate::image::StoredImage;
 use crate::secrets::Secret;
@@ -105,7 +107,14 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         out_bytes: 0,
         err_bytes: 0,
     };
+    let mut relay = None;
     let stdin: Option<Box<dyn Read + Send>> = match request.spec.stdin {
+        _ if request.session => {
+            relay = Some(PortRelay {
+                port: open_rw(PORT_IN)?,
+            });
+            None
+        }
         StdinMode::Forward => Some(Box::new(FramedStdin::new(std::fs::File::open(find_port(
             PORT_IN,
         )?)?))),
@@ -127,9 +136,12 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         let mut ahead;
         let mut none = NoJournal;
         let journal: &mut dyn RunJournal = match (&plan, request.journal) {
-            (Some(files), true) => {
+            (plan, true) => {
                 ahead = HostJournal {
-                    events: files.events.clone(),
+                    // A --dev session has no events: the file never exists.
+                    events: plan
+                        .as_ref()
+                        .map_or_else(|| plan_dir.join("vmm-events.jsonl"), |f| f.events.clone()),
                     ctl: ctl_writer.try_clone().map_err(RunError::io("mvm.ctl"))?,
                     proceed: &proceed,
                 };
@@ -137,14 +149,11 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             }
             _ => &mut none,
         };
-        let result = kvm::run_verified(
-            &request.spec,
-            &artifacts,
-            plan.as_ref(),
-            journal,
-            &mut sink,
-            stdin,
-        );
+        let workload = match relay.as_mut() {
+            Some(relay) => Workload::Session(relay),
+            None => Workload::command(&mut sink, stdin),
+        };
+        let result = kvm::run_verified(&request.spec, &artifacts, plan.as_ref(), journal, workload);
         Ok((result, plan))
     });
     let (result, vmm_events) = match result {
@@ -210,6 +219,7 @@ fn listen_to_host(
             match read_ctl_line(&mut reader) {
                 Ok(Some(line)) => match serde_json::from_str::<HostRecord>(line.trim_end()) {
                     Ok(HostRecord::Signal { signal }) => interrupt::deliver(signal),
+                    Ok(HostRecord::Stop) => STOP.store(true, Ordering::SeqCst),
                     Ok(HostRecord::Proceed { secrets }) => {
                         if tx.send(secrets).is_err() {
                             return;
@@ -226,6 +236,86 @@ fn listen_to_host(
             }
         })?;
     Ok(rx)
+}
+
+/// Set when the host sends `stop`: the session relay ends.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The inner side of a session: `mvm.in` relayed byte for byte to a fresh
+/// agent connection, both ways, until the host says `stop`, the agent closes
+/// the connection or the VM ends. The frames are the outer host's business.
+struct PortRelay {
+    port: std::fs::File,
+}
+
+/// Copies `from` into `to` until either ends; then sets `done`.
+fn copy_thread(
+    name: &str,
+    mut from: impl Read + Send + 'static,
+    mut to: impl Write + Send + 'static,
+    done: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let Some(data) = buf.get(..n) else { break };
+                        if to.write_all(data).and_then(|()| to.flush()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+        .map(drop)
+}
+
+impl SessionServer for PortRelay {
+    fn serve(
+        &mut self,
+        agent: std::os::unix::net::UnixStream,
+        _journal: &mut dyn RunJournal,
+        vm: &mut dyn VmProbe,
+    ) -> Result<WorkloadStatus, RunError> {
+        let io = RunError::io("session relay");
+        let done = Arc::new(AtomicBool::new(false));
+        copy_thread(
+            "relay-in",
+            self.port.try_clone().map_err(RunError::io("mvm.in"))?,
+            agent
+                .try_clone()
+                .map_err(RunError::io("agent connection"))?,
+            Arc::clone(&done),
+        )
+        .map_err(RunError::io("starting the relay"))?;
+        copy_thread(
+            "relay-out",
+            agent
+                .try_clone()
+                .map_err(RunError::io("agent connection"))?,
+            self.port.try_clone().map_err(RunError::io("mvm.in"))?,
+            Arc::clone(&done),
+        )
+        .map_err(io)?;
+        while !STOP.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
+            if let Some(why) = vm.ended() {
+                tracing::warn!("session: {why}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = agent.shutdown(std::net::Shutdown::Both);
+        Ok(WorkloadStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+        })
+    }
 }
 
 /// The inner side of the outer host's journal: sends `booted` with the VMM's
@@ -301,6 +391,7 @@ mod tests {
                 trust: "mvm-ed25519-public AAAA\n".into(),
             }),
             journal: true,
+            session: false,
         };
         let line = serde_json::to_string(&request).unwrap();
         let back: GuestRequest = serde_json::from_str(&line).unwrap();

@@ -8,6 +8,9 @@
 //!   policy, verified, audited, as `mvm run`. Returns exit code, stdout, stderr.
 //! - `host_info`: which backend this host gives and the wall each backend puts around a
 //!   workload (`mvm doctor`'s table), so the agent knows what it is running behind.
+//! - `sandbox_create`, `sandbox_exec`, `sandbox_write_file`, `sandbox_read_file`,
+//!   `sandbox_list`, `sandbox_stop`: long-lived sandboxes through the SDK's
+//!   [`crate::sandbox`] ([`sandbox_tools`]), so state carries across calls.
 //!
 //! Bad input is answered, never fatal: a line that is not JSON is a parse error (-32700),
 //! a message that is not a request an invalid request (-32600), an unknown method -32601,
@@ -20,9 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
+mod args;
+mod sandbox_tools;
+
 use crate::backend::detect::{judge, HostFacts};
 use crate::backend::{wall, Tier};
 use crate::sdk::Run;
+use args::Args;
 
 /// The protocol revisions this server speaks, newest first (the initialize handshake).
 pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
@@ -174,7 +181,7 @@ fn answer(id: Value, method: &str, params: &Value) -> Value {
 }
 
 fn tools() -> Value {
-    json!([
+    let one_shot = json!([
         {
             "name": "run_command",
             "title": "Run a command in a fresh microVM",
@@ -209,7 +216,13 @@ fn tools() -> Value {
             "description": "Which backend runs the microVMs on this host and, for every backend, the wall it puts around a workload (hardware virtualization, who verifies the boot, jail, seccomp, egress enforcement).",
             "inputSchema": {"type": "object", "properties": {}, "additionalProperties": false}
         }
-    ])
+    ]);
+    let mut all = match one_shot {
+        Value::Array(tools) => tools,
+        _ => Vec::new(),
+    };
+    all.extend(sandbox_tools::definitions());
+    Value::Array(all)
 }
 
 /// A tool's answer: its text, its structured content, whether it is an error.
@@ -232,7 +245,11 @@ fn call_tool(id: Value, params: &Value) -> Value {
             Err(why) => tool_result(id, format!("run_command: {why}"), None, true),
         },
         "host_info" => host_info(id),
-        other => error(id, INVALID_PARAMS, &format!("unknown tool {other:?}")),
+        other => match sandbox_tools::call(other, &args) {
+            Some(Ok((text, structured))) => tool_result(id, text, Some(structured), false),
+            Some(Err(why)) => tool_result(id, format!("{other}: {why}"), None, true),
+            None => error(id, INVALID_PARAMS, &format!("unknown tool {other:?}")),
+        },
     }
 }
 
@@ -247,53 +264,13 @@ struct RunCommand {
 
 impl RunCommand {
     fn parse(args: &Value) -> Result<Self, String> {
-        let obj = args.as_object().ok_or("arguments must be an object")?;
-        if let Some(extra) = obj
-            .keys()
-            .find(|k| !["command", "stdin", "image", "timeout_secs", "env"].contains(&k.as_str()))
-        {
-            return Err(format!("unknown argument {extra:?}"));
-        }
-        let command: Vec<String> = obj
-            .get("command")
-            .and_then(Value::as_array)
-            .ok_or("command must be a list of strings, the program first")?
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<_>>()
-            .ok_or("command must be a list of strings")?;
-        if command.is_empty() {
-            return Err("command is empty".into());
-        }
-        let text = |key: &str| -> Result<Option<String>, String> {
-            match obj.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(format!("{key} must be a string")),
-            }
-        };
-        let timeout_secs = match obj.get("timeout_secs") {
-            None | Some(Value::Null) => 120,
-            Some(v) => v
-                .as_u64()
-                .filter(|t| (1..=MAX_TIMEOUT_SECS).contains(t))
-                .ok_or(format!("timeout_secs must be 1..={MAX_TIMEOUT_SECS}"))?,
-        };
-        let env = match obj.get("env") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Object(m)) => m
-                .iter()
-                .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                .collect::<Option<_>>()
-                .ok_or("env values must be strings")?,
-            Some(_) => return Err("env must be an object of strings".into()),
-        };
+        let args = Args::new(args, &["command", "stdin", "image", "timeout_secs", "env"])?;
         Ok(Self {
-            command,
-            stdin: text("stdin")?,
-            image: text("image")?,
-            timeout_secs,
-            env,
+            command: args.command("command")?,
+            stdin: args.text("stdin")?,
+            image: args.text("image")?,
+            timeout_secs: args.number("timeout_secs", 1..=MAX_TIMEOUT_SECS, 120)?,
+            env: args.env("env")?,
         })
     }
 
@@ -332,7 +309,7 @@ impl RunCommand {
 }
 
 /// `bytes` as text, cut at [`MAX_OUTPUT`] (and saying so).
-fn cut(bytes: &[u8]) -> String {
+pub(crate) fn cut(bytes: &[u8]) -> String {
     let kept = bytes.get(..MAX_OUTPUT).unwrap_or(bytes);
     let mut text = String::from_utf8_lossy(kept).into_owned();
     if bytes.len() > MAX_OUTPUT {
@@ -451,7 +428,23 @@ mod tests {
         assert_eq!(answers[0]["result"]["serverInfo"]["name"], "mvm");
         let tools = answers[1]["result"]["tools"].as_array().unwrap();
         let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["run_command", "host_info"]);
+        assert_eq!(
+            names,
+            [
+                "run_command",
+                "host_info",
+                "sandbox_create",
+                "sandbox_exec",
+                "sandbox_write_file",
+                "sandbox_read_file",
+                "sandbox_list",
+                "sandbox_stop"
+            ]
+        );
+        for tool in tools {
+            assert_eq!(tool["inputSchema"]["type"], "object", "{tool}");
+            assert_eq!(tool["inputSchema"]["additionalProperties"], false, "{tool}");
+        }
         assert_eq!(answers[1]["id"], "b");
         assert_eq!(answers[2]["result"], json!({}));
         // A version this server does not speak: it offers its newest.

@@ -1,0 +1,105 @@
+//! What a backend runs once the guest agent answered: one command
+//! ([`Workload::Command`], `mvm run`), or a session that keeps the VM up and
+//! hands the agent to a server until the server returns ([`Workload::Session`],
+//! a sandbox's supervisor).
+//!
+//! A session gets one connection to the guest agent, hello not yet exchanged:
+//! on the `kvm` tier a fresh hybrid-vsock connection, on the `emulated` tier
+//! the test host's `mvm.in` port, which the inner `mvm` relays byte for byte
+//! to its own agent connection. What the session does in the guest it reports
+//! as [`SessionEvent`]s to the run's journal, in order with the run's other
+//! records.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+
+use mvm_loader::measure::Sha256Digest;
+
+use super::{OutputSink, RunError, RunJournal, WorkloadStatus};
+
+/// What runs in the VM once it is up.
+pub enum Workload<'a> {
+    /// The spec's command: output into `sink`, stdin from `stdin` when the
+    /// spec forwards it.
+    Command {
+        /// Where stdout and stderr go.
+        sink: &'a mut dyn OutputSink,
+        /// The workload's stdin.
+        stdin: Option<Box<dyn Read + Send>>,
+    },
+    /// A session server that drives the agent until it returns.
+    Session(&'a mut dyn SessionServer),
+}
+
+impl<'a> Workload<'a> {
+    /// The one-command workload.
+    pub fn command(sink: &'a mut dyn OutputSink, stdin: Option<Box<dyn Read + Send>>) -> Self {
+        Self::Command { sink, stdin }
+    }
+
+    /// Whether this is a session.
+    pub fn is_session(&self) -> bool {
+        matches!(self, Self::Session(_))
+    }
+}
+
+/// Tells a session whether the VM under it has ended.
+pub trait VmProbe {
+    /// `Some(why)` once the VM (or the process that holds it) is gone.
+    fn ended(&mut self) -> Option<String>;
+}
+
+/// Serves a session on the guest agent's connection.
+pub trait SessionServer {
+    /// The VM is up, its boot recorded and its secrets in: serve `agent` until
+    /// the session ends (asked to stop, its time up, the VM gone), appending
+    /// what it does to `journal`. Returns how the session ended, as the
+    /// status of a workload.
+    fn serve(
+        &mut self,
+        agent: UnixStream,
+        journal: &mut dyn RunJournal,
+        vm: &mut dyn VmProbe,
+    ) -> Result<WorkloadStatus, RunError>;
+}
+
+/// A digest and a byte count: how a transfer or an output stream is recorded.
+pub type Digested = (Sha256Digest, u64);
+
+/// Something a session did in the guest, recorded by name, size and digest
+/// (never contents). `request` is the session's own number for the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A command is about to start (recorded before the agent hears of it).
+    ExecStarted {
+        request: u64,
+        /// The command's digest, as `exec_started` records a run's.
+        argv: Vec<String>,
+    },
+    /// A command ended, or its request failed (`status` is then `None`).
+    ExecExited {
+        request: u64,
+        status: Option<i32>,
+        stdout: Digested,
+        stderr: Digested,
+        /// Why it has no status (the agent's error, a cancel), if it has none.
+        error: Option<String>,
+    },
+    /// A file went into the guest (`complete` false: cut off or refused, and
+    /// nothing was left at `path`).
+    FileWritten {
+        request: u64,
+        path: String,
+        data: Digested,
+        complete: bool,
+    },
+    /// A file came out of the guest.
+    FileRead {
+        request: u64,
+        path: String,
+        data: Digested,
+        complete: bool,
+    },
+    /// The session ends; `reason` is `stop`, `ttl`, `vm_exited` or `signal`.
+    Stopping { reason: String },
+}

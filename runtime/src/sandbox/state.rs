@@ -1,0 +1,455 @@
+//! Where sandboxes live on the host: one directory per sandbox under the
+//! user's runtime directory, holding what it was asked for (`config.json`,
+//! written once by `create`), what its supervisor says it is (`state.json`,
+//! replaced atomically), its control socket (`ctl.sock`) and the supervisor's
+//! log. Names are links in `names/` (created atomically, so two `create`s of
+//! one name cannot both win).
+//!
+//! A sandbox whose supervisor was killed keeps its directory: [`Sandbox::liveness`]
+//! finds it stale (the recorded process is gone, or is another process that
+//! reused its pid), and `rm` cleans it.
+
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use mvm_loader::plan::UtcTime;
+use serde::{Deserialize, Serialize};
+
+use super::SandboxError;
+use crate::backend::Tier;
+
+/// The directory under the runtime directory that holds every sandbox.
+const ROOT_NAME: &str = "mvm-sandboxes";
+/// The longest config or state file read back.
+const MAX_STATE_BYTES: u64 = 64 << 10;
+
+/// Where sandboxes live: `$MVM_RUN_DIR`, else `$XDG_RUNTIME_DIR`, else `/tmp`,
+/// then `mvm-sandboxes` (mode 0700).
+pub fn root() -> PathBuf {
+    crate::backend::scratch::base_dir().join(ROOT_NAME)
+}
+
+/// What a sandbox was created with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Its id (`sb-` and 16 hex digits).
+    pub id: String,
+    /// Its name, if it was given one.
+    pub name: Option<String>,
+    /// The image reference.
+    pub image: String,
+    /// The backend asked for (`None`: the best available).
+    pub backend: Option<Tier>,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// How long it may live, in seconds (the plan's timeout).
+    pub ttl_secs: u64,
+    /// Development mode: no admission, nothing verified or audited.
+    pub dev: bool,
+    /// Stored secrets put into `/run/secrets/NAME` after the verified boot.
+    pub secrets: Vec<String>,
+    /// TCP forwards, host port to guest port (`-p HOST:GUEST`).
+    #[serde(default)]
+    pub ports: Vec<(u16, u16)>,
+    /// When `create` was asked.
+    pub created: UtcTime,
+}
+
+/// Where a sandbox is in its life, as its supervisor last wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Admission and boot in progress.
+    Starting,
+    /// The agent answered; requests are served.
+    Ready,
+    /// It stopped (asked to, or its TTL ended, or its VM exited).
+    Stopped,
+    /// It could not start, or its run failed.
+    Failed,
+}
+
+/// What a sandbox's supervisor says about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxState {
+    /// Where it is in its life.
+    pub status: Status,
+    /// The supervisor's pid.
+    pub pid: u32,
+    /// The supervisor's start time (`/proc/PID/stat` field 22), telling it apart
+    /// from a later process with the same pid.
+    pub pid_start: u64,
+    /// The tier it runs on, once chosen.
+    #[serde(default)]
+    pub tier: Option<Tier>,
+    /// When it became ready.
+    #[serde(default)]
+    pub ready_at: Option<UtcTime>,
+    /// When its TTL ends.
+    #[serde(default)]
+    pub expires: Option<UtcTime>,
+    /// Why it stopped (`stop`, `ttl`, `vm_exited`, `signal`) or failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The exit status `mvm` uses for its failure.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+}
+
+impl SandboxState {
+    /// A sandbox starting under supervisor `pid`.
+    pub fn starting(pid: u32) -> Self {
+        Self {
+            status: Status::Starting,
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+            tier: None,
+            ready_at: None,
+            expires: None,
+            reason: None,
+            exit_code: None,
+        }
+    }
+}
+
+/// Whether a sandbox's supervisor is still there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// Starting or ready, its supervisor alive.
+    Live,
+    /// Stopped or failed, as its supervisor recorded before it exited.
+    Ended,
+    /// Its supervisor is gone without recording an end (killed).
+    Stale,
+}
+
+/// One sandbox's directory.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    dir: PathBuf,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SandboxError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_STATE_BYTES).read_to_end(&mut bytes))
+        .map_err(|e| SandboxError::io(format!("reading {}", path.display()), e))?;
+    serde_json::from_slice(&bytes).map_err(|e| SandboxError::Corrupt {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes `value` to `path` through a temporary file and a rename: a reader
+/// sees the old contents or the new, never half.
+fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), SandboxError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+        file.write_all(&bytes)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        SandboxError::io(format!("writing {}", path.display()), e)
+    })
+}
+
+/// The start time of process `pid` (clock ticks since boot), if it exists.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // after it are counted from the last ')'.
+    let rest = stat.get(stat.rfind(')')?.checked_add(2)?..)?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Creates `path` (and parents) with mode 0700.
+fn private_dir(path: &Path) -> Result<(), SandboxError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| SandboxError::io(format!("creating {}", path.display()), e))
+}
+
+/// Checks a sandbox name: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`, not an id's shape.
+pub fn check_name(name: &str) -> Result<(), SandboxError> {
+    let mut bytes = name.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
+    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if !first_ok || !rest_ok || name.len() > 63 {
+        return Err(SandboxError::BadName(format!(
+            "{name:?}: a name is 1 to 63 of [A-Za-z0-9._-], starting with a letter or digit"
+        )));
+    }
+    if name.starts_with("sb-") {
+        return Err(SandboxError::BadName(format!(
+            "{name:?}: names starting with sb- are ids"
+        )));
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// The sandbox whose directory is `dir`.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Creates a new sandbox's directory under `root` with `config` in it, and
+    /// its name link; fails if the name is taken.
+    pub fn create_in(root: &Path, config: &SandboxConfig) -> Result<Self, SandboxError> {
+        private_dir(root)?;
+        let dir = root.join(&config.id);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| SandboxError::io(format!("creating {}", dir.display()), e))?;
+        let sandbox = Self { dir };
+        if let Some(name) = &config.name {
+            let names = root.join("names");
+            private_dir(&names)?;
+            if let Err(e) = std::os::unix::fs::symlink(&config.id, names.join(name)) {
+                let _ = std::fs::remove_dir_all(&sandbox.dir);
+                return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    let owner = std::fs::read_link(names.join(name))
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    SandboxError::NameTaken {
+                        name: name.clone(),
+                        id: owner,
+                    }
+                } else {
+                    SandboxError::io(format!("naming {}", config.id), e)
+                });
+            }
+        }
+        write_json_atomic(&sandbox.dir.join("config.json"), config)?;
+        Ok(sandbox)
+    }
+
+    /// The sandbox that `reference` (an id, a unique id prefix of at least 4
+    /// hex digits after `sb-`, or a name) names under `root`.
+    pub fn find_in(root: &Path, reference: &str) -> Result<Self, SandboxError> {
+        let not_found = || SandboxError::NotFound(reference.to_owned());
+        if reference.is_empty() || reference.contains('/') || reference.starts_with('.') {
+            return Err(not_found());
+        }
+        if !reference.starts_with("sb-") {
+            let link = root.join("names").join(reference);
+            let id = std::fs::read_link(&link).map_err(|_| not_found())?;
+            let dir = root.join(id);
+            return dir.is_dir().then_some(Self { dir }).ok_or_else(not_found);
+        }
+        let exact = root.join(reference);
+        if exact.join("config.json").is_file() {
+            return Ok(Self { dir: exact });
+        }
+        if reference.len() < "sb-".len() + 4 {
+            return Err(not_found());
+        }
+        let matches: Vec<PathBuf> = Self::list_dirs(root)
+            .into_iter()
+            .filter(|d| {
+                d.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(reference))
+            })
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(Self { dir: one.clone() }),
+            [] => Err(not_found()),
+            _ => Err(SandboxError::Ambiguous(reference.to_owned())),
+        }
+    }
+
+    fn list_dirs(root: &Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("sb-"))
+                    && p.join("config.json").is_file()
+            })
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// Every sandbox under `root`.
+    pub fn all_in(root: &Path) -> Vec<Self> {
+        Self::list_dirs(root)
+            .into_iter()
+            .map(|dir| Self { dir })
+            .collect()
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
+    /// Its supervisor's log.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("supervisor.log")
+    }
+
+    /// What it was created with.
+    pub fn config(&self) -> Result<SandboxConfig, SandboxError> {
+        read_json(&self.dir.join("config.json"))
+    }
+
+    /// What its supervisor last said, if it said anything yet.
+    pub fn state(&self) -> Result<Option<SandboxState>, SandboxError> {
+        let path = self.dir.join("state.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_json(&path).map(Some)
+    }
+
+    /// Replaces its state (the supervisor's job).
+    pub fn set_state(&self, state: &SandboxState) -> Result<(), SandboxError> {
+        write_json_atomic(&self.dir.join("state.json"), state)
+    }
+
+    /// Whether its supervisor is still there.
+    pub fn liveness(state: Option<&SandboxState>) -> Liveness {
+        match state {
+            Some(s) if matches!(s.status, Status::Stopped | Status::Failed) => Liveness::Ended,
+            Some(s) if process_start(s.pid) == Some(s.pid_start) => Liveness::Live,
+            _ => Liveness::Stale,
+        }
+    }
+
+    /// Removes its directory and its name link.
+    pub fn remove(self, root: &Path) -> Result<(), SandboxError> {
+        if let Ok(config) = self.config() {
+            if let Some(name) = config.name {
+                let link = root.join("names").join(name);
+                // Only the link that points here: a name reused since is another's.
+                if std::fs::read_link(&link).is_ok_and(|target| target == Path::new(&config.id)) {
+                    let _ = std::fs::remove_file(&link);
+                }
+            }
+        }
+        std::fs::remove_dir_all(&self.dir)
+            .map_err(|e| SandboxError::io(format!("removing {}", self.dir.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(id: &str, name: Option<&str>) -> SandboxConfig {
+        SandboxConfig {
+            id: id.into(),
+            name: name.map(Into::into),
+            image: "base".into(),
+            backend: None,
+            cpus: 1,
+            mem_mib: 128,
+            ttl_secs: 60,
+            dev: false,
+            secrets: vec![],
+            ports: vec![],
+            created: UtcTime::now(),
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_found_like_ids_and_prefixes() {
+        let root = tempfile::tempdir().unwrap();
+        let a =
+            Sandbox::create_in(root.path(), &config("sb-00112233aabbccdd", Some("web"))).unwrap();
+        let err = Sandbox::create_in(root.path(), &config("sb-99112233aabbccdd", Some("web")))
+            .unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::NameTaken { id, .. } if id == "sb-00112233aabbccdd"),
+            "{err}"
+        );
+        assert!(
+            !root.path().join("sb-99112233aabbccdd").exists(),
+            "the loser leaves nothing"
+        );
+        for reference in ["web", "sb-00112233aabbccdd", "sb-0011"] {
+            let found = Sandbox::find_in(root.path(), reference).unwrap();
+            assert_eq!(found.dir(), a.dir(), "{reference}");
+        }
+        for reference in ["sb-0", "nope", "../x", "sb-ffff", ""] {
+            assert!(
+                Sandbox::find_in(root.path(), reference).is_err(),
+                "{reference}"
+            );
+        }
+        Sandbox::create_in(root.path(), &config("sb-00119999aabbccdd", None)).unwrap();
+        assert!(matches!(
+            Sandbox::find_in(root.path(), "sb-0011"),
+            Err(SandboxError::Ambiguous(_))
+        ));
+        assert_eq!(Sandbox::all_in(root.path()).len(), 2);
+        a.remove(root.path()).unwrap();
+        assert!(Sandbox::find_in(root.path(), "web").is_err());
+        Sandbox::create_in(root.path(), &config("sb-77112233aabbccdd", Some("web"))).unwrap();
+    }
+
+    #[test]
+    fn a_dead_supervisor_is_stale_and_a_recorded_end_is_not() {
+        let me = std::process::id();
+        let start = process_start(me).unwrap();
+        let mut state = SandboxState {
+            status: Status::Ready,
+            pid: me,
+            pid_start: start,
+            tier: None,
+            ready_at: None,
+            expires: None,
+            reason: None,
+            exit_code: None,
+        };
+        assert_eq!(Sandbox::liveness(Some(&state)), Liveness::Live);
+        state.pid_start = start + 1;
+        assert_eq!(
+            Sandbox::liveness(Some(&state)),
+            Liveness::Stale,
+            "pid reused"
+        );
+        state.status = Status::Stopped;
+        assert_eq!(Sandbox::liveness(Some(&state)), Liveness::Ended);
+        assert_eq!(Sandbox::liveness(None), Liveness::Stale);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "web-1", "x.y_z"] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", "-a", ".a", "a/b", "sb-1", "a b", &"a".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! A sandbox's supervisor (`mvm __sandbox-supervise DIR`): a detached process
+//! of its own (new session, output to the sandbox's log) that admits the
+//! sandbox's plan, boots its VM and serves its control socket until the
+//! sandbox is stopped, its TTL ends or its VM exits. It is the VMM's parent:
+//! killed, it takes the VM with it (the VMM dies with its parent), and the
+//! sandbox shows as stale.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mvm_loader::plan::UtcTime;
+
+use super::mux::Mux;
+use super::state::{Sandbox, SandboxState, Status};
+use crate::backend::detect::HostFacts;
+use crate::backend::{RunSpec, StdinMode, Workload};
+use crate::run::execute::{choose_tier, execute_workload, RunOptions};
+use crate::run::{exit, RunRequest};
+use crate::secrets::{Delivery, SecretRequest};
+
+/// How long the supervisor waits for the guest agent.
+const READY_TIMEOUT_SECS: u64 = 120;
+
+/// The command a sandbox's records carry as its run's (hashed, like any run's).
+pub fn session_argv(id: &str) -> Vec<String> {
+    vec!["mvm-sandbox".to_owned(), id.to_owned()]
+}
+
+/// Runs the sandbox in `dir` to its end; returns the process's exit status.
+pub fn supervise(dir: &Path) -> i32 {
+    let sandbox = Sandbox::at(dir);
+    let config = match sandbox.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mvm: sandbox supervisor: {e}");
+            return 1;
+        }
+    };
+    let pid = std::process::id();
+    let mut state = SandboxState::starting(pid);
+    let save = |state: &SandboxState| {
+        if let Err(e) = sandbox.set_state(state) {
+            tracing::error!("{e}");
+        }
+    };
+    save(&state);
+
+    let tier = choose_tier(config.backend, &HostFacts::probe());
+    state.tier = tier.as_ref().ok().copied();
+    save(&state);
+    let argv = session_argv(&config.id);
+    let options = RunOptions {
+        backend: state.tier,
+        image: config.image.clone(),
+        request: RunRequest {
+            image: config.image.clone(),
+            cpus: config.cpus,
+            mem_mib: config.mem_mib,
+            timeout_secs: Some(config.ttl_secs),
+            argv: argv.clone(),
+            secrets: config
+                .secrets
+                .iter()
+                .map(|name| SecretRequest {
+                    name: name.clone(),
+                    delivery: Delivery::File,
+                })
+                .collect(),
+        },
+        receipt: None,
+        dev: config.dev,
+        net: crate::net::run::NetFlags::default(),
+        forward_signals: true,
+    };
+    let spec = RunSpec {
+        argv,
+        env: Default::default(),
+        workdir: None,
+        cpus: config.cpus,
+        mem_mib: config.mem_mib,
+        timeout_secs: Some(config.ttl_secs),
+        stdin: StdinMode::Null,
+        disks: vec![],
+        ready_timeout_secs: READY_TIMEOUT_SECS,
+        net: None,
+    };
+    let ready_state = state.clone();
+    let ready_sandbox = sandbox.clone();
+    let ttl = Duration::from_secs(config.ttl_secs);
+    let mut mux = Mux::new(
+        sandbox.socket(),
+        ttl,
+        Box::new(move |_| {
+            let now = UtcTime::now();
+            let ready = SandboxState {
+                status: Status::Ready,
+                ready_at: Some(now),
+                expires: Some(now.saturating_add(ttl)),
+                ..ready_state.clone()
+            };
+            if let Err(e) = ready_sandbox.set_state(&ready) {
+                tracing::error!("{e}");
+            }
+            tracing::info!("sandbox ready");
+        }),
+    );
+    let result = tier.and_then(|_| execute_workload(&options, &spec, Workload::Session(&mut mux)));
+    // The latest state (ready, with its times) is the base of the last one.
+    if let Ok(Some(latest)) = sandbox.state() {
+        state = latest;
+    }
+    let code = match &result {
+        Ok(outcome) => {
+            state.status = Status::Stopped;
+            state.reason = Some(
+                mux.ended_because()
+                    .unwrap_or(if outcome.status.timed_out {
+                        "ttl"
+                    } else {
+                        "stop"
+                    })
+                    .to_owned(),
+            );
+            0
+        }
+        Err(e) => {
+            state.status = Status::Failed;
+            state.reason = Some(e.to_string());
+            let code = exit::for_error(e);
+            state.exit_code = Some(code);
+            eprintln!("mvm: sandbox {}: {e}", config.id);
+            code
+        }
+    };
+    save(&state);
+    code
+}

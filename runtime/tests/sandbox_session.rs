@@ -1,0 +1,339 @@
+//! A sandbox's session end to end without a guest kernel: the `kvm` backend
+//! boots the fake VMM (see `common`: a real, in-process `mvm-agent` behind the
+//! hybrid-vsock handshake), hands the session's agent connection to the real
+//! multiplexer, and real agent-protocol clients use the control socket: execs
+//! at once from two clients, files in and out, a client that dies mid-exec, a
+//! client that sends garbage, a transfer past the limit, stop and TTL. Every
+//! request's record is checked in the journal.
+//!
+//! A custom harness (`harness = false`), as `kvm_backend`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{assert_clean, fake_vmm, set_role, setup, spec, Setup, ROLE};
+use mvm_agent::protocol::{read_frame, write_frame, ExecRequest, Hello, Message, PROTOCOL_MAJOR};
+use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
+use mvm_runtime::backend::{
+    kvm, RunError, RunJournal, RunOutcome, SessionEvent, Workload, WorkloadStatus,
+};
+use mvm_runtime::sandbox::mux::Mux;
+use mvm_runtime::secrets::Secret;
+
+/// Keeps what a session records.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<SessionEvent>>>);
+
+impl RunJournal for Recorder {
+    fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError> {
+        Ok(Vec::new())
+    }
+    fn session_event(&mut self, event: &SessionEvent) -> Result<(), RunError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn events(&self) -> Vec<SessionEvent> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A session running on its own thread, and its control socket.
+struct Session {
+    socket: PathBuf,
+    recorder: Recorder,
+    done: mpsc::Receiver<Result<RunOutcome, RunError>>,
+}
+
+fn start(s: &Setup, name: &str, ttl: Duration, limit: u64) -> Session {
+    set_role("agent");
+    let socket = s.dir.path().join(format!("{name}.sock"));
+    let recorder = Recorder::default();
+    let (ready_tx, ready) = mpsc::channel();
+    let (done_tx, done) = mpsc::channel();
+    let artifacts = s.artifacts.clone();
+    let mut journal = recorder.clone();
+    let path = socket.clone();
+    std::thread::spawn(move || {
+        let mut mux = Mux::new(
+            path,
+            ttl,
+            Box::new(move |_| {
+                let _ = ready_tx.send(());
+            }),
+        )
+        .transfer_limit(limit);
+        let result = kvm::run_verified(
+            &spec(&["mvm-sandbox", "test"]),
+            &artifacts,
+            None,
+            &mut journal,
+            Workload::Session(&mut mux),
+        );
+        let _ = done_tx.send(result);
+    });
+    ready
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the session did not become ready");
+    Session {
+        socket,
+        recorder,
+        done,
+    }
+}
+
+impl Session {
+    fn client(&self) -> Client {
+        Client::connect(UnixStream::connect(&self.socket).unwrap()).unwrap()
+    }
+
+    fn end(&self) -> RunOutcome {
+        self.done
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the session did not end")
+            .expect("the session failed")
+    }
+}
+
+fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..ExecRequest::default()
+    }
+}
+
+fn count(events: &[SessionEvent], pick: fn(&SessionEvent) -> bool) -> usize {
+    events.iter().filter(|e| pick(e)).count()
+}
+
+fn requests_are_shared_recorded_and_cleaned_up(s: &Setup) {
+    let session = start(s, "shared", Duration::from_secs(60), 1 << 30);
+    let (a, b) = (session.client(), session.client());
+    // Two execs at once from two clients, both under way before either ends.
+    let started = Instant::now();
+    let slow = a.exec(&sh("sleep 1; echo slow"), Stdin::Null).unwrap();
+    let fast = b.exec(&sh("echo fast; exit 3"), Stdin::Null).unwrap();
+    let fast = fast.wait_output().unwrap();
+    assert_eq!(
+        (fast.stdout.as_slice(), fast.status.code),
+        (&b"fast\n"[..], Some(3))
+    );
+    let slow = slow.wait_output().unwrap();
+    assert_eq!(slow.stdout, b"slow\n");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A file in and back out (the agent here writes host paths).
+    let path = s.dir.path().join("data.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let request = mvm_agent::protocol::WriteFileRequest {
+        path: path.to_str().unwrap().to_owned(),
+        mode: 0o644,
+        uid: None,
+        gid: None,
+        append: false,
+        atomic: false, // the multiplexer makes it atomic anyway
+    };
+    a.write_file_with(&request, &data).unwrap();
+    assert_eq!(b.read_file(path.to_str().unwrap()).unwrap(), data);
+
+    // A client that dies mid-exec: its process is killed, its end recorded.
+    let marker = s.dir.path().join("survived");
+    let doomed = session.client();
+    let mut running = doomed
+        .exec(
+            &sh(&format!("echo up; sleep 3; touch {}", marker.display())),
+            Stdin::Null,
+        )
+        .unwrap();
+    assert!(matches!(
+        running.next_event().unwrap(),
+        Some(ExecEvent::Stdout(_))
+    ));
+    drop(running);
+    drop(doomed);
+
+    // Garbage from a client: it is dropped, the others go on.
+    let mut rude = UnixStream::connect(&session.socket).unwrap();
+    let hello = Hello {
+        major: PROTOCOL_MAJOR,
+        minor: 1,
+        software: "rude".into(),
+    };
+    write_frame(&mut rude, 0, &Message::Hello(hello)).unwrap();
+    assert!(matches!(
+        read_frame(&mut rude).unwrap().unwrap().message,
+        Message::Hello(_)
+    ));
+    rude.write_all(&[0, 0, 0, 9, 0xee, 0, 0, 0, 1, 1, 2, 3, 4])
+        .unwrap();
+    assert!(matches!(
+        read_frame(&mut rude).unwrap().unwrap().message,
+        Message::Error(_)
+    ));
+    let ok = a
+        .exec(&sh("true"), Stdin::Null)
+        .unwrap()
+        .wait_output()
+        .unwrap();
+    assert_eq!(ok.status.code, Some(0));
+
+    // Stop: the session ends, the VM with it.
+    b.shutdown().unwrap();
+    let outcome = session.end();
+    assert_eq!(outcome.status.code, Some(0));
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(!marker.exists(), "a dead client's process ran on");
+
+    let events = session.recorder.events();
+    assert_eq!(
+        count(&events, |e| matches!(e, SessionEvent::ExecStarted { .. })),
+        4,
+        "{events:#?}"
+    );
+    assert_eq!(
+        count(&events, |e| matches!(e, SessionEvent::ExecExited { .. })),
+        4,
+        "{events:#?}"
+    );
+    let killed = events.iter().any(|e| {
+        matches!(
+            e,
+            SessionEvent::ExecExited {
+                status: Some(137),
+                ..
+            }
+        )
+    });
+    assert!(killed, "the dead client's process: {events:#?}");
+    let digest = mvm_loader::measure::Sha256Digest::of(&data);
+    assert!(events.iter().any(|e| matches!(e,
+        SessionEvent::FileWritten { data: (d, 300_000), complete: true, .. } if *d == digest)));
+    assert!(events.iter().any(|e| matches!(e,
+        SessionEvent::FileRead { data: (d, 300_000), complete: true, .. } if *d == digest)));
+    assert!(matches!(
+        events.last(),
+        Some(SessionEvent::Stopping { reason }) if reason == "stop"
+    ));
+    assert!(!session.socket.exists(), "the control socket is removed");
+}
+
+fn a_transfer_past_the_limit_is_cut_and_leaves_nothing(s: &Setup) {
+    let session = start(s, "limit", Duration::from_secs(60), 100_000);
+    let client = session.client();
+    let path = s.dir.path().join("big.bin");
+    let big = vec![9u8; 400_000];
+    let err = client
+        .write_file(path.to_str().unwrap(), 0o644, &big)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Agent(r) if r.message.contains("transfer limit")),
+        "{err}"
+    );
+    let small = s.dir.path().join("small.bin");
+    std::fs::write(&small, vec![1u8; 200_000]).unwrap();
+    let err = client.read_file(small.to_str().unwrap()).unwrap_err();
+    assert!(format!("{err}").contains("transfer limit"), "{err}");
+    // The session goes on.
+    let ok = client
+        .exec(&sh("true"), Stdin::Null)
+        .unwrap()
+        .wait_output()
+        .unwrap();
+    assert_eq!(ok.status.code, Some(0));
+    client.shutdown().unwrap();
+    session.end();
+    assert!(!path.exists(), "a cut write left {}", path.display());
+    let leftovers = leftovers(s.dir.path());
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let events = session.recorder.events();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            SessionEvent::FileWritten {
+                complete: false,
+                ..
+            }
+        )),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            SessionEvent::FileRead {
+                complete: false,
+                ..
+            }
+        )),
+        "{events:#?}"
+    );
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("mvm-part"))
+        .collect()
+}
+
+fn the_ttl_ends_the_session(s: &Setup) {
+    let session = start(s, "ttl", Duration::from_secs(1), 1 << 20);
+    let outcome = session.end();
+    assert_eq!(
+        outcome.status,
+        WorkloadStatus {
+            code: None,
+            signal: None,
+            timed_out: true
+        }
+    );
+    assert!(matches!(
+        session.recorder.events().last(),
+        Some(SessionEvent::Stopping { reason }) if reason == "ttl"
+    ));
+    assert!(UnixStream::connect(&session.socket).is_err());
+}
+
+type Case = fn(&Setup);
+
+fn main() {
+    if let Ok(role) = std::env::var(ROLE) {
+        fake_vmm(&role);
+    }
+    let s = setup();
+    std::env::set_var("MVM_RUN_DIR", &s.run_dir);
+    let cases: [(&str, Case); 3] = [
+        (
+            "requests_are_shared_recorded_and_cleaned_up",
+            requests_are_shared_recorded_and_cleaned_up,
+        ),
+        (
+            "a_transfer_past_the_limit_is_cut_and_leaves_nothing",
+            a_transfer_past_the_limit_is_cut_and_leaves_nothing,
+        ),
+        ("the_ttl_ends_the_session", the_ttl_ends_the_session),
+    ];
+    for (name, case) in cases {
+        let started = Instant::now();
+        case(&s);
+        assert_clean(&s.run_dir);
+        println!("test {name} ... ok ({:?})", started.elapsed());
+    }
+    println!("test result: ok. {} passed", cases.len());
+}

@@ -1,6 +1,7 @@
 """Drives `mvm mcp` with the official Python MCP client (the `mcp` package, pinned in
 requirements.txt beside this file; scripts/setup installs it): lists the tools, calls each
-one, and sends it what a careless agent would. Exits 0 and prints PASS, or fails with a
+one (the sandbox tools against one real, long-lived sandbox), and sends it what a careless
+agent would. Exits 0 and prints PASS, or fails with a
 message on stderr and exit 1.
 
     python client.py /path/to/mvm
@@ -36,7 +37,11 @@ async def main(mvm):
 
             listed = await session.list_tools()
             names = sorted(t.name for t in listed.tools)
-            check(names == ["host_info", "run_command"], f"tools {names}")
+            want = sorted([
+                "host_info", "run_command", "sandbox_create", "sandbox_exec",
+                "sandbox_list", "sandbox_read_file", "sandbox_stop", "sandbox_write_file",
+            ])
+            check(names == want, f"tools {names}")
 
             # A command with stdin, output on both streams and its own exit code.
             result = await session.call_tool(
@@ -75,7 +80,58 @@ async def main(mvm):
             except Exception:
                 pass
             await session.send_ping()
-    print("PASS mcp client: run_command, host_info, bad arguments, unknown tool")
+            await sandbox_tools(session)
+    print("PASS mcp client: run_command, host_info, sandbox tools, bad arguments, unknown tool")
+
+
+def structured(result):
+    check(not field(result, "isError", "is_error"), f"tool failed: {result}")
+    out = field(result, "structuredContent", "structured_content")
+    check(out is not None, f"no structured content: {result}")
+    return out
+
+
+async def sandbox_tools(session):
+    """Every sandbox tool against one real sandbox: state carries across calls."""
+    created = structured(await session.call_tool("sandbox_create", {"name": "mcp-test", "ttl_secs": 600}))
+    sid = created["id"]
+    check(created["status"] == "ready" and sid.startswith("sb-"), f"created {created}")
+    try:
+        script = 'n=$(wc -l < /work/in.txt)\necho "{\\"lines\\": $n}" > /work/out.json\n'
+        wrote = structured(await session.call_tool(
+            "sandbox_write_file", {"sandbox": "mcp-test", "path": "/work/count.sh", "content": script}))
+        check(wrote["size"] == len(script.encode()), f"write_file {wrote}")
+        structured(await session.call_tool(
+            "sandbox_write_file",
+            {"sandbox": sid, "path": "/work/in.txt", "content_base64": "YQpiCg=="}))  # "a\nb\n"
+        ran = structured(await session.call_tool(
+            "sandbox_exec", {"sandbox": sid, "command": ["sh", "/work/count.sh"]}))
+        check(ran["exit_code"] == 0, f"exec {ran}")
+        read = structured(await session.call_tool(
+            "sandbox_read_file", {"sandbox": sid, "path": "/work/out.json"}))
+        check(read["encoding"] == "utf-8" and read["content"] == '{"lines": 2}\n', f"read_file {read}")
+        # A process's output and status, with stdin, in the same sandbox.
+        piped = structured(await session.call_tool(
+            "sandbox_exec",
+            {"sandbox": sid, "command": ["sh", "-c", "cat; cat /work/in.txt >&2; exit 3"], "stdin": "x"}))
+        check((piped["exit_code"], piped["stdout"], piped["stderr"]) == (3, "x", "a\nb\n"), f"exec {piped}")
+        listed = structured(await session.call_tool("sandbox_list", {}))
+        check(any(s["id"] == sid and s["status"] == "ready" for s in listed["sandboxes"]), f"list {listed}")
+        # Mistakes are tool errors, and the sandbox goes on.
+        for bad in [
+            ("sandbox_exec", {"sandbox": "no-such-sandbox", "command": ["true"]}),
+            ("sandbox_write_file", {"sandbox": sid, "path": "/work/../etc/x", "content": "x"}),
+            ("sandbox_read_file", {"sandbox": sid, "path": "/work/missing"}),
+            ("sandbox_exec", {"sandbox": sid, "command": "not a list"}),
+            ("sandbox_create", {"name": "mcp-test"}),
+        ]:
+            result = await session.call_tool(*bad)
+            check(field(result, "isError", "is_error"), f"{bad} was not an error: {result}")
+    finally:
+        stopped = structured(await session.call_tool("sandbox_stop", {"sandbox": sid}))
+    check(stopped["status"] == "stopped", f"stop {stopped}")
+    after = await session.call_tool("sandbox_exec", {"sandbox": sid, "command": ["true"]})
+    check(field(after, "isError", "is_error"), f"exec after stop was not an error: {after}")
 
 
 if __name__ == "__main__":

@@ -438,7 +438,9 @@ pub fn connect(reference: &str) -> Result<SandboxClient, SandboxError> {
             reason: state.and_then(|s| s.reason),
         });
     }
-    let stream = UnixStream::connect(sandbox.socket())
+    let (_dir, path) = state::socket_path(&sandbox.socket())
+        .map_err(|e| SandboxError::io(format!("opening {}", sandbox.dir().display()), e))?;
+    let stream = UnixStream::connect(path)
         .map_err(|e| SandboxError::io(format!("connecting to sandbox {}", config.id), e))?;
     let client = Client::connect_with_timeout(stream, Some(Duration::from_secs(10)))?;
     Ok(SandboxClient {

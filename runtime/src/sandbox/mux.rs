@@ -264,7 +264,9 @@ impl SessionServer for Mux {
     ) -> Result<WorkloadStatus, RunError> {
         let agent_hello = agent_hello(&mut agent)?;
         let _ = std::fs::remove_file(&self.socket);
-        let listener = UnixListener::bind(&self.socket).map_err(RunError::io(format!(
+        let (_dir, bind_path) = super::state::socket_path(&self.socket)
+            .map_err(RunError::io(format!("opening {}", self.socket.display())))?;
+        let listener = UnixListener::bind(&bind_path).map_err(RunError::io(format!(
             "listening on {}",
             self.socket.display()
         )))?;

@@ -165,13 +165,18 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), Sandbox
     })
 }
 
-/// The start time of process `pid` (clock ticks since boot), if it exists.
+/// The start time of process `pid` (clock ticks since boot), if it runs (a
+/// zombie, dead but not reaped by whoever inherited it, does not).
 pub fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields
     // after it are counted from the last ')'.
     let rest = stat.get(stat.rfind(')')?.checked_add(2)?..)?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Creates `path` (and parents) with mode 0700.
@@ -181,6 +186,29 @@ fn private_dir(path: &Path) -> Result<(), SandboxError> {
         .mode(0o700)
         .create(path)
         .map_err(|e| SandboxError::io(format!("creating {}", path.display()), e))
+}
+
+/// The longest Unix socket path `bind` and `connect` take, with its NUL.
+const SUN_PATH_MAX: usize = 108;
+
+/// A Unix socket path that `bind` and `connect` accept for `path`, however deep
+/// its directory: `path` itself when short enough, else the same file reached
+/// through `/proc/self/fd/N/` of an open handle on its directory (kept open as
+/// long as the returned guard lives).
+pub fn socket_path(path: &Path) -> std::io::Result<(Option<std::fs::File>, PathBuf)> {
+    if path.as_os_str().len() < SUN_PATH_MAX {
+        return Ok((None, path.to_owned()));
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok((None, path.to_owned()));
+    };
+    let handle = std::fs::File::open(dir)?;
+    let short = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&handle)
+    ))
+    .join(name);
+    Ok((Some(handle), short))
 }
 
 /// Checks a sandbox name: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}`, not an id's shape.
@@ -441,6 +469,26 @@ mod tests {
         state.status = Status::Stopped;
         assert_eq!(Sandbox::liveness(Some(&state)), Liveness::Ended);
         assert_eq!(Sandbox::liveness(None), Liveness::Stale);
+    }
+
+    #[test]
+    fn a_socket_deep_in_the_tree_is_reached_through_its_directory_handle() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("ctl.sock");
+        assert!(
+            std::os::unix::net::UnixListener::bind(&path).is_err(),
+            "too long to bind"
+        );
+        let (_guard, short) = socket_path(&path).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&short).unwrap();
+        let (_guard2, again) = socket_path(&path).unwrap();
+        std::os::unix::net::UnixStream::connect(again).unwrap();
+        drop(listener);
+        assert!(path.exists(), "the socket is where it was asked for");
+        let short_path = root.path().join("s.sock");
+        assert_eq!(socket_path(&short_path).unwrap().1, short_path);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod hostile;
 pub mod mcp;
 pub mod net;
 pub mod run;
+pub mod sandbox;
 pub mod secret;
 pub mod selftest;
 pub mod tier;
@@ -34,6 +35,7 @@ pub fn all() -> Vec<Case> {
         bench_boot::BENCH,
         selftest::CASES,
         tier::CASES,
+        sandbox::CASES,
         mcp::CASES,
     ]
     .concat()

@@ -1,0 +1,438 @@
+//! `sandbox/*`: long-lived sandboxes through `mvm sandbox`, on the tier this
+//! machine gives (no `--backend`), as a user drives them: create, cp a script
+//! in, exec it, cp its output back, two execs at once, stdin, a `cp` killed
+//! half-way, hostile paths and names, stop, a supervisor killed (stale, then
+//! `rm`), and a TTL that ends a sandbox by itself. Every sandbox a case made
+//! is removed (`rm --force`) whatever the case's outcome.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::case::{Case, CaseResult, Context, Failure};
+use crate::cases::run::{describe, expect_code, image_store, mvm_with, output};
+
+/// The cases. Each boots one sandbox on the user's tier.
+pub const CASES: &[Case] = &[
+    Case::user_host("sandbox/lifecycle", lifecycle).limit_secs(480),
+    Case::user_host("sandbox/killed-supervisor", killed_supervisor).limit_secs(300),
+    Case::user_host("sandbox/ttl", ttl).limit_secs(300),
+];
+
+/// `mvm sandbox ARGS` with the artifacts' binaries, image store, keys and
+/// policy, and the case's own runtime directory.
+fn sandbox(ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
+    let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
+    command.arg("sandbox").args(args).stdin(Stdio::null());
+    Ok(command)
+}
+
+fn run(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
+    output(sandbox(ctx, args)?)
+}
+
+/// Runs `mvm sandbox ARGS` and wants exit 0.
+fn ok(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
+    let out = run(ctx, args)?;
+    if !out.status.success() {
+        return Err(Failure::new(format!(
+            "mvm sandbox {} exited {:?}",
+            args.join(" "),
+            out.status.code()
+        ))
+        .with_detail(describe(&out)));
+    }
+    Ok(out)
+}
+
+/// Runs `mvm sandbox ARGS`, wants a failure whose message contains `want`.
+fn refused(ctx: &Context, args: &[&str], want: &str) -> CaseResult {
+    let out = run(ctx, args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !stderr.contains(want) {
+        return Err(Failure::new(format!(
+            "mvm sandbox {}: wanted a failure saying {want:?}",
+            args.join(" ")
+        ))
+        .with_detail(describe(&out)));
+    }
+    Ok(())
+}
+
+/// Removes every sandbox of the case when dropped, running or not.
+struct Cleanup<'a>(&'a Context);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for info in list(self.0).unwrap_or_default() {
+            if let Some(id) = info.get("id").and_then(Value::as_str) {
+                let _ = run(self.0, &["rm", "--force", id]);
+            }
+        }
+    }
+}
+
+fn list(ctx: &Context) -> Result<Vec<Value>, Failure> {
+    let out = ok(ctx, &["ls", "--json"])?;
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Array(all)) => Ok(all),
+        _ => {
+            Err(Failure::new("mvm sandbox ls --json is not a JSON array")
+                .with_detail(describe(&out)))
+        }
+    }
+}
+
+fn field(info: &Value, key: &str) -> String {
+    info.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The sandbox `id` as `ls --json` shows it.
+fn listed(ctx: &Context, id: &str) -> Result<Value, Failure> {
+    list(ctx)?
+        .into_iter()
+        .find(|i| field(i, "id") == id)
+        .ok_or_else(|| Failure::new(format!("{id} is not in mvm sandbox ls")))
+}
+
+fn create(ctx: &Context, args: &[&str]) -> Result<String, Failure> {
+    let mut all = vec!["create"];
+    all.extend_from_slice(args);
+    let out = ok(ctx, &all)?;
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !id.starts_with("sb-") {
+        return Err(
+            Failure::new(format!("create printed {id:?}, not an id")).with_detail(describe(&out))
+        );
+    }
+    Ok(id)
+}
+
+fn write(path: &std::path::Path, data: &[u8]) -> CaseResult {
+    std::fs::write(path, data).map_err(|e| Failure::new(format!("{}: {e}", path.display())))
+}
+
+fn expect_stdout(out: &Output, want: &[u8], what: &str) -> CaseResult {
+    if out.stdout != want {
+        return Err(Failure::new(format!(
+            "{what}: stdout {:?}, wanted {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(want)
+        ))
+        .with_detail(describe(out)));
+    }
+    Ok(())
+}
+
+/// The audit log's records of the kinds given, as JSON.
+fn audit_records(ctx: &Context, kind: &str) -> Result<Vec<Value>, Failure> {
+    let log = image_store(ctx)?.join("audit.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r.get("event").and_then(Value::as_str) == Some(kind))
+        .collect())
+}
+
+/// The session: a script in, run, its output out; then the rough edges.
+fn lifecycle(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let before_written = audit_records(ctx, "file_written")?.len();
+    let id = create(ctx, &["--name", "life", "--ttl", "10m"])?;
+    // A second sandbox of that name is refused before anything boots.
+    refused(ctx, &["create", "--name", "life"], "already exists")?;
+
+    let script = ctx.work_file("script.sh");
+    write(
+        &script,
+        b"#!/bin/sh\nset -e\nn=$(cat /work/input.txt | wc -l)\nprintf '{\"lines\": %d, \"user\": \"%s\"}\\n' \"$n\" \"$(id -u)\" > /work/out.json\n",
+    )?;
+    let input = ctx.work_file("input.txt");
+    write(&input, b"a\nb\nc\n")?;
+    ok(ctx, &["cp", path(&script)?, &format!("{id}:/work/")])?;
+    ok(ctx, &["cp", path(&input)?, "life:/work/input.txt"])?;
+    let run = ok(ctx, &["exec", &id, "--", "sh", "/work/script.sh"])?;
+    expect_stdout(&run, b"", "the script")?;
+    let back = ctx.work_file("back");
+    std::fs::create_dir_all(&back).map_err(|e| Failure::new(format!("{e}")))?;
+    ok(ctx, &["cp", &format!("{id}:/work/out.json"), path(&back)?])?;
+    let got = std::fs::read(back.join("out.json")).unwrap_or_default();
+    if got != b"{\"lines\": 3, \"user\": \"1000\"}\n" {
+        return Err(Failure::new(format!(
+            "out.json copied back: {:?}",
+            String::from_utf8_lossy(&got)
+        )));
+    }
+
+    // State persists between calls; exit status, stderr and stdin carry.
+    let out = run_with_stdin(
+        sandbox(
+            ctx,
+            &[
+                "exec",
+                "life",
+                "--",
+                "sh",
+                "-c",
+                "cat > /work/in.txt; cat /work/in.txt /work/out.json >&2; exit 6",
+            ],
+        )?,
+        b"piped\n",
+    )?;
+    expect_code(&out, 6)?;
+    if !String::from_utf8_lossy(&out.stderr).contains("piped\n{\"lines\": 3") {
+        return Err(Failure::new("stdin and stderr through exec").with_detail(describe(&out)));
+    }
+
+    // Two execs at once, both under way before either ends.
+    let started = Instant::now();
+    let slow = sandbox(
+        ctx,
+        &["exec", "life", "--", "sh", "-c", "sleep 3; echo slow"],
+    )?
+    .stdout(Stdio::piped())
+    .spawn()
+    .map_err(|e| Failure::new(format!("starting mvm: {e}")))?;
+    let fast = ok(ctx, &["exec", "life", "--", "echo", "fast"])?;
+    expect_stdout(&fast, b"fast\n", "the fast exec")?;
+    let slow = slow
+        .wait_with_output()
+        .map_err(|e| Failure::new(format!("waiting for mvm: {e}")))?;
+    expect_stdout(&slow, b"slow\n", "the slow exec")?;
+    if started.elapsed() > Duration::from_secs(60) {
+        return Err(Failure::new(
+            "two execs took a minute: they did not run at once",
+        ));
+    }
+
+    // Binary-safe, both ways, and a cp killed half-way leaves no partial file.
+    let blob = ctx.work_file("blob.bin");
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| u8::try_from((i.wrapping_mul(2_654_435_761) >> 13) & 0xff).unwrap_or(0))
+        .collect();
+    write(&blob, &data)?;
+    ok(ctx, &["cp", path(&blob)?, "life:/work/blob.bin"])?;
+    let blob_back = ctx.work_file("blob.back");
+    ok(ctx, &["cp", "life:/work/blob.bin", path(&blob_back)?])?;
+    if std::fs::read(&blob_back).unwrap_or_default() != data {
+        return Err(Failure::new(
+            "a 3 MB binary file did not come back byte for byte",
+        ));
+    }
+    let big = ctx.work_file("big.bin");
+    write(&big, &vec![0x5a; 48 << 20])?;
+    let mut cp = sandbox(ctx, &["cp", path(&big)?, "life:/work/partial.bin"])?
+        .spawn()
+        .map_err(|e| Failure::new(format!("starting mvm: {e}")))?;
+    std::thread::sleep(Duration::from_millis(400));
+    let _ = cp.kill();
+    let _ = cp.wait();
+    let listing = ok(
+        ctx,
+        &["exec", "life", "--", "sh", "-c", "sleep 1; ls -a /work"],
+    )?;
+    let names = String::from_utf8_lossy(&listing.stdout).into_owned();
+    if names.contains("partial") {
+        return Err(Failure::new(format!(
+            "a cp killed half-way left a file in the guest: {names}"
+        )));
+    }
+
+    // Hostile and mistaken input: clear errors.
+    refused(ctx, &["cp", path(&input)?, "life:/work/../etc/x"], "'..'")?;
+    refused(
+        ctx,
+        &["cp", "life:/etc/../etc/passwd", path(&back)?],
+        "'..'",
+    )?;
+    refused(
+        ctx,
+        &["cp", "life:/work", path(&back)?],
+        "not a regular file",
+    )?;
+    refused(
+        ctx,
+        &["exec", "no-such-sandbox", "--", "true"],
+        "no sandbox",
+    )?;
+    refused(
+        ctx,
+        &["cp", path(&input)?, "relative/path"],
+        "SANDBOX:/ABSOLUTE/PATH",
+    )?;
+
+    // Stop: then it refuses work, says so, and rm removes it.
+    ok(ctx, &["stop", "life"])?;
+    refused(ctx, &["exec", &id, "--", "true"], "is stopped")?;
+    let info = listed(ctx, &id)?;
+    if field(&info, "status") != "stopped" || field(&info, "reason") != "stop" {
+        return Err(Failure::new(format!("after stop, ls shows {info}")));
+    }
+    // The audit log holds the transfers by path, size and digest.
+    let written = audit_records(ctx, "file_written")?;
+    let script_record = written.iter().skip(before_written).any(|r| {
+        r.pointer("/fields/path").and_then(Value::as_str) == Some("/work/script.sh")
+            && r.pointer("/fields/complete") == Some(&Value::Bool(true))
+    });
+    if !script_record {
+        return Err(Failure::new(
+            "no complete file_written record for /work/script.sh in the audit log",
+        ));
+    }
+    let stopped = audit_records(ctx, "session_stopping")?;
+    if !stopped
+        .iter()
+        .any(|r| r.pointer("/fields/reason").and_then(Value::as_str) == Some("stop"))
+    {
+        return Err(Failure::new("no session_stopping record with reason stop"));
+    }
+    ok(ctx, &["rm", "life"])?;
+    if list(ctx)?.iter().any(|i| field(i, "id") == id) {
+        return Err(Failure::new("rm left the sandbox in ls"));
+    }
+    Ok(())
+}
+
+fn path(p: &std::path::Path) -> Result<&str, Failure> {
+    p.to_str()
+        .ok_or_else(|| Failure::new(format!("{} is not UTF-8", p.display())))
+}
+
+fn run_with_stdin(mut command: Command, input: &[u8]) -> Result<Output, Failure> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Failure::new(format!("starting mvm: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .map_err(|e| Failure::new(format!("writing stdin: {e}")))?;
+    }
+    child
+        .wait_with_output()
+        .map_err(|e| Failure::new(format!("waiting for mvm: {e}")))
+}
+
+/// Whether process `pid` still runs (a zombie, dead but not yet reaped by
+/// whoever inherited it, does not).
+fn alive(pid: i64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .and_then(|rest| rest.split_whitespace().next());
+    state.is_some_and(|s| s != "Z" && s != "X")
+}
+
+/// Waits until `check` holds or `limit` passes.
+fn eventually(
+    limit: Duration,
+    mut check: impl FnMut() -> Result<bool, Failure>,
+) -> Result<bool, Failure> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check()? {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(false)
+}
+
+/// A supervisor killed with SIGKILL takes its VM along; the sandbox shows as
+/// stale, refuses work with a clear error, and `rm` cleans it up.
+fn killed_supervisor(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let id = create(ctx, &["--ttl", "10m"])?;
+    let info = listed(ctx, &id)?;
+    let pid = info
+        .get("pid")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| Failure::new(format!("ls --json shows no supervisor pid: {info}")))?;
+    let children = descendants(pid);
+    if children.is_empty() {
+        return Err(Failure::new(format!(
+            "the supervisor {pid} has no VM process under it"
+        )));
+    }
+    let killed = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    if !killed.is_ok_and(|s| s.success()) {
+        return Err(Failure::new(format!("kill -9 {pid} failed")));
+    }
+    let gone = eventually(Duration::from_secs(30), || {
+        Ok(!alive(pid) && children.iter().all(|c| !alive(*c)))
+    })?;
+    if !gone {
+        return Err(Failure::new(format!(
+            "after kill -9 of the supervisor, its VM processes {children:?} are still there"
+        )));
+    }
+    let info = listed(ctx, &id)?;
+    if field(&info, "status") != "stale" {
+        return Err(Failure::new(format!("ls shows {info}, not stale")));
+    }
+    refused(ctx, &["exec", &id, "--", "true"], "is stale")?;
+    ok(ctx, &["rm", &id])?;
+    if list(ctx)?.iter().any(|i| field(i, "id") == id) {
+        return Err(Failure::new("rm left the stale sandbox in ls"));
+    }
+    Ok(())
+}
+
+/// Every process under `pid` (children, grandchildren, ...).
+fn descendants(pid: i64) -> Vec<i64> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            break;
+        };
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat.get(i + 2..))
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i64>().ok());
+            if ppid == Some(parent) {
+                found.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// A sandbox whose TTL ends is stopped by its own supervisor, and says why.
+fn ttl(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let id = create(ctx, &["--ttl", "5s"])?;
+    let stopped = eventually(Duration::from_secs(120), || {
+        let info = listed(ctx, &id)?;
+        Ok(field(&info, "status") == "stopped")
+    })?;
+    let info = listed(ctx, &id)?;
+    if !stopped || field(&info, "reason") != "ttl" {
+        return Err(Failure::new(format!(
+            "5 s after its TTL the sandbox shows {info}"
+        )));
+    }
+    refused(ctx, &["exec", &id, "--", "true"], "is stopped (ttl)")?;
+    ok(ctx, &["rm", &id])?;
+    Ok(())
+}

@@ -56,7 +56,7 @@ pub fn sample_plan() -> Plan {
             timeout_secs: 60,
         },
         devices: Devices {
-            vsock: Some(VsockDevice { guest_cid: 3 }),
+            vsock: Some(VsockDevice::new(3)),
             scratch_disks: vec![ScratchDisk {
                 name: "scratch".to_owned(),
                 size_mib: 64,

@@ -348,7 +348,114 @@ impl Drop for Exec {
     }
 }
 
+/// A TCP connection to a guest port, open (protocol 1.1).
+pub struct Tunnel {
+    inner: Arc<Inner>,
+    id: u32,
+    incoming: Receiver<Message>,
+    done: bool,
+}
+
+/// Sends bytes into a [`Tunnel`]; can be moved to another thread.
+#[derive(Clone)]
+pub struct TunnelWriter {
+    inner: Arc<Inner>,
+    id: u32,
+}
+
+impl TunnelWriter {
+    /// Sends bytes to the guest program, in frames of at most [`DATA_CHUNK`] bytes.
+    pub fn write(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            self.inner.send(self.id, &Message::Data(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends this direction (the guest program reads end of file).
+    pub fn close(&self) -> Result<(), ClientError> {
+        self.inner.send(self.id, &Message::DataEnd)
+    }
+
+    /// Cuts the connection both ways.
+    pub fn cancel(&self) -> Result<(), ClientError> {
+        let reply = ErrorReply {
+            code: crate::protocol::ErrorCode::BadRequest,
+            message: "cancelled: the connection closed".to_owned(),
+        };
+        self.inner.send(self.id, &Message::Error(reply))
+    }
+}
+
+impl Tunnel {
+    /// A handle that sends bytes from any thread.
+    pub fn writer(&self) -> TunnelWriter {
+        TunnelWriter {
+            inner: Arc::clone(&self.inner),
+            id: self.id,
+        }
+    }
+
+    /// The next bytes from the guest program; `Ok(None)` once it closed its side.
+    pub fn read(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.inner.recv(&self.incoming, None)? {
+            Message::Data(data) => Ok(Some(data)),
+            Message::DataEnd => {
+                self.done = true;
+                Ok(None)
+            }
+            Message::Error(reply) => {
+                self.done = true;
+                Err(ClientError::Agent(reply))
+            }
+            other => {
+                self.done = true;
+                Err(ClientError::Unexpected(format!("{:?}", other.frame_type())))
+            }
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.writer().cancel();
+            self.inner.forget(self.id);
+        }
+    }
+}
+
 impl Client {
+    /// Opens a TCP connection to `127.0.0.1:port` in the guest (protocol 1.1).
+    pub fn connect_port(&self, port: u16) -> Result<Tunnel, ClientError> {
+        let (id, incoming) = self.inner.register()?;
+        let mut tunnel = Tunnel {
+            inner: Arc::clone(&self.inner),
+            id,
+            incoming,
+            done: false,
+        };
+        self.inner.send(
+            id,
+            &Message::Connect(crate::protocol::ConnectRequest { port }),
+        )?;
+        match self
+            .inner
+            .recv(&tunnel.incoming, Some(Duration::from_secs(30)))?
+        {
+            Message::Connected => Ok(tunnel),
+            Message::Error(reply) => {
+                tunnel.done = true;
+                self.inner.forget(id);
+                Err(ClientError::Agent(reply))
+            }
+            other => Err(ClientError::Unexpected(format!("{:?}", other.frame_type()))),
+        }
+    }
+
     /// Takes over a connected stream, exchanges hellos, and starts the reader thread.
     ///
     /// Fails with [`ClientError::Agent`] if the agent refuses this client's version.

@@ -15,4 +15,6 @@ pub mod netif;
 pub mod protocol;
 pub mod transport;
 
-pub use client::{Client, ClientError, Exec, ExecEvent, ExecOutput, ExecStdin, Stdin};
+pub use client::{
+    Client, ClientError, Exec, ExecEvent, ExecOutput, ExecStdin, Stdin, Tunnel, TunnelWriter,
+};

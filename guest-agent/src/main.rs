@@ -103,6 +103,9 @@ fn run_init() -> ! {
     if let Err(e) = init::set_hostname(hostname) {
         tracing::warn!("hostname {hostname:?}: {e}");
     }
+    if let Err(e) = init::net::loopback_up() {
+        tracing::warn!("lo up: {e}");
+    }
     if let Some(value) = init::cmdline_value(&cmdline, mvm_agent::net_config::CMDLINE_KEY) {
         configure_network(value);
     }

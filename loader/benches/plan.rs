@@ -36,7 +36,7 @@ fn plan() -> Plan {
             timeout_secs: 600,
         },
         devices: Devices {
-            vsock: Some(VsockDevice { guest_cid: 3 }),
+            vsock: Some(VsockDevice::new(3)),
             scratch_disks: Vec::new(),
             net: None,
         },

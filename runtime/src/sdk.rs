@@ -101,6 +101,7 @@ impl Run {
                     timeout_secs: None,
                     argv: argv.clone(),
                     secrets: Vec::new(),
+                    forwards: Vec::new(),
                 },
                 receipt: None,
                 dev: false,

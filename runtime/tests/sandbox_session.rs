@@ -77,7 +77,8 @@ fn start(s: &Setup, name: &str, ttl: Duration, limit: u64) -> Session {
                 let _ = ready_tx.send(());
             }),
         )
-        .transfer_limit(limit);
+        .transfer_limit(limit)
+        .forwarded_ports(vec![FORWARDED]);
         let result = kvm::run_verified(
             &spec(&["mvm-sandbox", "test"]),
             &artifacts,
@@ -310,6 +311,53 @@ fn the_ttl_ends_the_session(s: &Setup) {
     assert!(UnixStream::connect(&session.socket).is_err());
 }
 
+/// The guest port the sessions here forward (the agent's "guest" is this host).
+const FORWARDED: u16 = 47_811;
+
+fn only_the_plans_ports_are_reached_and_bytes_are_counted(s: &Setup) {
+    let session = start(s, "ports", Duration::from_secs(60), 1 << 20);
+    let server = std::net::TcpListener::bind(("127.0.0.1", FORWARDED)).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut conn, _) = server.accept().unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut conn, &mut got).unwrap();
+        conn.write_all(&got).unwrap();
+    });
+    let client = session.client();
+    let mut tunnel = client.connect_port(FORWARDED).unwrap();
+    let writer = tunnel.writer();
+    let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    writer.write(&sent).unwrap();
+    writer.close().unwrap();
+    let mut back = Vec::new();
+    while let Some(data) = tunnel.read().unwrap() {
+        back.extend_from_slice(&data);
+    }
+    assert_eq!(back, sent);
+    echo.join().unwrap();
+    // A port the plan does not forward is refused by the host side.
+    let err = client
+        .connect_port(22)
+        .err()
+        .expect("port 22 is not forwarded");
+    assert!(err.to_string().contains("not forwarded"), "{err}");
+    client.shutdown().unwrap();
+    session.end();
+    let events = session.recorder.events();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            SessionEvent::ForwardClosed {
+                port: FORWARDED,
+                to_guest: 200_000,
+                from_guest: 200_000,
+                ..
+            }
+        )),
+        "{events:#?}"
+    );
+}
+
 type Case = fn(&Setup);
 
 fn main() {
@@ -318,7 +366,11 @@ fn main() {
     }
     let s = setup();
     std::env::set_var("MVM_RUN_DIR", &s.run_dir);
-    let cases: [(&str, Case); 3] = [
+    let cases: [(&str, Case); 4] = [
+        (
+            "only_the_plans_ports_are_reached_and_bytes_are_counted",
+            only_the_plans_ports_are_reached_and_bytes_are_counted,
+        ),
         (
             "requests_are_shared_recorded_and_cleaned_up",
             requests_are_shared_recorded_and_cleaned_up,

@@ -742,10 +742,10 @@ pub(crate) mod tests {
             e.to_string(),
             "--vsock cid 3 disagrees with the signed plan's devices.vsock none"
         );
-        plan.devices.vsock = Some(VsockDevice { guest_cid: 3 });
+        plan.devices.vsock = Some(VsockDevice::new(3));
         devices::check_plan(&args_with(&vsock).devices, &plan).unwrap();
         devices::check_plan(&args_with(&[]).devices, &plan).unwrap();
-        plan.devices.vsock = Some(VsockDevice { guest_cid: 4 });
+        plan.devices.vsock = Some(VsockDevice::new(4));
         let e = devices::check_plan(&args_with(&vsock).devices, &plan).unwrap_err();
         assert_eq!(
             e.to_string(),

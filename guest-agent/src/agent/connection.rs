@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use super::exec;
 use super::files::{self, WriteSink};
 use super::reply::{reply, Responder};
+use super::tunnel;
 use super::{software, Agent, MAX_CONNECTIONS, MAX_REQUESTS_PER_CONNECTION};
 use crate::protocol::{
     read_frame, write_frame, DecodeError, ErrorCode, ErrorReply, Frame, Hello, Message, ReadError,
@@ -24,6 +25,8 @@ pub(super) enum Active {
     FailedWrite,
     /// A file being read.
     ReadFile,
+    /// A TCP connection to a guest port.
+    Tunnel(tunnel::Control),
 }
 
 /// What the connection's threads share: the writing half and the requests in flight.
@@ -121,8 +124,10 @@ pub(super) fn serve<S: Duplex>(agent: Arc<Agent>, stream: S) {
     }
     // The workloads of a closed connection do not outlive it.
     for (_, active) in shared.active().iter() {
-        if let Active::Exec(control) = active {
-            control.kill();
+        match active {
+            Active::Exec(control) => control.kill(),
+            Active::Tunnel(control) => control.cancel(),
+            _ => {}
         }
     }
     if let Ok(closer) = closer {
@@ -231,6 +236,7 @@ fn cancel<S>(shared: &Shared<S>, id: u32) {
             tracing::info!("request {id}: write cancelled");
             active.remove(&id);
         }
+        Some(Active::Tunnel(control)) => control.cancel(),
         Some(Active::ReadFile) | None => {}
     }
 }
@@ -369,6 +375,37 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
                 }
             }
         }
+        Message::Connect(request) => {
+            if let Err(e) = admit(shared, id) {
+                return shared.send_error(id, e);
+            }
+            match tunnel::open(&request) {
+                Ok((control, stream)) => {
+                    shared.active().insert(id, Active::Tunnel(control));
+                    shared.send(id, &Message::Connected);
+                    tunnel::relay_to_host(stream, Arc::clone(shared), id);
+                }
+                Err(e) => {
+                    shared.send_error(id, e);
+                }
+            }
+        }
+        Message::Data(data) => {
+            let sender = match shared.active().get(&id) {
+                Some(Active::Tunnel(control)) => control.to_guest.clone(),
+                _ => None,
+            };
+            // Bytes for a connection the guest already closed are dropped: the race is
+            // normal. Sent outside the lock: a full queue waits for the guest program.
+            if let Some(sender) = sender {
+                let _ = sender.send(data);
+            }
+        }
+        Message::DataEnd => {
+            if let Some(Active::Tunnel(control)) = shared.active().get_mut(&id) {
+                control.to_guest = None;
+            }
+        }
         Message::Shutdown(request) => {
             tracing::info!("request {id}: shutdown (reboot: {})", request.reboot);
             shared.send(id, &Message::ShutdownAck);
@@ -393,6 +430,7 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
         | Message::Stderr(_)
         | Message::Exit(_)
         | Message::FileDone(_)
+        | Message::Connected
         | Message::ShutdownAck) => {
             shared.send_error(
                 CONNECTION_REQUEST_ID,

@@ -305,7 +305,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
     }
     let (mut child, exits) = agent
         .reaper
-        .spawn(&mut command, true)
+        .spawn(&mut command, !request.keep_children)
         .map_err(|e| spawn_error(program, &e))?;
     let pgid = i32::try_from(child.id())
         .map_err(|_| reply(ErrorCode::Io, format!("pid {} out of range", child.id())))?;

@@ -8,6 +8,7 @@ mod files;
 pub mod policy;
 pub mod reaper;
 mod reply;
+mod tunnel;
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};

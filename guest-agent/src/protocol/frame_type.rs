@@ -36,6 +36,16 @@ pub enum FrameType {
     ReadFile = 0x23,
     /// A file transfer completed (JSON [`super::FileDone`]).
     FileDone = 0x24,
+    /// Open a TCP connection to a port on the guest's loopback (JSON
+    /// [`super::ConnectRequest`]; protocol 1.1).
+    Connect = 0x40,
+    /// The connection is open (empty body).
+    Connected = 0x41,
+    /// Bytes of an open connection, either direction (raw).
+    Data = 0x42,
+    /// No more bytes in this direction (empty body); from the agent it ends the
+    /// request.
+    DataEnd = 0x43,
     /// Sync and power off (JSON [`super::ShutdownRequest`]).
     Shutdown = 0x30,
     /// The agent is about to power off (empty body).
@@ -62,6 +72,10 @@ impl FrameType {
             0x22 => Self::FileEnd,
             0x23 => Self::ReadFile,
             0x24 => Self::FileDone,
+            0x40 => Self::Connect,
+            0x41 => Self::Connected,
+            0x42 => Self::Data,
+            0x43 => Self::DataEnd,
             0x30 => Self::Shutdown,
             0x31 => Self::ShutdownAck,
             _ => return None,

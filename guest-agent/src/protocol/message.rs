@@ -111,6 +111,11 @@ pub struct ExecRequest {
     /// Kill the process group after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Leave the rest of the process's group running when it exits (a server started
+    /// in the background of a sandbox's command); by default the group dies with it.
+    /// (Protocol 1.1; not sent when false.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_children: bool,
 }
 
 /// How a process ended.
@@ -192,6 +197,15 @@ pub struct FileDone {
     pub size: u64,
 }
 
+/// Open a TCP connection to `127.0.0.1:port` in the guest; its bytes then travel as
+/// data frames both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    /// The guest port (1..=65535).
+    pub port: u16,
+}
+
 /// Sync the guest's filesystems, then power off (or reboot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -236,6 +250,14 @@ pub enum Message {
     ReadFile(ReadFileRequest),
     /// A file transfer completed.
     FileDone(FileDone),
+    /// Open a connection to a guest port.
+    Connect(ConnectRequest),
+    /// The connection is open.
+    Connected,
+    /// Connection bytes.
+    Data(Vec<u8>),
+    /// End of one direction of a connection.
+    DataEnd,
     /// Power off.
     Shutdown(ShutdownRequest),
     /// Power-off acknowledged.
@@ -332,6 +354,10 @@ impl Message {
             Self::FileEnd => FrameType::FileEnd,
             Self::ReadFile(_) => FrameType::ReadFile,
             Self::FileDone(_) => FrameType::FileDone,
+            Self::Connect(_) => FrameType::Connect,
+            Self::Connected => FrameType::Connected,
+            Self::Data(_) => FrameType::Data,
+            Self::DataEnd => FrameType::DataEnd,
             Self::Shutdown(_) => FrameType::Shutdown,
             Self::ShutdownAck => FrameType::ShutdownAck,
         }
@@ -393,6 +419,22 @@ impl Message {
                 Self::ReadFile(request)
             }
             FrameType::FileDone => Self::FileDone(json(t, body)?),
+            FrameType::Connect => {
+                let request: ConnectRequest = json(t, body)?;
+                if request.port == 0 {
+                    return Err(bad(t, "port 0".to_owned()));
+                }
+                Self::Connect(request)
+            }
+            FrameType::Connected => {
+                empty(t, body)?;
+                Self::Connected
+            }
+            FrameType::Data => Self::Data(body.to_vec()),
+            FrameType::DataEnd => {
+                empty(t, body)?;
+                Self::DataEnd
+            }
             FrameType::Shutdown => Self::Shutdown(json(t, body)?),
             FrameType::ShutdownAck => {
                 empty(t, body)?;
@@ -420,12 +462,18 @@ impl Message {
             Self::ReadFile(v) => to_json(serde_json::to_vec(v)),
             Self::FileDone(v) => to_json(serde_json::to_vec(v)),
             Self::Shutdown(v) => to_json(serde_json::to_vec(v)),
-            Self::Stdin(data) | Self::Stdout(data) | Self::Stderr(data) | Self::FileData(data) => {
-                Ok(Cow::Borrowed(data.as_slice()))
-            }
-            Self::Ping | Self::StdinClose | Self::FileEnd | Self::ShutdownAck => {
-                Ok(Cow::Borrowed(&[]))
-            }
+            Self::Connect(v) => to_json(serde_json::to_vec(v)),
+            Self::Stdin(data)
+            | Self::Stdout(data)
+            | Self::Stderr(data)
+            | Self::FileData(data)
+            | Self::Data(data) => Ok(Cow::Borrowed(data.as_slice())),
+            Self::Ping
+            | Self::StdinClose
+            | Self::FileEnd
+            | Self::ShutdownAck
+            | Self::Connected
+            | Self::DataEnd => Ok(Cow::Borrowed(&[])),
         }
     }
 }

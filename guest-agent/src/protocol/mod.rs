@@ -20,8 +20,8 @@ pub use frame::{decode, encode, peek_len, Frame};
 pub use frame_type::FrameType;
 pub use io::{read_frame, write_frame, ReadError, WriteError};
 pub use message::{
-    ErrorCode, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone, Hello, Message,
-    ReadFileRequest, ReadyInfo, ShutdownRequest, WriteFileRequest,
+    ConnectRequest, ErrorCode, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone, Hello,
+    Message, ReadFileRequest, ReadyInfo, ShutdownRequest, WriteFileRequest,
 };
 
 /// The vsock port the agent listens on in the guest (host side: `CONNECT 1024`).

@@ -135,11 +135,39 @@ pub struct Devices {
 }
 
 /// A virtio-vsock device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockDevice {
     /// The guest's context id (3 or more: 0..=2 are reserved).
     pub guest_cid: u32,
+    /// TCP forwards from the host's loopback into the guest, carried over this
+    /// device by the guest agent: the only ports a sandbox's supervisor opens
+    /// on the host, and the only guest ports it connects to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<PortForward>,
+}
+
+/// The most port forwards a plan names.
+pub const MAX_FORWARDS: usize = 16;
+
+/// `127.0.0.1:host` on the host forwarded to `127.0.0.1:guest` in the guest (TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// The host port (1..=65535, unique in the plan).
+    pub host: u16,
+    /// The guest port (1..=65535).
+    pub guest: u16,
+}
+
+impl VsockDevice {
+    /// The device at `guest_cid`, with no forwards.
+    pub fn new(guest_cid: u32) -> Self {
+        Self {
+            guest_cid,
+            forwards: Vec::new(),
+        }
+    }
 }
 
 /// An empty read-write disk.
@@ -530,13 +558,14 @@ impl Plan {
         }
         self.validate_resources()?;
         self.validate_disks()?;
-        if let Some(vsock) = self.devices.vsock {
+        if let Some(vsock) = &self.devices.vsock {
             if vsock.guest_cid < 3 {
                 return Err(field_err(
                     "devices.vsock.guest_cid",
                     format!("{} is reserved; use 3 or more", vsock.guest_cid),
                 ));
             }
+            validate_forwards(&vsock.forwards)?;
         }
         if let Some(net) = &self.devices.net {
             validate_egress(&net.egress)?;
@@ -678,6 +707,35 @@ pub fn check_secret_name(name: &str) -> Result<(), String> {
     }
 }
 
+fn validate_forwards(forwards: &[PortForward]) -> Result<(), PlanError> {
+    let field = "devices.vsock.forwards";
+    if forwards.len() > MAX_FORWARDS {
+        return Err(field_err(
+            field,
+            format!("{} forwards; at most {MAX_FORWARDS}", forwards.len()),
+        ));
+    }
+    for (i, f) in forwards.iter().enumerate() {
+        if f.host == 0 || f.guest == 0 {
+            return Err(field_err(
+                field,
+                format!("port 0 in {}:{}", f.host, f.guest),
+            ));
+        }
+        if forwards
+            .iter()
+            .skip(i.saturating_add(1))
+            .any(|o| o.host == f.host)
+        {
+            return Err(field_err(
+                field,
+                format!("host port {} is forwarded twice", f.host),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_egress(egress: &EgressPolicy) -> Result<(), PlanError> {
     if egress.allow.len() > MAX_EGRESS_RULES {
         return Err(field_err(
@@ -765,7 +823,7 @@ pub(crate) mod tests {
                 timeout_secs: 60,
             },
             devices: Devices {
-                vsock: Some(VsockDevice { guest_cid: 3 }),
+                vsock: Some(VsockDevice::new(3)),
                 scratch_disks: vec![ScratchDisk {
                     name: "scratch".to_owned(),
                     size_mib: 64,

@@ -31,7 +31,7 @@ use mvm_loader::measure::Sha256Digest;
 use mvm_loader::plan::envelope::{sign_plan, SignedPlan};
 use mvm_loader::plan::{
     self, Artifacts, Devices, EgressPolicy, EgressRule, NetDevice, NetInterface, PinnedDisk, Plan,
-    PlanError, Resources, ScratchDisk, Tier, UtcTime, VsockDevice, SCHEMA_VERSION,
+    PlanError, PortForward, Resources, ScratchDisk, Tier, UtcTime, VsockDevice, SCHEMA_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 
@@ -67,6 +67,8 @@ pub struct AdmissionRequest {
     /// netrt: the guest's network interface (`--net`); with it the plan gets a network
     /// device even without egress rules.
     pub net: Option<NetInterface>,
+    /// TCP forwards from the host's loopback into the guest (a sandbox's `-p`).
+    pub forwards: Vec<PortForward>,
 }
 
 impl AdmissionRequest {
@@ -83,6 +85,7 @@ impl AdmissionRequest {
             required_tier: None,
             scratch_disks: Vec::new(),
             net: None,
+            forwards: Vec::new(),
         }
     }
 }
@@ -231,6 +234,7 @@ pub fn admit(
         devices: Devices {
             vsock: Some(VsockDevice {
                 guest_cid: GUEST_CID,
+                forwards: request.forwards.clone(),
             }),
             scratch_disks: request.scratch_disks.clone(),
             net: (request.net.is_some() || !request.egress.is_empty()).then(|| NetDevice {

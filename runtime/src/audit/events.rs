@@ -31,6 +31,20 @@ impl AuditEvent {
                     .map_or(0, |n| n.egress.allow.len() as u64),
             )
             .field("secrets", plan.secrets.join(","))
+            .field(
+                "forwards",
+                plan.devices
+                    .vsock
+                    .as_ref()
+                    .map(|v| {
+                        v.forwards
+                            .iter()
+                            .map(|f| format!("{}:{}", f.host, f.guest))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
+            )
     }
 
     /// Admission refused a request for `image_ref`.
@@ -190,6 +204,26 @@ impl AuditEvent {
                 .field("size", data.1)
                 .field("sha256", data.0)
                 .field("complete", *complete),
+            SessionEvent::ForwardOpened { request, port } => base(EventKind::ForwardOpened)
+                .field("request", *request)
+                .field("port", u64::from(*port)),
+            SessionEvent::ForwardClosed {
+                request,
+                port,
+                to_guest,
+                from_guest,
+                error,
+            } => {
+                let mut e = base(EventKind::ForwardClosed)
+                    .field("request", *request)
+                    .field("port", u64::from(*port))
+                    .field("to_guest_bytes", *to_guest)
+                    .field("from_guest_bytes", *from_guest);
+                if let Some(error) = error {
+                    e = e.field("error", truncate(error));
+                }
+                e
+            }
             SessionEvent::Stopping { reason } => {
                 base(EventKind::SessionStopping).field("reason", truncate(reason))
             }

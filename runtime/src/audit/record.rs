@@ -61,6 +61,10 @@ pub enum EventKind {
     FileRead,
     /// A sandbox's session is ending (field: reason).
     SessionStopping,
+    /// A connection to a forwarded guest port opened (field: port).
+    ForwardOpened,
+    /// It closed (fields: port, bytes each way).
+    ForwardClosed,
     /// The VM exited (fields: reason, status; `signal` when a signal ended
     /// its process).
     VmExited,

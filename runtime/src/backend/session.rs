@@ -100,6 +100,17 @@ pub enum SessionEvent {
         data: Digested,
         complete: bool,
     },
+    /// A client opened a connection to a forwarded guest port.
+    ForwardOpened { request: u64, port: u16 },
+    /// That connection closed, after these many bytes each way.
+    ForwardClosed {
+        request: u64,
+        port: u16,
+        to_guest: u64,
+        from_guest: u64,
+        /// Why it ended early (the guest port refused, a cancel), if it did.
+        error: Option<String>,
+    },
     /// The session ends; `reason` is `stop`, `ttl`, `vm_exited` or `signal`.
     Stopping { reason: String },
 }

@@ -197,6 +197,7 @@ impl RunArgs {
                     delivery,
                 })
                 .collect(),
+            forwards: Vec::new(),
         }
     }
 

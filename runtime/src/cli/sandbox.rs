@@ -83,6 +83,11 @@ pub struct CreateArgs {
     /// Put the stored secret NAME at /run/secrets/NAME after the verified boot (repeatable).
     #[arg(long = "secret", value_name = "NAME", conflicts_with = "dev")]
     pub secrets: Vec<String>,
+    /// Forward 127.0.0.1:HOST_PORT on this host to GUEST_PORT in the guest (TCP over
+    /// vsock, no guest network needed; pinned in the plan; repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST",
+          value_parser = crate::sandbox::ports::parse_forward)]
+    pub ports: Vec<(u16, u16)>,
     /// Development only: no admission, nothing verified or audited. Also MVM_DEV=1.
     #[arg(long)]
     pub dev: bool,
@@ -192,6 +197,7 @@ fn create(args: &CreateArgs) -> Result<i32, SandboxError> {
         backend: args.backend,
         dev,
         secrets: args.secrets.clone(),
+        ports: args.ports.clone(),
         ..SandboxOptions::default()
     })?;
     if args.json {

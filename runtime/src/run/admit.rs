@@ -79,6 +79,7 @@ pub fn admission_request(run: &RunRequest, policy: &Policy) -> AdmissionRequest 
         .map_or(policy.limits.max_timeout_secs, |t| {
             u32::try_from(t).unwrap_or(u32::MAX)
         });
+    request.forwards = run.forwards.clone();
     // The plan names each secret once, however many ways it goes in.
     for s in &run.secrets {
         if !request.secrets.contains(&s.name) {
@@ -493,6 +494,7 @@ mod tests {
             timeout_secs: None,
             argv: ["sh", "-c", "echo hi"].map(String::from).to_vec(),
             secrets: Vec::new(),
+            forwards: Vec::new(),
         }
     }
 

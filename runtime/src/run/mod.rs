@@ -26,4 +26,6 @@ pub struct RunRequest {
     /// The stored secrets the run asks for, by name and delivery (released after a
     /// verified boot).
     pub secrets: Vec<crate::secrets::SecretRequest>,
+    /// TCP forwards into the guest (a sandbox's `-p HOST:GUEST`), pinned in the plan.
+    pub forwards: Vec<mvm_loader::plan::PortForward>,
 }

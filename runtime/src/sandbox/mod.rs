@@ -29,6 +29,7 @@
 //! ```
 
 pub mod mux;
+pub mod ports;
 pub mod state;
 pub mod supervisor;
 
@@ -178,6 +179,9 @@ pub struct SandboxOptions {
     pub secrets: Vec<String>,
     /// How long `create` waits for the sandbox to be ready.
     pub ready_timeout: Duration,
+    /// TCP forwards `(host, guest)`: `127.0.0.1:host` reaches `127.0.0.1:guest` in
+    /// the guest (pinned in the plan).
+    pub ports: Vec<(u16, u16)>,
 }
 
 impl Default for SandboxOptions {
@@ -192,6 +196,7 @@ impl Default for SandboxOptions {
             dev: false,
             secrets: Vec::new(),
             ready_timeout: Duration::from_secs(300),
+            ports: Vec::new(),
         }
     }
 }
@@ -290,7 +295,7 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
         ttl_secs: options.ttl.as_secs().max(1),
         dev: options.dev,
         secrets: options.secrets.clone(),
-        ports: Vec::new(),
+        ports: options.ports.clone(),
         created: UtcTime::now(),
     };
     let root = state::root();
@@ -458,9 +463,12 @@ impl SandboxClient {
     /// Starts a command in the sandbox; its output streams from the returned [`Exec`].
     /// Several may run at once, from one client or many. Unless the request says
     /// otherwise, it runs in [`WORKDIR`] with `HOME` there, as the unprivileged
-    /// workload user.
+    /// workload user. What it starts in the background keeps running after it exits
+    /// (until the sandbox stops).
     pub fn exec(&self, request: &ExecRequest, stdin: Stdin) -> Result<Exec, SandboxError> {
         let mut request = request.clone();
+        // What a command starts in the background lives on, as in a shell session.
+        request.keep_children = true;
         request.cwd.get_or_insert_with(|| WORKDIR.to_owned());
         request
             .env

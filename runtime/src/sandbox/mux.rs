@@ -85,6 +85,7 @@ enum Kind {
     Exec { stdout: Tally, stderr: Tally },
     Write { path: String, data: Tally },
     Read { path: String, data: Tally },
+    Forward { port: u16, up: Tally, down: Tally },
 }
 
 /// A request in flight on the agent connection.
@@ -131,6 +132,8 @@ struct Hub {
     agent_hello: Hello,
     closing: AtomicBool,
     limit: u64,
+    /// The guest ports the plan forwards: the only ones a client may connect to.
+    ports: Vec<u16>,
 }
 
 impl Hub {
@@ -197,6 +200,7 @@ pub struct Mux {
     on_ready: Box<dyn FnMut(Instant) + Send>,
     ended: Option<&'static str>,
     limit: u64,
+    ports: Vec<u16>,
 }
 
 impl Mux {
@@ -209,7 +213,14 @@ impl Mux {
             on_ready,
             ended: None,
             limit: MAX_TRANSFER,
+            ports: Vec::new(),
         }
+    }
+
+    /// Lets clients connect to these guest ports (the plan's forwards), and no others.
+    pub fn forwarded_ports(mut self, ports: Vec<u16>) -> Self {
+        self.ports = ports;
+        self
     }
 
     /// Moves at most `bytes` per file transfer instead of [`MAX_TRANSFER`].
@@ -288,6 +299,7 @@ impl SessionServer for Mux {
             agent_hello,
             closing: AtomicBool::new(false),
             limit: self.limit,
+            ports: self.ports.clone(),
         });
         spawn_agent_reader(agent, Arc::clone(&hub)).map_err(RunError::io("agent reader"))?;
         let deadline = Instant::now() + self.ttl;
@@ -402,7 +414,11 @@ fn route_from_agent(hub: &Hub, frame: Frame) {
     }
     let ends = matches!(
         frame.message,
-        Message::Exit(_) | Message::FileDone(_) | Message::Error(_) | Message::Ready(_)
+        Message::Exit(_)
+            | Message::FileDone(_)
+            | Message::Error(_)
+            | Message::Ready(_)
+            | Message::DataEnd
     );
     let mut routes = lock(&hub.routes);
     let Some(route) = routes.get_mut(&id) else {
@@ -413,6 +429,7 @@ fn route_from_agent(hub: &Hub, frame: Frame) {
     match (&mut route.kind, &frame.message) {
         (Kind::Exec { stdout, .. }, Message::Stdout(data)) => stdout.add(data),
         (Kind::Exec { stderr, .. }, Message::Stderr(data)) => stderr.add(data),
+        (Kind::Forward { down, .. }, Message::Data(data)) => down.add(data),
         (Kind::Read { data: tally, .. }, Message::FileData(data)) => {
             tally.add(data);
             if tally.bytes > hub.limit && !route.detached {
@@ -481,6 +498,13 @@ fn route_from_agent(hub: &Hub, frame: Frame) {
             path,
             data: data.done(),
             complete: matches!(frame.message, Message::FileDone(_)) && !route.detached,
+        }),
+        Kind::Forward { port, up, down } => Some(SessionEvent::ForwardClosed {
+            request: u64::from(id),
+            port,
+            to_guest: up.bytes,
+            from_guest: down.bytes,
+            error,
         }),
     };
     // The end is on disk before the client hears of it.
@@ -720,6 +744,48 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
                 hub.to_agent(aid, &Message::ReadFile(request));
             }
         }
+        Message::Connect(request) => {
+            if !hub.ports.contains(&request.port) {
+                client.send(
+                    cid,
+                    &error_reply(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "guest port {} is not forwarded by this sandbox's plan (forwarded: {:?})",
+                            request.port, hub.ports
+                        ),
+                    ),
+                );
+                return true;
+            }
+            let kind = Kind::Forward {
+                port: request.port,
+                up: Tally::default(),
+                down: Tally::default(),
+            };
+            if let Some(aid) = start(hub, client, cid, kind) {
+                hub.record(SessionEvent::ForwardOpened {
+                    request: u64::from(aid),
+                    port: request.port,
+                });
+                hub.to_agent(aid, &Message::Connect(request));
+            }
+        }
+        Message::Data(data) => {
+            let Some(aid) = lock(&hub.by_client).get(&(client.id, cid)).copied() else {
+                return true;
+            };
+            let mut pass = false;
+            if let Some(route) = lock(&hub.routes).get_mut(&aid) {
+                if let Kind::Forward { up, .. } = &mut route.kind {
+                    up.add(&data);
+                    pass = !route.detached;
+                }
+            }
+            if pass {
+                hub.to_agent(aid, &Message::Data(data));
+            }
+        }
         Message::FileData(data) => {
             let Some(aid) = lock(&hub.by_client).get(&(client.id, cid)).copied() else {
                 // The rest of a write already ended (refused, cut at the limit).
@@ -746,6 +812,7 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
             }
         }
         message @ (Message::FileEnd
+        | Message::DataEnd
         | Message::Stdin(_)
         | Message::StdinClose
         | Message::Signal(_)
@@ -773,6 +840,7 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
         | Message::Stderr(_)
         | Message::Exit(_)
         | Message::FileDone(_)
+        | Message::Connected
         | Message::ShutdownAck) => {
             client.send(
                 CONNECTION_REQUEST_ID,

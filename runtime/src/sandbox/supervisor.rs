@@ -8,9 +8,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use mvm_loader::plan::UtcTime;
+use mvm_loader::plan::{PortForward, UtcTime};
 
 use super::mux::Mux;
+use super::ports::Listeners;
 use super::state::{Sandbox, SandboxState, Status};
 use crate::backend::detect::HostFacts;
 use crate::backend::{RunSpec, StdinMode, Workload};
@@ -45,6 +46,17 @@ pub fn supervise(dir: &Path) -> i32 {
     };
     save(&state);
 
+    // The forwards' host ports, bound before anything boots: one in use fails now.
+    let mut listeners = match Listeners::bind(&config.ports) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            state.status = Status::Failed;
+            state.reason = Some(e.to_string());
+            save(&state);
+            eprintln!("mvm: sandbox {}: {e}", config.id);
+            return 1;
+        }
+    };
     let tier = choose_tier(config.backend, &HostFacts::probe());
     state.tier = tier.as_ref().ok().copied();
     save(&state);
@@ -65,6 +77,11 @@ pub fn supervise(dir: &Path) -> i32 {
                     name: name.clone(),
                     delivery: Delivery::File,
                 })
+                .collect(),
+            forwards: config
+                .ports
+                .iter()
+                .map(|&(host, guest)| PortForward { host, guest })
                 .collect(),
         },
         receipt: None,
@@ -87,10 +104,14 @@ pub fn supervise(dir: &Path) -> i32 {
     let ready_state = state.clone();
     let ready_sandbox = sandbox.clone();
     let ttl = Duration::from_secs(config.ttl_secs);
+    let socket = sandbox.socket();
     let mut mux = Mux::new(
         sandbox.socket(),
         ttl,
         Box::new(move |_| {
+            if let Some(listeners) = listeners.take() {
+                listeners.serve(&socket);
+            }
             let now = UtcTime::now();
             let ready = SandboxState {
                 status: Status::Ready,
@@ -103,7 +124,8 @@ pub fn supervise(dir: &Path) -> i32 {
             }
             tracing::info!("sandbox ready");
         }),
-    );
+    )
+    .forwarded_ports(config.ports.iter().map(|&(_, guest)| guest).collect());
     let result = tier.and_then(|_| execute_workload(&options, &spec, Workload::Session(&mut mux)));
     // The latest state (ready, with its times) is the base of the last one.
     if let Ok(Some(latest)) = sandbox.state() {

@@ -2,7 +2,8 @@
 //! machine gives (no `--backend`), as a user drives them: create, cp a script
 //! in, exec it, cp its output back, two execs at once, stdin, a `cp` killed
 //! half-way, hostile paths and names, stop, a supervisor killed (stale, then
-//! `rm`), and a TTL that ends a sandbox by itself. Every sandbox a case made
+//! `rm`), a TTL that ends a sandbox by itself, and a TCP echo server in the
+//! guest answering on a forwarded host port. Every sandbox a case made
 //! is removed (`rm --force`) whatever the case's outcome.
 
 use std::io::Write;
@@ -19,6 +20,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("sandbox/lifecycle", lifecycle).limit_secs(480),
     Case::user_host("sandbox/killed-supervisor", killed_supervisor).limit_secs(300),
     Case::user_host("sandbox/ttl", ttl).limit_secs(300),
+    Case::user_host("sandbox/port-forward", port_forward).limit_secs(300),
 ];
 
 /// `mvm sandbox ARGS` with the artifacts' binaries, image store, keys and
@@ -434,5 +436,94 @@ fn ttl(ctx: &Context) -> CaseResult {
     }
     refused(ctx, &["exec", &id, "--", "true"], "is stopped (ttl)")?;
     ok(ctx, &["rm", &id])?;
+    Ok(())
+}
+
+/// A free TCP port on the host's loopback (bound, then released).
+fn free_port() -> Result<u16, Failure> {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Failure::new(format!("finding a free port: {e}")))
+}
+
+/// Sends `data` to `127.0.0.1:port`, half-closes, and reads everything back.
+fn echo_through(port: u16, data: &[u8]) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let failed = |e: std::io::Error| Failure::new(format!("127.0.0.1:{port}: {e}"));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(failed)?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(failed)?;
+    let mut writer = conn.try_clone().map_err(failed)?;
+    let payload = data.to_vec();
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(&payload);
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+    });
+    let mut back = Vec::new();
+    conn.read_to_end(&mut back).map_err(failed)?;
+    let _ = sender.join();
+    Ok(back)
+}
+
+/// A TCP echo server started in a sandbox answers on the forwarded host port;
+/// each connection is in the audit log; a host port in use fails `create`.
+fn port_forward(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let port = free_port()?;
+    let forward = format!("{port}:8080");
+    let id = create(ctx, &["-p", &forward, "--ttl", "10m"])?;
+    // Started in the background of one exec, it outlives it.
+    ok(
+        ctx,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "nc -ll -p 8080 -e cat </dev/null >/dev/null 2>&1 &",
+        ],
+    )?;
+    let data: Vec<u8> = (0..2_000_000u32)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    let mut back = Vec::new();
+    let answered = eventually(Duration::from_secs(30), || {
+        back = echo_through(port, &data)?;
+        Ok(!back.is_empty())
+    })?;
+    if !answered || back != data {
+        return Err(Failure::new(format!(
+            "the echo server on the forwarded port sent back {} of {} bytes",
+            back.len(),
+            data.len()
+        )));
+    }
+    let closed = audit_records(ctx, "forward_closed")?;
+    let recorded = closed.iter().any(|r| {
+        r.pointer("/fields/port").and_then(Value::as_u64) == Some(8080)
+            && r.pointer("/fields/from_guest_bytes")
+                .and_then(Value::as_u64)
+                == Some(2_000_000)
+    });
+    if !recorded {
+        return Err(Failure::new(
+            "no forward_closed record of 2000000 bytes for port 8080",
+        ));
+    }
+    // The host port is the sandbox's: a second sandbox cannot have it.
+    refused(
+        ctx,
+        &["create", "-p", &forward],
+        &format!("127.0.0.1:{port}"),
+    )?;
+    ok(ctx, &["stop", &id])?;
+    let closed = eventually(Duration::from_secs(15), || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
+    })?;
+    if !closed {
+        return Err(Failure::new("the forwarded port still accepts after stop"));
+    }
     Ok(())
 }

@@ -150,8 +150,9 @@ fn installed_mvm_dir() -> Option<PathBuf> {
 }
 
 /// The `mvm` that supervises a sandbox: `$MVM_BIN`, else this binary when it
-/// is `mvm`, else the `mvm` beside it (a program embedding the SDK, built in
-/// the same target directory), else the first on `PATH`.
+/// is `mvm`, else the `mvm` beside it or one directory up (a program embedding
+/// the SDK, or an example, built in the same target directory), else the first
+/// on `PATH`.
 pub fn mvm_binary() -> Result<PathBuf, RunError> {
     if let Some(path) = env_path("MVM_BIN").filter(|p| p.is_file()) {
         return Ok(path);
@@ -160,9 +161,11 @@ pub fn mvm_binary() -> Result<PathBuf, RunError> {
     if let Some(exe) = exe.filter(|e| e.file_name().is_some_and(|n| n == "mvm")) {
         return Ok(exe);
     }
+    // Beside this program, or one up (cargo puts examples in target/*/examples/).
     exe_dir()
-        .map(|d| d.join("mvm"))
-        .filter(|p| p.is_file())
+        .into_iter()
+        .flat_map(|d| [d.join("mvm"), d.join("../mvm")])
+        .find(|p| p.is_file())
         .or_else(|| find_in_path("mvm"))
         .ok_or_else(|| {
             RunError::Missing(

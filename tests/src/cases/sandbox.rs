@@ -21,6 +21,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("sandbox/killed-supervisor", killed_supervisor).limit_secs(300),
     Case::user_host("sandbox/ttl", ttl).limit_secs(300),
     Case::user_host("sandbox/port-forward", port_forward).limit_secs(300),
+    Case::user_host("sandbox/sdk-example", sdk_example).limit_secs(300),
 ];
 
 /// `mvm sandbox ARGS` with the artifacts' binaries, image store, keys and
@@ -524,6 +525,37 @@ fn port_forward(ctx: &Context) -> CaseResult {
     })?;
     if !closed {
         return Err(Failure::new("the forwarded port still accepts after stop"));
+    }
+    Ok(())
+}
+
+/// The SDK's sandbox example (`cargo run -p mvm-runtime --example sandbox`):
+/// create, a script written in, run twice with its state carried, read back,
+/// stopped; the example finds `mvm` through `MVM_BIN`.
+fn sdk_example(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let run_dir = ctx.work_file("run");
+    std::fs::create_dir_all(&run_dir).map_err(|e| Failure::new(format!("{e}")))?;
+    let mut command = Command::new(ctx.artifact("sdk-sandbox")?);
+    command
+        .env("MVM_BIN", ctx.artifact("mvm")?)
+        .env("MVM_DATA_DIR", image_store(ctx)?)
+        .env("MVM_CONFIG_DIR", ctx.work_file("config"))
+        .env("MVM_VMM", ctx.artifact(crate::case::VMM)?)
+        .env("MVM_RUN_DIR", &run_dir)
+        .stdin(Stdio::null());
+    let out = output(command)?;
+    expect_code(&out, 0)?;
+    expect_stdout(
+        &out,
+        b"run 1\nrun 2\n--- /work/log, read back ---\nrun 1\nrun 2\n\n",
+        "the SDK sandbox example",
+    )?;
+    let listed = list(ctx)?;
+    if !listed.iter().all(|i| field(i, "status") == "stopped") || listed.is_empty() {
+        return Err(Failure::new(format!(
+            "after the example, ls shows {listed:?}"
+        )));
     }
     Ok(())
 }

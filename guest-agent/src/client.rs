@@ -279,6 +279,14 @@ impl Exec {
             .send(self.id, &Message::Signal(ExecSignal { signal }))
     }
 
+    /// Changes the size of the process's terminal (one asked for with `tty`).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.inner.send(
+            self.id,
+            &Message::Resize(crate::protocol::TtySize { rows, cols }),
+        )
+    }
+
     /// Waits for the next event; `Ok(None)` after the exit event.
     pub fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
         self.next_event_within(None)

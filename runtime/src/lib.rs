@@ -1,4 +1,7 @@
-//! The mvm runtime SDK: admission, images, backends, audit, receipts.
+//! The mvm runtime SDK: admission, images, backends, sandboxes, audit, receipts.
+//!
+//! For programs: [`sdk::Run`] runs one command in a fresh microVM; [`sandbox`] keeps one
+//! up across calls. Both carry `missing_docs`: every public item is documented.
 
 pub mod admission;
 pub mod audit;
@@ -9,7 +12,9 @@ pub mod mcp;
 pub mod net;
 pub mod receipt;
 pub mod run;
+#[warn(missing_docs)]
 pub mod sandbox;
+#[warn(missing_docs)]
 pub mod sdk;
 pub mod secrets;
 pub mod terminal;

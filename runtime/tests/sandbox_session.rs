@@ -311,6 +311,62 @@ fn the_ttl_ends_the_session(s: &Setup) {
     assert!(UnixStream::connect(&session.socket).is_err());
 }
 
+fn a_terminal_has_a_size_that_follows_resizes(s: &Setup) {
+    let session = start(s, "tty", Duration::from_secs(60), 1 << 20);
+    let client = session.client();
+    let request = ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "tty; stty size; read line; stty size; echo got-$line".into(),
+        ],
+        tty: Some(mvm_agent::protocol::TtySize { rows: 24, cols: 80 }),
+        ..ExecRequest::default()
+    };
+    let mut exec = client.exec(&request, Stdin::Stream).unwrap();
+    let mut seen = Vec::new();
+    let wait_for = |exec: &mut mvm_agent::Exec, seen: &mut Vec<u8>, want: &str| {
+        while !String::from_utf8_lossy(seen).contains(want) {
+            match exec.next_event().unwrap() {
+                Some(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => seen.extend_from_slice(&d),
+                other => panic!(
+                    "{other:?} before {want:?}: {}",
+                    String::from_utf8_lossy(seen)
+                ),
+            }
+        }
+    };
+    wait_for(&mut exec, &mut seen, "24 80");
+    assert!(String::from_utf8_lossy(&seen).contains("/dev/pts/"));
+    exec.resize(30, 100).unwrap();
+    exec.write_stdin(b"x\n").unwrap();
+    wait_for(&mut exec, &mut seen, "got-x");
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(text.contains("30 100"), "{text}");
+    // The terminal turns newlines into CR LF, as a terminal does.
+    assert!(text.contains("got-x\r\n"), "{text:?}");
+    loop {
+        if let Some(ExecEvent::Exit(status)) = exec.next_event().unwrap() {
+            assert_eq!(status.code, Some(0));
+            break;
+        }
+    }
+    // The end of stdin reaches a terminal program as Ctrl-D: `cat` ends.
+    let cat = ExecRequest {
+        argv: vec!["cat".into()],
+        tty: Some(mvm_agent::protocol::TtySize { rows: 5, cols: 5 }),
+        ..ExecRequest::default()
+    };
+    let out = client
+        .exec(&cat, Stdin::Bytes(b"hi\n".to_vec()))
+        .unwrap()
+        .wait_output()
+        .unwrap();
+    assert_eq!(out.status.code, Some(0));
+    client.shutdown().unwrap();
+    session.end();
+}
+
 /// The guest port the sessions here forward (the agent's "guest" is this host).
 const FORWARDED: u16 = 47_811;
 
@@ -366,7 +422,11 @@ fn main() {
     }
     let s = setup();
     std::env::set_var("MVM_RUN_DIR", &s.run_dir);
-    let cases: [(&str, Case); 4] = [
+    let cases: [(&str, Case); 5] = [
+        (
+            "a_terminal_has_a_size_that_follows_resizes",
+            a_terminal_has_a_size_that_follows_resizes,
+        ),
         (
             "only_the_plans_ports_are_reached_and_bytes_are_counted",
             only_the_plans_ports_are_reached_and_bytes_are_counted,

@@ -273,6 +273,10 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
                 control.stdin = None;
             }
         }
+        Message::Resize(size) => match shared.active().get(&id) {
+            Some(Active::Exec(control)) => control.resize(size),
+            _ => tracing::debug!("request {id}: resize for no running process"),
+        },
         Message::Signal(signal) => match shared.active().get(&id) {
             Some(Active::Exec(control)) => control.signal(signal.signal),
             _ => tracing::debug!("request {id}: signal for no running process"),

@@ -6,8 +6,10 @@
 //! its timeout passes, or its connection closes) the rest of the group is killed.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,9 @@ use super::policy::Limits;
 use super::reaper::ChildExit;
 use super::reply::{reply, Responder};
 use super::Agent;
-use crate::protocol::{ErrorCode, ErrorReply, ExecRequest, ExitStatus, Message, DATA_CHUNK};
+use crate::protocol::{
+    ErrorCode, ErrorReply, ExecRequest, ExitStatus, Message, TtySize, DATA_CHUNK,
+};
 
 /// `PATH` for workloads unless the request sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -42,6 +46,8 @@ pub(super) struct Control {
     pgid: i32,
     /// Where stdin chunks go; `None` once stdin is closed.
     pub(super) stdin: Option<SyncSender<Vec<u8>>>,
+    /// The pseudo-terminal's master side, when the process has one.
+    pty: Option<Arc<File>>,
 }
 
 impl Control {
@@ -62,6 +68,52 @@ impl Control {
     pub(super) fn kill(&self) {
         self.signal(libc::SIGKILL);
     }
+
+    /// Changes the size of the process's terminal (the kernel sends it SIGWINCH); a
+    /// process without one is left alone.
+    pub(super) fn resize(&self, size: TtySize) {
+        if let Some(master) = &self.pty {
+            if let Err(e) = set_size(master.as_raw_fd(), size) {
+                tracing::debug!("resize: {e}");
+            }
+        }
+    }
+}
+
+/// Sets a terminal's size.
+fn set_size(fd: RawFd, size: TtySize) -> io::Result<()> {
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a valid winsize that outlives the call, on an open fd.
+    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &winsize) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new pseudo-terminal of `size`: the master (close-on-exec, so no other process
+/// inherits it) and the slave the process gets as its stdin, stdout and stderr.
+fn open_pty(size: TtySize) -> io::Result<(File, File)> {
+    use nix::fcntl::OFlag;
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname_r(&master)?;
+    // std opens with O_CLOEXEC; the child gets its copies through dup2.
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&name)?;
+    set_size(master.as_raw_fd(), size)?;
+    // SAFETY: into_raw_fd hands over sole ownership of an open descriptor.
+    let master = unsafe { File::from_raw_fd(master.into_raw_fd()) };
+    Ok((master, slave))
 }
 
 /// A spawned process, before its supervisor thread takes over.
@@ -70,9 +122,18 @@ pub(super) struct Running {
     exits: Receiver<ChildExit>,
     pgid: i32,
     stdin_tx: Option<SyncSender<Vec<u8>>>,
-    stdin_rx: Option<(ChildStdin, Receiver<Vec<u8>>)>,
+    stdin_rx: Option<(StdinSink, Receiver<Vec<u8>>)>,
+    /// The pseudo-terminal's master side, when the request asked for one.
+    pty: Option<Arc<File>>,
     started: Instant,
     timeout: Option<Duration>,
+}
+
+/// Where a process's stdin bytes go: its pipe, or its terminal's master side (where
+/// the end of stdin is an end-of-file character, as a user's Ctrl-D).
+enum StdinSink {
+    Pipe(ChildStdin),
+    Pty(Arc<File>),
 }
 
 impl Running {
@@ -81,6 +142,7 @@ impl Running {
         Control {
             pgid: self.pgid,
             stdin: self.stdin_tx.take(),
+            pty: self.pty.clone(),
         }
     }
 }
@@ -188,11 +250,16 @@ fn empty_signal_mask() -> io::Result<()> {
 }
 
 /// Runs in the child between fork and exec: only async-signal-safe calls.
-fn isolate(limits: Limits) -> io::Result<()> {
+fn isolate(limits: Limits, tty: bool) -> io::Result<()> {
     default_signal_actions();
     empty_signal_mask()?;
     // SAFETY: setsid takes no arguments; it makes the child a session and group leader.
     if unsafe { libc::setsid() } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCSCTTY takes an integer; fd 0 is the pseudo-terminal's slave (std
+    // set up stdio before this runs), which becomes the new session's terminal.
+    if tty && unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) takes plain integers.
@@ -284,14 +351,34 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
         .args(request.argv.iter().skip(1))
         .env_clear()
         .envs(&env)
-        .current_dir(&cwd)
-        .stdin(if request.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&cwd);
+    let tty = request.tty.is_some();
+    let pty = match request.tty {
+        Some(size) => {
+            let (master, slave) = open_pty(size)
+                .map_err(|e| reply(ErrorCode::Io, format!("cannot open a pseudo-terminal: {e}")))?;
+            let copy = |f: &File| {
+                f.try_clone()
+                    .map_err(|e| reply(ErrorCode::Io, format!("pseudo-terminal: {e}")))
+            };
+            command
+                .stdin(copy(&slave)?)
+                .stdout(copy(&slave)?)
+                .stderr(slave);
+            Some(Arc::new(master))
+        }
+        None => {
+            command
+                .stdin(if request.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        }
+    };
     if let Some((uid, gid)) = identity {
         // std drops supplementary groups (setgroups(0)) when it changes the uid as root.
         command.uid(uid).gid(gid);
@@ -301,7 +388,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
     // system calls (rt_sigaction, rt_sigprocmask, setsid, prctl, getrlimit, setrlimit); it allocates nothing and
     // takes no locks.
     unsafe {
-        command.pre_exec(move || isolate(limits));
+        command.pre_exec(move || isolate(limits, tty));
     }
     let (mut child, exits) = agent
         .reaper
@@ -309,11 +396,21 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
         .map_err(|e| spawn_error(program, &e))?;
     let pgid = i32::try_from(child.id())
         .map_err(|_| reply(ErrorCode::Io, format!("pid {} out of range", child.id())))?;
-    let (stdin_tx, stdin_rx) = match child.stdin.take() {
-        Some(pipe) => {
+    // The slave's copies in `command` close with it: the master then reads EIO
+    // once the process and its children have closed theirs.
+    drop(command);
+    let sink = match (&pty, child.stdin.take()) {
+        (Some(master), _) => Some(StdinSink::Pty(Arc::clone(master))),
+        (None, Some(pipe)) => {
             grow_pipe(pipe.as_raw_fd());
+            Some(StdinSink::Pipe(pipe))
+        }
+        (None, None) => None,
+    };
+    let (stdin_tx, stdin_rx) = match sink {
+        Some(sink) => {
             let (tx, rx) = mpsc::sync_channel(STDIN_QUEUE);
-            (Some(tx), Some((pipe, rx)))
+            (Some(tx), Some((sink, rx)))
         }
         None => (None, None),
     };
@@ -328,6 +425,7 @@ pub(super) fn spawn(agent: &Agent, request: ExecRequest) -> Result<Running, Erro
         pgid,
         stdin_tx,
         stdin_rx,
+        pty,
         started: Instant::now(),
         timeout: request.timeout_ms.map(Duration::from_millis),
     })
@@ -364,19 +462,30 @@ pub(super) fn supervise<R: Responder>(mut running: Running, shared: Arc<R>, id: 
     }
 }
 
-fn feed_stdin(mut pipe: ChildStdin, chunks: &Receiver<Vec<u8>>) {
+fn feed_stdin(mut sink: StdinSink, chunks: &Receiver<Vec<u8>>) {
     for chunk in chunks {
-        if let Err(e) = pipe.write_all(&chunk) {
+        let written = match &mut sink {
+            StdinSink::Pipe(pipe) => pipe.write_all(&chunk),
+            StdinSink::Pty(master) => (&**master).write_all(&chunk),
+        };
+        if let Err(e) = written {
             tracing::debug!("stdin: {e}");
             return;
         }
     }
+    // The end of stdin: a pipe closes (when `sink` drops); a terminal reads the
+    // end-of-file character (Ctrl-D), as when a user types it.
+    if let StdinSink::Pty(master) = &sink {
+        let _ = (&**master).write_all(&[4]);
+    }
 }
 
-/// One of the process's output pipes.
+/// One of the process's outputs: a pipe, or its terminal's master side (stdout and
+/// stderr both; EIO there is the end, once every holder of the slave closed it).
 enum Pipe {
     Stdout(ChildStdout),
     Stderr(ChildStderr),
+    Pty(Arc<File>),
 }
 
 impl Pipe {
@@ -384,11 +493,15 @@ impl Pipe {
         match self {
             Self::Stdout(p) => p.read(buf),
             Self::Stderr(p) => p.read(buf),
+            Self::Pty(master) => match (&**master).read(buf) {
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+                other => other,
+            },
         }
     }
     fn frame(&self, data: Vec<u8>) -> Message {
         match self {
-            Self::Stdout(_) => Message::Stdout(data),
+            Self::Stdout(_) | Self::Pty(_) => Message::Stdout(data),
             Self::Stderr(_) => Message::Stderr(data),
         }
     }
@@ -419,6 +532,9 @@ fn run_to_exit<R: Responder>(mut running: Running, shared: &R, id: u32) -> ExitS
     }
     if let Some(p) = running.child.stderr.take() {
         pipes.push(Pipe::Stderr(p));
+    }
+    if let Some(master) = running.pty.take() {
+        pipes.push(Pipe::Pty(master));
     }
     // A timeout too large to represent is no timeout (and must not panic the agent).
     let deadline = running.timeout.and_then(|t| running.started.checked_add(t));
@@ -463,6 +579,7 @@ fn run_to_exit<R: Responder>(mut running: Running, shared: &R, id: u32) -> ExitS
                     let fd = match p {
                         Pipe::Stdout(s) => s.as_fd(),
                         Pipe::Stderr(s) => s.as_fd(),
+                        Pipe::Pty(master) => master.as_fd(),
                     };
                     PollFd::new(fd, PollFlags::POLLIN)
                 })

@@ -26,6 +26,8 @@ pub enum FrameType {
     Exit = 0x15,
     /// Send a signal to a running process's group (JSON [`super::ExecSignal`]).
     Signal = 0x16,
+    /// Change a process's terminal size (JSON [`super::TtySize`]; protocol 1.1).
+    Resize = 0x17,
     /// Open a file for writing (JSON [`super::WriteFileRequest`]).
     WriteFile = 0x20,
     /// File contents, either direction (raw).
@@ -67,6 +69,7 @@ impl FrameType {
             0x14 => Self::Stderr,
             0x15 => Self::Exit,
             0x16 => Self::Signal,
+            0x17 => Self::Resize,
             0x20 => Self::WriteFile,
             0x21 => Self::FileData,
             0x22 => Self::FileEnd,

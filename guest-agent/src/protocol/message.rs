@@ -111,11 +111,40 @@ pub struct ExecRequest {
     /// Kill the process group after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Run the process on a new pseudo-terminal of this size (its stdin, stdout and
+    /// stderr; output arrives as stdout frames, and resize frames change the size).
+    /// (Protocol 1.1; not sent when absent.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
     /// Leave the rest of the process's group running when it exits (a server started
     /// in the background of a sandbox's command); by default the group dies with it.
     /// (Protocol 1.1; not sent when false.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_children: bool,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    /// Rows (1..=4096).
+    pub rows: u16,
+    /// Columns (1..=4096).
+    pub cols: u16,
+}
+
+impl TtySize {
+    fn check(&self, frame_type: FrameType) -> Result<(), DecodeError> {
+        let ok = |n: u16| (1..=4096).contains(&n);
+        if ok(self.rows) && ok(self.cols) {
+            Ok(())
+        } else {
+            Err(bad(
+                frame_type,
+                format!("terminal size {}x{} is out of range", self.rows, self.cols),
+            ))
+        }
+    }
 }
 
 /// How a process ended.
@@ -240,6 +269,8 @@ pub enum Message {
     Exit(ExitStatus),
     /// Signal a process group.
     Signal(ExecSignal),
+    /// Change a process's terminal size.
+    Resize(TtySize),
     /// Open a file for writing.
     WriteFile(WriteFileRequest),
     /// File contents.
@@ -330,6 +361,9 @@ impl ExecRequest {
         if let Some(cwd) = &self.cwd {
             check_abs_path(t, cwd)?;
         }
+        if let Some(size) = &self.tty {
+            size.check(t)?;
+        }
         Ok(())
     }
 }
@@ -349,6 +383,7 @@ impl Message {
             Self::Stderr(_) => FrameType::Stderr,
             Self::Exit(_) => FrameType::Exit,
             Self::Signal(_) => FrameType::Signal,
+            Self::Resize(_) => FrameType::Resize,
             Self::WriteFile(_) => FrameType::WriteFile,
             Self::FileData(_) => FrameType::FileData,
             Self::FileEnd => FrameType::FileEnd,
@@ -393,6 +428,11 @@ impl Message {
                     return Err(bad(t, format!("signal {} is out of range", signal.signal)));
                 }
                 Self::Signal(signal)
+            }
+            FrameType::Resize => {
+                let size: TtySize = json(t, body)?;
+                size.check(t)?;
+                Self::Resize(size)
             }
             FrameType::WriteFile => {
                 let request: WriteFileRequest = json(t, body)?;
@@ -458,6 +498,7 @@ impl Message {
             Self::Exec(v) => to_json(serde_json::to_vec(v)),
             Self::Exit(v) => to_json(serde_json::to_vec(v)),
             Self::Signal(v) => to_json(serde_json::to_vec(v)),
+            Self::Resize(v) => to_json(serde_json::to_vec(v)),
             Self::WriteFile(v) => to_json(serde_json::to_vec(v)),
             Self::ReadFile(v) => to_json(serde_json::to_vec(v)),
             Self::FileDone(v) => to_json(serde_json::to_vec(v)),

@@ -21,7 +21,7 @@ pub use frame_type::FrameType;
 pub use io::{read_frame, write_frame, ReadError, WriteError};
 pub use message::{
     ConnectRequest, ErrorCode, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone, Hello,
-    Message, ReadFileRequest, ReadyInfo, ShutdownRequest, WriteFileRequest,
+    Message, ReadFileRequest, ReadyInfo, ShutdownRequest, TtySize, WriteFileRequest,
 };
 
 /// The vsock port the agent listens on in the guest (host side: `CONNECT 1024`).

@@ -72,15 +72,20 @@ pub type Digested = (Sha256Digest, u64);
 pub enum SessionEvent {
     /// A command is about to start (recorded before the agent hears of it).
     ExecStarted {
+        /// The session's number for the request.
         request: u64,
         /// The command's digest, as `exec_started` records a run's.
         argv: Vec<String>,
     },
     /// A command ended, or its request failed (`status` is then `None`).
     ExecExited {
+        /// The session's number for the request.
         request: u64,
+        /// Its shell-style exit status.
         status: Option<i32>,
+        /// Its stdout's digest and size.
         stdout: Digested,
+        /// Its stderr's digest and size.
         stderr: Digested,
         /// Why it has no status (the agent's error, a cancel), if it has none.
         error: Option<String>,
@@ -88,29 +93,49 @@ pub enum SessionEvent {
     /// A file went into the guest (`complete` false: cut off or refused, and
     /// nothing was left at `path`).
     FileWritten {
+        /// The session's number for the request.
         request: u64,
+        /// The guest path.
         path: String,
+        /// The bytes' digest and count.
         data: Digested,
+        /// Whether the file was written whole.
         complete: bool,
     },
     /// A file came out of the guest.
     FileRead {
+        /// The session's number for the request.
         request: u64,
+        /// The guest path.
         path: String,
+        /// The bytes' digest and count.
         data: Digested,
+        /// Whether the file was read whole.
         complete: bool,
     },
     /// A client opened a connection to a forwarded guest port.
-    ForwardOpened { request: u64, port: u16 },
+    ForwardOpened {
+        /// The session's number for the request.
+        request: u64,
+        /// The guest port.
+        port: u16,
+    },
     /// That connection closed, after these many bytes each way.
     ForwardClosed {
+        /// The session's number for the request.
         request: u64,
+        /// The guest port.
         port: u16,
+        /// Bytes sent into the guest.
         to_guest: u64,
+        /// Bytes that came out of it.
         from_guest: u64,
         /// Why it ended early (the guest port refused, a cancel), if it did.
         error: Option<String>,
     },
     /// The session ends; `reason` is `stop`, `ttl`, `vm_exited` or `signal`.
-    Stopping { reason: String },
+    Stopping {
+        /// `stop`, `ttl`, `vm_exited` or `signal`.
+        reason: String,
+    },
 }

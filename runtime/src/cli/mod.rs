@@ -7,6 +7,7 @@ pub mod image;
 pub mod run;
 pub mod sandbox;
 pub mod secret;
+pub mod terminal_session;
 pub mod trust;
 
 use clap::{Args, Parser, Subcommand};
@@ -132,6 +133,14 @@ pub struct RunArgs {
     /// of streaming the output.
     #[arg(long)]
     pub json: bool,
+    /// Forward stdin even when it is a terminal (line by line; `-it` for a terminal).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// A terminal in the guest, this one in raw mode: `mvm run -it -- sh` is a shell in
+    /// a fresh microVM (run as a sandbox, removed at the end; docs/sandboxes.md).
+    #[arg(short = 't', long,
+          conflicts_with_all = ["json", "receipt", "secret_env", "disk", "net", "allow", "dns"])]
+    pub tty: bool,
     /// Use this backend instead of the best one detected.
     #[arg(long, value_enum)]
     pub backend: Option<Tier>,

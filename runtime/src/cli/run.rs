@@ -5,10 +5,12 @@ use std::io::{IsTerminal, Read, Write};
 
 use serde_json::json;
 
+use super::terminal_session::{self, Interactive};
 use super::RunArgs;
 use crate::backend::{OutputSink, RunError, RunOutcome, RunSpec, StdinMode};
 use crate::run::execute::RunOptions;
 use crate::run::exit;
+use crate::sandbox::{self, SandboxError, SandboxOptions};
 use crate::sdk::Collect as CollectSink;
 use crate::terminal::escape_controls;
 
@@ -39,7 +41,7 @@ pub fn spec_from_args(args: &RunArgs, stdin_is_terminal: bool) -> RunSpec {
         cpus: args.cpus,
         mem_mib: args.mem_mib,
         timeout_secs: args.timeout,
-        stdin: if stdin_is_terminal {
+        stdin: if stdin_is_terminal && !args.interactive {
             StdinMode::Null
         } else {
             StdinMode::Forward
@@ -73,8 +75,59 @@ fn execute(
     crate::run::execute::execute(&options_from_args(args), spec, sink, Some(stdin))
 }
 
+/// `mvm run -t`: the command on a terminal in a sandbox made for it, stopped and
+/// removed at the end, admitted and audited as any sandbox.
+fn with_terminal(args: &RunArgs) -> Result<i32, SandboxError> {
+    let created = sandbox::create(&SandboxOptions {
+        image: args.image.clone(),
+        ttl: std::time::Duration::from_secs(args.timeout.unwrap_or(3600)),
+        cpus: args.cpus,
+        mem_mib: args.mem_mib,
+        backend: args.backend,
+        dev: args.dev_mode(),
+        secrets: args.secrets.clone(),
+        ephemeral: true,
+        ..SandboxOptions::default()
+    });
+    let info = match created {
+        Ok(info) => info,
+        Err(e) => {
+            // A sandbox that failed to start stays for its log; this one is ours.
+            if let SandboxError::Failed { id, .. } = &e {
+                let _ = sandbox::remove(id, true);
+            }
+            return Err(e);
+        }
+    };
+    let result = sandbox::connect(&info.id).and_then(|client| {
+        terminal_session::run(
+            &client,
+            Interactive {
+                argv: args.command.clone(),
+                env: args.env.iter().cloned().collect(),
+                workdir: args.workdir.clone(),
+            },
+        )
+    });
+    // The client is gone: the sandbox stops and its supervisor removes it (as it
+    // would if this process had been killed). Wait for that, so the VM is gone
+    // when `mvm` returns; force it if it takes too long.
+    if !sandbox::wait_gone(&info.id, std::time::Duration::from_secs(60)) {
+        if let Err(e) = sandbox::remove(&info.id, true) {
+            eprintln!("mvm: removing sandbox {}: {e}", info.id);
+        }
+    }
+    result
+}
+
 /// Runs `mvm run` and returns the process exit code.
 pub fn main(args: &RunArgs) -> i32 {
+    if args.tty {
+        return with_terminal(args).unwrap_or_else(|e| {
+            eprintln!("mvm: {}", escape_controls(&e.to_string()));
+            e.exit_code()
+        });
+    }
     let spec = spec_from_args(args, std::io::stdin().is_terminal());
     if args.json {
         let mut sink = CollectSink::default();

@@ -28,6 +28,17 @@ pub enum SandboxCommand {
     },
     /// Run a command in a sandbox; streams its output and exits with its status.
     Exec(ExecArgs),
+    /// An interactive shell (or CMD) on a terminal in a sandbox; exits with its status.
+    Shell {
+        /// Id, id prefix or name.
+        sandbox: String,
+        /// Working directory in the guest.
+        #[arg(long, value_name = "DIR")]
+        workdir: Option<String>,
+        /// The command (default `sh`), after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Copy a file in or out: `cp HOST_PATH ID:GUEST_PATH` or `cp ID:GUEST_PATH HOST_PATH`.
     Cp {
         /// The source.
@@ -147,6 +158,24 @@ pub fn main(command: &SandboxCommand) -> i32 {
         }
         SandboxCommand::Exec(args) => exec(args),
         SandboxCommand::Cp { from, to } => cp(from, to),
+        SandboxCommand::Shell {
+            sandbox,
+            workdir,
+            command,
+        } => sandbox::connect(sandbox).and_then(|client| {
+            super::terminal_session::run(
+                &client,
+                super::terminal_session::Interactive {
+                    argv: if command.is_empty() {
+                        vec!["sh".to_owned()]
+                    } else {
+                        command.clone()
+                    },
+                    env: Default::default(),
+                    workdir: workdir.clone(),
+                },
+            )
+        }),
         SandboxCommand::Logs { sandbox } => sandbox::logs(sandbox).map(|log| {
             print!("{}", escape_controls(&log));
             0
@@ -162,13 +191,7 @@ pub fn main(command: &SandboxCommand) -> i32 {
     };
     result.unwrap_or_else(|e| {
         eprintln!("mvm: {}", escape_controls(&e.to_string()));
-        match e {
-            SandboxError::Failed {
-                exit_code: Some(code),
-                ..
-            } => code,
-            _ => 1,
-        }
+        e.exit_code()
     })
 }
 

@@ -136,6 +136,18 @@ pub enum SandboxError {
 }
 
 impl SandboxError {
+    /// The exit status `mvm` gives this error: a sandbox that failed to start as
+    /// `mvm run` would for the same failure, anything else 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Failed {
+                exit_code: Some(code),
+                ..
+            } => *code,
+            _ => 1,
+        }
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),
@@ -182,6 +194,11 @@ pub struct SandboxOptions {
     /// TCP forwards `(host, guest)`: `127.0.0.1:host` reaches `127.0.0.1:guest` in
     /// the guest (pinned in the plan).
     pub ports: Vec<(u16, u16)>,
+    /// Lives only while a client is connected: stopped when the last one
+    /// disconnects (or when none connected within a minute of `create`), then
+    /// removed by its supervisor. What `mvm run -it` makes, so that a killed
+    /// `mvm` leaves no VM behind.
+    pub ephemeral: bool,
 }
 
 impl Default for SandboxOptions {
@@ -197,6 +214,7 @@ impl Default for SandboxOptions {
             secrets: Vec::new(),
             ready_timeout: Duration::from_secs(300),
             ports: Vec::new(),
+            ephemeral: false,
         }
     }
 }
@@ -296,6 +314,7 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
         dev: options.dev,
         secrets: options.secrets.clone(),
         ports: options.ports.clone(),
+        ephemeral: options.ephemeral,
         created: UtcTime::now(),
     };
     let root = state::root();
@@ -549,6 +568,20 @@ pub fn stop_within(reference: &str, wait: Duration) -> Result<SandboxInfo, Sandb
             });
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `wait` until the sandbox `reference` names no longer exists
+/// (an ephemeral one, whose supervisor removes it at its end). True if it is gone.
+pub fn wait_gone(reference: &str, wait: Duration) -> bool {
+    let root = state::root();
+    let start = Instant::now();
+    loop {
+        match Sandbox::find_in(&root, reference) {
+            Err(SandboxError::NotFound(_)) => return true,
+            _ if start.elapsed() > wait => return false,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
     }
 }
 

@@ -117,6 +117,8 @@ enum Note {
     Stop,
     /// The agent connection ended.
     AgentClosed(String),
+    /// The last client left a sandbox that lives only as long as its clients.
+    Abandoned,
 }
 
 /// What the threads share.
@@ -134,6 +136,8 @@ struct Hub {
     limit: u64,
     /// The guest ports the plan forwards: the only ones a client may connect to.
     ports: Vec<u16>,
+    /// Whether the session ends when its last client leaves.
+    ends_with_clients: bool,
 }
 
 impl Hub {
@@ -201,7 +205,11 @@ pub struct Mux {
     ended: Option<&'static str>,
     limit: u64,
     ports: Vec<u16>,
+    ends_with_clients: bool,
 }
+
+/// How long a sandbox that ends with its clients waits for its first one.
+const FIRST_CLIENT_WAIT: Duration = Duration::from_secs(60);
 
 impl Mux {
     /// A multiplexer that listens on `socket`, ends the session after `ttl`,
@@ -214,7 +222,17 @@ impl Mux {
             ended: None,
             limit: MAX_TRANSFER,
             ports: Vec::new(),
+            ends_with_clients: false,
         }
+    }
+
+    /// Ends the session (`abandoned`) when its last client disconnects, or when
+    /// none has connected [`FIRST_CLIENT_WAIT`] after it was ready: a sandbox
+    /// that lives only for the program that made it (`mvm run -it`), even if
+    /// that program is killed.
+    pub fn ends_with_clients(mut self) -> Self {
+        self.ends_with_clients = true;
+        self
     }
 
     /// Lets clients connect to these guest ports (the plan's forwards), and no others.
@@ -229,7 +247,8 @@ impl Mux {
         self
     }
 
-    /// Why the session ended (`stop`, `ttl`, `signal`, `vm_exited`), once it has.
+    /// Why the session ended (`stop`, `ttl`, `signal`, `vm_exited`, `abandoned`),
+    /// once it has.
     pub fn ended_because(&self) -> Option<&'static str> {
         self.ended
     }
@@ -300,6 +319,7 @@ impl SessionServer for Mux {
             closing: AtomicBool::new(false),
             limit: self.limit,
             ports: self.ports.clone(),
+            ends_with_clients: self.ends_with_clients,
         });
         spawn_agent_reader(agent, Arc::clone(&hub)).map_err(RunError::io("agent reader"))?;
         let deadline = Instant::now() + self.ttl;
@@ -352,6 +372,7 @@ fn serve_loop(
     deadline: Instant,
 ) -> &'static str {
     let mut next_client = 1u64;
+    let ready = Instant::now();
     loop {
         while let Ok((stream, _)) = listener.accept() {
             let id = next_client;
@@ -369,6 +390,7 @@ fn serve_loop(
                 }
             }
             Ok(Note::Stop) => return "stop",
+            Ok(Note::Abandoned) => return "abandoned",
             Ok(Note::AgentClosed(why)) => {
                 tracing::warn!("agent connection ended: {why}");
                 return "vm_exited";
@@ -377,6 +399,9 @@ fn serve_loop(
         }
         if Instant::now() >= deadline {
             return "ttl";
+        }
+        if hub.ends_with_clients && next_client == 1 && ready.elapsed() > FIRST_CLIENT_WAIT {
+            return "abandoned";
         }
         if interrupt::requested() {
             return "signal";
@@ -546,7 +571,9 @@ fn spawn_client(stream: UnixStream, id: u64, hub: Arc<Hub>) {
             let hub = Arc::clone(&hub);
             move || {
                 serve_client(stream, id, &hub);
-                hub.clients.fetch_sub(1, Ordering::SeqCst);
+                if hub.clients.fetch_sub(1, Ordering::SeqCst) == 1 && hub.ends_with_clients {
+                    let _ = hub.notes.send(Note::Abandoned);
+                }
             }
         });
     if let Err(e) = spawned {
@@ -816,6 +843,7 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
         | Message::Stdin(_)
         | Message::StdinClose
         | Message::Signal(_)
+        | Message::Resize(_)
         | Message::Error(_)) => {
             let Some(aid) = lock(&hub.by_client).get(&(client.id, cid)).copied() else {
                 // Stdin or a signal racing the end of its process is normal.

@@ -55,6 +55,10 @@ pub struct SandboxConfig {
     /// TCP forwards, host port to guest port (`-p HOST:GUEST`).
     #[serde(default)]
     pub ports: Vec<(u16, u16)>,
+    /// Lives only while a client is connected, and its supervisor removes it at
+    /// the end (`mvm run -it`).
+    #[serde(default)]
+    pub ephemeral: bool,
     /// When `create` was asked.
     pub created: UtcTime,
 }
@@ -405,6 +409,7 @@ mod tests {
             dev: false,
             secrets: vec![],
             ports: vec![],
+            ephemeral: false,
             created: UtcTime::now(),
         }
     }

@@ -126,6 +126,9 @@ pub fn supervise(dir: &Path) -> i32 {
         }),
     )
     .forwarded_ports(config.ports.iter().map(|&(_, guest)| guest).collect());
+    if config.ephemeral {
+        mux = mux.ends_with_clients();
+    }
     let result = tier.and_then(|_| execute_workload(&options, &spec, Workload::Session(&mut mux)));
     // The latest state (ready, with its times) is the base of the last one.
     if let Ok(Some(latest)) = sandbox.state() {
@@ -155,5 +158,14 @@ pub fn supervise(dir: &Path) -> i32 {
         }
     };
     save(&state);
+    // An ephemeral sandbox that ran leaves nothing behind but its records in the
+    // audit log. One that failed stays, for its maker to read why and remove.
+    if config.ephemeral && result.is_ok() {
+        if let Some(root) = dir.parent() {
+            if let Err(e) = sandbox.remove(root) {
+                tracing::error!("{e}");
+            }
+        }
+    }
     code
 }

@@ -22,6 +22,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("sandbox/ttl", ttl).limit_secs(300),
     Case::user_host("sandbox/port-forward", port_forward).limit_secs(300),
     Case::user_host("sandbox/sdk-example", sdk_example).limit_secs(300),
+    Case::user_host("sandbox/terminal", terminal).limit_secs(600),
 ];
 
 /// `mvm sandbox ARGS` with the artifacts' binaries, image store, keys and
@@ -248,6 +249,15 @@ fn lifecycle(ctx: &Context) -> CaseResult {
     }
 
     // Hostile and mistaken input: clear errors.
+    let huge = ctx.work_file("huge.bin");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len(4 << 30))
+        .map_err(|e| Failure::new(format!("a sparse 4 GiB file: {e}")))?;
+    refused(
+        ctx,
+        &["cp", path(&huge)?, "life:/work/huge.bin"],
+        "at most 1073741824 bytes",
+    )?;
     refused(ctx, &["cp", path(&input)?, "life:/work/../etc/x"], "'..'")?;
     refused(
         ctx,
@@ -558,4 +568,243 @@ fn sdk_example(ctx: &Context) -> CaseResult {
         )));
     }
     Ok(())
+}
+
+/// `mvm sandbox shell` and `mvm run -it`: a terminal in the guest. Driven twice:
+/// with a script piped in (no terminal on the host side), and on a terminal
+/// made here that `mvm` puts in raw mode.
+fn terminal(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let id = create(ctx, &["--ttl", "10m"])?;
+    let out = run_with_stdin(
+        sandbox(ctx, &["shell", &id])?,
+        b"tty; stty size; echo in-$((6*7)); exit 7\n",
+    )?;
+    expect_code(&out, 7)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !text.contains("/dev/pts/") || !text.contains("24 80") || !text.contains("in-42") {
+        return Err(
+            Failure::new("mvm sandbox shell: wanted a pts, 24 80 and in-42")
+                .with_detail(describe(&out)),
+        );
+    }
+    ok(ctx, &["stop", &id])?;
+
+    // mvm run -it on a terminal made here, as a terminal emulator runs it:
+    // the guest's terminal has the host's size, follows a resize (SIGWINCH)
+    // and gives the shell's exit status back.
+    let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
+    command.args(["run", "-it", "--", "sh"]);
+    let mut term = Terminal::spawn(command, 30, 100)?;
+    term.expect(b"$ ", Duration::from_secs(180))?;
+    term.type_line(b"stty size")?;
+    term.expect(b"30 100", Duration::from_secs(30))?;
+    term.resize(40, 120)?;
+    // The resize travels host SIGWINCH -> mvm -> agent -> guest pty; a
+    // shell reading its next line sees the new size.
+    std::thread::sleep(Duration::from_millis(500));
+    term.type_line(b"stty size")?;
+    term.expect(b"40 120", Duration::from_secs(30))?;
+    term.type_line(b"[ -t 0 ] && echo term-ok; exit 5")?;
+    let (code, seen) = term.wait(Duration::from_secs(60))?;
+    if code != Some(5) || !seen.contains("term-ok") {
+        return Err(Failure::new(format!(
+            "mvm run -it exited {code:?}, wanted 5 after term-ok"
+        ))
+        .with_detail(crate::case::tail("terminal", &seen, 20)));
+    }
+    // The sandbox it ran in is gone.
+    if !list(ctx)?.iter().all(|i| field(i, "id") == id) {
+        return Err(Failure::new("mvm run -it left its sandbox behind"));
+    }
+
+    // mvm run -it killed (a terminal emulator's window closed hard): its
+    // sandbox sees its only client leave, stops and is removed all the same.
+    let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
+    command.args(["run", "-it", "--", "sh"]);
+    let mut term = Terminal::spawn(command, 24, 80)?;
+    term.expect(b"$ ", Duration::from_secs(180))?;
+    let others = |all: Vec<Value>| all.into_iter().filter(|i| field(i, "id") != id).count();
+    if others(list(ctx)?) != 1 {
+        return Err(Failure::new(
+            "mvm run -it: wanted its sandbox in mvm sandbox ls",
+        ));
+    }
+    drop(term);
+    let start = Instant::now();
+    while others(list(ctx)?) != 0 {
+        if start.elapsed() > Duration::from_secs(90) {
+            return Err(Failure::new(
+                "mvm run -it killed: its sandbox was still there 90 s later",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+/// A command on a terminal made here with openpty(3), in a session of its own
+/// with that terminal as its controlling terminal: what a terminal emulator
+/// gives `mvm run -it`. Everything the command writes is kept.
+struct Terminal {
+    master: std::os::fd::OwnedFd,
+    child: std::process::Child,
+    seen: Vec<u8>,
+}
+
+impl Terminal {
+    fn spawn(mut command: Command, rows: u16, cols: u16) -> Result<Self, Failure> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fail = |what: &str, e: &dyn std::fmt::Display| Failure::new(format!("{what}: {e}"));
+        let size = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None).map_err(|e| fail("openpty", &e))?;
+        // Neither end may leak into what mvm starts (its supervisor would
+        // hold the terminal open after mvm has exited).
+        for fd in [&pty.master, &pty.slave] {
+            fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+                .map_err(|e| fail("fcntl", &e))?;
+        }
+        let clone = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| fail("dup", &e));
+        command
+            .stdin(Stdio::from(clone(&pty.slave)?))
+            .stdout(Stdio::from(clone(&pty.slave)?))
+            .stderr(Stdio::from(pty.slave));
+        // SAFETY: the closure runs in the child between fork and exec and
+        // calls only async-signal-safe functions (setsid, ioctl) on fd 0.
+        unsafe {
+            command.pre_exec(|| {
+                nix::unistd::setsid()?;
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| fail("starting mvm", &e))?;
+        // `command` holds the slave's copies; dropping it leaves the child as
+        // the only holder, so the master reads EOF (EIO) once it has exited.
+        drop(command);
+        Ok(Self {
+            master: pty.master,
+            child,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads what the command writes for up to `within`; false at EOF.
+    fn read_some(&mut self, within: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::{AsFd, AsRawFd};
+        let ms = u16::try_from(within.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(ms)).unwrap_or(0) == 0 {
+            return true;
+        }
+        let mut buf = [0u8; 4096];
+        match nix::unistd::read(self.master.as_raw_fd(), &mut buf) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.seen
+                    .extend_from_slice(buf.get(..n).unwrap_or_default());
+                true
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    /// Waits until the command has written `want`.
+    fn expect(&mut self, want: &[u8], within: Duration) -> CaseResult {
+        let deadline = Instant::now() + within;
+        let start = self.seen.len();
+        while Instant::now() < deadline {
+            let fresh = self
+                .seen
+                .get(start.saturating_sub(want.len())..)
+                .unwrap_or_default();
+            if fresh.windows(want.len()).any(|w| w == want) {
+                return Ok(());
+            }
+            if !self.read_some(Duration::from_millis(500)) {
+                break;
+            }
+        }
+        Err(Failure::new(format!(
+            "the terminal did not show {:?} within {within:?}",
+            String::from_utf8_lossy(want)
+        ))
+        .with_detail(crate::case::tail("terminal", &self.text(), 20)))
+    }
+
+    /// Types `line` and Enter, as a user at the keyboard does.
+    fn type_line(&mut self, line: &[u8]) -> CaseResult {
+        let mut bytes = line.to_vec();
+        bytes.push(b'\r');
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let n = nix::unistd::write(&self.master, rest)
+                .map_err(|e| Failure::new(format!("typing on the terminal: {e}")))?;
+            rest = rest.get(n..).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Resizes the terminal: the kernel sends SIGWINCH to the command.
+    fn resize(&mut self, rows: u16, cols: u16) -> CaseResult {
+        use std::os::fd::AsRawFd;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one `winsize` from the valid pointer; the
+        // fd is the pty master this struct owns.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        if rc != 0 {
+            return Err(Failure::new(format!(
+                "TIOCSWINSZ: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads to EOF and waits for the command's exit, killing it after
+    /// `within`. Returns its exit code and everything it wrote.
+    fn wait(mut self, within: Duration) -> Result<(Option<i32>, String), Failure> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline && self.read_some(Duration::from_millis(500)) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                while self.read_some(Duration::from_millis(100)) {}
+                return Ok((status.code(), self.text()));
+            }
+        }
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(status) if Instant::now() < deadline => Ok((status.code(), self.text())),
+            _ => Err(
+                Failure::new(format!("mvm run -it was still running after {within:?}"))
+                    .with_detail(crate::case::tail("terminal", &self.text(), 20)),
+            ),
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

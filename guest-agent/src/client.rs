@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::protocol::{
-    read_frame, write_frame, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone, Hello,
-    Message, ReadError, ReadFileRequest, ReadyInfo, ShutdownRequest, WriteError, WriteFileRequest,
-    CONNECTION_REQUEST_ID, DATA_CHUNK, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    read_frame, write_frame, DirEntry, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone,
+    Hello, ListDirRequest, MakeDirRequest, Message, ReadError, ReadFileRequest, ReadyInfo,
+    ShutdownRequest, WriteError, WriteFileRequest, CONNECTION_REQUEST_ID, DATA_CHUNK,
+    MAX_DIR_ENTRIES, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 use crate::transport::Duplex;
 
@@ -738,6 +739,56 @@ impl Client {
                         }
                     }
                     Message::FileDone(_) => return Ok(total),
+                    Message::Error(reply) => return Err(ClientError::Agent(reply)),
+                    other => {
+                        return Err(ClientError::Unexpected(format!("{:?}", other.frame_type())))
+                    }
+                }
+            }
+        })();
+        self.inner.forget(id);
+        result
+    }
+
+    /// Makes one directory in the guest (protocol 1.1); one already there is fine.
+    pub fn make_dir(&self, request: &MakeDirRequest) -> Result<(), ClientError> {
+        let (id, rx) = self.inner.register()?;
+        let answer = self
+            .inner
+            .send(id, &Message::MakeDir(request.clone()))
+            .and_then(|()| self.inner.recv(&rx, None));
+        self.inner.forget(id);
+        match answer? {
+            Message::FileDone(_) => Ok(()),
+            Message::Error(reply) => Err(ClientError::Agent(reply)),
+            other => Err(ClientError::Unexpected(format!("{:?}", other.frame_type()))),
+        }
+    }
+
+    /// Lists one directory in the guest (protocol 1.1): its entries as they are,
+    /// symbolic links not followed. At most [`MAX_DIR_ENTRIES`] entries.
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>, ClientError> {
+        let (id, rx) = self.inner.register()?;
+        let result = (|| {
+            self.inner.send(
+                id,
+                &Message::ListDir(ListDirRequest {
+                    path: path.to_owned(),
+                }),
+            )?;
+            let mut all = Vec::new();
+            loop {
+                match self.inner.recv(&rx, None)? {
+                    Message::DirEntries(batch) => {
+                        all.extend(batch.entries);
+                        if all.len() > MAX_DIR_ENTRIES {
+                            self.cancel(id, "too many entries");
+                            return Err(ClientError::Unexpected(format!(
+                                "{path:?}: more than {MAX_DIR_ENTRIES} entries"
+                            )));
+                        }
+                    }
+                    Message::FileDone(_) => return Ok(all),
                     Message::Error(reply) => return Err(ClientError::Agent(reply)),
                     other => {
                         return Err(ClientError::Unexpected(format!("{:?}", other.frame_type())))

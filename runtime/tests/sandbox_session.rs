@@ -284,6 +284,124 @@ fn a_transfer_past_the_limit_is_cut_and_leaves_nothing(s: &Setup) {
     );
 }
 
+/// Every path under `root` (relative, sorted), with a file's bytes.
+fn tree(root: &Path) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut all = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+                all.push((rel, None));
+            } else if meta.is_file() {
+                all.push((rel, Some(std::fs::read(&path).unwrap())));
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+fn directories_copy_both_ways_and_no_link_is_followed(s: &Setup) {
+    use mvm_runtime::sandbox::copy::Copier;
+    let session = start(s, "dirs", Duration::from_secs(60), 1 << 30);
+    let client = session.client();
+    let copier = Copier::new(&client, None);
+    // A host tree with a nested binary file, an empty directory, and a link.
+    let src = s.dir.path().join("dir-src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    let binary: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.join("sub/b.bin"), &binary).unwrap();
+    std::fs::write(src.join("sub/deeper/c"), b"").unwrap();
+    std::os::unix::fs::symlink("/etc", src.join("link")).unwrap();
+
+    // In: the agent here writes this machine's files, so the "guest" is a directory.
+    let guest = s.dir.path().join("dir-guest");
+    let stats = copier.copy_in(&src, guest.to_str().unwrap()).unwrap();
+    assert_eq!(
+        (stats.files, stats.dirs, stats.skipped.clone()),
+        (3, 4, vec!["link".to_owned()])
+    );
+    assert_eq!(stats.bytes, 6 + 300_000);
+    assert_eq!(tree(&guest), tree(&src));
+    assert!(!guest.join("link").exists());
+    assert!(copier.is_dir(guest.to_str().unwrap()).unwrap());
+    assert!(!copier
+        .is_dir(guest.join("a.txt").to_str().unwrap())
+        .unwrap());
+
+    // The guest plants links; the host destination has one planted too.
+    std::os::unix::fs::symlink("/etc/passwd", guest.join("sub/evil")).unwrap();
+    nix::unistd::mkfifo(&guest.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let outside = s.dir.path().join("dir-outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let trapped = s.dir.path().join("dir-trapped");
+    std::fs::create_dir_all(&trapped).unwrap();
+    std::os::unix::fs::symlink(&outside, trapped.join("sub")).unwrap();
+    let err = copier
+        .copy_out(guest.to_str().unwrap(), &trapped)
+        .unwrap_err();
+    assert!(err.to_string().contains("not a directory"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written through a link"
+    );
+
+    // Out, into a fresh destination: the same tree, links and the FIFO skipped.
+    let out = s.dir.path().join("dir-out");
+    let stats = copier.copy_out(guest.to_str().unwrap(), &out).unwrap();
+    let mut skipped = stats.skipped.clone();
+    skipped.sort();
+    assert_eq!(skipped, vec!["fifo".to_owned(), "sub/evil".to_owned()]);
+    assert_eq!((stats.files, stats.dirs), (3, 4));
+    assert_eq!(tree(&out), tree(&src));
+    // A file alone, onto an existing one: replaced whole.
+    std::fs::write(out.join("a.txt"), b"old").unwrap();
+    copier
+        .copy_out(
+            guest.join("sub/b.bin").to_str().unwrap(),
+            &out.join("a.txt"),
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(out.join("a.txt")).unwrap(), binary);
+    let leftovers: Vec<_> = tree(&out)
+        .into_iter()
+        .filter(|(p, _)| p.contains("mvm-cp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Each file went through the audit trail, in and out.
+    let events = session.recorder.events();
+    assert_eq!(
+        count(&events, |e| matches!(
+            e,
+            SessionEvent::FileWritten { complete: true, .. }
+        )),
+        3
+    );
+    // Out: a.txt into the trapped destination (before its `sub` stopped the
+    // copy), the three of the tree, and the file alone.
+    assert_eq!(
+        count(&events, |e| matches!(
+            e,
+            SessionEvent::FileRead { complete: true, .. }
+        )),
+        5
+    );
+    client.shutdown().unwrap();
+    session.end();
+}
+
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -422,7 +540,11 @@ fn main() {
     }
     let s = setup();
     std::env::set_var("MVM_RUN_DIR", &s.run_dir);
-    let cases: [(&str, Case); 5] = [
+    let cases: [(&str, Case); 6] = [
+        (
+            "directories_copy_both_ways_and_no_link_is_followed",
+            directories_copy_both_ways_and_no_link_is_followed,
+        ),
         (
             "a_terminal_has_a_size_that_follows_resizes",
             a_terminal_has_a_size_that_follows_resizes,

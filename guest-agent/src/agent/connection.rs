@@ -4,14 +4,15 @@ use std::collections::HashMap;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::dirs;
 use super::exec;
 use super::files::{self, WriteSink};
 use super::reply::{reply, Responder};
 use super::tunnel;
 use super::{software, Agent, MAX_CONNECTIONS, MAX_REQUESTS_PER_CONNECTION};
 use crate::protocol::{
-    read_frame, write_frame, DecodeError, ErrorCode, ErrorReply, Frame, Hello, Message, ReadError,
-    CONNECTION_REQUEST_ID, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    read_frame, write_frame, DecodeError, DirEntries, ErrorCode, ErrorReply, FileDone, Frame,
+    Hello, Message, ReadError, CONNECTION_REQUEST_ID, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 use crate::transport::Duplex;
 
@@ -379,6 +380,37 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
                 }
             }
         }
+        Message::MakeDir(request) => {
+            if let Err(e) = admit(shared, id) {
+                return shared.send_error(id, e);
+            }
+            match dirs::make_dir(&request) {
+                Ok(()) => shared.send(id, &Message::FileDone(FileDone { size: 0 })),
+                Err(e) => shared.send_error(id, e),
+            };
+        }
+        Message::ListDir(request) => {
+            if let Err(e) = admit(shared, id) {
+                return shared.send_error(id, e);
+            }
+            match dirs::list_dir(&request) {
+                Ok(entries) => {
+                    for batch in entries.chunks(dirs::ENTRIES_PER_FRAME) {
+                        let frame = Message::DirEntries(DirEntries {
+                            entries: batch.to_vec(),
+                        });
+                        if !shared.send(id, &frame) {
+                            return true;
+                        }
+                    }
+                    let size = u64::try_from(entries.len()).unwrap_or(u64::MAX);
+                    shared.send(id, &Message::FileDone(FileDone { size }));
+                }
+                Err(e) => {
+                    shared.send_error(id, e);
+                }
+            }
+        }
         Message::Connect(request) => {
             if let Err(e) = admit(shared, id) {
                 return shared.send_error(id, e);
@@ -434,6 +466,7 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
         | Message::Stderr(_)
         | Message::Exit(_)
         | Message::FileDone(_)
+        | Message::DirEntries(_)
         | Message::Connected
         | Message::ShutdownAck) => {
             shared.send_error(

@@ -14,7 +14,7 @@ use crate::protocol::{
     ErrorCode, ErrorReply, FileDone, Message, ReadFileRequest, WriteFileRequest, DATA_CHUNK,
 };
 
-fn io_reply(action: &str, path: &str, error: &io::Error) -> ErrorReply {
+pub(super) fn io_reply(action: &str, path: &str, error: &io::Error) -> ErrorReply {
     let code = match error.kind() {
         io::ErrorKind::NotFound => ErrorCode::NotFound,
         io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,

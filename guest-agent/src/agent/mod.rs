@@ -3,6 +3,7 @@
 //! back through the connection's shared writer.
 
 mod connection;
+mod dirs;
 mod exec;
 mod files;
 pub mod policy;

@@ -38,6 +38,14 @@ pub enum FrameType {
     ReadFile = 0x23,
     /// A file transfer completed (JSON [`super::FileDone`]).
     FileDone = 0x24,
+    /// Make a directory (JSON [`super::MakeDirRequest`]; protocol 1.1), answered by
+    /// a file-done of size 0.
+    MakeDir = 0x25,
+    /// List a directory (JSON [`super::ListDirRequest`]; protocol 1.1), answered by
+    /// dir-entries frames and a file-done whose size is the number of entries.
+    ListDir = 0x26,
+    /// Some entries of a listed directory (JSON [`super::DirEntries`]).
+    DirEntries = 0x27,
     /// Open a TCP connection to a port on the guest's loopback (JSON
     /// [`super::ConnectRequest`]; protocol 1.1).
     Connect = 0x40,
@@ -75,6 +83,9 @@ impl FrameType {
             0x22 => Self::FileEnd,
             0x23 => Self::ReadFile,
             0x24 => Self::FileDone,
+            0x25 => Self::MakeDir,
+            0x26 => Self::ListDir,
+            0x27 => Self::DirEntries,
             0x40 => Self::Connect,
             0x41 => Self::Connected,
             0x42 => Self::Data,

@@ -235,6 +235,76 @@ pub struct ConnectRequest {
     pub port: u16,
 }
 
+/// Make one directory (its parent must exist). A directory already there is
+/// left as it is; anything else there is an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MakeDirRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Permission bits of a new directory (default 0o755).
+    #[serde(default = "default_dir_mode")]
+    pub mode: u32,
+    /// Owner uid of a new directory (default: root).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Owner gid of a new directory (default: root).
+    #[serde(default)]
+    pub gid: Option<u32>,
+}
+
+fn default_dir_mode() -> u32 {
+    0o755
+}
+
+/// List one directory: its entries as they are (symbolic links not followed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListDirRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+}
+
+/// The most entries one directory listing may have.
+pub const MAX_DIR_ENTRIES: usize = 100_000;
+
+/// What a directory entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (not followed).
+    Symlink,
+    /// Anything else: a device, FIFO, socket, or a name that is not UTF-8.
+    Other,
+}
+
+/// One entry of a listed directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntry {
+    /// Its name in the directory (never `.` or `..`; lossy when not UTF-8, and
+    /// then of kind `other`).
+    pub name: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Its size in bytes (a file's length).
+    pub size: u64,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+/// A batch of a directory's entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntries {
+    /// The entries, in no particular order.
+    pub entries: Vec<DirEntry>,
+}
+
 /// Sync the guest's filesystems, then power off (or reboot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +351,12 @@ pub enum Message {
     ReadFile(ReadFileRequest),
     /// A file transfer completed.
     FileDone(FileDone),
+    /// Make a directory.
+    MakeDir(MakeDirRequest),
+    /// List a directory.
+    ListDir(ListDirRequest),
+    /// Entries of a listed directory.
+    DirEntries(DirEntries),
     /// Open a connection to a guest port.
     Connect(ConnectRequest),
     /// The connection is open.
@@ -389,6 +465,9 @@ impl Message {
             Self::FileEnd => FrameType::FileEnd,
             Self::ReadFile(_) => FrameType::ReadFile,
             Self::FileDone(_) => FrameType::FileDone,
+            Self::MakeDir(_) => FrameType::MakeDir,
+            Self::ListDir(_) => FrameType::ListDir,
+            Self::DirEntries(_) => FrameType::DirEntries,
             Self::Connect(_) => FrameType::Connect,
             Self::Connected => FrameType::Connected,
             Self::Data(_) => FrameType::Data,
@@ -459,6 +538,23 @@ impl Message {
                 Self::ReadFile(request)
             }
             FrameType::FileDone => Self::FileDone(json(t, body)?),
+            FrameType::MakeDir => {
+                let request: MakeDirRequest = json(t, body)?;
+                check_abs_path(t, &request.path)?;
+                if request.mode > 0o7777 {
+                    return Err(bad(
+                        t,
+                        format!("mode {:o} has bits beyond 0o7777", request.mode),
+                    ));
+                }
+                Self::MakeDir(request)
+            }
+            FrameType::ListDir => {
+                let request: ListDirRequest = json(t, body)?;
+                check_abs_path(t, &request.path)?;
+                Self::ListDir(request)
+            }
+            FrameType::DirEntries => Self::DirEntries(json(t, body)?),
             FrameType::Connect => {
                 let request: ConnectRequest = json(t, body)?;
                 if request.port == 0 {
@@ -502,6 +598,9 @@ impl Message {
             Self::WriteFile(v) => to_json(serde_json::to_vec(v)),
             Self::ReadFile(v) => to_json(serde_json::to_vec(v)),
             Self::FileDone(v) => to_json(serde_json::to_vec(v)),
+            Self::MakeDir(v) => to_json(serde_json::to_vec(v)),
+            Self::ListDir(v) => to_json(serde_json::to_vec(v)),
+            Self::DirEntries(v) => to_json(serde_json::to_vec(v)),
             Self::Shutdown(v) => to_json(serde_json::to_vec(v)),
             Self::Connect(v) => to_json(serde_json::to_vec(v)),
             Self::Stdin(data)

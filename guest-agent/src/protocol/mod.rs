@@ -20,8 +20,9 @@ pub use frame::{decode, encode, peek_len, Frame};
 pub use frame_type::FrameType;
 pub use io::{read_frame, write_frame, ReadError, WriteError};
 pub use message::{
-    ConnectRequest, ErrorCode, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone, Hello,
-    Message, ReadFileRequest, ReadyInfo, ShutdownRequest, TtySize, WriteFileRequest,
+    ConnectRequest, DirEntries, DirEntry, EntryKind, ErrorCode, ErrorReply, ExecRequest,
+    ExecSignal, ExitStatus, FileDone, Hello, ListDirRequest, MakeDirRequest, Message,
+    ReadFileRequest, ReadyInfo, ShutdownRequest, TtySize, WriteFileRequest, MAX_DIR_ENTRIES,
 };
 
 /// The vsock port the agent listens on in the guest (host side: `CONNECT 1024`).

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::backend::interrupt::{self, Action, Forwarder};
 use crate::backend::Tier;
-use crate::sandbox::{self, SandboxError, SandboxInfo, SandboxOptions, MAX_TRANSFER};
+use crate::sandbox::{self, SandboxError, SandboxInfo, SandboxOptions};
 use crate::terminal::escape_controls;
 
 /// `mvm sandbox ...`.
@@ -39,12 +39,17 @@ pub enum SandboxCommand {
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
-    /// Copy a file in or out: `cp HOST_PATH ID:GUEST_PATH` or `cp ID:GUEST_PATH HOST_PATH`.
+    /// Copy a file or a directory in or out: `cp HOST_PATH ID:GUEST_PATH` or
+    /// `cp ID:GUEST_PATH HOST_PATH`. Links, devices and FIFOs are skipped and named.
     Cp {
         /// The source.
         from: String,
-        /// The destination (a directory keeps the source's file name).
+        /// The destination (into it, under the source's name, when it is a directory
+        /// or ends with `/`).
         to: String,
+        /// Print what was copied as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a sandbox's supervisor log (admission, boot, session).
     Logs {
@@ -157,7 +162,7 @@ pub fn main(command: &SandboxCommand) -> i32 {
             Ok(0)
         }
         SandboxCommand::Exec(args) => exec(args),
-        SandboxCommand::Cp { from, to } => cp(from, to),
+        SandboxCommand::Cp { from, to, json } => cp(from, to, *json),
         SandboxCommand::Shell {
             sandbox,
             workdir,
@@ -343,43 +348,29 @@ fn file_name(path: &str) -> Option<&str> {
         .filter(|n| !n.is_empty() && *n != "." && *n != "..")
 }
 
-fn cp(from: &str, to: &str) -> Result<i32, SandboxError> {
+fn cp(from: &str, to: &str, json: bool) -> Result<i32, SandboxError> {
     let bad = |reason: &str| SandboxError::BadPath {
         path: format!("{from} -> {to}"),
         reason: reason.to_owned(),
     };
-    match (guest_side(from), guest_side(to)) {
+    let stats = match (guest_side(from), guest_side(to)) {
         (None, Some((id, guest))) => {
             let host = Path::new(from);
-            let meta = std::fs::metadata(host)
-                .map_err(|e| SandboxError::io(format!("{}", host.display()), e))?;
-            if !meta.is_file() {
-                return Err(bad(
-                    "the source is not a regular file (directories: not yet)",
-                ));
-            }
-            if meta.len() > MAX_TRANSFER {
-                return Err(SandboxError::TooLarge {
-                    what: host.display().to_string(),
-                    size: meta.len(),
-                });
-            }
-            let guest = if guest.ends_with('/') {
+            let client = sandbox::connect(id)?;
+            // Into a directory that is there (or named with a trailing /), as cp(1).
+            let into = guest.ends_with('/') || client.is_dir(guest)?;
+            let guest = if into {
                 let name = host
                     .file_name()
                     .and_then(|n| n.to_str())
                     .ok_or_else(|| bad("the source has no UTF-8 file name"))?;
-                format!("{guest}{name}")
+                format!("{}/{name}", guest.trim_end_matches('/'))
             } else {
                 guest.to_owned()
             };
-            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-            let mut file = std::fs::File::open(host)
-                .map_err(|e| SandboxError::io(format!("{}", host.display()), e))?;
-            let client = sandbox::connect(id)?;
-            let size = client.write_file(&guest, mode, &mut file)?;
-            tracing::info!(size, "copied into {}:{guest}", client.id());
-            Ok(0)
+            let stats = client.copy_in(host, &guest)?;
+            tracing::info!(bytes = stats.bytes, "copied into {}:{guest}", client.id());
+            stats
         }
         (Some((id, guest)), None) => {
             let mut host = PathBuf::from(to);
@@ -388,46 +379,41 @@ fn cp(from: &str, to: &str) -> Result<i32, SandboxError> {
                 host = host.join(name);
             }
             let client = sandbox::connect(id)?;
-            copy_out(&client, guest, &host)?;
-            Ok(0)
+            client.copy_out(guest, &host)?
         }
-        (Some(_), Some(_)) => Err(bad("copy between two sandboxes: not supported")),
-        (None, None) => Err(bad("one side must be SANDBOX:/ABSOLUTE/PATH")),
+        (Some(_), Some(_)) => return Err(bad("copy between two sandboxes: not supported")),
+        (None, None) => return Err(bad("one side must be SANDBOX:/ABSOLUTE/PATH")),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+    } else if stats.dirs > 0 || !stats.skipped.is_empty() {
+        eprintln!(
+            "mvm: copied {} file(s), {} director{}, {} bytes",
+            stats.files,
+            stats.dirs,
+            if stats.dirs == 1 { "y" } else { "ies" },
+            stats.bytes
+        );
     }
-}
-
-/// Streams a guest file into a temporary file beside `host`, renamed over it
-/// only when whole: the destination is the old file or the new one, never half
-/// (nor a file through a symlink a guest-controlled name could plant).
-fn copy_out(
-    client: &sandbox::SandboxClient,
-    guest: &str,
-    host: &Path,
-) -> Result<u64, SandboxError> {
-    let dir = host
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = host
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{name}.mvm-cp-{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&temp)
-        .map_err(|e| SandboxError::io(format!("creating {}", temp.display()), e))?;
-    let result = client.read_file(guest, &mut file).and_then(|size| {
-        file.sync_all()
-            .and_then(|()| std::fs::rename(&temp, host))
-            .map_err(|e| SandboxError::io(format!("writing {}", host.display()), e))?;
-        Ok(size)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
+    if !stats.skipped.is_empty() {
+        let shown: Vec<String> = stats
+            .skipped
+            .iter()
+            .take(10)
+            .map(|p| escape_controls(p).into_owned())
+            .collect();
+        eprintln!(
+            "mvm: skipped {} link(s), device(s) or other special file(s): {}{}",
+            stats.skipped.len(),
+            shown.join(", "),
+            if stats.skipped.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
     }
-    result
+    Ok(0)
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! # Ok::<(), sandbox::SandboxError>(())
 //! ```
 
+pub mod copy;
 pub mod mux;
 pub mod ports;
 pub mod state;
@@ -47,6 +48,7 @@ use rand_core::{OsRng, RngCore};
 use serde::Serialize;
 
 use crate::backend::{locate, RunError, Tier};
+pub use copy::CopyStats;
 pub use mux::MAX_TRANSFER;
 use state::{process_start, Liveness, Sandbox, SandboxConfig, SandboxState, Status};
 

@@ -81,11 +81,26 @@ impl Tally {
 
 /// What a request is, for its records.
 enum Kind {
-    Ping,
-    Exec { stdout: Tally, stderr: Tally },
-    Write { path: String, data: Tally },
-    Read { path: String, data: Tally },
-    Forward { port: u16, up: Tally, down: Tally },
+    /// A request with nothing to record: a ping, a directory made or listed
+    /// (the files copied with them are recorded one by one).
+    Plain,
+    Exec {
+        stdout: Tally,
+        stderr: Tally,
+    },
+    Write {
+        path: String,
+        data: Tally,
+    },
+    Read {
+        path: String,
+        data: Tally,
+    },
+    Forward {
+        port: u16,
+        up: Tally,
+        down: Tally,
+    },
 }
 
 /// A request in flight on the agent connection.
@@ -501,7 +516,7 @@ fn route_from_agent(hub: &Hub, frame: Frame) {
         _ => None,
     };
     let event = match route.kind {
-        Kind::Ping => None,
+        Kind::Plain => None,
         Kind::Exec { stdout, stderr } => Some(SessionEvent::ExecExited {
             request: u64::from(id),
             status: match &frame.message {
@@ -721,8 +736,13 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
     let cid = frame.request_id;
     match frame.message {
         Message::Ping => {
-            if let Some(aid) = start(hub, client, cid, Kind::Ping) {
+            if let Some(aid) = start(hub, client, cid, Kind::Plain) {
                 hub.to_agent(aid, &Message::Ping);
+            }
+        }
+        message @ (Message::MakeDir(_) | Message::ListDir(_)) => {
+            if let Some(aid) = start(hub, client, cid, Kind::Plain) {
+                hub.to_agent(aid, &message);
             }
         }
         Message::Exec(request) => {
@@ -868,6 +888,7 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
         | Message::Stderr(_)
         | Message::Exit(_)
         | Message::FileDone(_)
+        | Message::DirEntries(_)
         | Message::Connected
         | Message::ShutdownAck) => {
             client.send(

@@ -23,6 +23,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("sandbox/port-forward", port_forward).limit_secs(300),
     Case::user_host("sandbox/sdk-example", sdk_example).limit_secs(300),
     Case::user_host("sandbox/terminal", terminal).limit_secs(600),
+    Case::user_host("sandbox/cp-directory", cp_directory).limit_secs(300),
 ];
 
 /// `mvm sandbox ARGS` with the artifacts' binaries, image store, keys and
@@ -807,4 +808,91 @@ impl Drop for Terminal {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `mvm sandbox cp` of a directory tree in and back out: the same files and
+/// bytes, owned by the workload in the guest; a link on either side is skipped
+/// and named, never followed.
+fn cp_directory(ctx: &Context) -> CaseResult {
+    let _cleanup = Cleanup(ctx);
+    let id = create(ctx, &["--ttl", "10m"])?;
+    let fail = |e: std::io::Error| Failure::new(format!("making the tree: {e}"));
+    let src = ctx.work_file("tree");
+    std::fs::create_dir_all(src.join("sub/deeper")).map_err(fail)?;
+    std::fs::create_dir_all(src.join("empty")).map_err(fail)?;
+    write(&src.join("a.txt"), b"alpha\n")?;
+    let binary: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    write(&src.join("sub/b.bin"), &binary)?;
+    write(&src.join("sub/deeper/c"), b"")?;
+    std::os::unix::fs::symlink("/etc/passwd", src.join("link")).map_err(fail)?;
+
+    // In: /work exists, so the tree lands as /work/tree (as cp -r does).
+    let out = ok(ctx, &["cp", path(&src)?, &format!("{id}:/work")])?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !said.contains("3 file(s), 4 directories") || !said.contains("skipped 1") {
+        return Err(
+            Failure::new("cp of a tree in: wanted 3 files, 4 directories, 1 skipped")
+                .with_detail(describe(&out)),
+        );
+    }
+    let listing = ok(
+        ctx,
+        &[
+            "exec", &id, "--", "sh", "-c",
+            "cd /work/tree && find . | sort && stat -c %u sub/b.bin && md5sum sub/b.bin && test ! -e link",
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let want_paths =
+        ".\n./a.txt\n./empty\n./sub\n./sub/b.bin\n./sub/deeper\n./sub/deeper/c\n1000\n";
+    if !text.starts_with(want_paths) {
+        return Err(Failure::new("the tree in the guest").with_detail(describe(&listing)));
+    }
+
+    // The guest plants a link to a root-only file; out it comes without it.
+    ok(
+        ctx,
+        &[
+            "exec",
+            &id,
+            "--",
+            "ln",
+            "-s",
+            "/etc/shadow",
+            "/work/tree/sub/evil",
+        ],
+    )?;
+    let back = ctx.work_file("back");
+    let out = ok(ctx, &["cp", &format!("{id}:/work/tree"), path(&back)?])?;
+    if !String::from_utf8_lossy(&out.stderr).contains("sub/evil") {
+        return Err(
+            Failure::new("cp of a tree out: wanted sub/evil named as skipped")
+                .with_detail(describe(&out)),
+        );
+    }
+    let same = |rel: &str| std::fs::read(src.join(rel)).ok() == std::fs::read(back.join(rel)).ok();
+    let missing = ["a.txt", "sub/b.bin", "sub/deeper/c"]
+        .into_iter()
+        .find(|rel| !same(rel) || !back.join(rel).is_file());
+    if let Some(rel) = missing {
+        return Err(Failure::new(format!("{rel} did not come back the same")));
+    }
+    if !back.join("empty").is_dir() || back.join("sub/evil").symlink_metadata().is_ok() {
+        return Err(Failure::new(
+            "cp out: wanted empty/ made and sub/evil absent",
+        ));
+    }
+    // A destination that cannot be a directory: a clear error, nothing written.
+    let file = ctx.work_file("plain");
+    write(&file, b"keep")?;
+    refused(
+        ctx,
+        &["cp", &format!("{id}:/work/tree"), path(&file)?],
+        "not a directory",
+    )?;
+    if std::fs::read(&file).ok().as_deref() != Some(b"keep".as_slice()) {
+        return Err(Failure::new("a refused cp changed its destination"));
+    }
+    ok(ctx, &["stop", &id])?;
+    Ok(())
 }

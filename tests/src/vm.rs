@@ -157,11 +157,16 @@ impl VmLaunch {
         args
     }
 
+    /// Where [`VmLaunch::run`] writes the guest console (readable while it runs).
+    pub fn console_path(&self) -> PathBuf {
+        self.out_dir.join(format!("{}.console", self.label))
+    }
+
     /// Runs the VMM to exit or timeout. Fails only when the VMM could not
     /// be started or its outputs not read; the exit status is the case's to
     /// judge.
     pub fn run(&self) -> Result<VmRun, Failure> {
-        let console_path = self.out_dir.join(format!("{}.console", self.label));
+        let console_path = self.console_path();
         let stderr_path = self.out_dir.join(format!("{}.stderr", self.label));
         let io_err = |what: &str, path: &Path, e: std::io::Error| {
             Failure::new(format!("{what} {}: {e}", path.display()))

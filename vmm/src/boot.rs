@@ -39,9 +39,17 @@ use crate::vm::{self, Vm};
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread it
 /// spawns afterwards) and turns them into a VM exit on a dedicated thread.
+/// SIGIO, a verified disk's read lease breaking, is taken there too and only
+/// noted (`mvm_devices::virtio::block::lease`): no vCPU or device thread is
+/// interrupted by it.
 fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     let mut set = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGIO,
+    ] {
         set.add(sig);
     }
     set.thread_block()
@@ -50,8 +58,18 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
         .name("signals".into())
         .spawn(move || {
             crate::seccomp::enter(&crate::seccomp::roles::SIGNALS, "signals");
-            if let Ok(sig) = set.wait() {
-                stopper.stop(ExitReason::HostSignal(sig as i32));
+            loop {
+                match set.wait() {
+                    Ok(Signal::SIGIO) => {
+                        mvm_devices::virtio::block::lease::note_break();
+                        tracing::warn!("a host process opened a verified disk image for writing: every read is hashed from now on");
+                    }
+                    Ok(sig) => {
+                        stopper.stop(ExitReason::HostSignal(sig as i32));
+                        return;
+                    }
+                    Err(_) => return,
+                }
             }
         })
         .map(drop)
@@ -418,6 +436,10 @@ fn boot_and_supervise(
     };
     let state = crate::jail::start(&args.jail, &jail).map_err(|e| Stop::Failed(e.to_string()))?;
     tracing::debug!(?state, "jail entered");
+    // The jail forked: a verified disk's lease breaks must reach this process.
+    for disk in &devices.disks {
+        disk.claim_lease_signals();
+    }
     if state.full {
         timeline.set_jail(crate::boot_report::JailReport {
             uid: state.uid,

@@ -11,7 +11,9 @@
 //! exactly, before the VMM appends its `virtio_mmio.device=` entries (so the plan pins
 //! what the user asked for, not the VMM's slot layout).
 //! Read-only disks are not hashed at boot: each is pinned by a dm-verity root hash and
-//! every read is verified on the device thread (`mvm_devices::virtio::block::verity`).
+//! its reads are verified on the device thread (`mvm_devices::virtio::block::verity`):
+//! each block hashed when first read, and again on every read unless a read lease on
+//! the image proves no host process can have written it since (`block::lease`).
 //!
 //! Every refusal has a stable reason name and its own exit status ([`Refusal::status`],
 //! listed in `--help` by `exit::EXIT_STATUS_HELP`), is written to the boot report's `exit_reason`, and is written
@@ -23,7 +25,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use mvm_devices::virtio::block::verity::{VerifiedDisk, VerityFailure};
+use mvm_devices::virtio::block::verity::{VerifiedDisk, VerifyMode, VerityFailure};
 use mvm_loader::dsse::TrustedKeys;
 use mvm_loader::measure::{self, MeasureError, Sha256Digest};
 use mvm_loader::plan::envelope::{verify_plan_for_boot, PlanVerifyError, VerifiedPlan};
@@ -503,21 +505,41 @@ pub fn attach_verity(plan: Option<BootPlan>, disks: &mut [OpenDisk], events: &Ev
         let events = events.clone();
         let plan_id = plan_id.clone();
         let name = pin.name.clone();
-        tracing::info!(disk = %name, image = %path.display(), "every read is verified against the plan's dm-verity root");
-        disk.worker_mut().set_verity(VerifiedDisk::new(
+        let failures = events.clone();
+        let failure_plan = plan_id.clone();
+        let failure_disk = name.clone();
+        let mode = disk.worker_mut().set_verity(VerifiedDisk::new(
             verifier,
             Box::new(move |failure: &VerityFailure| {
                 let mut f = Map::new();
-                f.insert("disk".into(), name.clone().into());
+                f.insert("disk".into(), failure_disk.clone().into());
                 if let Some(block) = failure.block {
                     f.insert("block".into(), block.into());
                 }
                 f.insert("offset".into(), failure.offset.into());
                 f.insert("len".into(), failure.len.into());
                 f.insert("detail".into(), failure.error.clone().into());
-                events.emit("verity_failure", Some(&plan_id), f);
+                failures.emit("verity_failure", Some(&failure_plan), f);
             }),
         ));
+        // Which guarantee this disk's reads get, in the log and the events file.
+        let mut f = Map::new();
+        f.insert("disk".into(), name.clone().into());
+        f.insert("mode".into(), mode.name().into());
+        match &mode {
+            VerifyMode::OnceWhileLeased => tracing::info!(
+                disk = %name, image = %path.display(),
+                "reads verified against the plan's dm-verity root: each block hashed when first read, and on every read once a host process opens the image for writing (read lease)"
+            ),
+            VerifyMode::EveryRead(why) => {
+                tracing::info!(
+                    disk = %name, image = %path.display(),
+                    "every read is verified against the plan's dm-verity root (no read lease: {why})"
+                );
+                f.insert("why".into(), why.clone().into());
+            }
+        }
+        events.emit("disk_verification", Some(&plan_id), f);
     }
 }
 

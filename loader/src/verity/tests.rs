@@ -395,6 +395,34 @@ fn at_most_once_skips_verified_blocks_and_says_so() {
 }
 
 #[test]
+fn at_most_once_ends_for_good_when_its_flag_is_set() {
+    // The VMM's mode: marks are trusted only until the lease-break flag is set;
+    // from then on a block changed after it verified is caught again.
+    let img = image(300, 4096, 43);
+    let mut opts = BuildOptions::new(salt());
+    opts.hash_block_size = 512;
+    let params = build_tree(&img.data, &img.tree, &opts).unwrap();
+    let f = File::open(&img.data).unwrap();
+    let flag: &'static std::sync::atomic::AtomicBool =
+        Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+    let mut v = VerityVerifier::from_file(File::open(&img.tree).unwrap(), &params, 64).unwrap();
+    v.check_at_most_once_until(flag);
+    let mut one = vec![0u8; 4096];
+    v.read_verified(&f, 7 * 4096, &mut one).unwrap();
+    flip(&img.data, 7 * 4096 + 100);
+    // While the flag is clear, the mark stands (what the lease makes safe).
+    v.read_verified(&f, 7 * 4096, &mut one).unwrap();
+    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        v.read_verified(&f, 7 * 4096, &mut one),
+        Err(VerityError::DataBlock { block: 7, .. })
+    ));
+    // Blocks that did not change still read, hashed each time.
+    v.read_verified(&f, 8 * 4096, &mut one).unwrap();
+    v.read_verified(&f, 8 * 4096, &mut one).unwrap();
+}
+
+#[test]
 fn a_flipped_tree_byte_is_detected() {
     let img = image(300, 4096, 41);
     let mut opts = BuildOptions::new(salt());

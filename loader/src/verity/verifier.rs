@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::superblock::{Superblock, SUPERBLOCK_SIZE};
 use super::{salted_hash, Geometry, VerityError, VerityParams, DIGEST_SIZE};
@@ -114,6 +115,9 @@ pub struct VerityVerifier {
     /// Off by default (every read hashes every block); see
     /// [`VerityVerifier::set_check_at_most_once`].
     at_most_once: bool,
+    /// When set, `at_most_once` holds only while this stays false (see
+    /// [`VerityVerifier::check_at_most_once_until`]).
+    revoked: Option<&'static AtomicBool>,
     /// The data blocks of one read, as read and hashed; at most
     /// [`READ_CHUNK_BYTES`] (or one data block, if larger).
     scratch: Vec<u8>,
@@ -181,6 +185,7 @@ impl VerityVerifier {
             tree_offset,
             cache: BlockCache::new(cache_blocks),
             at_most_once: false,
+            revoked: None,
             scratch: Vec::new(),
         })
     }
@@ -213,6 +218,23 @@ impl VerityVerifier {
         self.at_most_once = on;
     }
 
+    /// Turns `check_at_most_once` on for as long as `revoked` stays false, and
+    /// off for good once it is set: every later read hashes every block again.
+    /// The flag is looked at after a block's bytes were read and before its
+    /// mark is trusted, so a caller that sets it before the image can change
+    /// (the VMM's read lease on the image: `mvm_devices::virtio::block::lease`)
+    /// keeps every byte handed out either verified now or unchanged since it
+    /// verified.
+    pub fn check_at_most_once_until(&mut self, revoked: &'static AtomicBool) {
+        self.at_most_once = true;
+        self.revoked = Some(revoked);
+    }
+
+    /// Whether a verified block is trusted without hashing it again right now.
+    fn trusts_marks(&self) -> bool {
+        self.at_most_once && !self.revoked.is_some_and(|r| r.load(Ordering::SeqCst))
+    }
+
     /// Checks `data` (exactly one data block) as block number `index`.
     pub fn verify_block(&mut self, index: u64, data: &[u8]) -> Result<(), VerityError> {
         if index >= self.geometry.data_blocks
@@ -226,7 +248,7 @@ impl VerityVerifier {
         }
         let bits = self.geometry.fanout_bits;
         let slot = index & fanout_mask(bits);
-        let mark_key = if self.at_most_once && self.geometry.levels() > 0 {
+        let mark_key = if self.trusts_marks() && self.geometry.levels() > 0 {
             let key = self.cache_key(0, index >> bits)?;
             if self.cache.is_marked(key, slot) {
                 return Ok(());

@@ -25,7 +25,9 @@ pub struct Wall {
     pub isolation: String,
     /// Who verifies the signed plan and measures kernel, initramfs and command line.
     pub plan_verified_by: String,
-    /// Whether read-only disks are verified block by block on every read.
+    /// Whether read-only disks are verified block by block as they are read (each
+    /// block hashed when first read, and on every read once the image could have been
+    /// written: docs/verified-boot.md).
     pub disk_blocks_verified: bool,
     /// The jail around the process that runs the VM.
     pub jail: String,

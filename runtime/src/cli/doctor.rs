@@ -106,7 +106,7 @@ pub fn main(args: &DoctorArgs) -> i32 {
             });
         println!("  {} ({here}):", w.backend);
         println!(
-            "    hardware-virtualized: {}; disk blocks verified on every read: {}",
+            "    hardware-virtualized: {}; disk blocks verified as read: {}",
             mark(w.hardware_virtualized).trim_end(),
             mark(w.disk_blocks_verified).trim_end()
         );

@@ -28,7 +28,9 @@ use crate::case::{
     check, test_cmdline, Case, CaseResult, Context, Failure, INITRAMFS_TEST, KERNEL_ELF, VMM,
 };
 use crate::cases::blk::ROOT_IMAGE;
-use crate::guest::blk::{ROOT_FILE, ROOT_FILE_TEXT};
+use crate::guest::blk::{
+    ROOT_FILE, ROOT_FILE_TEXT, SAY_REREAD_CHANGED, SAY_REREAD_ERROR, SAY_REREAD_FIRST,
+};
 use crate::guest::{MARKER, MODE_PARAM};
 use crate::vm::{VmLaunch, VmRun};
 
@@ -45,6 +47,7 @@ pub const CASES: &[Case] = &[
     Case::kvm("verify/newer-schema", newer_schema),
     Case::kvm("verify/valid-boots-then-replay", valid_then_replay),
     Case::kvm("verify/verity-block", verity_block),
+    Case::kvm("verify/verity-lease", verity_lease),
 ];
 
 /// Exit statuses of `mvm-vmm` (vmm/src/verified_boot.rs; keep in step).
@@ -448,11 +451,9 @@ fn root_file_block(image: &[u8]) -> Option<u64> {
         .and_then(|i| u64::try_from(i).ok())
 }
 
-/// An ext4 root pinned by dm-verity; after admission one byte of the block holding
-/// `/etc/mvm-blk.txt` changes. The guest boots from that root (its init and every
-/// other block read fine), reading the file fails with an I/O error, and the events
-/// file names the block.
-fn verity_block(ctx: &Context) -> CaseResult {
+/// A copy of the ext4 root image, its verity tree, and a signed plan pinning it
+/// and booting from it in guest mode `mode`.
+fn pinned_root(ctx: &Context, mode: &str) -> Result<(PathBuf, Setup, PathBuf), Failure> {
     let image = ctx.work_file("root.ext4");
     std::fs::copy(ctx.artifact(ROOT_IMAGE)?, &image).map_err(|e| fail("copy root image", e))?;
     let mut tree = image.clone().into_os_string();
@@ -463,12 +464,11 @@ fn verity_block(ctx: &Context) -> CaseResult {
         &BuildOptions::new(Salt(vec![0x5a; 32])),
     )
     .map_err(|e| fail("build verity tree", e))?;
-
     let mut setup = Setup::new(ctx, "verity")?;
     setup.initrd = None;
     setup.cmdline = format!(
         "console=ttyS0 quiet panic=-1 reboot=k root=/dev/vda ro rootfstype=ext4 init=/init \
-         {MODE_PARAM}=blk-root"
+         {MODE_PARAM}={mode}"
     );
     setup.plan.artifacts.initramfs = None;
     setup.plan.artifacts.cmdline = Sha256Digest::of(setup.cmdline.as_bytes());
@@ -477,6 +477,93 @@ fn verity_block(ctx: &Context) -> CaseResult {
         verity: params,
     }];
     let envelope = setup.signed(ctx)?;
+    Ok((image, setup, envelope))
+}
+
+/// The lease case's `fs.lease-break-time`, and how long the writer waits at most.
+const LEASE_BREAK_SECS: u64 = 2;
+
+/// A verity-pinned root, leased by the VMM: the guest reads a file straight from
+/// the disk again and again (each block hashed once, then trusted); a host process
+/// then opens the image for writing and changes a byte of that file's block. Its
+/// `open` breaks the lease first, so the guest's next read is hashed again and
+/// fails: the guest never sees the changed bytes.
+fn verity_lease(ctx: &Context) -> CaseResult {
+    let (image, setup, envelope) = pinned_root(ctx, "blk-reread")?;
+    let bytes = std::fs::read(&image).map_err(|e| fail("read image", e))?;
+    let block = root_file_block(&bytes)
+        .ok_or_else(|| Failure::new(format!("{ROOT_FILE} text not found at a block start")))?;
+    // A writer is held back lease-break-time (45 s by default); shorter here.
+    let sysctl = Path::new("/proc/sys/fs/lease-break-time");
+    let saved = std::fs::read_to_string(sysctl).map_err(|e| fail("read lease-break-time", e))?;
+    std::fs::write(sysctl, LEASE_BREAK_SECS.to_string())
+        .map_err(|e| fail("set lease-break-time", e))?;
+    let launch = setup
+        .launch(ctx, &envelope)?
+        .arg("--disk")
+        .arg(format!("path={},ro", image.display()));
+    let console = launch.console_path();
+    let writer = std::thread::spawn(move || -> Result<Duration, String> {
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains(SAY_REREAD_FIRST)
+        {
+            if start.elapsed() > Duration::from_secs(240) {
+                return Err("the guest never read the file".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let a few re-reads go by on trusted marks, then write.
+        std::thread::sleep(Duration::from_secs(1));
+        let opened = std::time::Instant::now();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .map_err(|e| format!("open the image for writing: {e}"))?;
+        let held = opened.elapsed();
+        file.write_all_at(b"J", block * 4096)
+            .map_err(|e| format!("write the image: {e}"))?;
+        file.sync_all()
+            .map_err(|e| format!("sync the image: {e}"))?;
+        Ok(held)
+    });
+    let run = launch.run();
+    let _ = std::fs::write(sysctl, saved.trim());
+    let run = run?;
+    let held = writer
+        .join()
+        .map_err(|_| run.fail("the writer thread panicked"))?
+        .map_err(|e| run.fail(e))?;
+    run.expect_exit(0)?;
+    run.expect_console(SAY_REREAD_FIRST)?;
+    check(!run.console.contains(SAY_REREAD_CHANGED), || {
+        "the guest read the bytes a host process wrote after the block verified".into()
+    })
+    .map_err(|f| run.fail(f.reason))?;
+    run.expect_console(SAY_REREAD_ERROR)
+        .map_err(|f| run.fail(format!("{} (the writer was held {held:?})", f.reason)))?;
+    let evs = events(&setup.events)?;
+    let mode = find_event(&evs, "disk_verification")
+        .ok_or_else(|| run.fail("no disk_verification event"))?;
+    check(field(mode, "mode") == "once_while_leased", || {
+        format!("disk_verification event {mode}, expected mode once_while_leased")
+    })
+    .map_err(|f| run.fail(f.reason))?;
+    let failure =
+        find_event(&evs, "verity_failure").ok_or_else(|| run.fail("no verity_failure event"))?;
+    check(field(failure, "block") == block, || {
+        format!("verity_failure event {failure}, expected block {block}")
+    })
+    .map_err(|f| run.fail(f.reason))
+}
+
+/// An ext4 root pinned by dm-verity; after admission one byte of the block holding
+/// `/etc/mvm-blk.txt` changes. The guest boots from that root (its init and every
+/// other block read fine), reading the file fails with an I/O error, and the events
+/// file names the block.
+fn verity_block(ctx: &Context) -> CaseResult {
+    let (image, setup, envelope) = pinned_root(ctx, "blk-root")?;
 
     // After admission: change one byte of the file's block.
     let bytes = std::fs::read(&image).map_err(|e| fail("read image", e))?;
@@ -509,5 +596,13 @@ fn verity_block(ctx: &Context) -> CaseResult {
         field(failure, "block") == block && field(failure, "disk") == "root",
         || format!("verity_failure event {failure}, expected block {block} of disk root"),
     )
+    .map_err(|f| run.fail(f.reason))?;
+    // The image was leased (nobody had it open for writing at boot), so blocks
+    // are hashed once and trusted while no host process can write it.
+    let mode = find_event(&evs, "disk_verification")
+        .ok_or_else(|| run.fail("no disk_verification event"))?;
+    check(field(mode, "mode") == "once_while_leased", || {
+        format!("disk_verification event {mode}, expected mode once_while_leased")
+    })
     .map_err(|f| run.fail(f.reason))
 }

@@ -5,6 +5,9 @@
 //!   disk, which must fail.
 //! - `blk-write`: writes [`PATTERN_BYTES`] of [`pattern`] to the start of `/dev/<dev>`
 //!   (`mvm.blk.dev=`, default `vda`), fsyncs, powers off; the host reads the bytes back.
+//! - `blk-reread`: booted as `blk-root`; reads [`ROOT_FILE`] from the disk (O_DIRECT,
+//!   past the page cache) every 100 ms and says what it got: its first text, then a
+//!   change, an error, or after [`REREAD_SECS`] that nothing changed.
 //! - `blk-parallel`: one thread per CPU, each pinned, writes and reads back its own region
 //!   of `/dev/vda` at the same time.
 
@@ -40,6 +43,16 @@ pub const SAY_RO_REFUSED: &str = "blk-ro-write: refused";
 pub const SAY_RO_ALLOWED: &str = "blk-ro-write: ALLOWED";
 /// `blk-write` finished.
 pub const SAY_WRITTEN: &str = "blk-write: written and synced";
+/// `blk-reread`'s first read: `blk-reread: first=<text>`.
+pub const SAY_REREAD_FIRST: &str = "blk-reread: first=";
+/// A later read returned other bytes: the guest saw a change.
+pub const SAY_REREAD_CHANGED: &str = "blk-reread: CHANGED=";
+/// A later read failed.
+pub const SAY_REREAD_ERROR: &str = "blk-reread: error";
+/// Nothing changed within [`REREAD_SECS`].
+pub const SAY_REREAD_SAME: &str = "blk-reread: unchanged";
+/// How long `blk-reread` keeps reading.
+pub const REREAD_SECS: u64 = 90;
 /// `blk-parallel` finished and every byte read back matched.
 pub const SAY_PARALLEL_OK: &str = "blk-parallel: ok";
 
@@ -133,6 +146,49 @@ pub fn root(guest: &Guest) -> Result<Ending, GuestError> {
         Err(e) => guest.console.say(&format!("{SAY_RO_REFUSED} ({e})")),
         Ok(()) => guest.console.say(SAY_RO_ALLOWED),
     }
+    Ok(Ending::PowerOff)
+}
+
+/// One read of [`ROOT_FILE`] from the disk itself (O_DIRECT into an aligned buffer).
+fn read_direct() -> std::io::Result<String> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(ROOT_FILE)?;
+    // An aligned window of a larger allocation, as blk-parallel's.
+    let mut raw = vec![0u8; 2 * DIRECT_ALIGN];
+    let at = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    let aligned = raw
+        .get_mut(at..at + DIRECT_ALIGN)
+        .ok_or_else(|| std::io::Error::other("no aligned buffer"))?;
+    let n = file.read(aligned)?;
+    Ok(
+        String::from_utf8_lossy(aligned.get(..n).unwrap_or_default())
+            .trim_end()
+            .to_owned(),
+    )
+}
+
+/// `blk-reread`.
+pub fn reread(guest: &Guest) -> Result<Ending, GuestError> {
+    let first = read_direct().map_err(sys(format!("read {ROOT_FILE} (O_DIRECT)")))?;
+    guest.console.say(&format!("{SAY_REREAD_FIRST}{first}"));
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(REREAD_SECS) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        match read_direct() {
+            Ok(text) if text == first => {}
+            Ok(text) => {
+                guest.console.say(&format!("{SAY_REREAD_CHANGED}{text}"));
+                return Ok(Ending::PowerOff);
+            }
+            Err(e) => {
+                guest.console.say(&format!("{SAY_REREAD_ERROR} ({e})"));
+                return Ok(Ending::PowerOff);
+            }
+        }
+    }
+    guest.console.say(SAY_REREAD_SAME);
     Ok(Ending::PowerOff)
 }
 

@@ -30,6 +30,7 @@ pub const MODES: &[Mode] = &[
     Mode::new("hang", hang),
     Mode::new("vsock", super::vsock::run),
     Mode::new("blk-root", super::blk::root),
+    Mode::new("blk-reread", super::blk::reread),
     Mode::new("blk-write", super::blk::write),
     Mode::new("blk-parallel", super::blk::parallel),
     Mode::new("hostile-blk", super::hostile::run_blk),

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::metrics::BlockMetrics;
 use super::request::{self, DiskLimits, ParseError, Request, RequestKind};
+use super::verity::VerifyMode;
 use super::*;
 use crate::virtio::worker::QueueWorker;
 use crate::virtio::{Activation, GuestMemoryMmap, Interrupt};
@@ -39,8 +40,10 @@ pub struct BlockWorker {
     active: Option<Active>,
     chain: Vec<Descriptor>,
     refusal_logged: bool,
-    /// Set for a read-only disk the plan pins: every read is verified (`verity.rs`).
+    /// Set for a read-only disk the plan pins: its reads are verified (`verity.rs`).
     verity: Option<super::verity::VerifiedDisk>,
+    /// The image holds a read lease (`lease.rs`).
+    leased: bool,
 }
 
 impl BlockWorker {
@@ -59,12 +62,42 @@ impl BlockWorker {
             chain: Vec::with_capacity(MAX_CHAIN),
             refusal_logged: false,
             verity: None,
+            leased: false,
         }
     }
 
     /// Verifies every read of this (read-only) disk against a dm-verity tree.
-    pub fn set_verity(&mut self, disk: super::verity::VerifiedDisk) {
+    ///
+    /// A read-only image that can be leased ([`super::lease`]) is verified once
+    /// per block while the lease holds; otherwise every read hashes every block.
+    /// Returns which, and why not the first.
+    pub fn set_verity(&mut self, mut disk: super::verity::VerifiedDisk) -> VerifyMode {
+        let mode = if self.limits.read_only {
+            match super::lease::take_read_lease(&self.file) {
+                Ok(revoked) => {
+                    disk.verify_once_until(revoked);
+                    self.leased = true;
+                    VerifyMode::OnceWhileLeased
+                }
+                Err(e) => VerifyMode::EveryRead(e.to_string()),
+            }
+        } else {
+            VerifyMode::EveryRead("the disk is writable".into())
+        };
         self.verity = Some(disk);
+        mode
+    }
+
+    /// After a fork: sends the breaks of this disk's lease, if it has one, to
+    /// this process. If that fails, blocks are no longer trusted once verified.
+    pub fn claim_lease_signals(&self) {
+        if !self.leased {
+            return;
+        }
+        if let Err(e) = super::lease::signal_this_process(&self.file) {
+            tracing::warn!("virtio-blk: lease breaks cannot reach this process ({e}); every read is hashed from now on");
+            super::lease::note_break();
+        }
     }
 
     #[cfg(test)]

@@ -8,6 +8,7 @@
 
 mod device;
 mod event_handler;
+pub mod lease;
 mod metrics;
 pub mod request;
 pub mod verity;

@@ -2,7 +2,9 @@
 //!
 //! Every guest read goes through [`VerityVerifier::read_blocks_verified`]: each data block the
 //! read touches is hashed and checked against the tree (and the tree up to the pinned
-//! root) before any of its bytes reach guest memory. A block that does not verify is an
+//! root) before any of its bytes reach guest memory; with the image leased
+//! ([`VerifyMode::OnceWhileLeased`], [`super::lease`]) a block that verified is trusted on
+//! later reads until a host process opens the image for writing. A block that does not verify is an
 //! I/O error for that request (`VIRTIO_BLK_S_IOERR`) and a [`VerityFailure`] report;
 //! the device keeps serving the other blocks. There is no whole-disk hash at boot and no
 //! window between checking a block and handing it over: the bytes copied to the guest are
@@ -26,6 +28,27 @@ pub struct VerityFailure {
     pub block: Option<u64>,
     /// The verifier's message (block, expected and computed digests).
     pub error: String,
+}
+
+/// How a pinned disk's reads are verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Each data block is hashed the first time it is read and trusted after
+    /// (while its hash block is cached), for as long as the image's read lease
+    /// holds ([`super::lease`]); every read is hashed again once it breaks.
+    OnceWhileLeased,
+    /// Every read hashes every block it touches; why the image could not be leased.
+    EveryRead(String),
+}
+
+impl VerifyMode {
+    /// A short name for logs and events: `once_while_leased` or `every_read`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::OnceWhileLeased => "once_while_leased",
+            Self::EveryRead(_) => "every_read",
+        }
+    }
 }
 
 /// Called on the device thread for each failed read (the VMM writes an event).
@@ -55,6 +78,13 @@ impl VerifiedDisk {
             on_failure,
             failures: 0,
         }
+    }
+
+    /// Hashes a data block once and trusts it afterwards (while its hash block is
+    /// cached) until `revoked` is set: what a read lease on the image
+    /// ([`super::lease`]) makes safe.
+    pub fn verify_once_until(&mut self, revoked: &'static std::sync::atomic::AtomicBool) {
+        self.verifier.check_at_most_once_until(revoked);
     }
 
     /// Reads that failed verification so far.

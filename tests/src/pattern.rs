@@ -29,6 +29,11 @@ impl Pattern {
         Self { alternatives }
     }
 
+    /// Whether this is the empty (or `all`) pattern: every case but the explicit-only ones.
+    pub fn is_all(&self) -> bool {
+        self.alternatives.is_empty()
+    }
+
     /// Whether the case called `name` is selected. Benchmarks (`bench/*`) and
     /// self-tests (`selftest/*`) run only when a pattern names them, never in the
     /// default (empty or `all`) run.

@@ -3,7 +3,10 @@
 //! match PATTERN, each in its own process under its own time limit, one line
 //! per case, then `N passed, N failed`. Exits 0 only if something ran and
 //! nothing failed. `--one NAME` runs one case in this process (what the runner
-//! starts for each case). See docs/e2e.md.
+//! starts for each case). In PATTERN, `NAME+` is a starting point: of what the
+//! rest selects, NAME and the cases listed after it run (how `scripts/e2e`
+//! resumes after a stalled test host).
+//! See docs/e2e.md.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +99,33 @@ fn parse_args() -> anyhow::Result<Args> {
     })
 }
 
+/// Resolves `NAME+` in `pattern`: a starting point, not a selection. The other
+/// alternatives select as usual (none: every case), and of what they select,
+/// only NAME and the cases listed after it remain. Returns a plain pattern
+/// (the names, comma-separated, when there is a starting point).
+fn expand_from(pattern: &str, names: &[&str]) -> String {
+    let (starts, rest): (Vec<&str>, Vec<&str>) = pattern
+        .split(',')
+        .map(str::trim)
+        .filter(|alt| !alt.is_empty())
+        .partition(|alt| alt.ends_with('+'));
+    let Some(from) = starts.first().and_then(|s| s.strip_suffix('+')) else {
+        return pattern.to_owned();
+    };
+    let base = Pattern::parse(&rest.join(","));
+    let chosen: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| base.matches(n) || *n == from)
+        .skip_while(|n| *n != from)
+        .collect();
+    if chosen.is_empty() {
+        // An empty pattern would select every case; no name starts with '-'.
+        return "-".to_owned();
+    }
+    chosen.join(",")
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(args) => args,
@@ -121,7 +151,8 @@ fn main() -> ExitCode {
         .into_iter()
         .filter(|c| args.place.is_none_or(|p| c.place == p))
         .collect();
-    let pattern = Pattern::parse(&args.pattern);
+    let names: Vec<&str> = selected.iter().map(|c| c.name).collect();
+    let pattern = Pattern::parse(&expand_from(&args.pattern, &names));
     if args.list {
         for case in selected.iter().filter(|c| pattern.matches(c.name)) {
             println!("{}", case.name);
@@ -150,5 +181,22 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_from;
+
+    #[test]
+    fn a_name_with_a_plus_starts_the_selection_there() {
+        let names = ["a/1", "a/2", "b/1", "b/2"];
+        assert_eq!(expand_from("a/2+", &names), "a/2,b/1,b/2");
+        assert_eq!(expand_from("a/2+,a", &names), "a/2");
+        assert_eq!(expand_from("a/1,b/2,a/2+", &names), "a/2,b/2");
+        assert_eq!(expand_from("a", &names), "a");
+        // Nothing for an unknown name (not everything: the empty pattern is all).
+        assert_eq!(expand_from("x/1+", &names), "-");
+        assert_eq!(expand_from("", &names), "");
     }
 }

@@ -48,10 +48,10 @@ pub fn testhost_cmdline(run: &str) -> Result<String, String> {
     }
     // The value must reach /init as one word, unchanged: the kernel splits the
     // line at spaces and treats quotes, and /init splits it again in shell.
-    let survives = |c: char| c.is_ascii_alphanumeric() || "/_.,*-".contains(c);
+    let survives = |c: char| c.is_ascii_alphanumeric() || "/_.,*-+".contains(c);
     match run.chars().find(|c| !survives(*c)) {
         Some(c) => Err(format!(
-            "'{run}' holds {c:?}: only A-Z a-z 0-9 / _ . , * - pass the test host's kernel command line unchanged"
+            "'{run}' holds {c:?}: only A-Z a-z 0-9 / _ . , * - + pass the test host's kernel command line unchanged"
         )),
         None => Ok(format!("{TESTHOST_CMDLINE} mvm.run={run}")),
     }

@@ -265,9 +265,11 @@ fn lifecycle(ctx: &Context) -> CaseResult {
         &["cp", "life:/etc/../etc/passwd", path(&back)?],
         "'..'",
     )?;
+    // A FIFO is neither a file to stream nor a directory to walk.
+    ok(ctx, &["exec", "life", "--", "mkfifo", "/work/pipe"])?;
     refused(
         ctx,
-        &["cp", "life:/work", path(&back)?],
+        &["cp", "life:/work/pipe", path(&back)?],
         "not a regular file",
     )?;
     refused(

@@ -19,12 +19,13 @@ pub const EXIT_REASON: &str = "exit_reason";
 
 /// The phases up to the first `KVM_RUN`, in the order they end: those present must be
 /// non-decreasing (`plan_verified` and `artifacts_measured` are null under `--dev`).
-pub const SEQUENCE: [&str; 6] = [
+pub const SEQUENCE: [&str; 7] = [
     "args_parsed",
     "plan_verified",
     "artifacts_measured",
     "kernel_loaded",
     "vm_created",
+    "vcpus_ready",
     "first_kvm_run",
 ];
 

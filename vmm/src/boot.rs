@@ -195,6 +195,7 @@ pub fn run(
         vcpu.configure(&supported, config.vcpus, loaded.entry)?;
         vcpus.push(vcpu);
     }
+    timeline.mark(Phase::VcpusReady);
 
     let ctx = VcpuContext {
         pio: devices.pio_bus().clone(),

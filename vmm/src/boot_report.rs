@@ -21,8 +21,9 @@
 //! (non-decreasing) up to `first_kvm_run`: `args_parsed` as clap returns,
 //! `plan_verified` when the signature, window and nonce passed, `artifacts_measured`
 //! when the kernel, initramfs and command line matched the plan (after the
-//! configuration was resolved and the files read), then `kernel_loaded` and
-//! `vm_created` (after the jail). `first_serial_byte` and `init_reached` may come in
+//! configuration was resolved and the files read), then `kernel_loaded`,
+//! `vm_created` (after the jail) and `vcpus_ready` (devices attached, vCPUs
+//! configured, before their threads start). `first_serial_byte` and `init_reached` may come in
 //! either order. A phase that never happened is `null`: with `--dev`, `plan_verified`
 //! and `artifacts_measured` are.
 
@@ -49,6 +50,9 @@ pub enum Phase {
     KernelLoaded,
     /// The KVM VM exists with its memory, irqchip and timer.
     VmCreated,
+    /// Devices attached, boot tables written, every vCPU created and configured;
+    /// no vCPU thread started yet.
+    VcpusReady,
     /// The boot vCPU entered `KVM_RUN` for the first time.
     FirstKvmRun,
     /// The guest wrote its first byte to the serial console.
@@ -61,7 +65,7 @@ pub enum Phase {
     Exit,
 }
 
-const PHASES: usize = 10;
+const PHASES: usize = 11;
 
 impl Phase {
     fn slot(self) -> usize {
@@ -96,6 +100,8 @@ pub struct BootReport {
     pub kernel_loaded: Option<u64>,
     /// See [`Phase::VmCreated`].
     pub vm_created: Option<u64>,
+    /// See [`Phase::VcpusReady`].
+    pub vcpus_ready: Option<u64>,
     /// See [`Phase::FirstKvmRun`].
     pub first_kvm_run: Option<u64>,
     /// See [`Phase::FirstSerialByte`].
@@ -203,6 +209,7 @@ impl BootTimeline {
             artifacts_measured: g(Phase::ArtifactsMeasured),
             kernel_loaded: g(Phase::KernelLoaded),
             vm_created: g(Phase::VmCreated),
+            vcpus_ready: g(Phase::VcpusReady),
             first_kvm_run: g(Phase::FirstKvmRun),
             first_serial_byte: g(Phase::FirstSerialByte),
             init_reached: g(Phase::InitReached),
@@ -265,6 +272,7 @@ mod tests {
             "artifacts_measured",
             "kernel_loaded",
             "vm_created",
+            "vcpus_ready",
             "first_kvm_run",
             "first_serial_byte",
             "init_reached",

@@ -42,11 +42,12 @@ const MODE: &str = "reboot";
 /// Where `scripts/e2e` puts a Firecracker binary it was given.
 pub const FIRECRACKER: &str = "firecracker";
 /// Boot report phases shown per mvm variant, in order.
-const REPORT_PHASES: [&str; 6] = [
+const REPORT_PHASES: [&str; 7] = [
     "args_parsed",
     "artifacts_measured",
     "kernel_loaded",
     "vm_created",
+    "vcpus_ready",
     "first_kvm_run",
     "init_reached",
 ];

@@ -75,6 +75,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// Sends `data` as `frame` messages of at most [`DATA_CHUNK`] bytes each.
+    fn send_chunked(
+        &self,
+        id: u32,
+        data: &[u8],
+        frame: fn(Vec<u8>) -> Message,
+    ) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            self.send(id, &frame(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
     fn send(&self, id: u32, message: &Message) -> Result<(), ClientError> {
         let mut writer = lock(&self.writer);
         write_frame(&mut *writer, id, message)?;
@@ -226,10 +239,7 @@ pub struct ExecStdin {
 impl ExecStdin {
     /// Sends bytes to the process's stdin, in frames of at most [`DATA_CHUNK`] bytes.
     pub fn write(&self, data: &[u8]) -> Result<(), ClientError> {
-        for chunk in data.chunks(DATA_CHUNK) {
-            self.inner.send(self.id, &Message::Stdin(chunk.to_vec()))?;
-        }
-        Ok(())
+        self.inner.send_chunked(self.id, data, Message::Stdin)
     }
 
     /// Ends the process's stdin.
@@ -375,10 +385,7 @@ pub struct TunnelWriter {
 impl TunnelWriter {
     /// Sends bytes to the guest program, in frames of at most [`DATA_CHUNK`] bytes.
     pub fn write(&self, data: &[u8]) -> Result<(), ClientError> {
-        for chunk in data.chunks(DATA_CHUNK) {
-            self.inner.send(self.id, &Message::Data(chunk.to_vec()))?;
-        }
-        Ok(())
+        self.inner.send_chunked(self.id, data, Message::Data)
     }
 
     /// Ends this direction (the guest program reads end of file).

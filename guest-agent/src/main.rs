@@ -83,13 +83,27 @@ fn run_init() -> ! {
         guest_signal::disable();
     }
     let blocked = init::block_power_signals();
-    let mount_failures = init::mount_filesystems();
+    let mut mount_failures = init::mount_early();
     init::ensure_stdio();
     let cmdline = init::kernel_cmdline();
     let level = init::cmdline_value(&cmdline, "mvm.agent.log")
         .and_then(parse_level)
         .unwrap_or(Level::WARN);
     init_logging(level);
+    // An image's root disk becomes `/` before anything else is mounted in it; a root
+    // the plan named but that does not mount stops the guest (never a workload in the
+    // initramfs instead).
+    match init::root::RootDisk::from_cmdline(&cmdline)
+        .and_then(|root| root.map(|r| init::root::switch(&r)).transpose())
+    {
+        Ok(Some(())) => mount_failures = init::mount_filesystems(),
+        Ok(None) => mount_failures.extend(init::mount_rest()),
+        Err(e) => {
+            tracing::error!("{e}; powering off");
+            eprintln!("mvm-agent: {e}; powering off");
+            init::power::power_off(false);
+        }
+    }
     if let Err(e) = guest_signal::send(guest_signal::INIT_REACHED) {
         tracing::warn!("init-reached signal: {e}");
     }

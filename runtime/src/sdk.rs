@@ -102,6 +102,8 @@ impl Run {
                     argv: argv.clone(),
                     secrets: Vec::new(),
                     forwards: Vec::new(),
+                    disks: Vec::new(),
+                    scratch_disks: Vec::new(),
                 },
                 receipt: None,
                 dev: false,

@@ -48,7 +48,7 @@ const MAX_KEY_FILE: u64 = 4096;
 /// File name of the replay store under the data directory.
 const REPLAY_STORE_NAME: &str = "replay-nonces";
 /// Suffix of the dm-verity tree file beside a pinned disk image.
-pub const VERITY_TREE_SUFFIX: &str = ".verity";
+pub const VERITY_TREE_SUFFIX: &str = mvm_loader::verity::TREE_SUFFIX;
 
 /// Exit status: the plan is not signed by a trusted key.
 pub const STATUS_UNTRUSTED_KEY: i32 = 10;
@@ -336,7 +336,7 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
     }
     for (disk, scratch) in rw.iter().zip(&plan.devices.scratch_disks) {
         let want = u64::from(scratch.size_mib) << 20;
-        let len = std::fs::metadata(&disk.path).map_or(0, |m| m.len());
+        let len = mvm_devices::virtio::block::disk_len(&disk.path).unwrap_or(0);
         if len != want {
             return Err(Refusal::Disk {
                 plan_id: plan_id.clone(),
@@ -354,9 +354,8 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
             path: disk.path.clone(),
             why,
         };
-        let len = std::fs::metadata(&disk.path)
-            .map_err(|e| disk_err(format!("cannot stat the image: {e}")))?
-            .len();
+        let len = mvm_devices::virtio::block::disk_len(&disk.path)
+            .map_err(|e| disk_err(format!("the image: {e}")))?;
         if len != pin.verity.data_size {
             return Err(disk_err(format!(
                 "image is {len} bytes, the plan's verity data size is {}",

@@ -4,6 +4,7 @@
 pub mod guest_signal;
 pub mod net;
 pub mod power;
+pub mod root;
 
 use std::fs::OpenOptions;
 use std::io;
@@ -98,11 +99,30 @@ const MOUNTS: &[MountPoint] = &[
     },
 ];
 
+/// Mounts what PID 1 needs before it knows its root: `/proc` (the command line) and
+/// `/dev` (the console, the root disk). [`mount_filesystems`] then finds them mounted.
+pub fn mount_early() -> Vec<String> {
+    mount_points(MOUNTS.iter().filter(|m| is_early(m)))
+}
+
+/// Mounts the rest, after [`mount_early`] in the same root.
+pub fn mount_rest() -> Vec<String> {
+    mount_points(MOUNTS.iter().filter(|m| !is_early(m)))
+}
+
+fn is_early(m: &MountPoint) -> bool {
+    m.target == "/proc" || m.target == "/dev"
+}
+
 /// Mounts the guest's filesystems. Returns what failed (an already mounted filesystem is
 /// not a failure), for logging once the console is usable.
 pub fn mount_filesystems() -> Vec<String> {
+    mount_points(MOUNTS.iter())
+}
+
+fn mount_points<'a>(points: impl Iterator<Item = &'a MountPoint>) -> Vec<String> {
     let mut failures = Vec::new();
-    for m in MOUNTS {
+    for m in points {
         if let Err(e) = std::fs::create_dir_all(m.target) {
             failures.push(format!("mkdir {}: {e}", m.target));
             continue;

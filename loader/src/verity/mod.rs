@@ -26,6 +26,8 @@ pub use verifier::{VerityVerifier, DEFAULT_CACHE_BLOCKS, READ_CHUNK_BYTES};
 
 /// dm-verity hash format version 1 ("normal": salt before the data).
 pub const VERITY_HASH_TYPE: u32 = 1;
+/// Suffix of the dm-verity tree file beside a pinned disk image (`IMAGE.verity`).
+pub const TREE_SUFFIX: &str = ".verity";
 /// The only hash algorithm supported.
 pub const VERITY_ALGORITHM: &str = "sha256";
 /// Size of one sha256 digest in a hash block.

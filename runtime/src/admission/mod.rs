@@ -128,10 +128,21 @@ impl ImageFacts {
             kernel: parse("kernel", &m.kernel.sha256)?,
             initramfs: Some(parse("initramfs", &m.initramfs.sha256)?),
             cmdline: m.cmdline.clone(),
-            disks: Vec::new(),
+            // The image's root disk first: it is `vda` in the guest.
+            disks: m
+                .rootfs
+                .iter()
+                .map(|r| PinnedDisk {
+                    name: ROOT_DISK.to_owned(),
+                    verity: r.verity.clone(),
+                })
+                .collect(),
         })
     }
 }
+
+/// The plan's name for an image's root disk.
+pub const ROOT_DISK: &str = "root";
 
 /// The policy rule behind a denial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +427,9 @@ mod tests {
             cmdline_sha256: sha256_digest(b"console=ttyS0 quiet"),
             agent_vsock_port: 1024,
             inputs: Vec::new(),
+            rootfs: None,
+            lock_sha256: None,
+            config: None,
         };
         let mut stored = StoredImage {
             digest: sha256_digest(b"manifest"),

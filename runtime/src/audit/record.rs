@@ -71,6 +71,11 @@ pub enum EventKind {
     /// A run whose `mvm` died before closing it, found by a later command
     /// (fields: pid, reason).
     RunAbandoned,
+    /// How the VMM verifies a pinned disk's reads (fields: disk, mode, why).
+    DiskVerification,
+    /// An image was built in a builder VM, whose plan the record names (fields:
+    /// image, digest, lock_sha256, root_hash).
+    ImageBuilt,
 }
 
 impl fmt::Display for EventKind {

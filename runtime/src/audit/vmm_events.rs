@@ -76,6 +76,19 @@ pub fn vmm_event(line: &str, vm_id: &str) -> Option<AuditEvent> {
             }
             e
         }
+        "disk_verification" => {
+            let mut e = AuditEvent::new(EventKind::DiskVerification)
+                .vm(vm_id)
+                .field("disk", text("disk"))
+                .field("mode", text("mode"));
+            if !text("why").is_empty() {
+                e = e.field("why", text("why"));
+            }
+            if let Some(id) = plan_id {
+                e = e.plan(id);
+            }
+            e
+        }
         "vm_exit" => AuditEvent::vm_exited(
             plan_id.unwrap_or(""),
             vm_id,

@@ -364,5 +364,6 @@ fn finish(
         },
         tier: Tier::Kvm,
         boot_report,
+        plan_id: None,
     }
 }

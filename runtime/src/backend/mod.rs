@@ -130,6 +130,9 @@ pub struct RunOutcome {
     /// The VMM's boot report (phase timestamps, exit reason), when it wrote one.
     #[serde(default)]
     pub boot_report: Option<serde_json::Value>,
+    /// The signed plan's id, for an admitted run.
+    #[serde(default)]
+    pub plan_id: Option<String>,
 }
 
 /// Where a run's evidence is written ahead. A backend calls it once the guest

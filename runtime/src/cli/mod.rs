@@ -125,8 +125,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ready_timeout: u64,
-    /// Attach a disk: `path=FILE,ro|rw[,id=ID]`, passed to mvm-vmm --disk
-    /// (repeatable; kvm backend only).
+    /// Attach a disk: `path=FILE,ro|rw`. Read-only: pinned in the plan by a dm-verity
+    /// tree computed now, every block verified as the guest reads it. Writable: a
+    /// scratch disk the plan names by its size (a whole number of MiB). In the guest
+    /// they follow the image's root disk, read-only ones first.
+    /// (repeatable).
     #[arg(long, value_name = "SPEC")]
     pub disk: Vec<String>,
     /// Print one JSON object (stdout, stderr, exit status, timings) instead
@@ -207,6 +210,8 @@ impl RunArgs {
                 })
                 .collect(),
             forwards: Vec::new(),
+            disks: Vec::new(),
+            scratch_disks: Vec::new(),
         }
     }
 
@@ -223,21 +228,65 @@ impl RunArgs {
 /// `mvm image ...`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the default image (kernel + initramfs with mvm-agent and busybox).
+    /// Build an image from a spec (PATH: a directory with mvm.toml, or the file),
+    /// locking it first if it has no lock; without PATH, the base image (kernel +
+    /// initramfs with mvm-agent and busybox).
     Build(ImageBuildArgs),
+    /// Resolve a spec against Debian's signed indexes into its lock (mvm.lock
+    /// beside it): every package by exact version and sha256.
+    Lock {
+        /// A directory with mvm.toml, or the file.
+        path: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List stored images.
-    Ls,
-    /// Show an image's manifest and check its artifacts.
+    Ls {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's inputs, sizes and root hash, and check its artifacts.
     Inspect {
         /// A name or a digest (prefix).
         #[arg(default_value = crate::image::DEFAULT_IMAGE)]
         reference: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a name (and the image, when no other name points at it).
+    Rm {
+        /// The name.
+        name: String,
+    },
+    /// Remove images no name points at, and cached inputs no stored lock needs.
+    Gc {
+        /// Print what was removed as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 /// `mvm image build`.
 #[derive(Debug, Args)]
 pub struct ImageBuildArgs {
+    /// A spec: a directory holding mvm.toml, or the file. Without it, the base
+    /// image is built from --kernel, --agent and --busybox.
+    pub path: Option<PathBuf>,
+    /// Build again even if the store has an image of this lock.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// The build's time limit in the builder VM, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
+    /// The backend for the builder VM (default: the best this host offers).
+    #[arg(long, value_enum)]
+    pub backend: Option<Tier>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
     /// The guest kernel (ELF vmlinux). Default: $MVM_KERNEL, else the output
     /// of scripts/build-kernel.
     #[arg(long, value_name = "PATH")]
@@ -251,7 +300,7 @@ pub struct ImageBuildArgs {
     /// The kernel command line (default: the built-in one).
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// The name to store the image under.
+    /// The name to store the base image under.
     #[arg(long, default_value = crate::image::DEFAULT_IMAGE)]
     pub name: String,
 }
@@ -370,9 +419,9 @@ mod tests {
     fn image_and_doctor_parse() {
         assert!(matches!(
             parse(&["image", "ls"]).unwrap().command,
-            Command::Image(ImageCommand::Ls)
+            Command::Image(ImageCommand::Ls { json: false })
         ));
-        let Command::Image(ImageCommand::Inspect { reference }) =
+        let Command::Image(ImageCommand::Inspect { reference, .. }) =
             parse(&["image", "inspect"]).unwrap().command
         else {
             panic!("not inspect");

@@ -268,6 +268,9 @@ pub fn build(inputs: &BuildInputs) -> Result<BuiltImage, ImageError> {
         cmdline,
         agent_vsock_port: AGENT_VSOCK_PORT,
         inputs: manifest_inputs,
+        rootfs: None,
+        lock_sha256: None,
+        config: None,
     };
     Ok(BuiltImage {
         manifest,

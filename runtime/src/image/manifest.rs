@@ -71,6 +71,45 @@ pub struct Manifest {
     pub agent_vsock_port: u32,
     /// The inputs, in a fixed order.
     pub inputs: Vec<Input>,
+    /// The read-only root filesystem, when the image has one (built from a lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<Rootfs>,
+    /// sha256 (hex) of the lock the image was built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_sha256: Option<String>,
+    /// Workload defaults the image's spec gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ImageConfig>,
+}
+
+/// An image's root disk: a read-only filesystem image and its dm-verity tree
+/// (`FILE.verity` beside it), pinned in a plan by the tree's root hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rootfs {
+    /// The file name inside the image directory.
+    pub file: String,
+    /// `erofs`.
+    pub fstype: String,
+    /// Root hash, salt and geometry of the tree.
+    pub verity: mvm_loader::verity::VerityParams,
+}
+
+/// Defaults for workloads in the image (from `[image]` in its spec).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// Environment.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Default command.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// `workload` or `builder`.
+    pub kind: super::spec::ImageKind,
 }
 
 impl Manifest {
@@ -113,6 +152,9 @@ mod tests {
                 sha256: sha256_digest(b"b"),
                 version: Some("1.35".into()),
             }],
+            rootfs: None,
+            lock_sha256: None,
+            config: None,
         };
         let bytes = m.to_bytes().unwrap();
         assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);

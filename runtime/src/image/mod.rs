@@ -1,16 +1,32 @@
-//! Guest images: the built-in builder (kernel + a deterministic initramfs with
-//! `mvm-agent` as `/init` and busybox), `manifest.json`, and the
-//! content-addressed store under the user's data directory.
+//! Guest images: the built-in base (kernel + a deterministic initramfs with
+//! `mvm-agent` as `/init` and busybox), images with a root filesystem built from
+//! a spec and its lock in a builder VM, `manifest.json`, and the store under the
+//! user's data directory.
 //!
-//! An image is three files: the kernel (`vmlinux`), the initramfs
-//! (`initramfs.cpio`, uncompressed newc) and `manifest.json`, whose sha256 is
-//! the image digest. Built twice from the same inputs, an image has the same
-//! digest.
+//! An image is the kernel (`vmlinux`), the initramfs (`initramfs.cpio`,
+//! uncompressed newc), for a built image a read-only root filesystem with its
+//! dm-verity tree, and `manifest.json`, whose sha256 is the image digest. Built
+//! twice from the same inputs, an image has the same digest (`docs/images.md`).
+//!
+//! | module | job |
+//! |---|---|
+//! | [`spec`] | `mvm.toml`, checked |
+//! | [`lock`] | `mvm.lock`: the spec resolved against Debian's signed indexes |
+//! | [`debian`] | Debian's index formats, versions, dependency resolution |
+//! | [`fetch`] | inputs by digest into the content-addressed cache |
+//! | [`deb`] | `.deb` files read and checked, unpacked into one tar stream (never onto the host) |
+//! | [`assemble`] | the builder VM's inputs, its run, its output checked and stored |
 
+pub mod assemble;
 pub mod build;
 pub mod cpio;
+pub mod deb;
+pub mod debian;
 pub mod elf;
+pub mod fetch;
+pub mod lock;
 pub mod manifest;
+pub mod spec;
 pub mod store;
 
 use std::path::PathBuf;

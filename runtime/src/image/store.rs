@@ -173,14 +173,54 @@ impl ImageStore {
     /// Stores `image` (a no-op for its files if the digest is already there)
     /// and points `name` at it.
     pub fn put(&self, name: &str, image: &BuiltImage) -> Result<StoredImage, ImageError> {
+        self.store(name, &image.manifest, |tmp| {
+            let files: [(&str, &[u8]); 2] = [
+                (&image.manifest.kernel.file, &image.kernel),
+                (&image.manifest.initramfs.file, &image.initramfs),
+            ];
+            for (file, bytes) in files {
+                let path = tmp.join(file);
+                std::fs::write(&path, bytes).map_err(io(&path))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Stores an image given as its manifest and files (`(name in the image
+    /// directory, source path)`; each source is hard-linked, else copied), and
+    /// points `name` at it. Used for images with a root filesystem, whose files are
+    /// too large to hold in memory.
+    pub fn put_files(
+        &self,
+        name: &str,
+        manifest: &Manifest,
+        files: &[(&str, &Path)],
+    ) -> Result<StoredImage, ImageError> {
+        self.store(name, manifest, |tmp| {
+            files.iter().try_for_each(|(file, src)| {
+                let dst = tmp.join(file);
+                if std::fs::hard_link(src, &dst).is_err() {
+                    std::fs::copy(src, &dst).map_err(io(&dst))?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Stores the image of `manifest` (`fill` puts its files into a temporary
+    /// directory, moved into place whole with the manifest; a no-op if the digest
+    /// is already stored) and points `name` at it.
+    fn store(
+        &self,
+        name: &str,
+        manifest: &Manifest,
+        fill: impl FnOnce(&Path) -> Result<(), ImageError>,
+    ) -> Result<StoredImage, ImageError> {
         check_name(name)?;
-        let manifest_bytes = image
-            .manifest
-            .to_bytes()
-            .map_err(|e| ImageError::BadManifest {
-                path: PathBuf::from(MANIFEST_FILE),
-                reason: e.to_string(),
-            })?;
+        let manifest_bytes = manifest.to_bytes().map_err(|e| ImageError::BadManifest {
+            path: PathBuf::from(MANIFEST_FILE),
+            reason: e.to_string(),
+        })?;
         let digest = sha256_digest(&manifest_bytes);
         let hex = digest.trim_start_matches("sha256:");
         let dir = self.images.join(hex);
@@ -191,14 +231,13 @@ impl ImageStore {
                 .join(format!(".tmp-{}-{hex}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
             std::fs::create_dir(&tmp).map_err(io(&tmp))?;
-            let files: [(&str, &[u8]); 3] = [
-                (&image.manifest.kernel.file, &image.kernel),
-                (&image.manifest.initramfs.file, &image.initramfs),
-                (MANIFEST_FILE, &manifest_bytes),
-            ];
-            for (file, bytes) in files {
-                let path = tmp.join(file);
-                std::fs::write(&path, bytes).map_err(io(&path))?;
+            let written = fill(&tmp).and_then(|()| {
+                let path = tmp.join(MANIFEST_FILE);
+                std::fs::write(&path, &manifest_bytes).map_err(io(&path))
+            });
+            if let Err(e) = written {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
             }
             match std::fs::rename(&tmp, &dir) {
                 Ok(()) => {}
@@ -212,10 +251,67 @@ impl ImageStore {
                 }
             }
         }
+        self.name_digest(name, &digest)?;
+        self.load(hex)
+    }
+
+    fn name_digest(&self, name: &str, digest: &str) -> Result<(), ImageError> {
+        check_name(name)?;
         let names = self.names_dir();
         std::fs::create_dir_all(&names).map_err(io(&names))?;
-        write_atomic(&names.join(name), format!("{digest}\n").as_bytes())?;
-        self.load(hex)
+        write_atomic(&names.join(name), format!("{digest}\n").as_bytes())
+    }
+
+    /// Points `name` at a stored image.
+    pub fn name(&self, name: &str, image: &StoredImage) -> Result<(), ImageError> {
+        self.name_digest(name, &image.digest)
+    }
+
+    /// Removes the name `name`; the image it pointed at goes too when no other name
+    /// points at it (returns its digest then).
+    pub fn remove_name(&self, name: &str) -> Result<Option<String>, ImageError> {
+        check_name(name)?;
+        let names = self.names()?;
+        let digest = names
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| ImageError::NotFound {
+                reference: name.to_owned(),
+                store: self.images.clone(),
+            })?;
+        let path = self.names_dir().join(name);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        if names.iter().any(|(n, d)| n != name && *d == digest) {
+            return Ok(None);
+        }
+        let dir = self.images.join(digest.trim_start_matches("sha256:"));
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        Ok(Some(digest))
+    }
+
+    /// Removes every image no name points at (and leftovers of interrupted
+    /// stores); returns their digests.
+    pub fn gc(&self) -> Result<Vec<String>, ImageError> {
+        let named: std::collections::BTreeSet<String> =
+            self.names()?.into_iter().map(|(_, d)| d).collect();
+        let mut removed = Vec::new();
+        for hex in self.digests()? {
+            let digest = format!("sha256:{hex}");
+            if !named.contains(&digest) {
+                let dir = self.images.join(&hex);
+                std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+                removed.push(digest);
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.images) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Loads the image whose directory is `images/<hex>`; checks that the

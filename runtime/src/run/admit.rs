@@ -200,6 +200,8 @@ pub fn admit_run_in(
         )));
     }
     let mut request = admission_request(run, &policy);
+    facts.disks.extend(run.disks.iter().map(|d| d.pin.clone()));
+    request.scratch_disks = run.scratch_disks.iter().map(|d| d.disk.clone()).collect();
     // netrt: --net's egress cap, the plan's net section and the pinned mvm.net= word.
     let mut policy = policy;
     if let Some(net) = net {
@@ -495,6 +497,8 @@ mod tests {
             argv: ["sh", "-c", "echo hi"].map(String::from).to_vec(),
             secrets: Vec::new(),
             forwards: Vec::new(),
+            disks: Vec::new(),
+            scratch_disks: Vec::new(),
         }
     }
 
@@ -508,6 +512,7 @@ mod tests {
             timings: Timings::default(),
             tier: Tier::Kvm,
             boot_report: None,
+            plan_id: None,
         }
     }
 

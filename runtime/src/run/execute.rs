@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::output_digest::{DigestSink, OutputDigests};
 use super::{admit, RunRequest};
 use crate::backend::detect::{judge, HostFacts};
+use crate::backend::scratch::ScratchDir;
 use crate::backend::{
     emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
     RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier, Workload,
@@ -89,6 +90,7 @@ pub fn execute_workload(
     let mut net = crate::net::run::prepare(&options.net, tier)?;
     let mut spec = spec.clone();
     spec.net = net.as_ref().map(|n| n.request.clone());
+    apply_image_config(&mut spec, &image);
     let spec = &spec;
     if options.dev {
         if options.receipt.is_some() {
@@ -105,14 +107,23 @@ pub fn execute_workload(
         eprintln!(
             "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
         );
-        return launch(tier, &facts, spec, &image, None, &mut NoJournal, workload);
+        let mut spec = spec.clone();
+        let mut disks = options.request.disk_args(&image);
+        disks.append(&mut spec.disks);
+        spec.disks = disks;
+        return launch(tier, &facts, &spec, &image, None, &mut NoJournal, workload);
     }
-    if let Some(disk) = spec.disks.first() {
-        return Err(RunError::Missing(format!(
-            "--disk {disk}: extra disks are not pinned by admission yet (a read-only disk needs its dm-verity root hash in the plan); use --dev to attach it unverified"
-        )));
-    }
-    let mut admitted = admit::admit_run(&options.request, &image, tier, net.as_mut())?;
+    // `--disk`: each pinned in the plan (a read-only one by a dm-verity tree made now,
+    // in `trees`, which lives as long as the run; a writable one by its size).
+    let trees = ScratchDir::create().map_err(RunError::io("creating the disk directory"))?;
+    let mut request = options.request.clone();
+    super::disks::pin_user_disks(&spec.disks, trees.path(), &mut request)?;
+    // The image's root disk and the request's pinned and scratch disks, in the
+    // plan's order.
+    let mut spec = spec.clone();
+    spec.disks = request.disk_args(&image);
+    let spec = &spec;
+    let mut admitted = admit::admit_run(&request, &image, tier, net.as_mut())?;
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
@@ -140,6 +151,10 @@ pub fn execute_workload(
     let plan_id = admitted.plan_id().to_owned();
     let vm_id = admitted.vm_id.clone();
     let finishing = std::time::Instant::now();
+    let result = result.map(|mut outcome| {
+        outcome.plan_id = Some(plan_id.clone());
+        outcome
+    });
     match admitted.finish(
         &spec.argv,
         &result,
@@ -160,6 +175,21 @@ pub fn execute_workload(
         Err(e) => eprintln!("mvm: {}", escape_controls(&e)),
     }
     result
+}
+
+/// The image's workload defaults (from its spec) under what the caller asked for:
+/// its environment where the caller set no value, its working directory when the
+/// caller named none.
+fn apply_image_config(spec: &mut RunSpec, image: &StoredImage) {
+    let Some(config) = &image.manifest.config else {
+        return;
+    };
+    for (key, value) in &config.env {
+        spec.env.entry(key.clone()).or_insert_with(|| value.clone());
+    }
+    if spec.workdir.is_none() {
+        spec.workdir.clone_from(&config.workdir);
+    }
 }
 
 /// Starts the run on `tier`, verified against `plan` when given.

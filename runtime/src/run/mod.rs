@@ -4,6 +4,7 @@
 //! (`crate::cli`) only turns its arguments into a [`RunRequest`] and prints.
 
 pub mod admit;
+pub mod disks;
 pub mod execute;
 pub mod exit;
 pub mod output_digest;
@@ -28,4 +29,48 @@ pub struct RunRequest {
     pub secrets: Vec<crate::secrets::SecretRequest>,
     /// TCP forwards into the guest (a sandbox's `-p HOST:GUEST`), pinned in the plan.
     pub forwards: Vec<mvm_loader::plan::PortForward>,
+    /// Read-only disks besides the image's root, each pinned by its dm-verity tree,
+    /// in the order they follow the root on the VMM's command line.
+    pub disks: Vec<PinnedFile>,
+    /// Empty writable disks, named by size in the plan and recorded in the audit log.
+    pub scratch_disks: Vec<ScratchFile>,
+}
+
+/// A read-only disk image pinned by its dm-verity tree (`PATH.verity` beside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedFile {
+    /// The image file.
+    pub path: std::path::PathBuf,
+    /// Its name and tree parameters, as the plan pins them.
+    pub pin: mvm_loader::plan::PinnedDisk,
+}
+
+/// An empty writable disk: a file of exactly the plan's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchFile {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Its name and size, as the plan names them.
+    pub disk: mvm_loader::plan::ScratchDisk,
+}
+
+impl RunRequest {
+    /// The VMM's `--disk` values for `image` and this request, in the order the
+    /// plan lists them: the image's root disk, the pinned disks, the scratch disks.
+    pub fn disk_args(&self, image: &crate::image::StoredImage) -> Vec<String> {
+        let root = image
+            .manifest
+            .rootfs
+            .iter()
+            .map(|r| format!("path={},ro", image.dir.join(&r.file).display()));
+        let pinned = self
+            .disks
+            .iter()
+            .map(|d| format!("path={},ro", d.path.display()));
+        let scratch = self
+            .scratch_disks
+            .iter()
+            .map(|d| format!("path={},rw", d.path.display()));
+        root.chain(pinned).chain(scratch).collect()
+    }
 }

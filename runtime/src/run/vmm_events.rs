@@ -337,6 +337,7 @@ mod tests {
             timings: Timings::default(),
             tier: Tier::Kvm,
             boot_report: None,
+            plan_id: None,
         });
         assert_eq!(ended_status(&ok), Some((3, None)));
         let t = Err(RunError::Timeout(std::time::Duration::from_secs(1)));

@@ -83,6 +83,8 @@ pub fn supervise(dir: &Path) -> i32 {
                 .iter()
                 .map(|&(host, guest)| PortForward { host, guest })
                 .collect(),
+            disks: Vec::new(),
+            scratch_disks: Vec::new(),
         },
         receipt: None,
         dev: config.dev,

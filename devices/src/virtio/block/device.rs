@@ -100,12 +100,10 @@ impl Block {
             path: config.path.clone(),
             source,
         })?;
-        if !meta.is_file() {
-            return Err(BlockError::Unusable {
-                path: config.path.clone(),
-                reason: "not a regular file".to_owned(),
-            });
-        }
+        let len = disk_len(&config.path).map_err(|reason| BlockError::Unusable {
+            path: config.path.clone(),
+            reason,
+        })?;
         let id = match &config.id {
             Some(id) => {
                 validate_id(id)?;
@@ -113,16 +111,16 @@ impl Block {
             }
             None => default_id(meta.dev(), meta.ino()),
         };
-        if meta.len() % SECTOR_SIZE != 0 {
+        if len % SECTOR_SIZE != 0 {
             tracing::warn!(
                 path = %config.path.display(),
-                len = meta.len(),
+                len,
                 "disk size is not a multiple of 512; the tail is not visible to the guest"
             );
         }
         Ok(Self::with_file(
             file,
-            meta.len() >> SECTOR_SHIFT,
+            len >> SECTOR_SHIFT,
             config.read_only,
             id,
         ))
@@ -216,4 +214,21 @@ impl VirtioDevice for Block {
     fn name(&self) -> &'static str {
         "virtio-blk"
     }
+}
+
+/// The size in bytes of a disk's backing: a regular file's length, or a block device's
+/// size (its end, as `lseek` reports it). Anything else is refused.
+pub fn disk_len(path: &std::path::Path) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot stat: {e}"))?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    if !meta.file_type().is_block_device() {
+        return Err("not a regular file or a block device".to_owned());
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    file.seek(SeekFrom::End(0))
+        .map_err(|e| format!("cannot find the block device's size: {e}"))
 }

@@ -16,7 +16,7 @@ pub mod verity;
 #[cfg(test)]
 mod tests;
 
-pub use device::{validate_id, Block, BlockError, DiskConfig};
+pub use device::{disk_len, validate_id, Block, BlockError, DiskConfig};
 pub use event_handler::BlockWorker;
 pub use metrics::BlockMetrics;
 

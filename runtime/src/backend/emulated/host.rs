@@ -187,11 +187,6 @@ pub fn run(
     };
     let mut session_status = None;
     let bundle = plan.map(plan_bundle).transpose()?;
-    if let Some(disk) = spec.disks.first() {
-        return Err(RunError::Missing(format!(
-            "--disk {disk}: the emulated backend cannot attach disks yet (the file would have to travel into the test host); use --backend kvm on a host with hardware KVM"
-        )));
-    }
     let testhost = locate::testhost_dir()?;
     let (mvm, vmm) = locate::static_binaries()?;
     let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;

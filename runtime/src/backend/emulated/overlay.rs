@@ -16,9 +16,9 @@ const GUEST_BIN_DIR: &str = "testhost/bin";
 const GUEST_IMAGE_DIR: &str = "testhost/image";
 /// Bump when the overlay layout changes, so cached initramfs files are rebuilt.
 const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-2";
-/// The test host modules the virtio-serial ports need, in load order.
+/// The test host modules the virtio-serial ports and the disks need, in load order.
 const VIRTIO_MODULES: &str =
-    "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console";
+    "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console virtio_blk";
 
 /// The cache directory for derived test host files: `$MVM_CACHE`, else
 /// `$XDG_CACHE_HOME/mvm`, else `~/.cache/mvm` (as the build scripts use).

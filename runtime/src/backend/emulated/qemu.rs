@@ -2,7 +2,7 @@
 //! (killed with its parent), and accepting its serial ports' connections.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,17 @@ pub fn qemu_args(
     args.push(format!("file:{}", console_log.display()));
     args.push("-device".into());
     args.push("virtio-serial-pci,id=mvmser".into());
+    for drive in disk_drives(&spec.disks) {
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},if=none,id={},format=raw,readonly={}",
+            drive.path.display(),
+            drive.serial,
+            if drive.read_only { "on" } else { "off" }
+        ));
+        args.push("-device".into());
+        args.push(format!("virtio-blk-pci,drive={0},serial={0}", drive.serial));
+    }
     for (id, name) in [
         ("ctl", PORT_CTL),
         ("in", PORT_IN),
@@ -105,6 +116,65 @@ pub fn qemu_args(
         ));
     }
     args
+}
+
+/// One file the test host gets as a virtio-blk disk: a disk of the run, or the
+/// dm-verity tree beside a read-only one. The serial names it inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drive {
+    /// The file on this host.
+    pub path: PathBuf,
+    /// Whether QEMU opens it read-only.
+    pub read_only: bool,
+    /// `mvmdN` for disk N of the run, `mvmtN` for its tree.
+    pub serial: String,
+}
+
+/// The path and mode of an `mvm-vmm --disk` value (`path=FILE,ro|rw[,id=ID]`).
+pub fn parse_disk(value: &str) -> Option<(PathBuf, bool)> {
+    let mut path = None;
+    let mut read_only = None;
+    for part in value.split(',') {
+        match part {
+            "ro" => read_only = Some(true),
+            "rw" => read_only = Some(false),
+            _ => {
+                if let Some(p) = part.strip_prefix("path=") {
+                    path = Some(PathBuf::from(p));
+                }
+            }
+        }
+    }
+    Some((path?, read_only?))
+}
+
+/// The drives for the run's disks, in order: each disk, and after a read-only one
+/// its tree (`FILE.verity`), which the VMM inside reads beside it.
+pub fn disk_drives(disks: &[String]) -> Vec<Drive> {
+    let mut drives = Vec::new();
+    for (n, (path, read_only)) in disks.iter().filter_map(|d| parse_disk(d)).enumerate() {
+        if read_only {
+            let mut tree = path.clone().into_os_string();
+            tree.push(mvm_loader::verity::TREE_SUFFIX);
+            drives.push(Drive {
+                path: path.clone(),
+                read_only,
+                serial: format!("mvmd{n}"),
+            });
+            drives.push(Drive {
+                path: PathBuf::from(tree),
+                read_only: true,
+                serial: format!("mvmt{n}"),
+            });
+        } else {
+            drives.push(Drive {
+                path,
+                read_only,
+                serial: format!("mvmd{n}"),
+            });
+        }
+    }
+    drives
 }
 
 /// QEMU, killed and reaped on drop.

@@ -81,6 +81,70 @@ impl OutputSink for PortSink {
     }
 }
 
+/// Where the run's disks appear inside the test host, as `N` (and `N.verity`).
+const DISK_DIR: &str = "/testhost/disks";
+
+/// How long the test host waits for its disks to show up after `virtio_blk` loads.
+const DISK_WAIT: Duration = Duration::from_secs(10);
+
+/// The virtio-blk disks of the test host, by serial (`/sys/block/vdX/serial`).
+fn disks_by_serial() -> std::collections::BTreeMap<String, String> {
+    let mut found = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Ok(serial) = std::fs::read_to_string(entry.path().join("serial")) {
+            found.insert(serial.trim().to_owned(), name);
+        }
+    }
+    found
+}
+
+/// The run's `--disk` values with each host path replaced by the test host's disk
+/// of the same serial (see [`super::qemu::disk_drives`]), linked under `dir` as `N`,
+/// its tree as `N.verity` beside it, where the VMM looks for it.
+fn map_disks(disks: &[String], dir: &Path) -> std::io::Result<Vec<String>> {
+    if disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir)?;
+    let deadline = Instant::now() + DISK_WAIT;
+    let mut mapped = Vec::new();
+    for (n, disk) in disks.iter().enumerate() {
+        let (_, read_only) = super::qemu::parse_disk(disk).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("--disk {disk:?}"))
+        })?;
+        let mut wanted = vec![(format!("mvmd{n}"), dir.join(n.to_string()))];
+        if read_only {
+            wanted.push((
+                format!("mvmt{n}"),
+                dir.join(format!("{n}{}", mvm_loader::verity::TREE_SUFFIX)),
+            ));
+        }
+        for (serial, link) in wanted {
+            let device = loop {
+                if let Some(dev) = disks_by_serial().get(&serial) {
+                    break dev.clone();
+                }
+                if Instant::now() > deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("disk {serial} did not appear in the test host"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(Path::new("/dev").join(device), &link)?;
+        }
+        let mode = if read_only { "ro" } else { "rw" };
+        mapped.push(format!("path={},{mode}", dir.join(n.to_string()).display()));
+    }
+    Ok(mapped)
+}
+
 /// The inner side: `mvm __testhost-guest IMAGE_DIR` inside the test host.
 /// Returns an error only when it cannot even report one.
 pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
@@ -96,8 +160,9 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
     let line = read_ctl_line(&mut reader)?.ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no request on mvm.ctl")
     })?;
-    let request: GuestRequest = serde_json::from_str(line.trim_end())
+    let mut request: GuestRequest = serde_json::from_str(line.trim_end())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    request.spec.disks = map_disks(&request.spec.disks, Path::new(DISK_DIR))?;
     write_json_line(&mut ctl_writer, &GuestRecord::Started)?;
     let proceed = listen_to_host(reader)?;
 

@@ -185,13 +185,13 @@ fn tools() -> Value {
         {
             "name": "run_command",
             "title": "Run a command in a fresh microVM",
-            "description": "Runs a command in a new microVM (Linux, busybox userland in the default image) and returns its exit code, stdout and stderr. Nothing persists between calls. Give the program and its arguments as a list; for a shell line use [\"sh\", \"-c\", \"...\"]. stdin, if given, is the command's standard input.",
+            "description": "Runs a command in a new microVM (Linux; busybox userland in the default image, Debian 12 with python3 and pip in the image \"python\") and returns its exit code, stdout and stderr. Nothing persists between calls. Give the program and its arguments as a list; for a shell line use [\"sh\", \"-c\", \"...\"]. stdin, if given, is the command's standard input.",
             "inputSchema": {
                 "type": "object",
                 "properties": {
                     "command": {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "The program and its arguments."},
                     "stdin": {"type": "string", "description": "Text for the command's standard input."},
-                    "image": {"type": "string", "description": "The image, by name or digest (default: default)."},
+                    "image": {"type": "string", "description": "The image, by name or digest (default: default; \"python\" has python3)."},
                     "timeout_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_SECS, "description": "Stop the command after this many seconds (default 120)."},
                     "env": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Environment variables for the command."}
                 },

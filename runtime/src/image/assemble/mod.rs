@@ -45,6 +45,10 @@ pub const ROOTFS_FILE: &str = "rootfs.erofs";
 pub const ROOT_CMDLINE: &str = "mvm.root=vda mvm.rootfstype=erofs";
 /// Command line words of a builder VM: its workload (the build) runs as root.
 pub const BUILDER_CMDLINE: &str = "mvm.agent.allow_root=1 mvm.agent.uid=0 mvm.agent.gid=0";
+/// The version of the host's part of assembly (the tree writer, the inputs disk's
+/// layout, the manifest): part of the build cache's key, so bump it when a change
+/// there would change what a build produces.
+pub const ASSEMBLY_VERSION: u32 = 1;
 /// The builder VM's memory (its tree is built in a tmpfs).
 const BUILDER_MEM_MIB: u32 = 2048;
 /// How much of it the tree may take.
@@ -434,6 +438,7 @@ pub fn assemble(
         key.update(base.digest.as_bytes());
         key.update(builder.map_or("", |b| b.digest.as_str()).as_bytes());
         key.update(inputs::BUILD_SH.as_bytes());
+        key.update(ASSEMBLY_VERSION.to_le_bytes());
     }
     let key = {
         use sha2::Digest;

@@ -23,8 +23,7 @@ use super::debian::{self, PackageEntry, Universe};
 use super::fetch::{self, Cas, Wanted};
 use super::spec::LoadedSpec;
 
-/// The lock's file name, beside the spec.
-pub const LOCK_FILE: &str = "mvm.lock";
+pub use super::spec::LOCK_FILE;
 /// The schema this code writes and reads.
 pub const LOCK_SCHEMA: u32 = 1;
 /// Largest `InRelease` accepted.

@@ -53,6 +53,17 @@ pub struct Input {
     pub version: Option<String>,
 }
 
+/// What the image is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    /// Workloads run in it as the unprivileged user.
+    #[default]
+    Workload,
+    /// mvm's builder VM: its workload (the build) runs as root in the guest.
+    Builder,
+}
+
 /// The whole manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,7 +120,7 @@ pub struct ImageConfig {
     #[serde(default)]
     pub cmd: Vec<String>,
     /// `workload` or `builder`.
-    pub kind: super::spec::ImageKind,
+    pub kind: ImageKind,
 }
 
 impl Manifest {

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 /// The spec's file name in a directory.
 pub const SPEC_FILE: &str = "mvm.toml";
+/// The lock's file name, beside the spec.
+pub const LOCK_FILE: &str = "mvm.lock";
 /// Most packages one spec may name (dependencies come on top).
 pub const MAX_PACKAGES: usize = 512;
 /// Most build steps.
@@ -44,16 +46,7 @@ pub const MAX_FILE_BYTES: u64 = 256 << 20;
 /// `-security` suites).
 pub const SUITES: &[&str] = &["bookworm", "trixie"];
 
-/// What the image is for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageKind {
-    /// Workloads run in it as the unprivileged user.
-    #[default]
-    Workload,
-    /// mvm's builder VM: its workload (the build) runs as root in the guest.
-    Builder,
-}
+pub use super::manifest::ImageKind;
 
 /// A whole `mvm.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +163,7 @@ impl LoadedSpec {
 
     /// Where the lock lives: `mvm.lock` beside the spec.
     pub fn lock_path(&self) -> PathBuf {
-        self.path.with_file_name(super::lock::LOCK_FILE)
+        self.path.with_file_name(LOCK_FILE)
     }
 }
 

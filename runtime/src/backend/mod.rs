@@ -59,6 +59,24 @@ pub enum StdinMode {
     Forward,
 }
 
+/// The path and mode of an `mvm-vmm --disk` value (`path=FILE,ro|rw[,id=ID]`).
+pub fn parse_disk(value: &str) -> Option<(PathBuf, bool)> {
+    let mut path = None;
+    let mut read_only = None;
+    for part in value.split(',') {
+        match part {
+            "ro" => read_only = Some(true),
+            "rw" => read_only = Some(false),
+            _ => {
+                if let Some(p) = part.strip_prefix("path=") {
+                    path = Some(PathBuf::from(p));
+                }
+            }
+        }
+    }
+    Some((path?, read_only?))
+}
+
 /// One workload to run in a fresh VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

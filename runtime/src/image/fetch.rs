@@ -116,20 +116,13 @@ pub struct Wanted<'a> {
 }
 
 impl Cas {
-    /// The cache under `$MVM_CACHE_DIR`, else `$XDG_CACHE_HOME/mvm`, else `~/.cache/mvm`.
+    /// The cache under the cache directory (`crate::image::store::cache_dir`):
+    /// `cas/`.
     pub fn open_default() -> Result<Self, FetchError> {
-        let root = std::env::var_os("MVM_CACHE_DIR")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("XDG_CACHE_HOME")
-                    .filter(|v| !v.is_empty())
-                    .map(|d| PathBuf::from(d).join("mvm"))
-            })
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("mvm"))
-            })
-            .unwrap_or_else(|| PathBuf::from("/var/cache/mvm"));
+        let root = crate::image::store::cache_dir().map_err(|e| FetchError::Cache {
+            path: PathBuf::from("cas"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         Ok(Self::at(&root.join("cas")))
     }
 

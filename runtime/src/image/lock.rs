@@ -287,7 +287,10 @@ fn read_index(
 /// what is being read).
 pub fn lock(spec: &LoadedSpec, status: &dyn Fn(&str)) -> Result<Lock, LockError> {
     let cas = Cas::open_default()?;
-    let work = tempfile_dir()?;
+    let work = crate::backend::scratch::ScratchDir::create().map_err(|source| LockError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })?;
     let suite = &spec.spec.image.suite;
     let mut indexes = Vec::new();
     let mut all = Vec::new();
@@ -374,40 +377,6 @@ pub fn lock(spec: &LoadedSpec, status: &dyn Fn(&str)) -> Result<Lock, LockError>
         packages,
         files,
     })
-}
-
-fn tempfile_dir() -> Result<tempdir::TempDir, LockError> {
-    tempdir::TempDir::new().map_err(|source| LockError::Io {
-        path: std::env::temp_dir(),
-        source,
-    })
-}
-
-/// A private temporary directory removed on drop (no extra dependency for one use).
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new() -> std::io::Result<Self> {
-            let mut bytes = [0u8; 8];
-            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-            let path = std::env::temp_dir().join(format!("mvm-lock-{}", hex::encode(bytes)));
-            std::fs::create_dir(&path)?;
-            Ok(Self(path))
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// The archive name of a package given as a file next to the spec.

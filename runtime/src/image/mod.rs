@@ -78,4 +78,7 @@ pub enum ImageError {
     /// Neither `MVM_DATA_DIR`, `XDG_DATA_HOME` nor `HOME` is set.
     #[error("no data directory: set MVM_DATA_DIR, XDG_DATA_HOME or HOME")]
     NoDataDir,
+    /// Neither `MVM_CACHE`, `XDG_CACHE_HOME` nor `HOME` is set.
+    #[error("no cache directory: set MVM_CACHE, XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
 }

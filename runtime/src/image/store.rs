@@ -22,8 +22,22 @@ const MIN_PREFIX: usize = 12;
 /// The longest image name accepted.
 const MAX_NAME: usize = 64;
 
-/// The user's data directory for mvm: `MVM_DATA_DIR`, else
-/// `$XDG_DATA_HOME/mvm`, else `~/.local/share/mvm`.
+/// The cache directory (derived, rebuildable files): `$MVM_CACHE`, else
+/// `$XDG_CACHE_HOME/mvm`, else `~/.cache/mvm`, as `scripts/lib/cache.sh` has it.
+pub fn cache_dir() -> Result<PathBuf, ImageError> {
+    let from_env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    from_env("MVM_CACHE")
+        .or_else(|| from_env("XDG_CACHE_HOME").map(|d| d.join("mvm")))
+        .or_else(|| from_env("HOME").map(|h| h.join(".cache/mvm")))
+        .ok_or(ImageError::NoCacheDir)
+}
+
+/// The data directory: `$MVM_DATA_DIR`, else `$XDG_DATA_HOME/mvm`, else
+/// `~/.local/share/mvm`.
 pub fn data_dir() -> Result<PathBuf, ImageError> {
     let from_env = |k: &str| {
         std::env::var_os(k)

@@ -14,8 +14,7 @@ use mvm_loader::verity::{build_tree, BuildOptions, Salt, TREE_SUFFIX};
 use rand_core::{OsRng, RngCore};
 
 use super::{PinnedFile, RunRequest, ScratchFile};
-use crate::backend::emulated::qemu::parse_disk;
-use crate::backend::RunError;
+use crate::backend::{parse_disk, RunError};
 
 /// Largest scratch disk, MiB (the plan's own bound).
 const MAX_SCRATCH_MIB: u64 = 1 << 20;

@@ -20,18 +20,9 @@ const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-2";
 const VIRTIO_MODULES: &str =
     "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console virtio_blk";
 
-/// The cache directory for derived test host files: `$MVM_CACHE`, else
-/// `$XDG_CACHE_HOME/mvm`, else `~/.cache/mvm` (as the build scripts use).
+/// The cache directory (`crate::image::store::cache_dir`).
 fn cache_root() -> Result<PathBuf, RunError> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    var("MVM_CACHE")
-        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("mvm")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/mvm")))
-        .ok_or_else(|| RunError::Missing("no cache directory: set MVM_CACHE or HOME".into()))
+    crate::image::store::cache_dir().map_err(|e| RunError::Missing(e.to_string()))
 }
 
 pub(super) fn read_file(path: &Path) -> Result<Vec<u8>, RunError> {

@@ -130,29 +130,15 @@ pub struct Drive {
     pub serial: String,
 }
 
-/// The path and mode of an `mvm-vmm --disk` value (`path=FILE,ro|rw[,id=ID]`).
-pub fn parse_disk(value: &str) -> Option<(PathBuf, bool)> {
-    let mut path = None;
-    let mut read_only = None;
-    for part in value.split(',') {
-        match part {
-            "ro" => read_only = Some(true),
-            "rw" => read_only = Some(false),
-            _ => {
-                if let Some(p) = part.strip_prefix("path=") {
-                    path = Some(PathBuf::from(p));
-                }
-            }
-        }
-    }
-    Some((path?, read_only?))
-}
-
 /// The drives for the run's disks, in order: each disk, and after a read-only one
 /// its tree (`FILE.verity`), which the VMM inside reads beside it.
 pub fn disk_drives(disks: &[String]) -> Vec<Drive> {
     let mut drives = Vec::new();
-    for (n, (path, read_only)) in disks.iter().filter_map(|d| parse_disk(d)).enumerate() {
+    for (n, (path, read_only)) in disks
+        .iter()
+        .filter_map(|d| crate::backend::parse_disk(d))
+        .enumerate()
+    {
         if read_only {
             let mut tree = path.clone().into_os_string();
             tree.push(mvm_loader::verity::TREE_SUFFIX);

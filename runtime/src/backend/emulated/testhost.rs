@@ -113,7 +113,7 @@ fn map_disks(disks: &[String], dir: &Path) -> std::io::Result<Vec<String>> {
     let deadline = Instant::now() + DISK_WAIT;
     let mut mapped = Vec::new();
     for (n, disk) in disks.iter().enumerate() {
-        let (_, read_only) = super::qemu::parse_disk(disk).ok_or_else(|| {
+        let (_, read_only) = crate::backend::parse_disk(disk).ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("--disk {disk:?}"))
         })?;
         let mut wanted = vec![(format!("mvmd{n}"), dir.join(n.to_string()))];

@@ -237,12 +237,9 @@ pub fn fetch_packages(
 
 /// The build's work directory: under the cache, by the build's key.
 fn work_dir(key: &str) -> Result<PathBuf, AssembleError> {
-    let cas = Cas::open_default()?;
-    let root = cas
-        .dir()
-        .parent()
-        .map_or_else(|| cas.dir().to_owned(), Path::to_owned);
-    Ok(root.join("build").join(key.get(..16).unwrap_or(key)))
+    Ok(super::store::cache_dir()?
+        .join("build")
+        .join(key.get(..16).unwrap_or(key)))
 }
 
 /// Collects the builder's output: shown as it comes, the last lines kept.
@@ -486,12 +483,7 @@ pub fn assemble(
 /// Where finished builds are kept, by the hash of their inputs (the lock, the base
 /// image, the builder image, `build.sh`): `~/.cache/mvm/images/<key>`.
 fn build_cache_dir(key: &str) -> Result<PathBuf, AssembleError> {
-    let cas = Cas::open_default()?;
-    let root = cas
-        .dir()
-        .parent()
-        .map_or_else(|| cas.dir().to_owned(), Path::to_owned);
-    Ok(root.join("images").join(key))
+    Ok(super::store::cache_dir()?.join("images").join(key))
 }
 
 /// The image of build `key` from the build cache, stored under `name`. The manifest

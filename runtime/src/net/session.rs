@@ -257,7 +257,10 @@ fn delete_tap_when_free(name: &str) -> std::io::Result<()> {
     let start = std::time::Instant::now();
     loop {
         match tap::delete(name) {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < TAP_BUSY_WAIT => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && start.elapsed() < TAP_BUSY_WAIT =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             other => return other,

@@ -38,8 +38,26 @@ fn name_ifreq(name: &str, flags: libc::c_int) -> io::Result<libc::ifreq> {
     Ok(ifr)
 }
 
-/// Opens `/dev/net/tun` and attaches to (or creates) tap `name`.
+/// How long [`attach`] retries a tap another process briefly holds.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Opens `/dev/net/tun` and attaches to (or creates) tap `name`, retrying `EBUSY` for
+/// up to [`BUSY_WAIT`]: a thread of this process that forks (to run `nft`, say) while
+/// we hold a tap's fd gives its child a copy until the child execs, and a tap takes one
+/// attachment at a time.
 fn attach(name: &str) -> io::Result<File> {
+    let start = std::time::Instant::now();
+    loop {
+        match attach_once(name) {
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy && start.elapsed() < BUSY_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn attach_once(name: &str) -> io::Result<File> {
     let mut ifr = name_ifreq(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
     let file = OpenOptions::new()
         .read(true)
@@ -87,11 +105,31 @@ pub fn create(name: &str) -> io::Result<()> {
     set_persist(&file, name, true)
 }
 
+/// How long [`delete`] waits for the kernel to unregister the tap after the last fd on
+/// it closes.
+const GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Deletes tap `name`: clears its persist flag, so it goes when the last fd on it
-/// closes (ours, now, once the VMM is gone).
+/// closes (ours, now, once the VMM is gone), and returns once it is gone. The wait is
+/// not idle caution: a thread of this process that forks (to run `nft`, say) between
+/// our open and our close holds a copy of the fd until its child execs, and the tap
+/// lives until then; a caller that re-creates the name, or checks, must not see it.
 pub fn delete(name: &str) -> io::Result<()> {
     let file = attach(name)?;
-    set_persist(&file, name, false)
+    set_persist(&file, name, false)?;
+    drop(file);
+    let sys = Path::new("/sys/class/net").join(name);
+    let start = std::time::Instant::now();
+    while sys.exists() {
+        if start.elapsed() > GONE_WAIT {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("tap {name} is still there {GONE_WAIT:?} after its last close of ours: another process holds it open"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// Gives `name` the address `gateway/prefix_len`, turns its IPv6 off (no link-local
@@ -191,5 +229,37 @@ mod tests {
         for bad in ["", "a/b", "0123456789abcdef", "a b"] {
             assert_eq!(create(bad).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         }
+    }
+
+    /// On the real host, as root: taps made and deleted while another thread spawns
+    /// processes (whose children hold copies of our fds until they exec) are neither
+    /// refused as busy nor left behind. Before `attach` retried, about one in thirty
+    /// deletes failed with EBUSY here.
+    #[test]
+    fn taps_come_and_go_while_other_threads_spawn() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(has_net_admin(&status), "this test needs CAP_NET_ADMIN");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::process::Command::new("true").status().unwrap();
+                }
+            })
+        };
+        let mut failures = Vec::new();
+        for n in 0..150 {
+            let name = crate::net::leftovers::tap_name(std::process::id(), 9000 + n).unwrap();
+            if let Err(e) = create(&name).and_then(|()| delete(&name)) {
+                failures.push(format!("{name}: {e}"));
+            }
+            if Path::new("/sys/class/net").join(&name).exists() {
+                failures.push(format!("{name} left behind"));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spawner.join().unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
     }
 }

@@ -18,6 +18,9 @@ pub const TUN_DEVICE: &str = "/dev/net/tun";
 /// Longest interface name (`IFNAMSIZ` minus the NUL, linux/if.h).
 pub const MAX_IFNAME_LEN: usize = 15;
 
+/// How long [`Tap::open`] retries a tap that another process holds for a moment.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What the device needs from its host end: whole frames, each with its virtio header,
 /// in and out, without blocking.
 pub trait FrameBackend: AsRawFd + Send {
@@ -92,10 +95,23 @@ impl Tap {
         }
         let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         ifr.ifr_ifru.ifru_flags = libc::c_short::try_from(flags).unwrap_or(0);
-        // SAFETY: TUNSETIFF reads and writes one `ifreq`; `ifr` is a valid, exclusively
-        // borrowed `ifreq` that outlives the call, and the fd is ours.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-            return Err(ioctl_err("TUNSETIFF"));
+        // A tap takes one attachment at a time, and the runtime that made this one may
+        // have a forked child holding a copy of its fd for a moment (until the child
+        // execs): `EBUSY` is retried briefly before it counts.
+        let start = std::time::Instant::now();
+        loop {
+            let mut attempt = ifr;
+            // SAFETY: TUNSETIFF reads and writes one `ifreq`; `attempt` is a valid,
+            // exclusively borrowed `ifreq` that outlives the call, and the fd is ours.
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut attempt) } >= 0 {
+                break;
+            }
+            let err = ioctl_err("TUNSETIFF");
+            let busy = matches!(&err, TapError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::EBUSY));
+            if !busy || start.elapsed() >= BUSY_WAIT {
+                return Err(err);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let hdr_size = libc::c_int::try_from(VNET_HDR_SIZE).unwrap_or(0);
         // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which is valid for

@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use super::{ImageBuildArgs, ImageCommand};
+use super::{ImageBuildArgs, ImageCommand, ImageImportArgs};
 use crate::backend::locate;
-use crate::image::assemble::{self, AssembleOptions};
+use crate::image::assemble;
 use crate::image::cpio::Archive;
+use crate::image::flake::{self, FlakeOptions, FlakeRef};
+use crate::image::oci::{self, ImportOptions};
 use crate::image::{build, lock, spec, BuildInputs, ImageStore};
 
 /// The kernel to build with: `--kernel`, else `$MVM_KERNEL`, else the
@@ -59,6 +61,7 @@ fn human(bytes: u64) -> String {
 pub fn main(command: &ImageCommand) -> anyhow::Result<()> {
     let store = ImageStore::open_default()?;
     match command {
+        ImageCommand::Build(args) if args.flake.is_some() => build_flake(args)?,
         ImageCommand::Build(args) => match &args.path {
             Some(path) => build_spec(path, args)?,
             None => {
@@ -80,6 +83,7 @@ pub fn main(command: &ImageCommand) -> anyhow::Result<()> {
                 println!("{}", stored.digest);
             }
         },
+        ImageCommand::Import(args) => import(args)?,
         ImageCommand::Lock { path, json } => {
             let spec = spec::load(path)?;
             let made = lock::lock(&spec, &|s| eprintln!("mvm: {s}"))?;
@@ -145,27 +149,79 @@ pub fn main(command: &ImageCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_spec(path: &Path, args: &ImageBuildArgs) -> anyhow::Result<()> {
-    let options = AssembleOptions {
-        backend: args.backend,
-        timeout_secs: args.timeout,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        rebuild: args.rebuild,
+/// An image's root hash and root filesystem size ("" and 0 without one).
+fn root_of(image: &crate::image::StoredImage) -> (String, u64) {
+    image
+        .manifest
+        .rootfs
+        .as_ref()
+        .map_or((String::new(), 0), |r| {
+            (r.verity.root_hash.to_string(), r.verity.data_size)
+        })
+}
+
+fn build_flake(args: &ImageBuildArgs) -> anyhow::Result<()> {
+    let reference = FlakeRef::parse(args.flake.as_deref().unwrap_or_default())?;
+    if args.name == crate::image::DEFAULT_IMAGE {
+        bail!("--flake needs --name NAME (the name to store the image under)");
+    }
+    crate::image::store::check_name(&args.name)?;
+    let options = FlakeOptions {
+        name: args.name.clone(),
+        lock: args.lock,
+        assemble: args.builder.options(),
     };
+    let started = std::time::Instant::now();
+    let built = flake::build_flake(&reference, &options).with_context(|| {
+        format!(
+            "building flake {}",
+            args.flake.as_deref().unwrap_or_default()
+        )
+    })?;
+    let image = &built.image;
+    let (root_hash, size) = root_of(image);
+    let nix = image.manifest.config.as_ref().and_then(|c| c.nix.as_ref());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": args.name,
+                "digest": image.digest,
+                "cached": built.cached,
+                "root_hash": root_hash,
+                "rootfs_bytes": size,
+                "wrote_lock": built.wrote_lock,
+                "nix": nix,
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        if let Some(lock) = &built.wrote_lock {
+            eprintln!("mvm: locked the flake: {}", lock.display());
+        }
+        eprintln!(
+            "mvm: image {} {} from {}: root filesystem {}, root hash {root_hash} ({:.0} s)",
+            args.name,
+            if built.cached {
+                "already built"
+            } else {
+                "built"
+            },
+            args.flake.as_deref().unwrap_or_default(),
+            human(size),
+            started.elapsed().as_secs_f64()
+        );
+        println!("{}", image.digest);
+    }
+    Ok(())
+}
+
+fn build_spec(path: &Path, args: &ImageBuildArgs) -> anyhow::Result<()> {
+    let options = args.builder.options();
     let started = std::time::Instant::now();
     let built = assemble::build_spec(path, &options)?;
     let image = &built.image;
-    let root_hash = image
-        .manifest
-        .rootfs
-        .as_ref()
-        .map(|r| r.verity.root_hash.to_string())
-        .unwrap_or_default();
-    let size = image
-        .manifest
-        .rootfs
-        .as_ref()
-        .map_or(0, |r| r.verity.data_size);
+    let (root_hash, size) = root_of(image);
     if args.json {
         println!(
             "{}",
@@ -187,6 +243,51 @@ fn build_spec(path: &Path, args: &ImageBuildArgs) -> anyhow::Result<()> {
             } else {
                 "built"
             },
+            human(size),
+            started.elapsed().as_secs_f64()
+        );
+        println!("{}", image.digest);
+    }
+    Ok(())
+}
+
+fn import(args: &ImageImportArgs) -> anyhow::Result<()> {
+    crate::image::store::check_name(&args.name)?;
+    let options = ImportOptions {
+        name: args.name.clone(),
+        assemble: args.builder.options(),
+        limits: crate::image::deb::Limits::default(),
+    };
+    let started = std::time::Instant::now();
+    let imported = oci::import(&args.path, &options)
+        .with_context(|| format!("importing {}", args.path.display()))?;
+    let image = &imported.image;
+    let (root_hash, size) = root_of(image);
+    let source = &imported.source;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": args.name,
+                "digest": image.digest,
+                "cached": imported.cached,
+                "format": source.format.name(),
+                "source_digest": source.digest,
+                "layers": source.layers.len(),
+                "root_hash": root_hash,
+                "rootfs_bytes": size,
+                "user": image.manifest.config.as_ref().and_then(|c| c.user.clone()),
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+    } else {
+        eprintln!(
+            "mvm: image {} {} from {} {} ({} layers): root filesystem {}, root hash {root_hash} ({:.0} s)",
+            args.name,
+            if imported.cached { "already imported" } else { "imported" },
+            source.format.name(),
+            source.digest,
+            source.layers.len(),
             human(size),
             started.elapsed().as_secs_f64()
         );
@@ -265,6 +366,31 @@ fn inspect(image: &crate::image::StoredImage, checked: &Result<(), crate::image:
         println!("lock:      sha256:{lock}");
     }
     println!("cmdline:   {}", m.cmdline);
+    if let Some(c) = &m.config {
+        if !c.entrypoint.is_empty() {
+            println!("entrypoint: {:?}", c.entrypoint);
+        }
+        if !c.cmd.is_empty() {
+            println!("cmd:       {:?}", c.cmd);
+        }
+        if let Some(w) = &c.workdir {
+            println!("workdir:   {w}");
+        }
+        if let Some(u) = &c.user {
+            println!("user:      {u}");
+        }
+        if let Some(n) = &c.nix {
+            println!(
+                "flake:     #{} (source {}, flake.lock {})",
+                n.attr, n.source_sha256, n.lock_sha256
+            );
+            println!("out path:  {}", n.out_path);
+            println!("closure:   {} store paths", n.closure.len());
+        }
+        for (k, v) in &c.env {
+            println!("env:       {k}={v}");
+        }
+    }
     match checked {
         Ok(()) => println!("verify:    ok (artifacts match the manifest)"),
         Err(e) => println!("verify:    FAILED: {e}"),

@@ -180,8 +180,9 @@ pub struct RunArgs {
     /// A DNS resolver for the guest (repeatable, IPv4; DNS to anything else is dropped).
     #[arg(long, value_name = "IP", value_parser = crate::net::allow::parse_dns)]
     pub dns: Vec<std::net::Ipv4Addr>,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments, after `--` (without one, the image's default
+    /// command; after an image's entrypoint, its arguments).
+    #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -232,6 +233,11 @@ pub enum ImageCommand {
     /// locking it first if it has no lock; without PATH, the base image (kernel +
     /// initramfs with mvm-agent and busybox).
     Build(ImageBuildArgs),
+    /// Import an OCI image layout (a directory or a tar of one) or a `docker save`
+    /// archive: every blob checked by digest, the layers merged on the host, the
+    /// root disk written in the builder VM. `mvm run --image NAME` then runs its
+    /// entrypoint and command with its environment, working directory and user.
+    Import(ImageImportArgs),
     /// Resolve a spec against Debian's signed indexes into its lock (mvm.lock
     /// beside it): every package by exact version and sha256.
     Lock {
@@ -269,21 +275,67 @@ pub enum ImageCommand {
     },
 }
 
-/// `mvm image build`.
+/// `mvm image import`.
 #[derive(Debug, Args)]
-pub struct ImageBuildArgs {
-    /// A spec: a directory holding mvm.toml, or the file. Without it, the base
-    /// image is built from --kernel, --agent and --busybox.
-    pub path: Option<PathBuf>,
-    /// Build again even if the store has an image of this lock.
+pub struct ImageImportArgs {
+    /// The archive: an OCI image layout directory, a tar of one, or a `docker save` tar.
+    pub path: PathBuf,
+    /// The name to store the image under.
+    #[arg(long)]
+    pub name: String,
+    /// The builder VM.
+    #[command(flatten)]
+    pub builder: BuilderVmArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a builder VM runs (`mvm image build`, `mvm image import`).
+#[derive(Debug, Args)]
+pub struct BuilderVmArgs {
+    /// Build again even if the store or the build cache has this image.
     #[arg(long)]
     pub rebuild: bool,
-    /// The build's time limit in the builder VM, seconds.
+    /// The time limit in the builder VM, seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout: u64,
     /// The backend for the builder VM (default: the best this host offers).
     #[arg(long, value_enum)]
     pub backend: Option<Tier>,
+}
+
+impl BuilderVmArgs {
+    /// The options of a build; progress bars when stderr is a terminal.
+    pub fn options(&self) -> crate::image::assemble::AssembleOptions {
+        crate::image::assemble::AssembleOptions {
+            backend: self.backend,
+            timeout_secs: self.timeout,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            rebuild: self.rebuild,
+        }
+    }
+}
+
+/// `mvm image build`.
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    /// A spec: a directory holding mvm.toml, or the file. Without it, the base
+    /// image is built from --kernel, --agent and --busybox.
+    #[arg(conflicts_with = "flake")]
+    pub path: Option<PathBuf>,
+    /// Build a Nix flake's output instead: PATH#ATTR, evaluated and built in the
+    /// Nix builder VM (host Nix is never used); the output is a root filesystem tree.
+    /// Needs --name.
+    #[arg(long, value_name = "PATH#ATTR")]
+    pub flake: Option<String>,
+    /// With --flake: lock a flake that has no flake.lock (in the builder VM) and
+    /// write the lock beside flake.nix. Without it an unlocked flake is refused.
+    #[arg(long, requires = "flake")]
+    pub lock: bool,
+    /// The builder VM.
+    #[command(flatten)]
+    pub builder: BuilderVmArgs,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

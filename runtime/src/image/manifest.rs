@@ -88,9 +88,49 @@ pub struct Manifest {
     /// sha256 (hex) of the lock the image was built from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_sha256: Option<String>,
-    /// Workload defaults the image's spec gives.
+    /// Workload defaults the image's spec gives, and where a built image came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<ImageConfig>,
+}
+
+/// A flake image's provenance: the flake, its locked inputs, and the store paths of
+/// what the build produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NixBuild {
+    /// The flake output built (`ATTR` of `PATH#ATTR`).
+    pub attr: String,
+    /// `sha256:<hex>` over the flake directory's files as the host copied them.
+    pub source_sha256: String,
+    /// `sha256:<hex>` of its `flake.lock`.
+    pub lock_sha256: String,
+    /// Every locked input of `flake.lock`.
+    pub inputs: Vec<FlakeInput>,
+    /// The output's store path.
+    pub out_path: String,
+    /// The store paths of its closure (the output's included), sorted.
+    pub closure: Vec<String>,
+}
+
+/// One locked input of a `flake.lock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlakeInput {
+    /// The node's name in the lock.
+    pub name: String,
+    /// Its `locked.type` (`path`, `github`, `git`, `tarball`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its `locked.rev`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    /// Its `locked.narHash` (SRI, `sha256-...`); none for a relative path input,
+    /// which is part of the flake's own source (and so of its source digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nar_hash: Option<String>,
+    /// Its `locked.path`, for a path input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// An image's root disk: a read-only filesystem image and its dm-verity tree
@@ -116,9 +156,22 @@ pub struct ImageConfig {
     /// Working directory.
     #[serde(default)]
     pub workdir: Option<String>,
-    /// Default command.
+    /// Default command (the arguments after the entrypoint, when there is one).
     #[serde(default)]
     pub cmd: Vec<String>,
+    /// What every command runs through (an OCI image's `Entrypoint`): a run's
+    /// command, or else `cmd`, is appended to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// `uid:gid` workloads run as (an OCI image's `User`, resolved at import; the
+    /// image's command line tells the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// What a flake image was built from (`mvm image build --flake`). (Here and not
+    /// beside `config` so that the base image's manifest code, whose source is one of
+    /// the base image's inputs, need not change.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix: Option<NixBuild>,
     /// `workload` or `builder`.
     pub kind: ImageKind,
 }

@@ -16,6 +16,8 @@
 //! | [`fetch`] | inputs by digest into the content-addressed cache |
 //! | [`deb`] | `.deb` files read and checked, unpacked into one tar stream (never onto the host) |
 //! | [`assemble`] | the builder VM's inputs, its run, its output checked and stored |
+//! | [`flake`] | Nix flakes built in the Nix builder VM |
+//! | [`oci`] | OCI layouts and `docker save` archives: layers checked and merged on the host |
 
 pub mod assemble;
 pub mod build;
@@ -24,8 +26,10 @@ pub mod deb;
 pub mod debian;
 pub mod elf;
 pub mod fetch;
+pub mod flake;
 pub mod lock;
 pub mod manifest;
+pub mod oci;
 pub mod spec;
 pub mod store;
 

@@ -397,7 +397,15 @@ impl ImageStore {
         let names = self.names()?;
         let mut out = Vec::new();
         for hex in self.digests()? {
-            let image = self.load(&hex)?;
+            // One image this version cannot read (damaged, or written by a newer mvm
+            // with fields this one does not know) must not hide every other image.
+            let image = match self.load(&hex) {
+                Ok(image) => image,
+                Err(e) => {
+                    tracing::warn!("image sha256:{hex} skipped: {e}");
+                    continue;
+                }
+            };
             let pointing = names
                 .iter()
                 .filter(|(_, d)| *d == image.digest)
@@ -505,6 +513,13 @@ mod tests {
             store.resolve("t"),
             Err(ImageError::DigestMismatch { .. })
         ));
+        // An image that cannot be read does not hide the others from the list.
+        let mut other = fake_inputs(dir.path());
+        other.cmdline = Some("console=ttyS0 other".into());
+        let good = store.put("good", &build(&other).unwrap()).unwrap();
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0.digest, good.digest);
     }
 
     #[test]

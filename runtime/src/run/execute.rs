@@ -13,6 +13,7 @@ use crate::backend::{
     emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
     RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier, Workload,
 };
+use crate::image::manifest::ImageConfig;
 use crate::image::{ImageStore, StoredImage};
 use crate::terminal::escape_controls;
 use mvm_loader::plan::UtcTime;
@@ -90,7 +91,14 @@ pub fn execute_workload(
     let mut net = crate::net::run::prepare(&options.net, tier)?;
     let mut spec = spec.clone();
     spec.net = net.as_ref().map(|n| n.request.clone());
-    apply_image_config(&mut spec, &image);
+    let command = matches!(workload, Workload::Command { .. });
+    apply_image_config(&mut spec, image.manifest.config.as_ref(), command);
+    if command && spec.argv.is_empty() {
+        return Err(RunError::Missing(format!(
+            "no command: give one after `--` (image {} has no default command)",
+            options.image
+        )));
+    }
     let spec = &spec;
     if options.dev {
         if options.receipt.is_some() {
@@ -117,6 +125,9 @@ pub fn execute_workload(
     // in `trees`, which lives as long as the run; a writable one by its size).
     let trees = ScratchDir::create().map_err(RunError::io("creating the disk directory"))?;
     let mut request = options.request.clone();
+    if command {
+        request.argv.clone_from(&spec.argv);
+    }
     super::disks::pin_user_disks(&spec.disks, trees.path(), &mut request)?;
     // The image's root disk and the request's pinned and scratch disks, in the
     // plan's order.
@@ -177,11 +188,13 @@ pub fn execute_workload(
     result
 }
 
-/// The image's workload defaults (from its spec) under what the caller asked for:
-/// its environment where the caller set no value, its working directory when the
-/// caller named none.
-fn apply_image_config(spec: &mut RunSpec, image: &StoredImage) {
-    let Some(config) = &image.manifest.config else {
+/// The image's workload defaults (from its spec, or an imported image's config) under
+/// what the caller asked for: its environment where the caller set no value, its
+/// working directory when the caller named none, and (for a command, not a sandbox's
+/// session) its command: the entrypoint, then the caller's arguments or else the
+/// image's `cmd`, as a container runtime composes them.
+fn apply_image_config(spec: &mut RunSpec, config: Option<&ImageConfig>, command: bool) {
+    let Some(config) = config else {
         return;
     };
     for (key, value) in &config.env {
@@ -189,6 +202,14 @@ fn apply_image_config(spec: &mut RunSpec, image: &StoredImage) {
     }
     if spec.workdir.is_none() {
         spec.workdir.clone_from(&config.workdir);
+    }
+    if command {
+        let args = if spec.argv.is_empty() {
+            config.cmd.clone()
+        } else {
+            std::mem::take(&mut spec.argv)
+        };
+        spec.argv = config.entrypoint.iter().cloned().chain(args).collect();
     }
 }
 
@@ -255,5 +276,60 @@ mod tests {
             ..HostFacts::default()
         };
         assert_eq!(choose_tier(None, &qemu_only).unwrap(), Tier::Emulated);
+    }
+
+    fn spec(argv: &[&str]) -> RunSpec {
+        RunSpec {
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: [("A".to_owned(), "mine".to_owned())].into(),
+            workdir: None,
+            cpus: 1,
+            mem_mib: 128,
+            timeout_secs: None,
+            stdin: StdinMode::Null,
+            disks: Vec::new(),
+            ready_timeout_secs: 10,
+            net: None,
+        }
+    }
+
+    #[test]
+    fn the_image_config_fills_in_as_a_container_runtime_would() {
+        let config = ImageConfig {
+            env: [("A".into(), "image".into()), ("B".into(), "image".into())].into(),
+            workdir: Some("/data".into()),
+            cmd: vec!["echo hi".into()],
+            entrypoint: vec!["/bin/sh".into(), "-c".into()],
+            user: Some("1001:1002".into()),
+            nix: None,
+            kind: crate::image::manifest::ImageKind::Workload,
+        };
+        // No command: entrypoint + cmd; the caller's env wins, the image's fills in.
+        let mut s = spec(&[]);
+        apply_image_config(&mut s, Some(&config), true);
+        assert_eq!(s.argv, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(s.env.get("A").map(String::as_str), Some("mine"));
+        assert_eq!(s.env.get("B").map(String::as_str), Some("image"));
+        assert_eq!(s.workdir.as_deref(), Some("/data"));
+        // A command replaces cmd, after the entrypoint.
+        let mut s = spec(&["echo other"]);
+        apply_image_config(&mut s, Some(&config), true);
+        assert_eq!(s.argv, ["/bin/sh", "-c", "echo other"]);
+        // No entrypoint: the command alone, or cmd.
+        let plain = ImageConfig {
+            entrypoint: Vec::new(),
+            ..config.clone()
+        };
+        let mut s = spec(&["ls"]);
+        apply_image_config(&mut s, Some(&plain), true);
+        assert_eq!(s.argv, ["ls"]);
+        // A sandbox's session takes no command from the image.
+        let mut s = spec(&[]);
+        apply_image_config(&mut s, Some(&config), false);
+        assert!(s.argv.is_empty());
+        // No config: nothing changes.
+        let mut s = spec(&[]);
+        apply_image_config(&mut s, None, true);
+        assert!(s.argv.is_empty());
     }
 }

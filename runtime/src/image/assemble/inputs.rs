@@ -170,9 +170,20 @@ pub fn stage(
         std::fs::write(&path, text).map_err(io_err(&path))?;
     }
     progress("making the inputs disk");
+    let disk = seal(&stage, work, lock.source_date_epoch)?;
+    Ok(InputsDisk {
+        disk,
+        package_bytes,
+    })
+}
+
+/// The staged directory `stage` made into the read-only ext4 inputs disk
+/// `work/inputs.ext4` (its files' times `epoch`), pinned by its dm-verity tree; the
+/// staged directory is removed.
+pub fn seal(stage: &Path, work: &Path, epoch: u64) -> Result<PinnedFile, AssembleError> {
     let disk = work.join("inputs.ext4");
-    make_ext4(&stage, &disk, lock.source_date_epoch)?;
-    let _ = std::fs::remove_dir_all(&stage);
+    make_ext4(stage, &disk, epoch)?;
+    let _ = std::fs::remove_dir_all(stage);
     let mut tree_path = disk.clone().into_os_string();
     tree_path.push(TREE_SUFFIX);
     let verity = build_tree(
@@ -184,25 +195,27 @@ pub fn stage(
         tool: "dm-verity tree",
         reason: e.to_string(),
     })?;
-    Ok(InputsDisk {
-        disk: PinnedFile {
-            path: disk,
-            pin: PinnedDisk {
-                name: "inputs".into(),
-                verity,
-            },
+    Ok(PinnedFile {
+        path: disk,
+        pin: PinnedDisk {
+            name: "inputs".into(),
+            verity,
         },
-        package_bytes,
     })
 }
 
 /// The root filesystem's UUID: derived from the spec's digest, so equal locks give
 /// equal bytes.
 pub fn fs_uuid(lock: &Lock) -> String {
+    uuid_from(lock.spec_sha256.as_bytes())
+}
+
+/// A filesystem UUID derived from `seed` (equal seeds, equal UUIDs).
+pub fn uuid_from(seed: &[u8]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(b"mvm rootfs uuid ");
-    h.update(lock.spec_sha256.as_bytes());
+    h.update(seed);
     let h = hex::encode(h.finalize());
     let part = |a: usize, b: usize| h.get(a..b).unwrap_or("0").to_owned();
     format!(

@@ -157,7 +157,7 @@ pub struct Assembled {
     pub fetched_bytes: u64,
 }
 
-fn say(message: &str) {
+pub(in crate::image) fn say(message: &str) {
     eprintln!("mvm: {message}");
 }
 
@@ -236,7 +236,7 @@ pub fn fetch_packages(
 }
 
 /// The build's work directory: under the cache, by the build's key.
-fn work_dir(key: &str) -> Result<PathBuf, AssembleError> {
+pub(in crate::image) fn work_dir(key: &str) -> Result<PathBuf, AssembleError> {
     Ok(super::store::cache_dir()?
         .join("build")
         .join(key.get(..16).unwrap_or(key)))
@@ -245,23 +245,49 @@ fn work_dir(key: &str) -> Result<PathBuf, AssembleError> {
 /// Collects the builder's output: shown as it comes, the last lines kept.
 struct BuildLog {
     tail: VecDeque<String>,
-    partial: Vec<u8>,
+    partial: [Vec<u8>; 2],
+    results: Vec<String>,
+    result_bytes: usize,
 }
+
+/// The prefix of a line of the build script's stdout that reports a result to the
+/// host (`mvm-result KEY VALUE`).
+pub const RESULT_PREFIX: &str = "mvm-result ";
+/// The most result bytes kept from one build.
+const MAX_RESULT_BYTES: usize = 4 << 20;
 
 impl BuildLog {
     fn new() -> Self {
         Self {
             tail: VecDeque::new(),
-            partial: Vec::new(),
+            partial: [Vec::new(), Vec::new()],
+            results: Vec::new(),
+            result_bytes: 0,
         }
     }
 
-    fn feed(&mut self, data: &[u8]) {
-        self.partial.extend_from_slice(data);
-        while let Some(at) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=at).collect();
-            let text = crate::terminal::escape_controls(String::from_utf8_lossy(&line).trim_end())
-                .into_owned();
+    /// Takes `data` of stdout (`stream` 0) or stderr (1), a line at a time.
+    fn feed(&mut self, stream: usize, data: &[u8]) {
+        let Some(partial) = self.partial.get_mut(stream) else {
+            return;
+        };
+        partial.extend_from_slice(data);
+        let mut lines = Vec::new();
+        while let Some(at) = partial.iter().position(|&b| b == b'\n') {
+            lines.push(partial.drain(..=at).collect::<Vec<u8>>());
+        }
+        for line in lines {
+            let raw = String::from_utf8_lossy(&line).trim_end().to_owned();
+            if stream == 0 {
+                if let Some(result) = raw.strip_prefix(RESULT_PREFIX) {
+                    if self.result_bytes + result.len() <= MAX_RESULT_BYTES {
+                        self.result_bytes += result.len();
+                        self.results.push(result.to_owned());
+                    }
+                    continue;
+                }
+            }
+            let text = crate::terminal::escape_controls(&raw).into_owned();
             if text.starts_with("mvm-build: ") {
                 eprintln!("mvm: {}", text.trim_start_matches("mvm-build: "));
             } else {
@@ -276,8 +302,10 @@ impl BuildLog {
 
     fn tail(&self) -> String {
         let mut lines: Vec<String> = self.tail.iter().cloned().collect();
-        if !self.partial.is_empty() {
-            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+        for partial in &self.partial {
+            if !partial.is_empty() {
+                lines.push(String::from_utf8_lossy(partial).into_owned());
+            }
         }
         lines.join("\n")
     }
@@ -285,14 +313,24 @@ impl BuildLog {
 
 impl OutputSink for BuildLog {
     fn stdout(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.feed(data);
+        self.feed(0, data);
         Ok(())
     }
 
     fn stderr(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.feed(data);
+        self.feed(1, data);
         Ok(())
     }
+}
+
+/// What a builder VM run gave: its plan, and the `mvm-result` lines of its stdout
+/// (in order, without the prefix; at most 4 MiB of them).
+#[derive(Debug, Clone, Default)]
+pub struct BuilderRun {
+    /// The builder VM's plan id.
+    pub plan_id: String,
+    /// The result lines.
+    pub results: Vec<String>,
 }
 
 /// The guest command: mount the inputs disk (the second-to-last disk) and run the
@@ -304,14 +342,14 @@ const GUEST_COMMAND: &str = "set -eu; \
     exec /bin/sh /inputs/build.sh \"/dev/$out\"";
 
 /// Runs the builder VM `builder` over `inputs` with an output disk of `out_mib`.
-fn run_builder(
+pub(in crate::image) fn run_builder(
     builder: &StoredImage,
     builder_ref: &str,
-    inputs: &inputs::InputsDisk,
+    inputs: &crate::run::PinnedFile,
     out: &Path,
     out_mib: u32,
     options: &AssembleOptions,
-) -> Result<String, AssembleError> {
+) -> Result<BuilderRun, AssembleError> {
     let file = std::fs::File::create(out).map_err(|source| AssembleError::Io {
         path: out.to_owned(),
         source,
@@ -335,7 +373,7 @@ fn run_builder(
         argv: argv.clone(),
         secrets: Vec::new(),
         forwards: Vec::new(),
-        disks: vec![inputs.disk.clone()],
+        disks: vec![inputs.clone()],
         scratch_disks: vec![ScratchFile {
             path: out.to_owned(),
             disk: ScratchDisk {
@@ -382,12 +420,18 @@ fn run_builder(
             log: log.tail(),
         });
     }
-    Ok(plan_id)
+    Ok(BuilderRun {
+        plan_id,
+        results: log.results,
+    })
 }
 
 /// Appends `image_built` to the host's audit log: the image, its digest, lock and
 /// root hash, and the builder VM's plan (whose own records precede it).
-fn record_build(image: &StoredImage, plan_id: &str) -> Result<(), AssembleError> {
+pub(in crate::image) fn record_build(
+    image: &StoredImage,
+    plan_id: &str,
+) -> Result<(), AssembleError> {
     let audit_err = |e: String| AssembleError::Tool {
         tool: "audit log",
         reason: e,
@@ -489,7 +533,7 @@ fn build_cache_dir(key: &str) -> Result<PathBuf, AssembleError> {
 /// The image of build `key` from the build cache, stored under `name`. The manifest
 /// and its artifacts are checked as any stored image's; the root filesystem is
 /// checked block by block when a VM reads it.
-fn from_build_cache(
+pub(in crate::image) fn from_build_cache(
     store: &ImageStore,
     name: &str,
     key: &str,
@@ -526,7 +570,7 @@ fn from_build_cache(
 
 /// Keeps a finished build in the build cache (best effort: a failure only costs a
 /// rebuild later).
-fn to_build_cache(image: &StoredImage, key: &str) {
+pub(in crate::image) fn to_build_cache(image: &StoredImage, key: &str) {
     let Ok(dir) = build_cache_dir(key) else {
         return;
     };
@@ -581,7 +625,7 @@ fn assemble_in(
         debs.len(),
         staged.package_bytes.div_ceil(1 << 20)
     ));
-    let plan_id = run_builder(&vm, &vm.digest, &staged, &out, out_mib, options)?;
+    let plan_id = run_builder(&vm, &vm.digest, &staged.disk, &out, out_mib, options)?.plan_id;
     let len = output::erofs_len(&out)?;
     let rootfs = work.join(ROOTFS_FILE);
     let verity = output::extract(&out, len, &rootfs, lock_sha256)?;
@@ -613,42 +657,78 @@ fn assemble_in(
         sha256: format!("sha256:{}", l.sha256),
         version: None,
     }));
-    let manifest = Manifest {
+    let manifest = rootfs_manifest(
+        base,
+        cmdline,
+        inputs_list,
+        verity,
+        Some(lock_sha256.to_owned()),
+        ImageConfig {
+            env: spec.spec.image.env.clone(),
+            workdir: spec.spec.image.workdir.clone(),
+            cmd: spec.spec.image.cmd.clone(),
+            entrypoint: Vec::new(),
+            user: None,
+            nix: None,
+            kind,
+        },
+    );
+    let stored = store_with_rootfs(&store, &spec.spec.image.name, base, &manifest, &rootfs)?;
+    record_build(&stored, &plan_id)?;
+    Ok(stored)
+}
+
+/// The manifest of an image with a root disk: `base`'s kernel, initramfs and agent
+/// port, the command line `cmdline`, the root filesystem `rootfs.erofs` with its tree
+/// `verity`, and what it was made from.
+pub(in crate::image) fn rootfs_manifest(
+    base: &StoredImage,
+    cmdline: String,
+    inputs: Vec<Input>,
+    verity: mvm_loader::verity::VerityParams,
+    lock_sha256: Option<String>,
+    config: ImageConfig,
+) -> Manifest {
+    Manifest {
         cmdline_sha256: super::manifest::sha256_digest(cmdline.as_bytes()),
         cmdline,
-        inputs: inputs_list,
+        inputs,
         rootfs: Some(Rootfs {
             file: ROOTFS_FILE.into(),
             fstype: "erofs".into(),
             verity,
         }),
-        lock_sha256: Some(lock_sha256.to_owned()),
-        config: Some(ImageConfig {
-            env: spec.spec.image.env.clone(),
-            workdir: spec.spec.image.workdir.clone(),
-            cmd: spec.spec.image.cmd.clone(),
-            kind,
-        }),
+        lock_sha256,
+        config: Some(config),
         ..base.manifest.clone()
-    };
-    let mut tree = rootfs.clone().into_os_string();
+    }
+}
+
+/// Stores image `name`: `base`'s kernel and initramfs, the root filesystem at `rootfs`
+/// (its dm-verity tree beside it) and `manifest`, which names them.
+pub(in crate::image) fn store_with_rootfs(
+    store: &ImageStore,
+    name: &str,
+    base: &StoredImage,
+    manifest: &Manifest,
+    rootfs: &Path,
+) -> Result<StoredImage, AssembleError> {
+    let mut tree = rootfs.to_owned().into_os_string();
     tree.push(mvm_loader::verity::TREE_SUFFIX);
     let tree = PathBuf::from(tree);
     let tree_name = format!("{ROOTFS_FILE}{}", mvm_loader::verity::TREE_SUFFIX);
     let kernel = base.kernel_path();
     let initramfs = base.initramfs_path();
-    let stored = store.put_files(
-        &spec.spec.image.name,
-        &manifest,
+    Ok(store.put_files(
+        name,
+        manifest,
         &[
             (base.manifest.kernel.file.as_str(), kernel.as_path()),
             (base.manifest.initramfs.file.as_str(), initramfs.as_path()),
-            (ROOTFS_FILE, rootfs.as_path()),
+            (ROOTFS_FILE, rootfs),
             (tree_name.as_str(), tree.as_path()),
         ],
-    )?;
-    record_build(&stored, &plan_id)?;
-    Ok(stored)
+    )?)
 }
 
 /// The base image with the builder's command line, stored as `mvm-bootstrap`.

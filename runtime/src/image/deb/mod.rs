@@ -17,8 +17,8 @@
 
 mod ar;
 mod control;
-mod tarball;
-mod tree;
+pub(in crate::image) mod tarball;
+pub(in crate::image) mod tree;
 
 #[cfg(test)]
 mod tests;
@@ -356,7 +356,7 @@ fn check_version(data: &[u8]) -> Result<(), DebError> {
 
 /// A path or name from a package, for an error message: lossy UTF-8 with
 /// control characters escaped, at most a few hundred characters.
-fn display_bytes(bytes: &[u8]) -> String {
+pub(in crate::image) fn display_bytes(bytes: &[u8]) -> String {
     const SHOWN: usize = 256;
     let shown = bytes.get(..SHOWN).unwrap_or(bytes);
     let mut text = String::new();

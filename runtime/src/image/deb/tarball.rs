@@ -18,7 +18,7 @@ const MAX_LONG_NAME_BYTES: u64 = MAX_PATH_BYTES as u64 + 1;
 
 /// The file types an image tree may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
+pub(in crate::image) enum Kind {
     /// A directory.
     Dir,
     /// A regular file.
@@ -52,7 +52,7 @@ impl Kind {
 
 /// One logical entry: its header merged with its GNU / PAX extensions.
 #[derive(Debug, Clone)]
-pub(super) struct Entry {
+pub(in crate::image) struct Entry {
     /// The raw path, as the archive spells it.
     pub path: Vec<u8>,
     /// The raw link target, for symlinks and hard links.
@@ -73,7 +73,7 @@ pub(super) struct Entry {
 
 /// Counters against the limits of one tree or one control tarball.
 #[derive(Debug, Clone)]
-pub(super) struct Budget {
+pub(in crate::image) struct Budget {
     max_entries: u64,
     max_total: u64,
     max_entry: u64,
@@ -84,7 +84,7 @@ pub(super) struct Budget {
 impl Budget {
     /// A budget of `max_entries` headers, `max_total` bytes in all and
     /// `max_entry` bytes per entry.
-    pub(super) fn new(max_entries: u64, max_total: u64, max_entry: u64) -> Self {
+    pub(in crate::image) fn new(max_entries: u64, max_total: u64, max_entry: u64) -> Self {
         Self {
             max_entries,
             max_total,
@@ -151,7 +151,7 @@ pub(super) fn decoder<'a>(
 
 /// The largest zstd window log whose window fits in `memory` bytes (zstd
 /// accepts 10..=31).
-fn window_log(memory: u64) -> u32 {
+pub(in crate::image) fn window_log(memory: u64) -> u32 {
     (63 - memory.max(1).leading_zeros()).clamp(10, 31)
 }
 
@@ -188,7 +188,7 @@ struct Pax {
 /// `label` (a package or member name) heads every error.
 ///
 /// `visit` may leave data unread; it is skipped (it was counted).
-pub(super) fn walk<R, F>(
+pub(in crate::image) fn walk<R, F>(
     reader: R,
     budget: &mut Budget,
     label: &str,

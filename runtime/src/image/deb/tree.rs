@@ -574,7 +574,7 @@ const NAME_FIELD_BYTES: usize = 100;
 /// Appends `header` with `path` (and link target `link`) written byte for
 /// byte, preceded by a GNU long-name (long-link) entry when one does not fit
 /// its field, then the entry's `data` (exactly the header's size).
-fn append_entry<W: Write>(
+pub(in crate::image) fn append_entry<W: Write>(
     builder: &mut tar::Builder<W>,
     mut header: Header,
     path: &[u8],
@@ -673,23 +673,33 @@ fn check_symlink(path: &[u8], link: Option<&[u8]>) -> Result<Vec<u8>, EntryProbl
         return Err(EntryProblem::BadLinkTarget("longer than 4096 bytes"));
     }
     if !target.starts_with(b"/") {
-        // The depth of the link's directory.
-        let mut depth = path.iter().filter(|b| **b == b'/').count();
-        for component in target.split(|b| *b == b'/') {
-            match component {
-                b"" | b"." => {}
-                b".." => {
-                    depth = depth
-                        .checked_sub(1)
-                        .ok_or_else(|| EntryProblem::LinkEscapes {
-                            target: display_bytes(target),
-                        })?;
-                }
-                _ => depth += 1,
-            }
-        }
+        check_link_depth(path, target)?;
     }
     Ok(target.to_vec())
+}
+
+/// Refuses a link at `path` whose `target`, resolved lexically from the link's
+/// directory (from the root when it is absolute), climbs above the root.
+pub(in crate::image) fn check_link_depth(path: &[u8], target: &[u8]) -> Result<(), EntryProblem> {
+    let mut depth = if target.starts_with(b"/") {
+        0
+    } else {
+        path.iter().filter(|b| **b == b'/').count()
+    };
+    for component in target.split(|b| *b == b'/') {
+        match component {
+            b"" | b"." => {}
+            b".." => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| EntryProblem::LinkEscapes {
+                        target: display_bytes(target),
+                    })?;
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

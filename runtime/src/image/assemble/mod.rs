@@ -673,7 +673,14 @@ fn assemble_in(
             kind,
         },
     );
-    let stored = store_with_rootfs(&store, &spec.spec.image.name, base, &manifest, &rootfs)?;
+    let stored = store_with_rootfs(
+        &store,
+        &spec.spec.image.name,
+        base,
+        &manifest,
+        &rootfs,
+        None,
+    )?;
     record_build(&stored, &plan_id)?;
     Ok(stored)
 }
@@ -704,20 +711,22 @@ pub(in crate::image) fn rootfs_manifest(
     }
 }
 
-/// Stores image `name`: `base`'s kernel and initramfs, the root filesystem at `rootfs`
-/// (its dm-verity tree beside it) and `manifest`, which names them.
+/// Stores image `name`: `base`'s kernel (or `kernel`, when the image brings its own)
+/// and initramfs, the root filesystem at `rootfs` (its dm-verity tree beside it) and
+/// `manifest`, which names them.
 pub(in crate::image) fn store_with_rootfs(
     store: &ImageStore,
     name: &str,
     base: &StoredImage,
     manifest: &Manifest,
     rootfs: &Path,
+    kernel: Option<&Path>,
 ) -> Result<StoredImage, AssembleError> {
     let mut tree = rootfs.to_owned().into_os_string();
     tree.push(mvm_loader::verity::TREE_SUFFIX);
     let tree = PathBuf::from(tree);
     let tree_name = format!("{ROOTFS_FILE}{}", mvm_loader::verity::TREE_SUFFIX);
-    let kernel = base.kernel_path();
+    let kernel = kernel.map_or_else(|| base.kernel_path(), Path::to_owned);
     let initramfs = base.initramfs_path();
     Ok(store.put_files(
         name,

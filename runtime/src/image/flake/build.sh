@@ -4,12 +4,14 @@
 # be in the flake's own directory (path inputs) or already in its lock and the
 # store. /inputs is the read-only inputs disk: flake/ (the flake's directory, as
 # the host copied it) and build.env (FLAKE_ATTR, LOCK, FS_UUID, TARGET_MIB). $1 is
-# the output disk: the filesystem image is written there and nowhere else.
+# the output disk: the filesystem image is written there, and (for an output that
+# is a kernel plus a root filesystem: `vmlinux` and `rootfs/`) the kernel at
+# KERNEL_OFFSET_MIB, and nowhere else.
 #
 # Reports to the host on stdout, one `mvm-result KEY VALUE` line each: the lock it
 # made (when asked to lock: printed before anything of the flake's is built, and
-# with evaluation's own messages held back until after it), the output path and
-# every store path of its closure.
+# with evaluation's own messages held back until after it), the output path, every
+# store path of its closure, and the kernel's size when there is one.
 set -eu
 out=$1
 . /inputs/build.env
@@ -53,6 +55,12 @@ if [ ! -d "$result" ]; then
   say "$FLAKE_ATTR is not a directory (a root filesystem tree): $result"
   exit 6
 fi
+root=$result
+kernel=
+if [ -f "$result/vmlinux" ] && [ -d "$result/rootfs" ]; then
+  root=$result/rootfs
+  kernel=$result/vmlinux
+fi
 echo "mvm-result out $result"
 closure=$(nix-store --query --requisites "$result")
 for p in $closure; do echo "mvm-result closure $p"; done
@@ -61,7 +69,7 @@ say "assembling the root filesystem"
 t=/mnt/target
 mkdir -p "$t"
 mount -t tmpfs -o "mode=0755,size=${TARGET_MIB}m" tmpfs "$t"
-cp -a "$result/." "$t/"
+cp -a "$root/." "$t/"
 # The closure's other store paths (what the tree's files refer to), and the output
 # itself when it refers to its own path.
 for p in $closure; do
@@ -72,5 +80,15 @@ for p in $closure; do
 done
 say "writing the filesystem image"
 mkfs.erofs -T 0 --all-time -U "$FS_UUID" "$out" "$t"
+if [ -n "$kernel" ]; then
+  size=$(stat -L -c %s "$kernel")
+  if [ "$size" -gt $((KERNEL_MAX_MIB * 1048576)) ]; then
+    say "vmlinux is $size bytes, more than $KERNEL_MAX_MIB MiB"
+    exit 7
+  fi
+  say "writing the kernel"
+  dd if="$kernel" of="$out" bs=1M seek="$KERNEL_OFFSET_MIB" conv=notrunc status=none
+  echo "mvm-result kernel $size"
+fi
 sync
 say "done"

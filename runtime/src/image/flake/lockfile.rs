@@ -111,6 +111,9 @@ pub struct Report {
     pub out: String,
     /// The closure's store paths, sorted.
     pub closure: Vec<String>,
+    /// The size of the kernel written to the output disk, for an output that is a
+    /// kernel plus a root filesystem.
+    pub kernel_bytes: Option<u64>,
 }
 
 /// Whether `path` is `/nix/store/<32 base32 chars>-<name>`.
@@ -174,6 +177,16 @@ impl Report {
                     }
                     report.closure.push(value.to_owned());
                 }
+                "kernel" => {
+                    let size = value
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad(format!("kernel size {value:?}")))?;
+                    if report.kernel_bytes.replace(size).is_some() {
+                        return Err(bad("two kernels".into()));
+                    }
+                }
                 other => return Err(bad(format!("unknown result {other:?}"))),
             }
         }
@@ -232,6 +245,14 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(ok.out, OUT);
+        assert_eq!(ok.kernel_bytes, None);
+        let with_kernel = Report::parse(&lines(&[
+            &format!("out {OUT}"),
+            &format!("closure {OUT}"),
+            "kernel 1234",
+        ]))
+        .unwrap();
+        assert_eq!(with_kernel.kernel_bytes, Some(1234));
         let written = String::from_utf8(ok.lock.unwrap()).unwrap();
         assert!(written.starts_with("{\n  \"nodes\": {\n"), "{written}");
         assert_eq!(
@@ -253,6 +274,22 @@ mod tests {
                 format!("closure {OUT}"),
             ],
             vec![format!("rm -rf /")],
+            vec![
+                format!("out {OUT}"),
+                format!("closure {OUT}"),
+                "kernel -1".into(),
+            ],
+            vec![
+                format!("out {OUT}"),
+                format!("closure {OUT}"),
+                "kernel 0".into(),
+            ],
+            vec![
+                format!("out {OUT}"),
+                format!("closure {OUT}"),
+                "kernel 1".into(),
+                "kernel 2".into(),
+            ],
         ] {
             assert!(Report::parse(&bad).is_err(), "{bad:?}");
         }

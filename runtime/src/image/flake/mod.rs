@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::assemble::{self, builder, inputs, output, AssembleError, AssembleOptions};
-use super::manifest::{sha256_digest, ImageConfig, ImageKind, Input, Manifest, NixBuild};
+use super::manifest::{sha256_digest, Artifact, ImageConfig, ImageKind, Input, Manifest, NixBuild};
 use super::{ImageError, ImageStore, StoredImage};
 
 /// The in-guest build script.
@@ -30,6 +30,11 @@ pub const FLAKE_BUILD_SH: &str = include_str!("build.sh");
 pub const FLAKE_VERSION: u32 = 1;
 /// How much of the Nix builder's memory the assembled tree may take.
 const TARGET_MIB: u64 = 1024;
+/// Where on the output disk the kernel of a kernel-plus-root-filesystem output goes
+/// (past the largest filesystem image the tree can make).
+const KERNEL_OFFSET_MIB: u64 = TARGET_MIB + 64;
+/// The largest such kernel.
+const KERNEL_MAX_MIB: u64 = 128;
 
 /// Why a flake could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +242,8 @@ fn build_in(
     }
     let uuid = inputs::uuid_from(format!("{digest} {}", reference.attr).as_bytes());
     let env = format!(
-        "FLAKE_ATTR={}\nLOCK={}\nFS_UUID={uuid}\nTARGET_MIB={TARGET_MIB}\n",
+        "FLAKE_ATTR={}\nLOCK={}\nFS_UUID={uuid}\nTARGET_MIB={TARGET_MIB}\n\
+         KERNEL_OFFSET_MIB={KERNEL_OFFSET_MIB}\nKERNEL_MAX_MIB={KERNEL_MAX_MIB}\n",
         reference.attr,
         u8::from(options.lock)
     );
@@ -247,7 +253,7 @@ fn build_in(
     }
     let inputs_disk = inputs::seal(&stage, work, 0)?;
     let out = work.join("output.img");
-    let out_mib = u32::try_from(TARGET_MIB + 64).unwrap_or(u32::MAX);
+    let out_mib = u32::try_from(KERNEL_OFFSET_MIB + KERNEL_MAX_MIB).unwrap_or(u32::MAX);
     assemble::say(&format!(
         "building {}#{} in the Nix builder VM",
         reference.dir.display(),
@@ -268,6 +274,10 @@ fn build_in(
     };
     let flake_inputs = lockfile::inputs(&lock_bytes)?;
     let len = output::erofs_len(&out)?;
+    let kernel = match report.kernel_bytes {
+        Some(size) => Some(read_kernel(&out, len, size, &work.join("vmlinux"))?),
+        None => None,
+    };
     let rootfs = work.join(assemble::ROOTFS_FILE);
     let verity = output::extract(&out, len, &rootfs, digest.trim_start_matches("sha256:"))?;
     let _ = std::fs::remove_file(&out);
@@ -279,10 +289,48 @@ fn build_in(
         out_path: report.out.clone(),
         closure: report.closure.clone(),
     };
-    let manifest = manifest_for(base, nix_builder, nix, verity);
-    let stored = assemble::store_with_rootfs(store, &options.name, base, &manifest, &rootfs)?;
+    let mut manifest = manifest_for(base, nix_builder, nix, verity);
+    if let Some((_, bytes)) = &kernel {
+        manifest.kernel = Artifact::of(&base.manifest.kernel.file, bytes);
+    }
+    let stored = assemble::store_with_rootfs(
+        store,
+        &options.name,
+        base,
+        &manifest,
+        &rootfs,
+        kernel.as_ref().map(|(path, _)| path.as_path()),
+    )?;
     assemble::record_build(&stored, &run.plan_id)?;
     Ok((stored, made_lock))
+}
+
+/// The kernel the VM wrote at [`KERNEL_OFFSET_MIB`] of the output disk: `size`
+/// bytes, past the filesystem image (`erofs_len`), an ELF64 file; written to `dest`.
+fn read_kernel(
+    out: &Path,
+    erofs_len: u64,
+    size: u64,
+    dest: &Path,
+) -> Result<(PathBuf, Vec<u8>), FlakeError> {
+    let offset = KERNEL_OFFSET_MIB << 20;
+    if erofs_len > offset {
+        return Err(FlakeError::Report(format!(
+            "the filesystem image ({erofs_len} bytes) runs into the kernel at {offset}"
+        )));
+    }
+    if size > KERNEL_MAX_MIB << 20 {
+        return Err(FlakeError::Report(format!(
+            "a kernel of {size} bytes (at most {KERNEL_MAX_MIB} MiB)"
+        )));
+    }
+    let file = std::fs::File::open(out).map_err(io_err(out))?;
+    let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(0)];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, offset).map_err(io_err(out))?;
+    crate::image::elf::check_elf64(&bytes)
+        .map_err(|e| FlakeError::Report(format!("the flake's vmlinux: {e}")))?;
+    std::fs::write(dest, &bytes).map_err(io_err(dest))?;
+    Ok((dest.to_owned(), bytes))
 }
 
 fn manifest_for(

@@ -215,7 +215,7 @@ fn import_in(
     let verity = output::extract(&out, len, &rootfs, salt_seed)?;
     let _ = std::fs::remove_file(&out);
     let manifest = manifest_for(image, base, builder, uid, gid, verity);
-    let stored = assemble::store_with_rootfs(store, &options.name, base, &manifest, &rootfs)?;
+    let stored = assemble::store_with_rootfs(store, &options.name, base, &manifest, &rootfs, None)?;
     assemble::record_build(&stored, &plan_id)?;
     Ok(stored)
 }

@@ -436,7 +436,12 @@ mod tests {
 
     #[test]
     fn run_refuses_bad_input() {
-        assert!(parse(&["run"]).is_err(), "a command is required");
+        // No command parses: the image's default command runs, and an image without
+        // one is refused when the run starts (run::execute).
+        let Command::Run(bare) = parse(&["run"]).unwrap().command else {
+            panic!("not a run");
+        };
+        assert!(bare.command.is_empty());
         assert!(parse(&["run", "--cpus", "0", "--", "true"]).is_err());
         assert!(parse(&["run", "--mem", "1", "--", "true"]).is_err());
         // Sizes past the limits parse: backend::resources refuses them naming the

@@ -8,6 +8,7 @@
 #   withKernel  a kernel plus a root filesystem (`vmlinux` and `rootfs/`): the same
 #               tree, and the kernel with a marker appended (so that its digest is
 #               its own, and it still boots)
+#   notATree    a single file: refused, it is no root filesystem
 {
   description = "mvm test: root filesystems from a static busybox";
 
@@ -40,6 +41,16 @@
     {
       packages.x86_64-linux = {
         inherit rootfs;
+        notATree = derivation {
+          name = "mvm-test-not-a-tree";
+          system = "x86_64-linux";
+          builder = bb;
+          args = [
+            "sh"
+            "-c"
+            "echo just a file > $out"
+          ];
+        };
         withKernel = derivation {
           name = "mvm-test-kernel-and-rootfs";
           system = "x86_64-linux";

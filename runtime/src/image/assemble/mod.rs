@@ -341,6 +341,18 @@ const GUEST_COMMAND: &str = "set -eu; \
     mkdir -p /inputs; mount -t ext4 -o ro \"/dev/$in\" /inputs; \
     exec /bin/sh /inputs/build.sh \"/dev/$out\"";
 
+/// The builder VM's vCPUs: two on hardware KVM; one on the emulated tier, whose test
+/// host has a single emulated CPU: two vCPUs there take turns on it, and one that
+/// spins on a lock the other holds burns its whole turn (builds stalled for minutes in
+/// dpkg's configure step that way, now and then).
+fn builder_cpus(asked: Option<Tier>) -> u8 {
+    let facts = crate::backend::detect::HostFacts::probe();
+    match crate::run::execute::choose_tier(asked, &facts) {
+        Ok(Tier::Kvm) => 2,
+        _ => 1,
+    }
+}
+
 /// Runs the builder VM `builder` over `inputs` with an output disk of `out_mib`.
 pub(in crate::image) fn run_builder(
     builder: &StoredImage,
@@ -365,9 +377,10 @@ pub(in crate::image) fn run_builder(
         "-c".to_owned(),
         GUEST_COMMAND.to_owned(),
     ];
+    let cpus = builder_cpus(options.backend);
     let request = RunRequest {
         image: builder_ref.to_owned(),
-        cpus: 2,
+        cpus,
         mem_mib: BUILDER_MEM_MIB,
         timeout_secs: Some(options.timeout_secs),
         argv: argv.clone(),
@@ -395,7 +408,7 @@ pub(in crate::image) fn run_builder(
         argv,
         env: Default::default(),
         workdir: Some("/".into()),
-        cpus: 2,
+        cpus,
         mem_mib: BUILDER_MEM_MIB,
         timeout_secs: Some(options.timeout_secs),
         stdin: StdinMode::Null,

@@ -662,6 +662,15 @@ fn normalize(raw: &[u8]) -> Result<Option<(Vec<u8>, bool)>, EntryProblem> {
 /// NUL, at most [`MAX_PATH_BYTES`]; if relative, resolving it lexically from
 /// the link's directory must not climb above the root. Returns the target.
 fn check_symlink(path: &[u8], link: Option<&[u8]>) -> Result<Vec<u8>, EntryProblem> {
+    let target = check_link_target(link)?;
+    if !target.starts_with(b"/") {
+        check_link_depth(path, target)?;
+    }
+    Ok(target.to_vec())
+}
+
+/// A symlink's target, if it is one: not empty, no NUL, at most [`MAX_PATH_BYTES`].
+pub(in crate::image) fn check_link_target(link: Option<&[u8]>) -> Result<&[u8], EntryProblem> {
     let target = link.unwrap_or_default();
     if target.is_empty() {
         return Err(EntryProblem::BadLinkTarget("empty"));
@@ -672,10 +681,7 @@ fn check_symlink(path: &[u8], link: Option<&[u8]>) -> Result<Vec<u8>, EntryProbl
     if target.len() > MAX_PATH_BYTES {
         return Err(EntryProblem::BadLinkTarget("longer than 4096 bytes"));
     }
-    if !target.starts_with(b"/") {
-        check_link_depth(path, target)?;
-    }
-    Ok(target.to_vec())
+    Ok(target)
 }
 
 /// Refuses a link at `path` whose `target`, resolved lexically from the link's

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use tar::{EntryType, Header};
 
 use crate::image::deb::tarball::{self, Budget, Entry, Kind};
-use crate::image::deb::tree::{append_entry, check_link_depth};
+use crate::image::deb::tree::{append_entry, check_link_depth, check_link_target};
 use crate::image::deb::{
     display_bytes, Compression, DebError, EntryProblem, Limits, MAX_PATH_BYTES,
 };
@@ -820,16 +820,7 @@ fn normalize(raw: &[u8]) -> Result<Option<(Vec<u8>, bool)>, EntryProblem> {
 /// own root, and the host never follows a link of the tree. Returns the
 /// target.
 fn check_symlink(path: &[u8], link: Option<&[u8]>) -> Result<Vec<u8>, EntryProblem> {
-    let target = link.unwrap_or_default();
-    if target.is_empty() {
-        return Err(EntryProblem::BadLinkTarget("empty"));
-    }
-    if target.contains(&0) {
-        return Err(EntryProblem::BadLinkTarget("contains NUL"));
-    }
-    if target.len() > MAX_PATH_BYTES {
-        return Err(EntryProblem::BadLinkTarget("longer than 4096 bytes"));
-    }
+    let target = check_link_target(link)?;
     check_link_depth(path, target)?;
     Ok(target.to_vec())
 }

@@ -441,8 +441,9 @@ fn boot_and_supervise(
     for disk in &devices.disks {
         disk.claim_lease_signals();
     }
-    if state.full {
+    if let Some(kind) = state.kind {
         timeline.set_jail(crate::boot_report::JailReport {
+            kind: kind.name(),
             uid: state.uid,
             gid: state.gid,
             pid_namespace: true,

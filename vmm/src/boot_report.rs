@@ -126,6 +126,9 @@ pub struct BootReport {
 /// The jail as applied (see `jail::start`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct JailReport {
+    /// Which jail: `root` (started as root) or `user-namespace` (started by an ordinary
+    /// user; the same namespaces and root inside a user namespace of its own).
+    pub kind: &'static str,
     /// The uid the VMM runs as.
     pub uid: u32,
     /// The gid the VMM runs as.

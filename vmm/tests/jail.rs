@@ -104,6 +104,22 @@ fn sorted_entries(dir: &Path) -> Vec<String> {
     entries
 }
 
+/// The per-VM root: a read-only tmpfs holding /dev/kvm and the kept directory of the
+/// socket (under /tmp), nothing else.
+fn assert_per_vm_root(mountinfo: &str, root_entries: &[String], dev_entries: &[String]) {
+    let root_mount = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap();
+    assert!(root_mount.contains(" - tmpfs "), "{root_mount}");
+    assert!(
+        root_mount.contains(" ro,"),
+        "root not read-only: {root_mount}"
+    );
+    assert_eq!(root_entries, ["dev", "tmp"], "root holds {root_entries:?}");
+    assert_eq!(dev_entries, ["kvm"]);
+}
+
 fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
@@ -212,18 +228,7 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
     assert_ne!(pid_ns.0, pid_ns.1, "same PID namespace as the host");
     assert_ne!(net_ns.0, net_ns.1, "same network namespace as the host");
 
-    // The per-VM root: a tmpfs holding /dev/kvm and the kept directory of the socket.
-    let root_mount = mountinfo
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some("/"))
-        .unwrap();
-    assert!(root_mount.contains(" - tmpfs "), "{root_mount}");
-    assert!(
-        root_mount.contains(" ro,"),
-        "root not read-only: {root_mount}"
-    );
-    assert_eq!(root_entries, ["dev", "tmp"], "root holds {root_entries:?}");
-    assert_eq!(dev_entries, ["kvm"]);
+    assert_per_vm_root(&mountinfo, &root_entries, &dev_entries);
     assert!(
         vm_root_existed,
         "{} missing while running",
@@ -277,6 +282,7 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
     assert_eq!(report["exit_reason"], "host_signal", "{report}");
+    assert_eq!(report["jail"]["kind"], "root", "{report}");
     assert_eq!(report["jail"]["uid"], JAIL_UID, "{report}");
     assert_eq!(report["jail"]["gid"], JAIL_GID, "{report}");
     assert_eq!(report["jail"]["pid_namespace"], true, "{report}");
@@ -287,6 +293,173 @@ fn the_default_jail_namespaces_root_uid_caps_fds_cgroup_and_clean_up() {
         ),
         None => assert!(report["jail"]["cgroup"].is_null(), "{report}"),
     }
+}
+
+/// The ordinary user the next test starts the VMM as, and its group, which owns the
+/// `/dev/kvm` that user sees (as the `kvm` group does on a distribution's host).
+const USER_UID: u32 = 4545;
+const USER_GID: u32 = 4646;
+
+/// Makes `cmd` start as [`USER_UID`] in the group [`USER_GID`], in a mount namespace of its
+/// own whose `/dev/kvm` is a node (on a tmpfs at `kvm_dir`) that group may open: this
+/// machine's node is root's alone, and the test must not change the host's.
+fn as_ordinary_user(cmd: &mut Command, kvm_dir: &Path) {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let host_kvm = std::fs::metadata("/dev/kvm").unwrap();
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&host_kvm);
+    let dir = CString::new(kvm_dir.as_os_str().as_bytes()).unwrap();
+    let node = CString::new(kvm_dir.join("kvm").as_os_str().as_bytes()).unwrap();
+    let dev_kvm = CString::new("/dev/kvm").unwrap();
+    let tmpfs = CString::new("tmpfs").unwrap();
+    let root = CString::new("/").unwrap();
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: between fork and exec only async-signal-safe libc calls run, on C strings made
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                tmpfs.as_ptr(),
+                dir.as_ptr(),
+                tmpfs.as_ptr(),
+                0,
+                std::ptr::null(),
+            ))?;
+            check(libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o660, rdev))?;
+            // mknod's mode passes through the umask.
+            check(libc::chmod(node.as_ptr(), 0o660))?;
+            check(libc::chown(node.as_ptr(), 0, USER_GID))?;
+            check(libc::mount(
+                node.as_ptr(),
+                dev_kvm.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+            check(libc::setgroups(1, &USER_GID))?;
+            check(libc::setresgid(USER_GID, USER_GID, USER_GID))?;
+            check(libc::setresuid(USER_UID, USER_UID, USER_UID))
+        });
+    }
+}
+
+/// Started by an ordinary user, the VMM builds the same jail inside a user namespace: its
+/// own user, PID, mount, network and IPC namespaces, the per-VM root (under
+/// `$XDG_RUNTIME_DIR/mvm-jail`) with `/dev/kvm` bound into it, no capabilities in any set,
+/// no_new_privs, seccomp; the boot report says `user-namespace`; the supervising parent
+/// cleans up as it does for root.
+#[test]
+fn an_ordinary_user_gets_the_same_jail_in_a_user_namespace() {
+    use std::os::unix::fs::PermissionsExt;
+    require_kvm();
+    assert!(
+        is_root(),
+        "run this test as root: it starts the VMM as another user"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kvm_dir = dir.join("kvm");
+    let runtime_dir = dir.join("run");
+    let work = dir.join("work");
+    for d in [&kvm_dir, &runtime_dir, &work] {
+        std::fs::create_dir(d).unwrap();
+    }
+    for d in [&runtime_dir, &work] {
+        std::os::unix::fs::chown(d, Some(USER_UID), Some(USER_GID)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let mut cmd = vmm();
+    cmd.arg("--dev")
+        .arg("--kernel")
+        .arg(tiny_vmlinux(&work))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", work.join("v.sock").display()))
+        .arg("--boot-report")
+        .arg(work.join("report.json"))
+        .env("XDG_RUNTIME_DIR", &runtime_dir)
+        .env_remove("MVM_SECCOMP")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    as_ordinary_user(&mut cmd, &kvm_dir);
+    let parent = cmd.spawn().unwrap();
+    let ppid = parent.id();
+    let vmm_pid = jailed_child(ppid);
+    let proc_dir = PathBuf::from(format!("/proc/{vmm_pid}"));
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    let root_entries = sorted_entries(&proc_dir.join("root"));
+    let dev_entries = sorted_entries(&proc_dir.join("root/dev"));
+    let mountinfo = std::fs::read_to_string(proc_dir.join("mountinfo")).unwrap();
+    let namespaces = ["user", "pid", "mnt", "net", "ipc"]
+        .map(|kind| (kind, ns(&vmm_pid.to_string(), kind), ns("self", kind)));
+    let vm_root = runtime_dir.join("mvm-jail").join(format!("mvm-vmm-{ppid}"));
+    let vm_root_existed = vm_root.is_dir();
+
+    signal(ppid, libc::SIGTERM);
+    let out = parent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "stderr: {stderr}");
+
+    for (key, want) in [
+        ("NoNewPrivs:", "1"),
+        ("Seccomp:", "2"),
+        ("CapInh:", "0000000000000000"),
+        ("CapEff:", "0000000000000000"),
+        ("CapPrm:", "0000000000000000"),
+        ("CapBnd:", "0000000000000000"),
+        ("CapAmb:", "0000000000000000"),
+    ] {
+        assert_eq!(status_field(&status, key), want, "{key} in {status}");
+    }
+    for (key, id) in [("Uid:", USER_UID), ("Gid:", USER_GID)] {
+        let ids = status_field(&status, key);
+        assert!(
+            ids.split_whitespace().all(|u| u == id.to_string()),
+            "{key} {ids}"
+        );
+    }
+    assert_eq!(
+        status_field(&status, "NSpid:"),
+        format!("{vmm_pid}\t1"),
+        "{status}"
+    );
+    for (kind, vmm_ns, host_ns) in &namespaces {
+        assert_ne!(vmm_ns, host_ns, "same {kind} namespace as the host");
+    }
+    assert_per_vm_root(&mountinfo, &root_entries, &dev_entries);
+    assert!(mountinfo.lines().count() <= 3, "{mountinfo}");
+    assert!(
+        vm_root_existed,
+        "{} missing while running",
+        vm_root.display()
+    );
+
+    assert!(!vm_root.exists(), "{} left behind", vm_root.display());
+    assert!(!work.join("v.sock").exists(), "socket left behind");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["jail"]["kind"], "user-namespace", "{report}");
+    assert_eq!(report["jail"]["uid"], USER_UID, "{report}");
+    assert_eq!(report["jail"]["gid"], USER_GID, "{report}");
+    assert_eq!(report["jail"]["pid_namespace"], true, "{report}");
+    assert!(report["jail"]["cgroup"].is_null(), "{report}");
+    assert!(stderr.contains("cgroup skipped"), "{stderr}");
 }
 
 #[test]

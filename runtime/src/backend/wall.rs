@@ -37,12 +37,12 @@ pub struct Wall {
     pub egress_enforced_in: String,
 }
 
-/// The jail `mvm-vmm` builds when started by `uid` (0: root).
+/// The jail `mvm-vmm` builds when started as root or not (`as_root`).
 fn vmm_jail(as_root: bool) -> &'static str {
     if as_root {
-        "mvm-vmm: PID, mount and network namespaces, per-VM root, unprivileged uid, no capabilities, cgroup, rlimits, no_new_privs"
+        "mvm-vmm (root jail): PID, mount, network and IPC namespaces, per-VM root, unprivileged uid, no capabilities, cgroup, rlimits, no_new_privs"
     } else {
-        "mvm-vmm not started as root: rlimits and no_new_privs only (no namespaces, per-VM root or cgroup)"
+        "mvm-vmm (user-namespace jail): user, PID, mount, network and IPC namespaces, per-VM root, no capabilities, rlimits, no_new_privs; a cgroup only where one is delegated (--cgroup-parent); refuses to start where unprivileged user namespaces are forbidden"
     }
 }
 
@@ -110,9 +110,7 @@ mod tests {
     fn only_the_hardware_tier_claims_hardware_and_unbuilt_rows_claim_nothing() {
         assert!(of(Tier::Kvm, true).hardware_virtualized);
         assert!(!of(Tier::Emulated, true).hardware_virtualized);
-        assert!(of(Tier::Kvm, false)
-            .jail
-            .contains("rlimits and no_new_privs only"));
+        assert!(of(Tier::Kvm, false).jail.contains("user-namespace jail"));
         assert!(of(Tier::Kvm, true).jail.contains("namespaces"));
         for row in not_built() {
             assert!(!row.built && !row.hardware_virtualized && !row.disk_blocks_verified);

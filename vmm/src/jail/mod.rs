@@ -12,11 +12,17 @@
 //! bounding set emptied and the process moved to an unprivileged uid/gid (which clears the
 //! effective and permitted sets); `PR_SET_NO_NEW_PRIVS`.
 //!
+//! Started by an ordinary user, the same jail is built inside a user namespace of the VMM's
+//! own ([`userns`]): the namespaces, the per-VM root and the capability drop are the same,
+//! the uid stays the caller's, and `/dev/kvm` is bind-mounted rather than created. A host
+//! that forbids unprivileged user namespaces makes the VMM refuse to start.
+//!
 //! `--no-jail` skips all of it (development only; it warns). See `docs/jail.md`.
 
 pub mod cgroup;
 pub mod root;
 pub mod supervisor;
+pub mod userns;
 
 use std::path::{Path, PathBuf};
 
@@ -43,8 +49,10 @@ pub struct JailArgs {
     #[arg(long, value_name = "GID", default_value_t = 65534)]
     pub jail_gid: u32,
     /// Parent of the per-VM root directories (one `mvm-vmm-<pid>` each, removed at exit).
-    #[arg(long, value_name = "DIR", default_value = "/run/mvm-jail")]
-    pub jail_dir: PathBuf,
+    /// Default: /run/mvm-jail as root; otherwise $XDG_RUNTIME_DIR/mvm-jail, or
+    /// /tmp/mvm-jail-<uid> (created 0700, refused unless it is the user's own).
+    #[arg(long, value_name = "DIR")]
+    pub jail_dir: Option<PathBuf>,
     /// cgroup v2 directory under which each VM gets its cgroup `mvm-vmm-<pid>` (skipped,
     /// with a logged reason, where cgroup v2 is not there or not writable).
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup/mvm")]
@@ -71,11 +79,31 @@ pub struct JailPlan {
     pub image_bytes: u64,
 }
 
+/// Which jail ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JailKind {
+    /// Started as root: namespaces, per-VM root, a change to the jail uid.
+    Root,
+    /// Started as an ordinary user: the same namespaces and root inside a user namespace,
+    /// the uid unchanged.
+    UserNamespace,
+}
+
+impl JailKind {
+    /// The name the boot report and the docs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Root => "root",
+            Self::UserNamespace => "user-namespace",
+        }
+    }
+}
+
 /// What the jail did (logged; the tests read it from `/proc`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JailState {
-    /// Namespaces, per-VM root, uid change: started as root with the jail on.
-    pub full: bool,
+    /// Which jail ran; `None` with `--no-jail`.
+    pub kind: Option<JailKind>,
     /// The uid the VMM runs as.
     pub uid: u32,
     /// The gid the VMM runs as.
@@ -128,9 +156,10 @@ pub fn close_inherited_fds() {
     }
 }
 
-/// Enters the jail (unless `--no-jail`). Started as root, this forks: the process that
-/// called it becomes the supervising parent and never returns from here; the VMM goes on
-/// in the child. Call with one thread only, after every file is open.
+/// Enters the jail (unless `--no-jail`): as root, or in a user namespace when started by an
+/// ordinary user. This forks: the process that called it becomes the supervising parent
+/// and never returns from here; the VMM goes on in the child. Call with one thread only,
+/// after every file is open.
 pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
     if args.no_jail {
         tracing::warn!(
@@ -139,20 +168,27 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
         );
         return Ok(JailState::default());
     }
-    if !Uid::effective().is_root() {
-        tracing::warn!(
-            "jail: not started as root: no namespaces, per-VM root, cgroup or uid change \
-             (rlimits and no_new_privs only)"
-        );
-        limits(false)?;
-        no_new_privs()?;
-        return Ok(JailState::default());
-    }
-    let uid = Uid::from_raw(args.jail_uid);
-    let gid = Gid::from_raw(args.jail_gid);
-    sweep_stale(&args.jail_dir, &args.cgroup_parent);
+    let as_root = Uid::effective().is_root();
+    let (kind, uid, gid) = if as_root {
+        (
+            JailKind::Root,
+            Uid::from_raw(args.jail_uid),
+            Gid::from_raw(args.jail_gid),
+        )
+    } else {
+        // First, so that a host without user namespaces refuses before anything is made.
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        userns::enter()?;
+        (JailKind::UserNamespace, uid, gid)
+    };
+    let jail_dir = match &args.jail_dir {
+        Some(dir) => dir.clone(),
+        None if as_root => PathBuf::from(ROOT_JAIL_DIR),
+        None => user_jail_dir(uid)?,
+    };
+    sweep_stale(&jail_dir, &args.cgroup_parent);
     let name = format!("{VM_DIR_PREFIX}{}", std::process::id());
-    let root_dir = args.jail_dir.join(&name);
+    let root_dir = jail_dir.join(&name);
     root::mkdir_all(&root_dir)?;
     let limits_wanted = cgroup::Limits::for_vm(
         plan.mem_bytes,
@@ -162,8 +198,16 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
     );
     let vm_cgroup = match cgroup::create(&args.cgroup_parent, &name, &limits_wanted) {
         Ok(cg) => Some(cg),
-        Err(reason) => {
+        Err(reason) if as_root => {
             tracing::warn!("jail: cgroup skipped: {reason}");
+            None
+        }
+        Err(reason) => {
+            tracing::warn!(
+                "jail: cgroup skipped: {reason} (not root: give --cgroup-parent a cgroup v2 \
+                 directory delegated to this user, e.g. inside `systemd-run --user --scope -p \
+                 Delegate=yes`)"
+            );
             None
         }
     };
@@ -188,20 +232,69 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
         }
     };
     // The child, PID 1 of its namespace, in its cgroup.
-    root::enter_root(&root_dir, &plan.keep_dirs, uid, gid)?;
+    let kvm = match kind {
+        JailKind::Root => root::KvmNode::Create { uid, gid },
+        JailKind::UserNamespace => root::KvmNode::Bind,
+    };
+    root::enter_root(&root_dir, &plan.keep_dirs, kvm)?;
+    let mut namespaces = CloneFlags::CLONE_NEWIPC;
     if !plan.has_net {
-        unshare(CloneFlags::CLONE_NEWNET).map_err(step("new network namespace"))?;
+        namespaces |= CloneFlags::CLONE_NEWNET;
     }
-    limits(!pids_limited)?;
-    drop_privileges(uid, gid)?;
+    unshare(namespaces).map_err(step("new network and IPC namespaces"))?;
+    // RLIMIT_NPROC counts the user's every process: only the jail uid's are the VMs'.
+    limits(as_root && !pids_limited)?;
+    match kind {
+        JailKind::Root => drop_privileges(uid, gid)?,
+        JailKind::UserNamespace => userns::drop_capabilities()?,
+    }
     link.rearm_death_signal()?;
     no_new_privs()?;
     Ok(JailState {
-        full: true,
-        uid: args.jail_uid,
-        gid: args.jail_gid,
+        kind: Some(kind),
+        uid: uid.as_raw(),
+        gid: gid.as_raw(),
         cgroup: cgroup_dir,
     })
+}
+
+/// Where the per-VM roots go as root, unless `--jail-dir` says otherwise.
+pub const ROOT_JAIL_DIR: &str = "/run/mvm-jail";
+
+/// Where the per-VM roots of a VMM started by `uid` go by default: `$XDG_RUNTIME_DIR/mvm-jail`
+/// when the runtime directory is set, else `/tmp/mvm-jail-<uid>`. Either is made mode 0700
+/// and must then be a directory (not a link) owned by `uid` and writable by nobody else: in
+/// a shared `/tmp`, another user could have made it first.
+fn user_jail_dir(uid: Uid) -> Result<PathBuf, JailError> {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(runtime) if Path::new(&runtime).is_absolute() => Path::new(&runtime).join("mvm-jail"),
+        _ => std::env::temp_dir().join(format!("mvm-jail-{uid}")),
+    };
+    match nix::unistd::mkdir(&dir, nix::sys::stat::Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(step(format!("mkdir {}", dir.display()))(e)),
+    }
+    check_private_dir(&dir, uid)?;
+    Ok(dir)
+}
+
+/// Refuses `dir` unless it is a directory (not a symlink) owned by `uid`, writable by no
+/// group or other.
+fn check_private_dir(dir: &Path, uid: Uid) -> Result<(), JailError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(io_step(format!("stat {}", dir.display())))?;
+    let private = meta.file_type().is_dir()
+        && meta.uid() == uid.as_raw()
+        && meta.permissions().mode() & 0o022 == 0;
+    if private {
+        Ok(())
+    } else {
+        Err(step(format!(
+            "{} is not a directory of uid {uid} writable only by it (give --jail-dir)",
+            dir.display()
+        ))(nix::Error::EPERM))
+    }
 }
 
 /// Names of the per-VM root directories and cgroups: this prefix and the supervising pid.
@@ -303,6 +396,32 @@ pub fn parent_dir(path: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shared `/tmp` is hostile: only a directory of the user's own, writable by it alone,
+    /// is taken as the parent of per-VM roots.
+    #[test]
+    fn only_a_private_directory_of_the_user_holds_per_vm_roots() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = tempfile::tempdir().unwrap();
+        let me = Uid::from_raw(std::fs::metadata(base.path()).unwrap().uid());
+        let private = base.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_private_dir(&private, me).unwrap();
+        let other = Uid::from_raw(me.as_raw().wrapping_add(1));
+        let e = check_private_dir(&private, other).unwrap_err();
+        assert!(e.step.contains("--jail-dir"), "{e}");
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        check_private_dir(&open, me).unwrap_err();
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        check_private_dir(&link, me).unwrap_err();
+        let file = base.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        check_private_dir(&file, me).unwrap_err();
+    }
 
     #[test]
     fn sweep_removes_only_empty_dirs_of_pids_that_are_gone() {

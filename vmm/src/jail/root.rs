@@ -18,9 +18,24 @@ use super::{io_step, step, JailError};
 /// Size of the per-VM root's tmpfs: it holds one device node and empty mount points.
 const ROOT_TMPFS_OPTIONS: &str = "mode=0755,size=1m";
 
+/// How `/dev/kvm` gets into the per-VM root.
+#[derive(Debug, Clone, Copy)]
+pub enum KvmNode {
+    /// A fresh device node, mode 0600, owned by the jail's uid and gid (as root).
+    Create {
+        /// Owner.
+        uid: Uid,
+        /// Group.
+        gid: Gid,
+    },
+    /// The host's node, bind-mounted (in a user namespace, where `mknod` is refused and
+    /// the caller's own rights on the host's node are what count).
+    Bind,
+}
+
 /// Builds the per-VM root at `root` (an existing empty directory) in a new mount namespace
 /// and makes it the process's root.
-pub fn enter_root(root: &Path, keep_dirs: &[PathBuf], uid: Uid, gid: Gid) -> Result<(), JailError> {
+pub fn enter_root(root: &Path, keep_dirs: &[PathBuf], kvm_node: KvmNode) -> Result<(), JailError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(step("new mount namespace"))?;
     // Nothing mounted from here on may propagate back to the host.
     mount(
@@ -39,19 +54,34 @@ pub fn enter_root(root: &Path, keep_dirs: &[PathBuf], uid: Uid, gid: Gid) -> Res
         Some(ROOT_TMPFS_OPTIONS),
     )
     .map_err(step(format!("tmpfs on {}", root.display())))?;
-    // /dev/kvm: the only device node, owned by the jail uid.
+    // /dev/kvm: the only device node.
     let dev = root.join("dev");
     mkdir_all(&dev)?;
     let kvm = dev.join("kvm");
-    let host_kvm = nix::sys::stat::stat("/dev/kvm").map_err(step("stat /dev/kvm"))?;
-    nix::sys::stat::mknod(
-        &kvm,
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        host_kvm.st_rdev,
-    )
-    .map_err(step("mknod /dev/kvm"))?;
-    chown(&kvm, Some(uid), Some(gid)).map_err(step("chown /dev/kvm"))?;
+    match kvm_node {
+        KvmNode::Create { uid, gid } => {
+            let host_kvm = nix::sys::stat::stat("/dev/kvm").map_err(step("stat /dev/kvm"))?;
+            nix::sys::stat::mknod(
+                &kvm,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                host_kvm.st_rdev,
+            )
+            .map_err(step("mknod /dev/kvm"))?;
+            chown(&kvm, Some(uid), Some(gid)).map_err(step("chown /dev/kvm"))?;
+        }
+        KvmNode::Bind => {
+            std::fs::File::create(&kvm).map_err(io_step("create the /dev/kvm mount point"))?;
+            mount(
+                Some("/dev/kvm"),
+                &kvm,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(step("bind /dev/kvm"))?;
+        }
+    }
     for dir in keep_dirs {
         let inside = root.join(dir.strip_prefix("/").unwrap_or(dir));
         mkdir_all(&inside)?;

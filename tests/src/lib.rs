@@ -6,6 +6,7 @@
 //! in [`cases`], one module per area, registered in one list. See
 //! `docs/e2e.md` for how the harness runs and how to add a case.
 
+pub mod as_user;
 pub mod boot_report;
 pub mod case;
 pub mod cases;

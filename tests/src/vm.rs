@@ -30,6 +30,8 @@ pub struct VmLaunch {
     timeout: Duration,
     out_dir: PathBuf,
     label: String,
+    /// Start as this uid and gid, with a `/dev/kvm` node at this directory ([`crate::as_user`]).
+    user: Option<(u32, u32, PathBuf)>,
 }
 
 /// What a finished (or killed) VMM left behind.
@@ -65,6 +67,7 @@ impl VmLaunch {
             timeout: BOOT_TIMEOUT,
             out_dir: out_dir.to_path_buf(),
             label: "vm".into(),
+            user: None,
         }
     }
 
@@ -117,6 +120,14 @@ impl VmLaunch {
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Starts the VMM as `uid`/`gid` instead of the runner's user, with a `/dev/kvm` that
+    /// group may open, on a tmpfs at `kvm_dir` in the VMM's own mount namespace.
+    #[must_use]
+    pub fn as_user(mut self, uid: u32, gid: u32, kvm_dir: &Path) -> Self {
+        self.user = Some((uid, gid, kvm_dir.to_path_buf()));
         self
     }
 
@@ -179,14 +190,16 @@ impl VmLaunch {
             let _ = std::fs::remove_file(report);
         }
 
-        let start = Instant::now();
-        let mut child = Command::new(&self.vmm)
-            .args(self.args())
+        let mut cmd = Command::new(&self.vmm);
+        cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(console)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| io_err("spawn", &self.vmm, e))?;
+            .stderr(stderr);
+        if let Some((uid, gid, kvm_dir)) = &self.user {
+            crate::as_user::apply(&mut cmd, *uid, *gid, kvm_dir)?;
+        }
+        let start = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| io_err("spawn", &self.vmm, e))?;
         let mut timed_out = false;
         let status = loop {
             match child.try_wait() {

@@ -16,6 +16,7 @@ pub const CASES: &[Case] = &[
     Case::kvm("boot/reboot", reboot),
     Case::kvm("boot/panic", panic),
     Case::kvm("boot/report", report),
+    Case::kvm("boot/user-namespace-jail", user_namespace_jail),
     Case::host("boot/bad-args", bad_args),
 ];
 
@@ -142,6 +143,51 @@ fn report(ctx: &Context) -> CaseResult {
         && get("cgroup").is_string();
     if !jailed {
         return Err(run.fail(format!("boot report: jail not applied in full: {jail}")));
+    }
+    Ok(())
+}
+
+/// The ordinary user the user-namespace jail case starts the VMM as, and its group.
+const USER: (u32, u32) = (4545, 4646);
+
+/// Started by an ordinary user whose group may open `/dev/kvm`, `mvm-vmm` jails itself in a
+/// user namespace (docs/jail.md) and a real guest boots inside it: the boot report's jail
+/// is `user-namespace` with the user's uid. In the test host this takes the `switch_root`
+/// path (an initramfs root) with the mounts a user namespace locks.
+fn user_namespace_jail(ctx: &Context) -> CaseResult {
+    use std::os::unix::fs::PermissionsExt;
+    let (uid, gid) = USER;
+    let home = ctx.work_file("user");
+    let kvm_dir = ctx.work_file("user-kvm");
+    let io = |what: &str, e: std::io::Error| Failure::new(format!("{what}: {e}"));
+    for dir in [&home, &kvm_dir] {
+        std::fs::create_dir(dir).map_err(|e| io(&format!("mkdir {}", dir.display()), e))?;
+    }
+    std::os::unix::fs::chown(&home, Some(uid), Some(gid)).map_err(|e| io("chown", e))?;
+    // The user reaches its files through the case's directories.
+    for dir in [ctx.work.as_path(), home.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| io("chmod", e))?;
+    }
+    let mut launch = VmLaunch::new(ctx.artifact(VMM)?, ctx.artifact(KERNEL_ELF)?, &home)
+        .initrd(ctx.artifact(crate::case::INITRAMFS_TEST)?)
+        .cmdline(&crate::case::test_cmdline("marker"))
+        .with_boot_report()
+        .as_user(uid, gid, &kvm_dir);
+    launch = launch
+        .arg("--jail-dir")
+        .arg(home.join("jails").into_os_string());
+    let run = launch.run()?;
+    run.expect_exit(0)?;
+    run.expect_console(MARKER)?;
+    let report = run.report()?;
+    let jail = report.field("jail").cloned().unwrap_or_default();
+    let kind_ok = jail.get("kind").and_then(|k| k.as_str()) == Some("user-namespace");
+    let uid_ok = jail.get("uid").and_then(|u| u.as_u64()) == Some(u64::from(uid));
+    if !(kind_ok && uid_ok) {
+        return Err(run.fail(format!(
+            "boot report: expected a user-namespace jail as uid {uid}: {jail}"
+        )));
     }
     Ok(())
 }

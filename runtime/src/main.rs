@@ -51,6 +51,16 @@ fn main() {
                 1
             }
         },
+        Command::DataDir => match mvm_runtime::image::store::data_dir() {
+            Ok(dir) => {
+                println!("{}", dir.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("mvm: error: {e}");
+                1
+            }
+        },
         Command::TesthostMachine => {
             for arg in mvm_runtime::backend::emulated::qemu::TESTHOST_MACHINE {
                 println!("{arg}");

@@ -113,10 +113,22 @@ pub fn run_build_script(name: &str) -> Result<PathBuf, RunError> {
     Ok(PathBuf::from(dir))
 }
 
-/// The test host (kernel `vmlinuz` and `base.cpio`): `$MVM_TESTHOST`, else
-/// what `scripts/build-testhost` prints (cached; fast after the first time).
+/// The machine's shared directory (`scripts/setup` publishes there) when this `mvm` is
+/// the one installed in it (`<system>/bin/mvm`): an installed `mvm` uses what was
+/// installed with it, a build from a checkout uses that checkout's scripts.
+fn installed_system_dir() -> Option<PathBuf> {
+    let system = crate::image::store::system_dir()?.canonicalize().ok()?;
+    (exe_dir()? == system.join("bin")).then_some(system)
+}
+
+/// The test host (kernel `vmlinuz` and `base.cpio`): `$MVM_TESTHOST`, else the one
+/// installed beside this `mvm` (`<system>/testhost`), else what `scripts/build-testhost`
+/// prints (cached; fast after the first time).
 pub fn testhost_dir() -> Result<PathBuf, RunError> {
-    let dir = match env_path("MVM_TESTHOST") {
+    let installed = installed_system_dir()
+        .map(|system| system.join("testhost"))
+        .filter(|dir| dir.is_dir());
+    let dir = match env_path("MVM_TESTHOST").or(installed) {
         Some(dir) => dir,
         None => run_build_script("build-testhost")?,
     };

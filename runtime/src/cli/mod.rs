@@ -75,6 +75,9 @@ pub enum Command {
         /// The archive to write.
         out: PathBuf,
     },
+    /// Internal: prints the data directory (the image store's root), for scripts/setup.
+    #[command(name = "__data-dir", hide = true)]
+    DataDir,
     /// Internal: prints the test host machine's QEMU arguments, one per line.
     #[command(name = "__testhost-machine", hide = true)]
     TesthostMachine,

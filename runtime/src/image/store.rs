@@ -8,6 +8,11 @@
 //!
 //! `<hex>` is the sha256 of the manifest bytes; the manifest holds the digest
 //! of every artifact, so the directory name covers the whole image.
+//!
+//! A reference the user's store does not have is looked up, read-only, in the
+//! machine's shared store ([`system_dir`]`/images`, laid out the same way), where
+//! `scripts/setup` publishes the images it builds for every user of the machine.
+//! Writes (`put`, `name`, `gc`) only ever touch the user's own store.
 
 use std::path::{Path, PathBuf};
 
@@ -53,6 +58,20 @@ pub fn data_dir() -> Result<PathBuf, ImageError> {
     from_env("HOME")
         .map(|home| home.join(".local/share/mvm"))
         .ok_or(ImageError::NoDataDir)
+}
+
+/// Where `scripts/setup` (as root) publishes what every user of the machine may run:
+/// `bin/` (`mvm`, `mvm-vmm`, `mvm-agent`), `images/` (a store, read-only to users) and
+/// `testhost/`.
+pub const SYSTEM_DIR: &str = "/usr/local/lib/mvm";
+
+/// The machine's shared directory: `$MVM_SYSTEM_DIR`, else [`SYSTEM_DIR`]; `None` when
+/// it does not exist.
+pub fn system_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("MVM_SYSTEM_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(SYSTEM_DIR), PathBuf::from);
+    dir.is_dir().then_some(dir)
 }
 
 /// Checks an image name: 1..=64 of `[A-Za-z0-9._-]`, not starting with `.`.
@@ -135,6 +154,8 @@ impl StoredImage {
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     images: PathBuf,
+    /// The machine's shared store, looked in (read-only) for what this one lacks.
+    shared: Option<PathBuf>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -168,16 +189,30 @@ fn check_artifact(artifact: &Artifact) -> Result<(), ImageError> {
 }
 
 impl ImageStore {
-    /// The store under [`data_dir`].
+    /// The store under [`data_dir`], with the machine's shared store ([`system_dir`])
+    /// behind it for lookups.
     pub fn open_default() -> Result<Self, ImageError> {
-        Ok(Self::at(&data_dir()?))
+        let mut store = Self::at(&data_dir()?);
+        store.shared = system_dir()
+            .map(|d| d.join("images"))
+            .filter(|shared| shared.is_dir() && *shared != store.images);
+        Ok(store)
     }
 
-    /// The store under `data_dir`.
+    /// The store under `data_dir` alone.
     pub fn at(data_dir: &Path) -> Self {
         Self {
             images: data_dir.join("images"),
+            shared: None,
         }
+    }
+
+    /// The store `image` lies in (its directory's parent), alone: where its names are.
+    pub fn holding(image: &StoredImage) -> Option<Self> {
+        image.dir.parent().map(|images| Self {
+            images: images.to_owned(),
+            shared: None,
+        })
     }
 
     fn names_dir(&self) -> PathBuf {
@@ -417,8 +452,29 @@ impl ImageStore {
     }
 
     /// Finds an image by name, by `sha256:<hex>`, or by a hex prefix of at
-    /// least 12 digits.
+    /// least 12 digits: in this store, else in the machine's shared one.
     pub fn resolve(&self, reference: &str) -> Result<StoredImage, ImageError> {
+        match self.resolve_here(reference) {
+            Err(ImageError::NotFound { reference, store }) => match &self.shared {
+                Some(shared) => {
+                    let shared = Self {
+                        images: shared.clone(),
+                        shared: None,
+                    };
+                    match shared.resolve_here(&reference) {
+                        Err(ImageError::NotFound { .. }) => {
+                            Err(ImageError::NotFound { reference, store })
+                        }
+                        found => found,
+                    }
+                }
+                None => Err(ImageError::NotFound { reference, store }),
+            },
+            other => other,
+        }
+    }
+
+    fn resolve_here(&self, reference: &str) -> Result<StoredImage, ImageError> {
         let hex = reference.trim_start_matches("sha256:");
         let looks_hex = hex.len() >= MIN_PREFIX && hex.bytes().all(|b| b.is_ascii_hexdigit());
         if check_name(reference).is_ok() {
@@ -459,6 +515,39 @@ impl ImageStore {
 mod tests {
     use super::*;
     use crate::image::build::{build, tests::fake_inputs};
+
+    /// A user's store without an image finds it in the machine's shared store, read-only;
+    /// the user's own image of the same name wins; a name in neither is not found.
+    #[test]
+    fn the_shared_store_answers_what_the_users_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = fake_inputs(dir.path());
+        let system = dir.path().join("system");
+        let shared = ImageStore::at(&system);
+        let image = build(&inputs).unwrap();
+        let published = shared.put(DEFAULT_IMAGE, &image).unwrap();
+        let mut user = ImageStore::at(&dir.path().join("user"));
+        assert!(matches!(
+            user.resolve(DEFAULT_IMAGE),
+            Err(ImageError::NotFound { .. })
+        ));
+        user.shared = Some(system.join("images"));
+        let found = user.resolve(DEFAULT_IMAGE).unwrap();
+        assert_eq!(found.dir, published.dir);
+        let names = ImageStore::holding(&found).unwrap().names().unwrap();
+        assert_eq!(names, [(DEFAULT_IMAGE.to_owned(), found.digest.clone())]);
+        assert!(user.resolve(&found.digest).is_ok());
+        match user.resolve("nope") {
+            Err(ImageError::NotFound { store, .. }) => {
+                assert_eq!(store, dir.path().join("user/images"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing was written to the user's store by the lookups.
+        assert!(!dir.path().join("user").exists());
+        let own = user.put(DEFAULT_IMAGE, &image).unwrap();
+        assert_eq!(user.resolve(DEFAULT_IMAGE).unwrap().dir, own.dir);
+    }
 
     #[test]
     fn put_then_resolve_by_name_digest_and_prefix() {

@@ -164,12 +164,17 @@ pub fn admit_run_in(
     let log = AuditLog::new(data.join(audit::AUDIT_FILE), keys.audit.clone());
     report_abandoned(&log, data);
 
-    let names: Vec<String> = ImageStore::at(data)
+    // The names the user's store gives the image, and those of the store it lies in (the
+    // machine's shared store, for an image published there).
+    let mut names: Vec<String> = ImageStore::at(data)
         .names()?
         .into_iter()
+        .chain(ImageStore::holding(image).map_or(Ok(Vec::new()), |s| s.names())?)
         .filter(|(_, digest)| *digest == image.digest)
         .map(|(name, _)| name)
         .collect();
+    names.sort();
+    names.dedup();
     let mut facts = ImageFacts::from_stored(image, &names)
         .map_err(|e| admission_error("image")(e.to_string()))?;
     // Before a plan is signed: a secret that is not there stops the run here.

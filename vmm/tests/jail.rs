@@ -358,6 +358,99 @@ fn as_ordinary_user(cmd: &mut Command, kvm_dir: &Path) {
     }
 }
 
+/// Makes user namespaces unavailable to `cmd` (as a security module or a sysctl would):
+/// a seccomp filter, installed last before exec, fails `unshare(CLONE_NEWUSER)` with EPERM.
+fn forbid_user_namespaces(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        insn(LD_ABS, 0, 0, 0), // the syscall number
+        insn(JEQ, 0, 3, u32::try_from(libc::SYS_unshare).unwrap()),
+        insn(LD_ABS, 0, 0, 16), // args[0], low half
+        insn(JSET, 0, 1, u32::try_from(libc::CLONE_NEWUSER).unwrap()),
+        insn(RET, 0, 0, 0x0005_0000 | u32::try_from(libc::EPERM).unwrap()), // SECCOMP_RET_ERRNO
+        insn(RET, 0, 0, 0x7fff_0000),                                       // SECCOMP_RET_ALLOW
+    ];
+    let len = u16::try_from(program.len()).unwrap();
+    // SAFETY: between fork and exec, two prctl calls on a program that lives in the
+    // closure (moved in, not freed before exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len,
+                filter: program.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// An ordinary user's VMM on a host without user namespaces refuses to start, says why and
+/// how to proceed, and creates no VM and no per-VM root; `--no-jail` still runs (and warns).
+#[test]
+fn without_user_namespaces_an_ordinary_users_vmm_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    require_kvm();
+    assert!(
+        is_root(),
+        "run this test as root: it starts the VMM as another user"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kvm_dir = dir.join("kvm");
+    let work = dir.join("work");
+    std::fs::create_dir(&kvm_dir).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(&work, Some(USER_UID), Some(USER_GID)).unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = vmm();
+        cmd.arg("--dev")
+            .arg("--kernel")
+            .arg(tiny_vmlinux(&work))
+            .arg("--boot-report")
+            .arg(work.join("report.json"))
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", &work)
+            .env_remove("MVM_SECCOMP")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_ordinary_user(&mut cmd, &kvm_dir);
+        forbid_user_namespaces(&mut cmd);
+        cmd.spawn().unwrap()
+    };
+    let out = run(&[]).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("new user namespace"), "{stderr}");
+    assert!(stderr.contains("--no-jail"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("report.json")).unwrap()).unwrap();
+    assert!(report["vm_created"].is_null(), "{report}");
+    assert_eq!(report["exit_reason"], "vmm_error", "{report}");
+    assert!(!work.join("mvm-jail").exists(), "a per-VM root was made");
+
+    // Without the jail it runs (warned), until stopped.
+    let child = run(&["--no-jail"]);
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(pid, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("--no-jail"), "{stderr}");
+}
+
 /// Started by an ordinary user, the VMM builds the same jail inside a user namespace: its
 /// own user, PID, mount, network and IPC namespaces, the per-VM root (under
 /// `$XDG_RUNTIME_DIR/mvm-jail`) with `/dev/kvm` bound into it, no capabilities in any set,

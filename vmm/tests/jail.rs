@@ -358,6 +358,32 @@ fn as_ordinary_user(cmd: &mut Command, kvm_dir: &Path) {
     }
 }
 
+/// For a test that starts the VMM as [`USER_UID`]: a directory others may pass through,
+/// holding the empty `kvm` directory [`as_ordinary_user`] mounts its tmpfs on.
+fn user_test_dir() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    require_kvm();
+    assert!(
+        is_root(),
+        "run this test as root: it starts the VMM as another user"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kvm_dir = tmp.path().join("kvm");
+    std::fs::create_dir(&kvm_dir).unwrap();
+    (tmp, kvm_dir)
+}
+
+/// `dir/name`, made mode 0700 and owned by [`USER_UID`].
+fn user_dir(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::create_dir(&path).unwrap();
+    std::os::unix::fs::chown(&path, Some(USER_UID), Some(USER_GID)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    path
+}
+
 /// Makes user namespaces unavailable to `cmd` (as a security module or a sysctl would):
 /// a seccomp filter, installed last before exec, fails `unshare(CLONE_NEWUSER)` with EPERM.
 fn forbid_user_namespaces(cmd: &mut Command) {
@@ -398,20 +424,8 @@ fn forbid_user_namespaces(cmd: &mut Command) {
 /// how to proceed, and creates no VM and no per-VM root; `--no-jail` still runs (and warns).
 #[test]
 fn without_user_namespaces_an_ordinary_users_vmm_refuses() {
-    use std::os::unix::fs::PermissionsExt;
-    require_kvm();
-    assert!(
-        is_root(),
-        "run this test as root: it starts the VMM as another user"
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let kvm_dir = dir.join("kvm");
-    let work = dir.join("work");
-    std::fs::create_dir(&kvm_dir).unwrap();
-    std::fs::create_dir(&work).unwrap();
-    std::os::unix::fs::chown(&work, Some(USER_UID), Some(USER_GID)).unwrap();
+    let (tmp, kvm_dir) = user_test_dir();
+    let work = user_dir(tmp.path(), "work");
     let run = |extra: &[&str]| {
         let mut cmd = vmm();
         cmd.arg("--dev")
@@ -458,25 +472,9 @@ fn without_user_namespaces_an_ordinary_users_vmm_refuses() {
 /// cleans up as it does for root.
 #[test]
 fn an_ordinary_user_gets_the_same_jail_in_a_user_namespace() {
-    use std::os::unix::fs::PermissionsExt;
-    require_kvm();
-    assert!(
-        is_root(),
-        "run this test as root: it starts the VMM as another user"
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let kvm_dir = dir.join("kvm");
-    let runtime_dir = dir.join("run");
-    let work = dir.join("work");
-    for d in [&kvm_dir, &runtime_dir, &work] {
-        std::fs::create_dir(d).unwrap();
-    }
-    for d in [&runtime_dir, &work] {
-        std::os::unix::fs::chown(d, Some(USER_UID), Some(USER_GID)).unwrap();
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    let (tmp, kvm_dir) = user_test_dir();
+    let runtime_dir = user_dir(tmp.path(), "run");
+    let work = user_dir(tmp.path(), "work");
     let mut cmd = vmm();
     cmd.arg("--dev")
         .arg("--kernel")

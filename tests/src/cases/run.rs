@@ -29,6 +29,7 @@ pub const CASES: &[Case] = &[
     Case::kvm("run/bulk-stdout-streams", bulk_stdout_streams).limit_secs(450),
     Case::kvm("run/sequential-16", sequential_16).limit_secs(600),
     Case::kvm("run/sigint", sigint),
+    Case::kvm("run/unprivileged-user", unprivileged_user),
 ];
 
 /// The `mvm` binary among the artifacts.
@@ -108,6 +109,91 @@ pub fn expect_code(out: &Output, want: i32) -> CaseResult {
 }
 
 /// Run directories left in `dir` (each run's sockets and logs).
+/// The ordinary user `run/unprivileged-user` runs `mvm` as, and its group (which may open
+/// `/dev/kvm`, as the `kvm` group may on a distribution's host).
+const USER: (u32, u32) = (4545, 4646);
+
+/// An ordinary user runs `mvm run` on the kvm tier: its own keys, policy, audit log and
+/// (empty) image store, the `default` image found in the machine's shared store
+/// (`MVM_SYSTEM_DIR`, here the artifacts' store, as `scripts/setup` publishes it), and
+/// `mvm-vmm` started as that user, jailed in a user namespace (the boot report says so);
+/// the workload's `/proc/self/status` comes back and the run is in the user's audit log.
+fn unprivileged_user(ctx: &Context) -> CaseResult {
+    use std::os::unix::fs::PermissionsExt;
+    let (uid, gid) = USER;
+    let io = |what: String| move |e: std::io::Error| Failure::new(format!("{what}: {e}"));
+    let home = ctx.work_file("user");
+    let kvm_dir = ctx.work_file("user-kvm");
+    for dir in [&home, &kvm_dir] {
+        std::fs::create_dir(dir).map_err(io(format!("mkdir {}", dir.display())))?;
+    }
+    std::os::unix::fs::chown(&home, Some(uid), Some(gid)).map_err(io("chown".into()))?;
+    std::fs::set_permissions(&ctx.work, std::fs::Permissions::from_mode(0o755))
+        .map_err(io("chmod".into()))?;
+    let mut command = Command::new(ctx.artifact(MVM)?);
+    command
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &home)
+        .env("MVM_SYSTEM_DIR", image_store(ctx)?)
+        .env("MVM_VMM", ctx.artifact(VMM)?)
+        .args([
+            "run",
+            "--backend",
+            "kvm",
+            "--json",
+            "--",
+            "cat",
+            "/proc/self/status",
+        ])
+        .stdin(Stdio::null());
+    crate::as_user::apply(&mut command, uid, gid, &kvm_dir)?;
+    let out = output(command)?;
+    expect_code(&out, 0)?;
+    let value: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Failure::new(format!("--json printed no JSON object: {e}")).with_detail(describe(&out))
+    })?;
+    let jail = value
+        .pointer("/boot_report/jail")
+        .cloned()
+        .unwrap_or_default();
+    let stdout = value
+        .pointer("/stdout")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let audit = home.join(".local/share/mvm/audit.jsonl");
+    let audited = std::fs::read_to_string(&audit).unwrap_or_default();
+    let checks = [
+        (
+            jail.pointer("/kind") == Some(&"user-namespace".into()),
+            "the boot report's jail is user-namespace",
+        ),
+        (
+            jail.pointer("/uid") == Some(&uid.into()),
+            "mvm-vmm ran as the user",
+        ),
+        (
+            stdout.contains("Name:\tcat"),
+            "the workload's status came back",
+        ),
+        (
+            audited.contains("\"exec_started\""),
+            "the run is in the user's audit log",
+        ),
+    ];
+    for (ok, what) in checks {
+        if !ok {
+            return Err(Failure::new(format!("{what}: not so")).with_detail(format!(
+                "jail: {jail}\n{}\naudit ({}): {} bytes",
+                describe(&out),
+                audit.display(),
+                audited.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn leftovers(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().map(|e| e.path()).collect())

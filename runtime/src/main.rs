@@ -79,6 +79,13 @@ fn main() {
                 }
             }
         }
+        Command::TesthostSpare { dir } => match mvm_runtime::backend::emulated::spare::keep(dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!("spare test host {}: {e}", dir.display());
+                1
+            }
+        },
         Command::TesthostGuest { image_dir } => {
             match mvm_runtime::backend::emulated::guest_main(image_dir) {
                 Ok(()) => 0,

@@ -361,6 +361,7 @@ fn finish(
             total_ms: millis(stopped.duration_since(start)),
             guest_boot_ms,
             host_boot_ms: None,
+            testhost_spare: false,
         },
         tier: Tier::Kvm,
         boot_report,

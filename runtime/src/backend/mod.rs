@@ -133,6 +133,10 @@ pub struct Timings {
     /// Emulated tier only: from starting QEMU to the test host starting `mvm`.
     #[serde(default)]
     pub host_boot_ms: Option<u64>,
+    /// Emulated tier only: the test host was a spare, booted ahead of this run
+    /// (`MVM_TESTHOST_SPARE=1`); `host_boot_ms` then counts from the claim.
+    #[serde(default)]
+    pub testhost_spare: bool,
 }
 
 /// A finished run.

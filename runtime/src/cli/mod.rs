@@ -95,6 +95,13 @@ pub enum Command {
         /// The sandbox's directory.
         dir: PathBuf,
     },
+    /// Internal: keeps a spare test host (booted ahead, `MVM_TESTHOST_SPARE=1`) for the
+    /// next run of the emulated tier to claim.
+    #[command(name = "__testhost-spare", hide = true)]
+    TesthostSpare {
+        /// The spare's directory (its QEMU arguments in `spare.json`).
+        dir: PathBuf,
+    },
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]
     TesthostGuest {

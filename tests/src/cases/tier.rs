@@ -24,6 +24,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("tier/json", json).limit_secs(420),
     Case::user_host("tier/sdk-example", sdk_example).limit_secs(420),
     Case::user_host("tier/bench", bench).limit_secs(420),
+    Case::user_host("tier/emulated-spare", emulated_spare).limit_secs(420),
 ];
 
 /// Bytes of the bulk case's stdout.
@@ -111,6 +112,110 @@ fn describe_short(out: &Output) -> String {
 
 /// `--json`: one object on stdout, with the workload's streams, status and
 /// the tier the host gave.
+/// The QEMU processes whose command line names `needle` (a spare's directory).
+fn qemus_naming(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            text.contains("qemu-system") && text.contains(needle)
+        })
+        .collect()
+}
+
+/// Spare test hosts (`MVM_TESTHOST_SPARE=1`, docs/boot-time.md): the first run boots cold
+/// and leaves a spare booting; the second claims it (`timings.testhost_spare`), gets its
+/// own output, and leaves the next spare; the claimed spare's QEMU is gone after the run,
+/// and stopping the keeper of the one left takes its QEMU with it. Forces the emulated
+/// tier (the only one with a test host).
+fn emulated_spare(ctx: &Context) -> CaseResult {
+    let run = |word: &str| -> Result<serde_json::Value, Failure> {
+        let mut command = mvm(
+            ctx,
+            "run",
+            &["--backend", "emulated", "--json", "--", "echo", word],
+        )?;
+        command.env("MVM_TESTHOST_SPARE", "1");
+        let out = output(command)?;
+        expect_code(&out, 0)?;
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            Failure::new(format!("--json output is not JSON: {e}")).with_detail(describe(&out))
+        })?;
+        if value.get("stdout") != Some(&format!("{word}\n").into()) {
+            return Err(Failure::new(format!("{word}: wrong stdout: {value}")));
+        }
+        Ok(value)
+    };
+    let spare_used = |v: &serde_json::Value| v.pointer("/timings/testhost_spare").cloned();
+    let first = run("one")?;
+    if spare_used(&first) != Some(false.into()) {
+        return Err(Failure::new(format!(
+            "the first run claims a spare: {first}"
+        )));
+    }
+    let second = run("two")?;
+    if spare_used(&second) != Some(true.into()) {
+        return Err(Failure::new(format!(
+            "the second run booted cold: {second}"
+        )));
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let spares = ctx.work_file("run").join(format!("mvm-spares-{uid}"));
+    let left: Vec<std::path::PathBuf> = std::fs::read_dir(&spares)
+        .map_err(|e| Failure::new(format!("{}: {e}", spares.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let [next] = left.as_slice() else {
+        return Err(Failure::new(format!(
+            "expected one spare left (the next run's), found {left:?}"
+        )));
+    };
+    let name = next
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_owned();
+    if name.starts_with("c.") {
+        return Err(Failure::new(format!("a claimed spare was left: {name}")));
+    }
+    // Only the next spare's QEMU runs (it may still be booting).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let keeper = loop {
+        let pid = std::fs::read_to_string(next.join("keeper"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            break pid;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::new(format!("{name}: no keeper pid")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let all = qemus_naming(&spares.display().to_string());
+    let mine = qemus_naming(&name);
+    // SAFETY: signalling the keeper this case's runs started.
+    unsafe { libc::kill(keeper, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !qemus_naming(&name).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let after = qemus_naming(&name);
+    if mine.len() != 1 || all.len() != 1 || !after.is_empty() {
+        return Err(Failure::new(format!(
+            "QEMU processes: of spares {all:?}, of the next spare {mine:?}, after its keeper was stopped {after:?}"
+        )));
+    }
+    Ok(())
+}
+
 fn json(ctx: &Context) -> CaseResult {
     let tier = chosen_tier(ctx)?;
     let out = output(mvm(

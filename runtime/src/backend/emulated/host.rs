@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::overlay::{read_file, testhost_initramfs};
 use super::protocol::*;
-use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu};
+use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu, Qemu};
+use super::spare::{self, Claimed};
 use crate::backend::interrupt::{self, Action, Forwarder};
 use crate::backend::scratch::ScratchDir;
 use crate::backend::stdin_pump;
@@ -122,12 +123,41 @@ fn plan_bundle(plan: &PlanFiles) -> Result<PlanBundle, RunError> {
     })
 }
 
+/// The test host of this run: booted for it now, or a spare booted ahead ([`spare`]).
+enum TestHost {
+    Cold(Qemu),
+    Spare(Claimed),
+}
+
+impl TestHost {
+    /// Whether QEMU has exited: how, and its status when known.
+    fn exited(&mut self) -> Option<(String, Option<ProcessEnd>)> {
+        match self {
+            Self::Cold(qemu) => qemu
+                .child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|status| (format!("exited with {status}"), Some(status.into()))),
+            Self::Spare(claimed) => claimed.ended().map(|how| (how, None)),
+        }
+    }
+
+    /// Waits up to `limit` for QEMU to end on its own.
+    fn wait_ended(&mut self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.exited().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A session's view of the test host: the control port's lines it reads
 /// while checking are kept for the run loop, which handles them afterwards.
 struct TestHostVm<'a> {
     rx: &'a mpsc::Receiver<Chunk>,
     stash: &'a mut VecDeque<Chunk>,
-    qemu: &'a mut super::qemu::Qemu,
+    host: &'a mut TestHost,
 }
 
 impl VmProbe for TestHostVm<'_> {
@@ -148,8 +178,8 @@ impl VmProbe for TestHostVm<'_> {
             self.stash.push_back(chunk);
         }
         if why.is_none() {
-            if let Ok(Some(status)) = self.qemu.child.try_wait() {
-                why = Some(format!("the test host (qemu) exited with {status}"));
+            if let Some((how, _)) = self.host.exited() {
+                why = Some(format!("the test host (qemu) {how}"));
             }
         }
         why
@@ -166,6 +196,39 @@ impl OutputSink for NoOutput {
     fn stderr(&mut self, _: &[u8]) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Boots a test host for this run: QEMU started now, its four ports accepted on sockets in
+/// `scratch`. Returns QEMU, the ports (`ctl`, `in`, `out`, `err`) and the two logs.
+fn boot_cold(
+    qemu_bin: &Path,
+    testhost: &Path,
+    initramfs: &Path,
+    scratch: &ScratchDir,
+    spec: &RunSpec,
+) -> Result<(Qemu, Vec<UnixStream>, [std::path::PathBuf; 2]), RunError> {
+    let mut listeners = Vec::new();
+    for id in ["ctl", "in", "out", "err"] {
+        let path = scratch.path().join(id);
+        let listener = UnixListener::bind(&path)
+            .map_err(RunError::io(format!("listening on {}", path.display())))?;
+        listeners.push(listener);
+    }
+    let console = scratch.path().join("console.log");
+    let qemu_log = scratch.path().join("qemu.log");
+    let args = qemu_args(testhost, initramfs, &console, scratch.path(), spec);
+    tracing::debug!("starting {} {}", qemu_bin.display(), args.join(" "));
+    let mut qemu = spawn_qemu(qemu_bin, &args, &qemu_log)?;
+    let mut ports = Vec::new();
+    for listener in &listeners {
+        ports.push(accept_from(
+            listener,
+            &mut qemu,
+            &[console.as_path(), qemu_log.as_path()],
+            Duration::from_secs(30),
+        )?);
+    }
+    Ok((qemu, ports, [console, qemu_log]))
 }
 
 /// Runs `spec` inside the test host with QEMU `qemu`: its command, or a
@@ -192,30 +255,23 @@ pub fn run(
     let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
 
     let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
-    let mut listeners = Vec::new();
-    for id in ["ctl", "in", "out", "err"] {
-        let path = scratch.path().join(id);
-        let listener = UnixListener::bind(&path)
-            .map_err(RunError::io(format!("listening on {}", path.display())))?;
-        listeners.push(listener);
-    }
-    let console = scratch.path().join("console.log");
-    let qemu_log = scratch.path().join("qemu.log");
-    let args = qemu_args(&testhost, &initramfs, &console, scratch.path(), spec);
-    tracing::debug!("starting {} {}", qemu_bin.display(), args.join(" "));
-    let mut qemu = spawn_qemu(qemu_bin, &args, &qemu_log)?;
-    let logs = [console.as_path(), qemu_log.as_path()];
-    let mut streams = Vec::new();
-    for listener in &listeners {
-        streams.push(accept_from(
-            listener,
-            &mut qemu,
-            &logs,
-            Duration::from_secs(30),
-        )?);
-    }
-    drop(listeners);
-    let mut streams = streams.into_iter();
+    let mut spare_key = spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec));
+    let claimed = spare_key.as_deref().and_then(spare::claim);
+    let spare_used = claimed.is_some();
+    let (mut host, ports, logs) = match claimed {
+        Some(mut claimed) => {
+            tracing::info!("emulated: a spare test host, booted ahead");
+            let ports = std::mem::take(&mut claimed.ports);
+            let logs = claimed.logs();
+            (TestHost::Spare(claimed), ports, logs)
+        }
+        None => {
+            let (qemu, ports, logs) = boot_cold(qemu_bin, &testhost, &initramfs, &scratch, spec)?;
+            (TestHost::Cold(qemu), ports, logs)
+        }
+    };
+    let logs = [logs[0].as_path(), logs[1].as_path()];
+    let mut streams = ports.into_iter();
     let (Some(ctl), Some(input), Some(out), Some(err)) = (
         streams.next(),
         streams.next(),
@@ -326,6 +382,17 @@ pub fn run(
             Ok(Chunk::Ctl(line)) => match parse_record(&line) {
                 Ok(GuestRecord::Started) => {
                     boot_deadline = None;
+                    // The next run's spare boots while this run's inner VM does: once this
+                    // test host is up, not beside its boot, which it would slow on a small
+                    // machine.
+                    if let Some(key) = spare_key.take() {
+                        let started = locate::mvm_binary().and_then(|mvm| {
+                            spare::start(&mvm, qemu_bin, &testhost, &initramfs, spec, &key)
+                        });
+                        if let Err(e) = started {
+                            tracing::warn!("starting a spare test host: {e}");
+                        }
+                    }
                     testhost_ready_ms =
                         Some(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
                 }
@@ -345,7 +412,7 @@ pub fn run(
                         let mut vm = TestHostVm {
                             rx: &rx,
                             stash: &mut stash,
-                            qemu: &mut qemu,
+                            host: &mut host,
                         };
                         let served = server.serve(agent, journal, &mut vm);
                         // Whatever the session's end, the test host stops and reports.
@@ -393,17 +460,17 @@ pub fn run(
                         reason.map(|r| format!(" ({r})")).unwrap_or_default()
                     ),
                     log: read_logs(&logs),
-                    exit: qemu.child.try_wait().ok().flatten().map(Into::into),
+                    exit: host.exited().and_then(|(_, end)| end),
                 });
             }
             Ok(Chunk::CtlClosed(_)) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if report.is_none() {
-                    if let Ok(Some(status)) = qemu.child.try_wait() {
+                    if let Some((how, end)) = host.exited() {
                         return Err(RunError::VmmDied {
-                            reason: format!("the test host (qemu) exited with {status}"),
+                            reason: format!("the test host (qemu) {how}"),
                             log: read_logs(&logs),
-                            exit: Some(status.into()),
+                            exit: end,
                         });
                     }
                 }
@@ -412,21 +479,15 @@ pub fn run(
                 return Err(RunError::VmmDied {
                     reason: "the test host's ports all closed".into(),
                     log: read_logs(&logs),
-                    exit: qemu.child.try_wait().ok().flatten().map(Into::into),
+                    exit: host.exited().and_then(|(_, end)| end),
                 });
             }
         }
     }
 
     // The test host powers itself off after reporting; give it a moment.
-    let stop_start = Instant::now();
-    while stop_start.elapsed() < Duration::from_secs(5) {
-        if let Ok(Some(_)) = qemu.child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(qemu);
+    host.wait_ended(Duration::from_secs(5));
+    drop(host);
     drop(scratch);
 
     let Some(FinalReport {
@@ -448,6 +509,7 @@ pub fn run(
             outcome.timings.total_ms =
                 u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
             outcome.timings.host_boot_ms = testhost_ready_ms;
+            outcome.timings.testhost_spare = spare_used;
             Ok(outcome)
         }
         (None, Some((kind, message))) => {

@@ -35,6 +35,7 @@ pub mod host;
 pub mod overlay;
 pub mod protocol;
 pub mod qemu;
+pub mod spare;
 pub mod testhost;
 
 pub use host::run;

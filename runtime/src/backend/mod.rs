@@ -18,6 +18,7 @@ pub mod scratch;
 pub mod session;
 pub mod stdin_pump;
 pub mod vmm_process;
+pub mod vz;
 pub mod wall;
 
 use std::collections::BTreeMap;

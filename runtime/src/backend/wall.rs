@@ -97,7 +97,7 @@ pub fn not_built() -> Vec<Wall> {
         ),
         row(
             "vz",
-            "not built in this version; would be Apple Virtualization.framework on macOS",
+            "not runnable in this version: Apple Virtualization.framework on macOS through vfkit; its command line and the measured hand-off are built and unit-tested on Linux, never run on a Mac (docs/backends.md)",
         ),
     ]
 }

@@ -43,6 +43,33 @@ fn walls(detection: &crate::backend::detect::Detection) -> Vec<serde_json::Value
         .collect()
 }
 
+/// Whether a process of this user may make a user namespace, which the jail of an
+/// `mvm-vmm` started by an ordinary user needs (docs/jail.md): tried in a child, which
+/// `unshare`s before it runs `mvm --version`.
+fn user_namespaces() -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec only unshare(2) runs, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).map_err(std::io::Error::from)
+        });
+    }
+    match command.status() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "{e} (kernel.unprivileged_userns_clone, user.max_user_namespaces or \
+             kernel.apparmor_restrict_unprivileged_userns forbids them, or a security module)"
+        )),
+    }
+}
+
 /// Prints the findings; returns the exit code (0 when some backend is usable).
 pub fn main(args: &DoctorArgs) -> i32 {
     let facts = HostFacts::probe();
@@ -50,6 +77,7 @@ pub fn main(args: &DoctorArgs) -> i32 {
     let image = ImageStore::open_default().and_then(|s| s.resolve(DEFAULT_IMAGE));
     let vmm = locate::vmm_binary();
     let statics = locate::static_binaries();
+    let userns = user_namespaces();
     let code = if detection.chosen.is_some() {
         0
     } else {
@@ -68,6 +96,8 @@ pub fn main(args: &DoctorArgs) -> i32 {
                 "dev_kvm_rw": facts.dev_kvm_rw,
                 "kvm_modules": facts.kvm_modules,
                 "qemu": facts.qemu,
+                "user_namespaces": userns.is_ok(),
+                "user_namespaces_error": userns.as_ref().err(),
             },
             "image": image.as_ref().map(|i| i.digest.clone()).map_err(|e| e.to_string()),
             "mvm_vmm": vmm.as_ref().map(|p| p.display().to_string()).map_err(|e| e.to_string()),
@@ -133,6 +163,14 @@ pub fn main(args: &DoctorArgs) -> i32 {
             facts.kvm_modules.join(",")
         }
     );
+    match &userns {
+        Ok(()) => println!(
+            "  user namespaces: yes (an ordinary user's mvm-vmm jails itself in one)"
+        ),
+        Err(e) => println!(
+            "  user namespaces: no: {e}; an ordinary user's mvm-vmm refuses to start without --no-jail"
+        ),
+    }
     println!("needs:");
     match &image {
         Ok(i) => println!(

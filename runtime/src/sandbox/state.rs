@@ -24,10 +24,34 @@ const ROOT_NAME: &str = "mvm-sandboxes";
 /// The longest config or state file read back.
 const MAX_STATE_BYTES: u64 = 64 << 10;
 
-/// Where sandboxes live: `$MVM_RUN_DIR`, else `$XDG_RUNTIME_DIR`, else `/tmp`,
-/// then `mvm-sandboxes` (mode 0700).
+/// Where sandboxes live: `$MVM_RUN_DIR`, else `$XDG_RUNTIME_DIR`, else `/tmp`, then
+/// `mvm-sandboxes-<uid>` (mode 0700): one per user, since the base may be a shared `/tmp`.
 pub fn root() -> PathBuf {
-    crate::backend::scratch::base_dir().join(ROOT_NAME)
+    crate::backend::scratch::base_dir().join(format!("{ROOT_NAME}-{}", nix::unistd::getuid()))
+}
+
+/// Refuses a sandboxes directory this user does not own alone: in a shared `/tmp`, another
+/// user could have made it first, and would then see this user's sockets, or plant a
+/// sandbox whose socket receives this user's commands and files. Absent is fine.
+fn check_root(root: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = match std::fs::symlink_metadata(root) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(SandboxError::io(format!("reading {}", root.display()), e)),
+    };
+    let uid = nix::unistd::getuid().as_raw();
+    if meta.is_dir() && meta.uid() == uid && meta.permissions().mode() & 0o022 == 0 {
+        Ok(())
+    } else {
+        Err(SandboxError::io(
+            format!(
+                "{} is not a directory of uid {uid} writable only by it",
+                root.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        ))
+    }
 }
 
 /// What a sandbox was created with.
@@ -245,6 +269,7 @@ impl Sandbox {
     /// its name link; fails if the name is taken.
     pub fn create_in(root: &Path, config: &SandboxConfig) -> Result<Self, SandboxError> {
         private_dir(root)?;
+        check_root(root)?;
         let dir = root.join(&config.id);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -276,6 +301,7 @@ impl Sandbox {
     /// The sandbox that `reference` (an id, a unique id prefix of at least 4
     /// hex digits after `sb-`, or a name) names under `root`.
     pub fn find_in(root: &Path, reference: &str) -> Result<Self, SandboxError> {
+        check_root(root)?;
         let not_found = || SandboxError::NotFound(reference.to_owned());
         if reference.is_empty() || reference.contains('/') || reference.starts_with('.') {
             return Err(not_found());
@@ -328,6 +354,10 @@ impl Sandbox {
 
     /// Every sandbox under `root`.
     pub fn all_in(root: &Path) -> Vec<Self> {
+        if let Err(e) = check_root(root) {
+            tracing::warn!("sandboxes: {e}");
+            return Vec::new();
+        }
         Self::list_dirs(root)
             .into_iter()
             .map(|dir| Self { dir })
@@ -412,6 +442,29 @@ mod tests {
             ephemeral: false,
             created: UtcTime::now(),
         }
+    }
+
+    /// A sandboxes directory another user could write (or a link to one) is neither used
+    /// nor read: a planted sandbox's socket would get this user's commands.
+    #[test]
+    fn a_sandboxes_directory_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        Sandbox::create_in(&open, &config("sb-00112233aabbccdd", None)).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(Sandbox::create_in(&open, &config("sb-10112233aabbccdd", None)).is_err());
+        assert!(Sandbox::find_in(&open, "sb-00112233aabbccdd").is_err());
+        assert!(Sandbox::all_in(&open).is_empty());
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(Sandbox::all_in(&open).len(), 1);
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).unwrap();
+        assert!(Sandbox::find_in(&link, "sb-00112233aabbccdd").is_err());
+        assert!(root()
+            .to_string_lossy()
+            .ends_with(&format!("mvm-sandboxes-{}", nix::unistd::getuid())));
     }
 
     #[test]

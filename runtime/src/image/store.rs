@@ -207,6 +207,14 @@ impl ImageStore {
         }
     }
 
+    /// The machine's shared store behind this one, alone, if there is one.
+    pub fn shared_store(&self) -> Option<Self> {
+        self.shared.as_ref().map(|images| Self {
+            images: images.clone(),
+            shared: None,
+        })
+    }
+
     /// The store `image` lies in (its directory's parent), alone: where its names are.
     pub fn holding(image: &StoredImage) -> Option<Self> {
         image.dir.parent().map(|images| Self {

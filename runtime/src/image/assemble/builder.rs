@@ -111,8 +111,16 @@ fn ensure_shipped(
     let (lock, bytes) = current_lock(shipped, &spec)?;
     let store = ImageStore::open_default()?;
     let base = store.resolve(DEFAULT_IMAGE)?;
-    if let Some(found) = find_by_lock(&store, &Lock::digest_of(&bytes), &base.digest)? {
+    let lock_digest = Lock::digest_of(&bytes);
+    if let Some(found) = find_by_lock(&store, &lock_digest, &base.digest)? {
         return Ok(found);
+    }
+    // One that setup published for every user (docs/run.md, "Without root"), built from
+    // the same lock on the same base image.
+    if let Some(shared) = store.shared_store() {
+        if let Some(found) = find_by_lock(&shared, &lock_digest, &base.digest)? {
+            return Ok(found);
+        }
     }
     let builder = if shipped.bootstrap {
         None

@@ -43,6 +43,26 @@ pub fn remove_left_by(base: &Path, pid: u32) -> usize {
     removed
 }
 
+/// Checks that `dir` is a directory of this user's that no one else may write, and not a
+/// link: what a per-user directory in a shared base (`/tmp`) must be before it is used or
+/// read, since another user could have made it first. Absent is an error too.
+pub fn check_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(dir)?;
+    let uid = nix::unistd::getuid().as_raw();
+    if meta.is_dir() && meta.uid() == uid && meta.permissions().mode() & 0o022 == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a directory of uid {uid} writable only by it",
+                dir.display()
+            ),
+        ))
+    }
+}
+
 /// A directory that is deleted with everything in it on drop.
 #[derive(Debug)]
 pub struct ScratchDir {

@@ -34,23 +34,9 @@ pub fn root() -> PathBuf {
 /// user could have made it first, and would then see this user's sockets, or plant a
 /// sandbox whose socket receives this user's commands and files. Absent is fine.
 fn check_root(root: &Path) -> Result<(), SandboxError> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = match std::fs::symlink_metadata(root) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(SandboxError::io(format!("reading {}", root.display()), e)),
-    };
-    let uid = nix::unistd::getuid().as_raw();
-    if meta.is_dir() && meta.uid() == uid && meta.permissions().mode() & 0o022 == 0 {
-        Ok(())
-    } else {
-        Err(SandboxError::io(
-            format!(
-                "{} is not a directory of uid {uid} writable only by it",
-                root.display()
-            ),
-            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-        ))
+    match crate::backend::scratch::check_private_dir(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        checked => checked.map_err(|e| SandboxError::io("the sandboxes directory", e)),
     }
 }
 

@@ -86,22 +86,14 @@ pub fn key(qemu: &Path, testhost: &Path, initramfs: &Path, spec: &RunSpec) -> St
 /// The user's spares directory, made 0700 if missing; refused unless it is a directory of
 /// this user's that no one else can write (the base may be a shared `/tmp`).
 fn spares_dir() -> Result<PathBuf, RunError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let uid = nix::unistd::getuid();
-    let dir = scratch::base_dir().join(format!("mvm-spares-{uid}"));
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = scratch::base_dir().join(format!("mvm-spares-{}", nix::unistd::getuid()));
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(RunError::io(format!("creating {}", dir.display()))(e)),
     }
-    let meta = std::fs::symlink_metadata(&dir)
-        .map_err(RunError::io(format!("reading {}", dir.display())))?;
-    if !meta.is_dir() || meta.uid() != uid.as_raw() || meta.permissions().mode() & 0o022 != 0 {
-        return Err(RunError::Missing(format!(
-            "{} is not a private directory of this user's: spares are off",
-            dir.display()
-        )));
-    }
+    scratch::check_private_dir(&dir).map_err(RunError::io("spares are off"))?;
     Ok(dir)
 }
 

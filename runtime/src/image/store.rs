@@ -462,23 +462,16 @@ impl ImageStore {
     /// Finds an image by name, by `sha256:<hex>`, or by a hex prefix of at
     /// least 12 digits: in this store, else in the machine's shared one.
     pub fn resolve(&self, reference: &str) -> Result<StoredImage, ImageError> {
-        match self.resolve_here(reference) {
-            Err(ImageError::NotFound { reference, store }) => match &self.shared {
-                Some(shared) => {
-                    let shared = Self {
-                        images: shared.clone(),
-                        shared: None,
-                    };
-                    match shared.resolve_here(&reference) {
-                        Err(ImageError::NotFound { .. }) => {
-                            Err(ImageError::NotFound { reference, store })
-                        }
-                        found => found,
-                    }
+        let here = self.resolve_here(reference);
+        match (&here, self.shared_store()) {
+            // Not found in either: the error names the user's own store.
+            (Err(ImageError::NotFound { .. }), Some(shared)) => {
+                match shared.resolve_here(reference) {
+                    Err(ImageError::NotFound { .. }) => here,
+                    found => found,
                 }
-                None => Err(ImageError::NotFound { reference, store }),
-            },
-            other => other,
+            }
+            _ => here,
         }
     }
 

@@ -125,7 +125,11 @@ fn plan_bundle(plan: &PlanFiles) -> Result<PlanBundle, RunError> {
 
 /// The test host of this run: booted for it now, or a spare booted ahead ([`spare`]).
 enum TestHost {
-    Cold(Qemu),
+    /// QEMU, and the run directory of its sockets and logs (removed after QEMU is gone).
+    Cold {
+        qemu: Qemu,
+        _dir: ScratchDir,
+    },
     Spare(Claimed),
 }
 
@@ -133,7 +137,7 @@ impl TestHost {
     /// Whether QEMU has exited: how, and its status when known.
     fn exited(&mut self) -> Option<(String, Option<ProcessEnd>)> {
         match self {
-            Self::Cold(qemu) => qemu
+            Self::Cold { qemu, .. } => qemu
                 .child
                 .try_wait()
                 .ok()
@@ -199,14 +203,14 @@ impl OutputSink for NoOutput {
 }
 
 /// Boots a test host for this run: QEMU started now, its four ports accepted on sockets in
-/// `scratch`. Returns QEMU, the ports (`ctl`, `in`, `out`, `err`) and the two logs.
+/// a new run directory. Returns it, the ports (`ctl`, `in`, `out`, `err`) and the two logs.
 fn boot_cold(
     qemu_bin: &Path,
     testhost: &Path,
     initramfs: &Path,
-    scratch: &ScratchDir,
     spec: &RunSpec,
-) -> Result<(Qemu, Vec<UnixStream>, [std::path::PathBuf; 2]), RunError> {
+) -> Result<(TestHost, Vec<UnixStream>, [std::path::PathBuf; 2]), RunError> {
+    let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
     let mut listeners = Vec::new();
     for id in ["ctl", "in", "out", "err"] {
         let path = scratch.path().join(id);
@@ -228,7 +232,11 @@ fn boot_cold(
             Duration::from_secs(30),
         )?);
     }
-    Ok((qemu, ports, [console, qemu_log]))
+    let host = TestHost::Cold {
+        qemu,
+        _dir: scratch,
+    };
+    Ok((host, ports, [console, qemu_log]))
 }
 
 /// Runs `spec` inside the test host with QEMU `qemu`: its command, or a
@@ -254,7 +262,6 @@ pub fn run(
     let (mvm, vmm) = locate::static_binaries()?;
     let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
 
-    let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
     let mut spare_key = spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec));
     let claimed = spare_key.as_deref().and_then(spare::claim);
     let spare_used = claimed.is_some();
@@ -265,10 +272,7 @@ pub fn run(
             let logs = claimed.logs();
             (TestHost::Spare(claimed), ports, logs)
         }
-        None => {
-            let (qemu, ports, logs) = boot_cold(qemu_bin, &testhost, &initramfs, &scratch, spec)?;
-            (TestHost::Cold(qemu), ports, logs)
-        }
+        None => boot_cold(qemu_bin, &testhost, &initramfs, spec)?,
     };
     let logs = [logs[0].as_path(), logs[1].as_path()];
     let mut streams = ports.into_iter();
@@ -488,7 +492,6 @@ pub fn run(
     // The test host powers itself off after reporting; give it a moment.
     host.wait_ended(Duration::from_secs(5));
     drop(host);
-    drop(scratch);
 
     let Some(FinalReport {
         outcome,

@@ -15,8 +15,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Cap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
 use nix::sys::signal::{SigSet, Signal};
@@ -33,7 +31,7 @@ use crate::event_log::{self, EventLog};
 use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
 use crate::image::Image;
 use crate::layout;
-use crate::vcpu::{Vcpu, VcpuContext, VmEvent, VmStopper};
+use crate::vcpu::{PauseGate, Vcpu, VcpuContext, VmEvent, VmStopper};
 use crate::verified_boot::{self, BootPlan, LoadedDigests, PendingMeasurement, Refusal};
 use crate::vm::{self, Vm};
 
@@ -179,16 +177,10 @@ pub fn run(
     mptable::write(mem, config.vcpus).map_err(|e| BootError::BootState(e.to_string()))?;
     regs::write_boot_tables(mem).map_err(|e| BootError::BootState(e.to_string()))?;
 
-    let mut supported = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| BootError::Kvm {
-            what: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
-    if vm.kvm().check_extension(Cap::TscDeadlineTimer) {
-        cpuid::offer_tsc_deadline(&mut supported);
-    }
+    let supported = cpuid::offered(vm.kvm()).map_err(|source| BootError::Kvm {
+        what: "KVM_GET_SUPPORTED_CPUID",
+        source,
+    })?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(vm.fd(), index)?;
@@ -203,6 +195,10 @@ pub fn run(
         events: events_tx,
         timeline: timeline.clone(),
         stop,
+        pause: Arc::new(PauseGate::default()),
+        saveable_msrs: crate::snapshot::cpu::saveable_msrs(vm.kvm())
+            .map_err(|e| BootError::BootState(e.to_string()))?
+            .into(),
     };
     for vcpu in vcpus {
         let ctx = ctx.clone();
@@ -222,9 +218,15 @@ pub fn run(
 
     // Supervise: the first exit event ends the VM. `vm` stays alive until the
     // process exits, so vCPU threads never run on a closed VM.
-    let reason = match events_rx.recv() {
-        Ok(VmEvent::Exit(reason)) => reason,
-        Err(_) => ExitReason::VmmError("every vCPU thread ended without an exit reason".into()),
+    let reason = loop {
+        match events_rx.recv() {
+            Ok(VmEvent::Exit(reason)) => break reason,
+            // Nothing asks for a pause on this path yet.
+            Ok(VmEvent::Paused { .. }) => continue,
+            Err(_) => {
+                break ExitReason::VmmError("every vCPU thread ended without an exit reason".into())
+            }
+        }
     };
     std::mem::forget(vm);
     Ok(reason)

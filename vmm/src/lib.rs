@@ -29,6 +29,7 @@ pub mod jail;
 pub mod layout;
 pub mod logger;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod verified_boot;
 pub mod vm;

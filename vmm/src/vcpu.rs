@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_bindings::{
     CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -22,6 +22,7 @@ use vm_memory::GuestAddress;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot_report::{BootTimeline, Phase};
 use crate::exit::ExitReason;
+use crate::snapshot::cpu::{self as cpu_state, VcpuState};
 
 /// Sends exits to the supervisor and stops every vCPU loop.
 #[derive(Clone)]
@@ -49,6 +50,79 @@ impl VmStopper {
 pub enum VmEvent {
     /// The VM is over.
     Exit(ExitReason),
+    /// A vCPU stopped at a [`PauseGate`] request; its state, or why it could not be
+    /// read. It waits at the gate until [`PauseGate::resume`] or the VM's end.
+    Paused {
+        /// The vCPU's index.
+        vcpu: u8,
+        /// Its state (boxed: the XSAVE area alone is 4 KiB).
+        state: Result<Box<VcpuState>, String>,
+    },
+}
+
+/// The real-time signal that knocks a vCPU thread out of `KVM_RUN` (offset from
+/// `SIGRTMIN`). Its handler does nothing: the point is `KVM_RUN` returning `EINTR`.
+pub const KICK_SIGNAL_OFFSET: i32 = 0;
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's (empty) handler, once per process, before vCPU threads
+/// start.
+pub fn install_kick_handler() -> Result<(), std::io::Error> {
+    let signal = vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET;
+    vmm_sys_util::signal::register_signal_handler(signal, on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Where vCPUs stop for a snapshot. The supervisor raises it ([`PauseGate::request`])
+/// and kicks each vCPU thread out of `KVM_RUN`; a vCPU that sees it completes the port or
+/// MMIO access it was in, reads its own state, reports [`VmEvent::Paused`], and waits
+/// here until [`PauseGate::resume`] (it runs on) or the VM's stop flag (it returns).
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    requested: AtomicBool,
+    /// Bumped by every resume; a waiter leaves when it changes.
+    generation: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    /// Asks every vCPU to pause at its next exit from `KVM_RUN`.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// True while a pause is asked for.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Lets every paused vCPU run on.
+    pub fn resume(&self) {
+        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        self.requested.store(false, Ordering::Release);
+        *generation = generation.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// Wakes every waiter so it can see the VM's stop flag.
+    pub fn wake_for_stop(&self) {
+        let _guard = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+    }
+
+    /// Blocks until a resume or `stop`; true to run on.
+    fn wait(&self, stop: &AtomicBool) -> bool {
+        let mut generation = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let at = *generation;
+        while *generation == at && !stop.load(Ordering::Acquire) {
+            generation = self
+                .changed
+                .wait(generation)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        !stop.load(Ordering::Acquire)
+    }
 }
 
 /// Errors creating or configuring a vCPU.
@@ -124,6 +198,10 @@ pub struct VcpuContext {
     pub timeline: Arc<BootTimeline>,
     /// Set when the VM is ending: every vCPU loop returns at its next exit.
     pub stop: Arc<AtomicBool>,
+    /// Where vCPUs stop for a snapshot.
+    pub pause: Arc<PauseGate>,
+    /// The MSRs a paused vCPU saves ([`cpu_state::saveable_msrs`]).
+    pub saveable_msrs: Arc<[u32]>,
 }
 
 /// What one exit asks the loop to do next.
@@ -234,6 +312,12 @@ impl Vcpu {
             if ctx.stop.load(Ordering::Acquire) {
                 return;
             }
+            if ctx.pause.is_requested() {
+                if !self.pause(ctx) {
+                    return;
+                }
+                continue;
+            }
             if index == 0 {
                 ctx.timeline.mark(Phase::FirstKvmRun);
             }
@@ -254,6 +338,37 @@ impl Vcpu {
             // The supervisor may be gone already; nothing else to tell.
             let _ = ctx.events.send(VmEvent::Exit(reason));
         }
+    }
+
+    /// Stops here for a snapshot: finishes the access the last exit was in (a `KVM_RUN`
+    /// with `immediate_exit` set completes it and returns at once), reads the state,
+    /// reports it, and waits at the gate. False when the VM ended meanwhile.
+    fn pause(&mut self, ctx: &VcpuContext) -> bool {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(format!("completing the last exit before pausing: {e}")),
+            Ok(exit) => Err(format!(
+                "KVM_RUN with immediate_exit returned an exit ({exit:?})"
+            )),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        let state = completed.and_then(|()| {
+            cpu_state::save(&self.fd, self.index, &ctx.saveable_msrs)
+                .map(Box::new)
+                .map_err(|e| e.to_string())
+        });
+        if ctx
+            .events
+            .send(VmEvent::Paused {
+                vcpu: self.index,
+                state,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        ctx.pause.wait(&ctx.stop)
     }
 
     fn internal_error_detail(&mut self) -> String {

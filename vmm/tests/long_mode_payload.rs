@@ -26,7 +26,7 @@ use mvm_vmm::boot_report::{BootTimeline, Phase};
 use mvm_vmm::device_manager::DeviceManager;
 use mvm_vmm::devices::legacy::guest_signal_handler;
 use mvm_vmm::exit::ExitReason;
-use mvm_vmm::vcpu::{Vcpu, VcpuContext, VmEvent, VmStopper};
+use mvm_vmm::vcpu::{PauseGate, Vcpu, VcpuContext, VmEvent, VmStopper};
 use mvm_vmm::vm::{create_guest_memory, Vm};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -122,13 +122,17 @@ fn run_payload(code: &[u8]) -> (ExitReason, Vec<u8>, Arc<BootTimeline>) {
         events: tx,
         timeline: timeline.clone(),
         stop,
+        pause: Arc::new(PauseGate::default()),
+        saveable_msrs: Arc::from(Vec::new()),
     };
     let runner = std::thread::spawn(move || vcpu.run(&ctx));
     let event = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the payload did not finish within 60 s");
     runner.join().unwrap();
-    let VmEvent::Exit(reason) = event;
+    let VmEvent::Exit(reason) = event else {
+        panic!("not an exit: {event:?}");
+    };
     let bytes = recorder.lock().unwrap().bytes.clone();
     (reason, bytes, timeline)
 }

@@ -10,7 +10,10 @@
 //! the core count from 0x8000_0008 and the APIC ids from 0xB rather than from
 //! compute-unit fields we would have to invent.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_bindings::{
+    kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm};
 
 /// Leaf 0x1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -126,6 +129,17 @@ pub fn offer_tsc_deadline(supported: &mut CpuId) {
             e.ecx |= LEAF1_ECX_TSC_DEADLINE;
         }
     }
+}
+
+/// The CPUID this host's KVM can give a guest, as the VMM offers it: KVM's supported
+/// CPUID with the TSC-deadline timer added where KVM emulates it. Boot filters each
+/// vCPU's CPUID from this; a snapshot's restore checks the guest's against it.
+pub fn offered(kvm: &Kvm) -> Result<CpuId, kvm_ioctls::Error> {
+    let mut supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        offer_tsc_deadline(&mut supported);
+    }
+    Ok(supported)
 }
 
 /// The CPUID for vCPU `id` of `count`, from KVM's supported CPUID.

@@ -1,0 +1,246 @@
+//! A snapshot directory: written from a paused VM, opened (every check made) and
+//! turned back into a VM.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use mvm_loader::measure::Sha256Digest;
+
+use super::manifest::{self, CpuRequirement, Expect, FileDigest, Manifest, PlanBinding};
+use super::memory::{self, RegionLayout};
+use super::{MachineState, SnapshotError, MEMORY_FILE, SEALED_FILE, STATE_FILE, UNSIGNED_FILE};
+use crate::arch::x86_64::cpuid;
+use crate::layout;
+use crate::vm::Vm;
+
+/// The largest state file read back: 32 vCPUs' state is well under 4 MiB of JSON.
+const MAX_STATE_BYTES: u64 = 16 << 20;
+/// The largest sealed manifest read back.
+const MAX_SEALED_BYTES: u64 = 256 << 10;
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io { what, source }
+}
+
+/// A new file in the snapshot directory, the owner's alone; an existing one is an
+/// error (a snapshot never overwrites another).
+fn create(dir: &Path, name: &str) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join(name))
+        .map_err(io("creating a snapshot file"))
+}
+
+/// What a snapshot is bound to, given by whoever takes it.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The plan that booted the VM; `None` for a development boot.
+    pub plan: Option<PlanBinding>,
+    /// The sandbox's epoch for this snapshot.
+    pub epoch: u64,
+}
+
+/// Writes the memory and state files and the unsigned manifest into `dir` (which must
+/// exist and hold none of them). Every vCPU must be paused, `state` read from them.
+pub fn write(
+    dir: &Path,
+    vm: &Vm,
+    state: &MachineState,
+    binding: Binding,
+) -> Result<Manifest, SnapshotError> {
+    let vcpu0 = state.vcpus.first().ok_or(SnapshotError::Format {
+        what: "state",
+        why: "no vCPU".into(),
+    })?;
+    let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| SnapshotError::Format {
+        what: "state",
+        why: "more than 255 vCPUs".into(),
+    })?;
+    // What the guest needs of a host is what this VMM gave it: the CPUID boot set from
+    // this host's offer (computed again here; it is a pure function of the offer). Not
+    // what `KVM_GET_CPUID2` reads back, which some KVMs (a software one, here) fill from
+    // the host's own CPU whatever was set.
+    let offered = cpuid::offered(vm.kvm()).map_err(|source| SnapshotError::Kvm {
+        what: "KVM_GET_SUPPORTED_CPUID",
+        source,
+    })?;
+    let given =
+        cpuid::filter_cpuid(&offered, vcpu0.index, vcpus).map_err(|e| SnapshotError::Format {
+            what: "CPUID",
+            why: e.to_string(),
+        })?;
+    let mut mem_file = create(dir, MEMORY_FILE)?;
+    let (layout, mem_digest) = memory::save(vm.memory(), &mut mem_file)?;
+    let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Format {
+        what: "state",
+        why: e.to_string(),
+    })?;
+    let mut state_file = create(dir, STATE_FILE)?;
+    state_file
+        .write_all(&state_json)
+        .and_then(|()| state_file.sync_all())
+        .map_err(io("writing the state file"))?;
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        vmm_build: manifest::VMM_BUILD.to_owned(),
+        plan: binding.plan,
+        epoch: binding.epoch,
+        cpu: CpuRequirement::of_guest(given.as_slice()),
+        vcpus,
+        mem_bytes: vm.memory_bytes(),
+        memory: FileDigest {
+            bytes: vm.memory_bytes(),
+            sha256: mem_digest,
+        },
+        layout,
+        state: FileDigest {
+            bytes: state_json.len() as u64,
+            sha256: Sha256Digest::of(&state_json),
+        },
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::Format {
+        what: "manifest",
+        why: e.to_string(),
+    })?;
+    let mut unsigned = create(dir, UNSIGNED_FILE)?;
+    unsigned
+        .write_all(&json)
+        .and_then(|()| unsigned.sync_all())
+        .map_err(io("writing the manifest"))?;
+    Ok(manifest)
+}
+
+/// A snapshot that passed every check, its memory file open.
+#[derive(Debug)]
+pub struct Opened {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// The machine state, whose digest matched.
+    pub state: MachineState,
+    /// The memory file, whose digest matched (this handle was hashed; it is the one
+    /// mapped).
+    pub memory: File,
+}
+
+/// Opens a file of the snapshot for reading, refusing a symlink.
+fn open_file(dir: &Path, name: &str) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join(name))
+        .map_err(|e| SnapshotError::refused("snapshot_format", format!("{name}: {e}")))
+}
+
+fn read_bounded(mut file: File, name: &str, max: u64) -> Result<Vec<u8>, SnapshotError> {
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("reading a snapshot file"))?;
+    if bytes.len() as u64 > max {
+        return Err(SnapshotError::refused(
+            "snapshot_format",
+            format!("{name} is larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The layout this VMM gives `mem_bytes` of RAM, placed back to back in a memory file.
+fn expected_layout(mem_bytes: u64) -> Vec<RegionLayout> {
+    let mut offset = 0;
+    layout::ram_ranges(mem_bytes)
+        .into_iter()
+        .map(|(addr, len)| {
+            let r = RegionLayout {
+                guest_addr: addr.0,
+                len,
+                file_offset: offset,
+            };
+            offset += len;
+            r
+        })
+        .collect()
+}
+
+/// Checks everything about the snapshot in `dir` before any of it is used: the seal
+/// and its bindings ([`manifest::open`]), that the layout is the one this VMM gives
+/// that much RAM, the state file's length and digest (then that it parses and agrees
+/// with the manifest), and the memory file's length and digest.
+pub fn open(dir: &Path, expect: &Expect<'_>) -> Result<Opened, SnapshotError> {
+    let sealed = read_bounded(open_file(dir, SEALED_FILE)?, SEALED_FILE, MAX_SEALED_BYTES)?;
+    let manifest = manifest::open(&sealed, expect)?;
+    if manifest.layout != expected_layout(manifest.mem_bytes) {
+        return Err(SnapshotError::refused(
+            "snapshot_format",
+            format!(
+                "the memory layout is not the one this VMM gives {} bytes of RAM",
+                manifest.mem_bytes
+            ),
+        ));
+    }
+    let state_bytes = read_bounded(open_file(dir, STATE_FILE)?, STATE_FILE, MAX_STATE_BYTES)?;
+    let found = FileDigest {
+        bytes: state_bytes.len() as u64,
+        sha256: Sha256Digest::of(&state_bytes),
+    };
+    if found != manifest.state {
+        return Err(SnapshotError::refused(
+            "state_mismatch",
+            format!(
+                "{STATE_FILE} is {} bytes with sha256 {}; the seal says {} bytes with {}",
+                found.bytes, found.sha256, manifest.state.bytes, manifest.state.sha256
+            ),
+        ));
+    }
+    let state: MachineState = serde_json::from_slice(&state_bytes)
+        .map_err(|e| SnapshotError::refused("snapshot_format", format!("{STATE_FILE}: {e}")))?;
+    let indices_ok = state
+        .vcpus
+        .iter()
+        .enumerate()
+        .all(|(i, v)| usize::from(v.index) == i);
+    if state.vcpus.len() != usize::from(manifest.vcpus) || !indices_ok {
+        return Err(SnapshotError::refused(
+            "snapshot_format",
+            format!(
+                "{STATE_FILE} holds {} vCPUs (or out of order); the seal says {}",
+                state.vcpus.len(),
+                manifest.vcpus
+            ),
+        ));
+    }
+    let mut mem = open_file(dir, MEMORY_FILE)?;
+    let (sha256, bytes) = memory::digest(&mut mem)?;
+    let found = FileDigest { bytes, sha256 };
+    if found != manifest.memory {
+        return Err(SnapshotError::refused(
+            "memory_mismatch",
+            format!(
+                "{MEMORY_FILE} is {bytes} bytes with sha256 {sha256}; the seal says {} bytes with {}",
+                manifest.memory.bytes, manifest.memory.sha256
+            ),
+        ));
+    }
+    Ok(Opened {
+        manifest,
+        state,
+        memory: mem,
+    })
+}
+
+/// Maps the opened snapshot's memory and makes the VM with its in-kernel devices'
+/// state. The caller creates the vCPUs and restores each one's state
+/// ([`super::cpu::restore`]) before any runs.
+pub fn restore_vm(opened: &Opened) -> Result<Vm, SnapshotError> {
+    let memory = memory::map(&opened.memory, &opened.manifest.layout)?;
+    let vm = Vm::new(memory).map_err(|e| SnapshotError::Build(e.to_string()))?;
+    super::vm_state::restore(vm.fd(), &opened.state.vm)?;
+    Ok(vm)
+}

@@ -1,0 +1,526 @@
+//! Snapshots on this machine's /dev/kvm, with a hand-assembled 64-bit guest that counts
+//! in memory and in a register and reports both on a port: pause it, write the
+//! snapshot, seal it, restore it (twice, side by side, from one memory file) and check
+//! that each restored VM counts on from where the original stopped. Then every way a
+//! snapshot can be tampered with, refused before anything is mapped.
+//!
+//! This needs /dev/kvm (any KVM that runs small payloads; no Linux guest). It fails,
+//! rather than skips, when /dev/kvm is missing.
+
+// Test helpers outside #[test] functions: a panic is the failure report.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use mvm_devices::bus::BusDevice;
+use mvm_loader::dsse::{Envelope, TrustedKeys};
+use mvm_loader::measure::Sha256Digest;
+use mvm_vmm::arch::x86_64::{cpuid, regs};
+use mvm_vmm::boot_report::BootTimeline;
+use mvm_vmm::device_manager::DeviceManager;
+use mvm_vmm::snapshot::bundle::{self, Binding};
+use mvm_vmm::snapshot::cpu::{self, VcpuState};
+use mvm_vmm::snapshot::manifest::{self, Expect, Manifest, PlanBinding};
+use mvm_vmm::snapshot::{vm_state, MachineState, SnapshotError};
+use mvm_vmm::snapshot::{MEMORY_FILE, SEALED_FILE, STATE_FILE, UNSIGNED_FILE};
+use mvm_vmm::vcpu::{self, PauseGate, Vcpu, VcpuContext, VmEvent};
+use mvm_vmm::vm::{create_guest_memory, Vm};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::Killable;
+
+const TEST_PORT: u16 = 0xe9;
+const PAYLOAD_ADDR: u64 = 0x10_0000;
+const COUNTER_ADDR: u32 = 0x20_0000;
+const MEM_BYTES: u64 = 32 << 20;
+
+/// Counts for ever: `inc qword [COUNTER]`, `inc rbx`, then both out to the port.
+fn counting_payload() -> Vec<u8> {
+    let c = COUNTER_ADDR.to_le_bytes();
+    let mut code = vec![0x66, 0xba, 0xe9, 0x00]; // mov dx, 0xe9
+    code.extend_from_slice(&[0x31, 0xdb]); // xor ebx, ebx
+    let body_start = code.len();
+    code.extend_from_slice(&[0x48, 0xff, 0x04, 0x25]); // inc qword [disp32]
+    code.extend_from_slice(&c);
+    code.extend_from_slice(&[0x48, 0xff, 0xc3]); // inc rbx
+    code.extend_from_slice(&[0x48, 0x8b, 0x04, 0x25]); // mov rax, [disp32]
+    code.extend_from_slice(&c);
+    code.push(0xef); // out dx, eax
+    code.extend_from_slice(&[0x89, 0xd8]); // mov eax, ebx
+    code.push(0xef); // out dx, eax
+    let back = code.len() + 2 - body_start;
+    code.extend_from_slice(&[0xeb, u8::try_from(256 - back).unwrap()]); // jmp body
+    code
+}
+
+struct Recorder(Arc<Mutex<Vec<u8>>>);
+
+impl BusDevice for Recorder {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        self.0.lock().unwrap().extend_from_slice(data);
+    }
+}
+
+fn kick_signal() -> i32 {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| vcpu::install_kick_handler().unwrap());
+    vmm_sys_util::signal::SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET
+}
+
+/// A VM whose one vCPU runs on its own thread.
+struct Running {
+    vm: Vm,
+    gate: Arc<PauseGate>,
+    stop: Arc<AtomicBool>,
+    events: Receiver<VmEvent>,
+    thread: Option<JoinHandle<()>>,
+    port: Arc<Mutex<Vec<u8>>>,
+}
+
+fn start(vm: Vm, vcpu: Vcpu) -> Running {
+    kick_signal();
+    let port = Arc::new(Mutex::new(Vec::new()));
+    let mut devices = DeviceManager::new();
+    devices
+        .attach_pio(
+            Arc::new(Mutex::new(Recorder(port.clone()))),
+            u64::from(TEST_PORT),
+            4,
+        )
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(PauseGate::default());
+    let ctx = VcpuContext {
+        pio: devices.pio_bus().clone(),
+        mmio: devices.mmio_bus().clone(),
+        events: tx,
+        timeline: Arc::new(BootTimeline::new(Instant::now())),
+        stop: stop.clone(),
+        pause: gate.clone(),
+        saveable_msrs: cpu::saveable_msrs(vm.kvm()).unwrap().into(),
+    };
+    let thread = std::thread::spawn(move || vcpu.run(&ctx));
+    Running {
+        vm,
+        gate,
+        stop,
+        events: rx,
+        thread: Some(thread),
+        port,
+    }
+}
+
+impl Running {
+    fn wait_for_bytes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.port.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not count far enough"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Pauses the vCPU (kicking it until it reports) and returns its state.
+    fn pause(&self) -> VcpuState {
+        self.gate.request();
+        let thread = self.thread.as_ref().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            thread.kill(kick_signal()).unwrap();
+            match self.events.recv_timeout(Duration::from_millis(10)) {
+                Ok(VmEvent::Paused { vcpu: 0, state }) => return *state.unwrap(),
+                Ok(other) => panic!("while pausing: {other:?}"),
+                Err(_) => assert!(Instant::now() < deadline, "the vCPU never paused"),
+            }
+        }
+    }
+
+    fn port_bytes(&self) -> Vec<u8> {
+        self.port.lock().unwrap().clone()
+    }
+
+    fn end(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Release);
+        self.gate.wake_for_stop();
+        let thread = self.thread.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !thread.is_finished() {
+            let _ = thread.kill(kick_signal());
+            assert!(Instant::now() < deadline, "the vCPU thread did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        thread.join().unwrap();
+        self.port_bytes()
+    }
+}
+
+fn boot_counter() -> Running {
+    assert!(Path::new("/dev/kvm").exists(), "this test needs /dev/kvm");
+    let memory = create_guest_memory(MEM_BYTES).unwrap();
+    memory
+        .write_slice(&counting_payload(), GuestAddress(PAYLOAD_ADDR))
+        .unwrap();
+    regs::write_boot_tables(&memory).unwrap();
+    let vm = Vm::new(memory).unwrap();
+    let supported = cpuid::offered(vm.kvm()).unwrap();
+    let vcpu = Vcpu::new(vm.fd(), 0).unwrap();
+    vcpu.configure(&supported, 1, GuestAddress(PAYLOAD_ADDR))
+        .unwrap();
+    start(vm, vcpu)
+}
+
+/// The port's bytes as u32 words; they must be 1, 1, 2, 2, 3, 3, ... (the memory
+/// counter, then the register counter, each iteration). Returns how many words.
+fn assert_counts_on(bytes: &[u8]) -> usize {
+    let words: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (i, w) in words.iter().enumerate() {
+        let want = u32::try_from(i / 2 + 1).unwrap();
+        assert_eq!(
+            *w,
+            want,
+            "word {i} of {}: {:?}",
+            words.len(),
+            &words[i.saturating_sub(4)..(i + 2).min(words.len())]
+        );
+    }
+    words.len()
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+fn trusted() -> TrustedKeys {
+    let mut t = TrustedKeys::new();
+    t.add(key().verifying_key());
+    t
+}
+
+/// Seals the unsigned manifest in `dir` as the runtime does: its exact bytes, signed.
+fn seal(dir: &Path, key: &SigningKey) {
+    let bytes = std::fs::read(dir.join(UNSIGNED_FILE)).unwrap();
+    let envelope = Envelope::sign(manifest::PAYLOAD_TYPE, &bytes, key);
+    std::fs::write(dir.join(SEALED_FILE), envelope.to_json()).unwrap();
+}
+
+/// Runs the counter, pauses it, writes and seals a snapshot of it into `dir` (epoch 3,
+/// no plan); returns the port bytes the original wrote.
+fn take_snapshot(dir: &Path) -> Vec<u8> {
+    let running = boot_counter();
+    running.wait_for_bytes(400);
+    let vcpu0 = running.pause();
+    let state = MachineState {
+        vcpus: vec![vcpu0],
+        vm: vm_state::save(running.vm.fd()).unwrap(),
+    };
+    bundle::write(
+        dir,
+        &running.vm,
+        &state,
+        Binding {
+            plan: None,
+            epoch: 3,
+        },
+    )
+    .unwrap();
+    let before = running.port_bytes();
+    let after_end = running.end();
+    assert_eq!(before, after_end, "the vCPU ran on after it paused");
+    seal(dir, &key());
+    before
+}
+
+fn restore(dir: &Path, expect: &Expect<'_>) -> Result<Running, SnapshotError> {
+    let opened = bundle::open(dir, expect)?;
+    let vm = bundle::restore_vm(&opened)?;
+    let vcpu = Vcpu::new(vm.fd(), 0).unwrap();
+    cpu::restore(vcpu.fd(), &opened.state.vcpus[0])?;
+    Ok(start(vm, vcpu))
+}
+
+fn host_cpuid() -> kvm_bindings::CpuId {
+    cpuid::offered(&kvm_ioctls::Kvm::new().unwrap()).unwrap()
+}
+
+#[test]
+fn a_restored_vm_counts_on_from_where_it_paused_and_two_restores_share_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = take_snapshot(dir.path());
+    let counted = assert_counts_on(&before);
+    assert!(counted >= 100, "{counted}");
+
+    let trusted = trusted();
+    let cpuid = host_cpuid();
+    let expect = Expect {
+        trusted: &trusted,
+        plan: None,
+        min_epoch: 3,
+        host_cpuid: &cpuid,
+    };
+    let memory_digest = |p: &Path| Sha256Digest::of(&std::fs::read(p.join(MEMORY_FILE)).unwrap());
+    let sealed_digest = memory_digest(dir.path());
+
+    // Two VMs from the one snapshot at once: each counts on from the same point, alone.
+    let a = restore(dir.path(), &expect).unwrap();
+    let b = restore(dir.path(), &expect).unwrap();
+    a.wait_for_bytes(before.len() / 4 * 4 / 2 + 400);
+    b.wait_for_bytes(400);
+    let a_bytes = a.end();
+    let b_bytes = b.end();
+    for bytes in [&a_bytes, &b_bytes] {
+        let mut whole = before.clone();
+        whole.extend_from_slice(bytes);
+        let n = assert_counts_on(&whole);
+        assert!(n >= counted + 100, "{n} words after {counted}");
+    }
+    // Their writes were their own: the file is as sealed.
+    assert_eq!(memory_digest(dir.path()), sealed_digest);
+    // The memory file is sparse: most of 32 MiB was never touched.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir.path().join(MEMORY_FILE)).unwrap();
+    assert_eq!(meta.len(), MEM_BYTES);
+    assert!(
+        meta.blocks() * 512 < MEM_BYTES / 2,
+        "{} blocks",
+        meta.blocks()
+    );
+    assert_eq!(meta.mode() & 0o777, 0o600);
+}
+
+/// Copies the snapshot in `from` to a fresh directory, lets `change` alter it, and
+/// returns the restore's refusal reason.
+fn refusal_after(
+    from: &Path,
+    change: impl FnOnce(&Path),
+    min_epoch: u64,
+    plan: Option<&PlanBinding>,
+) -> (&'static str, String) {
+    let to = tempfile::tempdir().unwrap();
+    for f in [MEMORY_FILE, STATE_FILE, UNSIGNED_FILE, SEALED_FILE] {
+        std::fs::copy(from.join(f), to.path().join(f)).unwrap();
+    }
+    change(to.path());
+    let trusted = trusted();
+    let cpuid = host_cpuid();
+    let expect = Expect {
+        trusted: &trusted,
+        plan,
+        min_epoch,
+        host_cpuid: &cpuid,
+    };
+    let err = bundle::open(to.path(), &expect).unwrap_err();
+    let reason = err
+        .refusal_reason()
+        .unwrap_or_else(|| panic!("not a refusal: {err}"));
+    (reason, err.to_string())
+}
+
+/// Rewrites the manifest with `edit` and seals it again with the trusted key.
+fn reseal(dir: &Path, edit: impl FnOnce(&mut Manifest)) {
+    let mut m: Manifest =
+        serde_json::from_slice(&std::fs::read(dir.join(UNSIGNED_FILE)).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(dir.join(UNSIGNED_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
+    seal(dir, &key());
+}
+
+/// What is changed, how, the sandbox's epoch, the refusal expected.
+type Case = (&'static str, Box<dyn FnOnce(&Path)>, u64, &'static str);
+
+#[test]
+fn a_tampered_stale_or_foreign_snapshot_is_refused_before_anything_is_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    take_snapshot(dir.path());
+    let d = dir.path();
+    let flip = |name: &'static str, at: u64| {
+        move |p: &Path| {
+            let mut bytes = std::fs::read(p.join(name)).unwrap();
+            let i = usize::try_from(at).unwrap().min(bytes.len() - 1);
+            bytes[i] ^= 1;
+            std::fs::write(p.join(name), bytes).unwrap();
+        }
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "one byte of memory",
+            Box::new(flip(MEMORY_FILE, PAYLOAD_ADDR + 3)),
+            3,
+            "memory_mismatch",
+        ),
+        (
+            "one byte of a zero page",
+            Box::new(flip(MEMORY_FILE, 20 << 20)),
+            3,
+            "memory_mismatch",
+        ),
+        (
+            "memory one byte short",
+            Box::new(|p: &Path| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.join(MEMORY_FILE))
+                    .unwrap();
+                f.set_len(MEM_BYTES - 1).unwrap();
+            }),
+            3,
+            "memory_mismatch",
+        ),
+        (
+            "memory one byte long",
+            Box::new(|p: &Path| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.join(MEMORY_FILE))
+                    .unwrap();
+                f.set_len(MEM_BYTES + 1).unwrap();
+            }),
+            3,
+            "memory_mismatch",
+        ),
+        (
+            "the state",
+            Box::new(flip(STATE_FILE, 200)),
+            3,
+            "state_mismatch",
+        ),
+        (
+            "the state truncated",
+            Box::new(|p: &Path| {
+                let bytes = std::fs::read(p.join(STATE_FILE)).unwrap();
+                std::fs::write(p.join(STATE_FILE), &bytes[..bytes.len() / 2]).unwrap();
+            }),
+            3,
+            "state_mismatch",
+        ),
+        (
+            "the manifest edited after sealing",
+            Box::new(|p: &Path| {
+                // The trusted signature kept, the payload swapped for an edited one.
+                let sealed = std::fs::read(p.join(SEALED_FILE)).unwrap();
+                let mut env = Envelope::from_json(&sealed).unwrap();
+                let text = std::fs::read_to_string(p.join(UNSIGNED_FILE)).unwrap();
+                let edited = text.replace("\"epoch\": 3", "\"epoch\": 9");
+                assert_ne!(edited, text);
+                let other = SigningKey::from_bytes(&[9; 32]);
+                env.payload =
+                    Envelope::sign(manifest::PAYLOAD_TYPE, edited.as_bytes(), &other).payload;
+                std::fs::write(p.join(SEALED_FILE), env.to_json()).unwrap();
+            }),
+            3,
+            "snapshot_unsigned",
+        ),
+        (
+            "sealed by an untrusted key",
+            Box::new(|p: &Path| seal(p, &SigningKey::from_bytes(&[7; 32]))),
+            3,
+            "snapshot_unsigned",
+        ),
+        (
+            "no seal",
+            Box::new(|p: &Path| std::fs::remove_file(p.join(SEALED_FILE)).unwrap()),
+            3,
+            "snapshot_format",
+        ),
+        (
+            "older than the sandbox's epoch",
+            Box::new(|_: &Path| {}),
+            4,
+            "rollback",
+        ),
+        (
+            "from another VMM build",
+            Box::new(|p: &Path| reseal(p, |m| m.vmm_build = "mvm-vmm 0.0.0 snapshot-v0".into())),
+            3,
+            "vmm_mismatch",
+        ),
+        (
+            "of another format",
+            Box::new(|p: &Path| reseal(p, |m| m.format = 2)),
+            3,
+            "vmm_mismatch",
+        ),
+        (
+            "needing a CPU feature this host lacks",
+            Box::new(|p: &Path| {
+                reseal(p, |m| {
+                    // Leaf 7.0 EBX bit 31 (AVX-512VL): neither test host offers it.
+                    let f = m
+                        .cpu
+                        .features
+                        .iter_mut()
+                        .find(|f| f.leaf == 7 && f.register == "ebx")
+                        .unwrap();
+                    f.bits |= 1 << 31;
+                })
+            }),
+            3,
+            "cpu_mismatch",
+        ),
+        (
+            "of another vendor",
+            Box::new(|p: &Path| reseal(p, |m| m.cpu.vendor = "CentaurHauls".into())),
+            3,
+            "cpu_mismatch",
+        ),
+        (
+            "with a layout that is not this VMM's",
+            Box::new(|p: &Path| reseal(p, |m| m.layout[0].file_offset = 4096)),
+            3,
+            "snapshot_format",
+        ),
+        (
+            "a state file that is a symlink",
+            Box::new(|p: &Path| {
+                std::fs::rename(p.join(STATE_FILE), p.join("real-state")).unwrap();
+                std::os::unix::fs::symlink(p.join("real-state"), p.join(STATE_FILE)).unwrap();
+            }),
+            3,
+            "snapshot_format",
+        ),
+    ];
+    for (what, change, epoch, want) in cases {
+        let (reason, message) = refusal_after(d, change, epoch, None);
+        assert_eq!(reason, want, "{what}: {message}");
+    }
+
+    // Taken without a plan, restored under one (and the other way round): refused.
+    let plan = PlanBinding {
+        id: "p1".into(),
+        digest: Sha256Digest::of(b"a plan"),
+    };
+    let (reason, message) = refusal_after(d, |_| {}, 3, Some(&plan));
+    assert_eq!(reason, "plan_mismatch", "{message}");
+    let (reason, message) =
+        refusal_after(d, |p| reseal(p, |m| m.plan = Some(plan.clone())), 3, None);
+    assert_eq!(reason, "plan_mismatch", "{message}");
+    let other = PlanBinding {
+        id: "p1".into(),
+        digest: Sha256Digest::of(b"another plan"),
+    };
+    let (reason, message) = refusal_after(
+        d,
+        |p| reseal(p, |m| m.plan = Some(plan.clone())),
+        3,
+        Some(&other),
+    );
+    assert_eq!(reason, "plan_mismatch", "{message}");
+}

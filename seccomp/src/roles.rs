@@ -7,7 +7,11 @@
 //! role to that): every file, socket, eventfd and KVM fd a thread uses was opened before
 //! its filter went on.
 
-use crate::ioctl::{KVM_GET_REGS, KVM_GET_SREGS, KVM_RUN};
+use crate::ioctl::{
+    KVM_GET_CLOCK, KVM_GET_CPUID2, KVM_GET_DEBUGREGS, KVM_GET_IRQCHIP, KVM_GET_LAPIC,
+    KVM_GET_MP_STATE, KVM_GET_MSRS, KVM_GET_PIT2, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_TSC_KHZ,
+    KVM_GET_VCPU_EVENTS, KVM_GET_XCRS, KVM_GET_XSAVE, KVM_RUN,
+};
 use crate::{allow, Allowed, Role};
 
 /// The core roles, in the order `--print-seccomp` lists them (the devices' follow).
@@ -156,6 +160,36 @@ fn main() -> Vec<Allowed> {
             // The boot report is written through the fd created at start: no openat.
             allow!(SYS_close, "drop fds at exit"),
             allow!(SYS_unlink, "remove the VM's vsock socket file at exit"),
+            // A snapshot (SIGUSR2 with --snapshot-dir), written through files made at start.
+            allow!(
+                SYS_tgkill,
+                "snapshot: kick each vCPU thread out of KVM_RUN to pause it (pthread_kill)"
+            ),
+            allow!(
+                SYS_getpid,
+                "snapshot: pthread_kill names this process to tgkill"
+            ),
+            allow!(
+                SYS_ioctl,
+                "snapshot: read the in-kernel PICs, IOAPIC, PIT and clock",
+                arg 1 in [
+                    KVM_GET_IRQCHIP => "KVM_GET_IRQCHIP",
+                    KVM_GET_PIT2 => "KVM_GET_PIT2",
+                    KVM_GET_CLOCK => "KVM_GET_CLOCK",
+                ]
+            ),
+            allow!(
+                SYS_lseek,
+                "snapshot: leave a hole for a zero MiB of guest memory"
+            ),
+            allow!(
+                SYS_ftruncate,
+                "snapshot: the memory file's length past a last hole"
+            ),
+            allow!(
+                SYS_fsync,
+                "snapshot: the files are on disk before the VM ends"
+            ),
         ],
     )
 }
@@ -181,11 +215,20 @@ fn vcpu() -> Vec<Allowed> {
         [
             allow!(
                 SYS_ioctl,
-                "run the vCPU; read its registers for the fatal-exit report",
+                "run the vCPU; read its registers for the fatal-exit report; read its whole state when paused for a snapshot",
                 arg 1 in [
                     KVM_RUN => "KVM_RUN",
                     KVM_GET_REGS => "KVM_GET_REGS",
                     KVM_GET_SREGS => "KVM_GET_SREGS",
+                    KVM_GET_CPUID2 => "KVM_GET_CPUID2",
+                    KVM_GET_VCPU_EVENTS => "KVM_GET_VCPU_EVENTS",
+                    KVM_GET_MP_STATE => "KVM_GET_MP_STATE",
+                    KVM_GET_XSAVE => "KVM_GET_XSAVE",
+                    KVM_GET_XCRS => "KVM_GET_XCRS",
+                    KVM_GET_DEBUGREGS => "KVM_GET_DEBUGREGS",
+                    KVM_GET_MSRS => "KVM_GET_MSRS",
+                    KVM_GET_LAPIC => "KVM_GET_LAPIC",
+                    KVM_GET_TSC_KHZ => "KVM_GET_TSC_KHZ",
                 ]
             ),
             allow!(SYS_close, "the vCPU fd is closed when the thread ends"),

@@ -31,12 +31,16 @@ use crate::event_log::{self, EventLog};
 use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
 use crate::image::Image;
 use crate::layout;
+use crate::snapshot::bundle::SnapshotFiles;
+use crate::snapshot::manifest::PlanBinding;
+use crate::snapshot_taking::SnapshotTarget;
 use crate::vcpu::{PauseGate, Vcpu, VcpuContext, VmEvent, VmStopper};
 use crate::verified_boot::{self, BootPlan, LoadedDigests, PendingMeasurement, Refusal};
 use crate::vm::{self, Vm};
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and so in every thread it
-/// spawns afterwards) and turns them into a VM exit on a dedicated thread.
+/// spawns afterwards) and turns them into a VM exit on a dedicated thread; SIGUSR2
+/// becomes a snapshot request.
 /// SIGIO, a verified disk's read lease breaking, is taken there too and only
 /// noted (`mvm_devices::virtio::block::lease`): no vCPU or device thread is
 /// interrupted by it.
@@ -47,6 +51,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
         Signal::SIGTERM,
         Signal::SIGHUP,
         Signal::SIGIO,
+        Signal::SIGUSR2,
     ] {
         set.add(sig);
     }
@@ -58,6 +63,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
             crate::seccomp::enter(&crate::seccomp::roles::SIGNALS, "signals");
             loop {
                 match set.wait() {
+                    Ok(Signal::SIGUSR2) => stopper.request_snapshot(),
                     Ok(Signal::SIGIO) => {
                         mvm_devices::virtio::block::lease::note_break();
                         tracing::warn!("a host process opened a verified disk image for writing: every read is hashed from now on");
@@ -79,8 +85,10 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
 /// `config.hash_images`), before any VM exists: verified boot's last check, whose error
 /// ends the boot there. `attach_devices` runs after the legacy devices are on the bus
 /// and before the command line is written: that is where virtio-mmio devices are added.
+/// `snapshot`: where SIGUSR2 writes the VM (none: SIGUSR2 is noted and ignored).
 pub fn run(
     mut config: VmConfig,
+    snapshot: Option<SnapshotTarget>,
     timeline: Arc<BootTimeline>,
     loaded: impl FnOnce(Option<&LoadedDigests>) -> Result<(), BootError>,
     attach_devices: impl FnOnce(&mut DeviceContext<'_>) -> Result<(), BootError>,
@@ -189,45 +197,71 @@ pub fn run(
     }
     timeline.mark(Phase::VcpusReady);
 
+    let pause = Arc::new(PauseGate::default());
     let ctx = VcpuContext {
         pio: devices.pio_bus().clone(),
         mmio: devices.mmio_bus().clone(),
         events: events_tx,
         timeline: timeline.clone(),
-        stop,
-        pause: Arc::new(PauseGate::default()),
+        stop: stop.clone(),
+        pause: pause.clone(),
         saveable_msrs: crate::snapshot::cpu::saveable_msrs(vm.kvm())
             .map_err(|e| BootError::BootState(e.to_string()))?
             .into(),
     };
+    if snapshot.is_some() {
+        crate::vcpu::install_kick_handler()
+            .map_err(host_err("installing the vCPU kick handler"))?;
+    }
+    // What a snapshot binds the guest's CPU to: the CPUID vCPU 0 was given.
+    let given_cpu = cpuid::filter_cpuid(&supported, 0, config.vcpus)
+        .map(|c| crate::snapshot::manifest::CpuRequirement::of_guest(c.as_slice()))
+        .map_err(|e| BootError::BootState(e.to_string()))?;
+    let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let ctx = ctx.clone();
         let name = format!("vcpu{}", vcpu.index());
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 crate::seccomp::enter(&crate::seccomp::roles::VCPU, &name);
                 vcpu.run(&ctx)
             })
             .map_err(host_err("spawning a vCPU thread"))?;
+        threads.push(handle);
     }
     legacy::spawn_console_input(serial)?;
     drop(ctx);
     // Every other thread is running under its own filter; the main thread's goes on last.
     crate::seccomp::enter(&crate::seccomp::roles::MAIN, "main");
 
-    // Supervise: the first exit event ends the VM. `vm` stays alive until the
-    // process exits, so vCPU threads never run on a closed VM.
+    // Supervise: the first exit event ends the VM; a snapshot request pauses it, writes
+    // it, and ends it. `vm` stays alive until the process exits, so vCPU threads never run
+    // on a closed VM.
+    let mut snapshot = snapshot;
+    let supervisor = crate::snapshot_taking::Supervisor {
+        vm: &vm,
+        pause: &pause,
+        stop: &stop,
+        threads: &threads,
+        events: &events_rx,
+    };
     let reason = loop {
         match events_rx.recv() {
             Ok(VmEvent::Exit(reason)) => break reason,
-            // Nothing asks for a pause on this path yet.
-            Ok(VmEvent::Paused { .. }) => continue,
+            Ok(VmEvent::SnapshotRequested) => {
+                if let Some(reason) = supervisor.on_request(&mut snapshot, &given_cpu) {
+                    break reason;
+                }
+            }
+            // A pause nobody is waiting for (a request already answered).
+            Ok(VmEvent::Paused { .. }) => {}
             Err(_) => {
                 break ExitReason::VmmError("every vCPU thread ended without an exit reason".into())
             }
         }
     };
+    pause.wake_for_stop();
     std::mem::forget(vm);
     Ok(reason)
 }
@@ -259,6 +293,8 @@ pub struct Prepared {
     pub config: VmConfig,
     /// The verified plan's id; `None` with `--dev`.
     pub plan_id: Option<String>,
+    /// The verified plan's id and payload digest, which a snapshot is bound to.
+    pub plan_binding: Option<PlanBinding>,
     /// Every device's backend open; pinned disks with their verifiers.
     pub devices: OpenDevices,
     /// Verified boot's last check, once the images are loaded (hashed); `None` with
@@ -281,6 +317,10 @@ pub fn prepare(
         refusal: Box::new(refusal),
     })?;
     let plan_id = plan.as_ref().map(|p| p.plan_id().to_owned());
+    let plan_binding = plan.as_ref().map(|p| PlanBinding {
+        id: p.plan_id().to_owned(),
+        digest: p.verified.digest,
+    });
     let refused = |refusal| Stop::Refused {
         plan_id: plan_id.clone(),
         refusal: Box::new(refusal),
@@ -305,6 +345,7 @@ pub fn prepare(
     Ok(Prepared {
         config,
         plan_id,
+        plan_binding,
         devices,
         measurement,
     })
@@ -404,9 +445,21 @@ fn boot_and_supervise(
     let Prepared {
         config,
         plan_id,
+        plan_binding,
         mut devices,
         measurement,
     } = prepare(args, timeline, events, &HostLimits::of_this_host())?;
+    // The snapshot's files are made now: no thread may open a file once the filters are on.
+    let snapshot = match &args.snapshot_dir {
+        None => None,
+        Some(dir) => Some(SnapshotTarget {
+            files: SnapshotFiles::create_in(dir)
+                .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", dir.display())))?,
+            plan: plan_binding,
+            epoch: args.snapshot_epoch,
+            virtio_devices: devices.names(),
+        }),
+    };
     held.plan_id = plan_id.clone();
     held._vsock_socket = devices.vsock_socket.take();
     // Jail call site: every file is open; the VMM is still one thread.
@@ -465,7 +518,7 @@ fn boot_and_supervise(
             BootError::Refused
         })
     };
-    let ended = run(config, timeline.clone(), checked, move |ctx| {
+    let ended = run(config, snapshot, timeline.clone(), checked, move |ctx| {
         devices.attach(ctx)
     });
     match (ended, refusal) {

@@ -49,6 +49,17 @@ pub struct Args {
     /// Write a JSON boot report (phase timestamps, exit reason) here on exit.
     #[arg(long, value_name = "FILE")]
     pub boot_report: Option<PathBuf>,
+    /// On SIGUSR2, pause the VM, write its snapshot here and exit (status 0, exit reason
+    /// `snapshotted`). The directory must exist; its `memory`, `state.json` and
+    /// `manifest.json` are created (empty) at start, and stay empty if no snapshot is
+    /// taken. The manifest is written last and unsigned: whoever holds a trusted key
+    /// seals it (docs/snapshots.md). Refused, with the VM left running, while a virtio
+    /// device is attached (their state is not saved yet).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// The sandbox epoch the snapshot is bound to (a restore at a later epoch refuses it).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "snapshot_dir")]
+    pub snapshot_epoch: u64,
     /// The devices: --disk, --vsock, --net (each declared by its module in `devices/`).
     #[command(flatten)]
     pub devices: crate::devices::DeviceArgs,

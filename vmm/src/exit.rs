@@ -22,7 +22,8 @@ pub const STATUS_VCPU_FATAL: i32 = 3;
 pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0      the guest ended: i8042 reset, triple fault, or poweroff via the guest-signal port
-         (a guest panic with panic=-1 reboots, so it is a reset)
+         (a guest panic with panic=-1 reboots, so it is a reset); or, on SIGUSR2 with
+         --snapshot-dir, the VM was paused and written there (exit_reason snapshotted)
   1      the VMM failed (KVM setup, I/O, internal error)
   2      invalid arguments, or more vCPUs or memory than the limits allow (no VM was created)
   3      fatal vCPU exit: KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_FAIL_ENTRY or an unhandled exit
@@ -70,6 +71,9 @@ pub enum ExitReason {
     VmmError(String),
     /// A host signal asked the VMM to stop.
     HostSignal(i32),
+    /// The VM was paused and written to its `--snapshot-dir` (SIGUSR2); it ends here
+    /// and goes on from the snapshot.
+    Snapshotted,
 }
 
 impl ExitReason {
@@ -79,7 +83,8 @@ impl ExitReason {
             Self::ResetI8042
             | Self::TripleFault { .. }
             | Self::Poweroff
-            | Self::SystemEvent { .. } => STATUS_GUEST_ENDED,
+            | Self::SystemEvent { .. }
+            | Self::Snapshotted => STATUS_GUEST_ENDED,
             Self::VcpuFatal { .. } => STATUS_VCPU_FATAL,
             Self::VmmError(_) => STATUS_VMM_ERROR,
             Self::HostSignal(sig) => 128 + sig,
@@ -96,6 +101,7 @@ impl ExitReason {
             Self::VcpuFatal { kind, .. } => kind,
             Self::VmmError(_) => "vmm_error",
             Self::HostSignal(_) => "host_signal",
+            Self::Snapshotted => "snapshotted",
         }
     }
 
@@ -116,6 +122,9 @@ impl ExitReason {
             } => format!("mvm-vmm: fatal vcpu {vcpu} exit {kind}: {detail}\n{registers}"),
             Self::VmmError(e) => format!("mvm-vmm: error: {e}"),
             Self::HostSignal(sig) => format!("mvm-vmm: stopped by host signal {sig}"),
+            Self::Snapshotted => {
+                "mvm-vmm: VM paused and written to its snapshot directory".to_string()
+            }
         }
     }
 }

@@ -30,6 +30,7 @@ pub mod layout;
 pub mod logger;
 pub mod seccomp;
 pub mod snapshot;
+pub mod snapshot_taking;
 pub mod vcpu;
 pub mod verified_boot;
 pub mod vm;

@@ -37,6 +37,11 @@ impl VmStopper {
         Self { events, stop }
     }
 
+    /// Asks the supervisor for a snapshot (SIGUSR2).
+    pub fn request_snapshot(&self) {
+        let _ = self.events.send(VmEvent::SnapshotRequested);
+    }
+
     /// Ends the VM with `reason` (the first reason wins).
     pub fn stop(&self, reason: ExitReason) {
         if !self.stop.swap(true, Ordering::AcqRel) {
@@ -50,6 +55,8 @@ impl VmStopper {
 pub enum VmEvent {
     /// The VM is over.
     Exit(ExitReason),
+    /// The host asked for a snapshot (SIGUSR2).
+    SnapshotRequested,
     /// A vCPU stopped at a [`PauseGate`] request; its state, or why it could not be
     /// read. It waits at the gate until [`PauseGate::resume`] or the VM's end.
     Paused {

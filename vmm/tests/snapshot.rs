@@ -29,15 +29,17 @@ use mvm_loader::measure::Sha256Digest;
 use mvm_vmm::arch::x86_64::{cpuid, regs};
 use mvm_vmm::boot_report::BootTimeline;
 use mvm_vmm::device_manager::DeviceManager;
-use mvm_vmm::snapshot::bundle::{self, Binding};
+use mvm_vmm::snapshot::bundle::{self, Binding, SnapshotFiles};
 use mvm_vmm::snapshot::cpu::{self, VcpuState};
-use mvm_vmm::snapshot::manifest::{self, Expect, Manifest, PlanBinding};
+use mvm_vmm::snapshot::manifest::{self, CpuRequirement, Expect, Manifest, PlanBinding};
 use mvm_vmm::snapshot::{vm_state, MachineState, SnapshotError};
 use mvm_vmm::snapshot::{MEMORY_FILE, SEALED_FILE, STATE_FILE, UNSIGNED_FILE};
 use mvm_vmm::vcpu::{self, PauseGate, Vcpu, VcpuContext, VmEvent};
 use mvm_vmm::vm::{create_guest_memory, Vm};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::Killable;
+
+mod support;
 
 const TEST_PORT: u16 = 0xe9;
 const PAYLOAD_ADDR: u64 = 0x10_0000;
@@ -90,14 +92,14 @@ struct Running {
     port: Arc<Mutex<Vec<u8>>>,
 }
 
-fn start(vm: Vm, vcpu: Vcpu) -> Running {
+fn start(vm: Vm, vcpu: Vcpu, port_at: u16) -> Running {
     kick_signal();
     let port = Arc::new(Mutex::new(Vec::new()));
     let mut devices = DeviceManager::new();
     devices
         .attach_pio(
             Arc::new(Mutex::new(Recorder(port.clone()))),
-            u64::from(TEST_PORT),
+            u64::from(port_at),
             4,
         )
         .unwrap();
@@ -182,7 +184,7 @@ fn boot_counter() -> Running {
     let vcpu = Vcpu::new(vm.fd(), 0).unwrap();
     vcpu.configure(&supported, 1, GuestAddress(PAYLOAD_ADDR))
         .unwrap();
-    start(vm, vcpu)
+    start(vm, vcpu, TEST_PORT)
 }
 
 /// The port's bytes as u32 words; they must be 1, 1, 2, 2, 3, 3, ... (the memory
@@ -232,13 +234,15 @@ fn take_snapshot(dir: &Path) -> Vec<u8> {
         vcpus: vec![vcpu0],
         vm: vm_state::save(running.vm.fd()).unwrap(),
     };
+    let given = cpuid::filter_cpuid(&host_cpuid(), 0, 1).unwrap();
     bundle::write(
-        dir,
+        SnapshotFiles::create_in(dir).unwrap(),
         &running.vm,
         &state,
         Binding {
             plan: None,
             epoch: 3,
+            cpu: CpuRequirement::of_guest(given.as_slice()),
         },
     )
     .unwrap();
@@ -250,11 +254,20 @@ fn take_snapshot(dir: &Path) -> Vec<u8> {
 }
 
 fn restore(dir: &Path, expect: &Expect<'_>) -> Result<Running, SnapshotError> {
+    restore_with_port(dir, expect, TEST_PORT)
+}
+
+/// Restores the snapshot in `dir`, recording what the guest writes to port `port_at`.
+fn restore_with_port(
+    dir: &Path,
+    expect: &Expect<'_>,
+    port_at: u16,
+) -> Result<Running, SnapshotError> {
     let opened = bundle::open(dir, expect)?;
     let vm = bundle::restore_vm(&opened)?;
     let vcpu = Vcpu::new(vm.fd(), 0).unwrap();
     cpu::restore(vcpu.fd(), &opened.state.vcpus[0])?;
-    Ok(start(vm, vcpu))
+    Ok(start(vm, vcpu, port_at))
 }
 
 fn host_cpuid() -> kvm_bindings::CpuId {
@@ -523,4 +536,155 @@ fn a_tampered_stale_or_foreign_snapshot_is_refused_before_anything_is_mapped() {
         Some(&other),
     );
     assert_eq!(reason, "plan_mismatch", "{message}");
+}
+
+/// The serial port's data register.
+const SERIAL_PORT: u16 = 0x3f8;
+
+/// Counts for ever in memory and writes the count's low byte to the serial port.
+fn serial_counting_payload() -> Vec<u8> {
+    let c = COUNTER_ADDR.to_le_bytes();
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    let body_start = code.len();
+    code.extend_from_slice(&[0x48, 0xff, 0x04, 0x25]); // inc qword [disp32]
+    code.extend_from_slice(&c);
+    code.extend_from_slice(&[0x48, 0x8b, 0x04, 0x25]); // mov rax, [disp32]
+    code.extend_from_slice(&c);
+    code.push(0xee); // out dx, al
+    let back = code.len() + 2 - body_start;
+    code.extend_from_slice(&[0xeb, u8::try_from(256 - back).unwrap()]); // jmp body
+    code
+}
+
+/// Bytes 1, 2, 3, ... (mod 256) from the start: how many.
+fn assert_bytes_count_on(bytes: &[u8]) -> usize {
+    for (i, b) in bytes.iter().enumerate() {
+        let want = u8::try_from((i + 1) % 256).unwrap();
+        assert_eq!(*b, want, "byte {i} of {}", bytes.len());
+    }
+    bytes.len()
+}
+
+fn wait_for_file_len(path: &Path, n: u64, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) < n {
+        assert!(child.try_wait().unwrap().is_none(), "the VMM ended early");
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not write {n} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the VMM did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The jailed `mvm-vmm` running the serial counter with `--snapshot-dir D/snap`, its
+/// console in `D/console`, its boot report in `D/report.json`, and `extra` arguments.
+fn spawn_serial_counter(d: &Path, extra: &[String]) -> std::process::Child {
+    let kernel = support::payload_vmlinux(d, &serial_counting_payload());
+    std::fs::create_dir(d.join("snap")).unwrap();
+    support::vmm()
+        .args(["--dev", "--kernel"])
+        .arg(&kernel)
+        .arg("--console-log")
+        .arg(d.join("console"))
+        .arg("--boot-report")
+        .arg(d.join("report.json"))
+        .arg("--snapshot-dir")
+        .arg(d.join("snap"))
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Signals the child and waits for it; its exit code and stderr.
+fn signal_and_wait(child: &mut std::process::Child, signal: i32) -> (Option<i32>, String) {
+    // SAFETY: signalling the child the test spawned and has not reaped.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), signal) };
+    let status = wait_exit(child);
+    let mut stderr = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+#[test]
+fn sigusr2_snapshots_the_jailed_vmm_and_the_snapshot_restores_where_it_stopped() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (snap, console, report) = (d.join("snap"), d.join("console"), d.join("report.json"));
+    let mut child = spawn_serial_counter(d, &["--snapshot-epoch".into(), "5".into()]);
+    wait_for_file_len(&console, 300, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGUSR2);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["exit_reason"], "snapshotted", "{report}");
+    let before = std::fs::read(&console).unwrap();
+    assert!(assert_bytes_count_on(&before) >= 300);
+
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(snap.join(UNSIGNED_FILE)).unwrap()).unwrap();
+    assert_eq!(
+        (m.epoch, m.vcpus, m.mem_bytes, m.plan.clone()),
+        (5, 1, 128 << 20, None)
+    );
+    seal(&snap, &key());
+    let trusted = trusted();
+    let cpuid = host_cpuid();
+    let expect = Expect {
+        trusted: &trusted,
+        plan: None,
+        min_epoch: 5,
+        host_cpuid: &cpuid,
+    };
+    let restored = restore_with_port(&snap, &expect, SERIAL_PORT).unwrap();
+    restored.wait_for_bytes(300);
+    let after = restored.end();
+    let mut whole = before.clone();
+    whole.extend_from_slice(&after);
+    assert!(assert_bytes_count_on(&whole) >= before.len() + 300);
+}
+
+#[test]
+fn a_snapshot_is_refused_while_a_virtio_device_is_attached_and_the_vm_runs_on() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (snap, console) = (d.join("snap"), d.join("console"));
+    let vsock = format!("cid=3,uds={}", d.join("v.sock").display());
+    let mut child = spawn_serial_counter(d, &["--vsock".into(), vsock]);
+    wait_for_file_len(&console, 100, &mut child);
+    // SAFETY: signalling the child the test spawned and has not reaped.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGUSR2) };
+    let at = std::fs::metadata(&console).unwrap().len();
+    // It runs on: the console keeps growing.
+    wait_for_file_len(&console, at + 200, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGTERM);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(
+        stderr.contains("snapshot refused") && stderr.contains("virtio-vsock"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(snap.join(UNSIGNED_FILE)).unwrap().len(),
+        0
+    );
 }

@@ -105,6 +105,20 @@ pub struct OpenDevices {
     pub net: Option<net::OpenNet>,
 }
 
+impl OpenDevices {
+    /// The virtio devices there are, by kind (`virtio-blk` once per disk).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.disks.iter().map(|_| "virtio-blk").collect();
+        if self.vsock.is_some() {
+            names.push("virtio-vsock");
+        }
+        if self.net.is_some() {
+            names.push("virtio-net");
+        }
+        names
+    }
+}
+
 /// Each device's flag against the signed plan's section (vsock, net). The disks are
 /// matched to the plan's pinned disks, with their dm-verity trees, by verified boot.
 pub fn check_plan(args: &DeviceArgs, plan: &Plan) -> Result<(), PlanDisagreement> {

@@ -1,6 +1,6 @@
 //! The VMM in its own PID namespace: the process the caller started forks once; the child
 //! (PID 1 of a new PID namespace) goes on to jail itself and run the VM; the parent stays
-//! outside, forwards SIGINT/SIGTERM/SIGHUP to it, and when it ends removes what the jailed
+//! outside, forwards SIGINT/SIGTERM/SIGHUP (and SIGUSR2, a snapshot request) to it, and when it ends removes what the jailed
 //! child no longer can (its socket file, its per-VM root directory, its cgroup) and exits
 //! the same way: the same exit code, or the same signal re-raised. `mvm-vmm`'s exit
 //! statuses reach the caller unchanged.
@@ -21,8 +21,14 @@ use nix::unistd::{fork, ForkResult, Pid};
 use super::cgroup::{self, VmCgroup};
 use super::{io_step, step, JailError};
 
-/// Signals the parent passes on to the VMM (the ones the VMM turns into a clean exit).
-const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+/// Signals the parent passes on to the VMM: the ones the VMM turns into a clean exit, and
+/// SIGUSR2, which asks it for a snapshot.
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGUSR2,
+];
 
 /// What the parent removes after the VMM has ended.
 #[derive(Debug, Default)]

@@ -11,7 +11,6 @@ use mvm_loader::measure::Sha256Digest;
 use super::manifest::{self, CpuRequirement, Expect, FileDigest, Manifest, PlanBinding};
 use super::memory::{self, RegionLayout};
 use super::{MachineState, SnapshotError, MEMORY_FILE, SEALED_FILE, STATE_FILE, UNSIGNED_FILE};
-use crate::arch::x86_64::cpuid;
 use crate::layout;
 use crate::vm::Vm;
 
@@ -29,12 +28,34 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
 fn create(dir: &Path, name: &str) -> Result<File, SnapshotError> {
     OpenOptions::new()
         .write(true)
-        .read(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(dir.join(name))
         .map_err(io("creating a snapshot file"))
+}
+
+/// The three files a snapshot is written to, created (empty) before the VM runs: the
+/// VMM's threads may not open files once their filters are on, so the files a snapshot
+/// will need are made while it still can. An empty `manifest.json` means no snapshot
+/// was taken.
+#[derive(Debug)]
+pub struct SnapshotFiles {
+    memory: File,
+    state: File,
+    manifest: File,
+}
+
+impl SnapshotFiles {
+    /// Creates [`MEMORY_FILE`], [`STATE_FILE`] and [`UNSIGNED_FILE`] in `dir`, which
+    /// must exist and hold none of them.
+    pub fn create_in(dir: &Path) -> Result<Self, SnapshotError> {
+        Ok(Self {
+            memory: create(dir, MEMORY_FILE)?,
+            state: create(dir, STATE_FILE)?,
+            manifest: create(dir, UNSIGNED_FILE)?,
+        })
+    }
 }
 
 /// What a snapshot is bound to, given by whoever takes it.
@@ -44,44 +65,37 @@ pub struct Binding {
     pub plan: Option<PlanBinding>,
     /// The sandbox's epoch for this snapshot.
     pub epoch: u64,
+    /// What the guest needs of a host: [`CpuRequirement::of_guest`] of the CPUID the VMM
+    /// set on vCPU 0 at boot (not what `KVM_GET_CPUID2` reads back, which some KVMs, a
+    /// software one among them, fill from the host's own CPU whatever was set).
+    pub cpu: CpuRequirement,
 }
 
-/// Writes the memory and state files and the unsigned manifest into `dir` (which must
-/// exist and hold none of them). Every vCPU must be paused, `state` read from them.
+/// Writes guest memory, the machine state and the unsigned manifest into `files`.
+/// Every vCPU must be paused, `state` read from them.
 pub fn write(
-    dir: &Path,
+    files: SnapshotFiles,
     vm: &Vm,
     state: &MachineState,
     binding: Binding,
 ) -> Result<Manifest, SnapshotError> {
-    let vcpu0 = state.vcpus.first().ok_or(SnapshotError::Format {
-        what: "state",
-        why: "no vCPU".into(),
-    })?;
-    let vcpus = u8::try_from(state.vcpus.len()).map_err(|_| SnapshotError::Format {
-        what: "state",
-        why: "more than 255 vCPUs".into(),
-    })?;
-    // What the guest needs of a host is what this VMM gave it: the CPUID boot set from
-    // this host's offer (computed again here; it is a pure function of the offer). Not
-    // what `KVM_GET_CPUID2` reads back, which some KVMs (a software one, here) fill from
-    // the host's own CPU whatever was set.
-    let offered = cpuid::offered(vm.kvm()).map_err(|source| SnapshotError::Kvm {
-        what: "KVM_GET_SUPPORTED_CPUID",
-        source,
-    })?;
-    let given =
-        cpuid::filter_cpuid(&offered, vcpu0.index, vcpus).map_err(|e| SnapshotError::Format {
-            what: "CPUID",
-            why: e.to_string(),
+    let SnapshotFiles {
+        memory: mut mem_file,
+        state: mut state_file,
+        manifest: mut unsigned,
+    } = files;
+    let vcpus = u8::try_from(state.vcpus.len())
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or(SnapshotError::Format {
+            what: "state",
+            why: format!("{} vCPUs", state.vcpus.len()),
         })?;
-    let mut mem_file = create(dir, MEMORY_FILE)?;
     let (layout, mem_digest) = memory::save(vm.memory(), &mut mem_file)?;
     let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Format {
         what: "state",
         why: e.to_string(),
     })?;
-    let mut state_file = create(dir, STATE_FILE)?;
     state_file
         .write_all(&state_json)
         .and_then(|()| state_file.sync_all())
@@ -91,7 +105,7 @@ pub fn write(
         vmm_build: manifest::VMM_BUILD.to_owned(),
         plan: binding.plan,
         epoch: binding.epoch,
-        cpu: CpuRequirement::of_guest(given.as_slice()),
+        cpu: binding.cpu,
         vcpus,
         mem_bytes: vm.memory_bytes(),
         memory: FileDigest {
@@ -108,7 +122,7 @@ pub fn write(
         what: "manifest",
         why: e.to_string(),
     })?;
-    let mut unsigned = create(dir, UNSIGNED_FILE)?;
+    // Last: a manifest says the other two files are whole.
     unsigned
         .write_all(&json)
         .and_then(|()| unsigned.sync_all())

@@ -26,6 +26,12 @@ pub fn is_root() -> bool {
 /// Writes `dir/vmlinux`: a valid ELF header with one PT_LOAD at 16 MiB whose first byte
 /// is `hlt` (enough for every thread and filter to come up, even on a software KVM).
 pub fn tiny_vmlinux(dir: &Path) -> PathBuf {
+    payload_vmlinux(dir, &[0xf4])
+}
+
+/// Writes `dir/vmlinux`: an ELF whose one PT_LOAD puts `code` at 16 MiB, its entry (the
+/// VMM enters it in 64-bit mode with the boot page tables).
+pub fn payload_vmlinux(dir: &Path, code: &[u8]) -> PathBuf {
     let mut f = vec![0u8; 120];
     f[..4].copy_from_slice(b"\x7fELF");
     f[4] = 2;
@@ -38,9 +44,9 @@ pub fn tiny_vmlinux(dir: &Path) -> PathBuf {
     f[64..68].copy_from_slice(&1u32.to_le_bytes());
     f[72..80].copy_from_slice(&120u64.to_le_bytes());
     f[88..96].copy_from_slice(&0x100_0000u64.to_le_bytes());
-    f[96..104].copy_from_slice(&1u64.to_le_bytes());
+    f[96..104].copy_from_slice(&(code.len() as u64).to_le_bytes());
     f[104..112].copy_from_slice(&0x20_0000u64.to_le_bytes());
-    f.push(0xf4);
+    f.extend_from_slice(code);
     let p = dir.join("vmlinux");
     std::fs::write(&p, f).unwrap();
     p

@@ -1,0 +1,163 @@
+//! The supervisor's side of a snapshot: on SIGUSR2, pause every vCPU, read the VM's
+//! state, write the snapshot into the files made at start, and end the VM.
+//!
+//! A request the VMM cannot honour (no `--snapshot-dir`, a virtio device whose state is
+//! not saved yet, a vCPU whose state cannot be read, a write that fails) is logged and
+//! the VM runs on: a snapshot is never half-taken into a VM that then stops.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::Killable;
+
+use crate::exit::ExitReason;
+use crate::snapshot::bundle::{self, Binding, SnapshotFiles};
+use crate::snapshot::cpu::VcpuState;
+use crate::snapshot::manifest::{CpuRequirement, PlanBinding};
+use crate::snapshot::{vm_state, MachineState};
+use crate::vcpu::{PauseGate, VmEvent, KICK_SIGNAL_OFFSET};
+use crate::vm::Vm;
+
+/// How long the vCPUs get to reach the pause gate.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a vCPU that has not paused is kicked again.
+const KICK_EVERY: Duration = Duration::from_millis(10);
+
+/// Where and under what a snapshot is written.
+#[derive(Debug)]
+pub struct SnapshotTarget {
+    /// The files, created at start.
+    pub files: SnapshotFiles,
+    /// The plan that booted the VM, if any.
+    pub plan: Option<PlanBinding>,
+    /// `--snapshot-epoch`.
+    pub epoch: u64,
+    /// The virtio devices attached (a snapshot is refused while there are any).
+    pub virtio_devices: Vec<&'static str>,
+}
+
+/// What the supervisor lends to a snapshot.
+pub struct Supervisor<'a> {
+    /// The VM.
+    pub vm: &'a Vm,
+    /// The vCPUs' pause gate.
+    pub pause: &'a PauseGate,
+    /// The VM's stop flag.
+    pub stop: &'a AtomicBool,
+    /// The vCPU threads, by index.
+    pub threads: &'a [JoinHandle<()>],
+    /// The supervisor's event channel.
+    pub events: &'a Receiver<VmEvent>,
+}
+
+/// How a pause ended when it did not pause every vCPU.
+enum NotPaused {
+    /// The VM ended meanwhile.
+    Ended(ExitReason),
+    /// A vCPU could not pause or read its state.
+    Failed(String),
+}
+
+impl Supervisor<'_> {
+    /// Answers one snapshot request; `Some` ends the VM with that reason.
+    pub fn on_request(
+        &self,
+        target: &mut Option<SnapshotTarget>,
+        cpu: &CpuRequirement,
+    ) -> Option<ExitReason> {
+        let Some(t) = target.as_ref() else {
+            tracing::warn!("SIGUSR2: a snapshot was asked for, but there is no --snapshot-dir (or one was already used); the VM runs on");
+            return None;
+        };
+        if !t.virtio_devices.is_empty() {
+            tracing::warn!(
+                devices = ?t.virtio_devices,
+                "snapshot refused: the state of virtio devices is not saved yet; the VM runs on"
+            );
+            return None;
+        }
+        let started = Instant::now();
+        let vcpus = match self.pause_all() {
+            Ok(v) => v,
+            Err(NotPaused::Ended(reason)) => return Some(reason),
+            Err(NotPaused::Failed(why)) => {
+                tracing::error!("snapshot failed: {why}; the VM runs on");
+                self.pause.resume();
+                return None;
+            }
+        };
+        let paused = started.elapsed();
+        let target = target.take()?;
+        let written = vm_state::save(self.vm.fd()).and_then(|vm| {
+            bundle::write(
+                target.files,
+                self.vm,
+                &MachineState { vcpus, vm },
+                Binding {
+                    plan: target.plan,
+                    epoch: target.epoch,
+                    cpu: cpu.clone(),
+                },
+            )
+        });
+        match written {
+            Ok(manifest) => {
+                tracing::info!(
+                    paused_us = paused.as_micros(),
+                    total_us = started.elapsed().as_micros(),
+                    memory_sha256 = %manifest.memory.sha256,
+                    "snapshot written"
+                );
+                Some(ExitReason::Snapshotted)
+            }
+            Err(e) => {
+                tracing::error!("snapshot failed: {e}; the VM runs on (the snapshot files are incomplete: no manifest)");
+                self.pause.resume();
+                None
+            }
+        }
+    }
+
+    /// Raises the gate and kicks every vCPU out of `KVM_RUN` until each has reported its
+    /// state.
+    fn pause_all(&self) -> Result<Vec<VcpuState>, NotPaused> {
+        self.pause.request();
+        let signal = vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET;
+        let mut states: Vec<Option<VcpuState>> = self.threads.iter().map(|_| None).collect();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while states.iter().any(Option::is_none) {
+            for (thread, state) in self.threads.iter().zip(&states) {
+                if state.is_none() {
+                    // A thread that already ended cannot be kicked; its exit event follows.
+                    let _ = thread.kill(signal);
+                }
+            }
+            match self.events.recv_timeout(KICK_EVERY) {
+                Ok(VmEvent::Paused { vcpu, state }) => {
+                    let slot = states.get_mut(usize::from(vcpu)).ok_or_else(|| {
+                        NotPaused::Failed(format!("vcpu {vcpu} is not one of this VM's"))
+                    })?;
+                    *slot =
+                        Some(*state.map_err(|e| NotPaused::Failed(format!("vcpu {vcpu}: {e}")))?);
+                }
+                Ok(VmEvent::Exit(reason)) => return Err(NotPaused::Ended(reason)),
+                Ok(VmEvent::SnapshotRequested) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(NotPaused::Ended(ExitReason::VmmError(
+                        "every vCPU thread ended while pausing".into(),
+                    )))
+                }
+            }
+            if Instant::now() > deadline && states.iter().any(Option::is_none) {
+                return Err(NotPaused::Failed(format!(
+                    "a vCPU did not pause within {} s",
+                    PAUSE_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        let _ = self.stop;
+        Ok(states.into_iter().flatten().collect())
+    }
+}

@@ -21,12 +21,24 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
     name = "mvm-vmm",
     version,
     about = "A minimal KVM VMM: boots a Linux kernel (ELF vmlinux or bzImage) with a serial console.",
-    after_help = EXIT_STATUS_HELP
+    after_help = EXIT_STATUS_HELP,
+    // What a --trust key verifies: a plan, a snapshot's seal, or both.
+    group = clap::ArgGroup::new("signed").args(["plan", "restore"]).multiple(true)
 )]
 pub struct Args {
-    /// Guest kernel: an ELF vmlinux (x86_64) or a bzImage.
-    #[arg(long, value_name = "FILE")]
-    pub kernel: PathBuf,
+    /// Guest kernel: an ELF vmlinux (x86_64) or a bzImage. Required unless --restore.
+    #[arg(long, value_name = "FILE", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Start from the sealed snapshot in DIR instead of booting a kernel
+    /// (docs/snapshots.md). Its seal must verify with a --trust key; with --plan, the
+    /// plan must be the one the snapshot was taken under (its signature and window are
+    /// checked, its nonce is not: the boot spent it); with --dev, only a snapshot of a
+    /// development boot restores. Every check is made before guest memory is mapped.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd"])]
+    pub restore: Option<PathBuf>,
+    /// The sandbox's current epoch: a snapshot of an older epoch is refused (rollback).
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "restore")]
+    pub restore_min_epoch: u64,
     /// Initramfs (newc cpio, optionally compressed) loaded high in guest RAM.
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
@@ -78,9 +90,9 @@ pub struct VerifyArgs {
     /// memory and disks must match the other arguments, or the boot is refused.
     #[arg(long, value_name = "ENVELOPE", conflicts_with = "dev")]
     pub plan: Option<PathBuf>,
-    /// A public key file (`mvm-ed25519-public <base64>`) trusted to sign plans.
-    /// Repeatable; required with --plan.
-    #[arg(long = "trust", value_name = "PUBKEY", requires = "plan")]
+    /// A public key file (`mvm-ed25519-public <base64>`) trusted to sign plans and to
+    /// seal snapshots. Repeatable; required with --plan and with --restore.
+    #[arg(long = "trust", value_name = "PUBKEY", requires = "signed")]
     pub trust: Vec<PathBuf>,
     /// The host's nonce store (default: $MVM_DATA_DIR/replay-nonces, else
     /// $XDG_DATA_HOME/mvm/replay-nonces, else ~/.local/share/mvm/replay-nonces,

@@ -356,6 +356,19 @@ fn check_cmdline(cmdline: &str) -> Result<(), ArgError> {
     Ok(())
 }
 
+/// Where the serial console goes: stdout, or `--console-log`'s file, created now.
+pub fn console_target(path: Option<&Path>) -> Result<ConsoleTarget, ArgError> {
+    Ok(match path {
+        None => ConsoleTarget::Stdout,
+        Some(path) => {
+            ConsoleTarget::File(File::create(path).map_err(|source| ArgError::ConsoleLog {
+                path: path.to_path_buf(),
+                source,
+            })?)
+        }
+    })
+}
+
 /// Reads and checks what `args` name for settled `resources`: the kernel and
 /// initramfs (opened, the kernel's headers read) against the memory size, the command
 /// line; creates the console log.
@@ -364,7 +377,8 @@ fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
     let mib = resources.mem_mib;
     let mem_bytes = resources.mem_bytes();
 
-    let kernel_path = args.kernel.clone();
+    // clap makes --kernel required unless --restore, which never comes here.
+    let kernel_path = args.kernel.clone().unwrap_or_default();
     let (kernel, size) = Image::open(&kernel_path).map_err(|source| ArgError::KernelRead {
         path: kernel_path.clone(),
         source,
@@ -429,15 +443,7 @@ fn validate(args: &Args, resources: &Resources) -> Result<VmConfig, ArgError> {
 
     check_cmdline(&args.cmdline)?;
 
-    let console = match &args.console_log {
-        None => ConsoleTarget::Stdout,
-        Some(path) => {
-            ConsoleTarget::File(File::create(path).map_err(|source| ArgError::ConsoleLog {
-                path: path.clone(),
-                source,
-            })?)
-        }
-    };
+    let console = console_target(args.console_log.as_deref())?;
 
     Ok(VmConfig {
         kernel_path,

@@ -35,7 +35,9 @@ Boot refused by verified boot (nothing was created, no guest code ran):
   16 not_yet_valid      17 replay             18 replay_store
   19 plan_mismatch (a flag disagrees with the plan: vCPUs, memory, devices, disk counts)
   20 kernel_mismatch    21 initramfs_mismatch  22 cmdline_mismatch
-  23 disk_mismatch      24 plan_unreadable (--plan/--trust file, or an artifact)";
+  23 disk_mismatch      24 plan_unreadable (--plan/--trust file, or an artifact)
+  25 a --restore snapshot refused: snapshot_unsigned, snapshot_format, vmm_mismatch,
+     plan_mismatch, rollback, cpu_mismatch, state_mismatch, memory_mismatch";
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,8 @@
 //! module per device, each virtio one through [`devices::attach_virtio_device`] and
 //! [`device_manager`]), loads the kernel, writes the x86_64 boot state
 //! ([`arch::x86_64`]), starts one thread per [`vcpu`], and supervises until the guest
-//! ends. [`boot_report`] records when each phase happened; [`event_log`] writes the
+//! ends; with `--restore`, `boot::restore` makes the VM from a sealed [`snapshot`]
+//! instead, and [`snapshot_taking`] writes one on SIGUSR2. [`boot_report`] records when each phase happened; [`event_log`] writes the
 //! audit events; [`logger`] writes the diagnostic log to stderr; [`error`] holds the error types that cross modules.
 //! `docs/architecture.md` draws the whole of it.
 

@@ -80,6 +80,8 @@ pub const STATUS_CMDLINE_MISMATCH: i32 = 22;
 pub const STATUS_DISK_MISMATCH: i32 = 23;
 /// Exit status: `--plan` or `--trust` cannot be read.
 pub const STATUS_PLAN_UNREADABLE: i32 = 24;
+/// `--restore`: the snapshot's seal, a binding or a digest refused it.
+pub const STATUS_SNAPSHOT_REFUSED: i32 = 25;
 
 /// Where the replay store lives when `--replay-store` is not given.
 pub fn default_replay_store() -> PathBuf {
@@ -141,6 +143,15 @@ pub enum Refusal {
         /// What was given.
         given: String,
     },
+    /// A snapshot (`--restore`) that may not be restored here: its seal, a binding or a
+    /// digest (`mvm_vmm::snapshot`'s reasons).
+    #[error("snapshot: {detail}")]
+    Snapshot {
+        /// The snapshot's reason (`memory_mismatch`, `rollback`, ...).
+        reason: &'static str,
+        /// What was found.
+        detail: String,
+    },
     /// A pinned disk's image or tree.
     #[error("disk {name} ({}): {why}", path.display())]
     Disk {
@@ -172,6 +183,7 @@ impl Refusal {
             Self::Measure(_) => "artifact_unreadable",
             Self::InitramfsPresence { .. } => "initramfs_mismatch",
             Self::Disk { .. } => "disk_mismatch",
+            Self::Snapshot { reason, .. } => reason,
         }
     }
 
@@ -186,6 +198,9 @@ impl Refusal {
 
     /// The process exit status for this refusal.
     pub fn status(&self) -> i32 {
+        if let Self::Snapshot { .. } = self {
+            return STATUS_SNAPSHOT_REFUSED;
+        }
         match self.reason() {
             "untrusted_key" => STATUS_UNTRUSTED_KEY,
             "bad_signature" => STATUS_BAD_SIGNATURE,
@@ -254,6 +269,43 @@ fn read_limited(what: &'static str, path: &Path, limit: u64) -> Result<Vec<u8>, 
     Ok(bytes)
 }
 
+/// The public keys in the `--trust` files.
+pub fn read_trusted(files: &[PathBuf]) -> Result<TrustedKeys, Refusal> {
+    let mut trusted = TrustedKeys::new();
+    for key in files {
+        let text = read_limited("--trust", key, MAX_KEY_FILE)?;
+        let text = String::from_utf8(text).map_err(|_| Refusal::Unreadable {
+            what: "--trust",
+            path: key.clone(),
+            why: "not UTF-8 text".into(),
+        })?;
+        trusted
+            .add_public_key_file(&text)
+            .map_err(|e| Refusal::Unreadable {
+                what: "--trust",
+                path: key.clone(),
+                why: e.to_string(),
+            })?;
+    }
+    Ok(trusted)
+}
+
+/// A plan for a restore: the signature by a trusted key, the plan, and its window, but
+/// not its nonce, which the boot that made the snapshot spent (a snapshot's own epoch
+/// keeps it from being replayed). Its id and payload digest, which the snapshot's seal
+/// must name.
+pub fn verify_plan_for_restore(
+    plan_path: &Path,
+    trusted: &TrustedKeys,
+    timeline: &BootTimeline,
+) -> Result<VerifiedPlan, Refusal> {
+    let envelope = read_limited("--plan", plan_path, MAX_ENVELOPE_FILE)?;
+    let verified =
+        mvm_loader::plan::envelope::verify_plan(&envelope, trusted, UtcTime::now(), CLOCK_SKEW)?;
+    timeline.mark(Phase::PlanVerified);
+    Ok(verified)
+}
+
 /// Step 1 (before the kernel is read): signature, plan, window, nonce; then the disks
 /// on the command line against the plan's, each pinned one with its dm-verity tree.
 /// With `--dev`, warns and returns `None`. The other flags the plan pins are settled by
@@ -274,22 +326,7 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
         return Err(Refusal::NoTrust);
     }
     let envelope = read_limited("--plan", &plan_path, MAX_ENVELOPE_FILE)?;
-    let mut trusted = TrustedKeys::new();
-    for key in &args.verify.trust {
-        let text = read_limited("--trust", key, MAX_KEY_FILE)?;
-        let text = String::from_utf8(text).map_err(|_| Refusal::Unreadable {
-            what: "--trust",
-            path: key.clone(),
-            why: "not UTF-8 text".into(),
-        })?;
-        trusted
-            .add_public_key_file(&text)
-            .map_err(|e| Refusal::Unreadable {
-                what: "--trust",
-                path: key.clone(),
-                why: e.to_string(),
-            })?;
-    }
+    let trusted = read_trusted(&args.verify.trust)?;
     let store_path = args
         .verify
         .replay_store

@@ -612,6 +612,11 @@ fn spawn_serial_counter(d: &Path, extra: &[String]) -> std::process::Child {
 fn signal_and_wait(child: &mut std::process::Child, signal: i32) -> (Option<i32>, String) {
     // SAFETY: signalling the child the test spawned and has not reaped.
     unsafe { libc::kill(i32::try_from(child.id()).unwrap(), signal) };
+    wait_with_stderr(child)
+}
+
+/// Waits for the child; its exit code and stderr.
+fn wait_with_stderr(child: &mut std::process::Child) -> (Option<i32>, String) {
     let status = wait_exit(child);
     let mut stderr = String::new();
     use std::io::Read;
@@ -622,6 +627,10 @@ fn signal_and_wait(child: &mut std::process::Child, signal: i32) -> (Option<i32>
         .read_to_string(&mut stderr)
         .unwrap();
     (status.code(), stderr)
+}
+
+fn exit_and_stderr(mut child: std::process::Child) -> (Option<i32>, String) {
+    wait_with_stderr(&mut child)
 }
 
 #[test]
@@ -685,6 +694,146 @@ fn a_snapshot_is_refused_while_a_virtio_device_is_attached_and_the_vm_runs_on() 
     );
     assert_eq!(
         std::fs::metadata(snap.join(UNSIGNED_FILE)).unwrap().len(),
+        0
+    );
+}
+
+/// `mvm-vmm --restore DIR --dev --trust KEY` with `extra` arguments.
+fn spawn_restore(d: &Path, snap: &Path, console: &Path, extra: &[&str]) -> std::process::Child {
+    let public = d.join("seal.pub");
+    std::fs::write(
+        &public,
+        mvm_loader::dsse::format_public_key(&key().verifying_key()),
+    )
+    .unwrap();
+    support::vmm()
+        .arg("--restore")
+        .arg(snap)
+        .arg("--trust")
+        .arg(&public)
+        .arg("--dev")
+        .arg("--console-log")
+        .arg(console)
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn the_jailed_vmm_restores_a_snapshot_and_snapshots_it_again_and_refuses_a_bad_one() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (snap, console) = (d.join("snap"), d.join("console"));
+    let mut child = spawn_serial_counter(d, &["--snapshot-epoch".into(), "5".into()]);
+    wait_for_file_len(&console, 200, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGUSR2);
+    assert_eq!(code, Some(0), "{stderr}");
+    seal(&snap, &key());
+    let first = std::fs::read(&console).unwrap();
+
+    // Restored by the VMM, jailed and filtered, and snapshotted again at epoch 6.
+    let snap2 = d.join("snap2");
+    std::fs::create_dir(&snap2).unwrap();
+    let console2 = d.join("console2");
+    let events = d.join("events.jsonl");
+    let report = d.join("report2.json");
+    let snap2_arg = snap2.to_str().unwrap().to_owned();
+    let events_arg = events.to_str().unwrap().to_owned();
+    let report_arg = report.to_str().unwrap().to_owned();
+    let mut child = spawn_restore(
+        d,
+        &snap,
+        &console2,
+        &[
+            "--restore-min-epoch",
+            "5",
+            "--snapshot-dir",
+            &snap2_arg,
+            "--snapshot-epoch",
+            "6",
+            "--events",
+            &events_arg,
+            "--boot-report",
+            &report_arg,
+        ],
+    );
+    wait_for_file_len(&console2, 200, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGUSR2);
+    assert_eq!(code, Some(0), "{stderr}");
+    let second = std::fs::read(&console2).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["exit_reason"], "snapshotted", "{report}");
+    assert_eq!(
+        report["jail"]["kind"],
+        if support::is_root() {
+            "root"
+        } else {
+            "user-namespace"
+        },
+        "{report}"
+    );
+    let log = std::fs::read_to_string(&events).unwrap();
+    let restored = log
+        .lines()
+        .find(|l| l.contains("snapshot_restored"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let restored: serde_json::Value = serde_json::from_str(restored).unwrap();
+    let sealed: Manifest =
+        serde_json::from_slice(&std::fs::read(snap.join(UNSIGNED_FILE)).unwrap()).unwrap();
+    assert_eq!(
+        restored["fields"]["memory_sha256"],
+        sealed.memory.sha256.to_string(),
+        "{restored}"
+    );
+    assert_eq!(restored["fields"]["epoch"], 5);
+    seal(&snap2, &key());
+
+    // And once more from the second snapshot: three runs, one count.
+    let console3 = d.join("console3");
+    let mut child = spawn_restore(d, &snap2, &console3, &["--restore-min-epoch", "6"]);
+    wait_for_file_len(&console3, 200, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGTERM);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    let third = std::fs::read(&console3).unwrap();
+    let whole: Vec<u8> = [first, second, third].concat();
+    assert_bytes_count_on(&whole);
+
+    // Refused before anything runs: the first snapshot at the sandbox's epoch 6
+    // (rollback), and with one byte of its memory changed.
+    let console4 = d.join("console4");
+    let child = spawn_restore(d, &snap, &console4, &["--restore-min-epoch", "6"]);
+    let (code, stderr) = exit_and_stderr(child);
+    assert_eq!(code, Some(25), "{stderr}");
+    assert!(stderr.contains("rollback"), "{stderr}");
+    let mut memory = std::fs::read(snap.join(MEMORY_FILE)).unwrap();
+    memory[0x20_0000] ^= 1;
+    std::fs::write(snap.join(MEMORY_FILE), memory).unwrap();
+    let events4 = d.join("events4.jsonl");
+    let child = spawn_restore(
+        d,
+        &snap,
+        &console4,
+        &[
+            "--restore-min-epoch",
+            "5",
+            "--events",
+            events4.to_str().unwrap(),
+        ],
+    );
+    let (code, stderr) = exit_and_stderr(child);
+    assert_eq!(code, Some(25), "{stderr}");
+    assert!(stderr.contains("memory_mismatch"), "{stderr}");
+    let log = std::fs::read_to_string(&events4).unwrap();
+    assert!(
+        log.contains("boot_refused") && log.contains("memory_mismatch"),
+        "{log}"
+    );
+    assert!(!log.contains("snapshot_restored"), "{log}");
+    assert_eq!(
+        std::fs::metadata(&console4).map(|m| m.len()).unwrap_or(0),
         0
     );
 }

@@ -12,7 +12,7 @@
 //!   manifest unsigned ([`UNSIGNED_FILE`]); the runtime, which holds the key, seals it.
 //!
 //! [`bundle::open`] checks the seal, the bindings and both files' digests before
-//! anything is mapped; [`bundle::restore`] then builds the VM and its vCPUs with that
+//! anything is mapped; [`bundle::restore_vm`] then builds the VM and its vCPUs with that
 //! state, ready for their first `KVM_RUN`. `docs/snapshots.md` says what is and is not
 //! in a snapshot.
 

@@ -10,6 +10,8 @@
 //! VM ends, [`run_cli`] returns the exit status and `main` exits the process,
 //! which ends every other thread (they hold no state that needs saving).
 
+mod restore;
+
 use std::io::{self, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
@@ -32,7 +34,7 @@ use crate::exit::{ExitReason, STATUS_BAD_ARGUMENTS, STATUS_VMM_ERROR};
 use crate::image::Image;
 use crate::layout;
 use crate::snapshot::bundle::SnapshotFiles;
-use crate::snapshot::manifest::PlanBinding;
+use crate::snapshot::manifest::{CpuRequirement, PlanBinding};
 use crate::snapshot_taking::SnapshotTarget;
 use crate::vcpu::{PauseGate, Vcpu, VcpuContext, VmEvent, VmStopper};
 use crate::verified_boot::{self, BootPlan, LoadedDigests, PendingMeasurement, Refusal};
@@ -150,25 +152,14 @@ pub fn run(
     let vm = Vm::new(memory)?;
     timeline.mark(Phase::VmCreated);
 
-    let (events_tx, events_rx) = mpsc::channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stopper = VmStopper::new(events_tx.clone(), stop.clone());
-    spawn_signal_waiter(stopper.clone())?;
-
-    let console: Box<dyn Write + Send> = match config.console {
-        ConsoleTarget::Stdout => Box::new(io::stdout()),
-        ConsoleTarget::File(f) => Box::new(f),
-    };
-    let mut devices = DeviceManager::new();
-    let serial =
-        legacy::attach_legacy_devices(vm.fd(), &mut devices, console, &timeline, &stopper)?;
+    let mut host = HostSide::start(&vm, config.console, &timeline)?;
 
     let mut cmdline = Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| BootError::BootState(format!("kernel command line: {e}")))?;
     attach_devices(&mut DeviceContext {
         vm: vm.fd(),
         memory: vm.memory(),
-        devices: &mut devices,
+        devices: &mut host.devices,
         cmdline: &mut cmdline,
     })?;
 
@@ -196,74 +187,136 @@ pub fn run(
         vcpus.push(vcpu);
     }
     timeline.mark(Phase::VcpusReady);
-
-    let pause = Arc::new(PauseGate::default());
-    let ctx = VcpuContext {
-        pio: devices.pio_bus().clone(),
-        mmio: devices.mmio_bus().clone(),
-        events: events_tx,
-        timeline: timeline.clone(),
-        stop: stop.clone(),
-        pause: pause.clone(),
-        saveable_msrs: crate::snapshot::cpu::saveable_msrs(vm.kvm())
-            .map_err(|e| BootError::BootState(e.to_string()))?
-            .into(),
-    };
-    if snapshot.is_some() {
-        crate::vcpu::install_kick_handler()
-            .map_err(host_err("installing the vCPU kick handler"))?;
-    }
     // What a snapshot binds the guest's CPU to: the CPUID vCPU 0 was given.
     let given_cpu = cpuid::filter_cpuid(&supported, 0, config.vcpus)
-        .map(|c| crate::snapshot::manifest::CpuRequirement::of_guest(c.as_slice()))
+        .map(|c| CpuRequirement::of_guest(c.as_slice()))
         .map_err(|e| BootError::BootState(e.to_string()))?;
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        let ctx = ctx.clone();
-        let name = format!("vcpu{}", vcpu.index());
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                crate::seccomp::enter(&crate::seccomp::roles::VCPU, &name);
-                vcpu.run(&ctx)
-            })
-            .map_err(host_err("spawning a vCPU thread"))?;
-        threads.push(handle);
-    }
-    legacy::spawn_console_input(serial)?;
-    drop(ctx);
-    // Every other thread is running under its own filter; the main thread's goes on last.
-    crate::seccomp::enter(&crate::seccomp::roles::MAIN, "main");
+    host.run_vcpus(vm, vcpus, &timeline, snapshot, given_cpu)
+}
 
-    // Supervise: the first exit event ends the VM; a snapshot request pauses it, writes
-    // it, and ends it. `vm` stays alive until the process exits, so vCPU threads never run
-    // on a closed VM.
-    let mut snapshot = snapshot;
-    let supervisor = crate::snapshot_taking::Supervisor {
-        vm: &vm,
-        pause: &pause,
-        stop: &stop,
-        threads: &threads,
-        events: &events_rx,
-    };
-    let reason = loop {
-        match events_rx.recv() {
-            Ok(VmEvent::Exit(reason)) => break reason,
-            Ok(VmEvent::SnapshotRequested) => {
-                if let Some(reason) = supervisor.on_request(&mut snapshot, &given_cpu) {
-                    break reason;
+/// The host side of a VM, made before any vCPU runs, for a boot and a restore alike: the
+/// event channel, the stop flag and the signal thread, the console, and the legacy devices
+/// on the bus.
+pub struct HostSide {
+    events_tx: mpsc::Sender<VmEvent>,
+    events_rx: mpsc::Receiver<VmEvent>,
+    stop: Arc<AtomicBool>,
+    /// The buses; virtio devices are added to them during a boot.
+    pub devices: DeviceManager,
+    serial: legacy::SharedSerial,
+}
+
+impl HostSide {
+    /// Starts the signal thread and puts the serial port, i8042 and guest-signal port on
+    /// the bus, the serial port writing to `console`.
+    pub fn start(
+        vm: &Vm,
+        console: ConsoleTarget,
+        timeline: &Arc<BootTimeline>,
+    ) -> Result<Self, BootError> {
+        let (events_tx, events_rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopper = VmStopper::new(events_tx.clone(), stop.clone());
+        spawn_signal_waiter(stopper.clone())?;
+        let console: Box<dyn Write + Send> = match console {
+            ConsoleTarget::Stdout => Box::new(io::stdout()),
+            ConsoleTarget::File(f) => Box::new(f),
+        };
+        let mut devices = DeviceManager::new();
+        let serial =
+            legacy::attach_legacy_devices(vm.fd(), &mut devices, console, timeline, &stopper)?;
+        Ok(Self {
+            events_tx,
+            events_rx,
+            stop,
+            devices,
+            serial,
+        })
+    }
+
+    /// Starts a thread per vCPU (each under its filter), the console input, puts the main
+    /// thread's filter on, and supervises until the VM ends: the first exit event ends it;
+    /// a snapshot request (SIGUSR2) pauses it, writes it to `snapshot`, and ends it.
+    /// `given_cpu` is what a snapshot binds the guest's CPU to.
+    pub fn run_vcpus(
+        self,
+        vm: Vm,
+        vcpus: Vec<Vcpu>,
+        timeline: &Arc<BootTimeline>,
+        mut snapshot: Option<SnapshotTarget>,
+        given_cpu: CpuRequirement,
+    ) -> Result<ExitReason, BootError> {
+        let Self {
+            events_tx,
+            events_rx,
+            stop,
+            devices,
+            serial,
+        } = self;
+        let pause = Arc::new(PauseGate::default());
+        let ctx = VcpuContext {
+            pio: devices.pio_bus().clone(),
+            mmio: devices.mmio_bus().clone(),
+            events: events_tx,
+            timeline: timeline.clone(),
+            stop: stop.clone(),
+            pause: pause.clone(),
+            saveable_msrs: crate::snapshot::cpu::saveable_msrs(vm.kvm())
+                .map_err(|e| BootError::BootState(e.to_string()))?
+                .into(),
+        };
+        if snapshot.is_some() {
+            crate::vcpu::install_kick_handler()
+                .map_err(host_err("installing the vCPU kick handler"))?;
+        }
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let ctx = ctx.clone();
+            let name = format!("vcpu{}", vcpu.index());
+            let handle = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    crate::seccomp::enter(&crate::seccomp::roles::VCPU, &name);
+                    vcpu.run(&ctx)
+                })
+                .map_err(host_err("spawning a vCPU thread"))?;
+            threads.push(handle);
+        }
+        legacy::spawn_console_input(serial)?;
+        drop(ctx);
+        // Every other thread is running under its own filter; the main thread's goes on last.
+        crate::seccomp::enter(&crate::seccomp::roles::MAIN, "main");
+
+        // `vm` stays alive until the process exits, so vCPU threads never run on a
+        // closed VM.
+        let supervisor = crate::snapshot_taking::Supervisor {
+            vm: &vm,
+            pause: &pause,
+            stop: &stop,
+            threads: &threads,
+            events: &events_rx,
+        };
+        let reason = loop {
+            match events_rx.recv() {
+                Ok(VmEvent::Exit(reason)) => break reason,
+                Ok(VmEvent::SnapshotRequested) => {
+                    if let Some(reason) = supervisor.on_request(&mut snapshot, &given_cpu) {
+                        break reason;
+                    }
+                }
+                // A pause nobody is waiting for (a request already answered).
+                Ok(VmEvent::Paused { .. }) => {}
+                Err(_) => {
+                    break ExitReason::VmmError(
+                        "every vCPU thread ended without an exit reason".into(),
+                    )
                 }
             }
-            // A pause nobody is waiting for (a request already answered).
-            Ok(VmEvent::Paused { .. }) => {}
-            Err(_) => {
-                break ExitReason::VmmError("every vCPU thread ended without an exit reason".into())
-            }
-        }
-    };
-    pause.wake_for_stop();
-    std::mem::forget(vm);
-    Ok(reason)
+        };
+        pause.wake_for_stop();
+        std::mem::forget(vm);
+        Ok(reason)
+    }
 }
 
 /// How the VMM stops before the guest runs; [`run_cli`] reports it once (boot report,
@@ -442,6 +495,9 @@ fn boot_and_supervise(
     events: &EventLog,
     held: &mut Held,
 ) -> Result<ExitReason, Stop> {
+    if let Some(dir) = &args.restore {
+        return restore::restore_and_supervise(args, dir, timeline, events, &mut held.plan_id);
+    }
     let Prepared {
         config,
         plan_id,
@@ -496,15 +552,7 @@ fn boot_and_supervise(
     for disk in &devices.disks {
         disk.claim_lease_signals();
     }
-    if let Some(kind) = state.kind {
-        timeline.set_jail(crate::boot_report::JailReport {
-            kind: kind.name(),
-            uid: state.uid,
-            gid: state.gid,
-            pid_namespace: true,
-            cgroup: state.cgroup.map(|c| c.display().to_string()),
-        });
-    }
+    report_jail(timeline, state);
     devices.report_metrics(timeline);
     // A refusal at the last check of verified boot (the loaded images' digests) is kept
     // here and reported as a refusal, not as a VM failure.
@@ -527,6 +575,19 @@ fn boot_and_supervise(
             refusal: Box::new(refusal),
         }),
         (ended, None) => ended.map_err(Stop::VmFailed),
+    }
+}
+
+/// Puts the jail the VMM entered into the boot report.
+fn report_jail(timeline: &BootTimeline, state: crate::jail::JailState) {
+    if let Some(kind) = state.kind {
+        timeline.set_jail(crate::boot_report::JailReport {
+            kind: kind.name(),
+            uid: state.uid,
+            gid: state.gid,
+            pid_namespace: true,
+            cgroup: state.cgroup.map(|c| c.display().to_string()),
+        });
     }
 }
 

@@ -25,7 +25,10 @@
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
+use std::sync::{Arc, Mutex};
+
 use mvm_devices::bus::{Bus, BusError, SharedBusDevice};
+use mvm_devices::virtio::mmio::MmioTransport;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::layout;
@@ -113,12 +116,24 @@ pub struct VirtioMmioResources {
     pub queue_notify: Vec<EventFd>,
 }
 
+/// A virtio-mmio device's transport, kept beside the bus for snapshots.
+#[derive(Debug, Clone)]
+pub struct VirtioSlot {
+    /// The device's name (`virtio-blk`).
+    pub name: &'static str,
+    /// The slot's guest-physical base.
+    pub base: u64,
+    /// The transport (also on the MMIO bus).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// The buses and the slot allocator.
 #[derive(Debug, Default)]
 pub struct DeviceManager {
     pio: Bus,
     mmio: Bus,
     next_slot: u32,
+    virtio: Vec<VirtioSlot>,
 }
 
 impl DeviceManager {
@@ -224,6 +239,17 @@ impl DeviceManager {
     ) -> Result<(), DeviceManagerError> {
         self.attach_mmio(device, slot.base, slot.len)?;
         append_virtio_mmio_param(cmdline, slot)
+    }
+
+    /// Keeps a virtio-mmio transport attached with [`DeviceManager::attach_virtio_mmio`]
+    /// for snapshots, in attach order.
+    pub fn keep_virtio_slot(&mut self, slot: VirtioSlot) {
+        self.virtio.push(slot);
+    }
+
+    /// The virtio-mmio devices, in the order they were attached.
+    pub fn virtio_slots(&self) -> &[VirtioSlot] {
+        &self.virtio
     }
 }
 

@@ -37,7 +37,8 @@ Boot refused by verified boot (nothing was created, no guest code ran):
   20 kernel_mismatch    21 initramfs_mismatch  22 cmdline_mismatch
   23 disk_mismatch      24 plan_unreadable (--plan/--trust file, or an artifact)
   25 a --restore snapshot refused: snapshot_unsigned, snapshot_format, vmm_mismatch,
-     plan_mismatch, rollback, cpu_mismatch, state_mismatch, memory_mismatch";
+     plan_mismatch, rollback, cpu_mismatch, state_mismatch, memory_mismatch,
+     device_mismatch (the --disk/--vsock/--net devices are not the snapshot's)";
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,9 +1,11 @@
-//! The supervisor's side of a snapshot: on SIGUSR2, pause every vCPU, read the VM's
-//! state, write the snapshot into the files made at start, and end the VM.
+//! The supervisor's side of a snapshot: on SIGUSR2, pause every vCPU, then every virtio
+//! device's thread (each finishes the request it is serving and reports its queues'
+//! positions), read the serial port's and the VM's state, write the snapshot into the
+//! files made at start, and end the VM.
 //!
-//! A request the VMM cannot honour (no `--snapshot-dir`, a virtio device whose state is
-//! not saved yet, a vCPU whose state cannot be read, a write that fails) is logged and
-//! the VM runs on: a snapshot is never half-taken into a VM that then stops.
+//! A request the VMM cannot honour (no `--snapshot-dir`, a vCPU or device that does not
+//! pause, a write that fails) is logged and the VM runs on, everything resumed: a
+//! snapshot is never half-taken into a VM that then stops.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -12,16 +14,21 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::Killable;
 
+use crate::device_manager::DeviceManager;
+use crate::devices::legacy::SharedSerial;
 use crate::exit::ExitReason;
 use crate::snapshot::bundle::{self, Binding, SnapshotFiles};
 use crate::snapshot::cpu::VcpuState;
 use crate::snapshot::manifest::{CpuRequirement, PlanBinding};
-use crate::snapshot::{vm_state, MachineState};
+use crate::snapshot::{vm_state, DevicesState, MachineState, VirtioSlotState};
 use crate::vcpu::{PauseGate, VmEvent, KICK_SIGNAL_OFFSET};
 use crate::vm::Vm;
 
 /// How long the vCPUs get to reach the pause gate.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a device thread gets to finish its request and pause (a disk write may be in
+/// an fdatasync).
+const DEVICE_PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a vCPU that has not paused is kicked again.
 const KICK_EVERY: Duration = Duration::from_millis(10);
 
@@ -34,8 +41,6 @@ pub struct SnapshotTarget {
     pub plan: Option<PlanBinding>,
     /// `--snapshot-epoch`.
     pub epoch: u64,
-    /// The virtio devices attached (a snapshot is refused while there are any).
-    pub virtio_devices: Vec<&'static str>,
 }
 
 /// What the supervisor lends to a snapshot.
@@ -50,6 +55,10 @@ pub struct Supervisor<'a> {
     pub threads: &'a [JoinHandle<()>],
     /// The supervisor's event channel.
     pub events: &'a Receiver<VmEvent>,
+    /// The buses' devices: the virtio transports.
+    pub devices: &'a DeviceManager,
+    /// COM1.
+    pub serial: &'a SharedSerial,
 }
 
 /// How a pause ended when it did not pause every vCPU.
@@ -67,15 +76,8 @@ impl Supervisor<'_> {
         target: &mut Option<SnapshotTarget>,
         cpu: &CpuRequirement,
     ) -> Option<ExitReason> {
-        let Some(t) = target.as_ref() else {
+        if target.is_none() {
             tracing::warn!("SIGUSR2: a snapshot was asked for, but there is no --snapshot-dir (or one was already used); the VM runs on");
-            return None;
-        };
-        if !t.virtio_devices.is_empty() {
-            tracing::warn!(
-                devices = ?t.virtio_devices,
-                "snapshot refused: the state of virtio devices is not saved yet; the VM runs on"
-            );
             return None;
         }
         let started = Instant::now();
@@ -88,13 +90,21 @@ impl Supervisor<'_> {
                 return None;
             }
         };
+        let devices = match self.pause_devices() {
+            Ok(d) => d,
+            Err(why) => {
+                tracing::error!("snapshot failed: {why}; the VM runs on");
+                self.pause.resume();
+                return None;
+            }
+        };
         let paused = started.elapsed();
         let target = target.take()?;
         let written = vm_state::save(self.vm.fd()).and_then(|vm| {
             bundle::write(
                 target.files,
                 self.vm,
-                &MachineState { vcpus, vm },
+                &MachineState { vcpus, vm, devices },
                 Binding {
                     plan: target.plan,
                     epoch: target.epoch,
@@ -114,8 +124,57 @@ impl Supervisor<'_> {
             }
             Err(e) => {
                 tracing::error!("snapshot failed: {e}; the VM runs on (the snapshot files are incomplete: no manifest)");
+                self.resume_devices(self.devices.virtio_slots().len());
                 self.pause.resume();
                 None
+            }
+        }
+    }
+
+    /// Pauses each virtio device's thread in slot order and reads the serial port; on a
+    /// failure the ones already paused are resumed.
+    fn pause_devices(&self) -> Result<DevicesState, String> {
+        let mut virtio = Vec::with_capacity(self.devices.virtio_slots().len());
+        for (i, slot) in self.devices.virtio_slots().iter().enumerate() {
+            let paused = slot
+                .transport
+                .lock()
+                .map_err(|_| format!("{}: its transport lock is poisoned", slot.name))
+                .and_then(|mut t| t.pause(DEVICE_PAUSE_TIMEOUT));
+            match paused {
+                Ok(transport) => virtio.push(VirtioSlotState {
+                    name: slot.name.to_owned(),
+                    mmio_base: slot.base,
+                    transport,
+                }),
+                Err(why) => {
+                    self.resume_devices(i);
+                    return Err(why);
+                }
+            }
+        }
+        let serial = self
+            .serial
+            .lock()
+            .map(|s| s.state())
+            .map_err(|_| "the serial port's lock is poisoned".to_owned());
+        match serial {
+            Ok(serial) => Ok(DevicesState {
+                serial: Some(serial),
+                virtio,
+            }),
+            Err(why) => {
+                self.resume_devices(virtio.len());
+                Err(why)
+            }
+        }
+    }
+
+    /// Resumes the first `n` virtio devices' threads.
+    fn resume_devices(&self, n: usize) {
+        for slot in self.devices.virtio_slots().iter().take(n) {
+            if let Ok(t) = slot.transport.lock() {
+                t.resume();
             }
         }
     }

@@ -292,18 +292,27 @@ pub fn read_trusted(files: &[PathBuf]) -> Result<TrustedKeys, Refusal> {
 
 /// A plan for a restore: the signature by a trusted key, the plan, and its window, but
 /// not its nonce, which the boot that made the snapshot spent (a snapshot's own epoch
-/// keeps it from being replayed). Its id and payload digest, which the snapshot's seal
-/// must name.
+/// keeps it from being replayed); then the devices on the command line against it, as
+/// for a boot (vsock, net, the disks with their trees). Its id and payload digest are
+/// what the snapshot's seal must name.
 pub fn verify_plan_for_restore(
+    args: &Args,
     plan_path: &Path,
     trusted: &TrustedKeys,
     timeline: &BootTimeline,
-) -> Result<VerifiedPlan, Refusal> {
+) -> Result<BootPlan, Refusal> {
     let envelope = read_limited("--plan", plan_path, MAX_ENVELOPE_FILE)?;
     let verified =
         mvm_loader::plan::envelope::verify_plan(&envelope, trusted, UtcTime::now(), CLOCK_SKEW)?;
     timeline.mark(Phase::PlanVerified);
-    Ok(verified)
+    let plan_id = verified.plan.plan_id.clone();
+    crate::devices::check_plan(&args.devices, &verified.plan).map_err(|disagreement| {
+        Refusal::Mismatch {
+            plan_id,
+            disagreement,
+        }
+    })?;
+    pin_disks(args, verified)
 }
 
 /// Step 1 (before the kernel is read): signature, plan, window, nonce; then the disks
@@ -339,7 +348,13 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
     let store = ReplayStore::new(store_path, CLOCK_SKEW);
     let verified = verify_plan_for_boot(&envelope, &trusted, UtcTime::now(), CLOCK_SKEW, &store)?;
     timeline.mark(Phase::PlanVerified);
+    pin_disks(args, verified).map(Some)
+}
 
+/// The disks on the command line against the verified plan's: the read-only ones are its
+/// pinned disks in order, each opened with its dm-verity tree; the writable ones its
+/// scratch disks in order, of the plan's sizes.
+fn pin_disks(args: &Args, verified: VerifiedPlan) -> Result<BootPlan, Refusal> {
     let plan = &verified.plan;
     let plan_id = plan.plan_id.clone();
     let mismatch = |flag, given: usize, field, plan: usize| Refusal::Mismatch {
@@ -408,7 +423,7 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
             .map_err(|e| disk_err(format!("tree {}: {e}", tree_path.display())))?;
         pinned.push((pin.clone(), disk.path.clone(), verifier));
     }
-    Ok(Some(BootPlan { verified, pinned }))
+    Ok(BootPlan { verified, pinned })
 }
 
 /// Step 2, before the jail: the command line against the plan, and an initramfs given

@@ -42,6 +42,67 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them (`vm-superio`'s
+/// `SerialState`, field for field, with serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UartState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for UartState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&UartState> for vm_superio::serial::SerialState {
+    fn from(s: &UartState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// COM1 on the port bus: guest output goes to `W` (stdout or a log file).
 pub struct SerialDevice<W: Write + Send> {
     uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, W>,
@@ -53,6 +114,20 @@ impl<W: Write + Send> SerialDevice<W> {
         Self {
             uart: Serial::new(irq, out),
         }
+    }
+
+    /// A UART in `state` (a snapshot's), writing to `out` and interrupting through `irq`.
+    /// A receive FIFO longer than the UART's is refused.
+    pub fn from_state(irq: EventFdTrigger, out: W, state: &UartState) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState::from(state);
+        Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("serial state: {e}"))
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> UartState {
+        self.uart.state().into()
     }
 
     /// Queues host input for the guest to read; returns how many bytes fit in
@@ -142,6 +217,31 @@ mod tests {
         let mut b = [0u8];
         dev.read(0, &mut b);
         assert_eq!(b, [b'a']);
+    }
+
+    #[test]
+    fn a_uart_restored_from_its_state_reads_the_same() {
+        let mut dev = device();
+        dev.write(3, &[0x80]); // LCR: DLAB
+        dev.write(0, &[0x0c]); // divisor 12
+        dev.write(3, &[0x03]); // LCR: 8N1
+        dev.write(IER, &[0x01]);
+        dev.write(7, &[0x5a]); // scratch
+        assert_eq!(dev.enqueue_input(b"xy"), 2);
+        let state = dev.state();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut back =
+            SerialDevice::from_state(EventFdTrigger::new(evt), Vec::new(), &state).unwrap();
+        assert_eq!(back.state(), state);
+        let mut b = [0u8];
+        back.read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        back.read(0, &mut b);
+        assert_eq!(b, [b'x']);
+        let mut too_full = state.clone();
+        too_full.in_buffer = vec![0; 1 << 12];
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialDevice::from_state(EventFdTrigger::new(evt), Vec::new(), &too_full).is_err());
     }
 
     #[test]

@@ -166,6 +166,28 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
+/// Where a queue stands: the next available-ring entry the device will take, and the
+/// next used-ring entry it will fill. With the guest's memory and the ring addresses,
+/// that is all of a split queue's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuePosition {
+    /// `next_avail`.
+    pub next_avail: u16,
+    /// `next_used`.
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// `queue`'s position.
+    pub fn of(queue: &Queue) -> Self {
+        Self {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
+}
+
 /// Something a device noticed that the audit log should hear about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceEvent {
@@ -288,6 +310,16 @@ impl Interrupt {
     #[must_use]
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// A restored device's InterruptStatus: the bits set again, and the interrupt sent
+    /// again (a virtio driver takes a spurious one in its stride; a lost one would stall
+    /// it).
+    pub fn restore_status(&self, bits: u32) -> std::io::Result<()> {
+        if bits == 0 {
+            return Ok(());
+        }
+        self.raise(bits)
     }
 
     /// InterruptACK: clears the acknowledged bits.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, Interrupt};
+use super::{Activation, Interrupt, QueuePosition};
 
 /// Epoll token of the command wake-up eventfd.
 pub const WAKE_TOKEN: u32 = u32::MAX;
@@ -33,6 +33,16 @@ pub enum WorkerCommand {
     Reset(mpsc::SyncSender<()>),
     /// The VMM is shutting down: leave the loop.
     Stop,
+    /// A snapshot: answer with the queues' positions, then wait (serving nothing, so
+    /// guest memory and the backend stay as they are) for [`WorkerCommand::Resume`] or
+    /// [`WorkerCommand::Stop`].
+    Pause(mpsc::SyncSender<Vec<QueuePosition>>),
+    /// Go on after a pause.
+    Resume,
+    /// A restored VM's driver is live already: take the queues (at their saved
+    /// positions), then do what a restore asks of the device
+    /// ([`QueueWorker::after_restore`]).
+    ActivateRestored(Activation),
 }
 
 /// Why the transport could not reach its worker.
@@ -44,6 +54,9 @@ pub enum WorkerError {
     /// The worker did not confirm a reset in time (it is stuck in a slow backend call).
     #[error("device worker did not confirm the reset within {0:?}")]
     ResetTimeout(Duration),
+    /// The worker did not pause in time.
+    #[error("device worker did not pause within {0:?}")]
+    PauseTimeout(Duration),
     /// The wake-up eventfd could not be written.
     #[error("cannot wake the device worker: {0}")]
     Wake(#[source] io::Error),
@@ -115,6 +128,28 @@ impl WorkerHandle {
         }
     }
 
+    /// Pauses the worker (it finishes what it is doing first) and returns its queues'
+    /// positions, waiting up to `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<Vec<QueuePosition>, WorkerError> {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        self.send(WorkerCommand::Pause(ack_tx))?;
+        match ack_rx.recv_timeout(timeout) {
+            Ok(positions) => Ok(positions),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(WorkerError::PauseTimeout(timeout)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(WorkerError::Disconnected),
+        }
+    }
+
+    /// Lets a paused worker go on.
+    pub fn resume(&self) -> Result<(), WorkerError> {
+        self.send(WorkerCommand::Resume)
+    }
+
+    /// Hands a restored VM's live queues to the worker.
+    pub fn activate_restored(&self, activation: Activation) -> Result<(), WorkerError> {
+        self.send(WorkerCommand::ActivateRestored(activation))
+    }
+
     /// Asks the worker thread to leave its loop.
     pub fn stop(&self) -> Result<(), WorkerError> {
         self.send(WorkerCommand::Stop)
@@ -151,6 +186,17 @@ pub trait QueueWorker: Send {
 
     /// The device was reset: drop the queues and guest memory, keep the backend.
     fn reset(&mut self, ops: &mut EventOps);
+
+    /// Where each queue stands (in queue order), for a snapshot; called only while
+    /// active, between two events, so nothing is half-served.
+    fn queue_positions(&self) -> Vec<QueuePosition>;
+
+    /// Called right after [`QueueWorker::activate`] when the VM was restored from a
+    /// snapshot: what the device must tell the driver about state that did not survive
+    /// (vsock: its connections are gone). Nothing by default.
+    fn after_restore(&mut self, interrupt: &Interrupt, ops: &mut EventOps) {
+        let _ = (interrupt, ops);
+    }
 
     /// An event on an fd the worker registered itself.
     fn process_event(&mut self, events: Events, interrupt: &Interrupt, ops: &mut EventOps) {
@@ -235,11 +281,53 @@ impl<W: QueueWorker> WorkerLoop<W> {
                     // The transport may have given up waiting; that is its business.
                     let _ = ack.send(());
                 }
+                Ok(WorkerCommand::ActivateRestored(activation)) => {
+                    if self.active {
+                        self.worker.reset(ops);
+                    }
+                    self.active = true;
+                    self.worker.activate(activation, &self.interrupt, ops);
+                    self.worker.after_restore(&self.interrupt, ops);
+                }
+                Ok(WorkerCommand::Pause(ack)) => {
+                    let positions = if self.active {
+                        self.worker.queue_positions()
+                    } else {
+                        Vec::new()
+                    };
+                    // The VMM may have given up waiting; then it resumes or stops us.
+                    let _ = ack.send(positions);
+                    if !self.wait_paused() {
+                        self.stopped = true;
+                        return;
+                    }
+                }
+                // A resume without a pause (one that timed out): nothing to do.
+                Ok(WorkerCommand::Resume) => {}
                 Ok(WorkerCommand::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
                     self.stopped = true;
                     return;
                 }
                 Err(mpsc::TryRecvError::Empty) => return,
+            }
+        }
+    }
+
+    /// Blocks on the command channel until a resume (true) or a stop (false). The vCPUs
+    /// are paused meanwhile, so no reset or activation can come; one that did would be a
+    /// VMM bug, and is dropped with a warning.
+    fn wait_paused(&mut self) -> bool {
+        loop {
+            match self.inbox.rx.recv() {
+                Ok(WorkerCommand::Resume) => return true,
+                Ok(WorkerCommand::Stop) | Err(_) => return false,
+                Ok(other) => {
+                    tracing::warn!(
+                        device = self.worker.name(),
+                        ?other,
+                        "command while paused, dropped"
+                    );
+                }
             }
         }
     }
@@ -370,6 +458,9 @@ mod tests {
     struct Log(Arc<Mutex<Vec<String>>>);
 
     impl QueueWorker for Log {
+        fn queue_positions(&self) -> Vec<QueuePosition> {
+            Vec::new()
+        }
         fn name(&self) -> &'static str {
             "log"
         }
@@ -443,6 +534,9 @@ mod tests {
     }
 
     impl QueueWorker for Gated {
+        fn queue_positions(&self) -> Vec<QueuePosition> {
+            Vec::new()
+        }
         fn name(&self) -> &'static str {
             "gated"
         }

@@ -152,7 +152,7 @@ pub fn run(
     let vm = Vm::new(memory)?;
     timeline.mark(Phase::VmCreated);
 
-    let mut host = HostSide::start(&vm, config.console, &timeline)?;
+    let mut host = HostSide::start(&vm, config.console, &timeline, None)?;
 
     let mut cmdline = Cmdline::try_from(&config.cmdline, layout::CMDLINE_MAX_SIZE)
         .map_err(|e| BootError::BootState(format!("kernel command line: {e}")))?;
@@ -213,6 +213,7 @@ impl HostSide {
         vm: &Vm,
         console: ConsoleTarget,
         timeline: &Arc<BootTimeline>,
+        serial_state: Option<&mvm_devices::legacy::serial::UartState>,
     ) -> Result<Self, BootError> {
         let (events_tx, events_rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -223,8 +224,14 @@ impl HostSide {
             ConsoleTarget::File(f) => Box::new(f),
         };
         let mut devices = DeviceManager::new();
-        let serial =
-            legacy::attach_legacy_devices(vm.fd(), &mut devices, console, timeline, &stopper)?;
+        let serial = legacy::attach_legacy_devices(
+            vm.fd(),
+            &mut devices,
+            console,
+            timeline,
+            &stopper,
+            serial_state,
+        )?;
         Ok(Self {
             events_tx,
             events_rx,
@@ -282,7 +289,7 @@ impl HostSide {
                 .map_err(host_err("spawning a vCPU thread"))?;
             threads.push(handle);
         }
-        legacy::spawn_console_input(serial)?;
+        legacy::spawn_console_input(serial.clone())?;
         drop(ctx);
         // Every other thread is running under its own filter; the main thread's goes on last.
         crate::seccomp::enter(&crate::seccomp::roles::MAIN, "main");
@@ -295,6 +302,8 @@ impl HostSide {
             stop: &stop,
             threads: &threads,
             events: &events_rx,
+            devices: &devices,
+            serial: &serial,
         };
         let reason = loop {
             match events_rx.recv() {
@@ -496,7 +505,7 @@ fn boot_and_supervise(
     held: &mut Held,
 ) -> Result<ExitReason, Stop> {
     if let Some(dir) = &args.restore {
-        return restore::restore_and_supervise(args, dir, timeline, events, &mut held.plan_id);
+        return restore::restore_and_supervise(args, dir, timeline, events, held);
     }
     let Prepared {
         config,
@@ -513,39 +522,16 @@ fn boot_and_supervise(
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", dir.display())))?,
             plan: plan_binding,
             epoch: args.snapshot_epoch,
-            virtio_devices: devices.names(),
         }),
     };
     held.plan_id = plan_id.clone();
     held._vsock_socket = devices.vsock_socket.take();
     // Jail call site: every file is open; the VMM is still one thread.
-    let jail = crate::jail::JailPlan {
-        // Guest-initiated vsock connections go to `<uds>_<port>` by path.
-        keep_dirs: args
-            .devices
-            .vsock
-            .as_ref()
-            .and_then(|v| crate::jail::parent_dir(&v.uds_path))
-            .into_iter()
-            .collect(),
-        cleanup_files: args
-            .devices
-            .vsock
-            .iter()
-            .map(|v| v.uds_path.clone())
-            .collect(),
-        has_net: devices.net.is_some(),
-        // main, signals, console-in, one per vCPU and per device.
-        threads: u64::from(config.vcpus)
-            .saturating_add(3)
-            .saturating_add(devices.max_threads()),
-        vcpus: u64::from(config.vcpus),
-        mem_bytes: config.mem_bytes,
-        image_bytes: config
-            .kernel
-            .len()
-            .saturating_add(config.initrd.as_ref().map_or(0, Image::len)),
-    };
+    let image_bytes = config
+        .kernel
+        .len()
+        .saturating_add(config.initrd.as_ref().map_or(0, Image::len));
+    let jail = jail_plan(args, &devices, config.vcpus, config.mem_bytes, image_bytes);
     let state = crate::jail::start(&args.jail, &jail).map_err(|e| Stop::Failed(e.to_string()))?;
     tracing::debug!(?state, "jail entered");
     // The jail forked: a verified disk's lease breaks must reach this process.
@@ -575,6 +561,40 @@ fn boot_and_supervise(
             refusal: Box::new(refusal),
         }),
         (ended, None) => ended.map_err(Stop::VmFailed),
+    }
+}
+
+/// What the jail needs to know of this VM: the vsock socket's directory (guest-initiated
+/// connections go to `<uds>_<port>` by path) and file, the net device, and the limits.
+fn jail_plan(
+    args: &Args,
+    devices: &OpenDevices,
+    vcpus: u8,
+    mem_bytes: u64,
+    image_bytes: u64,
+) -> crate::jail::JailPlan {
+    crate::jail::JailPlan {
+        keep_dirs: args
+            .devices
+            .vsock
+            .as_ref()
+            .and_then(|v| crate::jail::parent_dir(&v.uds_path))
+            .into_iter()
+            .collect(),
+        cleanup_files: args
+            .devices
+            .vsock
+            .iter()
+            .map(|v| v.uds_path.clone())
+            .collect(),
+        has_net: devices.net.is_some(),
+        // main, signals, console-in, one per vCPU and per device.
+        threads: u64::from(vcpus)
+            .saturating_add(3)
+            .saturating_add(devices.max_threads()),
+        vcpus: u64::from(vcpus),
+        mem_bytes,
+        image_bytes,
     }
 }
 

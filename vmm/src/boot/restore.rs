@@ -14,10 +14,13 @@ use std::sync::Arc;
 
 use serde_json::Map;
 
-use super::{HostSide, Stop};
+use linux_loader::cmdline::Cmdline;
+
+use super::{Held, HostSide, Stop};
 use crate::boot_report::{BootTimeline, Phase};
 use crate::cli::Args;
 use crate::config::ConsoleTarget;
+use crate::devices::{DeviceContext, OpenDevices};
 use crate::error::BootError;
 use crate::event_log::EventLog;
 use crate::exit::ExitReason;
@@ -26,7 +29,7 @@ use crate::snapshot::manifest::{Expect, PlanBinding};
 use crate::snapshot::{cpu, SnapshotError};
 use crate::snapshot_taking::SnapshotTarget;
 use crate::vcpu::Vcpu;
-use crate::verified_boot::{self, Refusal};
+use crate::verified_boot::{self, BootPlan, Refusal};
 
 fn refused(plan_id: Option<&str>, refusal: Refusal) -> Stop {
     Stop::Refused {
@@ -46,13 +49,13 @@ fn snapshot_refusal(e: SnapshotError) -> Refusal {
 }
 
 /// Checks, jails, restores and supervises; how the VM ended, or why it never ran.
-/// `plan_id` is set as soon as the plan verifies.
+/// `held` gets the plan id as soon as the plan verifies, and the vsock socket's guard.
 pub fn restore_and_supervise(
     args: &Args,
     dir: &std::path::Path,
     timeline: &Arc<BootTimeline>,
     events: &EventLog,
-    plan_id_out: &mut Option<String>,
+    held: &mut Held,
 ) -> Result<ExitReason, Stop> {
     if args.verify.trust.is_empty() {
         return Err(Stop::Invalid(
@@ -60,15 +63,11 @@ pub fn restore_and_supervise(
         ));
     }
     let trusted = verified_boot::read_trusted(&args.verify.trust).map_err(|r| refused(None, r))?;
-    let plan = match (&args.verify.plan, args.verify.dev) {
-        (Some(path), _) => {
-            let verified = verified_boot::verify_plan_for_restore(path, &trusted, timeline)
-                .map_err(|r| refused(None, r))?;
-            Some(PlanBinding {
-                id: verified.plan.plan_id.clone(),
-                digest: verified.digest,
-            })
-        }
+    let boot_plan = match (&args.verify.plan, args.verify.dev) {
+        (Some(path), _) => Some(
+            verified_boot::verify_plan_for_restore(args, path, &trusted, timeline)
+                .map_err(|r| refused(None, r))?,
+        ),
         (None, true) => {
             eprintln!(
                 "mvm-vmm: WARNING: --dev: restoring a snapshot of a development boot; \
@@ -78,8 +77,12 @@ pub fn restore_and_supervise(
         }
         (None, false) => return Err(refused(None, Refusal::NoPlan)),
     };
+    let plan = boot_plan.as_ref().map(|p| PlanBinding {
+        id: p.plan_id().to_owned(),
+        digest: p.verified.digest,
+    });
     let plan_id = plan.as_ref().map(|p| p.id.clone());
-    plan_id_out.clone_from(&plan_id);
+    held.plan_id.clone_from(&plan_id);
 
     let kvm = kvm_ioctls::Kvm::new()
         .map_err(|e| Stop::Failed(format!("opening /dev/kvm failed: {e}")))?;
@@ -94,6 +97,30 @@ pub fn restore_and_supervise(
     };
     let opened =
         bundle::open(dir, &expect).map_err(|e| refused(plan_id.as_deref(), snapshot_refusal(e)))?;
+
+    // The devices, from the same arguments as the boot's: the snapshot's in the same order.
+    let mut devices = crate::devices::open(&args.devices, boot_plan.as_ref().map(BootPlan::plan))
+        .map_err(|e| Stop::Invalid(e.to_string()))?;
+    let given: Vec<&str> = devices.names();
+    let saved: Vec<&str> = opened
+        .state
+        .devices
+        .virtio
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    if given != saved {
+        return Err(refused(
+            plan_id.as_deref(),
+            Refusal::Snapshot {
+                reason: "device_mismatch",
+                detail: format!(
+                    "the snapshot's virtio devices are {saved:?}, the command line gives {given:?}"
+                ),
+            },
+        ));
+    }
+    verified_boot::attach_verity(boot_plan, &mut devices.disks, events);
     timeline.mark(Phase::ArtifactsMeasured);
     let manifest = &opened.manifest;
     let mut f = Map::new();
@@ -109,6 +136,7 @@ pub fn restore_and_supervise(
     f.insert("vmm_build".into(), manifest.vmm_build.clone().into());
     f.insert("vcpus".into(), manifest.vcpus.into());
     f.insert("mem_bytes".into(), manifest.mem_bytes.into());
+    f.insert("devices".into(), saved.clone().into());
     events.emit("snapshot_restored", plan_id.as_deref(), f);
 
     let console = crate::config::console_target(args.console_log.as_deref())
@@ -121,27 +149,24 @@ pub fn restore_and_supervise(
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", d.display())))?,
             plan: plan.clone(),
             epoch: args.snapshot_epoch,
-            virtio_devices: Vec::new(),
         }),
     };
-    let jail = crate::jail::JailPlan {
-        keep_dirs: Vec::new(),
-        cleanup_files: Vec::new(),
-        has_net: false,
-        // main, signals, console-in, one per vCPU.
-        threads: u64::from(manifest.vcpus).saturating_add(3),
-        vcpus: u64::from(manifest.vcpus),
-        mem_bytes: manifest.mem_bytes,
-        image_bytes: 0,
-    };
+    held._vsock_socket = devices.vsock_socket.take();
+    let jail = super::jail_plan(args, &devices, manifest.vcpus, manifest.mem_bytes, 0);
     let state = crate::jail::start(&args.jail, &jail).map_err(|e| Stop::Failed(e.to_string()))?;
+    for disk in &devices.disks {
+        disk.claim_lease_signals();
+    }
     super::report_jail(timeline, state);
-    restore_vm(opened, console, snapshot, timeline).map_err(Stop::VmFailed)
+    devices.report_metrics(timeline);
+    restore_vm(opened, devices, console, snapshot, timeline).map_err(Stop::VmFailed)
 }
 
-/// Maps the memory, sets the VM's and each vCPU's state, and runs it.
+/// Maps the memory, sets the VM's state, attaches the devices and puts each one's state
+/// back, sets each vCPU's state, and runs it.
 fn restore_vm(
     opened: bundle::Opened,
+    devices: OpenDevices,
     console: ConsoleTarget,
     snapshot: Option<SnapshotTarget>,
     timeline: &Arc<BootTimeline>,
@@ -149,7 +174,35 @@ fn restore_vm(
     let snapshot_err = |e: SnapshotError| BootError::BootState(format!("restoring: {e}"));
     let vm = bundle::restore_vm(&opened).map_err(snapshot_err)?;
     timeline.mark(Phase::VmCreated);
-    let host = HostSide::start(&vm, console, timeline)?;
+    let mut host = HostSide::start(&vm, console, timeline, opened.state.devices.serial.as_ref())?;
+    // The guest's command line is in its memory already; the devices' parameters go
+    // nowhere.
+    let mut unused = Cmdline::new(crate::layout::CMDLINE_MAX_SIZE)
+        .map_err(|e| BootError::BootState(format!("command line: {e}")))?;
+    devices.attach(&mut DeviceContext {
+        vm: vm.fd(),
+        memory: vm.memory(),
+        devices: &mut host.devices,
+        cmdline: &mut unused,
+    })?;
+    for (slot, saved) in host
+        .devices
+        .virtio_slots()
+        .iter()
+        .zip(&opened.state.devices.virtio)
+    {
+        if slot.name != saved.name || slot.base != saved.mmio_base {
+            return Err(BootError::BootState(format!(
+                "restoring: {} at {:#x} where the snapshot has {} at {:#x}",
+                slot.name, slot.base, saved.name, saved.mmio_base
+            )));
+        }
+        slot.transport
+            .lock()
+            .map_err(|_| BootError::BootState(format!("{}: transport lock poisoned", slot.name)))?
+            .restore(&saved.transport)
+            .map_err(|e| BootError::BootState(format!("restoring {e}")))?;
+    }
     let mut vcpus = Vec::with_capacity(opened.state.vcpus.len());
     for state in &opened.state.vcpus {
         let vcpu = Vcpu::new(vm.fd(), state.index)?;

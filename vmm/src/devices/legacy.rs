@@ -85,13 +85,15 @@ impl Write for ConsoleWriter {
 /// COM1, shared between the PIO bus and the console input thread.
 pub type SharedSerial = Arc<Mutex<SerialDevice<ConsoleWriter>>>;
 
-/// Puts COM1, the i8042 reset line and the guest-signal port on the PIO bus.
+/// Puts COM1 (in `serial_state`, for a restore), the i8042 reset line and the
+/// guest-signal port on the PIO bus.
 pub fn attach_legacy_devices(
     vm: &VmFd,
     devices: &mut DeviceManager,
     console: Box<dyn Write + Send>,
     timeline: &Arc<BootTimeline>,
     stopper: &VmStopper,
+    serial_state: Option<&mvm_devices::legacy::serial::UartState>,
 ) -> Result<SharedSerial, BootError> {
     let irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
     vm.register_irqfd(&irq, serial::COM1_IRQ)
@@ -99,10 +101,16 @@ pub fn attach_legacy_devices(
             what: "KVM_IRQFD (COM1)",
             source,
         })?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        EventFdTrigger::new(irq),
-        ConsoleWriter::new(console, timeline.clone()),
-    )));
+    let trigger = EventFdTrigger::new(irq);
+    let writer = ConsoleWriter::new(console, timeline.clone());
+    let uart = match serial_state {
+        None => SerialDevice::new(trigger, writer),
+        // A restored VM's UART, as its driver left it.
+        Some(state) => {
+            SerialDevice::from_state(trigger, writer, state).map_err(BootError::BootState)?
+        }
+    };
+    let serial = Arc::new(Mutex::new(uart));
     devices.attach_pio(
         serial.clone(),
         serial::COM1_PORT_BASE,

@@ -31,7 +31,7 @@ use mvm_devices::virtio::vsock::{VsockConfig, VsockError};
 use mvm_loader::plan::Plan;
 
 use crate::boot_report::BootTimeline;
-use crate::device_manager::{DeviceManager, MmioSlot};
+use crate::device_manager::{DeviceManager, MmioSlot, VirtioSlot};
 use crate::error::{BootError, PlanDisagreement};
 use mvm_seccomp::Role;
 
@@ -221,7 +221,11 @@ where
     D: VirtioDevice + 'static,
     W: QueueWorker + 'static,
 {
-    let DeviceThread { name, role, label } = thread;
+    let DeviceThread {
+        name: thread_name,
+        role,
+        label,
+    } = thread;
     let queues = u16::try_from(front.queue_max_sizes().len())
         .map_err(|_| BootError::BootState(format!("{label}: too many queues")))?;
     let res = ctx.devices.prepare_virtio_mmio(ctx.vm, queues)?;
@@ -242,11 +246,18 @@ where
         res.queue_notify,
     )
     .map_err(|e| BootError::BootState(format!("{label}: {e}")))?;
+    let device_name = transport.device_name();
+    let transport = Arc::new(Mutex::new(transport));
     ctx.devices
-        .attach_virtio_mmio(&res.slot, Arc::new(Mutex::new(transport)), ctx.cmdline)?;
-    let hook = crate::seccomp::device_hook(role, name.clone());
+        .attach_virtio_mmio(&res.slot, transport.clone(), ctx.cmdline)?;
+    ctx.devices.keep_virtio_slot(VirtioSlot {
+        name: device_name,
+        base: res.slot.base,
+        transport,
+    });
+    let hook = crate::seccomp::device_hook(role, thread_name.clone());
     let joiner = worker::spawn(
-        &name,
+        &thread_name,
         WorkerLoop::new(backend, inbox, notifiers, interrupt),
         hook,
     )

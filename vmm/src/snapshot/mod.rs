@@ -41,6 +41,30 @@ pub struct MachineState {
     pub vcpus: Vec<cpu::VcpuState>,
     /// The in-kernel devices'.
     pub vm: vm_state::VmState,
+    /// The VMM's own devices'.
+    pub devices: DevicesState,
+}
+
+/// The state of the devices the VMM emulates itself.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesState {
+    /// COM1's registers and receive FIFO (`None`: a VM without one, as in tests).
+    pub serial: Option<mvm_devices::legacy::serial::UartState>,
+    /// Each virtio-mmio device, in the order they were attached (their slots).
+    pub virtio: Vec<VirtioSlotState>,
+}
+
+/// One virtio-mmio device.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioSlotState {
+    /// The device's name (`virtio-blk`, `virtio-vsock`, `virtio-net`).
+    pub name: String,
+    /// Its slot's guest-physical base.
+    pub mmio_base: u64,
+    /// Its transport's registers and queues.
+    pub transport: mvm_devices::virtio::mmio::TransportState,
 }
 
 /// Errors taking or restoring a snapshot.

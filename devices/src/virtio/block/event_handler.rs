@@ -15,7 +15,7 @@ use super::request::{self, DiskLimits, ParseError, Request, RequestKind};
 use super::verity::VerifyMode;
 use super::*;
 use crate::virtio::worker::QueueWorker;
-use crate::virtio::{Activation, GuestMemoryMmap, Interrupt};
+use crate::virtio::{Activation, GuestMemoryMmap, Interrupt, QueuePosition};
 
 const NAME: &str = "virtio-blk";
 
@@ -322,5 +322,12 @@ impl QueueWorker for BlockWorker {
 
     fn reset(&mut self, _ops: &mut EventOps) {
         self.detach();
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .iter()
+            .map(|a| QueuePosition::of(&a.queue))
+            .collect()
     }
 }

@@ -10,7 +10,7 @@
 mod tests;
 mod transport;
 
-pub use transport::{MmioTransport, TransportError};
+pub use transport::{MmioTransport, QueueState, TransportError, TransportState};
 
 /// `MagicValue` (R): 0x74726976, "virt" in little-endian ASCII.
 pub const REG_MAGIC_VALUE: u64 = 0x000;

@@ -52,9 +52,15 @@ enum Seen {
     },
     Queue(usize),
     Reset,
+    /// After a restore's activation: the positions the queues came with.
+    Restored(Vec<QueuePosition>),
 }
 
-struct Recorder(Arc<Mutex<Vec<Seen>>>);
+/// Records what the worker is asked to do; its queues' positions are the ones it was
+/// activated with, moved on by `ADVANCE` per queue notification.
+struct Recorder(Arc<Mutex<Vec<Seen>>>, Vec<QueuePosition>);
+
+const ADVANCE: u16 = 3;
 
 impl QueueWorker for Recorder {
     fn name(&self) -> &'static str {
@@ -62,6 +68,7 @@ impl QueueWorker for Recorder {
     }
     fn activate(&mut self, a: Activation, _: &Interrupt, _: &mut EventOps) {
         use virtio_queue::QueueT;
+        self.1 = a.queues.iter().map(QueuePosition::of).collect();
         self.0.lock().unwrap().push(Seen::Activate {
             queues: a.queues.len(),
             event_idx: a.queues.iter().all(|q| q.event_idx_enabled()),
@@ -69,10 +76,20 @@ impl QueueWorker for Recorder {
         });
     }
     fn process_queue(&mut self, index: usize, _: &Interrupt, _: &mut EventOps) {
+        if let Some(p) = self.1.get_mut(index) {
+            p.next_avail = p.next_avail.wrapping_add(ADVANCE);
+            p.next_used = p.next_used.wrapping_add(ADVANCE);
+        }
         self.0.lock().unwrap().push(Seen::Queue(index));
     }
     fn reset(&mut self, _: &mut EventOps) {
         self.0.lock().unwrap().push(Seen::Reset);
+    }
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.1.clone()
+    }
+    fn after_restore(&mut self, _: &Interrupt, _: &mut EventOps) {
+        self.0.lock().unwrap().push(Seen::Restored(self.1.clone()));
     }
 }
 
@@ -95,7 +112,7 @@ fn rig(queues: Vec<u16>) -> Rig {
     let t = MmioTransport::new(Box::new(FakeDevice { queues }), handle, irq.clone(), mem).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let lp = WorkerLoop::new(
-        Recorder(Arc::clone(&seen)),
+        Recorder(Arc::clone(&seen), Vec::new()),
         inbox,
         t.queue_notifiers().unwrap(),
         irq,
@@ -486,4 +503,107 @@ fn notifier_count_must_match_the_queues() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("2 queues but 1"), "{err}");
+}
+
+#[test]
+fn a_paused_live_transport_restores_into_a_fresh_one_at_the_same_queue_positions() {
+    let mut r = rig(vec![16, 8]);
+    r.negotiate(MODERN | (1 << VIRTIO_RING_F_EVENT_IDX));
+    r.set_up_queue(0, 16);
+    r.set_up_queue(1, 8);
+    r.driver_ok();
+    r.wait_seen(1);
+    // Two kicks of queue 1: its device moves on twice.
+    r.w(REG_QUEUE_NOTIFY, 1);
+    r.wait_seen(2);
+    r.w(REG_QUEUE_NOTIFY, 1);
+    r.wait_seen(3);
+    r.w(REG_QUEUE_SEL, 1);
+    let state = r.t.pause(Duration::from_secs(5)).unwrap();
+    assert_eq!(state.device_type, VIRTIO_ID_BLOCK);
+    assert_ne!(state.status & DEVICE_STATUS_DRIVER_OK, 0);
+    assert_eq!(state.queue_sel, 1);
+    let positions: Vec<_> = state.queues.iter().map(|q| q.position.unwrap()).collect();
+    let moved = 2 * ADVANCE;
+    assert_eq!(
+        positions,
+        vec![
+            QueuePosition {
+                next_avail: 0,
+                next_used: 0
+            },
+            QueuePosition {
+                next_avail: moved,
+                next_used: moved
+            },
+        ]
+    );
+    // Paused: a kick is not served until the resume.
+    r.w(REG_QUEUE_NOTIFY, 0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.seen.lock().unwrap().len(), 3);
+    r.t.resume();
+    assert_eq!(r.wait_seen(4)[3], Seen::Queue(0));
+
+    // A fresh transport and thread take the state: the worker is activated with the
+    // queues at their positions and told it was a restore; the registers read back.
+    let mut fresh = rig(vec![16, 8]);
+    fresh.t.restore(&state).unwrap();
+    let seen = fresh.wait_seen(2);
+    assert!(
+        matches!(
+            seen[0],
+            Seen::Activate {
+                queues: 2,
+                event_idx: true,
+                ..
+            }
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(seen[1], Seen::Restored(positions));
+    assert!(fresh.t.is_activated());
+    assert_eq!(fresh.r(REG_STATUS), state.status);
+    assert_eq!(fresh.r(REG_QUEUE_READY), 1);
+    assert_eq!(fresh.t.acked_features(), state.acked_features);
+    // It runs on: a kick is served.
+    fresh.w(REG_QUEUE_NOTIFY, 1);
+    assert_eq!(fresh.wait_seen(3)[2], Seen::Queue(1));
+    assert!(!fresh.needs_reset());
+}
+
+#[test]
+fn a_restore_that_does_not_fit_the_device_is_refused() {
+    let mut r = rig(vec![16, 8]);
+    r.negotiate(MODERN);
+    r.set_up_queue(0, 16);
+    r.set_up_queue(1, 8);
+    r.driver_ok();
+    r.wait_seen(1);
+    let state = r.t.pause(Duration::from_secs(5)).unwrap();
+    r.t.resume();
+    let refused = |edit: &dyn Fn(&mut TransportState), queues: Vec<u16>| {
+        let mut s = state.clone();
+        edit(&mut s);
+        let mut fresh = rig(queues);
+        let err = fresh.t.restore(&s).unwrap_err();
+        assert!(!fresh.t.is_activated());
+        err
+    };
+    assert!(refused(&|s| s.device_type = VIRTIO_ID_NET, vec![16, 8]).contains("virtio type"));
+    assert!(refused(&|_| {}, vec![16]).contains("queues"));
+    assert!(refused(&|s| s.acked_features |= 1 << 40, vec![16, 8]).contains("does not offer"));
+    assert!(refused(&|s| s.queues[1].size = 16, vec![16, 8]).contains("size 16"));
+    assert!(refused(&|s| s.queues[0].position = None, vec![16, 8]).contains("without a position"));
+    assert!(
+        refused(&|s| s.queues[0].desc = MEM_SIZE + 0x1000, vec![16, 8])
+            .contains("outside guest memory")
+    );
+    // A device that had asked for a reset comes back asking for it, not live.
+    let mut s = state.clone();
+    s.needs_reset = true;
+    let mut fresh = rig(vec![16, 8]);
+    fresh.t.restore(&s).unwrap();
+    assert!(!fresh.t.is_activated());
+    assert!(fresh.needs_reset());
 }

@@ -11,9 +11,10 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::worker::WorkerHandle;
 use crate::virtio::{
-    feature, Activation, GuestMemoryMmap, Interrupt, VirtioDevice, DEVICE_STATUS_ACKNOWLEDGE,
-    DEVICE_STATUS_DRIVER, DEVICE_STATUS_DRIVER_OK, DEVICE_STATUS_FAILED, DEVICE_STATUS_FEATURES_OK,
-    DEVICE_STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, Activation, GuestMemoryMmap, Interrupt, QueuePosition, VirtioDevice,
+    DEVICE_STATUS_ACKNOWLEDGE, DEVICE_STATUS_DRIVER, DEVICE_STATUS_DRIVER_OK, DEVICE_STATUS_FAILED,
+    DEVICE_STATUS_FEATURES_OK, DEVICE_STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// How long a reset waits for the device thread to give the queues back. A worker stuck
@@ -54,6 +55,50 @@ pub enum TransportError {
     /// An eventfd could not be created or cloned.
     #[error("queue notifier eventfd: {0}")]
     EventFd(#[source] io::Error),
+}
+
+/// A transport's registers and queues, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// The device's virtio type (a restore into another kind of device is refused).
+    pub device_type: u32,
+    /// Device status, as the driver set it.
+    pub status: u32,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// Whether the device had marked itself NEEDS_RESET.
+    pub needs_reset: bool,
+    /// Each queue's configuration and, while the driver is live, its position.
+    pub queues: Vec<QueueState>,
+}
+
+/// One queue, as a snapshot keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueState {
+    /// QueueNum.
+    pub size: u16,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available (driver) ring address.
+    pub driver: u64,
+    /// Used (device) ring address.
+    pub device: u64,
+    /// QueueReady.
+    pub ready: bool,
+    /// Where the device stands in it; `Some` exactly when the device was live.
+    pub position: Option<QueuePosition>,
 }
 
 /// What the driver wrote about one queue, before the queue is built at QueueReady.
@@ -187,6 +232,12 @@ impl MmioTransport {
     /// Clones of the per-queue notifier eventfds, in queue order: the VMM registers each
     /// with `KVM_IOEVENTFD` at [`REG_QUEUE_NOTIFY`] (4 bytes, datamatch = queue index) and
     /// hands another set of clones to the device's worker loop.
+    /// The device's name (`virtio-blk`).
+    #[must_use]
+    pub fn device_name(&self) -> &'static str {
+        self.device.name()
+    }
+
     pub fn queue_notifiers(&self) -> io::Result<Vec<EventFd>> {
         self.notifiers.iter().map(EventFd::try_clone).collect()
     }
@@ -234,6 +285,149 @@ impl MmioTransport {
             .and_then(|sel| self.queue_max.get(sel))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Pauses the device thread (it finishes what it is doing first) and returns the
+    /// transport's state with each live queue's position. The vCPUs must be paused, so no
+    /// register changes meanwhile. On an error nothing is paused.
+    pub fn pause(&mut self, timeout: Duration) -> Result<TransportState, String> {
+        let name = self.device.name();
+        if self.reset_pending {
+            return Err(format!("{name}: a reset is still pending"));
+        }
+        let positions = if self.activated {
+            let positions = self
+                .worker
+                .pause(timeout)
+                .map_err(|e| format!("{name}: {e}"))?;
+            if positions.len() != self.queues.len() {
+                let _ = self.worker.resume();
+                return Err(format!(
+                    "{name}: the device thread holds {} queues of {}",
+                    positions.len(),
+                    self.queues.len()
+                ));
+            }
+            positions.into_iter().map(Some).collect()
+        } else {
+            vec![None; self.queues.len()]
+        };
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: self
+                .queues
+                .iter()
+                .zip(positions)
+                .map(|(q, position)| QueueState {
+                    size: q.size,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                    ready: q.ready,
+                    position,
+                })
+                .collect(),
+        })
+    }
+
+    /// Lets a device thread paused by [`MmioTransport::pause`] go on.
+    pub fn resume(&self) {
+        if self.activated {
+            if let Err(e) = self.worker.resume() {
+                tracing::warn!(device = self.device.name(), error = %e, "resume");
+            }
+        }
+    }
+
+    /// Puts a snapshot's `state` into this fresh transport (its device built from the
+    /// same arguments, its thread running) before any vCPU runs. A live driver's queues
+    /// go to the device thread at their saved positions, followed by what a restore asks
+    /// of the device (vsock: a TRANSPORT_RESET event). `state` came from a verified
+    /// snapshot, but is checked as guest input would be: a queue past its maximum, a
+    /// feature never offered, a ring outside memory are errors.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let name = self.device.name();
+        if self.status != 0 || self.activated {
+            return Err(format!("{name}: restore into a transport already in use"));
+        }
+        if state.device_type != self.device.device_type() {
+            return Err(format!(
+                "{name}: the snapshot's device here is of virtio type {}, this one {}",
+                state.device_type,
+                self.device.device_type()
+            ));
+        }
+        if state.queues.len() != self.queue_max.len() {
+            return Err(format!(
+                "{name}: the snapshot has {} queues, the device {}",
+                state.queues.len(),
+                self.queue_max.len()
+            ));
+        }
+        if state.acked_features & !self.device.avail_features() != 0 {
+            return Err(format!(
+                "{name}: the snapshot's driver accepted features {:#x} this device does not offer",
+                state.acked_features & !self.device.avail_features()
+            ));
+        }
+        for (i, (q, &max)) in state.queues.iter().zip(&self.queue_max).enumerate() {
+            if q.size > max || (q.size != 0 && !q.size.is_power_of_two()) {
+                return Err(format!("{name}: queue {i} size {} (maximum {max})", q.size));
+            }
+        }
+        self.queues = state
+            .queues
+            .iter()
+            .map(|q| QueueConfig {
+                size: q.size,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+                ready: q.ready,
+            })
+            .collect();
+        self.status = state.status;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.config_generation = state.config_generation;
+        if state.needs_reset {
+            self.interrupt
+                .mark_needs_reset(name, "it needed a reset when the snapshot was taken");
+        } else if state.status & DEVICE_STATUS_DRIVER_OK != 0 {
+            let mut queues = Vec::with_capacity(state.queues.len());
+            for (index, q) in state.queues.iter().enumerate() {
+                let sel = u32::try_from(index).unwrap_or(u32::MAX);
+                let config = self.queues.get(index).copied().unwrap_or_default();
+                let mut queue = self.build_queue(sel, &config)?;
+                let position = q
+                    .position
+                    .ok_or_else(|| format!("{name}: live queue {index} without a position"))?;
+                queue.set_next_avail(position.next_avail);
+                queue.set_next_used(position.next_used);
+                queues.push(queue);
+            }
+            self.worker
+                .activate_restored(Activation {
+                    mem: self.mem.clone(),
+                    queues,
+                    acked_features: self.acked_features,
+                })
+                .map_err(|e| format!("{name}: {e}"))?;
+            self.activated = true;
+        }
+        self.interrupt
+            .restore_status(state.interrupt_status)
+            .map_err(|e| format!("{name}: raising its interrupt: {e}"))
     }
 
     fn read_register(&mut self, offset: u64) -> u32 {

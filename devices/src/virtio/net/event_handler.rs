@@ -25,7 +25,9 @@ use super::{
     VNET_HDR_OFF_NUM_BUFFERS, VNET_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
-use crate::virtio::{feature, next_chain, Activation, DeviceEvent, GuestMemoryMmap, Interrupt};
+use crate::virtio::{
+    feature, next_chain, Activation, DeviceEvent, GuestMemoryMmap, Interrupt, QueuePosition,
+};
 
 /// Epoll token of the tap fd in the device loop.
 pub const TAP_TOKEN: u32 = WORKER_TOKEN_BASE;
@@ -455,6 +457,15 @@ impl<B: FrameBackend + 'static> QueueWorker for NetWorker<B> {
 
     fn reset(&mut self, _ops: &mut EventOps) {
         self.detach();
+    }
+
+    /// A frame read from the tap and waiting for guest buffers is not part of it: it is
+    /// lost with the VMM, as a frame on a wire can be.
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .iter()
+            .flat_map(|a| [QueuePosition::of(&a.rx), QueuePosition::of(&a.tx)])
+            .collect()
     }
 
     fn process_event(&mut self, events: Events, interrupt: &Interrupt, _ops: &mut EventOps) {

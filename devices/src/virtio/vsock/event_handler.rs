@@ -21,7 +21,7 @@ use super::{
     VSOCK_EVENT_SIZE, VSOCK_HDR_SIZE,
 };
 use crate::virtio::worker::{QueueWorker, WORKER_TOKEN_BASE};
-use crate::virtio::{next_chain, Activation, Interrupt};
+use crate::virtio::{next_chain, Activation, Interrupt, QueuePosition};
 
 use super::metrics::{VsockCounts, VsockMetrics};
 
@@ -320,6 +320,19 @@ impl QueueWorker for VsockWorker {
 
     fn reset(&mut self, _ops: &mut EventOps) {
         self.reset_queues();
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(QueuePosition::of).collect())
+            .unwrap_or_default()
+    }
+
+    /// The guest's connections were to a VMM that is gone: a TRANSPORT_RESET event makes
+    /// its driver drop them (listening sockets stay, so the agent is reachable again).
+    fn after_restore(&mut self, interrupt: &Interrupt, _ops: &mut EventOps) {
+        self.transport_reset(interrupt);
     }
 
     fn process_event(&mut self, events: Events, interrupt: &Interrupt, _ops: &mut EventOps) {

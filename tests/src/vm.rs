@@ -32,6 +32,12 @@ pub struct VmLaunch {
     label: String,
     /// Start as this uid and gid, with a `/dev/kvm` node at this directory ([`crate::as_user`]).
     user: Option<(u32, u32, PathBuf)>,
+    /// `--restore DIR` in place of the kernel, initramfs, command line and resources.
+    restore: Option<PathBuf>,
+    /// Send this signal once the console holds this text.
+    signal_on: Option<(String, i32)>,
+    /// Note when the console first holds this text.
+    time_to: Option<String>,
 }
 
 /// What a finished (or killed) VMM left behind.
@@ -49,6 +55,8 @@ pub struct VmRun {
     pub stderr: String,
     /// The boot report, when one was asked for and parsed.
     pub boot_report: Option<Result<BootReport, String>>,
+    /// When the console first held [`VmLaunch::time_to_console`]'s text.
+    pub console_at: Option<Duration>,
 }
 
 impl VmLaunch {
@@ -68,7 +76,34 @@ impl VmLaunch {
             out_dir: out_dir.to_path_buf(),
             label: "vm".into(),
             user: None,
+            restore: None,
+            signal_on: None,
+            time_to: None,
         }
+    }
+
+    /// Notes how long after the spawn a console line first ends with `needle`
+    /// ([`VmRun::console_at`]), to within the poll interval.
+    #[must_use]
+    pub fn time_to_console(mut self, needle: &str) -> Self {
+        self.time_to = Some(needle.to_owned());
+        self
+    }
+
+    /// Starts from the snapshot in `dir` (`--restore DIR`) instead of booting: the kernel,
+    /// initramfs, command line, vCPUs and memory are the snapshot's.
+    #[must_use]
+    pub fn restore_from(mut self, dir: &Path) -> Self {
+        self.restore = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Sends `signal` to the VMM (once) when a line of its console first ends with
+    /// `needle` (a whole line's end: `count: 5` is not `count: 50`).
+    #[must_use]
+    pub fn signal_on_console(mut self, needle: &str, signal: i32) -> Self {
+        self.signal_on = Some((needle.to_owned(), signal));
+        self
     }
 
     /// Sets `--initrd`.
@@ -143,19 +178,26 @@ impl VmLaunch {
 
     /// The full argument list, for logs and failure messages.
     pub fn args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["--kernel".into(), self.kernel.clone().into()];
-        if let Some(initrd) = &self.initrd {
-            args.push("--initrd".into());
-            args.push(initrd.clone().into());
+        let mut args: Vec<OsString> = Vec::new();
+        if let Some(dir) = &self.restore {
+            args.push("--restore".into());
+            args.push(dir.clone().into());
+        } else {
+            args.push("--kernel".into());
+            args.push(self.kernel.clone().into());
+            if let Some(initrd) = &self.initrd {
+                args.push("--initrd".into());
+                args.push(initrd.clone().into());
+            }
+            if let Some(cmdline) = &self.cmdline {
+                args.push("--cmdline".into());
+                args.push(cmdline.into());
+            }
+            args.push("--vcpus".into());
+            args.push(self.vcpus.to_string().into());
+            args.push("--mem-mib".into());
+            args.push(self.mem_mib.to_string().into());
         }
-        if let Some(cmdline) = &self.cmdline {
-            args.push("--cmdline".into());
-            args.push(cmdline.into());
-        }
-        args.push("--vcpus".into());
-        args.push(self.vcpus.to_string().into());
-        args.push("--mem-mib".into());
-        args.push(self.mem_mib.to_string().into());
         if let Some(report) = &self.boot_report {
             args.push("--boot-report".into());
             args.push(report.clone().into());
@@ -171,6 +213,33 @@ impl VmLaunch {
     /// Where [`VmLaunch::run`] writes the guest console (readable while it runs).
     pub fn console_path(&self) -> PathBuf {
         self.out_dir.join(format!("{}.console", self.label))
+    }
+
+    /// Every tenth poll, while a signal is waiting for its console text: sends it once the
+    /// console holds the text.
+    fn maybe_signal(
+        &self,
+        signal_on: &mut Option<(String, i32)>,
+        console: &Path,
+        pid: u32,
+        polls: &mut u32,
+    ) {
+        *polls = polls.wrapping_add(1);
+        if *polls % 10 != 0 {
+            return;
+        }
+        let Some((needle, signal)) = signal_on.as_ref() else {
+            return;
+        };
+        let seen =
+            read_bounded(console, OUTPUT_LIMIT).is_ok_and(|text| text.contains(needle.as_str()));
+        if seen {
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: signalling the child this launch spawned and has not reaped.
+                unsafe { libc::kill(pid, *signal) };
+            }
+            *signal_on = None;
+        }
     }
 
     /// Runs the VMM to exit or timeout. Fails only when the VMM could not
@@ -200,6 +269,9 @@ impl VmLaunch {
         }
         let start = Instant::now();
         let mut child = cmd.spawn().map_err(|e| io_err("spawn", &self.vmm, e))?;
+        let mut signal_on = self.signal_on.clone();
+        let mut polls = 0u32;
+        let mut console_at = None;
         let mut timed_out = false;
         let status = loop {
             match child.try_wait() {
@@ -212,7 +284,17 @@ impl VmLaunch {
                         Err(e) => return Err(Failure::new(format!("wait for mvm-vmm: {e}"))),
                     }
                 }
-                Ok(None) => std::thread::sleep(POLL),
+                Ok(None) => {
+                    std::thread::sleep(POLL);
+                    self.maybe_signal(&mut signal_on, &console_path, child.id(), &mut polls);
+                    if let (Some(needle), None) = (&self.time_to, console_at) {
+                        if read_bounded(&console_path, OUTPUT_LIMIT)
+                            .is_ok_and(|t| line_ends_with(&t, needle))
+                        {
+                            console_at = Some(start.elapsed());
+                        }
+                    }
+                }
                 Err(e) => return Err(Failure::new(format!("wait for mvm-vmm: {e}"))),
             }
         };
@@ -234,8 +316,19 @@ impl VmLaunch {
             console,
             stderr,
             boot_report,
+            console_at,
         })
     }
+}
+
+/// Whether a whole line of `text` (ended by `\n`, its `\r` dropped: a guest's serial
+/// console ends lines with `\r\n`) ends with `needle`. A line still being written does
+/// not count.
+fn line_ends_with(text: &str, needle: &str) -> bool {
+    let complete = text.rsplit_once('\n').map_or("", |(whole, _)| whole);
+    complete
+        .split('\n')
+        .any(|l| l.trim_end_matches('\r').ends_with(needle))
 }
 
 impl VmRun {
@@ -299,5 +392,21 @@ impl VmRun {
             Some(Err(e)) => Err(self.fail(e.clone())),
             None => Err(Failure::new("no boot report was asked for")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_ends_with;
+
+    #[test]
+    fn a_line_ends_with_the_needle_only_once_it_is_whole() {
+        let text = "a: count: 5\r\nb: count: 50\r\nc: count: 6";
+        assert!(line_ends_with(text, "count: 5"));
+        assert!(line_ends_with(text, "count: 50"));
+        assert!(!line_ends_with(text, "count: 6"));
+        assert!(!line_ends_with("count: 50\n", "count: 5"));
+        assert!(line_ends_with("count: 6\n", "count: 6"));
+        assert!(!line_ends_with("", "x"));
     }
 }

@@ -7,7 +7,6 @@
 //! pause, a write that fails) is logged and the VM runs on, everything resumed: a
 //! snapshot is never half-taken into a VM that then stops.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,8 +48,6 @@ pub struct Supervisor<'a> {
     pub vm: &'a Vm,
     /// The vCPUs' pause gate.
     pub pause: &'a PauseGate,
-    /// The VM's stop flag.
-    pub stop: &'a AtomicBool,
     /// The vCPU threads, by index.
     pub threads: &'a [JoinHandle<()>],
     /// The supervisor's event channel.
@@ -216,7 +213,6 @@ impl Supervisor<'_> {
                 )));
             }
         }
-        let _ = self.stop;
         Ok(states.into_iter().flatten().collect())
     }
 }

@@ -13,6 +13,7 @@ pub mod run;
 pub mod sandbox;
 pub mod secret;
 pub mod selftest;
+pub mod snapshot;
 pub mod tier;
 pub mod verify;
 pub mod vsock;
@@ -25,6 +26,7 @@ pub fn all() -> Vec<Case> {
         boot::CASES,
         blk::CASES,
         vsock::CASES,
+        snapshot::CASES,
         verify::CASES,
         run::CASES,
         audit::CASES,

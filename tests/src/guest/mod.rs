@@ -12,6 +12,7 @@ pub mod hostile;
 pub mod init;
 pub mod modes;
 pub mod signal;
+pub mod snapshot;
 pub mod vsock;
 
 use std::io::Write;

@@ -35,6 +35,7 @@ pub const MODES: &[Mode] = &[
     Mode::new("blk-parallel", super::blk::parallel),
     Mode::new("hostile-blk", super::hostile::run_blk),
     Mode::new("hostile-vsock", super::hostile::run_vsock),
+    Mode::new("snapshot", super::snapshot::run),
 ];
 
 /// The mode called `name`, or an error listing the known ones.

@@ -299,7 +299,6 @@ impl HostSide {
         let supervisor = crate::snapshot_taking::Supervisor {
             vm: &vm,
             pause: &pause,
-            stop: &stop,
             threads: &threads,
             events: &events_rx,
             devices: &devices,

@@ -9,7 +9,7 @@ use std::path::Path;
 use mvm_loader::measure::Sha256Digest;
 
 use super::manifest::{self, CpuRequirement, Expect, FileDigest, Manifest, PlanBinding};
-use super::memory::{self, RegionLayout};
+use super::memory::{self, MemoryIndex, RegionLayout};
 use super::{MachineState, SnapshotError, MEMORY_FILE, SEALED_FILE, STATE_FILE, UNSIGNED_FILE};
 use crate::layout;
 use crate::vm::Vm;
@@ -91,8 +91,12 @@ pub fn write(
             what: "state",
             why: format!("{} vCPUs", state.vcpus.len()),
         })?;
-    let (layout, mem_digest) = memory::save(vm.memory(), &mut mem_file)?;
-    let state_json = serde_json::to_vec(state).map_err(|e| SnapshotError::Format {
+    let (layout, index) = memory::save(vm.memory(), &mut mem_file)?;
+    let state_json = serde_json::to_vec(&StateFileRef {
+        machine: state,
+        memory: &index,
+    })
+    .map_err(|e| SnapshotError::Format {
         what: "state",
         why: e.to_string(),
     })?;
@@ -110,7 +114,7 @@ pub fn write(
         mem_bytes: vm.memory_bytes(),
         memory: FileDigest {
             bytes: vm.memory_bytes(),
-            sha256: mem_digest,
+            sha256: index.digest(),
         },
         layout,
         state: FileDigest {
@@ -128,6 +132,21 @@ pub fn write(
         .and_then(|()| unsigned.sync_all())
         .map_err(io("writing the manifest"))?;
     Ok(manifest)
+}
+
+/// What [`STATE_FILE`] holds: the machine state and the memory file's index.
+#[derive(serde::Serialize)]
+struct StateFileRef<'a> {
+    machine: &'a MachineState,
+    memory: &'a MemoryIndex,
+}
+
+/// [`StateFileRef`], read back.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    machine: MachineState,
+    memory: MemoryIndex,
 }
 
 /// A snapshot that passed every check, its memory file open.
@@ -213,7 +232,10 @@ pub fn open(dir: &Path, expect: &Expect<'_>) -> Result<Opened, SnapshotError> {
             ),
         ));
     }
-    let state: MachineState = serde_json::from_slice(&state_bytes)
+    let StateFile {
+        machine: state,
+        memory: index,
+    } = serde_json::from_slice(&state_bytes)
         .map_err(|e| SnapshotError::refused("snapshot_format", format!("{STATE_FILE}: {e}")))?;
     let indices_ok = state
         .vcpus
@@ -230,18 +252,16 @@ pub fn open(dir: &Path, expect: &Expect<'_>) -> Result<Opened, SnapshotError> {
             ),
         ));
     }
-    let mut mem = open_file(dir, MEMORY_FILE)?;
-    let (sha256, bytes) = memory::digest(&mut mem)?;
-    let found = FileDigest { bytes, sha256 };
-    if found != manifest.memory {
+    if index.digest() != manifest.memory.sha256 {
         return Err(SnapshotError::refused(
-            "memory_mismatch",
-            format!(
-                "{MEMORY_FILE} is {bytes} bytes with sha256 {sha256}; the seal says {} bytes with {}",
-                manifest.memory.bytes, manifest.memory.sha256
-            ),
+            "state_mismatch",
+            "the memory index is not the one sealed".to_owned(),
         ));
     }
+    let mut mem = open_file(dir, MEMORY_FILE)?;
+    memory::check(&mut mem, &index, manifest.memory.bytes).map_err(|why| {
+        SnapshotError::refused("memory_mismatch", format!("{MEMORY_FILE}: {why}"))
+    })?;
     Ok(Opened {
         manifest,
         state,

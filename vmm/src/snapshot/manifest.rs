@@ -263,3 +263,58 @@ pub fn open(envelope_json: &[u8], expect: &Expect<'_>) -> Result<Manifest, Snaps
     }
     Ok(manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    /// Leaf 0 with `name`, leaf 1 with `ecx`/`edx`, leaf 7.0 with `ebx`.
+    fn cpu(name: &[u8; 12], ecx1: u32, edx1: u32, ebx7: u32) -> Vec<kvm_cpuid_entry2> {
+        let r = |i: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&name[i..i + 4]);
+            u32::from_le_bytes(b)
+        };
+        vec![
+            entry(0, 0, r(0), r(8), r(4)),
+            entry(1, 0, 0, ecx1, edx1),
+            entry(7, 0, ebx7, 0, 0),
+        ]
+    }
+
+    #[test]
+    fn a_host_with_every_feature_passes_and_one_without_one_is_named() {
+        let guest = CpuRequirement::of_guest(&cpu(b"AuthenticAMD", 0x0000_0201, 0x10, 0x8));
+        assert_eq!(guest.vendor, "AuthenticAMD");
+        let host = CpuId::from_entries(&cpu(b"AuthenticAMD", 0x0000_0a01, 0x30, 0x18)).unwrap();
+        guest.check_host(&host).unwrap();
+        let lacking = CpuId::from_entries(&cpu(b"AuthenticAMD", 0x0000_0a01, 0x30, 0x10)).unwrap();
+        let e = guest.check_host(&lacking).unwrap_err();
+        assert_eq!(e.refusal_reason(), Some("cpu_mismatch"));
+        assert!(
+            e.to_string().contains("leaf 0x7.0 ebx bits 0x00000008"),
+            "{e}"
+        );
+        let intel = CpuId::from_entries(&cpu(b"GenuineIntel", !0, !0, !0)).unwrap();
+        let e = guest.check_host(&intel).unwrap_err();
+        assert!(e.to_string().contains("GenuineIntel"), "{e}");
+    }
+
+    #[test]
+    fn the_hypervisor_bit_is_never_a_requirement() {
+        let guest = CpuRequirement::of_guest(&cpu(b"AuthenticAMD", LEAF1_ECX_HYPERVISOR | 1, 0, 0));
+        let host = CpuId::from_entries(&cpu(b"AuthenticAMD", 1, 0, 0)).unwrap();
+        guest.check_host(&host).unwrap();
+    }
+}

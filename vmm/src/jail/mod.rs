@@ -50,7 +50,7 @@ pub struct JailArgs {
     pub jail_gid: u32,
     /// Parent of the per-VM root directories (one `mvm-vmm-<pid>` each, removed at exit).
     /// Default: /run/mvm-jail as root; otherwise $XDG_RUNTIME_DIR/mvm-jail, or
-    /// /tmp/mvm-jail-<uid> (created 0700, refused unless it is the user's own).
+    /// `/tmp/mvm-jail-<uid>` (created 0700, refused unless it is the user's own).
     #[arg(long, value_name = "DIR")]
     pub jail_dir: Option<PathBuf>,
     /// cgroup v2 directory under which each VM gets its cgroup `mvm-vmm-<pid>` (skipped,

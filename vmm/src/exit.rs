@@ -38,7 +38,8 @@ Boot refused by verified boot (nothing was created, no guest code ran):
   23 disk_mismatch      24 plan_unreadable (--plan/--trust file, or an artifact)
   25 a --restore snapshot refused: snapshot_unsigned, snapshot_format, vmm_mismatch,
      plan_mismatch, rollback, cpu_mismatch, state_mismatch, memory_mismatch,
-     device_mismatch (the --disk/--vsock/--net devices are not the snapshot's)";
+     device_mismatch (the --disk/--vsock/--net devices are not the snapshot's),
+     memory_unleased (its memory file is open for writing elsewhere)";
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

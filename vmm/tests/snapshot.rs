@@ -853,3 +853,54 @@ fn the_jailed_vmm_restores_a_snapshot_and_snapshots_it_again_and_refuses_a_bad_o
         0
     );
 }
+
+#[test]
+fn a_host_writer_on_the_memory_file_is_refused_before_and_stops_the_vm_after() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (snap, console) = (d.join("snap"), d.join("console"));
+    let mut child = spawn_serial_counter(d, &[]);
+    wait_for_file_len(&console, 100, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGUSR2);
+    assert_eq!(code, Some(0), "{stderr}");
+    seal(&snap, &key());
+
+    // Open for writing somewhere: no lease, no restore.
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap.join(MEMORY_FILE))
+        .unwrap();
+    let console2 = d.join("console2");
+    let (code, stderr) = exit_and_stderr(spawn_restore(d, &snap, &console2, &[]));
+    assert_eq!(code, Some(25), "{stderr}");
+    assert!(stderr.contains("memory_unleased"), "{stderr}");
+    drop(writer);
+
+    // Restored, then a host process opens the file for writing: it is held back, the VM
+    // is stopped, and only then does the writer get in.
+    let mut child = spawn_restore(d, &snap, &console2, &[]);
+    wait_for_file_len(&console2, 100, &mut child);
+    let path = snap.join(MEMORY_FILE);
+    let started = Instant::now();
+    let opener = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(path);
+        (f.is_ok(), Instant::now())
+    });
+    let (code, stderr) = wait_with_stderr(&mut child);
+    let ended = Instant::now();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("opened the snapshot's memory file for writing"),
+        "{stderr}"
+    );
+    let (opened, opened_at) = opener.join().unwrap();
+    // In well under the 45 s a lease holds a writer back: the VMM let go by ending.
+    assert!(opened);
+    assert!(opened_at.duration_since(started) < Duration::from_secs(20));
+    assert!(
+        ended.duration_since(started) < Duration::from_secs(20),
+        "the VM took {:?} to stop",
+        ended.duration_since(started)
+    );
+}

@@ -45,8 +45,11 @@ use crate::vm::{self, Vm};
 /// becomes a snapshot request.
 /// SIGIO, a verified disk's read lease breaking, is taken there too and only
 /// noted (`mvm_devices::virtio::block::lease`): no vCPU or device thread is
-/// interrupted by it.
+/// interrupted by it. The memory lease's signal (a restored VM's memory file opened for
+/// writing, [`crate::snapshot::memory::lease`]) ends the VM: pages it has not read yet
+/// could change under it.
 fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
+    let memory_lease = crate::snapshot::memory::lease_signal();
     let mut set = SigSet::empty();
     for sig in [
         Signal::SIGINT,
@@ -57,14 +60,36 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     ] {
         set.add(sig);
     }
-    set.thread_block()
-        .map_err(|e| host_err("blocking host signals")(io::Error::from(e)))?;
+    let mut raw: libc::sigset_t = *set.as_ref();
+    // SAFETY: `raw` is an initialised sigset_t; sigaddset only sets a bit of it, and the
+    // real-time signal number comes from glibc's SIGRTMIN.
+    unsafe { libc::sigaddset(&mut raw, memory_lease) };
+    // SAFETY: `raw` is a valid set built above; the old mask is not asked for.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(host_err("blocking host signals")(
+            io::Error::from_raw_os_error(rc),
+        ));
+    }
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             crate::seccomp::enter(&crate::seccomp::roles::SIGNALS, "signals");
             loop {
-                match set.wait() {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `raw` is the valid set blocked above; `sig` is written on success.
+                if unsafe { libc::sigwait(&raw, &mut sig) } != 0 {
+                    return;
+                }
+                if sig == memory_lease {
+                    stopper.stop(ExitReason::VmmError(
+                        "a host process opened the snapshot's memory file for writing: the VM is stopped, \
+                         since pages it has not read yet could change under it"
+                            .into(),
+                    ));
+                    return;
+                }
+                match Signal::try_from(sig) {
                     Ok(Signal::SIGUSR2) => stopper.request_snapshot(),
                     Ok(Signal::SIGIO) => {
                         mvm_devices::virtio::block::lease::note_break();
@@ -74,7 +99,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
                         stopper.stop(ExitReason::HostSignal(sig as i32));
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {}
                 }
             }
         })

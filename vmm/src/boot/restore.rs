@@ -157,6 +157,8 @@ pub fn restore_and_supervise(
     for disk in &devices.disks {
         disk.claim_lease_signals();
     }
+    crate::snapshot::memory::claim_lease_signals(&opened.memory)
+        .map_err(|e| Stop::Failed(format!("the memory file's lease: {e}")))?;
     super::report_jail(timeline, state);
     devices.report_metrics(timeline);
     restore_vm(opened, devices, console, snapshot, timeline).map_err(Stop::VmFailed)

@@ -259,6 +259,13 @@ pub fn open(dir: &Path, expect: &Expect<'_>) -> Result<Opened, SnapshotError> {
         ));
     }
     let mut mem = open_file(dir, MEMORY_FILE)?;
+    // Leased before it is read: no writer can get in between the check and the guest.
+    memory::lease(&mem).map_err(|e| {
+        SnapshotError::refused(
+            "memory_unleased",
+            format!("{MEMORY_FILE}: no read lease ({e}): it is open for writing elsewhere, or this file system or user cannot lease it"),
+        )
+    })?;
     memory::check(&mut mem, &index, manifest.memory.bytes).map_err(|why| {
         SnapshotError::refused("memory_mismatch", format!("{MEMORY_FILE}: {why}"))
     })?;

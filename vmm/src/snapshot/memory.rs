@@ -212,6 +212,56 @@ pub fn check(file: &mut File, index: &MemoryIndex, len: u64) -> Result<(), Strin
     Ok(())
 }
 
+/// `F_SETSIG` (`<asm-generic/fcntl.h>`; the libc crate does not name it): which signal
+/// the kernel sends for an fd's lease break.
+const F_SETSIG: libc::c_int = 10;
+
+/// The real-time signal a break of a memory file's read lease sends (`SIGRTMIN + 1`;
+/// `SIGRTMIN` kicks vCPUs).
+pub fn lease_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+/// Takes a read lease on the memory file (opened read-only), its breaks sent to this
+/// process as [`lease_signal`]. From then on, a host process that opens the file for
+/// writing (or truncates it) is held back in `open` while the VMM is told, and the VMM ends
+/// the VM (`boot::spawn_signal_waiter`): a `MAP_PRIVATE` mapping shows the file's later
+/// changes in every page the guest has not written, so a writer must never get in while
+/// the VM runs. Fails while the file is open for writing anywhere, or where leases are
+/// not to be had (`EINVAL`: the file system; `EACCES`: not the file's owner).
+pub fn lease(file: &File) -> std::io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: fcntl on an fd this File owns, with int arguments.
+    let steps = unsafe {
+        [
+            libc::fcntl(fd, F_SETSIG, lease_signal()),
+            libc::fcntl(fd, libc::F_SETOWN, libc::getpid()),
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK),
+        ]
+    };
+    if steps.iter().any(|&rc| rc != 0) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends the memory lease's breaks to this process: after the jail's fork they would
+/// still go to the process that took it.
+pub fn claim_lease_signals(file: &File) -> std::io::Result<()> {
+    // SAFETY: F_SETOWN takes a pid; the fd is open for the call.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::F_SETOWN,
+            libc::getpid(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Maps `file` as guest memory by `layout`, private and lazily. The caller has checked
 /// the file's digest and that `layout` is the one the sealed manifest names.
 pub fn map(file: &File, layout: &[RegionLayout]) -> Result<GuestMemoryMmap, SnapshotError> {

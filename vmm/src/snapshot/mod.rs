@@ -109,7 +109,7 @@ pub enum SnapshotError {
     Refused {
         /// A stable reason, for the audit record: `snapshot_unsigned`, `snapshot_format`,
         /// `vmm_mismatch`, `plan_mismatch`, `rollback`, `cpu_mismatch`, `state_mismatch`,
-        /// `memory_mismatch`.
+        /// `memory_mismatch`, `memory_unleased`.
         reason: &'static str,
         /// What was found.
         detail: String,

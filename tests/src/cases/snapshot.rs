@@ -18,7 +18,7 @@ use ed25519_dalek::SigningKey;
 use mvm_loader::dsse::{format_public_key, Envelope};
 
 use crate::case::{Case, CaseResult, Context, Failure, KERNEL_ELF};
-use crate::guest::snapshot::{FILE_TEXT, PORT, SAY_COUNT, SAY_DISK_ERROR};
+use crate::guest::snapshot::{FILE_TEXT, PORT, SAY_ANSWERED, SAY_COUNT, SAY_DISK_ERROR};
 use crate::vm::VmRun;
 
 /// The snapshot cases.
@@ -147,22 +147,33 @@ fn linux_guest(ctx: &Context) -> CaseResult {
     std::fs::write(&trust, format_public_key(&key.verifying_key()))
         .map_err(|e| Failure::new(format!("trust file: {e}")))?;
 
-    let asker = {
-        let uds = uds.clone();
-        let deadline = Instant::now() + RUN_LIMIT;
-        std::thread::spawn(move || ask(uds, deadline))
-    };
     let target = last + MORE;
-    let restored = devices(ctx.test_guest(KERNEL_ELF, "snapshot")?)
+    let restore = devices(ctx.test_guest(KERNEL_ELF, "snapshot")?)
         .restore_from(&snap)
         .arg("--trust")
         .arg(&trust)
         .label("restored")
         .with_boot_report()
-        .time_to_console(&format!("{SAY_COUNT}{}", last + 1))
         .timeout(RUN_LIMIT)
-        .signal_on_console(&format!("{SAY_COUNT}{target}"), libc::SIGTERM)
-        .run()?;
+        .time_to_console(&format!("{SAY_COUNT}{}", last + 1))
+        .signal_on_console(SAY_ANSWERED, libc::SIGTERM);
+    // Once the restored guest has counted MORE, ask it over vsock; its answer is what
+    // ends the run.
+    let asker = {
+        let (uds, console) = (uds.clone(), restore.console_path());
+        let needle = format!("{SAY_COUNT}{target}");
+        let deadline = Instant::now() + RUN_LIMIT;
+        std::thread::spawn(move || {
+            while !std::fs::read_to_string(&console).is_ok_and(|t| t.contains(&needle)) {
+                if Instant::now() > deadline {
+                    return Err(format!("the restored guest never counted to {target}"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ask(uds, deadline)
+        })
+    };
+    let restored = restore.run()?;
     let answer = asker
         .join()
         .map_err(|_| Failure::new("the vsock thread panicked"))?;

@@ -5,7 +5,7 @@
 //! `/dev/vda` (O_DIRECT, synced: a virtio-blk request each way), reads it back,
 //! checks it, and says `snapshot-count: <n>`. A thread listens on vsock port
 //! [`PORT`] and answers each connection with `count=<n> file=<text of FILE>` and
-//! closes it. After a restore the count goes on from where it stopped, the block device
+//! closes it, then says [`SAY_ANSWERED`]. After a restore the count goes on from where it stopped, the block device
 //! serves the next request, and a new vsock connection is answered (the old ones were
 //! reset). Nothing ends it but the host.
 
@@ -33,6 +33,8 @@ pub const PORT: u32 = 5100;
 pub const TICK_MS: u64 = 200;
 /// What each count line starts with.
 pub const SAY_COUNT: &str = "snapshot-count: ";
+/// What the guest says after it answered a vsock connection.
+pub const SAY_ANSWERED: &str = "snapshot-answered";
 /// What a failed disk check says.
 pub const SAY_DISK_ERROR: &str = "snapshot-disk: ERROR";
 
@@ -89,7 +91,9 @@ fn answer(listener: OwnedFd, count: Arc<AtomicU64>) {
         let mut conn = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         let text = std::fs::read_to_string(FILE).unwrap_or_else(|e| format!("<{e}>"));
         let line = format!("count={} file={text}\n", count.load(Ordering::SeqCst));
-        let _ = conn.write_all(line.as_bytes());
+        if conn.write_all(line.as_bytes()).is_ok() {
+            super::Console.say(SAY_ANSWERED);
+        }
     }
 }
 

@@ -904,3 +904,86 @@ fn a_host_writer_on_the_memory_file_is_refused_before_and_stops_the_vm_after() {
         ended.duration_since(started)
     );
 }
+
+#[test]
+fn a_planned_snapshot_restores_under_its_plan_whose_nonce_is_spent_and_under_no_other() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kernel = support::payload_vmlinux(d, &serial_counting_payload());
+    let cmdline = "console=ttyS0 quiet";
+    let admission = SigningKey::from_bytes(&[1; 32]);
+    let trust = d.join("admission.pub");
+    std::fs::write(
+        &trust,
+        mvm_loader::dsse::format_public_key(&admission.verifying_key()),
+    )
+    .unwrap();
+    let signed = |nonce: &str, name: &str| {
+        let plan = support::test_plan(&kernel, cmdline, &nonce.repeat(16));
+        let signed = mvm_loader::plan::envelope::sign_plan(plan, &admission).unwrap();
+        let path = d.join(name);
+        std::fs::write(&path, signed.envelope.to_json()).unwrap();
+        path
+    };
+    let plan = signed("b1", "plan.json");
+    let other = signed("b2", "other.json");
+    let replay = d.join("replay");
+    let snap = d.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let console = d.join("console");
+    let mut child = support::vmm()
+        .arg("--plan")
+        .arg(&plan)
+        .arg("--trust")
+        .arg(&trust)
+        .arg("--replay-store")
+        .arg(&replay)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--cmdline", cmdline])
+        .arg("--console-log")
+        .arg(&console)
+        .arg("--snapshot-dir")
+        .arg(&snap)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_file_len(&console, 100, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGUSR2);
+    assert_eq!(code, Some(0), "{stderr}");
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(snap.join(UNSIGNED_FILE)).unwrap()).unwrap();
+    assert_eq!(m.plan.as_ref().map(|p| p.id.as_str()), Some("vmm-test"));
+    // Sealed by the admission key, as the runtime will.
+    seal(&snap, &admission);
+    let first = std::fs::read(&console).unwrap();
+
+    let restore = |plan: Option<&Path>, console: &Path| {
+        let mut cmd = support::vmm();
+        cmd.arg("--restore").arg(&snap).arg("--trust").arg(&trust);
+        match plan {
+            Some(p) => cmd.arg("--plan").arg(p).arg("--replay-store").arg(&replay),
+            None => cmd.arg("--dev"),
+        };
+        cmd.arg("--console-log")
+            .arg(console)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Another plan, and no plan: refused.
+    let console2 = d.join("console2");
+    for p in [Some(other.as_path()), None] {
+        let (code, stderr) = exit_and_stderr(restore(p, &console2));
+        assert_eq!(code, Some(25), "{stderr}");
+        assert!(stderr.contains("plan_mismatch"), "{stderr}");
+    }
+    // Its own plan, though the boot spent its nonce: restored, counting on.
+    let mut child = restore(Some(&plan), &console2);
+    wait_for_file_len(&console2, 100, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGTERM);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    let second = std::fs::read(&console2).unwrap();
+    assert_bytes_count_on(&[first, second].concat());
+}

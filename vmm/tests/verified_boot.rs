@@ -17,46 +17,12 @@ use ed25519_dalek::SigningKey;
 use mvm_loader::dsse::format_public_key;
 use mvm_loader::measure::Sha256Digest;
 use mvm_loader::plan::envelope::sign_plan;
-use mvm_loader::plan::{
-    Artifacts, Devices, GuestPolicy, Plan, Resources, Tier, UtcTime, SCHEMA_VERSION,
-};
+use mvm_loader::plan::{Plan, UtcTime};
 
 const CMDLINE: &str = "console=ttyS0 quiet";
 
 fn plan_for(kernel: &Path, nonce: &str) -> Plan {
-    let now = UtcTime::now();
-    Plan {
-        schema_version: SCHEMA_VERSION,
-        plan_id: "vmm-test".into(),
-        not_before: now.saturating_sub(Duration::from_secs(60)),
-        not_after: now.saturating_add(Duration::from_secs(600)),
-        nonce: nonce.into(),
-        artifacts: Artifacts {
-            kernel: Sha256Digest::of(&std::fs::read(kernel).unwrap()),
-            initramfs: None,
-            cmdline: Sha256Digest::of(CMDLINE.as_bytes()),
-            disks: Vec::new(),
-        },
-        resources: Resources {
-            vcpus: 1,
-            memory_mib: 64,
-            timeout_secs: 60,
-        },
-        devices: Devices {
-            vsock: None,
-            scratch_disks: Vec::new(),
-            net: None,
-        },
-        guest: GuestPolicy {
-            uid: 1000,
-            gid: 1000,
-            max_processes: 16,
-            max_open_files: 64,
-            max_file_size_mib: 16,
-        },
-        secrets: Vec::new(),
-        required_tier: Tier::Hardware,
-    }
+    support::test_plan(kernel, CMDLINE, nonce)
 }
 
 struct Run {

@@ -62,3 +62,45 @@ pub fn signal_after(pid: u32, signal: i32, grace: Duration) -> std::thread::Join
         unsafe { libc::kill(pid, signal) };
     })
 }
+
+/// A plan for `kernel` (no initramfs) with `cmdline`, 1 vCPU, 64 MiB, no devices, valid
+/// from a minute ago for ten minutes, with `nonce`.
+pub fn test_plan(kernel: &Path, cmdline: &str, nonce: &str) -> mvm_loader::plan::Plan {
+    use mvm_loader::measure::Sha256Digest;
+    use mvm_loader::plan::{
+        Artifacts, Devices, GuestPolicy, Plan, Resources, Tier, UtcTime, SCHEMA_VERSION,
+    };
+    let now = UtcTime::now();
+    Plan {
+        schema_version: SCHEMA_VERSION,
+        plan_id: "vmm-test".into(),
+        not_before: now.saturating_sub(Duration::from_secs(60)),
+        not_after: now.saturating_add(Duration::from_secs(600)),
+        nonce: nonce.into(),
+        artifacts: Artifacts {
+            kernel: Sha256Digest::of(&std::fs::read(kernel).unwrap()),
+            initramfs: None,
+            cmdline: Sha256Digest::of(cmdline.as_bytes()),
+            disks: Vec::new(),
+        },
+        resources: Resources {
+            vcpus: 1,
+            memory_mib: 64,
+            timeout_secs: 60,
+        },
+        devices: Devices {
+            vsock: None,
+            scratch_disks: Vec::new(),
+            net: None,
+        },
+        guest: GuestPolicy {
+            uid: 1000,
+            gid: 1000,
+            max_processes: 16,
+            max_open_files: 64,
+            max_file_size_mib: 16,
+        },
+        secrets: Vec::new(),
+        required_tier: Tier::Hardware,
+    }
+}

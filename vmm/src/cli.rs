@@ -21,9 +21,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
     name = "mvm-vmm",
     version,
     about = "A minimal KVM VMM: boots a Linux kernel (ELF vmlinux or bzImage) with a serial console.",
-    after_help = EXIT_STATUS_HELP,
-    // What a --trust key verifies: a plan, a snapshot's seal, or both.
-    group = clap::ArgGroup::new("signed").args(["plan", "restore"]).multiple(true)
+    after_help = EXIT_STATUS_HELP
 )]
 pub struct Args {
     /// Guest kernel: an ELF vmlinux (x86_64) or a bzImage. Required unless --restore.
@@ -34,11 +32,18 @@ pub struct Args {
     /// plan must be the one the snapshot was taken under (its signature and window are
     /// checked, its nonce is not: the boot spent it); with --dev, only a snapshot of a
     /// development boot restores. Every check is made before guest memory is mapped.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd"])]
+    /// The kernel, initramfs, command line, vCPUs and memory are the snapshot's: giving
+    /// any of them as well is an error.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "mem_mib"]
+    )]
     pub restore: Option<PathBuf>,
-    /// The sandbox's current epoch: a snapshot of an older epoch is refused (rollback).
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "restore")]
-    pub restore_min_epoch: u64,
+    /// The sandbox's current epoch: a snapshot of an older epoch is refused (rollback)
+    /// [default: 0].
+    #[arg(long, value_name = "N")]
+    pub restore_min_epoch: Option<u64>,
     /// Initramfs (newc cpio, optionally compressed) loaded high in guest RAM.
     #[arg(long, value_name = "FILE")]
     pub initrd: Option<PathBuf>,
@@ -69,9 +74,10 @@ pub struct Args {
     /// device is attached (their state is not saved yet).
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
-    /// The sandbox epoch the snapshot is bound to (a restore at a later epoch refuses it).
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "snapshot_dir")]
-    pub snapshot_epoch: u64,
+    /// The sandbox epoch the snapshot is bound to (a restore at a later epoch refuses it)
+    /// [default: 0].
+    #[arg(long, value_name = "N", requires = "snapshot_dir")]
+    pub snapshot_epoch: Option<u64>,
     /// The devices: --disk, --vsock, --net (each declared by its module in `devices/`).
     #[command(flatten)]
     pub devices: crate::devices::DeviceArgs,
@@ -92,7 +98,7 @@ pub struct VerifyArgs {
     pub plan: Option<PathBuf>,
     /// A public key file (`mvm-ed25519-public <base64>`) trusted to sign plans and to
     /// seal snapshots. Repeatable; required with --plan and with --restore.
-    #[arg(long = "trust", value_name = "PUBKEY", requires = "signed")]
+    #[arg(long = "trust", value_name = "PUBKEY")]
     pub trust: Vec<PathBuf>,
     /// The host's nonce store (default: $MVM_DATA_DIR/replay-nonces, else
     /// $XDG_DATA_HOME/mvm/replay-nonces, else ~/.local/share/mvm/replay-nonces,
@@ -106,4 +112,57 @@ pub struct VerifyArgs {
     /// Development mode: boot without a plan. NOTHING IS VERIFIED.
     #[arg(long)]
     pub dev: bool,
+}
+
+impl Args {
+    /// What clap cannot say in its attributes: `--trust` verifies a plan or a snapshot's
+    /// seal, so it needs `--plan` or `--restore` (a requirement on either of two
+    /// arguments; clap's groups would loosen `--replay-store`'s own requirement of
+    /// `--plan`); `--restore-min-epoch` needs `--restore` (clap drops a requirement on an
+    /// argument that conflicts with one given, as `--restore` does with `--kernel`).
+    pub fn check(&self) -> Result<(), String> {
+        if !self.verify.trust.is_empty() && self.verify.plan.is_none() && self.restore.is_none() {
+            return Err("--trust needs --plan or --restore".into());
+        }
+        if self.restore_min_epoch.is_some() && self.restore.is_none() {
+            return Err("--restore-min-epoch needs --restore".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_takes_nothing_the_snapshot_already_is() {
+        let ok = Args::try_parse_from(["mvm-vmm", "--restore", "/s", "--dev"]).unwrap();
+        assert_eq!(ok.restore.as_deref(), Some(std::path::Path::new("/s")));
+        assert_eq!(ok.cmdline, DEFAULT_CMDLINE);
+        for extra in [
+            ["--kernel", "/k"],
+            ["--initrd", "/i"],
+            ["--cmdline", "quiet"],
+            ["--vcpus", "2"],
+            ["--mem-mib", "64"],
+        ] {
+            let argv = ["mvm-vmm", "--restore", "/s", "--dev", extra[0], extra[1]];
+            assert!(Args::try_parse_from(argv).is_err(), "{extra:?}");
+        }
+        // Without --restore, --kernel is required; --trust needs --plan or --restore.
+        assert!(Args::try_parse_from(["mvm-vmm", "--dev"]).is_err());
+        let restore = Args::try_parse_from(["mvm-vmm", "--restore", "/s", "--trust", "/k"]);
+        assert!(restore.unwrap().check().is_ok());
+        let boot = Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--trust", "/p"]).unwrap();
+        assert!(boot.check().is_err());
+        assert!(
+            Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--replay-store", "/r"]).is_err()
+        );
+        let epoch = Args::try_parse_from(["mvm-vmm", "--restore-min-epoch", "3", "--kernel", "/k"]);
+        assert!(epoch.unwrap().check().is_err());
+        assert!(
+            Args::try_parse_from(["mvm-vmm", "--snapshot-epoch", "3", "--kernel", "/k"]).is_err()
+        );
+    }
 }

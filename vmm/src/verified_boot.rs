@@ -650,7 +650,8 @@ mod tests {
         assert!(
             Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--dev", "--plan", "/p"]).is_err()
         );
-        assert!(Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--trust", "/p"]).is_err());
+        let trust_only = Args::try_parse_from(["mvm-vmm", "--kernel", "/k", "--trust", "/p"]);
+        assert!(trust_only.unwrap().check().is_err());
     }
 
     #[test]

@@ -444,6 +444,10 @@ pub fn prepare(
 /// Every step is a `Result`; the first [`Stop`], or the VM's end, is reported here and
 /// nowhere else: the boot report, one line on stderr, a `boot_refused` or `vm_exit` event.
 pub fn run_cli(args: Args, timeline: Arc<BootTimeline>) -> i32 {
+    if let Err(e) = args.check() {
+        eprintln!("mvm-vmm: {e}");
+        return STATUS_BAD_ARGUMENTS;
+    }
     let report_path = args.boot_report.clone();
     if !args.jail.no_jail {
         crate::jail::close_inherited_fds();
@@ -545,7 +549,7 @@ fn boot_and_supervise(
             files: SnapshotFiles::create_in(dir)
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", dir.display())))?,
             plan: plan_binding,
-            epoch: args.snapshot_epoch,
+            epoch: args.snapshot_epoch.unwrap_or(0),
         }),
     };
     held.plan_id = plan_id.clone();

@@ -92,7 +92,7 @@ pub fn restore_and_supervise(
     let expect = Expect {
         trusted: &trusted,
         plan: plan.as_ref(),
-        min_epoch: args.restore_min_epoch,
+        min_epoch: args.restore_min_epoch.unwrap_or(0),
         host_cpuid: &host_cpuid,
     };
     let opened =
@@ -148,7 +148,7 @@ pub fn restore_and_supervise(
             files: SnapshotFiles::create_in(d)
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", d.display())))?,
             plan: plan.clone(),
-            epoch: args.snapshot_epoch,
+            epoch: args.snapshot_epoch.unwrap_or(0),
         }),
     };
     held._vsock_socket = devices.vsock_socket.take();

@@ -15,8 +15,8 @@ use std::time::Duration;
 use crate::protocol::{
     read_frame, write_frame, DirEntry, ErrorReply, ExecRequest, ExecSignal, ExitStatus, FileDone,
     Hello, ListDirRequest, MakeDirRequest, Message, ReadError, ReadFileRequest, ReadyInfo,
-    ShutdownRequest, WriteError, WriteFileRequest, CONNECTION_REQUEST_ID, DATA_CHUNK,
-    MAX_DIR_ENTRIES, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    ReseedRequest, Reseeded, ShutdownRequest, WriteError, WriteFileRequest, CONNECTION_REQUEST_ID,
+    DATA_CHUNK, MAX_DIR_ENTRIES, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 use crate::transport::Duplex;
 
@@ -805,6 +805,23 @@ impl Client {
         })();
         self.inner.forget(id);
         result
+    }
+
+    /// After a restore, before anything else runs in the guest (protocol 1.2): gives
+    /// the guest kernel's RNG fresh entropy, the VM its new identity and the host's
+    /// clock. An agent older than 1.2 is refused here, before anything is sent.
+    pub fn reseed(&self, request: &ReseedRequest) -> Result<Reseeded, ClientError> {
+        let hello = &self.agent_hello;
+        if (hello.major, hello.minor) < (1, 2) {
+            return Err(ClientError::Unexpected(format!(
+                "{} speaks protocol {}.{}; a reseed needs 1.2",
+                hello.software, hello.major, hello.minor
+            )));
+        }
+        match self.simple_request(&Message::Reseed(request.clone()), None)? {
+            Message::Reseeded(done) => Ok(done),
+            other => Err(ClientError::Unexpected(format!("{:?}", other.frame_type()))),
+        }
     }
 
     /// Asks the agent to sync and power the guest off. Returns once the agent acknowledged;

@@ -1018,3 +1018,27 @@ fn an_error_frame_from_the_client_cancels_a_running_process() {
     }
     assert!(start.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn a_reseed_is_refused_by_an_agent_that_is_not_the_guests_pid1() {
+    // On the host the agent must not set the host's RNG, clock or hostname.
+    let agent = Agent::start(&[]);
+    let client = agent.client();
+    let before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let request = mvm_agent::protocol::ReseedRequest {
+        entropy: vec![9; 64],
+        sandbox_id: "sb-fork".into(),
+        hostname: Some("not-this-host".into()),
+        unix_time_ns: Some(0),
+    };
+    assert_eq!(
+        agent_error(client.reseed(&request)),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        before
+    );
+    // The connection goes on.
+    assert_eq!(run(&client, &sh("echo on")).stdout, b"on\n");
+}

@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{assert_clean, fake_vmm, set_role, setup, spec, Setup, ROLE};
-use mvm_agent::protocol::{read_frame, write_frame, ExecRequest, Hello, Message, PROTOCOL_MAJOR};
+use mvm_agent::protocol::{
+    read_frame, write_frame, ErrorCode, ExecRequest, Hello, Message, ReseedRequest, PROTOCOL_MAJOR,
+};
 use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 use mvm_runtime::backend::{
     kvm, RunError, RunJournal, RunOutcome, SessionEvent, Workload, WorkloadStatus,
@@ -192,6 +194,18 @@ fn requests_are_shared_recorded_and_cleaned_up(s: &Setup) {
         .wait_output()
         .unwrap();
     assert_eq!(ok.status.code, Some(0));
+
+    // A client does not reseed the guest: that is the supervisor's, after a restore.
+    let refused = a.reseed(&ReseedRequest {
+        entropy: vec![1; 32],
+        sandbox_id: "sb-other".into(),
+        hostname: None,
+        unix_time_ns: None,
+    });
+    assert!(
+        matches!(&refused, Err(ClientError::Agent(e)) if e.code == ErrorCode::PermissionDenied),
+        "{refused:?}"
+    );
 
     // Stop: the session ends, the VM with it.
     b.shutdown().unwrap();

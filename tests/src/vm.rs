@@ -34,10 +34,19 @@ pub struct VmLaunch {
     user: Option<(u32, u32, PathBuf)>,
     /// `--restore DIR` in place of the kernel, initramfs, command line and resources.
     restore: Option<PathBuf>,
-    /// Send this signal once the console holds this text.
-    signal_on: Option<(String, i32)>,
+    /// Send this signal once this happens.
+    signal_on: Option<(Trigger, i32)>,
     /// Note when the console first holds this text.
     time_to: Option<String>,
+}
+
+/// What makes [`VmLaunch::run`] send its signal.
+#[derive(Debug, Clone)]
+enum Trigger {
+    /// A console line ends with this text.
+    Console(String),
+    /// This file exists (a case's other thread made it).
+    File(PathBuf),
 }
 
 /// What a finished (or killed) VMM left behind.
@@ -102,7 +111,15 @@ impl VmLaunch {
     /// `needle` (a whole line's end: `count: 5` is not `count: 50`).
     #[must_use]
     pub fn signal_on_console(mut self, needle: &str, signal: i32) -> Self {
-        self.signal_on = Some((needle.to_owned(), signal));
+        self.signal_on = Some((Trigger::Console(needle.to_owned()), signal));
+        self
+    }
+
+    /// Sends `signal` to the VMM (once) when `path` exists: a case's other thread,
+    /// talking to the guest, decides when.
+    #[must_use]
+    pub fn signal_on_file(mut self, path: &Path, signal: i32) -> Self {
+        self.signal_on = Some((Trigger::File(path.to_path_buf()), signal));
         self
     }
 
@@ -215,11 +232,11 @@ impl VmLaunch {
         self.out_dir.join(format!("{}.console", self.label))
     }
 
-    /// Every tenth poll, while a signal is waiting for its console text: sends it once the
-    /// console holds the text.
+    /// Every tenth poll, while a signal is waiting for its trigger: sends it once the
+    /// trigger happened.
     fn maybe_signal(
         &self,
-        signal_on: &mut Option<(String, i32)>,
+        signal_on: &mut Option<(Trigger, i32)>,
         console: &Path,
         pid: u32,
         polls: &mut u32,
@@ -228,11 +245,15 @@ impl VmLaunch {
         if *polls % 10 != 0 {
             return;
         }
-        let Some((needle, signal)) = signal_on.as_ref() else {
+        let Some((trigger, signal)) = signal_on.as_ref() else {
             return;
         };
-        let seen =
-            read_bounded(console, OUTPUT_LIMIT).is_ok_and(|text| text.contains(needle.as_str()));
+        let seen = match trigger {
+            Trigger::Console(needle) => {
+                read_bounded(console, OUTPUT_LIMIT).is_ok_and(|text| text.contains(needle.as_str()))
+            }
+            Trigger::File(path) => path.exists(),
+        };
         if seen {
             if let Ok(pid) = i32::try_from(pid) {
                 // SAFETY: signalling the child this launch spawned and has not reaped.

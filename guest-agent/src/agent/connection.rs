@@ -8,6 +8,7 @@ use super::dirs;
 use super::exec;
 use super::files::{self, WriteSink};
 use super::reply::{reply, Responder};
+use super::reseed;
 use super::tunnel;
 use super::{software, Agent, MAX_CONNECTIONS, MAX_REQUESTS_PER_CONNECTION};
 use crate::protocol::{
@@ -447,6 +448,24 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
             shared.send(id, &Message::ShutdownAck);
             agent.power_off(request);
         }
+        Message::Reseed(request) => {
+            if let Err(e) = admit(shared, id) {
+                return shared.send_error(id, e);
+            }
+            let answer = if agent.pid1 {
+                reseed::apply(&request).map(Message::Reseeded)
+            } else {
+                Err(reply(
+                    ErrorCode::PermissionDenied,
+                    "a reseed sets the kernel's RNG, clock and hostname: only the agent \
+                     that is the guest's PID 1 does it",
+                ))
+            };
+            match answer {
+                Ok(done) => shared.send(id, &done),
+                Err(e) => shared.send_error(id, e),
+            };
+        }
         Message::Error(error) => {
             tracing::debug!(
                 "request {id}: client reports {:?}: {}",
@@ -468,7 +487,8 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
         | Message::FileDone(_)
         | Message::DirEntries(_)
         | Message::Connected
-        | Message::ShutdownAck) => {
+        | Message::ShutdownAck
+        | Message::Reseeded(_)) => {
             shared.send_error(
                 CONNECTION_REQUEST_ID,
                 reply(

@@ -9,6 +9,7 @@ mod files;
 pub mod policy;
 pub mod reaper;
 mod reply;
+pub mod reseed;
 mod tunnel;
 
 use std::io;

@@ -60,6 +60,11 @@ pub enum FrameType {
     Shutdown = 0x30,
     /// The agent is about to power off (empty body).
     ShutdownAck = 0x31,
+    /// After a restore: fresh entropy, a new identity and the host's clock (JSON
+    /// [`super::ReseedRequest`]; protocol 1.2).
+    Reseed = 0x50,
+    /// The reseed was applied (JSON [`super::Reseeded`]).
+    Reseeded = 0x51,
 }
 
 impl FrameType {
@@ -92,6 +97,8 @@ impl FrameType {
             0x43 => Self::DataEnd,
             0x30 => Self::Shutdown,
             0x31 => Self::ShutdownAck,
+            0x50 => Self::Reseed,
+            0x51 => Self::Reseeded,
             _ => return None,
         })
     }

@@ -314,6 +314,107 @@ pub struct ShutdownRequest {
     pub reboot: bool,
 }
 
+/// How many bytes of entropy a reseed request carries.
+pub const RESEED_ENTROPY: std::ops::RangeInclusive<usize> = 32..=256;
+
+/// After a restore, before any workload runs again: bytes from the host's CSPRNG
+/// for the guest kernel's RNG, the identity the VM has from now on, and the host's
+/// wall clock. Two VMs restored from one snapshot continue with the same kernel
+/// RNG state, the same identity and a clock stopped at the snapshot; this is what
+/// makes each its own. (Protocol 1.2.)
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReseedRequest {
+    /// Bytes from the host's CSPRNG ([`RESEED_ENTROPY`] long), mixed into the
+    /// kernel's input pool and credited, then the kernel's CRNG reseeded from it.
+    pub entropy: Vec<u8>,
+    /// The sandbox id from now on (1 to 64 of `A-Z a-z 0-9 . _ -`), written to
+    /// `/run/mvm/sandbox-id` for the workload to read.
+    pub sandbox_id: String,
+    /// The guest's hostname from now on (1 to 64 of `A-Z a-z 0-9 . -`); unchanged
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The host's wall clock (nanoseconds since the Unix epoch); the guest's
+    /// `CLOCK_REALTIME` is set to it. Unchanged when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_time_ns: Option<u64>,
+}
+
+impl std::fmt::Debug for ReseedRequest {
+    // The entropy seeds the guest's RNG: it never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReseedRequest")
+            .field("entropy", &format_args!("<{} bytes>", self.entropy.len()))
+            .field("sandbox_id", &self.sandbox_id)
+            .field("hostname", &self.hostname)
+            .field("unix_time_ns", &self.unix_time_ns)
+            .finish()
+    }
+}
+
+/// What a reseed did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reseeded {
+    /// Bits of entropy credited to the kernel's input pool.
+    pub entropy_bits: u32,
+    /// Whether the kernel's CRNG was reseeded at once (`RNDRESEEDCRNG`); false only
+    /// on a kernel without that ioctl, where it reseeds on its own schedule.
+    pub crng_reseeded: bool,
+    /// How far the guest's wall clock was stepped, in milliseconds (positive:
+    /// forward), when a time was given.
+    pub clock_step_ms: Option<i64>,
+}
+
+/// Whether `name` is 1 to 64 of ASCII letters, digits and `extra`.
+fn is_name(name: &str, extra: &[char]) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
+}
+
+impl ReseedRequest {
+    fn validate(&self) -> Result<(), DecodeError> {
+        let t = FrameType::Reseed;
+        if !RESEED_ENTROPY.contains(&self.entropy.len()) {
+            return Err(bad(
+                t,
+                format!(
+                    "{} bytes of entropy; a reseed takes {} to {}",
+                    self.entropy.len(),
+                    RESEED_ENTROPY.start(),
+                    RESEED_ENTROPY.end()
+                ),
+            ));
+        }
+        if !is_name(&self.sandbox_id, &['.', '_', '-']) {
+            return Err(bad(
+                t,
+                format!(
+                    "sandbox id {:?} is not 1 to 64 of A-Z a-z 0-9 . _ -",
+                    self.sandbox_id
+                ),
+            ));
+        }
+        if let Some(hostname) = &self.hostname {
+            if !is_name(hostname, &['.', '-']) {
+                return Err(bad(
+                    t,
+                    format!("hostname {hostname:?} is not 1 to 64 of A-Z a-z 0-9 . -"),
+                ));
+            }
+        }
+        if let Some(ns) = self.unix_time_ns {
+            if i64::try_from(ns).is_err() {
+                return Err(bad(t, format!("time {ns} ns is out of range")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything a frame can say.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
@@ -369,6 +470,10 @@ pub enum Message {
     Shutdown(ShutdownRequest),
     /// Power-off acknowledged.
     ShutdownAck,
+    /// Fresh entropy, identity and clock after a restore.
+    Reseed(ReseedRequest),
+    /// A reseed was applied.
+    Reseeded(Reseeded),
 }
 
 fn json<T: DeserializeOwned>(frame_type: FrameType, body: &[u8]) -> Result<T, DecodeError> {
@@ -474,6 +579,8 @@ impl Message {
             Self::DataEnd => FrameType::DataEnd,
             Self::Shutdown(_) => FrameType::Shutdown,
             Self::ShutdownAck => FrameType::ShutdownAck,
+            Self::Reseed(_) => FrameType::Reseed,
+            Self::Reseeded(_) => FrameType::Reseeded,
         }
     }
 
@@ -576,6 +683,12 @@ impl Message {
                 empty(t, body)?;
                 Self::ShutdownAck
             }
+            FrameType::Reseed => {
+                let request: ReseedRequest = json(t, body)?;
+                request.validate()?;
+                Self::Reseed(request)
+            }
+            FrameType::Reseeded => Self::Reseeded(json(t, body)?),
         })
     }
 
@@ -603,6 +716,8 @@ impl Message {
             Self::DirEntries(v) => to_json(serde_json::to_vec(v)),
             Self::Shutdown(v) => to_json(serde_json::to_vec(v)),
             Self::Connect(v) => to_json(serde_json::to_vec(v)),
+            Self::Reseed(v) => to_json(serde_json::to_vec(v)),
+            Self::Reseeded(v) => to_json(serde_json::to_vec(v)),
             Self::Stdin(data)
             | Self::Stdout(data)
             | Self::Stderr(data)
@@ -615,5 +730,107 @@ impl Message {
             | Self::Connected
             | Self::DataEnd => Ok(Cow::Borrowed(&[])),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reseed() -> ReseedRequest {
+        ReseedRequest {
+            entropy: vec![7; 64],
+            sandbox_id: "sb-1a2b3c4d".into(),
+            hostname: Some("fork-1".into()),
+            unix_time_ns: Some(1_780_000_000_000_000_000),
+        }
+    }
+
+    fn decode_reseed(request: &ReseedRequest) -> Result<Message, DecodeError> {
+        let body = serde_json::to_vec(request).unwrap();
+        Message::from_body(FrameType::Reseed, &body)
+    }
+
+    #[test]
+    fn a_reseed_round_trips_and_its_debug_hides_the_entropy() {
+        let request = reseed();
+        assert_eq!(
+            decode_reseed(&request).unwrap(),
+            Message::Reseed(request.clone())
+        );
+        let shown = format!("{request:?}");
+        assert!(shown.contains("<64 bytes>"), "{shown}");
+        assert!(!shown.contains("7, 7"), "{shown}");
+        let done = Message::Reseeded(Reseeded {
+            entropy_bits: 512,
+            crng_reseeded: true,
+            clock_step_ms: Some(-3),
+        });
+        let body = done.body().unwrap();
+        assert_eq!(
+            Message::from_body(FrameType::Reseeded, &body).unwrap(),
+            done
+        );
+    }
+
+    #[test]
+    fn a_reseed_out_of_bounds_is_refused_with_the_reason() {
+        let cases: Vec<(ReseedRequest, &str)> = vec![
+            (
+                ReseedRequest {
+                    entropy: vec![1; 31],
+                    ..reseed()
+                },
+                "31 bytes of entropy",
+            ),
+            (
+                ReseedRequest {
+                    entropy: vec![1; 257],
+                    ..reseed()
+                },
+                "257 bytes of entropy",
+            ),
+            (
+                ReseedRequest {
+                    sandbox_id: String::new(),
+                    ..reseed()
+                },
+                "sandbox id \"\"",
+            ),
+            (
+                ReseedRequest {
+                    sandbox_id: "../etc/passwd".into(),
+                    ..reseed()
+                },
+                "sandbox id \"../etc/passwd\"",
+            ),
+            (
+                ReseedRequest {
+                    sandbox_id: "x".repeat(65),
+                    ..reseed()
+                },
+                "is not 1 to 64",
+            ),
+            (
+                ReseedRequest {
+                    hostname: Some("a_b".into()),
+                    ..reseed()
+                },
+                "hostname \"a_b\"",
+            ),
+            (
+                ReseedRequest {
+                    unix_time_ns: Some(u64::MAX),
+                    ..reseed()
+                },
+                "out of range",
+            ),
+        ];
+        for (request, want) in cases {
+            let err = decode_reseed(&request).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} (wanted {want:?})");
+        }
+        let unknown = br#"{"entropy":[],"sandbox_id":"a","extra":1}"#;
+        assert!(Message::from_body(FrameType::Reseed, unknown).is_err());
     }
 }

@@ -22,7 +22,8 @@ pub use io::{read_frame, write_frame, ReadError, WriteError};
 pub use message::{
     ConnectRequest, DirEntries, DirEntry, EntryKind, ErrorCode, ErrorReply, ExecRequest,
     ExecSignal, ExitStatus, FileDone, Hello, ListDirRequest, MakeDirRequest, Message,
-    ReadFileRequest, ReadyInfo, ShutdownRequest, TtySize, WriteFileRequest, MAX_DIR_ENTRIES,
+    ReadFileRequest, ReadyInfo, ReseedRequest, Reseeded, ShutdownRequest, TtySize,
+    WriteFileRequest, MAX_DIR_ENTRIES, RESEED_ENTROPY,
 };
 
 /// The vsock port the agent listens on in the guest (host side: `CONNECT 1024`).
@@ -31,7 +32,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Protocol major version: a client with another major version is refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version: additions that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 1;
+pub const PROTOCOL_MINOR: u16 = 2;
 
 /// Bytes of the length prefix.
 pub const LEN_PREFIX: usize = 4;

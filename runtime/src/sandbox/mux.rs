@@ -882,6 +882,17 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
             client.send(cid, &Message::ShutdownAck);
             let _ = hub.notes.send(Note::Stop);
         }
+        // The guest's RNG, identity and clock are the supervisor's to set after a
+        // restore, never a client's.
+        Message::Reseed(_) => {
+            client.send(
+                cid,
+                &error_reply(
+                    ErrorCode::PermissionDenied,
+                    "a sandbox's reseed is its supervisor's, after a restore; clients do not send it",
+                ),
+            );
+        }
         other @ (Message::Hello(_)
         | Message::Ready(_)
         | Message::Stdout(_)
@@ -890,7 +901,8 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
         | Message::FileDone(_)
         | Message::DirEntries(_)
         | Message::Connected
-        | Message::ShutdownAck) => {
+        | Message::ShutdownAck
+        | Message::Reseeded(_)) => {
             client.send(
                 CONNECTION_REQUEST_ID,
                 &error_reply(

@@ -21,8 +21,13 @@ use crate::case::{Case, CaseResult, Context, Failure, KERNEL_ELF};
 use crate::guest::snapshot::{FILE_TEXT, PORT, SAY_ANSWERED, SAY_COUNT, SAY_DISK_ERROR};
 use crate::vm::VmRun;
 
+mod forks;
+
 /// The snapshot cases.
-pub const CASES: &[Case] = &[Case::kvm("snapshot/linux-guest", linux_guest).limit_secs(480)];
+pub const CASES: &[Case] = &[
+    Case::kvm("snapshot/linux-guest", linux_guest).limit_secs(480),
+    Case::kvm("snapshot/forks-reseeded", forks::reseeded).limit_secs(480),
+];
 
 /// The count at which the first VM is snapshotted.
 const SNAPSHOT_AT: u64 = 5;
@@ -45,7 +50,7 @@ fn counts(console: &str) -> Vec<u64> {
 }
 
 /// Seals the unsigned manifest in `snap` with `key`, as the runtime does.
-fn seal(snap: &Path, key: &SigningKey) -> Result<(), Failure> {
+pub(super) fn seal(snap: &Path, key: &SigningKey) -> Result<(), Failure> {
     let manifest = std::fs::read(snap.join(UNSIGNED))
         .map_err(|e| Failure::new(format!("read {UNSIGNED}: {e}")))?;
     if manifest.is_empty() {
@@ -95,7 +100,7 @@ fn ask(uds: PathBuf, deadline: Instant) -> Result<String, String> {
     Err(last)
 }
 
-fn check_report(run: &VmRun, want: &str) -> CaseResult {
+pub(super) fn check_report(run: &VmRun, want: &str) -> CaseResult {
     let report = run.report()?;
     if report.exit_reason() != Some(want) {
         return Err(run.fail(format!(

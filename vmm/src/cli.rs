@@ -67,17 +67,22 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub boot_report: Option<PathBuf>,
     /// On SIGUSR2, pause the VM, write its snapshot here and exit (status 0, exit reason
-    /// `snapshotted`). The directory must exist; its `memory`, `state.json` and
-    /// `manifest.json` are created (empty) at start, and stay empty if no snapshot is
-    /// taken. The manifest is written last and unsigned: whoever holds a trusted key
-    /// seals it (docs/snapshots.md). Refused, with the VM left running, while a virtio
-    /// device is attached (their state is not saved yet).
+    /// `snapshotted`; with --snapshot-continue, resume instead). The directory must
+    /// exist; its `memory`, `state.json` and `manifest.json` are created (empty) at
+    /// start, and stay empty if no snapshot is taken. The manifest is written last and
+    /// unsigned: whoever holds a trusted key seals it (docs/snapshots.md). One snapshot
+    /// per directory: a second SIGUSR2 is logged and ignored.
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
     /// The sandbox epoch the snapshot is bound to (a restore at a later epoch refuses it)
     /// [default: 0].
     #[arg(long, value_name = "N", requires = "snapshot_dir")]
     pub snapshot_epoch: Option<u64>,
+    /// After writing the snapshot, resume the VM instead of ending it: the source of a
+    /// fork, or the first VM of a warm pool, goes on while restores start from its
+    /// snapshot.
+    #[arg(long, requires = "snapshot_dir")]
+    pub snapshot_continue: bool,
     /// The devices: --disk, --vsock, --net (each declared by its module in `devices/`).
     #[command(flatten)]
     pub devices: crate::devices::DeviceArgs,

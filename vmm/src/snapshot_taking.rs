@@ -1,7 +1,7 @@
 //! The supervisor's side of a snapshot: on SIGUSR2, pause every vCPU, then every virtio
 //! device's thread (each finishes the request it is serving and reports its queues'
 //! positions), read the serial port's and the VM's state, write the snapshot into the
-//! files made at start, and end the VM.
+//! files made at start, and end the VM (or, with `--snapshot-continue`, resume it).
 //!
 //! A request the VMM cannot honour (no `--snapshot-dir`, a vCPU or device that does not
 //! pause, a write that fails) is logged and the VM runs on, everything resumed: a
@@ -40,6 +40,8 @@ pub struct SnapshotTarget {
     pub plan: Option<PlanBinding>,
     /// `--snapshot-epoch`.
     pub epoch: u64,
+    /// `--snapshot-continue`: resume the VM once the snapshot is written.
+    pub continue_after: bool,
 }
 
 /// What the supervisor lends to a snapshot.
@@ -97,6 +99,7 @@ impl Supervisor<'_> {
         };
         let paused = started.elapsed();
         let target = target.take()?;
+        let continue_after = target.continue_after;
         let written = vm_state::save(self.vm.fd()).and_then(|vm| {
             bundle::write(
                 target.files,
@@ -115,9 +118,17 @@ impl Supervisor<'_> {
                     paused_us = paused.as_micros(),
                     total_us = started.elapsed().as_micros(),
                     memory_sha256 = %manifest.memory.sha256,
+                    continue_after,
                     "snapshot written"
                 );
-                Some(ExitReason::Snapshotted)
+                if continue_after {
+                    // The files hold a copy: the VM may change its memory again.
+                    self.resume_devices(self.devices.virtio_slots().len());
+                    self.pause.resume();
+                    None
+                } else {
+                    Some(ExitReason::Snapshotted)
+                }
             }
             Err(e) => {
                 tracing::error!("snapshot failed: {e}; the VM runs on (the snapshot files are incomplete: no manifest)");

@@ -987,3 +987,56 @@ fn a_planned_snapshot_restores_under_its_plan_whose_nonce_is_spent_and_under_no_
     let second = std::fs::read(&console2).unwrap();
     assert_bytes_count_on(&[first, second].concat());
 }
+
+#[test]
+fn with_snapshot_continue_the_vm_runs_on_after_its_snapshot_and_the_snapshot_restores() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (snap, console, report) = (d.join("snap"), d.join("console"), d.join("report.json"));
+    let mut child = spawn_serial_counter(d, &["--snapshot-continue".into()]);
+    wait_for_file_len(&console, 300, &mut child);
+    // SAFETY: signalling the child the test spawned and has not reaped.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGUSR2) };
+    // The manifest is written last: once it is there, the snapshot is whole.
+    let manifest = snap.join(UNSIGNED_FILE);
+    wait_for_file_len(&manifest, 2, &mut child);
+    let at_snapshot = std::fs::metadata(&console).unwrap().len();
+    // The VM goes on: it counts well past the snapshot, one byte after the other.
+    wait_for_file_len(&console, at_snapshot + 600, &mut child);
+    // A second SIGUSR2 has no directory left to write to: logged, and the VM runs on.
+    // SAFETY: as above.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGUSR2) };
+    let now = std::fs::metadata(&console).unwrap().len();
+    wait_for_file_len(&console, now + 300, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGTERM);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(stderr.contains("already used"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_ne!(report["exit_reason"], "snapshotted", "{report}");
+    let source = std::fs::read(&console).unwrap();
+    assert!(assert_bytes_count_on(&source) >= usize::try_from(at_snapshot).unwrap() + 900);
+
+    // The snapshot it left restores and counts on from where it was taken.
+    seal(&snap, &key());
+    let trusted = trusted();
+    let cpuid = host_cpuid();
+    let expect = Expect {
+        trusted: &trusted,
+        plan: None,
+        min_epoch: 0,
+        host_cpuid: &cpuid,
+    };
+    let restored = restore_with_port(&snap, &expect, SERIAL_PORT).unwrap();
+    restored.wait_for_bytes(300);
+    let after = restored.end();
+    let first = usize::from(after[0]);
+    for (i, b) in after.iter().enumerate() {
+        assert_eq!(
+            usize::from(*b),
+            (first + i) % 256,
+            "byte {i} of the restore"
+        );
+    }
+}

@@ -550,6 +550,7 @@ fn boot_and_supervise(
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", dir.display())))?,
             plan: plan_binding,
             epoch: args.snapshot_epoch.unwrap_or(0),
+            continue_after: args.snapshot_continue,
         }),
     };
     held.plan_id = plan_id.clone();

@@ -149,6 +149,7 @@ pub fn restore_and_supervise(
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", d.display())))?,
             plan: plan.clone(),
             epoch: args.snapshot_epoch.unwrap_or(0),
+            continue_after: args.snapshot_continue,
         }),
     };
     held._vsock_socket = devices.vsock_socket.take();

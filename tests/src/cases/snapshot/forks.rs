@@ -1,14 +1,16 @@
 //! `snapshot/forks-reseeded`: two VMs restored side by side from one snapshot of a
 //! booted guest (the default image, `mvm-agent` as PID 1) are made two before
-//! anything runs in them again.
+//! anything runs in them again, while the VM they came from runs on.
 //!
-//! The first VM boots, the case writes a file in it through the agent, and SIGUSR2
-//! snapshots it. Both restores then start from that one snapshot (its memory file
-//! mapped privately by each), and in each the case reads 32 bytes of
-//! `/dev/urandom` (what a workload would get without a reseed), reseeds it through
-//! the agent (host entropy, a new sandbox id and hostname, the host's clock), and
-//! reads again. After the reseed the two must read different bytes, each must know
-//! its own id, and the file written before the snapshot must be in both.
+//! The source VM boots, the case writes a file in it through the agent, and SIGUSR2
+//! snapshots it (`--snapshot-continue`: it runs on, its agent connection intact).
+//! Both restores then start from that one snapshot (its memory file mapped privately
+//! by each), and in each the case reads 32 bytes of `/dev/urandom` (what a workload
+//! would get without a reseed), reseeds it through the agent (host entropy, a new
+//! sandbox id and hostname, the host's clock), and reads again. After the reseed the
+//! two must read different bytes, each must know its own id, and the file written
+//! before the snapshot must be in both; the source must still answer on its old
+//! connection, with the file and no fork's id.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use mvm_agent::{Client, Stdin};
 use mvm_loader::dsse::format_public_key;
 use serde_json::Value;
 
-use super::{check_report, seal};
+use super::seal;
 use crate::case::{CaseResult, Context, Failure, VMM};
 use crate::vm::{VmLaunch, VmRun};
 
@@ -32,7 +34,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(240);
 const ENTROPY_BYTES: usize = 64;
 /// 32 bytes of the guest's `/dev/urandom`, as hex on one line.
 const READ_RANDOM: &str = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
-/// What the case writes in the first VM, before the snapshot.
+/// What the case writes in the source VM, before the snapshot.
 const BEFORE: &str = "written-before-the-snapshot";
 /// How far a fork's clock may be from the host's after the reseed, in seconds.
 const CLOCK_SLACK_SECS: i64 = 120;
@@ -213,7 +215,8 @@ fn check_fork(name: &str, run: &VmRun, saw: Result<ForkSaw, String>) -> Result<F
     Ok(saw)
 }
 
-/// Boot, write a file, snapshot; two restores, each reseeded: they differ.
+/// Boot, write a file, snapshot and go on; two restores, each reseeded: they differ,
+/// and the source is still itself.
 pub(super) fn reseeded(ctx: &Context) -> CaseResult {
     let image = default_image(ctx)?;
     let vmm = ctx.artifact(VMM)?;
@@ -228,29 +231,41 @@ pub(super) fn reseeded(ctx: &Context) -> CaseResult {
             .arg(format!("cid=3,uds={}", uds.display()))
     };
 
-    // The first VM: ready, a file written, then snapshotted with the connection open.
-    let uds = ctx.work_file("boot.vsock");
+    // The source VM: ready, a file written, then snapshotted with its connection open;
+    // with --snapshot-continue it runs on beside its forks.
+    let uds = ctx.work_file("source.vsock");
     let marker = ctx.work_file("snapshot-now");
-    let first = launch("boot", &uds)
+    let source = launch("source", &uds)
         .initrd(image.initramfs.clone())
         .cmdline(&image.cmdline)
         .arg("--snapshot-dir")
         .arg(&snap)
+        .arg("--snapshot-continue")
         .signal_on_file(&marker, libc::SIGUSR2);
+    let source_run = std::thread::spawn(move || source.run());
     let deadline = Instant::now() + RUN_LIMIT;
-    let prepare = std::thread::spawn(move || -> Result<Client, String> {
-        let client = agent(&uds, deadline)?;
-        sh(&client, &format!("echo {BEFORE} > /work/before"))?;
-        std::fs::write(&marker, b"").map_err(|e| format!("marker: {e}"))?;
-        Ok(client)
-    });
-    let first = first.run()?;
-    let prepared = joined(prepare, "boot")?;
-    if let Err(e) = prepared {
-        return Err(first.fail(format!("before the snapshot: {e}")));
+    let client = match agent(&uds, deadline) {
+        Ok(client) => client,
+        Err(e) => {
+            let run = joined(source_run, "source")??;
+            return Err(run.fail(format!("the source VM: {e}")));
+        }
+    };
+    if let Err(e) = sh(&client, &format!("echo {BEFORE} > /work/before")) {
+        let _ = client.shutdown();
+        let run = joined(source_run, "source")??;
+        return Err(run.fail(format!("before the snapshot: {e}")));
     }
-    first.expect_exit(0)?;
-    check_report(&first, "snapshotted")?;
+    std::fs::write(&marker, b"").map_err(|e| Failure::new(format!("marker: {e}")))?;
+    let manifest = snap.join("manifest.json");
+    while !std::fs::metadata(&manifest).is_ok_and(|m| m.len() > 0) {
+        if Instant::now() > deadline || source_run.is_finished() {
+            let _ = client.shutdown();
+            let run = joined(source_run, "source")??;
+            return Err(run.fail("the source VM wrote no snapshot"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let key = SigningKey::from_bytes(&[29; 32]);
     seal(&snap, &key)?;
@@ -282,6 +297,20 @@ pub(super) fn reseeded(ctx: &Context) -> CaseResult {
         let (run, saw) = joined(handle, name)?;
         let run = run?;
         saws.push(check_fork(name, &run, saw)?);
+    }
+    // The source ran on through all of it, on the connection it had before the
+    // snapshot, and was never reseeded: no sandbox id of a fork's.
+    let source_saw = sh(
+        &client,
+        "cat /work/before; cat /run/mvm/sandbox-id 2>/dev/null || echo no-id",
+    );
+    let _ = client.shutdown();
+    let source = joined(source_run, "source")??;
+    let source_saw =
+        source_saw.map_err(|e| source.fail(format!("the source after the forks: {e}")))?;
+    source.expect_exit(0)?;
+    if source_saw != format!("{BEFORE}\nno-id") {
+        return Err(source.fail(format!("the source after the forks said {source_saw:?}")));
     }
     let [a, b] = saws.as_slice() else {
         return Err(Failure::new("expected two forks"));

@@ -7,7 +7,8 @@
 //! - the muxer's epoll fd: host sockets have news; handle it, then deliver.
 //!
 //! A device reset drops every connection (host sockets close) and owes the guest a
-//! TRANSPORT_RESET event once the driver brings the device back.
+//! TRANSPORT_RESET event once the driver brings the device back. After one is
+//! delivered, RX waits until the guest has handled it ([`super::reset_ack`]).
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use virtio_queue::{QueueOwnedT, QueueT, Writer};
 
 use super::muxer::Muxer;
 use super::packet::{parse_tx_packet, read_tx_chain, rx_payload_capacity, write_rx_packet};
+use super::reset_ack::PendingAck;
 use super::{
     EVENT_QUEUE, MAX_PKT_DATA, NUM_QUEUES, RX_QUEUE, TX_QUEUE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
     VSOCK_EVENT_SIZE, VSOCK_HDR_SIZE,
@@ -37,6 +39,8 @@ pub struct VsockWorker {
     muxer: Muxer,
     active: Option<Activation>,
     transport_reset_pending: bool,
+    /// A TRANSPORT_RESET the guest has not handled yet: nothing goes out on RX.
+    reset_ack: Option<PendingAck>,
     tx_bytes: Vec<u8>,
     rx_bytes: Vec<u8>,
     metrics: Arc<VsockMetrics>,
@@ -49,6 +53,7 @@ impl VsockWorker {
             muxer,
             active: None,
             transport_reset_pending: false,
+            reset_ack: None,
             tx_bytes: Vec::new(),
             rx_bytes: vec![0u8; MAX_PKT_DATA as usize],
             metrics,
@@ -156,10 +161,41 @@ impl VsockWorker {
         self.deliver_rx(interrupt);
     }
 
+    /// The guest added event buffers: deliver a pending TRANSPORT_RESET into one, and,
+    /// since a refill after a reset is the guest saying it handled it, deliver what
+    /// waited for that.
+    pub fn on_event_queue(&mut self, interrupt: &Interrupt) {
+        self.deliver_event(interrupt);
+        self.deliver_rx(interrupt);
+    }
+
+    /// Whether the last TRANSPORT_RESET has been handled by the guest (or there is none).
+    fn reset_acknowledged(&mut self) -> bool {
+        let Some(pending) = self.reset_ack else {
+            return true;
+        };
+        let done = self
+            .active
+            .as_ref()
+            .and_then(|act| {
+                act.queues
+                    .get(EVENT_QUEUE)
+                    .map(|q| pending.done(q, &act.mem))
+            })
+            .unwrap_or(true);
+        if done {
+            self.reset_ack = None;
+        }
+        done
+    }
+
     /// Fills the guest's RX buffers with what it is owed, until either runs out.
     pub fn deliver_rx(&mut self, interrupt: &Interrupt) {
         if interrupt.needs_reset() {
             // The guest broke the queue protocol; nothing moves until it resets.
+            return;
+        }
+        if !self.reset_acknowledged() {
             return;
         }
         let Some(act) = self.active.as_mut() else {
@@ -289,6 +325,15 @@ impl VsockWorker {
             interrupt.mark_needs_reset(NAME, &format!("event used ring: {e}"));
             return;
         }
+        if written > 0 {
+            match PendingAck::start(queue, mem) {
+                Ok(pending) => self.reset_ack = Some(pending),
+                Err(e) => {
+                    interrupt.mark_needs_reset(NAME, &e);
+                    return;
+                }
+            }
+        }
         interrupt.signal_used_or_anyway(NAME, queue, mem);
     }
 }
@@ -313,7 +358,7 @@ impl QueueWorker for VsockWorker {
         match index {
             RX_QUEUE => self.deliver_rx(interrupt),
             TX_QUEUE => self.on_tx(interrupt),
-            EVENT_QUEUE => self.deliver_event(interrupt),
+            EVENT_QUEUE => self.on_event_queue(interrupt),
             _ => {}
         }
     }
@@ -364,6 +409,7 @@ impl VsockWorker {
     /// The device was reset: drop the queues and every connection; the listener stays.
     pub fn reset_queues(&mut self) {
         let was_active = self.active.take().is_some();
+        self.reset_ack = None;
         self.muxer.reset();
         // The guest driver forgets its sockets on reset; should the device come
         // back, tell it so explicitly.

@@ -20,6 +20,7 @@ mod event_handler;
 mod metrics;
 mod muxer;
 pub mod packet;
+mod reset_ack;
 pub mod unix;
 
 #[cfg(test)]

@@ -628,11 +628,55 @@ fn reset_closes_connections_and_announces_transport_reset() {
     let id: u32 = g.mem.read_obj(GuestAddress(g.ev.slot(used[0].0))).unwrap();
     assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
     assert_eq!(g.worker.stats().transport_resets, 1);
-    // The listener still works.
+    // The listener still works, once the guest handled the reset (gave the buffer back).
     let mut host = UnixStream::connect(&g.uds).unwrap();
     host.write_all(b"CONNECT 1\n").unwrap();
+    g.ev.post(&g.mem, &[(&[0xff; 4], 4, true)]);
+    g.worker.on_event_queue(&g.irq);
     g.give_rx(1);
     let got = g.recv_until(|p| !p.is_empty());
+    assert_eq!(got[0].0.op, VIRTIO_VSOCK_OP_REQUEST);
+}
+
+#[test]
+fn after_a_transport_reset_nothing_reaches_the_guest_until_it_gives_the_event_buffer_back() {
+    // Linux handles the reset and received packets in separate work items: a host
+    // CONNECT answered before the reset is handled would be closed by it, silently.
+    let mut g = Guest::new();
+    g.worker.reset_queues();
+    let (rx, qrx) = DriverQueue::with_event_idx(&g.mem, 0x3_0000, 0x100_0000, true);
+    let (tx, qtx) = DriverQueue::with_event_idx(&g.mem, 0x4_0000, 0x200_0000, true);
+    let (ev, qev) = DriverQueue::with_event_idx(&g.mem, 0x5_0000, 0x3c0_0000, true);
+    (g.rx, g.tx, g.ev) = (rx, tx, ev);
+    // As Linux does: several event buffers posted at once.
+    for _ in 0..4 {
+        g.ev.post(&g.mem, &[(&[0xff; 4], 4, true)]);
+    }
+    g.activate(vec![qrx, qtx, qev]);
+    assert_eq!(
+        g.ev.take_used(&g.mem).len(),
+        1,
+        "the reset went into one buffer"
+    );
+    // The device asks for a kick at the very next buffer, though three are still posted.
+    assert_eq!(g.ev.avail_event(&g.mem), 4);
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 1\n").unwrap();
+    g.give_rx(4);
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        g.pump();
+        assert!(
+            g.recv().is_empty(),
+            "delivered before the reset was handled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The guest handled the event and gave its buffer back: the request goes out.
+    g.ev.post(&g.mem, &[(&[0xff; 4], 4, true)]);
+    g.worker.on_event_queue(&g.irq);
+    let got = g.recv();
+    assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0.op, VIRTIO_VSOCK_OP_REQUEST);
 }
 

@@ -824,6 +824,16 @@ impl Client {
         }
     }
 
+    /// Asks a sandbox's supervisor (on its control socket) to snapshot the VM to disk and
+    /// end the session (protocol 1.2). Returns once it has agreed; the snapshot is written
+    /// after the connection ends. An agent refuses it.
+    pub fn pause(&self) -> Result<(), ClientError> {
+        match self.simple_request(&Message::Pause, None)? {
+            Message::ShutdownAck => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{:?}", other.frame_type()))),
+        }
+    }
+
     /// Asks the agent to sync and power the guest off. Returns once the agent acknowledged;
     /// the connection then ends.
     pub fn shutdown(&self) -> Result<(), ClientError> {

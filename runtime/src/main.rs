@@ -31,7 +31,9 @@ fn main() {
         Command::Receipt(c) => cli::trust::receipt(c),
         Command::Secret(c) => cli::secret::main(c),
         Command::Sandbox(c) => cli::sandbox::main(c),
-        Command::SandboxSupervise { dir } => mvm_runtime::sandbox::supervisor::supervise(dir),
+        Command::SandboxSupervise { dir, resume } => {
+            mvm_runtime::sandbox::supervisor::supervise(dir, *resume)
+        }
         Command::Mcp => mvm_runtime::mcp::serve(std::io::stdin().lock(), std::io::stdout()),
         Command::Image(command) => match cli::image::main(command) {
             Ok(()) => 0,

@@ -207,6 +207,14 @@ fn requests_are_shared_recorded_and_cleaned_up(s: &Setup) {
         "{refused:?}"
     );
 
+    // A session without snapshots (the emulated tier's) cannot pause; it goes on.
+    let refused = a.pause();
+    assert!(
+        matches!(&refused, Err(ClientError::Agent(e)) if e.message.contains("kvm backend")),
+        "{refused:?}"
+    );
+    a.ping().unwrap();
+
     // Stop: the session ends, the VM with it.
     b.shutdown().unwrap();
     let outcome = session.end();

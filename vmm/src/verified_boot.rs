@@ -290,9 +290,10 @@ pub fn read_trusted(files: &[PathBuf]) -> Result<TrustedKeys, Refusal> {
     Ok(trusted)
 }
 
-/// A plan for a restore: the signature by a trusted key, the plan, and its window, but
-/// not its nonce, which the boot that made the snapshot spent (a snapshot's own epoch
-/// keeps it from being replayed); then the devices on the command line against it, as
+/// A plan for a restore: the signature by a trusted key and the plan, but not its window
+/// or nonce, which bound admission to the boot that made the snapshot (a restore may come
+/// hours later; the snapshot's seal and epoch bound it instead,
+/// `mvm_loader::plan::envelope::verify_plan_for_restore`); then the devices on the command line against it, as
 /// for a boot (vsock, net, the disks with their trees). Its id and payload digest are
 /// what the snapshot's seal must name.
 pub fn verify_plan_for_restore(
@@ -302,8 +303,7 @@ pub fn verify_plan_for_restore(
     timeline: &BootTimeline,
 ) -> Result<BootPlan, Refusal> {
     let envelope = read_limited("--plan", plan_path, MAX_ENVELOPE_FILE)?;
-    let verified =
-        mvm_loader::plan::envelope::verify_plan(&envelope, trusted, UtcTime::now(), CLOCK_SKEW)?;
+    let verified = mvm_loader::plan::envelope::verify_plan_for_restore(&envelope, trusted)?;
     timeline.mark(Phase::PlanVerified);
     let plan_id = verified.plan.plan_id.clone();
     crate::devices::check_plan(&args.devices, &verified.plan).map_err(|disagreement| {

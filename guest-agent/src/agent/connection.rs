@@ -448,6 +448,15 @@ fn dispatch<S: Duplex>(agent: &Arc<Agent>, shared: &Arc<Shared<S>>, frame: Frame
             shared.send(id, &Message::ShutdownAck);
             agent.power_off(request);
         }
+        Message::Pause => {
+            shared.send_error(
+                id,
+                reply(
+                    ErrorCode::BadRequest,
+                    "pause is a sandbox's, answered by its supervisor; the agent does not pause",
+                ),
+            );
+        }
         Message::Reseed(request) => {
             if let Err(e) = admit(shared, id) {
                 return shared.send_error(id, e);

@@ -60,6 +60,9 @@ pub enum FrameType {
     Shutdown = 0x30,
     /// The agent is about to power off (empty body).
     ShutdownAck = 0x31,
+    /// A sandbox's control socket only: snapshot the VM to disk and end the session
+    /// (empty body; protocol 1.2), answered by shutdown-ack. An agent refuses it.
+    Pause = 0x32,
     /// After a restore: fresh entropy, a new identity and the host's clock (JSON
     /// [`super::ReseedRequest`]; protocol 1.2).
     Reseed = 0x50,
@@ -97,6 +100,7 @@ impl FrameType {
             0x43 => Self::DataEnd,
             0x30 => Self::Shutdown,
             0x31 => Self::ShutdownAck,
+            0x32 => Self::Pause,
             0x50 => Self::Reseed,
             0x51 => Self::Reseeded,
             _ => return None,

@@ -470,6 +470,8 @@ pub enum Message {
     Shutdown(ShutdownRequest),
     /// Power-off acknowledged.
     ShutdownAck,
+    /// Pause a sandbox (its supervisor's; an agent refuses it).
+    Pause,
     /// Fresh entropy, identity and clock after a restore.
     Reseed(ReseedRequest),
     /// A reseed was applied.
@@ -579,6 +581,7 @@ impl Message {
             Self::DataEnd => FrameType::DataEnd,
             Self::Shutdown(_) => FrameType::Shutdown,
             Self::ShutdownAck => FrameType::ShutdownAck,
+            Self::Pause => FrameType::Pause,
             Self::Reseed(_) => FrameType::Reseed,
             Self::Reseeded(_) => FrameType::Reseeded,
         }
@@ -683,6 +686,10 @@ impl Message {
                 empty(t, body)?;
                 Self::ShutdownAck
             }
+            FrameType::Pause => {
+                empty(t, body)?;
+                Self::Pause
+            }
             FrameType::Reseed => {
                 let request: ReseedRequest = json(t, body)?;
                 request.validate()?;
@@ -727,6 +734,7 @@ impl Message {
             | Self::StdinClose
             | Self::FileEnd
             | Self::ShutdownAck
+            | Self::Pause
             | Self::Connected
             | Self::DataEnd => Ok(Cow::Borrowed(&[])),
         }

@@ -115,6 +115,27 @@ pub fn verify_plan_for_boot(
     Ok(verified)
 }
 
+/// Checks a plan that booted a VM now being restored from its snapshot: the signature
+/// by a trusted key and the plan, but neither the window nor the nonce. Both bound
+/// admission to *boot* (a plan boots once, within minutes of being signed); a restore is
+/// not that boot, and is bounded instead by the snapshot's seal (signed by the host's
+/// key when the snapshot was taken, binding this plan's id and digest) and its epoch.
+/// A plan envelope alone restores nothing: without a sealed snapshot of a VM it booted,
+/// there is nothing for it to admit.
+pub fn verify_plan_for_restore(
+    envelope_json: &[u8],
+    trusted: &TrustedKeys,
+) -> Result<VerifiedPlan, PlanVerifyError> {
+    let envelope = Envelope::from_json(envelope_json)?;
+    let verified = envelope.verify(PLAN_PAYLOAD_TYPE, trusted)?;
+    let plan = Plan::from_json(&verified.payload)?;
+    Ok(VerifiedPlan {
+        digest: Sha256Digest::of(&verified.payload),
+        plan,
+        keyid: verified.keyid,
+    })
+}
+
 /// Decodes an envelope's plan WITHOUT checking the signature (for
 /// `mvm plan show`). Never act on the result.
 pub fn decode_plan_unverified(envelope_json: &[u8]) -> Result<Plan, PlanVerifyError> {
@@ -158,6 +179,30 @@ mod tests {
         assert_eq!(v.plan, sample_plan());
         assert_eq!(v.digest, signed.digest);
         assert_eq!(v.keyid, KeyId::of(&k.verifying_key()));
+    }
+
+    #[test]
+    fn a_restore_checks_the_signature_but_not_the_boot_window() {
+        let k = key(1);
+        let signed = sign_plan(sample_plan(), &k).unwrap();
+        let json = signed.envelope.to_json();
+        // Long after its boot window: a boot is refused, a restore is not.
+        let later: UtcTime = "2027-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(
+            verify_plan(&json, &trusted(&k), later, CLOCK_SKEW)
+                .unwrap_err()
+                .reason(),
+            "expired"
+        );
+        let v = verify_plan_for_restore(&json, &trusted(&k)).unwrap();
+        assert_eq!(v.digest, signed.digest);
+        // Another key's plan is refused all the same.
+        assert_eq!(
+            verify_plan_for_restore(&json, &trusted(&key(2)))
+                .unwrap_err()
+                .reason(),
+            "untrusted_key"
+        );
     }
 
     #[test]

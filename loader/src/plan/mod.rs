@@ -27,6 +27,9 @@ pub use time::UtcTime;
 pub const SCHEMA_VERSION: u32 = 1;
 /// DSSE payloadType of a plan.
 pub const PLAN_PAYLOAD_TYPE: &str = "application/vnd.mvm.plan+json";
+/// The DSSE payload type of a VM snapshot's seal (the VMM's manifest, signed by the
+/// host's admission key; docs/snapshots.md).
+pub const SNAPSHOT_PAYLOAD_TYPE: &str = "application/vnd.mvm.snapshot+json";
 /// Largest plan payload accepted, in bytes.
 pub const MAX_PLAN_BYTES: usize = 64 * 1024;
 /// vCPU count range.

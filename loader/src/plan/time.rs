@@ -64,6 +64,11 @@ impl UtcTime {
     pub fn saturating_sub(self, d: Duration) -> Self {
         self.checked_sub(d).unwrap_or(Self(MIN_UNIX))
     }
+
+    /// Whole seconds from `earlier` to `self`; 0 if `earlier` is not earlier.
+    pub fn seconds_since(self, earlier: Self) -> u64 {
+        u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0)
+    }
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date.

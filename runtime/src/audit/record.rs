@@ -43,6 +43,9 @@ pub enum EventKind {
     BootVerified,
     /// The VMM refused to boot (fields: reason, artifact, digests).
     BootRefused,
+    /// The VMM verified a sealed snapshot and the plan that booted it, and restored
+    /// the VM from it (fields: memory and state digests, epoch, VMM build).
+    SnapshotRestored,
     /// A verified disk block did not match its hash tree.
     VerityFailure,
     /// A guest broke the device protocol; the device was marked NEEDS_RESET.

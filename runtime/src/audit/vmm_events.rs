@@ -36,14 +36,21 @@ pub fn vmm_event(line: &str, vm_id: &str) -> Option<AuditEvent> {
     let fields = v.get("fields").and_then(Value::as_object)?;
     let text = |k: &str| fields.get(k).and_then(Value::as_str).unwrap_or("");
     let event = match v.get("event").and_then(Value::as_str)? {
-        "boot_verified" => {
-            let mut e = AuditEvent::new(EventKind::BootVerified).vm(vm_id);
+        kind @ ("boot_verified" | "snapshot_restored") => {
+            let mut e = AuditEvent::new(if kind == "boot_verified" {
+                EventKind::BootVerified
+            } else {
+                EventKind::SnapshotRestored
+            })
+            .vm(vm_id);
             if let Some(id) = plan_id {
                 e = e.plan(id);
             }
             for (name, value) in fields {
                 if let Some(s) = value.as_str() {
                     e = e.field(name, s);
+                } else if let Some(n) = value.as_u64() {
+                    e = e.field(name, n);
                 }
             }
             e

@@ -13,8 +13,9 @@ use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
 
 use super::interrupt::{self, Action, Forwarder};
 use super::scratch::ScratchDir;
+use super::session::{SessionSnapshots, SNAPSHOT_PLAN_FILE};
 use super::stdin_pump;
-use super::vmm_process::{read_boot_report, vmm_args, VmmProcess};
+use super::vmm_process::{read_boot_report, vmm_args_with, VmmProcess};
 use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
     Tier, Timings, VmProbe, Workload, WorkloadStatus,
@@ -135,6 +136,80 @@ fn shutdown_guest(client: Client, grace: Duration) {
     }
 }
 
+/// Bytes of host entropy a restored guest gets.
+const RESEED_BYTES: usize = 64;
+/// How long the VMM gets to pause and write a snapshot.
+const SNAPSHOT_LIMIT: Duration = Duration::from_secs(120);
+
+/// Tells a restored guest's agent, before anything else runs in it, its new entropy
+/// (from this host's CSPRNG), its sandbox id and hostname, and the host's clock.
+fn reseed(client: &Client, sandbox_id: &str) -> Result<(), ClientError> {
+    use rand_core::{OsRng, RngCore};
+    let mut entropy = vec![0u8; RESEED_BYTES];
+    OsRng.fill_bytes(&mut entropy);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_nanos()).ok());
+    let done = client.reseed(&mvm_agent::protocol::ReseedRequest {
+        entropy,
+        sandbox_id: sandbox_id.to_owned(),
+        hostname: None,
+        unix_time_ns: now,
+    })?;
+    tracing::info!(
+        entropy_bits = done.entropy_bits,
+        crng_reseeded = done.crng_reseeded,
+        clock_step_ms = ?done.clock_step_ms,
+        "restored guest reseeded"
+    );
+    Ok(())
+}
+
+/// Pauses the VM into `snapshots.write_to` (SIGUSR2; the VMM pauses, writes and exits
+/// `snapshotted`) and copies the plan that booted it beside the snapshot. Any other
+/// ending is an error: the sandbox is then not paused.
+fn take_snapshot(
+    vmm: &mut VmmProcess,
+    report: &Path,
+    plan: Option<&PlanFiles>,
+    snapshots: &SessionSnapshots,
+) -> Result<(), RunError> {
+    let failed = |why: String, vmm: &VmmProcess| RunError::VmmDied {
+        reason: format!("snapshot not taken: {why}"),
+        log: vmm.log_tail(),
+        exit: None,
+    };
+    vmm.signal(libc::SIGUSR2)
+        .map_err(|e| failed(format!("signalling mvm-vmm: {e}"), vmm))?;
+    let Some(status) = vmm.wait_for(SNAPSHOT_LIMIT) else {
+        vmm.kill();
+        return Err(failed(
+            format!("mvm-vmm did not finish within {SNAPSHOT_LIMIT:?}"),
+            vmm,
+        ));
+    };
+    let reason = read_boot_report(report).and_then(|r| {
+        r.get("exit_reason")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    });
+    if !status.success() || reason.as_deref() != Some("snapshotted") {
+        return Err(failed(
+            format!("mvm-vmm ended with {status}, exit reason {reason:?}"),
+            vmm,
+        ));
+    }
+    if let Some(plan) = plan {
+        let to = snapshots.write_to.join(SNAPSHOT_PLAN_FILE);
+        std::fs::copy(&plan.envelope, &to).map_err(RunError::io(format!(
+            "copying the plan to {}",
+            to.display()
+        )))?;
+    }
+    Ok(())
+}
+
 /// How long a broken agent connection waits for the VMM to be seen dead.
 const DEATH_WAIT: Duration = Duration::from_secs(1);
 
@@ -198,7 +273,18 @@ pub fn run_verified(
     let uds = scratch.path().join("vsock");
     let log = scratch.path().join("vmm.log");
     let report = scratch.path().join("boot.json");
-    let mut args = vmm_args(&artifacts.image, spec, &uds, &report, plan);
+    let snapshots = match &workload {
+        Workload::Session(server) => server.snapshots().cloned(),
+        Workload::Command { .. } => None,
+    };
+    let mut args = vmm_args_with(
+        &artifacts.image,
+        spec,
+        &uds,
+        &report,
+        plan,
+        snapshots.as_ref(),
+    );
     // netrt: --net (the host network is torn down when `_net` drops, after the VMM).
     let _net = crate::net::run::attach(spec, scratch.path(), plan.is_some(), &mut args)?;
     let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
@@ -206,6 +292,10 @@ pub fn run_verified(
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
     let port = artifacts.image.manifest.agent_vsock_port;
     let (client, guest_boot_ms) = wait_for_agent(&mut vmm, &uds, port, ready_timeout)?;
+    if let Some(from) = snapshots.as_ref().and_then(|s| s.restore.as_ref()) {
+        // Before anything else runs in it: this VM's own entropy, identity and clock.
+        reseed(&client, &from.sandbox_id).map_err(|e| agent_error(&mut vmm, &e))?;
+    }
     let ready = Instant::now();
 
     let request = ExecRequest {
@@ -245,6 +335,26 @@ pub fn run_verified(
             let stream = connect_hybrid_vsock(&uds, port, ready_timeout)
                 .map_err(|e| RunError::Agent(format!("session connection: {e}")))?;
             let status = server.serve(stream, journal, &mut LocalVm(&mut vmm))?;
+            if let (true, Some(snapshots)) = (server.pause_requested(), snapshots.as_ref()) {
+                drop(client);
+                take_snapshot(&mut vmm, &report, plan, snapshots)?;
+                drop(scratch);
+                return Ok(RunOutcome {
+                    status,
+                    timings: Timings {
+                        boot_ms: millis(ready.duration_since(start)),
+                        exec_ms: millis(ready.elapsed()),
+                        shutdown_ms: 0,
+                        total_ms: millis(start.elapsed()),
+                        guest_boot_ms,
+                        host_boot_ms: None,
+                        testhost_spare: false,
+                    },
+                    tier: Tier::Kvm,
+                    boot_report: read_boot_report(&report),
+                    plan_id: None,
+                });
+            }
             return Ok(finish(
                 client,
                 &mut vmm,

@@ -12,6 +12,7 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 
 use mvm_loader::measure::Sha256Digest;
 
@@ -49,6 +50,34 @@ pub trait VmProbe {
     fn ended(&mut self) -> Option<String>;
 }
 
+/// What a session asks of snapshots (the `kvm` tier: the VMM is this host's process).
+#[derive(Debug, Clone)]
+pub struct SessionSnapshots {
+    /// Where a pause writes the snapshot: an empty directory (`--snapshot-dir`); the
+    /// plan that booted the VM is copied beside it (`plan.dsse.json`).
+    pub write_to: PathBuf,
+    /// The epoch a snapshot taken now is bound to (`--snapshot-epoch`).
+    pub epoch: u64,
+    /// The public key file the VMM trusts for the snapshot's seal and the plan.
+    pub trust: PathBuf,
+    /// Start from this sealed snapshot instead of booting.
+    pub restore: Option<RestoreFrom>,
+}
+
+/// A sealed snapshot to start from.
+#[derive(Debug, Clone)]
+pub struct RestoreFrom {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The sandbox's current epoch: a snapshot older than it is a rollback.
+    pub min_epoch: u64,
+    /// The sandbox id the restored guest is told (its reseed).
+    pub sandbox_id: String,
+}
+
+/// The name of the plan copied beside a snapshot.
+pub const SNAPSHOT_PLAN_FILE: &str = "plan.dsse.json";
+
 /// Serves a session on the guest agent's connection.
 pub trait SessionServer {
     /// The VM is up, its boot recorded and its secrets in: serve `agent` until
@@ -61,6 +90,17 @@ pub trait SessionServer {
         journal: &mut dyn RunJournal,
         vm: &mut dyn VmProbe,
     ) -> Result<WorkloadStatus, RunError>;
+
+    /// What the session asks of snapshots; `None`: it can neither pause nor restore.
+    fn snapshots(&self) -> Option<&SessionSnapshots> {
+        None
+    }
+
+    /// Whether the session ended because a client asked to pause: the backend then
+    /// snapshots the VM to [`SessionSnapshots::write_to`] instead of powering it off.
+    fn pause_requested(&self) -> bool {
+        false
+    }
 }
 
 /// A digest and a byte count: how a transfer or an output stream is recorded.

@@ -21,7 +21,7 @@ const LOG_TAIL_BYTES: u64 = 16 << 10;
 
 /// The VMM's exit statuses for a refused boot (`mvm-vmm --help`; the
 /// constants live in `vmm/src/verified_boot.rs`, which the runtime does not link).
-pub const REFUSAL_STATUSES: std::ops::RangeInclusive<i32> = 10..=24;
+pub const REFUSAL_STATUSES: std::ops::RangeInclusive<i32> = 10..=25;
 /// How the VMM starts the line that explains a refusal.
 const REFUSAL_PREFIX: &str = "mvm-vmm: boot refused (";
 
@@ -37,30 +37,76 @@ pub fn vmm_args(
     report: &Path,
     plan: Option<&PlanFiles>,
 ) -> Vec<String> {
+    vmm_args_with(image, spec, uds, report, plan, None)
+}
+
+/// [`vmm_args`], with a session's snapshots: `--snapshot-dir` (and its epoch) so that a
+/// pause can write one, and, to start from one, `--restore` in place of the kernel,
+/// initramfs, command line and resources (the snapshot's), the plan checked without
+/// its nonce (the boot spent it), the seal against the session's trusted key.
+pub fn vmm_args_with(
+    image: &StoredImage,
+    spec: &RunSpec,
+    uds: &Path,
+    report: &Path,
+    plan: Option<&PlanFiles>,
+    snapshots: Option<&super::session::SessionSnapshots>,
+) -> Vec<String> {
+    let restore = snapshots.and_then(|s| s.restore.as_ref());
     let mut args = match plan {
-        Some(p) => vec![
-            "--plan".to_owned(),
-            p.envelope.display().to_string(),
-            "--trust".to_owned(),
-            p.trust.display().to_string(),
-            "--replay-store".to_owned(),
-            p.replay_store.display().to_string(),
-            "--events".to_owned(),
-            p.events.display().to_string(),
-        ],
-        None => vec!["--dev".to_owned()],
+        Some(p) => {
+            let mut args = vec![
+                "--plan".to_owned(),
+                p.envelope.display().to_string(),
+                "--trust".to_owned(),
+                p.trust.display().to_string(),
+            ];
+            if restore.is_none() {
+                args.extend([
+                    "--replay-store".to_owned(),
+                    p.replay_store.display().to_string(),
+                ]);
+            }
+            args.extend(["--events".to_owned(), p.events.display().to_string()]);
+            args
+        }
+        None => {
+            let mut args = vec!["--dev".to_owned()];
+            if let (Some(_), Some(s)) = (restore, snapshots) {
+                args.extend(["--trust".to_owned(), s.trust.display().to_string()]);
+            }
+            args
+        }
     };
+    match restore {
+        Some(from) => args.extend([
+            "--restore".to_owned(),
+            from.dir.display().to_string(),
+            "--restore-min-epoch".to_owned(),
+            from.min_epoch.to_string(),
+        ]),
+        None => args.extend([
+            "--kernel".to_owned(),
+            image.kernel_path().display().to_string(),
+            "--initrd".to_owned(),
+            image.initramfs_path().display().to_string(),
+            "--cmdline".to_owned(),
+            image.manifest.cmdline.clone(),
+            "--vcpus".to_owned(),
+            spec.cpus.to_string(),
+            "--mem-mib".to_owned(),
+            spec.mem_mib.to_string(),
+        ]),
+    }
+    if let Some(s) = snapshots {
+        args.extend([
+            "--snapshot-dir".to_owned(),
+            s.write_to.display().to_string(),
+            "--snapshot-epoch".to_owned(),
+            s.epoch.to_string(),
+        ]);
+    }
     args.extend([
-        "--kernel".to_owned(),
-        image.kernel_path().display().to_string(),
-        "--initrd".to_owned(),
-        image.initramfs_path().display().to_string(),
-        "--cmdline".to_owned(),
-        image.manifest.cmdline.clone(),
-        "--vcpus".to_owned(),
-        spec.cpus.to_string(),
-        "--mem-mib".to_owned(),
-        spec.mem_mib.to_string(),
         "--vsock".to_owned(),
         format!("cid={GUEST_CID},uds={}", uds.display()),
         "--boot-report".to_owned(),
@@ -181,6 +227,34 @@ impl VmmProcess {
             std::thread::sleep(Duration::from_millis(10));
         }
         self.kill()
+    }
+
+    /// Sends `signal` to the child, if it has not exited.
+    pub fn signal(&mut self, signal: i32) -> std::io::Result<()> {
+        if self.try_exit().is_some() {
+            return Err(std::io::Error::other("mvm-vmm has exited"));
+        }
+        let pid = i32::try_from(self.child.id()).map_err(std::io::Error::other)?;
+        // SAFETY: kill(2) on the child this process spawned and has not reaped (so the
+        // pid is still its).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the child to end on its own; `None` if it has not.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Kills the child now and reaps it.

@@ -94,6 +94,9 @@ pub enum Command {
     SandboxSupervise {
         /// The sandbox's directory.
         dir: PathBuf,
+        /// Start it from its sealed snapshot (`mvm sandbox resume`).
+        #[arg(long)]
+        resume: bool,
     },
     /// Internal: keeps a spare test host (booted ahead, `MVM_TESTHOST_SPARE=1`) for the
     /// next run of the emulated tier to claim.

@@ -62,6 +62,7 @@ pub fn options_from_args(args: &RunArgs) -> RunOptions {
         dev: args.dev_mode(),
         net: args.net_flags(),
         forward_signals: true,
+        restore_plan: None,
     }
 }
 

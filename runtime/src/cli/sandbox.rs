@@ -64,6 +64,24 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pause a sandbox: its VM is snapshotted to disk, sealed, and stops running until
+    /// `resume` (kvm backend). What runs in it goes on from the same instant then.
+    Pause {
+        /// Id, id prefix or name.
+        sandbox: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused sandbox from its snapshot (admitted and audited as a restore),
+    /// with fresh entropy for its kernel and the host's clock.
+    Resume {
+        /// Id, id prefix or name.
+        sandbox: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a stopped or stale sandbox's state.
     Rm {
         /// Id, id prefix or name.
@@ -189,6 +207,17 @@ pub fn main(command: &SandboxCommand) -> i32 {
             print_info(&info, *json);
             0
         }),
+        SandboxCommand::Pause { sandbox, json } => sandbox::pause(sandbox, sandbox::PAUSE_WAIT)
+            .map(|info| {
+                print_info(&info, *json);
+                0
+            }),
+        SandboxCommand::Resume { sandbox, json } => {
+            sandbox::resume(sandbox, RESUME_TIMEOUT).map(|info| {
+                print_info(&info, *json);
+                0
+            })
+        }
         SandboxCommand::Rm { sandbox, force } => sandbox::remove(sandbox, *force).map(|info| {
             println!("{}", info.id);
             0
@@ -199,6 +228,9 @@ pub fn main(command: &SandboxCommand) -> i32 {
         e.exit_code()
     })
 }
+
+/// How long `resume` waits for the restored sandbox to answer.
+const RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
 
 fn print_info(info: &SandboxInfo, json: bool) {
     if json {

@@ -123,6 +123,9 @@ pub struct Admitted {
     /// The secrets recorded as released (for the receipt).
     released: Vec<ReleasedSecret>,
     marker: Option<OpenRun>,
+    /// The VM is restored from a snapshot: the VMM reports `snapshot_restored`, not
+    /// `boot_verified`, and no secret is released again (they are in its memory).
+    restore: bool,
     _dir: ScratchDir,
 }
 
@@ -150,7 +153,20 @@ pub fn admit_run_in(
     tier: Tier,
     net: Option<&mut crate::net::run::NetPrep>,
 ) -> Result<Admitted, RunError> {
-    let started = std::time::Instant::now();
+    admit_in(config, data, run, image, tier, net, None)
+}
+
+/// Admission's one path: for a boot (`stored` is `None`), or for the restore of a VM
+/// that `stored` booted ([`admit_restore_in`]).
+fn admit_in(
+    config: &Path,
+    data: &Path,
+    run: &RunRequest,
+    image: &StoredImage,
+    tier: Tier,
+    net: Option<&mut crate::net::run::NetPrep>,
+    stored: Option<SignedPlan>,
+) -> Result<Admitted, RunError> {
     let (keys, created) = HostKeys::load_or_create(config)
         .map_err(|e| admission_error("host keys")(e.to_string()))?;
     if created {
@@ -177,10 +193,15 @@ pub fn admit_run_in(
     names.dedup();
     let mut facts = ImageFacts::from_stored(image, &names)
         .map_err(|e| admission_error("image")(e.to_string()))?;
-    // Before a plan is signed: a secret that is not there stops the run here.
+    // Before a plan is signed: a secret that is not there stops the run here. (A
+    // restored VM's secrets are in its memory already: none is read or released again.)
     let store = SecretStore::at(config);
-    let secrets = run
-        .secrets
+    let asked = if stored.is_some() {
+        &[][..]
+    } else {
+        &run.secrets[..]
+    };
+    let secrets = asked
         .iter()
         .map(|asked| {
             let mut secret = store
@@ -221,7 +242,107 @@ pub fn admit_run_in(
         Err(AdmitError::Denied(denial)) => return Err(deny(&log, &request, denial)),
         Err(e) => return Err(admission_error("plan")(e.to_string())),
     };
-    // The plan names the weakest tier allowed to run it.
+    let restore = stored.is_some();
+    let signed = match stored {
+        None => signed,
+        Some(stored) => {
+            // What today's plan pins, beside the stored one's: all but the identity,
+            // window and nonce must agree.
+            let mut today = signed.plan;
+            today.plan_id.clone_from(&stored.plan.plan_id);
+            today.not_before = stored.plan.not_before;
+            today.not_after = stored.plan.not_after;
+            today.nonce.clone_from(&stored.plan.nonce);
+            if today != stored.plan {
+                return Err(RunError::Missing(format!(
+                    "restore not admitted: plan {} no longer matches what admission gives \
+                     this sandbox today (its image, the policy or its resources changed)",
+                    stored.plan.plan_id
+                )));
+            }
+            stored
+        }
+    };
+    check_tier(&log, &request, &signed, tier)?;
+    record_admission(
+        Checked {
+            keys,
+            log,
+            signed,
+            secrets,
+        },
+        config,
+        data,
+        run,
+        tier,
+        restore,
+    )
+}
+
+/// Admits restoring a VM from its sealed snapshot ([`admit_restore_in`] with the
+/// user's config and data directories).
+pub fn admit_restore(
+    run: &RunRequest,
+    image: &StoredImage,
+    tier: Tier,
+    stored_plan: &Path,
+) -> Result<Admitted, RunError> {
+    let config = config_dir().map_err(|e| admission_error("config directory")(e.to_string()))?;
+    let data = crate::image::store::data_dir()?;
+    admit_restore_in(&config, &data, run, image, tier, stored_plan)
+}
+
+/// Admits restoring a VM from its snapshot: `stored_plan`, the plan that booted it
+/// (kept with the snapshot when it was taken), must be signed by this host's admission
+/// key, and today's policy must still admit the same run for the same image: `run` is
+/// admitted afresh (a denial is audited as `plan_denied` and refuses the restore) and the
+/// two plans must pin the same things (artifacts, disks, resources, devices, guest
+/// policy, secrets, tier), everything but their identity, window and nonce. The fresh
+/// plan is only compared, never recorded or booted. The stored
+/// plan is what the VMM verifies against the snapshot's seal; `plan_admitted` records
+/// it again, with `restore: true`. No secret is read from the store: a restored VM's
+/// secrets are in its memory already.
+pub fn admit_restore_in(
+    config: &Path,
+    data: &Path,
+    run: &RunRequest,
+    image: &StoredImage,
+    tier: Tier,
+    stored_plan: &Path,
+) -> Result<Admitted, RunError> {
+    let refused = |why: String| RunError::Missing(format!("restore not admitted: {why}"));
+    let envelope = std::fs::read(stored_plan)
+        .map_err(|e| refused(format!("{}: {e}", stored_plan.display())))?;
+    let (keys, _) = HostKeys::load_or_create(config)
+        .map_err(|e| admission_error("host keys")(e.to_string()))?;
+    let mut trusted = mvm_loader::dsse::TrustedKeys::new();
+    trusted.add(keys.admission.verifying_key());
+    let verified = mvm_loader::plan::envelope::verify_plan_for_restore(&envelope, &trusted)
+        .map_err(|e| refused(format!("the stored plan: {e}")))?;
+    let stored = SignedPlan {
+        plan: verified.plan,
+        envelope: mvm_loader::dsse::Envelope::from_json(&envelope)
+            .map_err(|e| refused(format!("the stored plan: {e}")))?,
+        digest: verified.digest,
+    };
+    admit_in(config, data, run, image, tier, None, Some(stored))
+}
+
+/// What admission checked and signed, before it is recorded.
+struct Checked {
+    keys: HostKeys,
+    log: AuditLog,
+    signed: SignedPlan,
+    secrets: Vec<Secret>,
+}
+
+/// The plan names the weakest tier allowed to run it: refuses (audited) a weaker one.
+fn check_tier(
+    log: &AuditLog,
+    request: &AdmissionRequest,
+    signed: &SignedPlan,
+    tier: Tier,
+) -> Result<(), RunError> {
     let given = plan_tier(tier);
     if given < signed.plan.required_tier {
         let denial = Denial {
@@ -231,14 +352,39 @@ pub fn admit_run_in(
                 signed.plan.required_tier
             ),
         };
-        return Err(deny(&log, &request, denial));
+        return Err(deny(log, request, denial));
     }
+    Ok(())
+}
+
+/// Records an admitted plan (`plan_admitted`, the open-run marker) and writes the
+/// files the VMM is started with. `restore`: the plan is the one that booted a VM now
+/// restored from its snapshot ([`admit_restore_in`]).
+fn record_admission(
+    checked: Checked,
+    config: &Path,
+    data: &Path,
+    run: &RunRequest,
+    tier: Tier,
+    restore: bool,
+) -> Result<Admitted, RunError> {
+    let started = std::time::Instant::now();
+    let Checked {
+        keys,
+        log,
+        signed,
+        secrets,
+    } = checked;
     let vm_id = random_id("vm");
     // The marker first: a mvm killed from here on is found by the next command.
     let marker = OpenRun::create(data, &signed.plan.plan_id, &vm_id)
         .map_err(|e| admission_error("audit")(e.to_string()))?;
+    let mut admitted_event = AuditEvent::plan_admitted(&signed);
+    if restore {
+        admitted_event = admitted_event.field("restore", true);
+    }
     let admitted_seq = log
-        .append(AuditEvent::plan_admitted(&signed))
+        .append(admitted_event)
         .map_err(|e| admission_error("audit")(e.to_string()))?;
 
     let dir = ScratchDir::create().map_err(RunError::io("creating the plan directory"))?;
@@ -273,6 +419,7 @@ pub fn admit_run_in(
         secrets,
         released: Vec::new(),
         marker: Some(marker),
+        restore,
         _dir: dir,
     })
 }
@@ -435,16 +582,23 @@ impl RunJournal for Admitted {
         );
         self.events_read = next;
         let evidence = |e: audit::AuditError| RunError::Missing(format!("evidence: {e}"));
+        // A boot is vouched for by `boot_verified`; a restore by `snapshot_restored`
+        // (the seal, the plan and every file checked before the guest ran again).
+        let vouching = if self.restore {
+            EventKind::SnapshotRestored
+        } else {
+            EventKind::BootVerified
+        };
         for event in events {
-            if event.kind == EventKind::BootVerified && self.boot.is_none() {
+            if event.kind == vouching && self.boot.is_none() {
                 self.boot = Some(event.clone());
             }
             self.last_seq = self.log.append(event).map_err(evidence)?;
         }
         if self.boot.is_none() {
-            return Err(RunError::Missing(
-                "the VMM reported no verified boot before its guest answered; the workload was not started".into(),
-            ));
+            return Err(RunError::Missing(format!(
+                "the VMM reported no {vouching} before its guest answered; the workload was not started"
+            )));
         }
         let secrets = std::mem::take(&mut self.secrets);
         if !secrets.is_empty() {

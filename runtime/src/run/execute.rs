@@ -37,6 +37,10 @@ pub struct RunOptions {
     /// Install the Ctrl-C / SIGTERM handler that passes signals to the workload (the
     /// CLI does; a program embedding mvm usually handles its own signals).
     pub forward_signals: bool,
+    /// The VM is restored from a snapshot that this plan (kept beside it) booted:
+    /// admission checks that plan and today's policy instead of signing a new one
+    /// ([`admit::admit_restore`]).
+    pub restore_plan: Option<PathBuf>,
 }
 
 /// Chooses the tier: the one asked for, else the best one detected.
@@ -134,7 +138,10 @@ pub fn execute_workload(
     let mut spec = spec.clone();
     spec.disks = request.disk_args(&image);
     let spec = &spec;
-    let mut admitted = admit::admit_run(&request, &image, tier, net.as_mut())?;
+    let mut admitted = match &options.restore_plan {
+        Some(stored) => admit::admit_restore(&request, &image, tier, stored)?,
+        None => admit::admit_run(&request, &image, tier, net.as_mut())?,
+    };
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));

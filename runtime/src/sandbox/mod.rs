@@ -30,6 +30,7 @@
 
 pub mod copy;
 pub mod mux;
+pub mod pause;
 pub mod ports;
 pub mod state;
 pub mod supervisor;
@@ -230,7 +231,7 @@ pub struct SandboxInfo {
     pub name: Option<String>,
     /// Its image reference.
     pub image: String,
-    /// `starting`, `ready`, `stopped`, `failed` or `stale`.
+    /// `starting`, `ready`, `paused`, `stopped`, `failed` or `stale`.
     pub status: String,
     /// The tier it runs on.
     pub tier: Option<Tier>,
@@ -252,6 +253,7 @@ fn status_word(state: Option<&SandboxState>) -> String {
             Some(Status::Ready) => "ready",
             Some(Status::Stopped) => "stopped",
             Some(Status::Failed) => "failed",
+            Some(Status::Paused) => "paused",
         }
         .to_owned(),
     }
@@ -304,7 +306,7 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
     if let Some(name) = &options.name {
         state::check_name(name)?;
     }
-    let mvm = locate::mvm_binary()?;
+    locate::mvm_binary()?;
     let config = SandboxConfig {
         id: new_id(),
         name: options.name.clone(),
@@ -321,6 +323,23 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
     };
     let root = state::root();
     let sandbox = Sandbox::create_in(&root, &config)?;
+    start_supervisor(&sandbox, &config.id, options.ready_timeout, false).inspect_err(|e| {
+        if matches!(e, SandboxError::Io { .. }) {
+            let _ = sandbox.clone().remove(&root);
+        }
+    })?;
+    info_of(&sandbox)
+}
+
+/// Starts `sandbox`'s supervisor (`resume`: from its snapshot), detached in a session of
+/// its own, and waits until the sandbox is ready, or failed, or `ready_timeout` passed.
+fn start_supervisor(
+    sandbox: &Sandbox,
+    id: &str,
+    ready_timeout: Duration,
+    resume: bool,
+) -> Result<(), SandboxError> {
+    let mvm = locate::mvm_binary()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -333,6 +352,7 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
     command
         .arg("__sandbox-supervise")
         .arg(sandbox.dir())
+        .args(resume.then_some("--resume"))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
@@ -347,13 +367,9 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
             Ok(())
         });
     }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            let _ = sandbox.clone().remove(&root);
-            return Err(SandboxError::io(format!("starting {}", mvm.display()), e));
-        }
-    };
+    let mut child = command
+        .spawn()
+        .map_err(|e| SandboxError::io(format!("starting {}", mvm.display()), e))?;
     let pid = child.id();
     if sandbox.state()?.is_none() {
         // Until the supervisor writes its own: `ls` sees it starting, not stale.
@@ -366,37 +382,40 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
                 Status::Ready => break Ok(()),
                 Status::Failed | Status::Stopped => {
                     break Err(SandboxError::Failed {
-                        id: config.id.clone(),
+                        id: id.to_owned(),
                         reason: state.reason.unwrap_or_else(|| "it stopped".into()),
                         exit_code: state.exit_code,
                         log: String::new(),
                     })
                 }
-                Status::Starting => {}
+                // A resume's sandbox is paused until its supervisor says otherwise.
+                Status::Starting | Status::Paused => {}
             }
         }
         if let Ok(Some(status)) = child.try_wait() {
             // Its last state may have landed between the two looks.
-            if sandbox
-                .state()?
-                .is_some_and(|s| s.status != Status::Starting)
-            {
+            let last = sandbox.state()?;
+            if last.as_ref().is_some_and(|s| {
+                matches!(s.status, Status::Ready | Status::Failed | Status::Stopped)
+            }) {
                 continue;
             }
             break Err(SandboxError::Failed {
-                id: config.id.clone(),
-                reason: format!("its supervisor exited ({status})"),
+                id: id.to_owned(),
+                reason: last
+                    .and_then(|s| s.reason)
+                    .unwrap_or_else(|| format!("its supervisor exited ({status})")),
                 exit_code: None,
-                log: read_log(&sandbox),
+                log: read_log(sandbox),
             });
         }
-        if start.elapsed() > options.ready_timeout {
+        if start.elapsed() > ready_timeout {
             let _ = child.kill();
             break Err(SandboxError::Failed {
-                id: config.id.clone(),
-                reason: format!("not ready within {:?}; stopped", options.ready_timeout),
+                id: id.to_owned(),
+                reason: format!("not ready within {:?}; stopped", ready_timeout),
                 exit_code: None,
-                log: read_log(&sandbox),
+                log: read_log(sandbox),
             });
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -408,7 +427,96 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
         .spawn(move || {
             let _ = child.wait();
         });
-    outcome?;
+    outcome
+}
+
+/// How long `pause` waits for the snapshot to be written and sealed.
+pub const PAUSE_WAIT: Duration = Duration::from_secs(180);
+
+/// Pauses the ready sandbox `reference` names: its VM is snapshotted to disk and
+/// sealed, and no process runs for it until [`resume`]. Waits up to `wait`.
+/// Needs the kvm backend.
+pub fn pause(reference: &str, wait: Duration) -> Result<SandboxInfo, SandboxError> {
+    let client = connect(reference)?;
+    let sandbox = Sandbox::find_in(&state::root(), reference)?;
+    client.client.pause()?;
+    drop(client);
+    let start = Instant::now();
+    loop {
+        let state = sandbox.state()?;
+        match state.as_ref().map(|s| s.status) {
+            Some(Status::Paused) => return info_of(&sandbox),
+            Some(Status::Failed | Status::Stopped) => {
+                let info = info_of(&sandbox)?;
+                return Err(SandboxError::Failed {
+                    id: info.id,
+                    reason: info.reason.unwrap_or_else(|| "it stopped".into()),
+                    exit_code: state.and_then(|s| s.exit_code),
+                    log: read_log(&sandbox),
+                });
+            }
+            _ if Sandbox::liveness(state.as_ref()) == Liveness::Stale => {
+                return Err(SandboxError::NotRunning {
+                    id: info_of(&sandbox)?.id,
+                    state: "stale".into(),
+                    reason: Some("its supervisor ended while pausing".into()),
+                });
+            }
+            _ => {}
+        }
+        if start.elapsed() > wait {
+            return Err(SandboxError::NotRunning {
+                id: info_of(&sandbox)?.id,
+                state: "still pausing".into(),
+                reason: Some(format!("not paused within {wait:?}")),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Resumes the paused sandbox `reference` names from its sealed snapshot (admitted and
+/// audited as a restore), and waits until it is ready. Its TTL goes on from what was
+/// left at the pause; its files and processes are as they were.
+pub fn resume(reference: &str, ready_timeout: Duration) -> Result<SandboxInfo, SandboxError> {
+    let sandbox = Sandbox::find_in(&state::root(), reference)?;
+    let config = sandbox.config()?;
+    // One resume at a time: the second finds the first's `starting`.
+    let lock = sandbox.lock()?;
+    let paused = match sandbox.state()? {
+        Some(s) if s.status == Status::Paused => s,
+        other => {
+            return Err(SandboxError::NotRunning {
+                id: config.id,
+                state: status_word(other.as_ref()),
+                reason: Some("only a paused sandbox resumes".into()),
+            })
+        }
+    };
+    // Starting, on this process's word, until the supervisor writes its own.
+    let me = std::process::id();
+    sandbox.set_state(&SandboxState {
+        status: Status::Starting,
+        reason: None,
+        exit_code: None,
+        ..SandboxState {
+            epoch: paused.epoch,
+            ttl_left_secs: paused.ttl_left_secs,
+            tier: paused.tier,
+            ..SandboxState::starting(me)
+        }
+    })?;
+    drop(lock);
+    if let Err(e) = start_supervisor(&sandbox, &config.id, ready_timeout, true) {
+        // Not started at all: still paused, for another try.
+        if sandbox
+            .state()?
+            .is_some_and(|s| s.status == Status::Starting && s.pid == me)
+        {
+            sandbox.set_state(&paused)?;
+        }
+        return Err(e);
+    }
     info_of(&sandbox)
 }
 
@@ -541,6 +649,24 @@ impl SandboxClient {
 pub fn stop_within(reference: &str, wait: Duration) -> Result<SandboxInfo, SandboxError> {
     let sandbox = Sandbox::find_in(&state::root(), reference)?;
     let state = sandbox.state()?;
+    if let Some(paused) = state.as_ref().filter(|s| s.status == Status::Paused) {
+        // Nothing runs: the snapshot is dropped and the sandbox is stopped.
+        let _lock = sandbox.lock()?;
+        sandbox.set_state(&SandboxState {
+            status: Status::Stopped,
+            reason: Some("stop".into()),
+            ttl_left_secs: None,
+            ..paused.clone()
+        })?;
+        for dir in [sandbox.snapshot_dir(), sandbox.next_snapshot_dir()] {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(SandboxError::io(format!("removing {}", dir.display()), e));
+                }
+            }
+        }
+        return info_of(&sandbox);
+    }
     match Sandbox::liveness(state.as_ref()) {
         Liveness::Ended | Liveness::Stale => return info_of(&sandbox),
         Liveness::Live => {}

@@ -32,7 +32,7 @@ use mvm_agent::protocol::{
 use mvm_loader::measure::Sha256Digest;
 use sha2::{Digest, Sha256};
 
-use crate::backend::session::Digested;
+use crate::backend::session::{Digested, SessionSnapshots};
 use crate::backend::{
     interrupt, RunError, RunJournal, SessionEvent, SessionServer, VmProbe, WorkloadStatus,
 };
@@ -130,6 +130,8 @@ enum Note {
     Record(SessionEvent, Option<SyncSender<bool>>),
     /// A client asked the sandbox to stop.
     Stop,
+    /// A client asked the sandbox to pause (snapshot to disk).
+    Pause,
     /// The agent connection ended.
     AgentClosed(String),
     /// The last client left a sandbox that lives only as long as its clients.
@@ -153,6 +155,8 @@ struct Hub {
     ports: Vec<u16>,
     /// Whether the session ends when its last client leaves.
     ends_with_clients: bool,
+    /// Whether a client may pause the sandbox (its VM can be snapshotted).
+    pausable: bool,
 }
 
 impl Hub {
@@ -221,6 +225,8 @@ pub struct Mux {
     limit: u64,
     ports: Vec<u16>,
     ends_with_clients: bool,
+    pausable: bool,
+    snapshots: Option<SessionSnapshots>,
 }
 
 /// How long a sandbox that ends with its clients waits for its first one.
@@ -238,7 +244,19 @@ impl Mux {
             limit: MAX_TRANSFER,
             ports: Vec::new(),
             ends_with_clients: false,
+            pausable: false,
+            snapshots: None,
         }
+    }
+
+    /// Gives the session snapshots (the backend starts the VM with them): a client may
+    /// then pause the sandbox, the session ending with `pause` and the backend
+    /// snapshotting the VM instead of powering it off; and with
+    /// [`SessionSnapshots::restore`] the VM starts from one.
+    pub fn with_snapshots(mut self, snapshots: SessionSnapshots) -> Self {
+        self.pausable = true;
+        self.snapshots = Some(snapshots);
+        self
     }
 
     /// Ends the session (`abandoned`) when its last client disconnects, or when
@@ -262,8 +280,8 @@ impl Mux {
         self
     }
 
-    /// Why the session ended (`stop`, `ttl`, `signal`, `vm_exited`, `abandoned`),
-    /// once it has.
+    /// Why the session ended (`stop`, `pause`, `ttl`, `signal`, `vm_exited`,
+    /// `abandoned`), once it has.
     pub fn ended_because(&self) -> Option<&'static str> {
         self.ended
     }
@@ -301,6 +319,14 @@ fn agent_hello(agent: &mut UnixStream) -> Result<Hello, RunError> {
 }
 
 impl SessionServer for Mux {
+    fn snapshots(&self) -> Option<&SessionSnapshots> {
+        self.snapshots.as_ref()
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.ended == Some("pause")
+    }
+
     fn serve(
         &mut self,
         mut agent: UnixStream,
@@ -335,6 +361,7 @@ impl SessionServer for Mux {
             limit: self.limit,
             ports: self.ports.clone(),
             ends_with_clients: self.ends_with_clients,
+            pausable: self.pausable,
         });
         spawn_agent_reader(agent, Arc::clone(&hub)).map_err(RunError::io("agent reader"))?;
         let deadline = Instant::now() + self.ttl;
@@ -405,6 +432,7 @@ fn serve_loop(
                 }
             }
             Ok(Note::Stop) => return "stop",
+            Ok(Note::Pause) => return "pause",
             Ok(Note::Abandoned) => return "abandoned",
             Ok(Note::AgentClosed(why)) => {
                 tracing::warn!("agent connection ended: {why}");
@@ -881,6 +909,20 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
         Message::Shutdown(_) => {
             client.send(cid, &Message::ShutdownAck);
             let _ = hub.notes.send(Note::Stop);
+        }
+        Message::Pause => {
+            if hub.pausable {
+                client.send(cid, &Message::ShutdownAck);
+                let _ = hub.notes.send(Note::Pause);
+            } else {
+                client.send(
+                    cid,
+                    &error_reply(
+                        ErrorCode::BadRequest,
+                        "this sandbox cannot be paused: pausing needs the kvm backend (on the emulated tier the VMM lives inside a test host that ends with the run)",
+                    ),
+                );
+            }
         }
         // The guest's RNG, identity and clock are the supervisor's to set after a
         // restore, never a client's.

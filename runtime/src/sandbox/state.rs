@@ -85,6 +85,9 @@ pub enum Status {
     Stopped,
     /// It could not start, or its run failed.
     Failed,
+    /// It is paused: its VM is a sealed snapshot on disk (`snapshot/`), no process
+    /// runs for it, and `resume` starts it again from there.
+    Paused,
 }
 
 /// What a sandbox's supervisor says about it.
@@ -113,6 +116,13 @@ pub struct SandboxState {
     /// The exit status `mvm` uses for its failure.
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// The epoch of its latest snapshot (0: none yet). A snapshot older than this is
+    /// a rollback and is refused.
+    #[serde(default)]
+    pub epoch: u64,
+    /// While paused: how much of its TTL was left.
+    #[serde(default)]
+    pub ttl_left_secs: Option<u64>,
 }
 
 impl SandboxState {
@@ -127,6 +137,8 @@ impl SandboxState {
             expires: None,
             reason: None,
             exit_code: None,
+            epoch: 0,
+            ttl_left_secs: None,
         }
     }
 }
@@ -137,7 +149,7 @@ impl SandboxState {
 pub enum Liveness {
     /// Starting or ready, its supervisor alive.
     Live,
-    /// Stopped or failed, as its supervisor recorded before it exited.
+    /// Stopped, failed or paused, as its supervisor recorded before it exited.
     Ended,
     /// Its supervisor is gone without recording an end (killed).
     Stale,
@@ -360,6 +372,39 @@ impl Sandbox {
         self.dir.join("ctl.sock")
     }
 
+    /// Takes the sandbox's lock (`lock`, exclusive, not waiting): one command at a
+    /// time changes whether it runs. Released when the returned file is dropped.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<std::fs::File>, SandboxError> {
+        let path = self.dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| SandboxError::io(format!("opening {}", path.display()), e))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+            |(_, errno)| {
+                SandboxError::io(
+                    format!("locking {}", path.display()),
+                    std::io::Error::other(format!(
+                        "{errno}: another command is resuming or pausing this sandbox"
+                    )),
+                )
+            },
+        )
+    }
+
+    /// Its latest sealed snapshot (while paused).
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshot")
+    }
+
+    /// Where the running VM's next snapshot is written; renamed over
+    /// [`Sandbox::snapshot_dir`] once sealed.
+    pub fn next_snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshot-next")
+    }
+
     /// Its supervisor's log.
     pub fn log(&self) -> PathBuf {
         self.dir.join("supervisor.log")
@@ -387,7 +432,9 @@ impl Sandbox {
     /// Whether its supervisor is still there.
     pub fn liveness(state: Option<&SandboxState>) -> Liveness {
         match state {
-            Some(s) if matches!(s.status, Status::Stopped | Status::Failed) => Liveness::Ended,
+            Some(s) if matches!(s.status, Status::Stopped | Status::Failed | Status::Paused) => {
+                Liveness::Ended
+            }
             Some(s) if process_start(s.pid) == Some(s.pid_start) => Liveness::Live,
             _ => Liveness::Stale,
         }
@@ -502,6 +549,8 @@ mod tests {
             expires: None,
             reason: None,
             exit_code: None,
+            epoch: 0,
+            ttl_left_secs: None,
         };
         assert_eq!(Sandbox::liveness(Some(&state)), Liveness::Live);
         state.pid_start = start + 1;
@@ -511,6 +560,9 @@ mod tests {
             "pid reused"
         );
         state.status = Status::Stopped;
+        assert_eq!(Sandbox::liveness(Some(&state)), Liveness::Ended);
+        // Paused: no supervisor on purpose, and not stale.
+        state.status = Status::Paused;
         assert_eq!(Sandbox::liveness(Some(&state)), Liveness::Ended);
         assert_eq!(Sandbox::liveness(None), Liveness::Stale);
     }

@@ -11,6 +11,7 @@ pub mod mcp;
 pub mod net;
 pub mod run;
 pub mod sandbox;
+pub mod sandbox_pause;
 pub mod secret;
 pub mod selftest;
 pub mod snapshot;
@@ -38,6 +39,7 @@ pub fn all() -> Vec<Case> {
         selftest::CASES,
         tier::CASES,
         sandbox::CASES,
+        sandbox_pause::CASES,
         mcp::CASES,
     ]
     .concat()

@@ -28,18 +28,18 @@ pub const CASES: &[Case] = &[
 
 /// `mvm sandbox ARGS` with the artifacts' binaries, image store, keys and
 /// policy, and the case's own runtime directory.
-fn sandbox(ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
+pub(super) fn sandbox(ctx: &Context, args: &[&str]) -> Result<Command, Failure> {
     let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
     command.arg("sandbox").args(args).stdin(Stdio::null());
     Ok(command)
 }
 
-fn run(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
+pub(super) fn run(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
     output(sandbox(ctx, args)?)
 }
 
 /// Runs `mvm sandbox ARGS` and wants exit 0.
-fn ok(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
+pub(super) fn ok(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
     let out = run(ctx, args)?;
     if !out.status.success() {
         return Err(Failure::new(format!(
@@ -53,7 +53,7 @@ fn ok(ctx: &Context, args: &[&str]) -> Result<Output, Failure> {
 }
 
 /// Runs `mvm sandbox ARGS`, wants a failure whose message contains `want`.
-fn refused(ctx: &Context, args: &[&str], want: &str) -> CaseResult {
+pub(super) fn refused(ctx: &Context, args: &[&str], want: &str) -> CaseResult {
     let out = run(ctx, args)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || !stderr.contains(want) {
@@ -79,7 +79,7 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-fn list(ctx: &Context) -> Result<Vec<Value>, Failure> {
+pub(super) fn list(ctx: &Context) -> Result<Vec<Value>, Failure> {
     let out = ok(ctx, &["ls", "--json"])?;
     match serde_json::from_slice(&out.stdout) {
         Ok(Value::Array(all)) => Ok(all),
@@ -90,7 +90,7 @@ fn list(ctx: &Context) -> Result<Vec<Value>, Failure> {
     }
 }
 
-fn field(info: &Value, key: &str) -> String {
+pub(super) fn field(info: &Value, key: &str) -> String {
     info.get(key)
         .and_then(Value::as_str)
         .unwrap_or_default()
@@ -135,7 +135,7 @@ fn expect_stdout(out: &Output, want: &[u8], what: &str) -> CaseResult {
 }
 
 /// The audit log's records of the kinds given, as JSON.
-fn audit_records(ctx: &Context, kind: &str) -> Result<Vec<Value>, Failure> {
+pub(super) fn audit_records(ctx: &Context, kind: &str) -> Result<Vec<Value>, Failure> {
     let log = image_store(ctx)?.join("audit.jsonl");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     Ok(text

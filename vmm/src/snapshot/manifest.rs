@@ -11,7 +11,7 @@ use super::memory::RegionLayout;
 use super::SnapshotError;
 
 /// The DSSE payload type of a snapshot manifest.
-pub const PAYLOAD_TYPE: &str = "application/vnd.mvm.snapshot+json";
+pub const PAYLOAD_TYPE: &str = mvm_loader::plan::SNAPSHOT_PAYLOAD_TYPE;
 
 /// The manifest's format; a snapshot of another format is refused.
 pub const FORMAT: u32 = 1;

@@ -1,0 +1,176 @@
+//! `sandbox/pause-resume`: a sandbox on a real KVM paused in the middle of a process
+//! that counts, and resumed: the count goes on, a file written before the pause is
+//! there after it, the guest knows its id (the resume's reseed), and the audit log
+//! holds the pause and the admitted restore. Then the rollback case: an older sealed
+//! snapshot put back in place of the latest is refused, with a record.
+
+use serde_json::Value;
+
+use super::sandbox;
+use crate::case::{Case, CaseResult, Context, Failure};
+
+/// The case.
+pub const CASES: &[Case] = &[Case::kvm("sandbox/pause-resume", pause_resume).limit_secs(600)];
+
+/// A counter in the background of the sandbox: one more in `/work/count` every 200 ms.
+const COUNTER: &str =
+    "i=0; while true; do i=$((i+1)); echo $i > /work/count.tmp; mv /work/count.tmp /work/count; sleep 0.2; done";
+
+/// `mvm sandbox ARGS`, wanting exit 0: its stdout, trimmed.
+fn ok(ctx: &Context, args: &[&str]) -> Result<String, Failure> {
+    let out = sandbox::ok(ctx, args)?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The count the guest's counter last wrote.
+fn count(ctx: &Context, id: &str) -> Result<u64, Failure> {
+    let text = ok(ctx, &["exec", id, "--", "cat", "/work/count"])?;
+    text.parse()
+        .map_err(|_| Failure::new(format!("/work/count holds {text:?}")))
+}
+
+/// Waits until the count passes `above`.
+fn count_past(ctx: &Context, id: &str, above: u64) -> Result<u64, Failure> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n = count(ctx, id)?;
+        if n > above {
+            return Ok(n);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::new(format!("the count stayed at {n}")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+fn field<'a>(record: &'a Value, key: &str) -> Option<&'a Value> {
+    record.get("fields").and_then(|f| f.get(key))
+}
+
+fn status(ctx: &Context, id: &str) -> Result<String, Failure> {
+    let all = sandbox::list(ctx)?;
+    all.iter()
+        .find(|i| sandbox::field(i, "id") == id)
+        .map(|i| sandbox::field(i, "status"))
+        .ok_or_else(|| Failure::new(format!("{id} is not in mvm sandbox ls")))
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> CaseResult {
+    let fail = |e: std::io::Error| Failure::new(format!("copying {}: {e}", from.display()));
+    std::fs::create_dir(to).map_err(fail)?;
+    for entry in std::fs::read_dir(from).map_err(fail)? {
+        let entry = entry.map_err(fail)?;
+        std::fs::copy(entry.path(), to.join(entry.file_name())).map_err(fail)?;
+    }
+    Ok(())
+}
+
+fn pause_resume(ctx: &Context) -> CaseResult {
+    let result = pause_resume_inner(ctx);
+    // Whatever happened: no sandbox left running.
+    for info in sandbox::list(ctx).unwrap_or_default() {
+        let _ = sandbox::run(ctx, &["rm", "--force", &sandbox::field(&info, "id")]);
+    }
+    result
+}
+
+fn pause_resume_inner(ctx: &Context) -> CaseResult {
+    let id = ok(ctx, &["create", "--backend", "kvm", "--ttl", "20m"])?;
+    ok(
+        ctx,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo written-before-the-pause > /work/before",
+        ],
+    )?;
+    ok(
+        ctx,
+        &[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            &format!("({COUNTER}) >/dev/null 2>&1 &"),
+        ],
+    )?;
+    let before = count_past(ctx, &id, 3)?;
+
+    // Paused: nothing runs, exec says so, and the audit log has the pause.
+    let paused = ok(ctx, &["pause", &id])?;
+    if paused != format!("{id} paused") || status(ctx, &id)? != "paused" {
+        return Err(Failure::new(format!("pause printed {paused:?}")));
+    }
+    sandbox::refused(ctx, &["exec", &id, "--", "true"], "is paused")?;
+    sandbox::refused(ctx, &["pause", &id], "is paused")?;
+    let snapshot = ctx
+        .work_file("run")
+        .join(format!("mvm-sandboxes-{}", nix::unistd::getuid()))
+        .join(&id)
+        .join("snapshot");
+    if !snapshot.join("snapshot.dsse.json").is_file() || !snapshot.join("plan.dsse.json").is_file()
+    {
+        return Err(Failure::new(format!(
+            "no sealed snapshot with its plan in {}",
+            snapshot.display()
+        )));
+    }
+    let stopping = sandbox::audit_records(ctx, "session_stopping")?;
+    if !stopping
+        .iter()
+        .any(|r| field(r, "reason").and_then(Value::as_str) == Some("pause"))
+    {
+        return Err(Failure::new("no session_stopping record with reason pause"));
+    }
+    let first = ctx.work_file("snapshot-epoch-1");
+    copy_dir(&snapshot, &first)?;
+
+    // Resumed: the same process counts on, the file is there, the guest has its id.
+    let resumed = ok(ctx, &["resume", &id])?;
+    if resumed != format!("{id} ready") {
+        return Err(Failure::new(format!("resume printed {resumed:?}")));
+    }
+    let after = count_past(ctx, &id, before)?;
+    let file = ok(ctx, &["exec", &id, "--", "cat", "/work/before"])?;
+    let own = ok(ctx, &["exec", &id, "--", "cat", "/run/mvm/sandbox-id"])?;
+    if file != "written-before-the-pause" || own != id {
+        return Err(Failure::new(format!(
+            "after the resume: /work/before {file:?}, sandbox id {own:?}"
+        )));
+    }
+    let restored = sandbox::audit_records(ctx, "snapshot_restored")?;
+    let readmitted = sandbox::audit_records(ctx, "plan_admitted")?
+        .into_iter()
+        .filter(|r| field(r, "restore") == Some(&Value::Bool(true)))
+        .count();
+    if restored.is_empty() || readmitted == 0 {
+        return Err(Failure::new(format!(
+            "after the resume: {} snapshot_restored, {readmitted} plan_admitted with restore",
+            restored.len()
+        )));
+    }
+    sandbox::refused(ctx, &["resume", &id], "only a paused sandbox resumes")?;
+
+    // Paused again (epoch 2); the first snapshot put back is a rollback, refused.
+    ok(ctx, &["pause", &id])?;
+    std::fs::remove_dir_all(&snapshot)
+        .map_err(|e| Failure::new(format!("removing the snapshot: {e}")))?;
+    copy_dir(&first, &snapshot)?;
+    sandbox::refused(ctx, &["resume", &id], "rollback")?;
+    let refusals = sandbox::audit_records(ctx, "boot_refused")?;
+    if !refusals
+        .iter()
+        .any(|r| field(r, "reason").and_then(Value::as_str) == Some("rollback"))
+    {
+        return Err(Failure::new("no boot_refused record with reason rollback"));
+    }
+    println!(
+        "    pause| counted to {before}, paused, resumed, counted on to {after}; the epoch-1 snapshot put back was refused (rollback)"
+    );
+    Ok(())
+}

@@ -82,6 +82,18 @@ pub enum SandboxCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Fork a sandbox: a new sandbox from this one's instant (its files, its processes),
+    /// with its own entropy and id; both go on (kvm backend). Prints the new id.
+    Fork {
+        /// Id, id prefix or name.
+        sandbox: String,
+        /// A name for the new sandbox.
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a stopped or stale sandbox's state.
     Rm {
         /// Id, id prefix or name.
@@ -218,6 +230,18 @@ pub fn main(command: &SandboxCommand) -> i32 {
                 0
             })
         }
+        SandboxCommand::Fork {
+            sandbox,
+            name,
+            json,
+        } => sandbox::fork(sandbox, name.clone(), RESUME_TIMEOUT).map(|info| {
+            if *json {
+                println!("{}", json!(info));
+            } else {
+                println!("{}", info.id);
+            }
+            0
+        }),
         SandboxCommand::Rm { sandbox, force } => sandbox::remove(sandbox, *force).map(|info| {
             println!("{}", info.id);
             0

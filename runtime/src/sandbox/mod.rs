@@ -29,6 +29,7 @@
 //! ```
 
 pub mod copy;
+mod fork;
 pub mod mux;
 pub mod pause;
 pub mod ports;
@@ -50,6 +51,7 @@ use serde::Serialize;
 
 use crate::backend::{locate, RunError, Tier};
 pub use copy::CopyStats;
+pub use fork::fork;
 pub use mux::MAX_TRANSFER;
 use state::{process_start, Liveness, Sandbox, SandboxConfig, SandboxState, Status};
 
@@ -259,7 +261,7 @@ fn status_word(state: Option<&SandboxState>) -> String {
     }
 }
 
-fn info_of(sandbox: &Sandbox) -> Result<SandboxInfo, SandboxError> {
+pub(crate) fn info_of(sandbox: &Sandbox) -> Result<SandboxInfo, SandboxError> {
     let config = sandbox.config()?;
     let state = sandbox.state()?;
     Ok(SandboxInfo {
@@ -288,7 +290,7 @@ pub fn info(reference: &str) -> Result<SandboxInfo, SandboxError> {
     info_of(&Sandbox::find_in(&state::root(), reference)?)
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let mut bytes = [0u8; 8];
     OsRng.fill_bytes(&mut bytes);
     format!("sb-{}", hex::encode(bytes))

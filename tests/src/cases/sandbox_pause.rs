@@ -1,8 +1,10 @@
 //! `sandbox/pause-resume`: a sandbox on a real KVM paused in the middle of a process
 //! that counts, and resumed: the count goes on, a file written before the pause is
 //! there after it, the guest knows its id (the resume's reseed), and the audit log
-//! holds the pause and the admitted restore. Then the rollback case: an older sealed
-//! snapshot put back in place of the latest is refused, with a record.
+//! holds the pause and the admitted restore. Then a fork: two sandboxes from one
+//! instant, with different `/dev/urandom` bytes and their own ids, each going on by
+//! itself. Then the rollback case: an older sealed snapshot put back in place of the
+//! latest is refused, with a record.
 
 use serde_json::Value;
 
@@ -156,7 +158,53 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
     }
     sandbox::refused(ctx, &["resume", &id], "only a paused sandbox resumes")?;
 
-    // Paused again (epoch 2); the first snapshot put back is a rollback, refused.
+    // Forked: two sandboxes from one instant, each with its own randomness and id, each
+    // going on by itself.
+    let fork = ok(ctx, &["fork", &id])?;
+    if !fork.starts_with("sb-") || fork == id {
+        return Err(Failure::new(format!("fork printed {fork:?}")));
+    }
+    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let mut seen = Vec::new();
+    for sb in [&id, &fork] {
+        let own = ok(ctx, &["exec", sb, "--", "cat", "/run/mvm/sandbox-id"])?;
+        let file = ok(ctx, &["exec", sb, "--", "cat", "/work/before"])?;
+        let bytes = ok(ctx, &["exec", sb, "--", "sh", "-c", random])?;
+        if own != *sb || file != "written-before-the-pause" || bytes.len() != 64 {
+            return Err(Failure::new(format!(
+                "{sb} after the fork: id {own:?}, /work/before {file:?}, urandom {bytes:?}"
+            )));
+        }
+        seen.push(bytes);
+    }
+    if seen.first() == seen.get(1) {
+        return Err(Failure::new(format!(
+            "the source and its fork read the same bytes from /dev/urandom: {seen:?}"
+        )));
+    }
+    let at_fork = count(ctx, &fork)?;
+    count_past(ctx, &fork, at_fork)?;
+    ok(
+        ctx,
+        &[
+            "exec",
+            &fork,
+            "--",
+            "sh",
+            "-c",
+            "echo fork-only > /work/mine",
+        ],
+    )?;
+    // Not in the source: cat fails there, saying so.
+    sandbox::refused(
+        ctx,
+        &["exec", &id, "--", "cat", "/work/mine"],
+        "No such file",
+    )
+    .map_err(|_| Failure::new("a file written in the fork is in the source"))?;
+    ok(ctx, &["rm", "--force", &fork])?;
+
+    // Paused again (a later epoch); the first snapshot put back is a rollback, refused.
     ok(ctx, &["pause", &id])?;
     std::fs::remove_dir_all(&snapshot)
         .map_err(|e| Failure::new(format!("removing the snapshot: {e}")))?;
@@ -170,7 +218,7 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
         return Err(Failure::new("no boot_refused record with reason rollback"));
     }
     println!(
-        "    pause| counted to {before}, paused, resumed, counted on to {after}; the epoch-1 snapshot put back was refused (rollback)"
+        "    pause| counted to {before}, paused, resumed, counted on to {after}; forked: different urandom, own ids; the epoch-1 snapshot put back was refused (rollback)"
     );
     Ok(())
 }

@@ -5,7 +5,10 @@
 //! exec, shutdown, the whole run as the caller waits for it). For boot-time harnesses:
 //! `--json` gives the same figures, and every run's raw numbers.
 //!
-//! Snapshot restore is not built, so there is no restore column yet.
+//! `--restore` adds N restores of the same image: one sandbox booted, paused (its VM
+//! snapshotted and sealed), then resumed and paused again N times, each resume admitted,
+//! verified and audited as `mvm sandbox resume`'s, timed from the call to the agent's
+//! answer, then one command run in it (kvm backend: snapshots need the VMM on this host).
 
 use std::time::Instant;
 
@@ -34,6 +37,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also time N restores from a snapshot of the image's booted VM (a sandbox paused
+    /// and resumed; kvm backend).
+    #[arg(long)]
+    pub restore: bool,
     /// The command to run each time (default: `true`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -137,7 +144,7 @@ pub fn main(args: &BenchArgs) -> i32 {
         .first()
         .map(|r| r.iter().map(|(n, _)| *n).collect())
         .unwrap_or_default();
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for (k, name) in names.iter().enumerate() {
         let values: Vec<f64> = runs
             .iter()
@@ -148,6 +155,19 @@ pub fn main(args: &BenchArgs) -> i32 {
         }
     }
     let tier = tier.map(|t| t.to_string()).unwrap_or_default();
+    let restores = if args.restore {
+        match restores(args, &command) {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                eprintln!("mvm bench: restores: {e}");
+                return e.exit_code();
+            }
+        }
+    } else {
+        None
+    };
+    let restore_rows: Vec<Row> = restores.unwrap_or_default();
+    rows.extend(restore_rows.iter().cloned());
     if args.json {
         let phases: Vec<Value> = rows
             .iter()
@@ -157,7 +177,7 @@ pub fn main(args: &BenchArgs) -> i32 {
             .collect();
         println!(
             "{}",
-            json!({"tier": tier, "runs": args.runs, "command": command, "dev": args.dev, "phases": phases, "restore": null})
+            json!({"tier": tier, "runs": args.runs, "command": command, "dev": args.dev, "phases": phases, "restore": args.restore})
         );
         return 0;
     }
@@ -178,8 +198,77 @@ pub fn main(args: &BenchArgs) -> i32 {
     for (name, min, median, p95, _) in &rows {
         println!("  {name:<34} {min:>9.1} {median:>9.1} {p95:>9.1}");
     }
-    println!("  (restore from a snapshot: not built)");
+    if !args.restore {
+        println!("  (restores from a snapshot: --restore)");
+    }
     0
+}
+
+/// One table row: phase, min, median, p95, every run's value.
+type Row = (&'static str, f64, f64, f64, Vec<f64>);
+
+fn row(name: &'static str, values: Vec<f64>) -> Option<Row> {
+    stats(&values).map(|(min, median, p95)| (name, min, median, p95, values))
+}
+
+/// Boots one sandbox of the image, pauses it, then `args.runs` times: resumes it (timed
+/// to the agent's answer), runs `command` in it (timed), pauses it (timed, to a sealed
+/// snapshot). The sandbox is removed at the end, whatever happened.
+fn restores(
+    args: &BenchArgs,
+    command: &[String],
+) -> Result<Vec<Row>, crate::sandbox::SandboxError> {
+    use crate::sandbox;
+    let info = sandbox::create(&sandbox::SandboxOptions {
+        image: args.image.clone(),
+        backend: Some(args.backend.unwrap_or(Tier::Kvm)),
+        dev: args.dev,
+        ttl: std::time::Duration::from_secs(3600),
+        ..sandbox::SandboxOptions::default()
+    })?;
+    let id = info.id.clone();
+    let result = (|| {
+        let wait = std::time::Duration::from_secs(300);
+        sandbox::pause(&id, sandbox::PAUSE_WAIT)?;
+        let (mut resume, mut exec, mut pause) = (Vec::new(), Vec::new(), Vec::new());
+        let request = mvm_agent::protocol::ExecRequest {
+            argv: command.to_vec(),
+            ..Default::default()
+        };
+        for i in 1..=args.runs {
+            let started = Instant::now();
+            sandbox::resume(&id, wait)?;
+            resume.push(started.elapsed().as_secs_f64() * 1000.0);
+            let started = Instant::now();
+            let client = sandbox::connect(&id)?;
+            client
+                .exec(&request, mvm_agent::Stdin::Null)?
+                .wait_output()
+                .map_err(sandbox::SandboxError::from)?;
+            drop(client);
+            exec.push(started.elapsed().as_secs_f64() * 1000.0);
+            let started = Instant::now();
+            sandbox::pause(&id, sandbox::PAUSE_WAIT)?;
+            pause.push(started.elapsed().as_secs_f64() * 1000.0);
+            if !args.json {
+                eprintln!(
+                    "mvm bench: restore {i}/{}: {:.0} ms to ready",
+                    args.runs,
+                    resume.last().copied().unwrap_or(f64::NAN)
+                );
+            }
+        }
+        Ok([
+            row("restore: resume -> agent ready", resume),
+            row("restore: exec (new connection)", exec),
+            row("restore: pause -> sealed snapshot", pause),
+        ]
+        .into_iter()
+        .flatten()
+        .collect())
+    })();
+    let _ = sandbox::remove(&id, true);
+    result
 }
 
 #[cfg(test)]

@@ -11,8 +11,11 @@ use serde_json::Value;
 use super::sandbox;
 use crate::case::{Case, CaseResult, Context, Failure};
 
-/// The case.
-pub const CASES: &[Case] = &[Case::kvm("sandbox/pause-resume", pause_resume).limit_secs(600)];
+/// The cases.
+pub const CASES: &[Case] = &[
+    Case::kvm("sandbox/pause-resume", pause_resume).limit_secs(600),
+    Case::kvm("bench/restore", bench_restore).limit_secs(600),
+];
 
 /// A counter in the background of the sandbox: one more in `/work/count` every 200 ms.
 const COUNTER: &str =
@@ -220,5 +223,69 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
     println!(
         "    pause| counted to {before}, paused, resumed, counted on to {after}; forked: different urandom, own ids; the epoch-1 snapshot put back was refused (rollback)"
     );
+    Ok(())
+}
+
+/// `mvm bench --restore --json`: cold runs and restores of the default image, every
+/// restore row there with one value per run, in order (min, median, p95).
+fn bench_restore(ctx: &Context) -> CaseResult {
+    let mut command = crate::cases::run::mvm_with(
+        ctx,
+        &crate::cases::run::image_store(ctx)?,
+        &ctx.work_file("config"),
+    )?;
+    command
+        .args([
+            "bench",
+            "--runs",
+            "2",
+            "--restore",
+            "--backend",
+            "kvm",
+            "--json",
+        ])
+        .stdin(std::process::Stdio::null());
+    let out = crate::cases::run::output(command)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let detail = || crate::cases::run::describe(&out);
+    if !out.status.success() {
+        return Err(
+            Failure::new(format!("mvm bench exited {:?}", out.status.code())).with_detail(detail()),
+        );
+    }
+    let report: Value = serde_json::from_str(text.trim())
+        .map_err(|e| Failure::new(format!("bench --json: {e}")).with_detail(detail()))?;
+    let phases = report
+        .get("phases")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut shown = Vec::new();
+    for want in [
+        "restore: resume -> agent ready",
+        "restore: exec (new connection)",
+        "restore: pause -> sealed snapshot",
+        "whole run (admission to exit)",
+    ] {
+        let phase = phases
+            .iter()
+            .find(|p| p.get("phase").and_then(Value::as_str) == Some(want))
+            .ok_or_else(|| Failure::new(format!("no phase {want:?}")).with_detail(detail()))?;
+        let number = |k: &str| phase.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let runs = phase
+            .get("runs_ms")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let (min, median, p95) = (number("min_ms"), number("median_ms"), number("p95_ms"));
+        if runs != 2 || !(min > 0.0 && min <= median && median <= p95) {
+            return Err(Failure::new(format!("phase {want:?}: {phase}")).with_detail(detail()));
+        }
+        shown.push(format!("{want} {median:.0} ms"));
+    }
+    // The bench's sandbox is gone.
+    if !sandbox::list(ctx)?.is_empty() {
+        return Err(Failure::new("mvm bench left a sandbox behind"));
+    }
+    println!("    bench| medians (TCG): {}", shown.join("; "));
     Ok(())
 }

@@ -337,6 +337,7 @@ pub fn run_verified(
             let status = server.serve(stream, journal, &mut LocalVm(&mut vmm))?;
             if let (true, Some(snapshots)) = (server.pause_requested(), snapshots.as_ref()) {
                 drop(client);
+                let vmm_memory = super::vmm_memory::measure(vmm.pid());
                 take_snapshot(&mut vmm, &report, plan, snapshots)?;
                 drop(scratch);
                 return Ok(RunOutcome {
@@ -353,6 +354,7 @@ pub fn run_verified(
                     tier: Tier::Kvm,
                     boot_report: read_boot_report(&report),
                     plan_id: None,
+                    vmm_memory,
                 });
             }
             return Ok(finish(
@@ -455,6 +457,7 @@ fn finish(
     status: WorkloadStatus,
 ) -> RunOutcome {
     let exited = Instant::now();
+    let vmm_memory = super::vmm_memory::measure(vmm.pid());
     shutdown_guest(client, SHUTDOWN_GRACE);
     if vmm.stop(SHUTDOWN_GRACE).is_none() {
         tracing::warn!("mvm-vmm did not exit after shutdown");
@@ -476,5 +479,6 @@ fn finish(
         tier: Tier::Kvm,
         boot_report,
         plan_id: None,
+        vmm_memory,
     }
 }

@@ -17,6 +17,7 @@ pub mod resources;
 pub mod scratch;
 pub mod session;
 pub mod stdin_pump;
+pub mod vmm_memory;
 pub mod vmm_process;
 pub mod vz;
 pub mod wall;
@@ -156,6 +157,9 @@ pub struct RunOutcome {
     /// The signed plan's id, for an admitted run.
     #[serde(default)]
     pub plan_id: Option<String>,
+    /// The VMM's resident memory just before the VM was stopped (kvm tier).
+    #[serde(default)]
+    pub vmm_memory: Option<vmm_memory::VmmMemory>,
 }
 
 /// Where a run's evidence is written ahead. A backend calls it once the guest

@@ -5,6 +5,9 @@
 //! exec, shutdown, the whole run as the caller waits for it). For boot-time harnesses:
 //! `--json` gives the same figures, and every run's raw numbers.
 //!
+//! The VMM's resident memory just before each VM is stopped (kvm tier, read from
+//! `/proc`): the whole, the part that is guest RAM, and the VMM's own overhead.
+//!
 //! `--restore` adds N restores of the same image: one sandbox booted, paused (its VM
 //! snapshotted and sealed), then resumed and paused again N times, each resume admitted,
 //! verified and audited as `mvm sandbox resume`'s, timed from the call to the agent's
@@ -85,8 +88,11 @@ fn phases(outcome: &RunOutcome, wall_ms: f64) -> Vec<(&'static str, Option<f64>)
     ]
 }
 
+/// Minimum, median and 95th percentile.
+type Stats = (f64, f64, f64);
+
 /// Minimum, median and 95th percentile (nearest rank) of `values`, if any.
-pub fn stats(values: &[f64]) -> Option<(f64, f64, f64)> {
+pub fn stats(values: &[f64]) -> Option<Stats> {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if sorted.is_empty() {
         return None;
@@ -116,6 +122,7 @@ pub fn main(args: &BenchArgs) -> i32 {
         args.command.clone()
     };
     let mut runs: Vec<Vec<(&'static str, Option<f64>)>> = Vec::new();
+    let mut memory: Vec<crate::backend::vmm_memory::VmmMemory> = Vec::new();
     let mut tier = None;
     for i in 1..=args.runs {
         let mut run = Run::new(command.clone())
@@ -133,6 +140,7 @@ pub fn main(args: &BenchArgs) -> i32 {
                 }
                 tier = Some(outcome.tier);
                 runs.push(phases(&outcome, wall_ms));
+                memory.extend(outcome.vmm_memory);
             }
             Err(e) => {
                 eprintln!("mvm bench: run {i}: {e}");
@@ -155,6 +163,14 @@ pub fn main(args: &BenchArgs) -> i32 {
         }
     }
     let tier = tier.map(|t| t.to_string()).unwrap_or_default();
+    let kib = |pick: fn(&crate::backend::vmm_memory::VmmMemory) -> u64| {
+        stats(&memory.iter().map(|m| pick(m) as f64).collect::<Vec<_>>())
+    };
+    let memory_rows: Vec<(&str, Option<Stats>)> = vec![
+        ("rss", kib(|m| m.rss_kib)),
+        ("guest_rss", kib(|m| m.guest_rss_kib)),
+        ("overhead", kib(|m| m.overhead_kib)),
+    ];
     let restores = if args.restore {
         match restores(args, &command) {
             Ok(rows) => Some(rows),
@@ -175,9 +191,20 @@ pub fn main(args: &BenchArgs) -> i32 {
                 json!({"phase": name, "min_ms": min, "median_ms": median, "p95_ms": p95, "runs_ms": values})
             })
             .collect();
+        let memory: serde_json::Map<String, Value> = memory_rows
+            .iter()
+            .filter_map(|(name, s)| {
+                s.map(|(min, median, p95)| {
+                    (
+                        format!("{name}_kib"),
+                        json!({"min": min, "median": median, "p95": p95}),
+                    )
+                })
+            })
+            .collect();
         println!(
             "{}",
-            json!({"tier": tier, "runs": args.runs, "command": command, "dev": args.dev, "phases": phases, "restore": args.restore})
+            json!({"tier": tier, "runs": args.runs, "command": command, "dev": args.dev, "phases": phases, "restore": args.restore, "vmm_memory": memory})
         );
         return 0;
     }
@@ -197,6 +224,22 @@ pub fn main(args: &BenchArgs) -> i32 {
     );
     for (name, min, median, p95, _) in &rows {
         println!("  {name:<34} {min:>9.1} {median:>9.1} {p95:>9.1}");
+    }
+    if let [(_, Some(rss)), (_, Some(guest)), (_, Some(overhead))] = memory_rows.as_slice() {
+        let mib = |v: f64| v / 1024.0;
+        println!(
+            "  vmm memory before shutdown, MiB (min / median / p95): resident {:.1} / {:.1} / {:.1}, \
+             of it guest RAM {:.1} / {:.1} / {:.1}, overhead {:.1} / {:.1} / {:.1}",
+            mib(rss.0),
+            mib(rss.1),
+            mib(rss.2),
+            mib(guest.0),
+            mib(guest.1),
+            mib(guest.2),
+            mib(overhead.0),
+            mib(overhead.1),
+            mib(overhead.2)
+        );
     }
     if !args.restore {
         println!("  (restores from a snapshot: --restore)");

@@ -235,6 +235,7 @@ mod tests {
             tier: Tier::Kvm,
             boot_report: None,
             plan_id: None,
+            vmm_memory: None,
         };
         let (code, body) = json_report(&Ok(outcome), &sink);
         assert_eq!(code, 7);

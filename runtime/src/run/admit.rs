@@ -672,6 +672,7 @@ mod tests {
             tier: Tier::Kvm,
             boot_report: None,
             plan_id: None,
+            vmm_memory: None,
         }
     }
 

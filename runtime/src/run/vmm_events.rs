@@ -338,6 +338,7 @@ mod tests {
             tier: Tier::Kvm,
             boot_report: None,
             plan_id: None,
+            vmm_memory: None,
         });
         assert_eq!(ended_status(&ok), Some((3, None)));
         let t = Err(RunError::Timeout(std::time::Duration::from_secs(1)));

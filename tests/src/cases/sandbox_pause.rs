@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::sandbox;
 use crate::case::{Case, CaseResult, Context, Failure};
+use crate::cases::run::{describe, image_store, mvm_with};
 
 /// The cases.
 pub const CASES: &[Case] = &[
@@ -135,8 +136,34 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
     let first = ctx.work_file("snapshot-epoch-1");
     copy_dir(&snapshot, &first)?;
 
-    // Resumed: the same process counts on, the file is there, the guest has its id.
-    let resumed = ok(ctx, &["resume", &id])?;
+    // Two resumes at once: one resumes it, the other is refused (the sandbox's lock, or
+    // the first one's `starting`/`ready`).
+    let two: Vec<_> = (0..2)
+        .map(|_| {
+            let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
+            command
+                .args(["sandbox", "resume", &id])
+                .stdin(std::process::Stdio::null());
+            command
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| Failure::new(format!("starting mvm: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let outs: Vec<std::process::Output> = two
+        .into_iter()
+        .map(|c| c.wait_with_output())
+        .collect::<Result<_, _>>()
+        .map_err(|e| Failure::new(format!("waiting for mvm: {e}")))?;
+    let won: Vec<&std::process::Output> = outs.iter().filter(|o| o.status.success()).collect();
+    let [winner] = won.as_slice() else {
+        return Err(
+            Failure::new(format!("{} of two concurrent resumes succeeded", won.len()))
+                .with_detail(outs.iter().map(describe).collect::<Vec<_>>().join("\n")),
+        );
+    };
+    let resumed = String::from_utf8_lossy(&winner.stdout).trim().to_owned();
     if resumed != format!("{id} ready") {
         return Err(Failure::new(format!("resume printed {resumed:?}")));
     }
@@ -227,13 +254,10 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
 }
 
 /// `mvm bench --restore --json`: cold runs and restores of the default image, every
-/// restore row there with one value per run, in order (min, median, p95).
+/// restore row there with one value per run, in order (min, median, p95), and the VMM's
+/// memory split into guest RAM and its own.
 fn bench_restore(ctx: &Context) -> CaseResult {
-    let mut command = crate::cases::run::mvm_with(
-        ctx,
-        &crate::cases::run::image_store(ctx)?,
-        &ctx.work_file("config"),
-    )?;
+    let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
     command
         .args([
             "bench",
@@ -247,7 +271,7 @@ fn bench_restore(ctx: &Context) -> CaseResult {
         .stdin(std::process::Stdio::null());
     let out = crate::cases::run::output(command)?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let detail = || crate::cases::run::describe(&out);
+    let detail = || describe(&out);
     if !out.status.success() {
         return Err(
             Failure::new(format!("mvm bench exited {:?}", out.status.code())).with_detail(detail()),
@@ -282,6 +306,32 @@ fn bench_restore(ctx: &Context) -> CaseResult {
         }
         shown.push(format!("{want} {median:.0} ms"));
     }
+    // The VMM's memory, read from outside before each VM stopped.
+    let median = |key: &str| {
+        report
+            .get("vmm_memory")
+            .and_then(|m| m.get(key))
+            .and_then(|v| v.get("median"))
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
+    };
+    let (rss, guest, overhead) = (
+        median("rss_kib"),
+        median("guest_rss_kib"),
+        median("overhead_kib"),
+    );
+    if !(guest > 0.0 && overhead > 0.0 && (rss - guest - overhead).abs() < 1.0) {
+        return Err(Failure::new(format!(
+            "vmm_memory: rss {rss}, guest {guest}, overhead {overhead}"
+        ))
+        .with_detail(detail()));
+    }
+    shown.push(format!(
+        "VMM resident {:.1} MiB of which guest {:.1} MiB, overhead {:.1} MiB",
+        rss / 1024.0,
+        guest / 1024.0,
+        overhead / 1024.0
+    ));
     // The bench's sandbox is gone.
     if !sandbox::list(ctx)?.is_empty() {
         return Err(Failure::new("mvm bench left a sandbox behind"));

@@ -83,6 +83,12 @@ pub struct Args {
     /// snapshot.
     #[arg(long, requires = "snapshot_dir")]
     pub snapshot_continue: bool,
+    /// Bind the snapshot to the measured artifacts the plan pins (kernel, initramfs,
+    /// command line, disks) instead of to the plan: a warm start's snapshot, restored
+    /// under any fresh plan that pins the same, the same vCPUs and memory, with its
+    /// window open and its nonce unspent. Needs --plan.
+    #[arg(long, requires = "snapshot_dir")]
+    pub snapshot_bind_artifacts: bool,
     /// The devices: --disk, --vsock, --net (each declared by its module in `devices/`).
     #[command(flatten)]
     pub devices: crate::devices::DeviceArgs,
@@ -131,6 +137,11 @@ impl Args {
         }
         if self.restore_min_epoch.is_some() && self.restore.is_none() {
             return Err("--restore-min-epoch needs --restore".into());
+        }
+        if self.snapshot_bind_artifacts && self.verify.plan.is_none() {
+            return Err(
+                "--snapshot-bind-artifacts needs --plan: only verified artifacts are bound".into(),
+            );
         }
         Ok(())
     }

@@ -38,6 +38,8 @@ pub struct SnapshotTarget {
     pub files: SnapshotFiles,
     /// The plan that booted the VM, if any.
     pub plan: Option<PlanBinding>,
+    /// Bind the snapshot to these measured artifacts instead of the plan.
+    pub artifacts: Option<mvm_loader::plan::Artifacts>,
     /// `--snapshot-epoch`.
     pub epoch: u64,
     /// `--snapshot-continue`: resume the VM once the snapshot is written.
@@ -107,6 +109,7 @@ impl Supervisor<'_> {
                 &MachineState { vcpus, vm, devices },
                 Binding {
                     plan: target.plan,
+                    artifacts: target.artifacts,
                     epoch: target.epoch,
                     cpu: cpu.clone(),
                 },

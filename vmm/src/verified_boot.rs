@@ -336,6 +336,14 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
     }
     let envelope = read_limited("--plan", &plan_path, MAX_ENVELOPE_FILE)?;
     let trusted = read_trusted(&args.verify.trust)?;
+    let store = replay_store(args);
+    let verified = verify_plan_for_boot(&envelope, &trusted, UtcTime::now(), CLOCK_SKEW, &store)?;
+    timeline.mark(Phase::PlanVerified);
+    pin_disks(args, verified).map(Some)
+}
+
+/// The host's replay store: `--replay-store`, else the default; its directory made.
+fn replay_store(args: &Args) -> ReplayStore {
     let store_path = args
         .verify
         .replay_store
@@ -345,10 +353,35 @@ pub fn verify_plan(args: &Args, timeline: &BootTimeline) -> Result<Option<BootPl
         // The store's own checks report a directory that cannot be created.
         let _ = std::fs::create_dir_all(dir);
     }
-    let store = ReplayStore::new(store_path, CLOCK_SKEW);
-    let verified = verify_plan_for_boot(&envelope, &trusted, UtcTime::now(), CLOCK_SKEW, &store)?;
-    timeline.mark(Phase::PlanVerified);
-    pin_disks(args, verified).map(Some)
+    ReplayStore::new(store_path, CLOCK_SKEW)
+}
+
+/// A snapshot bound to measured artifacts (a warm start's, taken once per image) is
+/// restored under a fresh plan, admitted for this run: so that plan is held to what a
+/// boot's is, its window open and its nonce unspent (and spent now), and it must be the
+/// very plan already verified for the restore (`digest`).
+pub fn spend_fresh_plan(
+    args: &Args,
+    plan_path: &Path,
+    trusted: &TrustedKeys,
+    digest: Sha256Digest,
+) -> Result<(), Refusal> {
+    let envelope = read_limited("--plan", plan_path, MAX_ENVELOPE_FILE)?;
+    let verified = verify_plan_for_boot(
+        &envelope,
+        trusted,
+        UtcTime::now(),
+        CLOCK_SKEW,
+        &replay_store(args),
+    )?;
+    if verified.digest != digest {
+        return Err(Refusal::Unreadable {
+            what: "--plan",
+            path: plan_path.to_owned(),
+            why: "the plan file changed while it was being verified".to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// The disks on the command line against the verified plan's: the read-only ones are its

@@ -242,6 +242,7 @@ fn take_snapshot(dir: &Path) -> Vec<u8> {
         &state,
         Binding {
             plan: None,
+            artifacts: None,
             epoch: 3,
             cpu: CpuRequirement::of_guest(given.as_slice()),
         },
@@ -287,6 +288,7 @@ fn a_restored_vm_counts_on_from_where_it_paused_and_two_restores_share_one_file(
     let expect = Expect {
         trusted: &trusted,
         plan: None,
+        pins: None,
         min_epoch: 3,
         host_cpuid: &cpuid,
     };
@@ -338,6 +340,7 @@ fn refusal_after(
     let expect = Expect {
         trusted: &trusted,
         plan,
+        pins: None,
         min_epoch,
         host_cpuid: &cpuid,
     };
@@ -662,6 +665,7 @@ fn sigusr2_snapshots_the_jailed_vmm_and_the_snapshot_restores_where_it_stopped()
     let expect = Expect {
         trusted: &trusted,
         plan: None,
+        pins: None,
         min_epoch: 5,
         host_cpuid: &cpuid,
     };
@@ -1025,6 +1029,7 @@ fn with_snapshot_continue_the_vm_runs_on_after_its_snapshot_and_the_snapshot_res
     let expect = Expect {
         trusted: &trusted,
         plan: None,
+        pins: None,
         min_epoch: 0,
         host_cpuid: &cpuid,
     };
@@ -1039,4 +1044,111 @@ fn with_snapshot_continue_the_vm_runs_on_after_its_snapshot_and_the_snapshot_res
             "byte {i} of the restore"
         );
     }
+}
+
+#[test]
+fn an_artifact_bound_snapshot_restores_under_fresh_plans_that_pin_the_same_and_spends_each() {
+    support::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kernel = support::payload_vmlinux(d, &serial_counting_payload());
+    let cmdline = "console=ttyS0 quiet";
+    let admission = SigningKey::from_bytes(&[3; 32]);
+    let trust = d.join("admission.pub");
+    std::fs::write(
+        &trust,
+        mvm_loader::dsse::format_public_key(&admission.verifying_key()),
+    )
+    .unwrap();
+    let signed = |nonce: &str, name: &str, edit: &dyn Fn(&mut mvm_loader::plan::Plan)| {
+        let mut plan = support::test_plan(&kernel, cmdline, &nonce.repeat(16));
+        plan.plan_id = name.to_owned();
+        edit(&mut plan);
+        let signed = mvm_loader::plan::envelope::sign_plan(plan, &admission).unwrap();
+        let path = d.join(name);
+        std::fs::write(&path, signed.envelope.to_json()).unwrap();
+        path
+    };
+    let warm = signed("a1", "warm-boot", &|_| {});
+    let run1 = signed("a2", "run-1", &|_| {});
+    let run2 = signed("a3", "run-2", &|_| {});
+    let bigger = signed("a4", "bigger", &|p| p.resources.memory_mib = 128);
+    let other_cmdline = signed("a5", "other-cmdline", &|p| {
+        p.artifacts.cmdline = mvm_loader::measure::Sha256Digest::of(b"console=ttyS0")
+    });
+    let replay = d.join("replay");
+    let snap = d.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let console = d.join("console");
+    let mut child = support::vmm()
+        .arg("--plan")
+        .arg(&warm)
+        .arg("--trust")
+        .arg(&trust)
+        .arg("--replay-store")
+        .arg(&replay)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--cmdline", cmdline, "--mem-mib", "64"])
+        .arg("--console-log")
+        .arg(&console)
+        .arg("--snapshot-dir")
+        .arg(&snap)
+        .arg("--snapshot-bind-artifacts")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_file_len(&console, 100, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGUSR2);
+    assert_eq!(code, Some(0), "{stderr}");
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(snap.join(UNSIGNED_FILE)).unwrap()).unwrap();
+    assert_eq!(m.plan, None);
+    assert_eq!(
+        m.artifacts.as_ref().map(|a| a.cmdline),
+        Some(mvm_loader::measure::Sha256Digest::of(cmdline.as_bytes()))
+    );
+    seal(&snap, &admission);
+    let first = std::fs::read(&console).unwrap();
+
+    let restore = |plan: Option<&Path>, console: &Path| {
+        let mut cmd = support::vmm();
+        cmd.arg("--restore").arg(&snap).arg("--trust").arg(&trust);
+        match plan {
+            Some(p) => cmd.arg("--plan").arg(p).arg("--replay-store").arg(&replay),
+            None => cmd.arg("--dev"),
+        };
+        cmd.arg("--console-log")
+            .arg(console)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let console2 = d.join("console2");
+    // Another command line or memory size, or no plan: refused before anything runs.
+    for p in [Some(other_cmdline.as_path()), Some(bigger.as_path()), None] {
+        let (code, stderr) = exit_and_stderr(restore(p, &console2));
+        assert_eq!(code, Some(25), "{p:?}: {stderr}");
+        assert!(stderr.contains("plan_mismatch"), "{p:?}: {stderr}");
+    }
+    // The warm boot's own plan: its nonce is spent.
+    let (code, stderr) = exit_and_stderr(restore(Some(&warm), &console2));
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("replay"), "{stderr}");
+    // A fresh plan that pins the same: restored, counting on from the snapshot.
+    let mut child = restore(Some(&run1), &console2);
+    wait_for_file_len(&console2, 100, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGTERM);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    let second = std::fs::read(&console2).unwrap();
+    assert_bytes_count_on(&[first.clone(), second].concat());
+    // That plan is spent now too; another fresh one restores again.
+    let console3 = d.join("console3");
+    let (code, stderr) = exit_and_stderr(restore(Some(&run1), &console3));
+    assert!(stderr.contains("replay"), "{code:?}: {stderr}");
+    let mut child = restore(Some(&run2), &console3);
+    wait_for_file_len(&console3, 100, &mut child);
+    let (code, stderr) = signal_and_wait(&mut child, libc::SIGTERM);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    assert_bytes_count_on(&[first, std::fs::read(&console3).unwrap()].concat());
 }

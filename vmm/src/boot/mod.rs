@@ -381,6 +381,8 @@ pub struct Prepared {
     pub plan_id: Option<String>,
     /// The verified plan's id and payload digest, which a snapshot is bound to.
     pub plan_binding: Option<PlanBinding>,
+    /// What the verified plan pins (for an artifact-bound snapshot).
+    pub artifacts: Option<mvm_loader::plan::Artifacts>,
     /// Every device's backend open; pinned disks with their verifiers.
     pub devices: OpenDevices,
     /// Verified boot's last check, once the images are loaded (hashed); `None` with
@@ -407,6 +409,7 @@ pub fn prepare(
         id: p.plan_id().to_owned(),
         digest: p.verified.digest,
     });
+    let artifacts = plan.as_ref().map(|p| p.plan().artifacts.clone());
     let refused = |refusal| Stop::Refused {
         plan_id: plan_id.clone(),
         refusal: Box::new(refusal),
@@ -432,6 +435,7 @@ pub fn prepare(
         config,
         plan_id,
         plan_binding,
+        artifacts,
         devices,
         measurement,
     })
@@ -539,6 +543,7 @@ fn boot_and_supervise(
         config,
         plan_id,
         plan_binding,
+        artifacts,
         mut devices,
         measurement,
     } = prepare(args, timeline, events, &HostLimits::of_this_host())?;
@@ -548,7 +553,9 @@ fn boot_and_supervise(
         Some(dir) => Some(SnapshotTarget {
             files: SnapshotFiles::create_in(dir)
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", dir.display())))?,
-            plan: plan_binding,
+            // A warm start's snapshot is bound to what was measured, not to this plan.
+            plan: plan_binding.filter(|_| !args.snapshot_bind_artifacts),
+            artifacts: artifacts.filter(|_| args.snapshot_bind_artifacts),
             epoch: args.snapshot_epoch.unwrap_or(0),
             continue_after: args.snapshot_continue,
         }),

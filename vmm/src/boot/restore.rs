@@ -89,14 +89,31 @@ pub fn restore_and_supervise(
     let host_cpuid = crate::arch::x86_64::cpuid::offered(&kvm)
         .map_err(|e| Stop::Failed(format!("KVM_GET_SUPPORTED_CPUID failed: {e}")))?;
     drop(kvm);
+    let pins = boot_plan.as_ref().map(|p| {
+        let plan = p.plan();
+        (
+            &plan.artifacts,
+            plan.resources.vcpus,
+            u64::from(plan.resources.memory_mib) << 20,
+        )
+    });
     let expect = Expect {
         trusted: &trusted,
         plan: plan.as_ref(),
+        pins,
         min_epoch: args.restore_min_epoch.unwrap_or(0),
         host_cpuid: &host_cpuid,
     };
     let opened =
         bundle::open(dir, &expect).map_err(|e| refused(plan_id.as_deref(), snapshot_refusal(e)))?;
+    // A warm start's snapshot (bound to artifacts, not to a plan) is restored under a
+    // fresh plan: held to a boot's window and nonce, before anything is mapped.
+    if opened.manifest.artifacts.is_some() {
+        if let (Some(path), Some(p)) = (&args.verify.plan, &boot_plan) {
+            verified_boot::spend_fresh_plan(args, path, &trusted, p.verified.digest)
+                .map_err(|r| refused(plan_id.as_deref(), r))?;
+        }
+    }
 
     // The devices, from the same arguments as the boot's: the snapshot's in the same order.
     let mut devices = crate::devices::open(&args.devices, boot_plan.as_ref().map(BootPlan::plan))
@@ -148,6 +165,7 @@ pub fn restore_and_supervise(
             files: SnapshotFiles::create_in(d)
                 .map_err(|e| Stop::Invalid(format!("--snapshot-dir {}: {e}", d.display())))?,
             plan: plan.clone(),
+            artifacts: None,
             epoch: args.snapshot_epoch.unwrap_or(0),
             continue_after: args.snapshot_continue,
         }),

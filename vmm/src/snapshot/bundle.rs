@@ -61,8 +61,10 @@ impl SnapshotFiles {
 /// What a snapshot is bound to, given by whoever takes it.
 #[derive(Debug, Clone)]
 pub struct Binding {
-    /// The plan that booted the VM; `None` for a development boot.
+    /// The plan that booted the VM; `None` for a development boot, or with `artifacts`.
     pub plan: Option<PlanBinding>,
+    /// The measured artifacts instead of the plan (`--snapshot-bind-artifacts`).
+    pub artifacts: Option<mvm_loader::plan::Artifacts>,
     /// The sandbox's epoch for this snapshot.
     pub epoch: u64,
     /// What the guest needs of a host: [`CpuRequirement::of_guest`] of the CPUID the VMM
@@ -108,6 +110,7 @@ pub fn write(
         format: manifest::FORMAT,
         vmm_build: manifest::VMM_BUILD.to_owned(),
         plan: binding.plan,
+        artifacts: binding.artifacts,
         epoch: binding.epoch,
         cpu: binding.cpu,
         vcpus,

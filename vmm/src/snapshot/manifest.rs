@@ -28,8 +28,14 @@ pub struct Manifest {
     /// [`VMM_BUILD`] of the VMM that took it.
     pub vmm_build: String,
     /// The plan that booted the VM (its id and the digest of its signed payload);
-    /// `None` for a development boot.
+    /// `None` for a development boot, or when the snapshot is bound to `artifacts`.
     pub plan: Option<PlanBinding>,
+    /// Instead of one plan: the measured artifacts the VM booted from (kernel,
+    /// initramfs, command line, pinned disks). Such a snapshot (a warm start's, taken
+    /// once per image) restores under any fresh plan that pins exactly these, the VM's
+    /// vCPUs and memory, whose window is open and whose nonce is unspent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<mvm_loader::plan::Artifacts>,
     /// The sandbox's epoch when the snapshot was taken; a restore is refused when the
     /// sandbox has moved past it (a snapshot replayed after a newer one was taken).
     pub epoch: u64,
@@ -196,6 +202,8 @@ pub struct Expect<'a> {
     /// The plan the restore is admitted under (`None`: a development restore, which
     /// only a development snapshot passes).
     pub plan: Option<&'a PlanBinding>,
+    /// What that plan pins, and its vCPUs and memory (for an artifact-bound snapshot).
+    pub pins: Option<(&'a mvm_loader::plan::Artifacts, u8, u64)>,
     /// The sandbox's current epoch: a snapshot older than this is a rollback.
     pub min_epoch: u64,
     /// This host's supported CPUID, as the VMM would offer it to a guest.
@@ -222,23 +230,48 @@ pub fn open(envelope_json: &[u8], expect: &Expect<'_>) -> Result<Manifest, Snaps
             ),
         ));
     }
-    match (&manifest.plan, expect.plan) {
-        (None, None) => {}
-        (Some(have), Some(want)) if have == want => {}
-        (have, want) => {
-            let name = |p: Option<&PlanBinding>| {
-                p.map_or("no plan (development)".to_owned(), |p| {
-                    format!("plan {:?} ({})", p.id, p.digest)
-                })
-            };
+    match (&manifest.plan, &manifest.artifacts) {
+        (Some(_), Some(_)) => {
             return Err(SnapshotError::refused(
-                "plan_mismatch",
-                format!(
-                    "the snapshot was taken under {}, the restore is admitted under {}",
-                    name(have.as_ref()),
-                    name(want)
-                ),
-            ));
+                "snapshot_format",
+                "the manifest binds both a plan and artifacts".to_owned(),
+            ))
+        }
+        (None, Some(bound)) => match expect.pins {
+            Some((artifacts, vcpus, mem_bytes))
+                if artifacts == bound && vcpus == manifest.vcpus && mem_bytes == manifest.mem_bytes => {}
+            Some((artifacts, vcpus, mem_bytes)) => {
+                return Err(SnapshotError::refused(
+                    "plan_mismatch",
+                    format!(
+                        "the snapshot was taken of kernel {}, command line {}, {} vCPUs and {} bytes; the restore's plan pins kernel {}, command line {}, {vcpus} vCPUs and {mem_bytes} bytes (or other initramfs or disks)",
+                        bound.kernel, bound.cmdline, manifest.vcpus, manifest.mem_bytes, artifacts.kernel, artifacts.cmdline
+                    ),
+                ))
+            }
+            None => {
+                return Err(SnapshotError::refused(
+                    "plan_mismatch",
+                    "the snapshot is bound to measured artifacts; a restore without a plan (development) is refused".to_owned(),
+                ))
+            }
+        },
+        (have, None) => {
+            if have.as_ref() != expect.plan {
+                let name = |p: Option<&PlanBinding>| {
+                    p.map_or("no plan (development)".to_owned(), |p| {
+                        format!("plan {:?} ({})", p.id, p.digest)
+                    })
+                };
+                return Err(SnapshotError::refused(
+                    "plan_mismatch",
+                    format!(
+                        "the snapshot was taken under {}, the restore is admitted under {}",
+                        name(have.as_ref()),
+                        name(expect.plan)
+                    ),
+                ));
+            }
         }
     }
     if manifest.epoch < expect.min_epoch {

@@ -109,6 +109,7 @@ impl Run {
                 dev: false,
                 net: crate::net::run::NetFlags::default(),
                 forward_signals: false,
+                cold: false,
                 restore_plan: None,
             },
             spec: RunSpec {

@@ -68,6 +68,19 @@ pub struct Policy {
     pub tier: TierRule,
     /// The in-guest policy every plan carries.
     pub guest: plan::GuestPolicy,
+    /// What may start from a snapshot.
+    pub snapshots: SnapshotRules,
+}
+
+/// `[snapshots]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotRules {
+    /// `mvm run` may start from the image's warm snapshot (`backend::warm`) instead of
+    /// booting; each such run is still admitted with its own plan, and the VMM checks
+    /// the snapshot against it. Off unless the policy says so: such a run's records
+    /// hold `snapshot_restored` where a boot's hold `boot_verified`.
+    pub warm_start: bool,
 }
 
 /// `[limits]`.
@@ -158,6 +171,7 @@ impl Default for Policy {
                 max_open_files: 1024,
                 max_file_size_mib: 1024,
             },
+            snapshots: SnapshotRules::default(),
         }
     }
 }

@@ -15,7 +15,8 @@ use super::interrupt::{self, Action, Forwarder};
 use super::scratch::ScratchDir;
 use super::session::{SessionSnapshots, SNAPSHOT_PLAN_FILE};
 use super::stdin_pump;
-use super::vmm_process::{read_boot_report, vmm_args_with, VmmProcess};
+use super::vmm_process::{read_boot_report, vmm_args_with, SnapshotArgs, VmmProcess};
+use super::warm::{self, Warm};
 use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
     Tier, Timings, VmProbe, Workload, WorkloadStatus,
@@ -210,6 +211,32 @@ fn take_snapshot(
     Ok(())
 }
 
+/// Takes the image's warm snapshot from the VM that just answered: SIGUSR2, the VMM
+/// writes it and goes on (`--snapshot-continue`), then it is sealed and kept. A failure
+/// is logged and costs only the warm start of later runs.
+fn take_warm_snapshot(vmm: &mut VmmProcess, tmp: &Path, dir: &Path) {
+    let written = (|| {
+        vmm.signal(libc::SIGUSR2)
+            .map_err(|e| format!("signalling mvm-vmm: {e}"))?;
+        let deadline = Instant::now() + SNAPSHOT_LIMIT;
+        let manifest = tmp.join("manifest.json");
+        while !std::fs::metadata(&manifest).is_ok_and(|m| m.len() > 0) {
+            if vmm.try_exit().is_some() || Instant::now() > deadline {
+                return Err("mvm-vmm wrote no snapshot".to_owned());
+            }
+            std::thread::sleep(POLL);
+        }
+        warm::keep(tmp, dir)
+    })();
+    match written {
+        Ok(()) => tracing::info!(dir = %dir.display(), "warm snapshot kept"),
+        Err(e) => {
+            tracing::warn!("warm snapshot not taken: {e}");
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+    }
+}
+
 /// How long a broken agent connection waits for the VMM to be seen dead.
 const DEATH_WAIT: Duration = Duration::from_secs(1);
 
@@ -277,25 +304,74 @@ pub fn run_verified(
         Workload::Session(server) => server.snapshots().cloned(),
         Workload::Command { .. } => None,
     };
-    let mut args = vmm_args_with(
-        &artifacts.image,
-        spec,
-        &uds,
-        &report,
-        plan,
-        snapshots.as_ref(),
-    );
-    // netrt: --net (the host network is torn down when `_net` drops, after the VMM).
-    let _net = crate::net::run::attach(spec, scratch.path(), plan.is_some(), &mut args)?;
-    let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
-
+    // A one-shot command, admitted and eligible, may start warm (`warm`).
+    let plan_doc = plan.and_then(|p| {
+        std::fs::read(&p.envelope)
+            .ok()
+            .and_then(|e| mvm_loader::plan::envelope::decode_plan_unverified(&e).ok())
+    });
+    let mut warm = match (&workload, &plan_doc) {
+        (Workload::Command { .. }, Some(doc)) if artifacts.warm && warm::eligible(doc) => {
+            warm::choose(&artifacts.image, &artifacts.vmm, spec)
+        }
+        _ => None,
+    };
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
     let port = artifacts.image.manifest.agent_vsock_port;
-    let (client, guest_boot_ms) = wait_for_agent(&mut vmm, &uds, port, ready_timeout)?;
+    let (mut vmm, _net, client, guest_boot_ms) = loop {
+        let snapshot_args = match (&snapshots, &warm) {
+            (Some(s), _) => s.vmm_args(),
+            (None, Some(Warm::Restore(dir))) => SnapshotArgs {
+                restore: Some((dir.clone(), 0)),
+                ..SnapshotArgs::default()
+            },
+            (None, Some(Warm::Take { tmp, .. })) => SnapshotArgs {
+                write_to: Some((tmp.clone(), 0)),
+                continue_after: true,
+                bind_artifacts: true,
+                ..SnapshotArgs::default()
+            },
+            (None, None) => SnapshotArgs::default(),
+        };
+        journal.restoring(matches!(warm, Some(Warm::Restore(_))));
+        let mut args = vmm_args_with(&artifacts.image, spec, &uds, &report, plan, &snapshot_args);
+        // netrt: --net (the host network is torn down when `net` drops, after the VMM).
+        let net = crate::net::run::attach(spec, scratch.path(), plan.is_some(), &mut args)?;
+        let _ = std::fs::remove_file(&uds);
+        let mut vmm = VmmProcess::spawn(&artifacts.vmm, &args, &log)?;
+        match wait_for_agent(&mut vmm, &uds, port, ready_timeout) {
+            Ok((client, boot_ms)) => break (vmm, net, client, boot_ms),
+            // A warm snapshot the VMM refuses (another VMM build, a changed file, a
+            // plan that no longer pins the same) is dropped, and this run boots: its
+            // plan's nonce was not spent by the refusal.
+            Err(RunError::BootRefused { reason, .. }) if matches!(warm, Some(Warm::Restore(_))) => {
+                if let Some(Warm::Restore(dir)) = warm.take() {
+                    tracing::warn!(%reason, "warm snapshot refused; dropped, booting instead");
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            Err(e) => {
+                if let Some(w) = &warm {
+                    warm::discard(w);
+                }
+                return Err(e);
+            }
+        }
+    };
+    match &warm {
+        Some(Warm::Restore(_)) => {
+            // Before anything else runs in it: this VM's own entropy, identity and clock.
+            let id = plan_doc.as_ref().map_or("run", |d| d.plan_id.as_str());
+            reseed(&client, id).map_err(|e| agent_error(&mut vmm, &e))?;
+        }
+        Some(Warm::Take { tmp, dir }) => take_warm_snapshot(&mut vmm, tmp, dir),
+        None => {}
+    }
     if let Some(from) = snapshots.as_ref().and_then(|s| s.restore.as_ref()) {
         // Before anything else runs in it: this VM's own entropy, identity and clock.
         reseed(&client, &from.sandbox_id).map_err(|e| agent_error(&mut vmm, &e))?;
     }
+    let warm_start = matches!(warm, Some(Warm::Restore(_)));
     let ready = Instant::now();
 
     let request = ExecRequest {
@@ -350,6 +426,7 @@ pub fn run_verified(
                         guest_boot_ms,
                         host_boot_ms: None,
                         testhost_spare: false,
+                        warm_start: false,
                     },
                     tier: Tier::Kvm,
                     boot_report: read_boot_report(&report),
@@ -431,7 +508,7 @@ pub fn run_verified(
             Err(e) => return Err(agent_error(&mut vmm, &e)),
         }
     };
-    Ok(finish(
+    let mut outcome = finish(
         client,
         &mut vmm,
         scratch,
@@ -443,7 +520,9 @@ pub fn run_verified(
             signal: status.signal,
             timed_out: status.timed_out,
         },
-    ))
+    );
+    outcome.timings.warm_start = warm_start;
+    Ok(outcome)
 }
 
 /// Powers the guest off, stops the VMM and puts the outcome together.
@@ -475,6 +554,7 @@ fn finish(
             guest_boot_ms,
             host_boot_ms: None,
             testhost_spare: false,
+            warm_start: false,
         },
         tier: Tier::Kvm,
         boot_report,

@@ -21,6 +21,7 @@ pub mod vmm_memory;
 pub mod vmm_process;
 pub mod vz;
 pub mod wall;
+pub mod warm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -139,6 +140,9 @@ pub struct Timings {
     /// (`MVM_TESTHOST_SPARE=1`); `host_boot_ms` then counts from the claim.
     #[serde(default)]
     pub testhost_spare: bool,
+    /// The VM was restored from the image's warm snapshot instead of booted.
+    #[serde(default)]
+    pub warm_start: bool,
 }
 
 /// A finished run.
@@ -179,6 +183,13 @@ pub trait RunJournal {
     fn session_event(&mut self, event: &SessionEvent) -> Result<(), RunError> {
         let _ = event;
         Ok(())
+    }
+
+    /// Whether the VM is restored from a snapshot rather than booted: the VMM then
+    /// vouches for it with `snapshot_restored` rather than `boot_verified`. Called before
+    /// the VMM starts (again, if a refused warm start falls back to a boot).
+    fn restoring(&mut self, restore: bool) {
+        let _ = restore;
     }
 }
 
@@ -325,6 +336,9 @@ pub struct RunArtifacts {
     pub image: crate::image::StoredImage,
     /// The `mvm-vmm` to start.
     pub vmm: PathBuf,
+    /// Try a warm start (`backend::warm`): the policy allows it and `--cold` was not
+    /// given. Only the kvm tier acts on it, and only for an eligible run.
+    pub warm: bool,
 }
 
 #[cfg(test)]

@@ -64,6 +64,22 @@ pub struct SessionSnapshots {
     pub restore: Option<RestoreFrom>,
 }
 
+impl SessionSnapshots {
+    /// The VMM's arguments for these.
+    pub fn vmm_args(&self) -> super::vmm_process::SnapshotArgs {
+        super::vmm_process::SnapshotArgs {
+            write_to: Some((self.write_to.clone(), self.epoch)),
+            continue_after: false,
+            bind_artifacts: false,
+            restore: self
+                .restore
+                .as_ref()
+                .map(|from| (from.dir.clone(), from.min_epoch)),
+            trust: Some(self.trust.clone()),
+        }
+    }
+}
+
 /// A sealed snapshot to start from.
 #[derive(Debug, Clone)]
 pub struct RestoreFrom {

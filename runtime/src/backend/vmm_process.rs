@@ -37,53 +37,60 @@ pub fn vmm_args(
     report: &Path,
     plan: Option<&PlanFiles>,
 ) -> Vec<String> {
-    vmm_args_with(image, spec, uds, report, plan, None)
+    vmm_args_with(image, spec, uds, report, plan, &SnapshotArgs::default())
 }
 
-/// [`vmm_args`], with a session's snapshots: `--snapshot-dir` (and its epoch) so that a
-/// pause can write one, and, to start from one, `--restore` in place of the kernel,
-/// initramfs, command line and resources (the snapshot's), the plan checked without
-/// its nonce (the boot spent it), the seal against the session's trusted key.
+/// What a VMM is asked to do with snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotArgs {
+    /// `--snapshot-dir` and `--snapshot-epoch`: where SIGUSR2 writes one.
+    pub write_to: Option<(PathBuf, u64)>,
+    /// `--snapshot-continue`: the VM goes on after it.
+    pub continue_after: bool,
+    /// `--snapshot-bind-artifacts`: bound to the measured artifacts (a warm start's).
+    pub bind_artifacts: bool,
+    /// `--restore` and `--restore-min-epoch`: start from this sealed snapshot.
+    pub restore: Option<(PathBuf, u64)>,
+    /// `--trust` for the seal when there is no plan (a development restore).
+    pub trust: Option<PathBuf>,
+}
+
+/// [`vmm_args`], with snapshots: `--snapshot-dir` (its epoch, whether the VM goes on,
+/// what it is bound to) so that SIGUSR2 writes one, and, to start from one, `--restore`
+/// in place of the kernel, initramfs, command line and resources (the snapshot's).
 pub fn vmm_args_with(
     image: &StoredImage,
     spec: &RunSpec,
     uds: &Path,
     report: &Path,
     plan: Option<&PlanFiles>,
-    snapshots: Option<&super::session::SessionSnapshots>,
+    snapshot: &SnapshotArgs,
 ) -> Vec<String> {
-    let restore = snapshots.and_then(|s| s.restore.as_ref());
     let mut args = match plan {
-        Some(p) => {
-            let mut args = vec![
-                "--plan".to_owned(),
-                p.envelope.display().to_string(),
-                "--trust".to_owned(),
-                p.trust.display().to_string(),
-            ];
-            if restore.is_none() {
-                args.extend([
-                    "--replay-store".to_owned(),
-                    p.replay_store.display().to_string(),
-                ]);
-            }
-            args.extend(["--events".to_owned(), p.events.display().to_string()]);
-            args
-        }
+        Some(p) => vec![
+            "--plan".to_owned(),
+            p.envelope.display().to_string(),
+            "--trust".to_owned(),
+            p.trust.display().to_string(),
+            "--replay-store".to_owned(),
+            p.replay_store.display().to_string(),
+            "--events".to_owned(),
+            p.events.display().to_string(),
+        ],
         None => {
             let mut args = vec!["--dev".to_owned()];
-            if let (Some(_), Some(s)) = (restore, snapshots) {
-                args.extend(["--trust".to_owned(), s.trust.display().to_string()]);
+            if let (Some(_), Some(trust)) = (&snapshot.restore, &snapshot.trust) {
+                args.extend(["--trust".to_owned(), trust.display().to_string()]);
             }
             args
         }
     };
-    match restore {
-        Some(from) => args.extend([
+    match &snapshot.restore {
+        Some((dir, min_epoch)) => args.extend([
             "--restore".to_owned(),
-            from.dir.display().to_string(),
+            dir.display().to_string(),
             "--restore-min-epoch".to_owned(),
-            from.min_epoch.to_string(),
+            min_epoch.to_string(),
         ]),
         None => args.extend([
             "--kernel".to_owned(),
@@ -98,13 +105,19 @@ pub fn vmm_args_with(
             spec.mem_mib.to_string(),
         ]),
     }
-    if let Some(s) = snapshots {
+    if let Some((dir, epoch)) = &snapshot.write_to {
         args.extend([
             "--snapshot-dir".to_owned(),
-            s.write_to.display().to_string(),
+            dir.display().to_string(),
             "--snapshot-epoch".to_owned(),
-            s.epoch.to_string(),
+            epoch.to_string(),
         ]);
+        if snapshot.continue_after {
+            args.push("--snapshot-continue".to_owned());
+        }
+        if snapshot.bind_artifacts {
+            args.push("--snapshot-bind-artifacts".to_owned());
+        }
     }
     args.extend([
         "--vsock".to_owned(),

@@ -181,6 +181,10 @@ pub struct RunArgs {
     /// audited (mvm-vmm --dev). Also MVM_DEV=1.
     #[arg(long)]
     pub dev: bool,
+    /// Boot the VM even if a warm start from the image's snapshot is possible (kvm
+    /// backend; docs/snapshots.md).
+    #[arg(long)]
+    pub cold: bool,
     // netrt: the network flags (docs/net.md).
     /// Give the VM a network device (needs CAP_NET_ADMIN); nothing passes it but what
     /// --allow and --dns open. Implied by --allow and --dns.

@@ -62,6 +62,7 @@ pub fn options_from_args(args: &RunArgs) -> RunOptions {
         dev: args.dev_mode(),
         net: args.net_flags(),
         forward_signals: true,
+        cold: args.cold,
         restore_plan: None,
     }
 }
@@ -170,6 +171,8 @@ fn json_report(result: &Result<RunOutcome, RunError>, out: &CollectSink) -> (i32
                     "tier": outcome.tier,
                     "timings": outcome.timings,
                     "boot_report": outcome.boot_report,
+                    "plan_id": outcome.plan_id,
+                    "vmm_memory": outcome.vmm_memory,
                 }),
             )
         }

@@ -567,6 +567,10 @@ impl Admitted {
 }
 
 impl RunJournal for Admitted {
+    fn restoring(&mut self, restore: bool) {
+        self.restore = restore;
+    }
+
     /// Appends the VMM's events so far (its `boot_verified` among them: it
     /// writes it before the guest runs), then, when the boot's measurements
     /// are the plan's pins, `secret_released` for each secret the plan names,

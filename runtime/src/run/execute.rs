@@ -37,6 +37,8 @@ pub struct RunOptions {
     /// Install the Ctrl-C / SIGTERM handler that passes signals to the workload (the
     /// CLI does; a program embedding mvm usually handles its own signals).
     pub forward_signals: bool,
+    /// Boot, never a warm start from the image's snapshot (`mvm run --cold`).
+    pub cold: bool,
     /// The VM is restored from a snapshot that this plan (kept beside it) booted:
     /// admission checks that plan and today's policy instead of signing a new one
     /// ([`admit::admit_restore`]).
@@ -123,7 +125,16 @@ pub fn execute_workload(
         let mut disks = options.request.disk_args(&image);
         disks.append(&mut spec.disks);
         spec.disks = disks;
-        return launch(tier, &facts, &spec, &image, None, &mut NoJournal, workload);
+        return launch(
+            tier,
+            &facts,
+            &spec,
+            &image,
+            None,
+            &mut NoJournal,
+            workload,
+            false,
+        );
     }
     // `--disk`: each pinned in the plan (a read-only one by a dm-verity tree made now,
     // in `trees`, which lives as long as the run; a writable one by its size).
@@ -155,6 +166,14 @@ pub fn execute_workload(
     let started = UtcTime::now();
     // `admitted` writes the run's records ahead, as the backend reaches them.
     let files = admitted.files.clone();
+    // A warm start where the policy allows it and the caller did not ask for a boot, nor
+    // for a receipt (whose measurements are a boot's).
+    let warm = !options.cold
+        && options.receipt.is_none()
+        && crate::admission::keys::config_dir()
+            .ok()
+            .and_then(|c| crate::admission::policy::Policy::load_or_default(&c).ok())
+            .is_some_and(|p| p.snapshots.warm_start);
     let result = launch(
         tier,
         &facts,
@@ -163,6 +182,7 @@ pub fn execute_workload(
         Some(&files),
         &mut admitted,
         workload,
+        warm,
     );
     let finished = UtcTime::now();
     let output = digests.map_or_else(OutputDigests::empty, |d| d.digests());
@@ -220,7 +240,9 @@ fn apply_image_config(spec: &mut RunSpec, config: Option<&ImageConfig>, command:
     }
 }
 
-/// Starts the run on `tier`, verified against `plan` when given.
+/// Starts the run on `tier`, verified against `plan` when given; `warm`: a warm start
+/// is allowed.
+#[allow(clippy::too_many_arguments)]
 fn launch(
     tier: Tier,
     facts: &HostFacts,
@@ -229,6 +251,7 @@ fn launch(
     plan: Option<&PlanFiles>,
     journal: &mut dyn RunJournal,
     workload: Workload<'_>,
+    warm: bool,
 ) -> Result<RunOutcome, RunError> {
     let workload = match workload {
         Workload::Command { sink, stdin } => Workload::command(
@@ -245,6 +268,7 @@ fn launch(
             let artifacts = RunArtifacts {
                 image: image.clone(),
                 vmm: locate::vmm_binary()?,
+                warm,
             };
             kvm::run_verified(spec, &artifacts, plan, journal, workload)
         }

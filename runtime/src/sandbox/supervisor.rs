@@ -145,6 +145,7 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
         dev: config.dev,
         net: crate::net::run::NetFlags::default(),
         forward_signals: true,
+        cold: false,
         // A restore is admitted on the plan that booted the VM, kept with its snapshot.
         restore_plan: (resume && !config.dev)
             .then(|| sandbox.snapshot_dir().join(SNAPSHOT_PLAN_FILE)),

@@ -92,6 +92,7 @@ pub fn setup() -> Setup {
         artifacts: RunArtifacts {
             image,
             vmm: std::env::current_exe().unwrap(),
+            warm: false,
         },
         run_dir,
         dir,

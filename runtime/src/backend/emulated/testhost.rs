@@ -197,7 +197,12 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             .ok()
             .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
             .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
-        let artifacts = RunArtifacts { image, vmm };
+        // No warm start inside a test host: its disk, and any snapshot on it, end with it.
+        let artifacts = RunArtifacts {
+            image,
+            vmm,
+            warm: false,
+        };
         let mut ahead;
         let mut none = NoJournal;
         let journal: &mut dyn RunJournal = match (&plan, request.journal) {

@@ -403,6 +403,7 @@ pub(in crate::image) fn run_builder(
         dev: false,
         net: Default::default(),
         forward_signals: true,
+        cold: false,
         restore_plan: None,
     };
     let spec = RunSpec {

@@ -22,11 +22,13 @@ use crate::guest::snapshot::{FILE_TEXT, PORT, SAY_ANSWERED, SAY_COUNT, SAY_DISK_
 use crate::vm::VmRun;
 
 mod forks;
+mod warm;
 
 /// The snapshot cases.
 pub const CASES: &[Case] = &[
     Case::kvm("snapshot/linux-guest", linux_guest).limit_secs(480),
     Case::kvm("snapshot/forks-reseeded", forks::reseeded).limit_secs(480),
+    Case::kvm("run/warm-start", warm::warm_start).limit_secs(600),
 ];
 
 /// The count at which the first VM is snapshotted.

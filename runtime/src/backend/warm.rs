@@ -1,0 +1,141 @@
+//! Warm starts: `mvm run` from a snapshot of the image's booted, agent-ready VM instead
+//! of a boot.
+//!
+//! The snapshot is taken once per image, VMM build and VM size (the key), by the first
+//! eligible run: its VMM is started with `--snapshot-dir --snapshot-continue
+//! --snapshot-bind-artifacts`, and once the agent answers (before the command starts)
+//! SIGUSR2 writes the snapshot while the VM goes on to run the command. The snapshot is
+//! bound to the measured artifacts, not to that run's plan, and sealed with the host's
+//! admission key. Every later run is admitted as any run is (a fresh plan, signed, its
+//! nonce spent by the VMM) and starts `mvm-vmm --restore` under that plan; the VMM checks
+//! the seal, that the plan pins exactly the snapshot's artifacts, vCPUs and memory, the
+//! CPU and every file, before the guest runs; the agent is then reseeded (entropy, id,
+//! clock) before the command starts.
+//!
+//! Eligible: the kvm tier, an admitted run (a plan), no secrets (they would be in the
+//! snapshot's memory), no network device, no disk but the image's root, no receipt
+//! asked for (its measurements are a boot's), the policy's `[snapshots] warm_start`
+//! (off by default), and not `mvm run --cold`.
+
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use mvm_loader::dsse::Envelope;
+use mvm_loader::measure::Sha256Digest;
+use mvm_loader::plan::{Plan, SNAPSHOT_PAYLOAD_TYPE};
+
+use super::RunSpec;
+use crate::admission::keys::{config_dir, HostKeys};
+use crate::image::StoredImage;
+
+/// The VMM's files and the seal in a snapshot directory.
+const MANIFEST_FILE: &str = "manifest.json";
+const SEAL_FILE: &str = "snapshot.dsse.json";
+/// The largest manifest sealed.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// What a run does about warm starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warm {
+    /// Start from the sealed snapshot in this directory.
+    Restore(PathBuf),
+    /// Boot, and take the image's snapshot into `tmp` once the agent answers; then
+    /// seal it and rename it to `dir`.
+    Take {
+        /// Where the VMM writes it.
+        tmp: PathBuf,
+        /// Where it is kept.
+        dir: PathBuf,
+    },
+}
+
+/// Whether a run under `plan` may start warm: nothing in it that a shared snapshot
+/// must not hold or would not match.
+pub fn eligible(plan: &Plan) -> bool {
+    plan.secrets.is_empty()
+        && plan.devices.net.is_none()
+        && plan.devices.scratch_disks.is_empty()
+        && plan.artifacts.disks.len() <= 1
+}
+
+/// The warm snapshots' directory under the data directory.
+fn root() -> Option<PathBuf> {
+    crate::image::store::data_dir().ok().map(|d| d.join("warm"))
+}
+
+/// The key of a warm snapshot: the image, the VMM binary (size and modification time:
+/// a rebuilt VMM takes its own) and the VM's size.
+fn key(image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<String> {
+    let meta = std::fs::metadata(vmm).ok()?;
+    let text = format!(
+        "{}\n{}\n{}.{}\n{}\n{}",
+        image.digest,
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        spec.cpus,
+        spec.mem_mib
+    );
+    let digest = Sha256Digest::of(text.as_bytes()).to_string();
+    Some(
+        digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(32)
+            .collect(),
+    )
+}
+
+/// What this run does: restore from the image's sealed snapshot, or take it.
+pub fn choose(image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<Warm> {
+    let root = root()?;
+    let dir = root.join(key(image, vmm, spec)?);
+    if dir.join(SEAL_FILE).is_file() {
+        return Some(Warm::Restore(dir));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)
+        .ok()?;
+    let tmp = root.join(format!(
+        "{}.tmp-{}",
+        dir.file_name()?.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).ok()?;
+    Some(Warm::Take { tmp, dir })
+}
+
+/// Seals the snapshot in `tmp` with the host's admission key and keeps it as `dir`
+/// (another run that kept one first wins; this one is dropped).
+pub fn keep(tmp: &Path, dir: &Path) -> Result<(), String> {
+    let result = (|| {
+        let mut manifest = Vec::new();
+        std::fs::File::open(tmp.join(MANIFEST_FILE))
+            .and_then(|f| f.take(MAX_MANIFEST_BYTES).read_to_end(&mut manifest))
+            .map_err(|e| format!("manifest: {e}"))?;
+        if manifest.is_empty() {
+            return Err("the VMM wrote no manifest".to_owned());
+        }
+        let config = config_dir().map_err(|e| e.to_string())?;
+        let (keys, _) = HostKeys::load_or_create(&config).map_err(|e| e.to_string())?;
+        let envelope = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, &manifest, &keys.admission);
+        std::fs::write(tmp.join(SEAL_FILE), envelope.to_json())
+            .map_err(|e| format!("seal: {e}"))?;
+        std::fs::rename(tmp, dir).map_err(|e| format!("keeping {}: {e}", dir.display()))
+    })();
+    if result.is_err() || tmp.exists() {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    result
+}
+
+/// Drops a snapshot that is not kept.
+pub fn discard(warm: &Warm) {
+    if let Warm::Take { tmp, .. } = warm {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+}

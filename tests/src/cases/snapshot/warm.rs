@@ -1,0 +1,144 @@
+//! `run/warm-start`: `mvm run` from the image's warm snapshot on a real KVM, the
+//! policy allowing it. The first run boots and leaves the sealed snapshot (taken once
+//! its agent answered, while the VM went on to run the command); the next runs restore
+//! from it, each admitted with its own plan, each reseeded (different `/dev/urandom`
+//! bytes, its own id), with `snapshot_restored` in the audit log where a boot has
+//! `boot_verified`; `--cold` boots.
+
+use serde_json::Value;
+
+use crate::case::{CaseResult, Context, Failure};
+use crate::cases::run::{describe, image_store, mvm_with, output};
+
+/// Reads 32 random bytes and the sandbox id the reseed wrote.
+const PROBE: &str = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /run/mvm/sandbox-id 2>/dev/null || echo booted";
+
+/// One `mvm run --backend kvm --json` with the case's policy; its JSON.
+fn run(ctx: &Context, extra: &[&str]) -> Result<Value, Failure> {
+    let mut command = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
+    command
+        .args(["run", "--backend", "kvm", "--json"])
+        .args(extra)
+        .args(["--", "sh", "-c", PROBE])
+        .stdin(std::process::Stdio::null());
+    let out = output(command)?;
+    if !out.status.success() {
+        return Err(
+            Failure::new(format!("mvm run {extra:?} exited {:?}", out.status.code()))
+                .with_detail(describe(&out)),
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| Failure::new(format!("--json: {e}")).with_detail(describe(&out)))
+}
+
+fn warm(v: &Value) -> bool {
+    v.pointer("/timings/warm_start") == Some(&Value::Bool(true))
+}
+
+fn text(v: &Value, pointer: &str) -> String {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The audit log's event kinds for `plan`.
+fn events_of(ctx: &Context, plan: &str) -> Result<Vec<String>, Failure> {
+    let log = image_store(ctx)?.join("audit.jsonl");
+    let all = std::fs::read_to_string(&log).unwrap_or_default();
+    Ok(all
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| text(r, "/plan_id") == plan)
+        .map(|r| text(&r, "/event"))
+        .collect())
+}
+
+pub(super) fn warm_start(ctx: &Context) -> CaseResult {
+    let config = ctx.work_file("config");
+    std::fs::create_dir_all(&config).map_err(|e| Failure::new(format!("config: {e}")))?;
+    std::fs::write(
+        config.join("policy.toml"),
+        "[snapshots]\nwarm_start = true\n",
+    )
+    .map_err(|e| Failure::new(format!("policy: {e}")))?;
+    let warm_root = image_store(ctx)?.join("warm");
+    let result = (|| {
+        let first = run(ctx, &[])?;
+        let kept = std::fs::read_dir(&warm_root)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join("snapshot.dsse.json").is_file())
+                    .count()
+            })
+            .unwrap_or(0);
+        if warm(&first) || kept != 1 {
+            return Err(Failure::new(format!(
+                "the first run: warm {}, {kept} sealed warm snapshot(s) kept",
+                warm(&first)
+            )));
+        }
+        let a = run(ctx, &[])?;
+        let b = run(ctx, &[])?;
+        let cold = run(ctx, &["--cold"])?;
+        if !warm(&a) || !warm(&b) || warm(&cold) {
+            return Err(Failure::new(format!(
+                "warm starts: {} {} and --cold {}",
+                warm(&a),
+                warm(&b),
+                warm(&cold)
+            )));
+        }
+        let lines =
+            |v: &Value| -> Vec<String> { text(v, "/stdout").lines().map(str::to_owned).collect() };
+        let (la, lb) = (lines(&a), lines(&b));
+        let (pa, pb) = (text(&a, "/plan_id"), text(&b, "/plan_id"));
+        if la.first() == lb.first()
+            || la.first().map_or(0, String::len) != 64
+            || la.get(1) != Some(&pa)
+            || lb.get(1) != Some(&pb)
+            || pa == pb
+        {
+            return Err(Failure::new(format!(
+                "two warm starts said {la:?} ({pa}) and {lb:?} ({pb})"
+            )));
+        }
+        for (plan, want, not) in [
+            (&pa, "snapshot_restored", "boot_verified"),
+            (&pb, "snapshot_restored", "boot_verified"),
+            (
+                &text(&cold, "/plan_id"),
+                "boot_verified",
+                "snapshot_restored",
+            ),
+        ] {
+            let kinds = events_of(ctx, plan)?;
+            if !kinds.iter().any(|k| k == want)
+                || kinds.iter().any(|k| k == not)
+                || kinds.first().map(String::as_str) != Some("plan_admitted")
+            {
+                return Err(Failure::new(format!("plan {plan}: records {kinds:?}")));
+            }
+        }
+        let ms = |v: &Value, key: &str| {
+            v.pointer(&format!("/timings/{key}"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        println!(
+            "    warm| total ms: first (boot + snapshot) {}, warm {} and {}, cold {}; VM start to agent: warm {} / {}, cold {}",
+            ms(&first, "total_ms"),
+            ms(&a, "total_ms"),
+            ms(&b, "total_ms"),
+            ms(&cold, "total_ms"),
+            ms(&a, "boot_ms"),
+            ms(&b, "boot_ms"),
+            ms(&cold, "boot_ms")
+        );
+        Ok(())
+    })();
+    // The shared image store keeps no warm snapshot of this case's.
+    let _ = std::fs::remove_dir_all(&warm_root);
+    result
+}

@@ -214,6 +214,13 @@ impl Run {
         self
     }
 
+    /// Boot, even where a warm start from the image's snapshot is allowed (`mvm run
+    /// --cold`).
+    pub fn cold(mut self, cold: bool) -> Self {
+        self.options.cold = cold;
+        self
+    }
+
     /// Development mode: no admission, nothing verified or audited (`mvm run --dev`).
     pub fn development(mut self, dev: bool) -> Self {
         self.options.dev = dev;

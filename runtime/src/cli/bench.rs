@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// and resumed; kvm backend).
     #[arg(long)]
     pub restore: bool,
+    /// Also time N warm starts (`mvm run` from the image's warm snapshot; kvm backend,
+    /// the policy's `[snapshots] warm_start` on). The cold runs are always boots.
+    #[arg(long)]
+    pub warm: bool,
     /// The command to run each time (default: `true`).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -127,7 +131,8 @@ pub fn main(args: &BenchArgs) -> i32 {
     for i in 1..=args.runs {
         let mut run = Run::new(command.clone())
             .image(args.image.clone())
-            .development(args.dev);
+            .development(args.dev)
+            .cold(true);
         if let Some(t) = args.backend {
             run = run.backend(t);
         }
@@ -184,6 +189,15 @@ pub fn main(args: &BenchArgs) -> i32 {
     };
     let restore_rows: Vec<Row> = restores.unwrap_or_default();
     rows.extend(restore_rows.iter().cloned());
+    if args.warm {
+        match warm_runs(args, &command) {
+            Ok(warm) => rows.extend(warm),
+            Err(e) => {
+                eprintln!("mvm bench: warm starts: {e}");
+                return exit::for_error(&e);
+            }
+        }
+    }
     if args.json {
         let phases: Vec<Value> = rows
             .iter()
@@ -225,6 +239,23 @@ pub fn main(args: &BenchArgs) -> i32 {
     for (name, min, median, p95, _) in &rows {
         println!("  {name:<34} {min:>9.1} {median:>9.1} {p95:>9.1}");
     }
+    let median = |name: &str| rows.iter().find(|r| r.0 == name).map(|r| r.2);
+    for (what, warm, cold) in [
+        (
+            "warm / cold, VM start -> agent ready",
+            "warm: VM start -> agent ready",
+            "VM start -> agent ready",
+        ),
+        (
+            "warm / cold, whole run",
+            "warm: whole run",
+            "whole run (admission to exit)",
+        ),
+    ] {
+        if let (Some(w), Some(c)) = (median(warm), median(cold)) {
+            println!("  {what}: {:.2}x (medians)", w / c);
+        }
+    }
     if let [(_, Some(rss)), (_, Some(guest)), (_, Some(overhead))] = memory_rows.as_slice() {
         let mib = |v: f64| v / 1024.0;
         println!(
@@ -252,6 +283,47 @@ type Row = (&'static str, f64, f64, f64, Vec<f64>);
 
 fn row(name: &'static str, values: Vec<f64>) -> Option<Row> {
     stats(&values).map(|(min, median, p95)| (name, min, median, p95, values))
+}
+
+/// `args.runs` warm starts of the command, after one run that leaves the image's warm
+/// snapshot if there is none yet (not counted). Each must have been warm.
+fn warm_runs(args: &BenchArgs, command: &[String]) -> Result<Vec<Row>, crate::backend::RunError> {
+    let one = || {
+        let mut run = Run::new(command.to_vec())
+            .image(args.image.clone())
+            .development(args.dev)
+            .cold(false);
+        if let Some(t) = args.backend {
+            run = run.backend(t);
+        }
+        let started = Instant::now();
+        run.stream(&mut Discard)
+            .map(|outcome| (outcome, started.elapsed().as_secs_f64() * 1000.0))
+    };
+    one()?;
+    let (mut whole, mut to_agent) = (Vec::new(), Vec::new());
+    for i in 1..=args.runs {
+        let (outcome, wall_ms) = one()?;
+        if !outcome.timings.warm_start {
+            return Err(crate::backend::RunError::Missing(
+                "the run was not a warm start: the policy's [snapshots] warm_start is off, the \
+                 backend is not kvm, or the run is not eligible (secrets, disks, --net, --dev)"
+                    .into(),
+            ));
+        }
+        if !args.json {
+            eprintln!("mvm bench: warm run {i}/{}: {wall_ms:.0} ms", args.runs);
+        }
+        whole.push(wall_ms);
+        to_agent.push(outcome.timings.boot_ms as f64);
+    }
+    Ok([
+        row("warm: VM start -> agent ready", to_agent),
+        row("warm: whole run", whole),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
 }
 
 /// Boots one sandbox of the image, pauses it, then `args.runs` times: resumes it (timed

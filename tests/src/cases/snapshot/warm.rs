@@ -126,6 +126,22 @@ pub(super) fn warm_start(ctx: &Context) -> CaseResult {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
         };
+        // `mvm bench --warm`: cold runs (always boots) against warm starts, side by side.
+        let mut bench = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
+        bench
+            .args(["bench", "--runs", "3", "--warm", "--backend", "kvm"])
+            .stdin(std::process::Stdio::null());
+        let out = output(bench)?;
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || !table.contains("warm / cold, whole run") {
+            return Err(Failure::new("mvm bench --warm").with_detail(describe(&out)));
+        }
+        for line in table
+            .lines()
+            .filter(|l| l.contains("warm") || l.contains("agent ready") || l.contains("whole run"))
+        {
+            println!("    warm| bench: {}", line.trim());
+        }
         println!(
             "    warm| total ms: first (boot + snapshot) {}, warm {} and {}, cold {}; VM start to agent: warm {} / {}, cold {}",
             ms(&first, "total_ms"),

@@ -152,6 +152,8 @@ fn next_data(file: &File, at: u64) -> Option<u64> {
 }
 
 /// Checks `file` against `index` and its expected length; what differs first, if anything.
+/// The indexed chunks are hashed on up to [`CHECK_THREADS`] threads (each reads its own
+/// chunks with `pread`); the holes are checked on this one.
 pub fn check(file: &mut File, index: &MemoryIndex, len: u64) -> Result<(), String> {
     let found = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
     if found != len {
@@ -164,50 +166,82 @@ pub fn check(file: &mut File, index: &MemoryIndex, len: u64) -> Result<(), Strin
         ));
     }
     let chunks = len.div_ceil(CHUNK as u64);
+    let mut previous = None;
+    for &(at, _) in &index.data {
+        if previous.is_some_and(|p| at <= p) {
+            return Err(format!("the index is out of order at chunk {at}"));
+        }
+        if at >= chunks {
+            return Err(format!("the index names chunk {at}, past the file's end"));
+        }
+        previous = Some(at);
+    }
+    check_holes(file, index, len, chunks)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, CHECK_THREADS);
+    let file = &*file;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|first| {
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; CHUNK];
+                    for &(i, digest) in index.data.iter().skip(first).step_by(threads) {
+                        let start = i * CHUNK as u64;
+                        let n = usize::try_from((len - start).min(CHUNK as u64)).unwrap_or(CHUNK);
+                        let chunk = buf.get_mut(..n).ok_or("chunk larger than its buffer")?;
+                        std::os::unix::fs::FileExt::read_exact_at(file, chunk, start)
+                            .map_err(|e| format!("read at {start}: {e}"))?;
+                        if Sha256Digest::of(chunk) != digest {
+                            return Err(format!(
+                                "chunk {i} (at byte {start}) is not the one sealed"
+                            ));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| "a memory check thread panicked".to_owned())?
+        })
+    })
+}
+
+/// How many threads hash a memory file's chunks at most.
+pub const CHECK_THREADS: usize = 4;
+
+/// Checks that every chunk the index does not name is zeros: a hole, or data that reads
+/// as zeros.
+fn check_holes(file: &mut File, index: &MemoryIndex, len: u64, chunks: u64) -> Result<(), String> {
     let mut buf = vec![0u8; CHUNK];
     let mut entries = index.data.iter().peekable();
     let mut data_at = 0u64;
     for i in 0..chunks {
+        if entries.peek().is_some_and(|&&(at, _)| at == i) {
+            entries.next();
+            continue;
+        }
         let start = i * CHUNK as u64;
         let n = usize::try_from((len - start).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let expected = match entries.peek() {
-            Some(&&(at, digest)) if at == i => {
-                entries.next();
-                Some(digest)
-            }
-            Some(&&(at, _)) if at < i => {
-                return Err(format!("the index is out of order at chunk {at}"))
-            }
-            _ => None,
-        };
-        if expected.is_none() {
-            if data_at < start {
-                data_at = next_data(file, start).unwrap_or(start);
-            }
-            if data_at >= start + n as u64 {
-                // A hole: zeros, as the index says.
-                continue;
-            }
+        if data_at < start {
+            data_at = next_data(file, start).unwrap_or(start);
+        }
+        if data_at >= start + n as u64 {
+            // A hole: zeros, as the index says.
+            continue;
         }
         let chunk = buf.get_mut(..n).ok_or("chunk larger than its buffer")?;
         file.seek(SeekFrom::Start(start))
             .map_err(|e| e.to_string())?;
         file.read_exact(chunk)
             .map_err(|e| format!("read at {start}: {e}"))?;
-        match expected {
-            Some(digest) if Sha256Digest::of(chunk) != digest => {
-                return Err(format!("chunk {i} (at byte {start}) is not the one sealed"));
-            }
-            None if chunk.iter().any(|&b| b != 0) => {
-                return Err(format!(
-                    "chunk {i} (at byte {start}) was sealed as zeros and is not"
-                ));
-            }
-            _ => {}
+        if chunk.iter().any(|&b| b != 0) {
+            return Err(format!(
+                "chunk {i} (at byte {start}) was sealed as zeros and is not"
+            ));
         }
-    }
-    if let Some((at, _)) = entries.next() {
-        return Err(format!("the index names chunk {at}, past the file's end"));
     }
     Ok(())
 }

@@ -126,10 +126,26 @@ pub(super) fn warm_start(ctx: &Context) -> CaseResult {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
         };
+        let phases: Vec<String> = [
+            "args_parsed",
+            "plan_verified",
+            "artifacts_measured",
+            "vm_created",
+            "first_kvm_run",
+            "exit",
+        ]
+        .iter()
+        .filter_map(|p| {
+            b.pointer(&format!("/boot_report/{p}"))
+                .and_then(Value::as_u64)
+                .map(|us| format!("{p} {:.3} s", us as f64 / 1e6))
+        })
+        .collect();
+        println!("    warm| a warm start's VMM: {}", phases.join(", "));
         // `mvm bench --warm`: cold runs (always boots) against warm starts, side by side.
         let mut bench = mvm_with(ctx, &image_store(ctx)?, &ctx.work_file("config"))?;
         bench
-            .args(["bench", "--runs", "3", "--warm", "--backend", "kvm"])
+            .args(["bench", "--runs", "2", "--warm", "--backend", "kvm"])
             .stdin(std::process::Stdio::null());
         let out = output(bench)?;
         let table = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -333,7 +333,11 @@ pub fn run_verified(
             },
             (None, None) => SnapshotArgs::default(),
         };
-        journal.restoring(matches!(warm, Some(Warm::Restore(_))));
+        // A sandbox's resume, or a warm start: the VMM will say `snapshot_restored`.
+        journal.restoring(
+            matches!(warm, Some(Warm::Restore(_)))
+                || snapshots.as_ref().is_some_and(|s| s.restore.is_some()),
+        );
         let mut args = vmm_args_with(&artifacts.image, spec, &uds, &report, plan, &snapshot_args);
         // netrt: --net (the host network is torn down when `net` drops, after the VMM).
         let net = crate::net::run::attach(spec, scratch.path(), plan.is_some(), &mut args)?;

@@ -7,8 +7,8 @@
 //! - the muxer's epoll fd: host sockets have news; handle it, then deliver.
 //!
 //! A device reset drops every connection (host sockets close) and owes the guest a
-//! TRANSPORT_RESET event once the driver brings the device back. After one is
-//! delivered, RX waits until the guest has handled it ([`super::reset_ack`]).
+//! TRANSPORT_RESET event once the driver brings the device back. After a restore's,
+//! RX waits until the guest has handled it ([`super::reset_ack`]).
 
 use std::sync::Arc;
 
@@ -41,6 +41,10 @@ pub struct VsockWorker {
     transport_reset_pending: bool,
     /// A TRANSPORT_RESET the guest has not handled yet: nothing goes out on RX.
     reset_ack: Option<PendingAck>,
+    /// The pending TRANSPORT_RESET is a restore's: wait for the guest to handle it
+    /// before RX. (After the driver's own reset it has no connection a late reset
+    /// could close, and a driver need not refill its event queue.)
+    ack_pending_reset: bool,
     tx_bytes: Vec<u8>,
     rx_bytes: Vec<u8>,
     metrics: Arc<VsockMetrics>,
@@ -54,6 +58,7 @@ impl VsockWorker {
             active: None,
             transport_reset_pending: false,
             reset_ack: None,
+            ack_pending_reset: false,
             tx_bytes: Vec::new(),
             rx_bytes: vec![0u8; MAX_PKT_DATA as usize],
             metrics,
@@ -87,6 +92,7 @@ impl VsockWorker {
     pub fn transport_reset(&mut self, interrupt: &Interrupt) {
         self.muxer.reset();
         self.transport_reset_pending = true;
+        self.ack_pending_reset = true;
         self.deliver_event(interrupt);
     }
 
@@ -325,7 +331,7 @@ impl VsockWorker {
             interrupt.mark_needs_reset(NAME, &format!("event used ring: {e}"));
             return;
         }
-        if written > 0 {
+        if written > 0 && std::mem::take(&mut self.ack_pending_reset) {
             match PendingAck::start(queue, mem) {
                 Ok(pending) => self.reset_ack = Some(pending),
                 Err(e) => {
@@ -410,6 +416,7 @@ impl VsockWorker {
     pub fn reset_queues(&mut self) {
         let was_active = self.active.take().is_some();
         self.reset_ack = None;
+        self.ack_pending_reset = false;
         self.muxer.reset();
         // The guest driver forgets its sockets on reset; should the device come
         // back, tell it so explicitly.

@@ -89,15 +89,9 @@ pub fn verify_plan(
     now: UtcTime,
     skew: Duration,
 ) -> Result<VerifiedPlan, PlanVerifyError> {
-    let envelope = Envelope::from_json(envelope_json)?;
-    let verified = envelope.verify(PLAN_PAYLOAD_TYPE, trusted)?;
-    let plan = Plan::from_json(&verified.payload)?;
-    plan.check_window(now, skew)?;
-    Ok(VerifiedPlan {
-        digest: Sha256Digest::of(&verified.payload),
-        plan,
-        keyid: verified.keyid,
-    })
+    let verified = verify_plan_for_restore(envelope_json, trusted)?;
+    verified.plan.check_window(now, skew)?;
+    Ok(verified)
 }
 
 /// Everything the VMM checks before measuring, in order: [`verify_plan`],

@@ -305,7 +305,7 @@ pub fn run_verified(
         Workload::Command { .. } => None,
     };
     // A one-shot command, admitted and eligible, may start warm (`warm`).
-    let plan_doc = plan.and_then(|p| {
+    let plan_doc = plan.filter(|_| artifacts.warm).and_then(|p| {
         std::fs::read(&p.envelope)
             .ok()
             .and_then(|e| mvm_loader::plan::envelope::decode_plan_unverified(&e).ok())

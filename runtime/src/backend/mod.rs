@@ -16,6 +16,7 @@ pub mod locate;
 pub mod resources;
 pub mod scratch;
 pub mod session;
+pub mod snapshot_seal;
 pub mod stdin_pump;
 pub mod vmm_memory;
 pub mod vmm_process;

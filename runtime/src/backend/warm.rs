@@ -17,23 +17,14 @@
 //! asked for (its measurements are a boot's), the policy's `[snapshots] warm_start`
 //! (off by default), and not `mvm run --cold`.
 
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use mvm_loader::dsse::Envelope;
 use mvm_loader::measure::Sha256Digest;
-use mvm_loader::plan::{Plan, SNAPSHOT_PAYLOAD_TYPE};
+use mvm_loader::plan::Plan;
 
-use super::RunSpec;
-use crate::admission::keys::{config_dir, HostKeys};
+use super::{snapshot_seal, RunSpec};
 use crate::image::StoredImage;
-
-/// The VMM's files and the seal in a snapshot directory.
-const MANIFEST_FILE: &str = "manifest.json";
-const SEAL_FILE: &str = "snapshot.dsse.json";
-/// The largest manifest sealed.
-const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// What a run does about warm starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +82,7 @@ fn key(image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<String> {
 pub fn choose(image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<Warm> {
     let root = root()?;
     let dir = root.join(key(image, vmm, spec)?);
-    if dir.join(SEAL_FILE).is_file() {
+    if snapshot_seal::is_sealed(&dir) {
         return Some(Warm::Restore(dir));
     }
     std::fs::DirBuilder::new()
@@ -112,21 +103,9 @@ pub fn choose(image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<Warm> {
 /// Seals the snapshot in `tmp` with the host's admission key and keeps it as `dir`
 /// (another run that kept one first wins; this one is dropped).
 pub fn keep(tmp: &Path, dir: &Path) -> Result<(), String> {
-    let result = (|| {
-        let mut manifest = Vec::new();
-        std::fs::File::open(tmp.join(MANIFEST_FILE))
-            .and_then(|f| f.take(MAX_MANIFEST_BYTES).read_to_end(&mut manifest))
-            .map_err(|e| format!("manifest: {e}"))?;
-        if manifest.is_empty() {
-            return Err("the VMM wrote no manifest".to_owned());
-        }
-        let config = config_dir().map_err(|e| e.to_string())?;
-        let (keys, _) = HostKeys::load_or_create(&config).map_err(|e| e.to_string())?;
-        let envelope = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, &manifest, &keys.admission);
-        std::fs::write(tmp.join(SEAL_FILE), envelope.to_json())
-            .map_err(|e| format!("seal: {e}"))?;
+    let result = snapshot_seal::seal(tmp).and_then(|()| {
         std::fs::rename(tmp, dir).map_err(|e| format!("keeping {}: {e}", dir.display()))
-    })();
+    });
     if result.is_err() || tmp.exists() {
         let _ = std::fs::remove_dir_all(tmp);
     }

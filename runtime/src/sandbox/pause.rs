@@ -8,22 +8,12 @@
 //! there is one snapshot per sandbox, the latest, and a half-written one never
 //! replaces a whole one.
 
-use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-
-use mvm_loader::dsse::Envelope;
-use mvm_loader::plan::SNAPSHOT_PAYLOAD_TYPE;
+use std::path::PathBuf;
 
 use super::state::Sandbox;
 use super::SandboxError;
 use crate::admission::keys::{config_dir, HostKeys};
-
-/// The VMM's unsigned manifest and the seal written beside it (vmm/src/snapshot).
-const MANIFEST_FILE: &str = "manifest.json";
-const SEAL_FILE: &str = "snapshot.dsse.json";
-/// The largest manifest sealed.
-const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 fn host_keys() -> Result<(HostKeys, PathBuf), SandboxError> {
     let key_error = |e: crate::admission::keys::KeyError| {
@@ -59,7 +49,12 @@ pub fn prepare_next(sandbox: &Sandbox) -> Result<PathBuf, SandboxError> {
 /// sandbox's snapshot (replacing the one before).
 pub fn seal_and_keep(sandbox: &Sandbox) -> Result<(), SandboxError> {
     let next = sandbox.next_snapshot_dir();
-    seal(&next)?;
+    crate::backend::snapshot_seal::seal(&next).map_err(|e| {
+        SandboxError::io(
+            format!("sealing {}", next.display()),
+            std::io::Error::other(e),
+        )
+    })?;
     let kept = sandbox.snapshot_dir();
     match std::fs::remove_dir_all(&kept) {
         Ok(()) => {}
@@ -68,24 +63,4 @@ pub fn seal_and_keep(sandbox: &Sandbox) -> Result<(), SandboxError> {
     }
     std::fs::rename(&next, &kept)
         .map_err(|e| SandboxError::io(format!("keeping {}", kept.display()), e))
-}
-
-/// Signs `dir`'s manifest, byte for byte, with the host's admission key.
-fn seal(dir: &Path) -> Result<(), SandboxError> {
-    let path = dir.join(MANIFEST_FILE);
-    let mut manifest = Vec::new();
-    std::fs::File::open(&path)
-        .and_then(|f| f.take(MAX_MANIFEST_BYTES).read_to_end(&mut manifest))
-        .map_err(|e| SandboxError::io(format!("reading {}", path.display()), e))?;
-    if manifest.is_empty() {
-        return Err(SandboxError::io(
-            format!("sealing {}", path.display()),
-            std::io::Error::other("the VMM wrote no manifest: no snapshot was taken"),
-        ));
-    }
-    let (keys, _) = host_keys()?;
-    let envelope = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, &manifest, &keys.admission);
-    let seal = dir.join(SEAL_FILE);
-    std::fs::write(&seal, envelope.to_json())
-        .map_err(|e| SandboxError::io(format!("writing {}", seal.display()), e))
 }

@@ -190,6 +190,10 @@ fn main() -> Vec<Allowed> {
                 SYS_fsync,
                 "snapshot: the files are on disk before the VM ends"
             ),
+            allow!(
+                SYS_fstat,
+                "snapshot: the written memory file's inode and change time, sealed so a restore can tell it is untouched"
+            ),
         ],
     )
 }

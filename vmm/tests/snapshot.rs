@@ -292,6 +292,8 @@ fn a_restored_vm_counts_on_from_where_it_paused_and_two_restores_share_one_file(
         min_epoch: 3,
         host_cpuid: &cpuid,
     };
+    // The file this process wrote, untouched: taken as written, not hashed again.
+    assert!(!bundle::open(dir.path(), &expect).unwrap().memory_hashed);
     let memory_digest = |p: &Path| Sha256Digest::of(&std::fs::read(p.join(MEMORY_FILE)).unwrap());
     let sealed_digest = memory_digest(dir.path());
 
@@ -320,6 +322,23 @@ fn a_restored_vm_counts_on_from_where_it_paused_and_two_restores_share_one_file(
         meta.blocks()
     );
     assert_eq!(meta.mode() & 0o777, 0o600);
+    // Still the file as written after two restores (reads, and private writes).
+    assert!(!bundle::open(dir.path(), &expect).unwrap().memory_hashed);
+
+    // One byte changed in place (the same inode), its modification time put back: the
+    // change time moved, so the file is hashed again and refused.
+    let path = dir.path().join(MEMORY_FILE);
+    let mtime = meta.modified().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a], u64::from(COUNTER_ADDR) + 4096).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let refused = bundle::open(dir.path(), &expect).unwrap_err();
+    assert_eq!(
+        refused.refusal_reason(),
+        Some("memory_mismatch"),
+        "{refused}"
+    );
 }
 
 /// Copies the snapshot in `from` to a fresh directory, lets `change` alter it, and
@@ -471,7 +490,7 @@ fn a_tampered_stale_or_foreign_snapshot_is_refused_before_anything_is_mapped() {
         ),
         (
             "of another format",
-            Box::new(|p: &Path| reseal(p, |m| m.format = 2)),
+            Box::new(|p: &Path| reseal(p, |m| m.format = manifest::FORMAT + 1)),
             3,
             "vmm_mismatch",
         ),

@@ -47,9 +47,12 @@ use crate::vm::{self, Vm};
 /// noted (`mvm_devices::virtio::block::lease`): no vCPU or device thread is
 /// interrupted by it. The memory lease's signal (a restored VM's memory file opened for
 /// writing, [`crate::snapshot::memory::lease`]) ends the VM: pages it has not read yet
-/// could change under it.
+/// could change under it. The write lease's signal (the memory file a snapshot is to be
+/// written to, opened by another process, [`crate::snapshot::memory::write_lease`]) is
+/// only noted: that snapshot's restores hash the file whole.
 fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     let memory_lease = crate::snapshot::memory::lease_signal();
+    let written_lease = crate::snapshot::memory::write_lease_signal();
     let mut set = SigSet::empty();
     for sig in [
         Signal::SIGINT,
@@ -63,7 +66,10 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     let mut raw: libc::sigset_t = *set.as_ref();
     // SAFETY: `raw` is an initialised sigset_t; sigaddset only sets a bit of it, and the
     // real-time signal number comes from glibc's SIGRTMIN.
-    unsafe { libc::sigaddset(&mut raw, memory_lease) };
+    unsafe {
+        libc::sigaddset(&mut raw, memory_lease);
+        libc::sigaddset(&mut raw, written_lease);
+    }
     // SAFETY: `raw` is a valid set built above; the old mask is not asked for.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw, std::ptr::null_mut()) };
     if rc != 0 {
@@ -88,6 +94,11 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
                             .into(),
                     ));
                     return;
+                }
+                if sig == written_lease {
+                    crate::snapshot::memory::note_opened_elsewhere();
+                    tracing::warn!("a host process opened the memory file a snapshot is to be written to: that snapshot's restores will hash it whole");
+                    continue;
                 }
                 match Signal::try_from(sig) {
                     Ok(Signal::SIGUSR2) => stopper.request_snapshot(),
@@ -570,9 +581,16 @@ fn boot_and_supervise(
     let jail = jail_plan(args, &devices, config.vcpus, config.mem_bytes, image_bytes);
     let state = crate::jail::start(&args.jail, &jail).map_err(|e| Stop::Failed(e.to_string()))?;
     tracing::debug!(?state, "jail entered");
-    // The jail forked: a verified disk's lease breaks must reach this process.
+    // The jail forked: a verified disk's lease breaks must reach this process, and so
+    // must the snapshot memory file's.
     for disk in &devices.disks {
         disk.claim_lease_signals();
+    }
+    if let Some(target) = &snapshot {
+        target
+            .files
+            .claim_lease_signals()
+            .map_err(|e| Stop::Failed(format!("the snapshot memory file's lease: {e}")))?;
     }
     report_jail(timeline, state);
     devices.report_metrics(timeline);

@@ -153,6 +153,17 @@ pub fn restore_and_supervise(
     f.insert("vmm_build".into(), manifest.vmm_build.clone().into());
     f.insert("vcpus".into(), manifest.vcpus.into());
     f.insert("mem_bytes".into(), manifest.mem_bytes.into());
+    // "hashed": every chunk read and compared; "unchanged": the file the VMM wrote,
+    // untouched since by its sealed identity (docs/snapshots.md).
+    f.insert(
+        "memory_check".into(),
+        if opened.memory_hashed {
+            "hashed"
+        } else {
+            "unchanged"
+        }
+        .into(),
+    );
     f.insert("devices".into(), saved.clone().into());
     events.emit("snapshot_restored", plan_id.as_deref(), f);
 
@@ -178,6 +189,12 @@ pub fn restore_and_supervise(
     }
     crate::snapshot::memory::claim_lease_signals(&opened.memory)
         .map_err(|e| Stop::Failed(format!("the memory file's lease: {e}")))?;
+    if let Some(target) = &snapshot {
+        target
+            .files
+            .claim_lease_signals()
+            .map_err(|e| Stop::Failed(format!("the next snapshot's memory file lease: {e}")))?;
+    }
     super::report_jail(timeline, state);
     devices.report_metrics(timeline);
     restore_vm(opened, devices, console, snapshot, timeline).map_err(Stop::VmFailed)

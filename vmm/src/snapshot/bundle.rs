@@ -44,17 +44,39 @@ pub struct SnapshotFiles {
     memory: File,
     state: File,
     manifest: File,
+    /// This boot's id, when the memory file is write-leased: the snapshot then seals the
+    /// memory file's identity ([`memory::FileIdentity`]).
+    leased_in_boot: Option<String>,
 }
 
 impl SnapshotFiles {
     /// Creates [`MEMORY_FILE`], [`STATE_FILE`] and [`UNSIGNED_FILE`] in `dir`, which
-    /// must exist and hold none of them.
+    /// must exist and hold none of them, and takes a write lease on the memory file
+    /// ([`memory::write_lease`]; without one, the snapshot's restores hash the whole file).
     pub fn create_in(dir: &Path) -> Result<Self, SnapshotError> {
+        let memory = create(dir, MEMORY_FILE)?;
+        let leased_in_boot = memory::boot_id().filter(|_| match memory::write_lease(&memory) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("no write lease on the snapshot's memory file ({e}): its restores will hash it whole");
+                false
+            }
+        });
         Ok(Self {
-            memory: create(dir, MEMORY_FILE)?,
+            memory,
             state: create(dir, STATE_FILE)?,
             manifest: create(dir, UNSIGNED_FILE)?,
+            leased_in_boot,
         })
+    }
+
+    /// Sends the memory file's lease breaks to this process: after the jail's fork they
+    /// would still go to the process that took it.
+    pub fn claim_lease_signals(&self) -> std::io::Result<()> {
+        if self.leased_in_boot.is_some() {
+            memory::claim_lease_signals(&self.memory)?;
+        }
+        Ok(())
     }
 }
 
@@ -85,6 +107,7 @@ pub fn write(
         memory: mut mem_file,
         state: mut state_file,
         manifest: mut unsigned,
+        leased_in_boot,
     } = files;
     let vcpus = u8::try_from(state.vcpus.len())
         .ok()
@@ -94,6 +117,15 @@ pub fn write(
             why: format!("{} vCPUs", state.vcpus.len()),
         })?;
     let (layout, index) = memory::save(vm.memory(), &mut mem_file)?;
+    // The file as written (saved and synced), while the lease still keeps every other
+    // process out of it.
+    let written = leased_in_boot.and_then(|boot| match memory::identity(&mem_file, &boot) {
+        Ok(identity) => Some(identity),
+        Err(e) => {
+            tracing::warn!("fstat of the memory file ({e}): its restores will hash it whole");
+            None
+        }
+    });
     let state_json = serde_json::to_vec(&StateFileRef {
         machine: state,
         memory: &index,
@@ -106,6 +138,15 @@ pub fn write(
         .write_all(&state_json)
         .and_then(|()| state_file.sync_all())
         .map_err(io("writing the state file"))?;
+    // Sealed only if the lease held throughout and the clock that stamps change times
+    // has moved past this one, so any later write is seen at restore.
+    let memory_file = written.filter(|w| {
+        let kept = !memory::opened_elsewhere() && memory::wait_past(w);
+        if !kept {
+            tracing::warn!("the memory file was opened by another process, or the clock did not move: its restores will hash it whole");
+        }
+        kept
+    });
     let manifest = Manifest {
         format: manifest::FORMAT,
         vmm_build: manifest::VMM_BUILD.to_owned(),
@@ -119,6 +160,7 @@ pub fn write(
             bytes: vm.memory_bytes(),
             sha256: index.digest(),
         },
+        memory_file,
         layout,
         state: FileDigest {
             bytes: state_json.len() as u64,
@@ -160,8 +202,11 @@ pub struct Opened {
     /// The machine state, whose digest matched.
     pub state: MachineState,
     /// The memory file, whose digest matched (this handle was hashed; it is the one
-    /// mapped).
+    /// mapped), or which is the file the VMM wrote, unchanged since.
     pub memory: File,
+    /// Whether the memory file was hashed (false: unchanged since it was written, by its
+    /// sealed [`memory::FileIdentity`]).
+    pub memory_hashed: bool,
 }
 
 /// Opens a file of the snapshot for reading, refusing a symlink.
@@ -269,13 +314,23 @@ pub fn open(dir: &Path, expect: &Expect<'_>) -> Result<Opened, SnapshotError> {
             format!("{MEMORY_FILE}: no read lease ({e}): it is open for writing elsewhere, or this file system or user cannot lease it"),
         )
     })?;
-    memory::check(&mut mem, &index, manifest.memory.bytes).map_err(|why| {
-        SnapshotError::refused("memory_mismatch", format!("{MEMORY_FILE}: {why}"))
-    })?;
+    // The file the VMM wrote, untouched since (same boot, inode, length and change
+    // time, sealed): its chunks were hashed from guest memory as it was written. Any
+    // other file is hashed whole.
+    let unchanged = manifest.memory_file.as_ref().is_some_and(|sealed| {
+        sealed.bytes == manifest.memory.bytes
+            && memory::unchanged_since_written(&mem, sealed, memory::boot_id().as_deref())
+    });
+    if !unchanged {
+        memory::check(&mut mem, &index, manifest.memory.bytes).map_err(|why| {
+            SnapshotError::refused("memory_mismatch", format!("{MEMORY_FILE}: {why}"))
+        })?;
+    }
     Ok(Opened {
         manifest,
         state,
         memory: mem,
+        memory_hashed: !unchanged,
     })
 }
 

@@ -14,10 +14,10 @@ use super::SnapshotError;
 pub const PAYLOAD_TYPE: &str = mvm_loader::plan::SNAPSHOT_PAYLOAD_TYPE;
 
 /// The manifest's format; a snapshot of another format is refused.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// The VMM build a snapshot is bound to: its state layout is this build's.
-pub const VMM_BUILD: &str = concat!("mvm-vmm ", env!("CARGO_PKG_VERSION"), " snapshot-v1");
+pub const VMM_BUILD: &str = concat!("mvm-vmm ", env!("CARGO_PKG_VERSION"), " snapshot-v2");
 
 /// What a snapshot is bound to and what its files hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +48,10 @@ pub struct Manifest {
     pub mem_bytes: u64,
     /// The memory file.
     pub memory: FileDigest,
+    /// The memory file as the kernel knew it once written, when the VMM held it alone
+    /// throughout (a write lease): a restore in the same boot that finds the same file
+    /// unchanged need not hash it again. `None`: every restore hashes it.
+    pub memory_file: Option<super::memory::FileIdentity>,
     /// The RAM regions' places in the memory file.
     pub layout: Vec<RegionLayout>,
     /// The machine-state file.

@@ -43,16 +43,43 @@ fn text(v: &Value, pointer: &str) -> String {
         .to_owned()
 }
 
-/// The audit log's event kinds for `plan`.
-fn events_of(ctx: &Context, plan: &str) -> Result<Vec<String>, Failure> {
+/// The audit log's records for `plan`.
+fn records_of(ctx: &Context, plan: &str) -> Result<Vec<Value>, Failure> {
     let log = image_store(ctx)?.join("audit.jsonl");
     let all = std::fs::read_to_string(&log).unwrap_or_default();
     Ok(all
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|r| text(r, "/plan_id") == plan)
-        .map(|r| text(&r, "/event"))
         .collect())
+}
+
+/// The audit log's event kinds for `plan`.
+fn events_of(ctx: &Context, plan: &str) -> Result<Vec<String>, Failure> {
+    Ok(records_of(ctx, plan)?
+        .iter()
+        .map(|r| text(r, "/event"))
+        .collect())
+}
+
+/// How the restore under `plan` checked the memory file (`snapshot_restored`'s
+/// `memory_check`).
+fn memory_check(ctx: &Context, plan: &str) -> Result<String, Failure> {
+    Ok(records_of(ctx, plan)?
+        .iter()
+        .find(|r| text(r, "/event") == "snapshot_restored")
+        .map(|r| text(r, "/fields/memory_check"))
+        .unwrap_or_default())
+}
+
+/// The one sealed warm snapshot's directory under `root`.
+fn warm_dir(root: &std::path::Path) -> Result<std::path::PathBuf, Failure> {
+    std::fs::read_dir(root)
+        .map_err(|e| Failure::new(format!("{}: {e}", root.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("snapshot.dsse.json").is_file())
+        .ok_or_else(|| Failure::new("no sealed warm snapshot"))
 }
 
 pub(super) fn warm_start(ctx: &Context) -> CaseResult {
@@ -121,6 +148,15 @@ pub(super) fn warm_start(ctx: &Context) -> CaseResult {
                 return Err(Failure::new(format!("plan {plan}: records {kinds:?}")));
             }
         }
+        // The memory file the VMM wrote, untouched: not hashed again.
+        for plan in [&pa, &pb] {
+            let check = memory_check(ctx, plan)?;
+            if check != "unchanged" {
+                return Err(Failure::new(format!(
+                    "plan {plan}: the warm start's memory check was '{check}', not 'unchanged'"
+                )));
+            }
+        }
         let ms = |v: &Value, key: &str| {
             v.pointer(&format!("/timings/{key}"))
                 .and_then(Value::as_u64)
@@ -168,6 +204,30 @@ pub(super) fn warm_start(ctx: &Context) -> CaseResult {
             ms(&b, "boot_ms"),
             ms(&cold, "boot_ms")
         );
+        // One byte of the sealed memory file changed in place, its modification time put
+        // back: the file is hashed, the restore refused, the snapshot dropped, the run boots.
+        let dir = warm_dir(&warm_root)?;
+        let memory = dir.join("memory");
+        let tamper = || -> std::io::Result<()> {
+            let f = std::fs::OpenOptions::new().write(true).open(&memory)?;
+            let mtime = f.metadata()?.modified()?;
+            std::os::unix::fs::FileExt::write_all_at(&f, &[0xa5], 4096 + 17)?;
+            f.set_modified(mtime)
+        };
+        tamper().map_err(|e| Failure::new(format!("changing {}: {e}", memory.display())))?;
+        let tampered = run(ctx, &[])?;
+        let records = records_of(ctx, &text(&tampered, "/plan_id"))?;
+        let kinds: Vec<String> = records.iter().map(|r| text(r, "/event")).collect();
+        let refused = records.iter().any(|r| {
+            text(r, "/event") == "boot_refused" && r.to_string().contains("memory_mismatch")
+        });
+        if warm(&tampered) || !refused || !kinds.iter().any(|k| k == "boot_verified") {
+            return Err(Failure::new(format!(
+                "after a byte of the memory file changed: warm {}, records {kinds:?}",
+                warm(&tampered)
+            )));
+        }
+        println!("    warm| a byte changed in place in the memory file: refused, dropped, booted");
         Ok(())
     })();
     // The shared image store keeps no warm snapshot of this case's.

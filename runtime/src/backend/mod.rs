@@ -8,6 +8,7 @@
 //! [`detect`] judges which tiers this host can give; both backends run a
 //! [`RunSpec`] and report a [`RunOutcome`] or a [`RunError`].
 
+pub mod abandoned;
 pub mod detect;
 pub mod emulated;
 pub mod interrupt;

@@ -90,14 +90,27 @@ pub fn choose(image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<Warm> {
         .mode(0o700)
         .create(&root)
         .ok()?;
+    sweep_abandoned(&root);
     let tmp = root.join(format!(
-        "{}.tmp-{}",
+        "{}{TMP_MARK}{}",
         dir.file_name()?.to_string_lossy(),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::DirBuilder::new().mode(0o700).create(&tmp).ok()?;
     Some(Warm::Take { tmp, dir })
+}
+
+/// What names a snapshot being taken: `<key>.tmp-<pid of the mvm taking it>`.
+const TMP_MARK: &str = ".tmp-";
+
+/// Removes the snapshots being taken by processes that are gone (an `mvm run` killed
+/// before it kept or dropped its own): each holds up to a guest's memory.
+fn sweep_abandoned(root: &Path) {
+    super::abandoned::sweep(root, |name| {
+        name.rsplit_once(TMP_MARK)
+            .and_then(|(_, pid)| pid.parse().ok())
+    });
 }
 
 /// Seals the snapshot in `tmp` with the host's admission key and keeps it as `dir`
@@ -116,5 +129,33 @@ pub fn keep(tmp: &Path, dir: &Path) -> Result<(), String> {
 pub fn discard(warm: &Warm) {
     if let Warm::Take { tmp, .. } = warm {
         let _ = std::fs::remove_dir_all(tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn abandoned_snapshots_are_swept_and_live_ones_and_kept_ones_are_not() {
+        let root = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let names = [
+            format!("k1{TMP_MARK}{dead}"),
+            format!("k2{TMP_MARK}{}", std::process::id()),
+            "k3".to_owned(),
+            format!("k4{TMP_MARK}notapid"),
+        ];
+        for n in &names {
+            std::fs::create_dir(root.path().join(n)).unwrap();
+            std::fs::write(root.path().join(n).join("memory"), b"x").unwrap();
+        }
+        sweep_abandoned(root.path());
+        let left: Vec<bool> = names.iter().map(|n| root.path().join(n).exists()).collect();
+        assert_eq!(left, [false, true, true, true]);
     }
 }

@@ -329,23 +329,11 @@ pub fn claim(key: &str) -> Option<Claimed> {
 /// Removes what runs killed before they could (`c.<pid>.*` of a pid that is gone)
 /// left; their keepers have killed their QEMUs already (the lifeline closed).
 fn sweep_claimed(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(CLAIMED))
+    crate::backend::abandoned::sweep(dir, |name| {
+        name.strip_prefix(CLAIMED)
             .and_then(|rest| rest.split('.').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+            .and_then(|pid| pid.parse().ok())
+    });
 }
 
 /// The spares of `key` under `dir`: those ready to claim, and those whose keeper is still

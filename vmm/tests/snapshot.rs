@@ -678,6 +678,12 @@ fn sigusr2_snapshots_the_jailed_vmm_and_the_snapshot_restores_where_it_stopped()
         (m.epoch, m.vcpus, m.mem_bytes, m.plan.clone()),
         (5, 1, 128 << 20, None)
     );
+    // Written under a write lease by the jailed, filtered VMM: its identity is sealed.
+    let written = m
+        .memory_file
+        .as_ref()
+        .unwrap_or_else(|| panic!("no identity of the memory file sealed: {stderr}"));
+    assert_eq!(written.bytes, 128 << 20);
     seal(&snap, &key());
     let trusted = trusted();
     let cpuid = host_cpuid();
@@ -688,6 +694,7 @@ fn sigusr2_snapshots_the_jailed_vmm_and_the_snapshot_restores_where_it_stopped()
         min_epoch: 5,
         host_cpuid: &cpuid,
     };
+    assert!(!bundle::open(&snap, &expect).unwrap().memory_hashed);
     let restored = restore_with_port(&snap, &expect, SERIAL_PORT).unwrap();
     restored.wait_for_bytes(300);
     let after = restored.end();

@@ -53,13 +53,19 @@ impl SnapshotFiles {
     /// Creates [`MEMORY_FILE`], [`STATE_FILE`] and [`UNSIGNED_FILE`] in `dir`, which
     /// must exist and hold none of them, and takes a write lease on the memory file
     /// ([`memory::write_lease`]; without one, the snapshot's restores hash the whole file).
+    /// The lease is taken now, by the process that made the file: the jailed VMM runs as
+    /// another user, who may not lease a file it does not own.
     pub fn create_in(dir: &Path) -> Result<Self, SnapshotError> {
         let memory = create(dir, MEMORY_FILE)?;
-        let leased_in_boot = memory::boot_id().filter(|_| match memory::write_lease(&memory) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("no write lease on the snapshot's memory file ({e}): its restores will hash it whole");
-                false
+        let leased_in_boot = memory::boot_id().filter(|_| {
+            match memory::route_write_lease_breaks(&memory)
+                .and_then(|()| memory::write_lease(&memory))
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("no write lease on the snapshot's memory file ({e}): its restores will hash it whole");
+                    false
+                }
             }
         });
         Ok(Self {

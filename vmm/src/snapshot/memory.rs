@@ -391,29 +391,54 @@ fn install_write_lease_handler() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Takes a write lease on the (new, empty) memory file, its breaks sent to this process as
-/// [`write_lease_signal`]: it succeeds only while no other process has the file open, and
-/// from then until this VMM closes it, any other `open` of it is held back (up to
-/// `/proc/sys/fs/lease-break-time`) and reported. So nothing but this VMM writes it while
-/// it holds the lease, and once it lets go, any write sets a change time past the one
-/// sealed.
-pub fn write_lease(file: &File) -> std::io::Result<()> {
+/// Sends the breaks of a write lease on the memory file ([`write_lease`]) to this
+/// process as [`write_lease_signal`], noted by a handler until the signal thread takes
+/// them (after the jail's fork, the owner is claimed again: [`claim_lease_signals`]).
+pub fn route_write_lease_breaks(file: &File) -> std::io::Result<()> {
     install_write_lease_handler()?;
-    take_lease(file, libc::F_WRLCK, write_lease_signal())
+    route_breaks(file, write_lease_signal())
 }
 
-/// A lease of `kind` on `file`, its breaks sent to this process as `signal`.
-fn take_lease(file: &File, kind: libc::c_int, signal: i32) -> std::io::Result<()> {
+/// Takes a write lease on the (new, empty) memory file when it is made: granted only
+/// while no other process has the file open, and from then until this VMM closes it, any
+/// other `open` of it is held back (up to `/proc/sys/fs/lease-break-time`, 45 s by
+/// default) and reported ([`route_write_lease_breaks`]). So nothing but this VMM writes it
+/// while it holds the lease, and once it lets go, any write sets a change time past the
+/// one sealed. The cost: a host process that opens a running VM's (still empty) snapshot
+/// memory file waits out the break time, and that snapshot's restores hash it. Taking it
+/// only while the snapshot is written would spare that wait, but the jailed VMM runs as
+/// another user than the file's owner, and only the owner may take a lease.
+pub fn write_lease(file: &File) -> std::io::Result<()> {
+    set_lease(file, libc::F_WRLCK)
+}
+
+/// Breaks of `file`'s leases to this process, as `signal`.
+fn route_breaks(file: &File, signal: i32) -> std::io::Result<()> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
     // SAFETY: fcntl on an fd this File owns, with int arguments.
     let steps = unsafe {
         [
             libc::fcntl(fd, F_SETSIG, signal),
             libc::fcntl(fd, libc::F_SETOWN, libc::getpid()),
-            libc::fcntl(fd, libc::F_SETLEASE, kind),
         ]
     };
     if steps.iter().any(|&rc| rc != 0) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A lease of `kind` on `file`.
+fn set_lease(file: &File, kind: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: fcntl on an fd this File owns, with an int argument.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::F_SETLEASE,
+            kind,
+        )
+    };
+    if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
@@ -437,7 +462,8 @@ pub fn lease_signal() -> i32 {
 /// the VM runs. Fails while the file is open for writing anywhere, or where leases are
 /// not to be had (`EINVAL`: the file system; `EACCES`: not the file's owner).
 pub fn lease(file: &File) -> std::io::Result<()> {
-    take_lease(file, libc::F_RDLCK, lease_signal())
+    route_breaks(file, lease_signal())?;
+    set_lease(file, libc::F_RDLCK)
 }
 
 /// Sends the memory lease's breaks to this process: after the jail's fork they would
@@ -555,6 +581,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         let f = File::create(&path).unwrap();
+        route_write_lease_breaks(&f).unwrap();
         let other = File::open(&path).unwrap();
         assert!(write_lease(&f).is_err(), "leased with another fd open");
         drop(other);

@@ -48,11 +48,11 @@ use crate::vm::{self, Vm};
 /// interrupted by it. The memory lease's signal (a restored VM's memory file opened for
 /// writing, [`crate::snapshot::memory::lease`]) ends the VM: pages it has not read yet
 /// could change under it. The write lease's signal (the memory file a snapshot is to be
-/// written to, opened by another process, [`crate::snapshot::memory::write_lease`]) is
+/// written to, opened by another process, [`crate::snapshot::written::write_lease`]) is
 /// only noted: that snapshot's restores hash the file whole.
 fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
     let memory_lease = crate::snapshot::memory::lease_signal();
-    let written_lease = crate::snapshot::memory::write_lease_signal();
+    let written_lease = crate::snapshot::written::write_lease_signal();
     let mut set = SigSet::empty();
     for sig in [
         Signal::SIGINT,
@@ -96,7 +96,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
                     return;
                 }
                 if sig == written_lease {
-                    crate::snapshot::memory::note_opened_elsewhere();
+                    crate::snapshot::written::note_opened_elsewhere();
                     tracing::warn!("a host process opened the memory file a snapshot is to be written to: that snapshot's restores will hash it whole");
                     continue;
                 }

@@ -10,6 +10,7 @@ use mvm_loader::measure::Sha256Digest;
 
 use super::manifest::{self, CpuRequirement, Expect, FileDigest, Manifest, PlanBinding};
 use super::memory::{self, MemoryIndex, RegionLayout};
+use super::written;
 use super::{MachineState, SnapshotError, MEMORY_FILE, SEALED_FILE, STATE_FILE, UNSIGNED_FILE};
 use crate::layout;
 use crate::vm::Vm;
@@ -45,21 +46,21 @@ pub struct SnapshotFiles {
     state: File,
     manifest: File,
     /// This boot's id, when the memory file is write-leased: the snapshot then seals the
-    /// memory file's identity ([`memory::FileIdentity`]).
+    /// memory file's identity ([`written::FileIdentity`]).
     leased_in_boot: Option<String>,
 }
 
 impl SnapshotFiles {
     /// Creates [`MEMORY_FILE`], [`STATE_FILE`] and [`UNSIGNED_FILE`] in `dir`, which
     /// must exist and hold none of them, and takes a write lease on the memory file
-    /// ([`memory::write_lease`]; without one, the snapshot's restores hash the whole file).
+    /// ([`written::write_lease`]; without one, the snapshot's restores hash the whole file).
     /// The lease is taken now, by the process that made the file: the jailed VMM runs as
     /// another user, who may not lease a file it does not own.
     pub fn create_in(dir: &Path) -> Result<Self, SnapshotError> {
         let memory = create(dir, MEMORY_FILE)?;
-        let leased_in_boot = memory::boot_id().filter(|_| {
-            match memory::route_write_lease_breaks(&memory)
-                .and_then(|()| memory::write_lease(&memory))
+        let leased_in_boot = written::boot_id().filter(|_| {
+            match written::route_write_lease_breaks(&memory)
+                .and_then(|()| written::write_lease(&memory))
             {
                 Ok(()) => true,
                 Err(e) => {
@@ -125,7 +126,7 @@ pub fn write(
     let (layout, index) = memory::save(vm.memory(), &mut mem_file)?;
     // The file as written (saved and synced), while the lease still keeps every other
     // process out of it.
-    let written = leased_in_boot.and_then(|boot| match memory::identity(&mem_file, &boot) {
+    let written = leased_in_boot.and_then(|boot| match written::identity(&mem_file, &boot) {
         Ok(identity) => Some(identity),
         Err(e) => {
             tracing::warn!("fstat of the memory file ({e}): its restores will hash it whole");
@@ -147,7 +148,7 @@ pub fn write(
     // Sealed only if the lease held throughout and the clock that stamps change times
     // has moved past this one, so any later write is seen at restore.
     let memory_file = written.filter(|w| {
-        let kept = !memory::opened_elsewhere() && memory::wait_past(w);
+        let kept = !written::opened_elsewhere() && written::wait_past(w);
         if !kept {
             tracing::warn!("the memory file was opened by another process, or the clock did not move: its restores will hash it whole");
         }
@@ -211,7 +212,7 @@ pub struct Opened {
     /// mapped), or which is the file the VMM wrote, unchanged since.
     pub memory: File,
     /// Whether the memory file was hashed (false: unchanged since it was written, by its
-    /// sealed [`memory::FileIdentity`]).
+    /// sealed [`written::FileIdentity`]).
     pub memory_hashed: bool,
 }
 
@@ -325,7 +326,7 @@ pub fn open(dir: &Path, expect: &Expect<'_>) -> Result<Opened, SnapshotError> {
     // other file is hashed whole.
     let unchanged = manifest.memory_file.as_ref().is_some_and(|sealed| {
         sealed.bytes == manifest.memory.bytes
-            && memory::unchanged_since_written(&mem, sealed, memory::boot_id().as_deref())
+            && written::unchanged_since_written(&mem, sealed, written::boot_id().as_deref())
     });
     if !unchanged {
         memory::check(&mut mem, &index, manifest.memory.bytes).map_err(|why| {

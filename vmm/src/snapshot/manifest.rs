@@ -51,7 +51,7 @@ pub struct Manifest {
     /// The memory file as the kernel knew it once written, when the VMM held it alone
     /// throughout (a write lease): a restore in the same boot that finds the same file
     /// unchanged need not hash it again. `None`: every restore hashes it.
-    pub memory_file: Option<super::memory::FileIdentity>,
+    pub memory_file: Option<super::written::FileIdentity>,
     /// The RAM regions' places in the memory file.
     pub layout: Vec<RegionLayout>,
     /// The machine-state file.

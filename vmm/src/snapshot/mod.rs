@@ -21,6 +21,7 @@ pub mod cpu;
 pub mod manifest;
 pub mod memory;
 pub mod vm_state;
+pub mod written;
 
 use serde::{Deserialize, Serialize};
 

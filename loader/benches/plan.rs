@@ -48,6 +48,7 @@ fn plan() -> Plan {
             max_file_size_mib: 1024,
         },
         secrets: Vec::new(),
+        substitution: None,
         required_tier: Tier::Emulated,
     }
 }

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod audit;
 pub mod backend;
 pub mod cli;
+pub mod egress_proxy;
 pub mod image;
 pub mod mcp;
 pub mod net;

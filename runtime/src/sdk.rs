@@ -101,6 +101,7 @@ impl Run {
                     timeout_secs: None,
                     argv: argv.clone(),
                     secrets: Vec::new(),
+                    substitutions: Vec::new(),
                     forwards: Vec::new(),
                     disks: Vec::new(),
                     scratch_disks: Vec::new(),
@@ -123,6 +124,7 @@ impl Run {
                 disks: Vec::new(),
                 ready_timeout_secs: 60,
                 net: None,
+                egress_trust: None,
             },
             stdin: None,
         }
@@ -185,6 +187,35 @@ impl Run {
     /// Give the command the stored secret `name` as its environment variable `NAME`.
     pub fn secret_env(self, name: impl Into<String>) -> Self {
         self.with_secret(name.into(), Delivery::Env)
+    }
+
+    /// Give the command only `placeholder` for the stored secret `name` (as its
+    /// environment variable `NAME`); the host's egress proxy puts the value in its
+    /// place in the headers of HTTPS requests to `host` (port 443), and nowhere else.
+    /// The VM gets a network device reaching `host` only (unless more is allowed), and
+    /// the policy's `[secrets.hosts]` must bind the secret to `host`
+    /// (`docs/secrets.md`).
+    pub fn secret_for(
+        mut self,
+        name: impl Into<String>,
+        placeholder: impl Into<String>,
+        host: impl Into<String>,
+    ) -> Self {
+        let name = name.into();
+        let host = host.into().to_ascii_lowercase();
+        let bound = (host, crate::secrets::HTTPS_PORT);
+        let request = &mut self.options.request;
+        match request.substitutions.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.hosts.push(bound),
+            None => request
+                .substitutions
+                .push(crate::secrets::SubstitutionRequest {
+                    name,
+                    placeholder: placeholder.into(),
+                    hosts: vec![bound],
+                }),
+        }
+        self
     }
 
     fn with_secret(mut self, name: String, delivery: Delivery) -> Self {

@@ -137,6 +137,8 @@ pub const KERNEL_BZIMAGE: &str = "bzImage";
 pub const INITRAMFS_TEST: &str = "initramfs-test.cpio";
 /// The VMM binary.
 pub const VMM: &str = "mvm-vmm";
+/// The HTTPS client the secret substitution cases pipe into their guests.
+pub const HTTPS_GET: &str = "mvm-https-get";
 
 /// How long a guest boot may take before a case calls it hung. Generous: under
 /// the QEMU-TCG test host, with another process keeping one core busy, a quiet

@@ -16,4 +16,5 @@ pub mod netbed;
 pub mod netserve;
 pub mod pattern;
 pub mod runner;
+pub mod tlsserve;
 pub mod vm;

@@ -524,6 +524,7 @@ pub(crate) mod tests {
                 max_file_size_mib: 16,
             },
             secrets: Vec::new(),
+            substitution: None,
             required_tier: Tier::Hardware,
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod envelope;
 pub mod net;
+pub mod substitution;
 pub mod time;
 
 use std::collections::BTreeSet;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::measure::Sha256Digest;
 use crate::verity::VerityParams;
 pub use net::NetInterface;
+pub use substitution::{BoundHost, SubstitutedSecret, Substitution};
 pub use time::UtcTime;
 
 /// The schema version this code writes and the newest it reads.
@@ -85,6 +87,11 @@ pub struct Plan {
     pub guest: GuestPolicy,
     /// Names of the secrets that may be released into this VM.
     pub secrets: Vec<String>,
+    /// Secrets the guest sees only as placeholders, put in place by the host's egress
+    /// proxy in requests to the hosts they are bound to ([`substitution`]). Absent in
+    /// plans without any (and in those written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substitution: Option<Substitution>,
     /// The weakest backend tier allowed to run this plan.
     pub required_tier: Tier,
 }
@@ -592,6 +599,10 @@ impl Plan {
                 return Err(field_err("secrets", format!("{name:?} named twice")));
             }
         }
+        if let Some(substitution) = &self.substitution {
+            let allow = self.devices.net.as_ref().map(|n| &n.egress.allow[..]);
+            substitution.validate(&self.secrets, allow)?;
+        }
         Ok(())
     }
 
@@ -695,17 +706,27 @@ impl Plan {
 
 /// Secret names: `[A-Za-z0-9_.-]{1,64}`.
 pub fn check_secret_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
+    check_token("secret name", name, 1..=64)
+}
+
+/// `what` is `len` bytes of `A-Z a-z 0-9 _ . -` (secret names, placeholders).
+fn check_token(
+    what: &str,
+    token: &str,
+    len: std::ops::RangeInclusive<usize>,
+) -> Result<(), String> {
+    let ok = len.contains(&token.len())
+        && token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "secret name {:?} must be 1..=64 characters of A-Z a-z 0-9 _ . -",
-            name.chars().take(80).collect::<String>()
+            "{what} {:?} must be {}..={} characters of A-Z a-z 0-9 _ . -",
+            token.chars().take(80).collect::<String>(),
+            len.start(),
+            len.end()
         ))
     }
 }
@@ -857,6 +878,7 @@ pub(crate) mod tests {
                 max_file_size_mib: 1024,
             },
             secrets: vec!["GITHUB_TOKEN".to_owned()],
+            substitution: None,
             required_tier: Tier::Emulated,
         }
     }

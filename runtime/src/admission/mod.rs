@@ -60,6 +60,9 @@ pub struct AdmissionRequest {
     pub egress: Vec<EgressRule>,
     /// Secrets that may be released into the VM.
     pub secrets: Vec<String>,
+    /// Secrets the guest sees only as placeholders (the plan's `substitution`,
+    /// everything but the names already checked and pinned by the caller).
+    pub substitution: Option<plan::Substitution>,
     /// The weakest tier the caller accepts; `None` takes the policy minimum.
     pub required_tier: Option<Tier>,
     /// Writable scratch disks.
@@ -82,6 +85,7 @@ impl AdmissionRequest {
             timeout_secs: 600,
             egress: Vec::new(),
             secrets: Vec::new(),
+            substitution: None,
             required_tier: None,
             scratch_disks: Vec::new(),
             net: None,
@@ -257,10 +261,70 @@ pub fn admit(
         },
         guest: policy.guest,
         secrets: request.secrets.clone(),
+        substitution: request.substitution.clone(),
         required_tier,
     };
     // The schema's own bounds (vCPUs >= 1, names, list sizes) refuse here.
     sign_plan(plan, admission_key).map_err(|e: PlanError| deny(Rule::PlanSchema, e.to_string()))
+}
+
+/// `[secrets] allow` and `[secrets.images]` for one secret and the run's image.
+fn check_secret_allowed(
+    name: &str,
+    image_ref: &str,
+    image: &ImageFacts,
+    policy: &Policy,
+) -> Result<(), AdmitError> {
+    let digest = image.digest.to_string();
+    plan::check_secret_name(name).map_err(|r| deny(Rule::Secrets, r))?;
+    if !policy.secrets.allow.iter().any(|a| a == name) {
+        return Err(deny(
+            Rule::Secrets,
+            format!("secret {name:?} is not in the allowed list"),
+        ));
+    }
+    if let Some(bound) = policy.secrets.images.get(name) {
+        let matches = bound
+            .iter()
+            .any(|b| *b == digest || image.names.iter().any(|n| n == b));
+        if !matches {
+            return Err(deny(
+                Rule::Secrets,
+                format!(
+                    "secret {name:?} is bound to the images {bound:?} ([secrets.images]), not {image_ref:?} ({digest})"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A substituted secret is allowed as a released one is, and only towards the hosts
+/// `[secrets.hosts]` lists for it.
+fn check_substitution(
+    substitution: &plan::Substitution,
+    image_ref: &str,
+    image: &ImageFacts,
+    policy: &Policy,
+) -> Result<(), AdmitError> {
+    for secret in &substitution.secrets {
+        check_secret_allowed(&secret.name, image_ref, image, policy)?;
+        for host in &secret.hosts {
+            if !policy
+                .secrets
+                .host_allowed(&secret.name, &host.name, host.port)
+            {
+                return Err(deny(
+                    Rule::Secrets,
+                    format!(
+                        "secret {:?} may not be substituted for {}:{} (not in [secrets.hosts])",
+                        secret.name, host.name, host.port
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `[limits] max_memory_mib` alone: the one rule that also holds for `--dev`
@@ -325,27 +389,10 @@ pub fn check_policy(
         }
     }
     for name in &request.secrets {
-        plan::check_secret_name(name).map_err(|r| deny(Rule::Secrets, r))?;
-        if !policy.secrets.allow.contains(name) {
-            return Err(deny(
-                Rule::Secrets,
-                format!("secret {name:?} is not in the allowed list"),
-            ));
-        }
-        if let Some(bound) = policy.secrets.images.get(name) {
-            let matches = bound
-                .iter()
-                .any(|b| *b == digest || image.names.iter().any(|n| n == b));
-            if !matches {
-                return Err(deny(
-                    Rule::Secrets,
-                    format!(
-                        "secret {name:?} is bound to the images {bound:?} ([secrets.images]), not {:?} ({digest})",
-                        request.image_ref
-                    ),
-                ));
-            }
-        }
+        check_secret_allowed(name, &request.image_ref, image, policy)?;
+    }
+    if let Some(substitution) = &request.substitution {
+        check_substitution(substitution, &request.image_ref, image, policy)?;
     }
     let required = request.required_tier.unwrap_or(policy.tier.minimum);
     if required < policy.tier.minimum {
@@ -492,6 +539,75 @@ mod tests {
             err.to_string(),
             "denied by policy rule limits.max_vcpus: 8 vCPUs requested, at most 4 allowed"
         );
+    }
+
+    #[test]
+    fn a_substituted_secret_goes_only_to_the_hosts_the_policy_binds_it_to() {
+        let policy = Policy::from_toml(
+            "[egress]\nallow = [\"192.0.2.0/24:*\"]\n[secrets]\nallow = [\"TOKEN\", \"FREE\"]\n\
+             [secrets.hosts]\nTOKEN = [\"api.example.com\", \"up.example.com:8443\"]\n",
+            std::path::Path::new("p"),
+        )
+        .unwrap();
+        let bound = |secret: &str, host: &str, port: u16| {
+            let mut r = AdmissionRequest::new("default");
+            r.net = Some(plan::NetInterface {
+                mac: "02:00:0a:c8:00:02".into(),
+                address: std::net::Ipv4Addr::new(10, 200, 0, 2),
+                prefix_len: 30,
+                gateway: std::net::Ipv4Addr::new(10, 200, 0, 1),
+                resolvers: vec![],
+            });
+            r.egress = vec![EgressRule {
+                host: "192.0.2.7".parse().unwrap(),
+                port,
+                last_port: None,
+                protocol: plan::Protocol::Tcp,
+            }];
+            r.substitution = Some(plan::Substitution {
+                ca_sha256: Sha256Digest::of(b"ca"),
+                secrets: vec![plan::SubstitutedSecret {
+                    name: secret.into(),
+                    placeholder: "MVM_PLACEHOLDER_X".into(),
+                    hosts: vec![plan::BoundHost {
+                        name: host.into(),
+                        port,
+                        addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 7)],
+                    }],
+                }],
+            });
+            r
+        };
+        let signed = admit(
+            &bound("TOKEN", "api.example.com", 443),
+            &image(),
+            &policy,
+            &key(),
+            now(),
+        )
+        .unwrap();
+        assert!(signed.plan.substitution.is_some());
+        assert!(admit(
+            &bound("TOKEN", "up.example.com", 8443),
+            &image(),
+            &policy,
+            &key(),
+            now()
+        )
+        .is_ok());
+        for (secret, host, port) in [
+            ("TOKEN", "evil.example.com", 443),
+            ("TOKEN", "api.example.com", 8443),
+            ("TOKEN", "up.example.com", 443),
+            ("FREE", "api.example.com", 443),
+            ("OTHER", "api.example.com", 443),
+        ] {
+            assert_eq!(
+                denied_rule(&bound(secret, host, port), &policy),
+                Rule::Secrets,
+                "{secret} {host}:{port}"
+            );
+        }
     }
 
     #[test]

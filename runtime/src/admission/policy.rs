@@ -39,6 +39,10 @@ allow = []
 # A secret may be bound to images (names or "sha256:..." digests):
 # [secrets.images]
 # API_TOKEN = ["python"]
+# A secret the guest only sees as a placeholder (`mvm run --secret NAME=PLACEHOLDER
+# --for HOST`) goes only to the hosts listed for it here ("HOST" is port 443):
+# [secrets.hosts]
+# API_TOKEN = ["api.example.com", "upload.example.com:8443"]
 
 [tier]
 # container < emulated < delegated < hardware
@@ -120,6 +124,26 @@ pub struct SecretRules {
     /// `[secrets.images]`: a secret listed here may go only to these images (names or
     /// `sha256:` digests, as `[images] allow`); one not listed, to any allowed image.
     pub images: std::collections::BTreeMap<String, Vec<String>>,
+    /// `[secrets.hosts]`: the hosts (`NAME` or `NAME:PORT`, port 443 by default) whose
+    /// requests may carry the secret in place of its placeholder; a secret not listed
+    /// here is never substituted.
+    pub hosts: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl SecretRules {
+    /// Whether `[secrets.hosts]` lets `secret` go to `host:port`.
+    #[must_use]
+    pub fn host_allowed(&self, secret: &str, host: &str, port: u16) -> bool {
+        self.hosts.get(secret).is_some_and(|hosts| {
+            hosts.iter().any(|entry| {
+                let (name, entry_port) = match entry.rsplit_once(':') {
+                    Some((name, p)) => (name, p.parse::<u16>().ok()),
+                    None => (entry.as_str(), Some(443)),
+                };
+                name.eq_ignore_ascii_case(host) && entry_port == Some(port)
+            })
+        })
+    }
 }
 
 /// `[tier]`.
@@ -210,6 +234,7 @@ impl Policy {
             .allow
             .iter()
             .chain(policy.secrets.images.keys())
+            .chain(policy.secrets.hosts.keys())
         {
             plan::check_secret_name(name).map_err(invalid)?;
         }

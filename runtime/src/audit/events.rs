@@ -16,7 +16,7 @@ impl AuditEvent {
     /// Admission signed `signed`.
     pub fn plan_admitted(signed: &SignedPlan) -> Self {
         let plan = &signed.plan;
-        Self::new(EventKind::PlanAdmitted)
+        let event = Self::new(EventKind::PlanAdmitted)
             .plan(&plan.plan_id)
             .field("plan_sha256", signed.digest)
             .field("kernel", plan.artifacts.kernel)
@@ -44,7 +44,20 @@ impl AuditEvent {
                             .join(",")
                     })
                     .unwrap_or_default(),
-            )
+            );
+        match &plan.substitution {
+            // The names of the secrets the guest sees only as placeholders.
+            Some(substitution) => event.field(
+                "substituted",
+                substitution
+                    .secrets
+                    .iter()
+                    .map(|x| x.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            None => event,
+        }
     }
 
     /// Admission refused a request for `image_ref`.
@@ -123,6 +136,43 @@ impl AuditEvent {
             .field("name", secret.name.clone())
             .field("value_sha256", secret.sha256)
             .field("delivery", secret.delivery.clone())
+    }
+
+    /// The egress proxy substituted `name` (whose value has digest `value_sha256`) in a
+    /// request to `destination`.
+    pub fn secret_substituted(
+        plan_id: &str,
+        vm_id: &str,
+        name: &str,
+        value_sha256: &Sha256Digest,
+        destination: &str,
+    ) -> Self {
+        Self::new(EventKind::SecretSubstituted)
+            .plan(plan_id)
+            .vm(vm_id)
+            .field("name", name.to_owned())
+            .field("value_sha256", *value_sha256)
+            .field("destination", truncate(destination))
+    }
+
+    /// The egress proxy refused a request to `destination` (or the response to it) for
+    /// `reason`; `name`: the secret concerned, when one is.
+    pub fn secret_refused(
+        plan_id: &str,
+        vm_id: &str,
+        name: Option<&str>,
+        destination: &str,
+        reason: &str,
+    ) -> Self {
+        let event = Self::new(EventKind::SecretRefused)
+            .plan(plan_id)
+            .vm(vm_id)
+            .field("destination", truncate(destination))
+            .field("reason", truncate(reason));
+        match name {
+            Some(name) => event.field("name", name.to_owned()),
+            None => event,
+        }
     }
 
     /// A command exited.

@@ -15,6 +15,7 @@ use super::record::{AuditEvent, Record, MAX_RECORD_BYTES};
 use super::AuditError;
 
 /// The audit log of this host, written with the audit key.
+#[derive(Clone)]
 pub struct AuditLog {
     path: PathBuf,
     key: SigningKey,

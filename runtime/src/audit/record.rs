@@ -54,6 +54,12 @@ pub enum EventKind {
     EgressDropped,
     /// A secret was released into the guest (by name).
     SecretReleased,
+    /// The egress proxy put a secret's value in place of its placeholder in a request
+    /// to a host the plan binds it to (fields: name, value digest, destination).
+    SecretSubstituted,
+    /// The egress proxy refused a request carrying a placeholder (or a response
+    /// carrying a value) (fields: name when known, destination, reason).
+    SecretRefused,
     /// A command started (fields: argv digest).
     ExecStarted,
     /// A command exited (fields: exit status, output digests).

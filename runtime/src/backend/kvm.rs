@@ -119,6 +119,43 @@ pub(crate) fn deliver_secrets(client: &Client, secrets: &[Secret]) -> Result<(),
     Ok(())
 }
 
+/// Secret substitution's guest side: the run's CA in its own file and appended to the
+/// system bundle (created when the image has none), and the bound names' pinned
+/// addresses appended to `/etc/hosts`. Nothing here is secret.
+pub(crate) fn provision_trust(
+    client: &Client,
+    trust: &crate::secrets::guest_trust::GuestTrust,
+) -> Result<(), ClientError> {
+    use crate::secrets::guest_trust::{hosts_lines, GUEST_CA_BUNDLE, GUEST_CA_FILE};
+    for dir in ["/etc/ssl", "/etc/ssl/certs"] {
+        client.make_dir(&mvm_agent::protocol::MakeDirRequest {
+            path: dir.to_owned(),
+            mode: 0o755,
+            uid: None,
+            gid: None,
+        })?;
+    }
+    let file = |path: &str, append: bool| WriteFileRequest {
+        path: path.to_owned(),
+        mode: if append { 0o644 } else { 0o444 },
+        uid: None,
+        gid: None,
+        append,
+        atomic: false,
+    };
+    let pem = trust.ca_pem.as_bytes();
+    client.write_file_with(&file(GUEST_CA_FILE, false), pem)?;
+    let mut bundled = b"\n".to_vec();
+    bundled.extend_from_slice(pem);
+    client.write_file_with(&file(GUEST_CA_BUNDLE, true), &bundled)?;
+    client.write_file_with(&file("/etc/hosts", true), hosts_lines(trust).as_bytes())?;
+    tracing::info!(
+        hosts = trust.hosts.len(),
+        "egress CA and bound hosts written into the guest"
+    );
+    Ok(())
+}
+
 /// Asks the agent to power the guest off, without waiting on a hung agent
 /// for longer than `grace`.
 fn shutdown_guest(client: Client, grace: Duration) {
@@ -389,6 +426,9 @@ pub fn run_verified(
     // are on disk before exec; the secrets go in before the workload starts.
     let secrets = journal.workload_starting()?;
     deliver_secrets(&client, &secrets).map_err(|e| agent_error(&mut vmm, &e))?;
+    if let Some(trust) = &spec.egress_trust {
+        provision_trust(&client, trust).map_err(|e| agent_error(&mut vmm, &e))?;
+    }
     let mut request = ExecRequest {
         // The workload's identity made explicit when it owns a secret file.
         uid: (!secrets.is_empty()).then_some(SECRET_OWNER),

@@ -107,6 +107,10 @@ pub struct RunSpec {
     /// netrt: the network device (`mvm run --net`), addresses pinned (docs/net.md).
     #[serde(default)]
     pub net: Option<crate::net::NetRequest>,
+    /// Secret substitution: the CA the guest trusts and the bound names' addresses,
+    /// written into the guest before the workload starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_trust: Option<crate::secrets::guest_trust::GuestTrust>,
 }
 
 /// How the workload ended.

@@ -393,6 +393,7 @@ mod tests {
             disks: vec!["/tmp/d.img,ro".into()],
             ready_timeout_secs: 30,
             net: None,
+            egress_trust: None,
         };
         let args = vmm_args(
             &image,

@@ -167,8 +167,26 @@ pub struct RunArgs {
     /// /run/secrets/NAME, readable only by its uid (repeatable). Released only after the
     /// VMM verified the signed plan, which names it, and measured what it booted; the
     /// policy's [secrets] allow must list it. Not with --dev.
-    #[arg(long = "secret", value_name = "NAME", conflicts_with = "dev")]
+    ///
+    /// `--secret NAME=PLACEHOLDER` instead: the command sees only PLACEHOLDER (in its
+    /// environment as NAME), and the host's egress proxy puts the value in its place in
+    /// the request headers of HTTPS requests to the --for hosts, and nowhere else
+    /// (docs/secrets.md).
+    #[arg(
+        long = "secret",
+        value_name = "NAME[=PLACEHOLDER]",
+        conflicts_with = "dev"
+    )]
     pub secrets: Vec<String>,
+    /// The host (port 443 unless given) a placeholder secret's value may go to
+    /// (repeatable; NAME= when there are several placeholder secrets). Implies
+    /// --allow HOST:PORT; the policy's [secrets.hosts] must list it.
+    #[arg(
+        long = "for",
+        value_name = "[NAME=]HOST[:PORT]",
+        conflicts_with = "dev"
+    )]
+    pub for_hosts: Vec<String>,
     /// Give the command the stored secret NAME as its environment variable NAME (UTF-8
     /// text; over an --env of the same name), released as --secret is (repeatable).
     /// Its children, and anything of its uid reading /proc/PID/environ, see it too.
@@ -220,6 +238,7 @@ impl RunArgs {
             secrets: self
                 .secrets
                 .iter()
+                .filter(|value| !value.contains('='))
                 .map(|name| (name, Delivery::File))
                 .chain(self.secret_env.iter().map(|name| (name, Delivery::Env)))
                 .map(|(name, delivery)| SecretRequest {
@@ -227,10 +246,22 @@ impl RunArgs {
                     delivery,
                 })
                 .collect(),
+            substitutions: Vec::new(),
             forwards: Vec::new(),
             disks: Vec::new(),
             scratch_disks: Vec::new(),
         }
+    }
+
+    /// The `--secret NAME=PLACEHOLDER` values, each with its `--for` hosts.
+    pub fn substitutions(&self) -> Result<Vec<crate::secrets::SubstitutionRequest>, String> {
+        let placeholders: Vec<(String, String)> = self
+            .secrets
+            .iter()
+            .filter_map(|v| v.split_once('='))
+            .map(|(n, p)| (n.to_owned(), p.to_owned()))
+            .collect();
+        crate::secrets::pair_substitutions(&placeholders, &self.for_hosts)
     }
 
     /// What this run asks of the network (`--net`, `--allow`, `--dns`).
@@ -239,6 +270,7 @@ impl RunArgs {
             net: self.net,
             allow: self.allow.clone(),
             dns: self.dns.clone(),
+            intercept: Vec::new(),
         }
     }
 }

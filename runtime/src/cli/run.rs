@@ -48,23 +48,26 @@ pub fn spec_from_args(args: &RunArgs, stdin_is_terminal: bool) -> RunSpec {
         },
         disks: args.disk.clone(),
         ready_timeout_secs: args.ready_timeout,
-        net: None, // netrt: set in execute(), after the names are pinned
+        net: None,          // netrt: set in execute(), after the names are pinned
+        egress_trust: None, // set in execute(), after admission made the run's CA
     }
 }
 
 /// What the command line asks beyond the spec.
-pub fn options_from_args(args: &RunArgs) -> RunOptions {
-    RunOptions {
+pub fn options_from_args(args: &RunArgs) -> Result<RunOptions, RunError> {
+    let mut request = args.run_request();
+    request.substitutions = args.substitutions().map_err(RunError::Missing)?;
+    Ok(RunOptions {
         backend: args.backend,
         image: args.image.clone(),
-        request: args.run_request(),
+        request,
         receipt: args.receipt.clone(),
         dev: args.dev_mode(),
         net: args.net_flags(),
         forward_signals: true,
         cold: args.cold,
         restore_plan: None,
-    }
+    })
 }
 
 /// Admits, launches and audits the run, the workload's stdin being ours.
@@ -74,7 +77,7 @@ fn execute(
     sink: &mut dyn OutputSink,
 ) -> Result<RunOutcome, RunError> {
     let stdin: Box<dyn Read + Send> = Box::new(std::io::stdin());
-    crate::run::execute::execute(&options_from_args(args), spec, sink, Some(stdin))
+    crate::run::execute::execute(&options_from_args(args)?, spec, sink, Some(stdin))
 }
 
 /// `mvm run -t`: the command on a terminal in a sandbox made for it, stopped and

@@ -47,6 +47,10 @@ pub struct NetRequest {
     /// before admission and holds it for the run).
     #[serde(default)]
     pub tap: Option<String>,
+    /// TCP destinations (the hosts secrets are bound to, pinned) whose connections the
+    /// host turns towards the run's egress proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intercept: Vec<std::net::SocketAddrV4>,
 }
 
 /// Why the host network could not be set up.

@@ -15,7 +15,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
 
 use mvm_loader::plan::{EgressHost, EgressRule, Protocol};
@@ -54,9 +54,27 @@ fn destination(host: &EgressHost) -> Option<String> {
     }
 }
 
-/// The `nft -f` script that (re)creates the tap's table.
+/// TCP destinations whose connections go to a local proxy instead (secret
+/// substitution's egress proxy, listening on the tap's gateway address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intercept {
+    /// The bound hosts' pinned addresses and ports.
+    pub destinations: Vec<SocketAddrV4>,
+    /// Where the proxy listens.
+    pub proxy: SocketAddrV4,
+}
+
+/// The `nft -f` script that (re)creates the tap's table; with `intercept`, a
+/// `prerouting` chain that turns the guest's connections to those destinations towards
+/// the proxy (`dnat`: the proxy reads the original destination back from conntrack).
 #[must_use]
-pub fn ruleset(tap: &str, subnet: &Subnet, allow: &[EgressRule], resolvers: &[Ipv4Addr]) -> String {
+pub fn ruleset(
+    tap: &str,
+    subnet: &Subnet,
+    allow: &[EgressRule],
+    resolvers: &[Ipv4Addr],
+    intercept: Option<&Intercept>,
+) -> String {
     let table = table_name(tap);
     let guest = subnet.guest();
     let mut s = String::new();
@@ -110,6 +128,23 @@ pub fn ruleset(tap: &str, subnet: &Subnet, allow: &[EgressRule], resolvers: &[Ip
     );
     let _ = writeln!(s, "\t\toifname \"{tap}\" drop");
     let _ = writeln!(s, "\t}}");
+    if let Some(intercept) = intercept {
+        let _ = writeln!(s, "\tchain prerouting {{");
+        let _ = writeln!(
+            s,
+            "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+        );
+        for d in &intercept.destinations {
+            let _ = writeln!(
+                s,
+                "\t\tiifname \"{tap}\" ip saddr {guest} ip daddr {} tcp dport {} dnat to {}",
+                d.ip(),
+                d.port(),
+                intercept.proxy
+            );
+        }
+        let _ = writeln!(s, "\t}}");
+    }
     let _ = writeln!(s, "}}");
     s
 }
@@ -258,7 +293,13 @@ mod tests {
             rule("10.1.0.0/16", 8000, Some(8080), Protocol::Udp),
             rule("2001:db8::1", 443, None, Protocol::Tcp),
         ];
-        let text = ruleset("mvm42-0", &subnet, &allow, &[Ipv4Addr::new(10, 0, 0, 53)]);
+        let text = ruleset(
+            "mvm42-0",
+            &subnet,
+            &allow,
+            &[Ipv4Addr::new(10, 0, 0, 53)],
+            None,
+        );
         let expected = "\
 table ip mvm-mvm42-0 {}
 delete table ip mvm-mvm42-0
@@ -281,6 +322,25 @@ table ip mvm-mvm42-0 {
 }
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn intercepted_destinations_go_to_the_proxy_from_this_guest_only() {
+        let subnet = AddressPool::default().subnet(1).unwrap();
+        let allow = [rule("192.0.2.7", 443, None, Protocol::Tcp)];
+        let intercept = Intercept {
+            destinations: vec![SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 7), 443)],
+            proxy: SocketAddrV4::new(subnet.gateway(), 40001),
+        };
+        let text = ruleset("mvm42-0", &subnet, &allow, &[], Some(&intercept));
+        assert!(text.contains("type nat hook prerouting priority dstnat; policy accept;"));
+        assert!(text.contains(&format!(
+            "iifname \"mvm42-0\" ip saddr {} ip daddr 192.0.2.7 tcp dport 443 dnat to {}:40001",
+            subnet.guest(),
+            subnet.gateway()
+        )));
+        let plain = ruleset("mvm42-0", &subnet, &allow, &[], None);
+        assert!(!plain.contains("prerouting"));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!    test host side of the emulated tier), and adds `--net` and the `mvm.net=` word to
 //!    the VMM's arguments.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
 use mvm_loader::plan::{EgressHost, EgressRule, NetInterface, Protocol};
@@ -47,6 +47,9 @@ pub struct NetFlags {
     pub allow: Vec<EgressRule>,
     /// `--dns` values.
     pub dns: Vec<Ipv4Addr>,
+    /// Hosts (names) and ports a secret is bound to (`--for`): their pinned addresses
+    /// are intercepted for the run's egress proxy. Each is in `allow` too.
+    pub intercept: Vec<(String, u16)>,
 }
 
 impl NetFlags {
@@ -70,7 +73,19 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
         resolvers: flags.dns.clone(),
         interface: None,
         tap: None,
+        intercept: Vec::new(),
     };
+    for (name, port) in &flags.intercept {
+        let addresses = pinned_v4(&mut resolver, name)?;
+        request
+            .intercept
+            .extend(addresses.into_iter().map(|a| SocketAddrV4::new(a, *port)));
+    }
+    if !request.intercept.is_empty() && tier == Tier::Emulated {
+        return Err(RunError::Missing(
+            "--secret NAME=PLACEHOLDER --for HOST: secret substitution runs on the kvm tier only; the emulated tier does not have it yet (docs/secrets.md)".into(),
+        ));
+    }
     let session = match tier {
         Tier::Kvm => {
             let session = NetSession::create(&request).map_err(RunError::Net)?;
@@ -88,6 +103,38 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
         session,
         resolver,
     }))
+}
+
+/// `name`'s IPv4 addresses as [`allow::pin`] pins them (the same cached answer).
+fn pinned_v4(resolver: &mut SystemResolver, name: &str) -> Result<Vec<Ipv4Addr>, RunError> {
+    use super::allow::Resolve as _;
+    let mut v4: Vec<Ipv4Addr> = resolver
+        .resolve(name)
+        .map_err(|e| RunError::Missing(format!("--for {name}: {e}")))?
+        .into_iter()
+        .filter_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    v4.sort();
+    v4.dedup();
+    if v4.is_empty() {
+        return Err(RunError::Missing(format!("--for {name}: no IPv4 address")));
+    }
+    Ok(v4)
+}
+
+impl NetPrep {
+    /// The addresses `name` was pinned to for this run (`--for`).
+    pub fn bound_addresses(&mut self, name: &str) -> Result<Vec<Ipv4Addr>, RunError> {
+        pinned_v4(&mut self.resolver, name)
+    }
+
+    /// The egress proxy's socket (kvm tier, with `--for`), taken once.
+    pub fn take_proxy_listener(&mut self) -> Option<std::net::TcpListener> {
+        self.session.as_mut()?.take_proxy_listener()
+    }
 }
 
 /// The pool's first /30 (the test host of the emulated tier is fresh for every run).
@@ -215,6 +262,7 @@ mod tests {
             resolvers: vec![Ipv4Addr::new(10, 0, 0, 53), Ipv4Addr::new(10, 0, 0, 54)],
             interface: None,
             tap: None,
+            intercept: Vec::new(),
         };
         let text: Vec<String> = plan_rules(&request)
             .iter()
@@ -229,6 +277,7 @@ mod tests {
             net: true,
             allow: vec![allow::parse_allow("192.0.2.1:80").unwrap()],
             dns: vec![Ipv4Addr::new(192, 0, 2, 53)],
+            intercept: vec![],
         };
         let prep = prepare(&flags, Tier::Emulated).unwrap().unwrap();
         assert!(prep.session.is_none());
@@ -250,6 +299,7 @@ mod tests {
             net: true,
             allow: vec![allow::parse_allow("192.0.2.1:80").unwrap()],
             dns: vec![],
+            intercept: vec![],
         };
         let mut prep = prepare(&flags, Tier::Emulated).unwrap().unwrap();
         let mut request = AdmissionRequest::new("default");

@@ -94,6 +94,9 @@ pub struct NetSession {
     allow: Vec<EgressRule>,
     nat: bool,
     tap_created: bool,
+    /// The egress proxy's socket, bound on the gateway address before the table that
+    /// sends the intercepted destinations to it (taken by the run that serves it).
+    proxy_listener: Option<std::net::TcpListener>,
 }
 
 impl NetSession {
@@ -137,6 +140,7 @@ impl NetSession {
             allow: request.allow.clone(),
             nat: false,
             tap_created: false,
+            proxy_listener: None,
         };
         tap::create(&session.tap).map_err(|e| NetError::Tap {
             tap: session.tap.clone(),
@@ -150,7 +154,31 @@ impl NetSession {
             },
         )?;
         drop(lock);
-        if nft::needs_nat(&subnet, &session.allow, &session.interface.resolvers) {
+        let intercept = if request.intercept.is_empty() {
+            None
+        } else {
+            let listener = std::net::TcpListener::bind((subnet.gateway(), 0))
+                .map_err(NetError::io("binding the egress proxy's socket"))?;
+            let proxy = match listener
+                .local_addr()
+                .map_err(NetError::io("the egress proxy's address"))?
+            {
+                std::net::SocketAddr::V4(v4) => v4,
+                std::net::SocketAddr::V6(_) => {
+                    return Err(NetError::io("the egress proxy's address")(
+                        std::io::Error::other("bound to IPv6"),
+                    ))
+                }
+            };
+            session.proxy_listener = Some(listener);
+            Some(nft::Intercept {
+                destinations: request.intercept.clone(),
+                proxy,
+            })
+        };
+        if intercept.is_some()
+            || nft::needs_nat(&subnet, &session.allow, &session.interface.resolvers)
+        {
             enable_forwarding()?;
             session.nat = true;
             nft::apply(&nft::ruleset(
@@ -158,6 +186,7 @@ impl NetSession {
                 &subnet,
                 &session.allow,
                 &session.interface.resolvers,
+                intercept.as_ref(),
             ))
             .map_err(NetError::Nft)?;
         }
@@ -181,6 +210,12 @@ impl NetSession {
     #[must_use]
     pub fn interface(&self) -> &NetInterface {
         &self.interface
+    }
+
+    /// The egress proxy's socket, bound on the gateway address, when the request
+    /// intercepts destinations (once: the proxy owns it from then on).
+    pub fn take_proxy_listener(&mut self) -> Option<std::net::TcpListener> {
+        self.proxy_listener.take()
     }
 
     /// Whether NAT (and forwarding) was set up.
@@ -354,6 +389,7 @@ mod tests {
             resolvers: vec![Ipv4Addr::new(192, 0, 2, 53)],
             interface: None,
             tap: None,
+            intercept: Vec::new(),
         };
         let session = NetSession::create(&request).unwrap();
         let name = session.tap().to_owned();

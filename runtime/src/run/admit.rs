@@ -122,6 +122,10 @@ pub struct Admitted {
     secrets: Vec<Secret>,
     /// The secrets recorded as released (for the receipt).
     released: Vec<ReleasedSecret>,
+    /// Substituted secrets and the egress proxy's socket, until the boot is vouched for.
+    substitution: Option<(super::substitute::Prepared, std::net::TcpListener)>,
+    /// The egress proxy, from then on until the run's end.
+    proxy: Option<crate::egress_proxy::EgressProxy>,
     marker: Option<OpenRun>,
     /// The VM is restored from a snapshot: the VMM reports `snapshot_restored`, not
     /// `boot_verified`, and no secret is released again (they are in its memory).
@@ -225,7 +229,30 @@ fn admit_in(
             crate::secrets::MAX_RUN_BYTES
         )));
     }
+    // Secrets the guest sees only as placeholders: values read, hosts pinned, the
+    // run's CA made, before the plan (which pins all but the values) is signed.
+    let mut net = net;
+    let mut substitution = None;
+    if stored.is_none() && !run.substitutions.is_empty() {
+        let Some(prep) = net.as_deref_mut() else {
+            return Err(RunError::Missing(
+                "secret: --secret NAME=PLACEHOLDER needs the VM's network (--for HOST gives it one)".into(),
+            ));
+        };
+        let prepared = super::substitute::prepare(&run.substitutions, &store, |name| {
+            prep.bound_addresses(name)
+        })?;
+        if let Some(prepared) = prepared {
+            let listener = prep.take_proxy_listener().ok_or_else(|| {
+                RunError::Missing(
+                    "secret: the host network has no socket for the egress proxy (secret substitution needs the kvm tier)".into(),
+                )
+            })?;
+            substitution = Some((prepared, listener));
+        }
+    }
     let mut request = admission_request(run, &policy);
+    request.substitution = substitution.as_ref().map(|(p, _)| p.section.clone());
     facts.disks.extend(run.disks.iter().map(|d| d.pin.clone()));
     request.scratch_disks = run.scratch_disks.iter().map(|d| d.disk.clone()).collect();
     // netrt: --net's egress cap, the plan's net section and the pinned mvm.net= word.
@@ -264,7 +291,7 @@ fn admit_in(
         }
     };
     check_tier(&log, &request, &signed, tier)?;
-    record_admission(
+    let mut admitted = record_admission(
         Checked {
             keys,
             log,
@@ -276,7 +303,9 @@ fn admit_in(
         run,
         tier,
         restore,
-    )
+    )?;
+    admitted.substitution = substitution;
+    Ok(admitted)
 }
 
 /// Admits restoring a VM from its sealed snapshot ([`admit_restore_in`] with the
@@ -418,6 +447,8 @@ fn record_admission(
         exec_started: false,
         secrets,
         released: Vec::new(),
+        substitution: None,
+        proxy: None,
         marker: Some(marker),
         restore,
         _dir: dir,
@@ -459,6 +490,20 @@ pub struct Evidence {
 }
 
 impl Admitted {
+    /// What the guest is given for secret substitution (the CA to trust and the bound
+    /// names' addresses) and the placeholders as environment variables; `None`
+    /// without substituted secrets.
+    pub fn substitution_for_guest(
+        &self,
+    ) -> Option<(
+        crate::secrets::guest_trust::GuestTrust,
+        Vec<(String, String)>,
+    )> {
+        self.substitution
+            .as_ref()
+            .map(|(p, _)| (p.guest_trust(), p.placeholder_env()))
+    }
+
     /// The plan id.
     pub fn plan_id(&self) -> &str {
         &self.signed.plan.plan_id
@@ -605,7 +650,7 @@ impl RunJournal for Admitted {
             )));
         }
         let secrets = std::mem::take(&mut self.secrets);
-        if !secrets.is_empty() {
+        if !secrets.is_empty() || self.substitution.is_some() {
             // The VMM's word that it booted what the plan pins, checked field by
             // field against the signed plan: else no secret leaves this process.
             measured(self.boot.as_slice(), &self.signed).map_err(|e| {
@@ -625,6 +670,40 @@ impl RunJournal for Admitted {
             let event = AuditEvent::secret_released(&plan_id, &self.vm_id, &released);
             self.last_seq = self.log.append(event).map_err(evidence)?;
             self.released.push(released);
+        }
+        if let Some((prepared, listener)) = self.substitution.take() {
+            let guest = self
+                .signed
+                .plan
+                .devices
+                .net
+                .as_ref()
+                .and_then(|n| n.interface.as_ref())
+                .map(|i| i.address)
+                .ok_or_else(|| {
+                    RunError::Missing(
+                        "no secret substituted: the plan names no guest address".into(),
+                    )
+                })?;
+            let mut named = Vec::new();
+            for binding in &prepared.bindings {
+                if !named.contains(&binding.secret) {
+                    named.push(binding.secret.clone());
+                    self.released.push(ReleasedSecret {
+                        name: binding.secret.clone(),
+                        sha256: binding.value.digest(),
+                        delivery: "substitution".to_owned(),
+                    });
+                }
+            }
+            let proxy = super::substitute::arm(
+                prepared,
+                listener,
+                guest,
+                self.log.clone(),
+                (&plan_id, &self.vm_id),
+            )?;
+            self.proxy = Some(proxy);
         }
         let started = AuditEvent::exec_started(&plan_id, &self.vm_id, &self.argv);
         self.last_seq = self.log.append(started).map_err(evidence)?;
@@ -659,6 +738,7 @@ mod tests {
             timeout_secs: None,
             argv: ["sh", "-c", "echo hi"].map(String::from).to_vec(),
             secrets: Vec::new(),
+            substitutions: Vec::new(),
             forwards: Vec::new(),
             disks: Vec::new(),
             scratch_disks: Vec::new(),

@@ -91,6 +91,7 @@ mod tests {
             timeout_secs: None,
             argv: vec![],
             secrets: vec![],
+            substitutions: Vec::new(),
             forwards: vec![],
             disks: vec![],
             scratch_disks: vec![],

@@ -94,7 +94,9 @@ pub fn execute_workload(
     }
     // netrt: --net: names pinned, the network reserved before admission so that the
     // plan pins it; the host network lives (and is torn down) with `net`.
-    let mut net = crate::net::run::prepare(&options.net, tier)?;
+    let mut net_flags = options.net.clone();
+    super::substitute::bind_net(&options.request.substitutions, &mut net_flags)?;
+    let mut net = crate::net::run::prepare(&net_flags, tier)?;
     let mut spec = spec.clone();
     spec.net = net.as_ref().map(|n| n.request.clone());
     let command = matches!(workload, Workload::Command { .. });
@@ -111,6 +113,12 @@ pub fn execute_workload(
             return Err(RunError::Missing(
                 "--receipt needs an admitted run: drop --dev / MVM_DEV".into(),
             ));
+        }
+        if let Some(asked) = options.request.substitutions.first() {
+            return Err(RunError::Missing(format!(
+                "--secret {}={}: a secret is substituted only for a verified, measured boot, and development mode has none: drop --dev / MVM_DEV",
+                asked.name, asked.placeholder
+            )));
         }
         if let Some(asked) = options.request.secrets.first() {
             return Err(RunError::Missing(format!(
@@ -156,6 +164,22 @@ pub fn execute_workload(
     // The plan's timeout is the workload's (the policy's longest without --timeout).
     let mut spec = spec.clone();
     spec.timeout_secs = Some(u64::from(admitted.signed.plan.resources.timeout_secs));
+    // Substituted secrets: the workload sees each placeholder as the variable of the
+    // secret's name, and the guest trusts the run's CA (written in by the backend).
+    if let Some((trust, placeholders)) = admitted.substitution_for_guest() {
+        spec.env.extend(placeholders);
+        spec.env.insert(
+            "NODE_EXTRA_CA_CERTS".into(),
+            crate::secrets::guest_trust::GUEST_CA_FILE.into(),
+        );
+        for var in ["SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE"] {
+            spec.env.insert(
+                var.into(),
+                crate::secrets::guest_trust::GUEST_CA_BUNDLE.into(),
+            );
+        }
+        spec.egress_trust = Some(trust);
+    }
     let mut digests = None;
     let workload = match workload {
         Workload::Command { sink, stdin } => {
@@ -321,6 +345,7 @@ mod tests {
             disks: Vec::new(),
             ready_timeout_secs: 10,
             net: None,
+            egress_trust: None,
         }
     }
 

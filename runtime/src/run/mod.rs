@@ -8,6 +8,7 @@ pub mod disks;
 pub mod execute;
 pub mod exit;
 pub mod output_digest;
+pub mod substitute;
 pub mod vmm_events;
 
 /// What one run asks admission for, as the caller (the CLI, an SDK user)
@@ -27,6 +28,9 @@ pub struct RunRequest {
     /// The stored secrets the run asks for, by name and delivery (released after a
     /// verified boot).
     pub secrets: Vec<crate::secrets::SecretRequest>,
+    /// The stored secrets the guest sees only as placeholders, substituted on egress
+    /// to the hosts each is bound to.
+    pub substitutions: Vec<crate::secrets::SubstitutionRequest>,
     /// TCP forwards into the guest (a sandbox's `-p HOST:GUEST`), pinned in the plan.
     pub forwards: Vec<mvm_loader::plan::PortForward>,
     /// Read-only disks besides the image's root, each pinned by its dm-verity tree,

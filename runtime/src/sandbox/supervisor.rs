@@ -133,6 +133,7 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
                     delivery: Delivery::File,
                 })
                 .collect(),
+            substitutions: Vec::new(),
             forwards: config
                 .ports
                 .iter()
@@ -161,6 +162,7 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
         disks: vec![],
         ready_timeout_secs: READY_TIMEOUT_SECS,
         net: None,
+        egress_trust: None,
     };
     let ready_state = state.clone();
     let ready_sandbox = sandbox.clone();

@@ -10,6 +10,7 @@
 //! each first. The guest's agent puts each in `/run/secrets/NAME` (its own tmpfs), mode
 //! 0400, owned by the workload's uid. `docs/secrets.md` says what this protects against.
 
+pub mod guest_trust;
 pub mod store;
 
 use std::fmt;
@@ -93,6 +94,90 @@ pub struct SecretRequest {
     pub name: String,
     /// File or environment variable.
     pub delivery: Delivery,
+}
+
+/// A secret a run asks to have substituted on egress: the guest sees `placeholder`,
+/// and requests to `hosts` get the value in its place (`--secret NAME=PLACEHOLDER
+/// --for HOST[:PORT]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubstitutionRequest {
+    /// The stored secret's name.
+    pub name: String,
+    /// What the guest sees instead of the value.
+    pub placeholder: String,
+    /// The hosts (lowercase DNS names) and ports the value may go to.
+    pub hosts: Vec<(String, u16)>,
+}
+
+/// The port `--for HOST` means.
+pub const HTTPS_PORT: u16 = 443;
+
+/// Pairs `--secret NAME=PLACEHOLDER` values with `--for [NAME=]HOST[:PORT]` values: a
+/// `--for` without `NAME=` binds the one placeholder secret (an error with several).
+/// Every placeholder secret needs a host, and every `--for` a placeholder secret.
+pub fn pair_substitutions(
+    placeholders: &[(String, String)],
+    for_hosts: &[String],
+) -> Result<Vec<SubstitutionRequest>, String> {
+    let mut out: Vec<SubstitutionRequest> = placeholders
+        .iter()
+        .map(|(name, placeholder)| SubstitutionRequest {
+            name: name.clone(),
+            placeholder: placeholder.clone(),
+            hosts: Vec::new(),
+        })
+        .collect();
+    for value in for_hosts {
+        let (name, host) = match value.split_once('=') {
+            Some((name, host)) => (Some(name), host),
+            None => (None, value.as_str()),
+        };
+        let (host, port) = match host.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("--for {value}: {p:?} is not a port"))?,
+            ),
+            None => (host, HTTPS_PORT),
+        };
+        let host = host.to_ascii_lowercase();
+        if !mvm_loader::plan::substitution::is_dns_name(&host) {
+            return Err(format!(
+                "--for {value}: {host:?} is not a DNS name (the value goes only to a host whose certificate carries its name)"
+            ));
+        }
+        let target = match name {
+            Some(name) => out
+                .iter_mut()
+                .find(|s| s.name == name)
+                .ok_or_else(|| format!("--for {value}: no --secret {name}=PLACEHOLDER to bind"))?,
+            None => match out.as_mut_slice() {
+                [only] => only,
+                [] => {
+                    return Err(format!(
+                        "--for {value}: no --secret NAME=PLACEHOLDER to bind it to"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "--for {value}: several placeholder secrets; say which: --for NAME={host}"
+                    ))
+                }
+            },
+        };
+        if !target.hosts.contains(&(host.clone(), port)) {
+            target.hosts.push((host, port));
+        }
+    }
+    if let Some(unbound) = out.iter().find(|s| s.hosts.is_empty()) {
+        return Err(format!(
+            "--secret {}={}: no --for HOST says where the value may go",
+            unbound.name, unbound.placeholder
+        ));
+    }
+    Ok(out)
 }
 
 /// A secret, named, with its value: what a run's journal hands the backend to deliver.
@@ -204,6 +289,46 @@ pub mod wire {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn for_values_bind_placeholder_secrets() {
+        let one = vec![("A".to_owned(), "MVM_PLACEHOLDER_A".to_owned())];
+        let bound = pair_substitutions(&one, &["API.example.com".into()]).unwrap();
+        assert_eq!(bound[0].hosts, [("api.example.com".to_owned(), 443)]);
+        let bound = pair_substitutions(&one, &["A=x.example:8443".into()]).unwrap();
+        assert_eq!(bound[0].hosts, [("x.example".to_owned(), 8443)]);
+        let two = vec![
+            ("A".to_owned(), "MVM_PLACEHOLDER_A".to_owned()),
+            ("B".to_owned(), "MVM_PLACEHOLDER_B".to_owned()),
+        ];
+        assert!(
+            pair_substitutions(&two, &["a.example".into()]).is_err(),
+            "which one"
+        );
+        assert!(
+            pair_substitutions(&two, &["A=a.example".into()]).is_err(),
+            "B unbound"
+        );
+        let both = pair_substitutions(&two, &["A=a.example".into(), "B=b.example".into()]).unwrap();
+        assert_eq!(both[1].hosts, [("b.example".to_owned(), 443)]);
+        for bad in [
+            "C=a.example",
+            "a.example:0",
+            "a.example:x",
+            "192.0.2.7",
+            "a_b.example",
+            "",
+        ] {
+            assert!(pair_substitutions(&one, &[bad.into()]).is_err(), "{bad}");
+        }
+        assert!(pair_substitutions(&one, &[]).is_err(), "no --for");
+        assert!(
+            pair_substitutions(&[], &["a.example".into()]).is_err(),
+            "no secret"
+        );
+        assert!(pair_substitutions(&[], &[]).unwrap().is_empty());
+    }
+
     use super::*;
 
     #[test]

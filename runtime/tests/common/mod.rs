@@ -111,6 +111,7 @@ pub fn spec(argv: &[&str]) -> RunSpec {
         disks: vec![],
         ready_timeout_secs: 10,
         net: None,
+        egress_trust: None,
     }
 }
 

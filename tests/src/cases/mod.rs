@@ -13,6 +13,7 @@ pub mod run;
 pub mod sandbox;
 pub mod sandbox_pause;
 pub mod secret;
+pub mod secret_substitution;
 pub mod selftest;
 pub mod snapshot;
 pub mod tier;
@@ -32,6 +33,7 @@ pub fn all() -> Vec<Case> {
         run::CASES,
         audit::CASES,
         secret::CASES,
+        secret_substitution::CASES,
         hostile::CASES,
         net::CASES,
         net::BENCH,

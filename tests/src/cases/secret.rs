@@ -37,7 +37,7 @@ fn fail(what: &str) -> impl FnOnce(std::io::Error) -> Failure + '_ {
 }
 
 /// A value no file on the test host holds by chance.
-fn fresh_value() -> String {
+pub(super) fn fresh_value() -> String {
     let mut bytes = [0u8; 12];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut bytes);
@@ -47,7 +47,7 @@ fn fresh_value() -> String {
 
 /// The policy allowing [`NAME`], and [`NAME`] stored with `value` through
 /// `mvm secret set` (stdin, with the newline `echo` adds).
-fn store_secret(ctx: &Context, homes: &Homes, value: &str) -> CaseResult {
+pub(super) fn store_secret(ctx: &Context, homes: &Homes, value: &str) -> CaseResult {
     std::fs::write(
         homes.config.join("policy.toml"),
         format!("[secrets]\nallow = [\"{NAME}\"]\n"),
@@ -72,7 +72,7 @@ fn store_secret(ctx: &Context, homes: &Homes, value: &str) -> CaseResult {
 }
 
 /// Fails if `value` (or its base64) is in `text`, naming `where_`.
-fn absent(value: &str, where_: &str, text: &str) -> CaseResult {
+pub(super) fn absent(value: &str, where_: &str, text: &str) -> CaseResult {
     let b64 = base64::engine::general_purpose::STANDARD.encode(value);
     if text.contains(value) || text.contains(&b64) {
         return Err(Failure::new(format!("the secret's value is in {where_}")));
@@ -97,7 +97,12 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The search: mvm's own output, the audit log, `mvm secret ls --json`, and every
 /// file the case's runs left under its work directory except the store itself.
-fn search_host(ctx: &Context, homes: &Homes, value: &str, outputs: &[&Output]) -> CaseResult {
+pub(super) fn search_host(
+    ctx: &Context,
+    homes: &Homes,
+    value: &str,
+    outputs: &[&Output],
+) -> CaseResult {
     for (i, out) in outputs.iter().enumerate() {
         absent(
             value,
@@ -126,6 +131,25 @@ fn search_host(ctx: &Context, homes: &Homes, value: &str, outputs: &[&Output]) -
         )?;
     }
     Ok(())
+}
+
+/// The statement a receipt envelope carries, parsed, and its payload's bytes (for the
+/// search for a value).
+pub(super) fn receipt_statement(receipt: &Path) -> Result<(Value, Vec<u8>), Failure> {
+    let envelope: Value =
+        serde_json::from_slice(&std::fs::read(receipt).map_err(fail("reading the receipt"))?)
+            .map_err(|e| Failure::new(format!("receipt is not JSON: {e}")))?;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(
+            envelope
+                .pointer("/payload")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(|e| Failure::new(format!("receipt payload: {e}")))?;
+    let statement: Value = serde_json::from_slice(&payload)
+        .map_err(|e| Failure::new(format!("receipt statement: {e}")))?;
+    Ok((statement, payload))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -211,19 +235,7 @@ fn released(ctx: &Context) -> CaseResult {
     }
     expect_code(&homes.verify(ctx, None)?, 0)?;
 
-    let envelope: Value =
-        serde_json::from_slice(&std::fs::read(&receipt).map_err(fail("reading the receipt"))?)
-            .map_err(|e| Failure::new(format!("receipt is not JSON: {e}")))?;
-    let payload = base64::engine::general_purpose::STANDARD
-        .decode(
-            envelope
-                .pointer("/payload")
-                .and_then(Value::as_str)
-                .unwrap_or(""),
-        )
-        .map_err(|e| Failure::new(format!("receipt payload: {e}")))?;
-    let statement: Value = serde_json::from_slice(&payload)
-        .map_err(|e| Failure::new(format!("receipt statement: {e}")))?;
+    let (statement, payload) = receipt_statement(&receipt)?;
     for (at, delivery) in [(0, "file"), (1, "env")] {
         let listed = statement
             .pointer(&format!("/predicate/secrets/{at}"))
@@ -304,7 +316,7 @@ fn refused_boot(ctx: &Context) -> CaseResult {
 
 /// Copies the image `default` names from the store's `images` to `to`, with one byte
 /// of its initramfs changed (its manifest, and so its digest, unchanged).
-fn copy_default_image(from: &Path, to: &Path) -> CaseResult {
+pub(super) fn copy_default_image(from: &Path, to: &Path) -> CaseResult {
     let name = std::fs::read_to_string(from.join("names/default"))
         .map_err(fail("reading the default image's name"))?;
     let hex = name.trim().trim_start_matches("sha256:").to_owned();

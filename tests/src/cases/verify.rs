@@ -146,6 +146,7 @@ impl Setup {
                 max_file_size_mib: 64,
             },
             secrets: Vec::new(),
+            substitution: None,
             required_tier: Tier::Emulated,
         };
         let trust = ctx.work_file("admission.pub");

@@ -101,6 +101,7 @@ pub fn test_plan(kernel: &Path, cmdline: &str, nonce: &str) -> mvm_loader::plan:
             max_file_size_mib: 16,
         },
         secrets: Vec::new(),
+        substitution: None,
         required_tier: Tier::Hardware,
     }
 }

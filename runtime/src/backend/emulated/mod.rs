@@ -63,6 +63,7 @@ mod tests {
             disks: vec![],
             ready_timeout_secs: 30,
             net: None,
+            egress_trust: None,
         }
     }
 }

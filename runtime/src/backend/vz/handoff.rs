@@ -267,6 +267,7 @@ mod tests {
                     max_file_size_mib: 1024,
                 },
                 secrets: vec![],
+                substitution: None,
                 required_tier: Tier::Delegated,
             };
             Self { dir, plan }

@@ -385,6 +385,7 @@ pub(in crate::image) fn run_builder(
         timeout_secs: Some(options.timeout_secs),
         argv: argv.clone(),
         secrets: Vec::new(),
+        substitutions: Vec::new(),
         forwards: Vec::new(),
         disks: vec![inputs.clone()],
         scratch_disks: vec![ScratchFile {
@@ -417,6 +418,7 @@ pub(in crate::image) fn run_builder(
         disks: Vec::new(),
         ready_timeout_secs: 120,
         net: None,
+        egress_trust: None,
     };
     let mut log = BuildLog::new();
     let outcome = execute(&run_options, &spec, &mut log, None)?;

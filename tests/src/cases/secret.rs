@@ -317,6 +317,14 @@ fn refused_boot(ctx: &Context) -> CaseResult {
 /// Copies the image `default` names from the store's `images` to `to`, with one byte
 /// of its initramfs changed (its manifest, and so its digest, unchanged).
 pub(super) fn copy_default_image(from: &Path, to: &Path) -> CaseResult {
+    // Never through a link to the shared store (`Homes` makes one): every later case
+    // would boot the changed image.
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(Failure::new(format!(
+            "{} exists already: the changed image goes only into a store of the case's own",
+            to.display()
+        )));
+    }
     let name = std::fs::read_to_string(from.join("names/default"))
         .map_err(fail("reading the default image's name"))?;
     let hex = name.trim().trim_start_matches("sha256:").to_owned();

@@ -365,9 +365,16 @@ fn substituted(ctx: &Context) -> CaseResult {
 /// No value goes out when the policy does not bind the secret to the host (denied at
 /// admission, exit 119), nor when the VMM refuses the boot (a changed initramfs, exit
 /// 118): no `secret_substituted`, no request reaches the server, the value is nowhere.
+/// The case's image store is its own copy, with one byte of the initramfs changed.
 fn substitution_refused(ctx: &Context) -> CaseResult {
     let _hosts = HostsLine::add()?;
     let servers = servers(ctx, "e2en-subr", "e2ev-subr")?;
+    // The case's own store with the changed image, made before `Homes` would link the
+    // shared one in its place (step 1 is denied before any boot, so it may use it too).
+    copy_default_image(
+        &image_store(ctx)?.join("images"),
+        &ctx.work_file("data").join("images"),
+    )?;
     let homes = Homes::new(ctx)?;
     let value = fresh_value();
     store_secret(ctx, &homes, &value)?;
@@ -409,8 +416,6 @@ fn substitution_refused(ctx: &Context) -> CaseResult {
 
     // 2. Bound, but the image's initramfs changed after it was built.
     write_policy(&homes, true)?;
-    let images = homes.data.join("images");
-    copy_default_image(&image_store(ctx)?.join("images"), &images)?;
     let refused = run(&homes)?;
     expect_code(&refused, EXIT_BOOT_REFUSED)?;
     let records = last_run(&audit_records(&homes.log())?)?;

@@ -89,6 +89,8 @@ pub fn sample_plan() -> Plan {
             max_file_size_mib: 1024,
         },
         secrets: vec!["GITHUB_TOKEN".to_owned()],
+        // None: the committed seeds were signed from this plan as it was.
+        substitution: None,
         required_tier: Tier::Emulated,
     }
 }

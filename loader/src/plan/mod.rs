@@ -897,6 +897,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_plan_with_substituted_secrets_round_trips_and_is_checked() {
+        let mut plan = sample_plan();
+        plan.substitution = Some(Substitution {
+            ca_sha256: Sha256Digest::of(b"ca"),
+            secrets: vec![SubstitutedSecret {
+                name: "API_TOKEN".to_owned(),
+                placeholder: "MVM_PLACEHOLDER_API_TOKEN".to_owned(),
+                hosts: vec![BoundHost {
+                    name: "api.example.com".to_owned(),
+                    port: 443,
+                    addresses: vec!["10.1.2.3".parse().unwrap()],
+                }],
+            }],
+        });
+        let bytes = plan.to_json().unwrap();
+        assert_eq!(Plan::from_json(&bytes).unwrap(), plan);
+        // Without it the JSON has no such key: older plans and VMMs read it as before.
+        let none = sample_plan().to_json().unwrap();
+        assert!(!String::from_utf8(none).unwrap().contains("substitution"));
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["substitution"]["secrets"][0]["hosts"][0]["extra"] = serde_json::json!(1);
+        assert!(matches!(
+            Plan::from_json(&serde_json::to_vec(&v).unwrap()),
+            Err(PlanError::UnknownField(_))
+        ));
+        let mut no_net = plan.clone();
+        no_net.devices.net = None;
+        assert!(Plan::from_json(&no_net.to_json().unwrap()).is_err());
+        let mut released_too = plan;
+        released_too.secrets.push("API_TOKEN".to_owned());
+        assert!(Plan::from_json(&released_too.to_json().unwrap()).is_err());
+    }
+
+    #[test]
     fn unknown_fields_are_refused_at_every_level() {
         let top = json_with(|v| v["extra"] = 1.into());
         assert!(

@@ -274,7 +274,7 @@ fn host_name(value: &[u8]) -> Option<String> {
 
 /// Whether `value` can stand in a header value: visible ASCII, with spaces and tabs only
 /// inside; never empty.
-pub(super) fn header_safe(value: &[u8]) -> bool {
+pub fn header_safe(value: &[u8]) -> bool {
     let visible = |b: &u8| (0x21..=0x7e).contains(b);
     value.first().is_some_and(visible)
         && value.last().is_some_and(visible)

@@ -41,6 +41,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use rustls::crypto::CryptoProvider;
 
 pub use ca::SandboxCa;
+pub use head::header_safe;
 
 /// The most connections served at once; the next one is closed as soon as it is accepted.
 pub const MAX_CONNECTIONS: usize = 64;

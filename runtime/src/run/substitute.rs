@@ -14,7 +14,8 @@ use mvm_loader::plan::{self, BoundHost, SubstitutedSecret};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::backend::RunError;
 use crate::egress_proxy::{
-    Binding, Destination, EgressProxy, Observer, OriginalDst, ProxyConfig, Refusal, SandboxCa,
+    header_safe, Binding, Destination, EgressProxy, Observer, OriginalDst, ProxyConfig, Refusal,
+    SandboxCa,
 };
 use crate::secrets::guest_trust::GuestTrust;
 use crate::secrets::store::SecretStore;
@@ -36,19 +37,6 @@ impl std::fmt::Debug for Prepared {
             .field("section", &self.section)
             .finish_non_exhaustive()
     }
-}
-
-/// Whether `value` can stand in a header value: visible ASCII, with spaces or tabs
-/// only between visible characters (no CR, LF or NUL: nothing that ends a header).
-#[must_use]
-pub fn header_safe(value: &[u8]) -> bool {
-    let visible = |b: &u8| (0x21..=0x7e).contains(b);
-    !value.is_empty()
-        && value.first().is_some_and(visible)
-        && value.last().is_some_and(visible)
-        && value
-            .iter()
-            .all(|b| visible(b) || *b == b' ' || *b == b'\t')
 }
 
 fn refused(what: String) -> RunError {

@@ -17,6 +17,7 @@ pub mod secret_substitution;
 pub mod selftest;
 pub mod snapshot;
 pub mod tier;
+pub mod tier_stall;
 pub mod verify;
 pub mod vsock;
 
@@ -40,6 +41,7 @@ pub fn all() -> Vec<Case> {
         bench_boot::BENCH,
         selftest::CASES,
         tier::CASES,
+        tier_stall::CASES,
         sandbox::CASES,
         sandbox_pause::CASES,
         mcp::CASES,

@@ -32,7 +32,7 @@ const BULK_BYTES: usize = 16 << 20;
 
 /// `mvm SUBCOMMAND ARGS` with the artifacts' binaries and image store, keys
 /// and policy under the case's work directory.
-fn mvm(ctx: &Context, subcommand: &str, args: &[&str]) -> Result<Command, Failure> {
+pub(crate) fn mvm(ctx: &Context, subcommand: &str, args: &[&str]) -> Result<Command, Failure> {
     let data = image_store(ctx)?;
     let mut command = mvm_with(ctx, &data, &ctx.work_file("config"))?;
     command.arg(subcommand).args(args).stdin(Stdio::null());
@@ -113,7 +113,7 @@ fn describe_short(out: &Output) -> String {
 /// `--json`: one object on stdout, with the workload's streams, status and
 /// the tier the host gave.
 /// The QEMU processes whose command line names `needle` (a spare's directory).
-fn qemus_naming(needle: &str) -> Vec<u32> {
+pub(crate) fn qemus_naming(needle: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,13 @@ use super::overlay::{read_file, testhost_initramfs};
 use super::protocol::*;
 use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu, Qemu};
 use super::spare::{self, Claimed};
+use super::stall::{self, StallWatch};
 use crate::backend::interrupt::{self, Action, Forwarder};
 use crate::backend::scratch::ScratchDir;
 use crate::backend::stdin_pump;
 use crate::backend::{
     locate, OutputSink, PlanFiles, ProcessEnd, RunError, RunJournal, RunOutcome, RunSpec,
-    StdinMode, Tier, VmProbe, Workload,
+    SessionServer, StdinMode, Tier, VmProbe, Workload,
 };
 use crate::image::StoredImage;
 
@@ -134,6 +135,14 @@ enum TestHost {
 }
 
 impl TestHost {
+    /// QEMU's process id, when known.
+    fn qemu_pid(&self) -> Option<u32> {
+        match self {
+            Self::Cold { qemu, .. } => Some(qemu.child.id()),
+            Self::Spare(claimed) => claimed.qemu_pid(),
+        }
+    }
+
     /// Whether QEMU has exited: how, and its status when known.
     fn exited(&mut self) -> Option<(String, Option<ProcessEnd>)> {
         match self {
@@ -162,6 +171,7 @@ struct TestHostVm<'a> {
     rx: &'a mpsc::Receiver<Chunk>,
     stash: &'a mut VecDeque<Chunk>,
     host: &'a mut TestHost,
+    watch: Option<&'a mut StallWatch>,
 }
 
 impl VmProbe for TestHostVm<'_> {
@@ -184,6 +194,14 @@ impl VmProbe for TestHostVm<'_> {
         if why.is_none() {
             if let Some((how, _)) = self.host.exited() {
                 why = Some(format!("the test host (qemu) {how}"));
+            }
+        }
+        if why.is_none() {
+            if let Some(still) = self.watch.as_mut().and_then(|w| w.stalled(Instant::now())) {
+                why = Some(format!(
+                    "the test host stopped: its QEMU used no CPU time and wrote nothing for {} s",
+                    still.as_secs()
+                ));
             }
         }
         why
@@ -239,8 +257,54 @@ fn boot_cold(
     Ok((host, ports, [console, qemu_log]))
 }
 
+/// How many fresh test hosts a run boots, one after another, when QEMU stalls
+/// before its workload started ([`stall`](super::stall)).
+const FRESH_HOSTS: u32 = 2;
+
+/// Why one attempt at a run ended without an outcome.
+enum Failed {
+    Run(RunError),
+    /// QEMU stalled and was killed; `retry` when the workload had not started (no
+    /// `proceed` sent, no byte of stdin taken), so a fresh test host can run it.
+    Stalled {
+        still: Duration,
+        retry: bool,
+        log: String,
+    },
+}
+
+impl From<RunError> for Failed {
+    fn from(e: RunError) -> Self {
+        Self::Run(e)
+    }
+}
+
+/// What stays the same across a run's attempts.
+struct Setup<'a> {
+    spec: &'a RunSpec,
+    plan: Option<&'a PlanFiles>,
+    bundle: Option<PlanBundle>,
+    qemu_bin: &'a Path,
+    testhost: PathBuf,
+    initramfs: PathBuf,
+    session: bool,
+    start: Instant,
+    stall_limit: Option<Duration>,
+}
+
+/// What one attempt takes from the run and may leave for the next.
+struct Parts<'a, 'b> {
+    journal: &'b mut dyn RunJournal,
+    sink: &'b mut dyn OutputSink,
+    stdin: Option<Box<dyn Read + Send>>,
+    server: Option<&'a mut dyn SessionServer>,
+    spare_key: Option<String>,
+}
+
 /// Runs `spec` inside the test host with QEMU `qemu`: its command, or a
-/// session served on the test host's `mvm.in` port.
+/// session served on the test host's `mvm.in` port. A test host whose QEMU
+/// stalls before the workload started is replaced by a fresh one (up to
+/// [`FRESH_HOSTS`] times); after, the run fails.
 pub fn run(
     spec: &RunSpec,
     image: &StoredImage,
@@ -252,18 +316,87 @@ pub fn run(
     let start = Instant::now();
     let mut no_output = NoOutput;
     let session = workload.is_session();
-    let (sink, stdin, mut server): (&mut dyn OutputSink, _, _) = match workload {
+    let (sink, stdin, server): (&mut dyn OutputSink, _, _) = match workload {
         Workload::Command { sink, stdin } => (sink, stdin, None),
         Workload::Session(server) => (&mut no_output, None, Some(server)),
     };
-    let mut session_status = None;
     let bundle = plan.map(plan_bundle).transpose()?;
     let testhost = locate::testhost_dir()?;
     let (mvm, vmm) = locate::static_binaries()?;
     let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
+    let spare_key = spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec));
+    let setup = Setup {
+        spec,
+        plan,
+        bundle,
+        qemu_bin,
+        testhost,
+        initramfs,
+        session,
+        start,
+        stall_limit: stall::limit_from_env(),
+    };
+    let mut parts = Parts {
+        journal,
+        sink,
+        stdin,
+        server,
+        spare_key,
+    };
+    let mut fresh = 0;
+    loop {
+        match attempt(&setup, &mut parts, fresh == 0) {
+            Ok(outcome) => return Ok(outcome),
+            Err(Failed::Run(e)) => return Err(e),
+            Err(Failed::Stalled { still, retry, log }) => {
+                let what = format!(
+                    "the test host stopped: its QEMU used no CPU time and wrote nothing for {} s (QEMU's TCG stalls now and then, docs/run.md) and was killed",
+                    still.as_secs()
+                );
+                if retry && fresh < FRESH_HOSTS {
+                    fresh += 1;
+                    tracing::warn!("{what}; booting a fresh test host");
+                    eprintln!(
+                        "mvm: warning: {what}; the workload had not started, so it runs in a fresh test host"
+                    );
+                    continue;
+                }
+                let when = if retry {
+                    format!(" ({fresh} fresh test hosts stalled too)")
+                } else {
+                    " after the workload started".to_owned()
+                };
+                return Err(RunError::VmmDied {
+                    reason: format!("{what}{when}"),
+                    log,
+                    exit: None,
+                });
+            }
+        }
+    }
+}
 
-    let mut spare_key = spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec));
-    let claimed = spare_key.as_deref().and_then(spare::claim);
+/// One test host's try at the run: booted cold (or a spare claimed, when `claim`),
+/// the request sent, and everything relayed until its report.
+fn attempt(
+    setup: &Setup<'_>,
+    parts: &mut Parts<'_, '_>,
+    claim: bool,
+) -> Result<RunOutcome, Failed> {
+    let Setup {
+        spec,
+        plan,
+        session,
+        start,
+        ..
+    } = *setup;
+    let qemu_bin = setup.qemu_bin;
+    let mut session_status = None;
+    let claimed = if claim {
+        parts.spare_key.as_deref().and_then(spare::claim)
+    } else {
+        None
+    };
     let spare_used = claimed.is_some();
     let (mut host, ports, logs) = match claimed {
         Some(mut claimed) => {
@@ -272,7 +405,11 @@ pub fn run(
             let logs = claimed.logs();
             (TestHost::Spare(claimed), ports, logs)
         }
-        None => boot_cold(qemu_bin, &testhost, &initramfs, spec)?,
+        None => boot_cold(qemu_bin, &setup.testhost, &setup.initramfs, spec)?,
+    };
+    let mut watch = match (setup.stall_limit, host.qemu_pid()) {
+        (Some(limit), Some(pid)) => Some(StallWatch::new(pid, &logs[0], limit)),
+        _ => None,
     };
     let logs = [logs[0].as_path(), logs[1].as_path()];
     let mut streams = ports.into_iter();
@@ -282,7 +419,7 @@ pub fn run(
         streams.next(),
         streams.next(),
     ) else {
-        return Err(RunError::Agent("test host ports missing".into()));
+        return Err(RunError::Agent("test host ports missing".into()).into());
     };
 
     let (tx, rx) = mpsc::sync_channel(16);
@@ -295,17 +432,18 @@ pub fn run(
     let request = GuestRequest {
         spec: spec.clone(),
         // A session starts at `booted` too, written ahead or not.
-        journal: bundle.is_some() || session,
-        plan: bundle,
+        journal: setup.bundle.is_some() || session,
+        plan: setup.bundle.clone(),
         session,
     };
     write_json_line(&mut ctl_writer, &request)
         .map_err(RunError::io("sending the request to the test host"))?;
-    if let (StdinMode::Forward, Some(source)) = (spec.stdin, stdin) {
-        let port = input
-            .try_clone()
-            .map_err(RunError::io("test host stdin port"))?;
-        pump_stdin(source, port).map_err(RunError::io("starting the stdin thread"))?;
+    // Written ahead, the workload starts at `proceed`, and so does its stdin: a test
+    // host that stalls before then has taken none of it, and a fresh one gets it all.
+    let mut workload_started = false;
+    if !request.journal {
+        start_stdin(spec, &mut parts.stdin, &input)?;
+        workload_started = spec.stdin == StdinMode::Forward;
     }
 
     let mut boot_deadline = Some(start + TESTHOST_BOOT_TIMEOUT);
@@ -326,7 +464,7 @@ pub fn run(
         // inner mvm's to handle, as a local run would.
         if testhost_ready_ms.is_none() && report.is_none() {
             if interrupt::requested() {
-                return Err(RunError::Interrupted);
+                return Err(RunError::Interrupted.into());
             }
         } else {
             match interrupts.poll_with(interrupt::GRACE + SIGNAL_SLACK) {
@@ -337,21 +475,33 @@ pub fn run(
                         tracing::warn!("forwarding signal {signal} to the test host: {e}");
                     }
                 }
-                Action::Kill => return Err(RunError::Interrupted),
+                Action::Kill => return Err(RunError::Interrupted.into()),
             }
         }
         let now = Instant::now();
+        if report.is_none() {
+            if let Some(still) = watch.as_mut().and_then(|w| w.stalled(now)) {
+                let log = read_logs(&logs);
+                drop(host);
+                return Err(Failed::Stalled {
+                    still,
+                    retry: !workload_started,
+                    log,
+                });
+            }
+        }
         if boot_deadline.is_some_and(|d| now > d) {
             return Err(RunError::AgentNotReady {
                 timeout: TESTHOST_BOOT_TIMEOUT,
                 reason: "the test host did not start mvm".into(),
                 log: read_logs(&logs),
-            });
+            }
+            .into());
         }
         if watchdog.is_some_and(|d| now > d) {
-            return Err(RunError::Timeout(Duration::from_secs(
-                spec.timeout_secs.unwrap_or(0),
-            )));
+            return Err(
+                RunError::Timeout(Duration::from_secs(spec.timeout_secs.unwrap_or(0))).into(),
+            );
         }
         if let Some(FinalReport {
             stdout_bytes: want_out,
@@ -365,7 +515,8 @@ pub fn run(
             if drain_deadline.is_some_and(|d| now > d) {
                 return Err(RunError::Agent(format!(
                     "output lost between test host and host: stdout {got_out}/{want_out} bytes, stderr {got_err}/{want_err} bytes"
-                )));
+                ))
+                .into());
             }
         }
         let next = match stash.pop_front() {
@@ -374,24 +525,42 @@ pub fn run(
         };
         match next {
             Ok(Chunk::Out(data)) => {
+                workload_started = true;
                 got_out = got_out.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
-                sink.stdout(&data)
+                parts
+                    .sink
+                    .stdout(&data)
                     .map_err(RunError::io("writing the workload's stdout"))?;
             }
             Ok(Chunk::Err(data)) => {
+                workload_started = true;
                 got_err = got_err.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
-                sink.stderr(&data)
+                parts
+                    .sink
+                    .stderr(&data)
                     .map_err(RunError::io("writing the workload's stderr"))?;
             }
             Ok(Chunk::Ctl(line)) => match parse_record(&line) {
                 Ok(GuestRecord::Started) => {
                     boot_deadline = None;
+                    if !request.journal {
+                        // Not written ahead: the inner mvm starts the workload as soon as
+                        // its VM is up, without asking.
+                        workload_started = true;
+                    }
                     // The next run's spare boots while this run's inner VM does: once this
                     // test host is up, not beside its boot, which it would slow on a small
                     // machine.
-                    if let Some(key) = spare_key.take() {
+                    if let Some(key) = parts.spare_key.take() {
                         let started = locate::mvm_binary().and_then(|mvm| {
-                            spare::start(&mvm, qemu_bin, &testhost, &initramfs, spec, &key)
+                            spare::start(
+                                &mvm,
+                                qemu_bin,
+                                &setup.testhost,
+                                &setup.initramfs,
+                                spec,
+                                &key,
+                            )
                         });
                         if let Err(e) = started {
                             tracing::warn!("starting a spare test host: {e}");
@@ -406,10 +575,12 @@ pub fn run(
                         std::fs::write(&p.events, cut_events(vmm_events).as_bytes())
                             .map_err(RunError::io(format!("writing {}", p.events.display())))?;
                     }
-                    let secrets = journal.workload_starting()?;
+                    workload_started = true;
+                    let secrets = parts.journal.workload_starting()?;
                     write_json_line(&mut ctl_writer, &HostRecord::Proceed { secrets })
                         .map_err(RunError::io("answering the test host"))?;
-                    if let Some(server) = server.take() {
+                    start_stdin(spec, &mut parts.stdin, &input)?;
+                    if let Some(server) = parts.server.take() {
                         let agent = input
                             .try_clone()
                             .map_err(RunError::io("test host agent port"))?;
@@ -417,8 +588,9 @@ pub fn run(
                             rx: &rx,
                             stash: &mut stash,
                             host: &mut host,
+                            watch: watch.as_mut(),
                         };
-                        let served = server.serve(agent, journal, &mut vm);
+                        let served = server.serve(agent, parts.journal, &mut vm);
                         // Whatever the session's end, the test host stops and reports.
                         let _ = write_json_line(&mut ctl_writer, &HostRecord::Stop);
                         let _ = input.shutdown(std::net::Shutdown::Write);
@@ -452,9 +624,9 @@ pub fn run(
                     drain_deadline = Some(now + DRAIN_TIMEOUT);
                 }
                 Err(e) => {
-                    return Err(RunError::Agent(format!(
-                        "bad record from the test host: {e}"
-                    )))
+                    return Err(
+                        RunError::Agent(format!("bad record from the test host: {e}")).into(),
+                    )
                 }
             },
             Ok(Chunk::CtlClosed(reason)) if report.is_none() => {
@@ -465,7 +637,8 @@ pub fn run(
                     ),
                     log: read_logs(&logs),
                     exit: host.exited().and_then(|(_, end)| end),
-                });
+                }
+                .into());
             }
             Ok(Chunk::CtlClosed(_)) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -475,7 +648,8 @@ pub fn run(
                             reason: format!("the test host (qemu) {how}"),
                             log: read_logs(&logs),
                             exit: end,
-                        });
+                        }
+                        .into());
                     }
                 }
             }
@@ -484,7 +658,8 @@ pub fn run(
                     reason: "the test host's ports all closed".into(),
                     log: read_logs(&logs),
                     exit: host.exited().and_then(|(_, end)| end),
-                });
+                }
+                .into());
             }
         }
     }
@@ -501,7 +676,7 @@ pub fn run(
         ..
     }) = report
     else {
-        return Err(RunError::Agent("no report from the test host".into()));
+        return Err(RunError::Agent("no report from the test host".into()).into());
     };
     match (outcome, error) {
         (Some(mut outcome), _) => {
@@ -516,10 +691,29 @@ pub fn run(
             Ok(outcome)
         }
         (None, Some((kind, message))) => {
-            Err(error_from_guest(kind, message, refusal, vm_exit, spec))
+            Err(error_from_guest(kind, message, refusal, vm_exit, spec).into())
         }
-        (None, None) => Err(RunError::Agent("empty report from the test host".into())),
+        (None, None) => Err(RunError::Agent("empty report from the test host".into()).into()),
     }
+}
+
+/// Starts copying the workload's stdin into the test host's `mvm.in` port, when the
+/// spec forwards it (once: the source is taken).
+fn start_stdin(
+    spec: &RunSpec,
+    stdin: &mut Option<Box<dyn Read + Send>>,
+    input: &UnixStream,
+) -> Result<(), RunError> {
+    if spec.stdin != StdinMode::Forward {
+        return Ok(());
+    }
+    let Some(source) = stdin.take() else {
+        return Ok(());
+    };
+    let port = input
+        .try_clone()
+        .map_err(RunError::io("test host stdin port"))?;
+    pump_stdin(source, port).map_err(RunError::io("starting the stdin thread"))
 }
 
 #[cfg(test)]

@@ -29,13 +29,15 @@
 //!
 //! One file per job: [`protocol`] (the control lines and framed stdin),
 //! [`overlay`] (the test host's initramfs), [`qemu`] (QEMU's command line and
-//! process), [`host`] (the run on this host) and [`testhost`] (the run inside).
+//! process), [`host`] (the run on this host), [`stall`] (QEMU's stall, seen) and [`testhost`]
+//! (the run inside).
 
 pub mod host;
 pub mod overlay;
 pub mod protocol;
 pub mod qemu;
 pub mod spare;
+pub mod stall;
 pub mod testhost;
 
 pub use host::run;

@@ -41,6 +41,9 @@ const KEEPER: &str = "keeper";
 /// How long a run waits for a spare still booting, rather than booting its own: a spare
 /// that started earlier is ready sooner than a cold boot would be.
 const BOOTING_WAIT: Duration = Duration::from_secs(60);
+/// The file a keeper writes once QEMU runs (QEMU's pid), for the claimant's stall
+/// watch.
+const QEMU_PID: &str = "qemu.pid";
 /// What a keeper is asked to start.
 const SPEC_FILE: &str = "spare.json";
 const CLAIM_SOCKET: &str = "claim.sock";
@@ -189,6 +192,8 @@ fn serve_one_claim(dir: &Path) -> Result<(), RunError> {
     let logs = [dir.join("console.log"), dir.join("qemu.log")];
     let log_refs = [logs[0].as_path(), logs[1].as_path()];
     let mut qemu = spawn_qemu(&spare.qemu, &spare.args, &logs[1])?;
+    std::fs::write(dir.join(QEMU_PID), qemu.child.id().to_string())
+        .map_err(RunError::io("writing QEMU's pid"))?;
     let mut ports = Vec::new();
     for listener in &listeners {
         ports.push(accept_from(
@@ -269,6 +274,13 @@ impl Claimed {
     /// The console and QEMU logs, for error messages.
     pub fn logs(&self) -> [PathBuf; 2] {
         [self.dir.join("console.log"), self.dir.join("qemu.log")]
+    }
+
+    /// QEMU's process id, as its keeper wrote it.
+    pub fn qemu_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join(QEMU_PID))
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
     }
 
     /// Whether QEMU has exited (as its keeper last said), and how.

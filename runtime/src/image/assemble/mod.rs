@@ -22,6 +22,9 @@
 pub mod builder;
 pub mod inputs;
 pub mod output;
+mod work_dir;
+
+pub(in crate::image) use work_dir::WorkDir;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -120,6 +123,18 @@ pub enum AssembleError {
     /// The store.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Another build of the same image holds its work directory.
+    #[error(
+        "another build of this image is running ({}, work directory {}); run this again when it has finished",
+        .pid.map_or_else(|| "pid unknown".to_owned(), |pid| format!("pid {pid}")),
+        .path.display()
+    )]
+    Busy {
+        /// The work directory.
+        path: PathBuf,
+        /// The process that holds it, as its lock file says.
+        pid: Option<u32>,
+    },
 }
 
 /// How to build.
@@ -233,13 +248,6 @@ pub fn fetch_packages(
     }
     bar.finish_and_clear();
     Ok((out, missing))
-}
-
-/// The build's work directory: under the cache, by the build's key.
-pub(in crate::image) fn work_dir(key: &str) -> Result<PathBuf, AssembleError> {
-    Ok(super::store::cache_dir()?
-        .join("build")
-        .join(key.get(..16).unwrap_or(key)))
 }
 
 /// Collects the builder's output: shown as it comes, the last lines kept.
@@ -515,12 +523,7 @@ pub fn assemble(
             });
         }
     }
-    let work = work_dir(&key)?;
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(|source| AssembleError::Io {
-        path: work.clone(),
-        source,
-    })?;
+    let work = WorkDir::claim(&key)?;
     let result = assemble_in(
         spec,
         lock,
@@ -529,9 +532,9 @@ pub fn assemble(
         &base,
         builder,
         options,
-        &work,
+        work.path(),
     );
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work);
     let image = result?;
     to_build_cache(&image, &key);
     Ok(Assembled {

@@ -183,9 +183,7 @@ pub fn build_flake(reference: &FlakeRef, options: &FlakeOptions) -> Result<Built
             });
         }
     }
-    let work = assemble::work_dir(&key)?;
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(io_err(&work))?;
+    let work = assemble::WorkDir::claim(&key)?;
     let result = build_in(
         reference,
         options,
@@ -193,9 +191,9 @@ pub fn build_flake(reference: &FlakeRef, options: &FlakeOptions) -> Result<Built
         &base,
         &nix_builder,
         &digest,
-        &work,
+        work.path(),
     );
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work);
     let (image, made_lock) = result?;
     let wrote_lock = match made_lock {
         Some(bytes) => Some(write_lock(&lock_path, &bytes)?),

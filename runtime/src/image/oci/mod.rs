@@ -135,11 +135,17 @@ pub fn import(path: &Path, options: &ImportOptions) -> Result<Imported, ImportEr
             });
         }
     }
-    let work = assemble::work_dir(&key)?;
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(io_err(&work))?;
-    let result = import_in(&archive, &image, &store, &base, &builder, options, &work);
-    let _ = std::fs::remove_dir_all(&work);
+    let work = assemble::WorkDir::claim(&key)?;
+    let result = import_in(
+        &archive,
+        &image,
+        &store,
+        &base,
+        &builder,
+        options,
+        work.path(),
+    );
+    drop(work);
     let stored = result?;
     assemble::to_build_cache(&stored, &key);
     Ok(Imported {

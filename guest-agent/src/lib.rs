@@ -5,10 +5,12 @@
 //! - [`client`]: the host side ([`client::Client`]).
 //! - [`agent`]: the guest side: exec, files, policy, the child reaper.
 //! - [`init`]: what the agent does only as PID 1 (mounts, power, boot signals).
+//! - [`container`]: what it does instead as PID 1 of a container (`--container`).
 //! - [`transport`]: vsock and Unix streams, and the hybrid vsock handshake.
 
 pub mod agent;
 pub mod client;
+pub mod container;
 pub mod init;
 pub mod net_config;
 pub mod netif;

@@ -7,6 +7,12 @@
 //! For host-side tests of the PID 1 duties, run it as PID 1 of fresh pid, mount and UTS
 //! namespaces with `MVM_AGENT_PID1_TEST_SOCKET=PATH`: it then serves that Unix socket
 //! instead of vsock and writes nothing to the guest-signal port.
+//!
+//! `--container` (with `--listen-unix PATH`) is the container tier's PID 1: no VM init at
+//! all (the launcher did the mounts), the container seccomp filter on the whole process
+//! tree, and a shutdown request ends the process ([`mvm_agent::container`]). It is chosen
+//! before the PID 1 check: as a VM's PID 1 the arguments are stray kernel command-line
+//! words, and the plan pins that command line.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
@@ -14,6 +20,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use mvm_agent::agent::{Agent, Policy, PowerAction};
+use mvm_agent::container;
 use mvm_agent::init::{self, guest_signal};
 use mvm_agent::protocol::AGENT_VSOCK_PORT;
 use tracing::Level;
@@ -21,7 +28,12 @@ use tracing::Level;
 const USAGE: &str = "usage: mvm-agent                         (as PID 1 in the guest)
        mvm-agent --listen-unix PATH [options]
        mvm-agent --listen-vsock PORT [options]
+       mvm-agent --container --listen-unix PATH [options]   (as PID 1 of a container)
+       mvm-agent --print-seccomp          (the container filter, syscall by syscall)
 options: --allow-root  --uid N  --gid N  --log error|warn|info|debug";
+
+/// The flag of container mode.
+const CONTAINER: &str = "--container";
 
 fn init_logging(level: Level) {
     let _ = tracing_subscriber::fmt()
@@ -158,21 +170,26 @@ fn run_init() -> ! {
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
 enum Listen {
     Unix(String),
     Vsock(u32),
 }
 
+#[derive(Debug)]
 struct Options {
     listen: Listen,
     policy: Policy,
     level: Level,
+    /// PID 1 of a container (`--container`): only with a Unix socket.
+    container: bool,
 }
 
 fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut listen = None;
     let mut policy = Policy::default();
     let mut level = Level::INFO;
+    let mut container = false;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let mut value = |name: &str| {
@@ -188,6 +205,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                     v.parse().map_err(|_| format!("bad vsock port {v:?}"))?,
                 ));
             }
+            CONTAINER => container = true,
             "--allow-root" => policy.allow_root = true,
             "--uid" => {
                 let v = value(arg)?;
@@ -205,24 +223,102 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
         }
     }
     let listen = listen.ok_or("one of --listen-unix or --listen-vsock is required")?;
+    if container && !matches!(listen, Listen::Unix(_)) {
+        return Err(format!(
+            "{CONTAINER} serves a Unix socket only: give --listen-unix PATH (a container \
+             has no vsock)"
+        ));
+    }
     Ok(Options {
         listen,
         policy,
         level,
+        container,
     })
 }
 
-fn main() -> ExitCode {
+/// Binds the Unix socket at `path`, replacing a stale socket from an earlier run (any
+/// other file is left, and the bind fails).
+fn bind_unix(path: &str) -> std::io::Result<UnixListener> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("binding {path}: {e}")))
+}
+
+/// PID 1 of a container (`--container`): no VM init; the container filter on the whole
+/// process tree before anything is served; a shutdown request or SIGTERM ends it.
+fn run_container(path: &str, policy: Policy, level: Level) -> ExitCode {
+    if let Err(e) = container::prepare_process() {
+        init_logging(level);
+        tracing::error!("container set-up: {e}");
+        return ExitCode::FAILURE;
+    }
+    init_logging(level);
     if std::process::id() == 1 {
+        for failure in container::make_dirs() {
+            tracing::warn!("{failure}");
+        }
+    } else {
+        // Tests, by hand or in guest-agent/tests: the root and /run are the host's.
+        tracing::warn!(
+            "{CONTAINER} but not PID 1: no container root to prepare ({}), orphans come to \
+             this agent as a subreaper, and a shutdown ends only the agent",
+            container::SECRETS_DIR
+        );
+    }
+    // Before any thread or workload: the filter is for every process of the container.
+    if let Err(e) = mvm_seccomp::install_container_filter() {
+        tracing::error!("{e}; not serving without it");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(
+        "container seccomp filter installed: {} rules (mvm-agent --print-seccomp)",
+        mvm_seccomp::container::DENIED.len()
+    );
+    let listener = match bind_unix(path) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let agent = match Agent::new(policy, false, PowerAction::Container) {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::error!("cannot start the agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = container::spawn_stop_thread() {
+        tracing::warn!("stop-signal thread: {e}; SIGTERM will not end the container");
+    }
+    tracing::info!("container agent listening on {path}");
+    match agent.serve_forever(|| listener.accept().map(|(stream, _)| stream)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if std::process::id() == 1 && !args.iter().any(|a| a == CONTAINER) {
         run_init();
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == "--version") {
         println!("{}", mvm_agent::agent::software());
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == "--print-seccomp") {
+        print!("{}", mvm_seccomp::container::describe());
         return ExitCode::SUCCESS;
     }
     let options = match parse_args(&args) {
@@ -232,6 +328,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if options.container {
+        if let Listen::Unix(path) = &options.listen {
+            return run_container(path, options.policy, options.level);
+        }
+    }
     init_logging(options.level);
     let agent = match Agent::new(options.policy, false, PowerAction::ExitProcess) {
         Ok(agent) => agent,
@@ -241,22 +342,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match options.listen {
-        Listen::Unix(path) => {
-            // A stale socket from an earlier run is replaced; any other file is not.
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-                let _ = std::fs::remove_file(&path);
-            }
-            match UnixListener::bind(&path) {
-                Ok(listener) => {
-                    tracing::info!("listening on {path}");
-                    agent.serve_forever(|| listener.accept().map(|(stream, _)| stream))
-                }
-                Err(e) => Err(std::io::Error::new(
-                    e.kind(),
-                    format!("binding {path}: {e}"),
-                )),
-            }
-        }
+        Listen::Unix(path) => bind_unix(&path).and_then(|listener| {
+            tracing::info!("listening on {path}");
+            agent.serve_forever(|| listener.accept().map(|(stream, _)| stream))
+        }),
         Listen::Vsock(port) => agent.serve_vsock(port, || {}),
     };
     match result {
@@ -265,5 +354,55 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        parse_args(&args)
+    }
+
+    #[test]
+    fn container_mode_needs_a_unix_socket() {
+        let options = parse(&["--container", "--listen-unix", "/run/mvm/agent.sock"]).unwrap();
+        assert!(options.container);
+        assert_eq!(options.listen, Listen::Unix("/run/mvm/agent.sock".into()));
+        // The order does not matter; the policy options still apply.
+        let options = parse(&[
+            "--listen-unix",
+            "/s",
+            "--uid",
+            "2000",
+            "--container",
+            "--log",
+            "warn",
+        ])
+        .unwrap();
+        assert!(options.container);
+        assert_eq!(options.policy.default_uid, 2000);
+        assert_eq!(options.level, Level::WARN);
+
+        for refused in [
+            &["--container"][..],
+            &["--container", "--listen-vsock", "1024"],
+            &["--listen-vsock", "1024", "--container"],
+        ] {
+            let e = parse(refused).unwrap_err();
+            assert!(e.contains("--listen-unix"), "{refused:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn without_the_flag_nothing_changes() {
+        let options = parse(&["--listen-vsock", "1024"]).unwrap();
+        assert!(!options.container);
+        assert_eq!(options.listen, Listen::Vsock(1024));
+        let options = parse(&["--listen-unix", "/s"]).unwrap();
+        assert!(!options.container);
+        assert!(parse(&["--containers", "--listen-unix", "/s"]).is_err());
     }
 }

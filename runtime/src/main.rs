@@ -88,6 +88,7 @@ fn main() {
                 1
             }
         },
+        Command::ContainerInit { dir } => mvm_runtime::backend::container::init::main(dir),
         Command::TesthostGuest { image_dir } => {
             match mvm_runtime::backend::emulated::guest_main(image_dir) {
                 Ok(()) => 0,

@@ -1,4 +1,5 @@
-//! One seccomp filter per `mvm-vmm` thread role, written as typed data.
+//! One seccomp filter per `mvm-vmm` thread role, written as typed data; and, in
+//! [`container`], the container tier's filter for a whole process tree.
 //!
 //! A role ([`Role`]) is a name and an allow-list, each syscall next to the reason that
 //! thread needs it: the VMM's core threads' roles and the sets every thread shares are in
@@ -15,6 +16,7 @@
 //! leave the operator with nothing but a signal number; the trap keeps the default deny and
 //! names the culprit.
 
+pub mod container;
 pub mod ioctl;
 pub mod lint;
 pub mod names;
@@ -29,6 +31,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+pub use container::{container_filter, install_container_filter};
 pub use sigsys::STATUS_SECCOMP_VIOLATION;
 
 /// A thread role: its name and its allow-list. The VMM's core threads' roles are in

@@ -40,6 +40,10 @@ pub enum PowerAction {
     Guest,
     /// Sync and exit the agent process (host-side testing).
     ExitProcess,
+    /// Exit the agent process, PID 1 of a container: the kernel then ends every other
+    /// process of its PID namespace. No sync: the page cache is the host's, so what the
+    /// container wrote outlives it without one (and a sync would flush the whole host's).
+    Container,
 }
 
 /// Shared state of one agent process.
@@ -107,6 +111,14 @@ impl Agent {
                 // SAFETY: sync() has no arguments and cannot fail.
                 unsafe { libc::sync() };
                 tracing::info!("shutdown requested: exiting");
+                std::process::exit(0);
+            }
+            PowerAction::Container => {
+                if request.reboot {
+                    tracing::info!("shutdown requested (a container cannot reboot): exiting");
+                } else {
+                    tracing::info!("shutdown requested: ending the container");
+                }
                 std::process::exit(0);
             }
         }

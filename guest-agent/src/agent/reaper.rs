@@ -1,7 +1,9 @@
 //! The one place that waits for child processes.
 //!
-//! As PID 1 the agent inherits every orphan in the guest and must reap them, but a blanket
-//! `waitpid(-1)` would steal the statuses that exec requests wait for. The reaper peeks at
+//! As PID 1 the agent inherits every orphan in the guest (or in its container's PID
+//! namespace; with `--container` outside one it is a child subreaper, to the same effect)
+//! and must reap them, but a blanket `waitpid(-1)` would steal the statuses that exec
+//! requests wait for. The reaper peeks at
 //! the next exited child without reaping it (`waitid(WNOWAIT)`), then, under the same lock
 //! that spawning holds until the new child is registered, reaps it and hands the status to
 //! its waiter, if it has one. A child that `Command::spawn` reaps itself (its exec failed)

@@ -139,18 +139,21 @@ fn mount_points<'a>(points: impl Iterator<Item = &'a MountPoint>) -> Vec<String>
 /// Makes sure fds 0, 1 and 2 are open (on the console, else /dev/null), so that no socket
 /// or pipe the agent opens later lands on a standard fd.
 pub fn ensure_stdio() {
+    ensure_stdio_on(&["/dev/console", "/dev/null"]);
+}
+
+/// Opens each of fds 0, 1 and 2 that is closed on the first of `devices` that opens.
+pub fn ensure_stdio_on(devices: &[&str]) {
     for fd in 0..=2 {
         // SAFETY: F_GETFD on an integer fd only queries it.
         let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
         if open {
             continue;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/console")
-            .or_else(|_| OpenOptions::new().read(true).write(true).open("/dev/null"));
-        if let Ok(file) = file {
+        let file = devices
+            .iter()
+            .find_map(|device| OpenOptions::new().read(true).write(true).open(device).ok());
+        if let Some(file) = file {
             if file.as_raw_fd() != fd {
                 // SAFETY: both are open descriptors; dup2 makes `fd` a copy, and `file`
                 // is closed when it goes out of scope.

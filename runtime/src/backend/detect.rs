@@ -24,6 +24,10 @@ pub struct HostFacts {
     pub kvm_modules: Vec<String>,
     /// The `qemu-system-x86_64` the emulated tier would use, if found.
     pub qemu: Option<PathBuf>,
+    /// This process runs as root (the container tier needs it, in this version).
+    pub root: bool,
+    /// `/proc/sys/user/max_user_namespaces` (0: user namespaces are off).
+    pub max_user_namespaces: Option<u64>,
 }
 
 /// The cpuinfo flags of the first processor, as a word list.
@@ -82,7 +86,13 @@ impl HostFacts {
             .map(PathBuf::from)
             .filter(|p| is_executable(p))
             .or_else(|| find_in_path("qemu-system-x86_64"));
+        let max_user_namespaces =
+            std::fs::read_to_string(root.join("proc/sys/user/max_user_namespaces"))
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
         Self {
+            root: nix::unistd::geteuid().is_root(),
+            max_user_namespaces,
             cpu_vmx: flags.contains(&"vmx"),
             cpu_svm: flags.contains(&"svm"),
             dev_kvm,
@@ -193,10 +203,45 @@ fn judge_emulated(facts: &HostFacts) -> TierVerdict {
     }
 }
 
-/// Judges every tier and picks the best usable one.
+/// Judges the container tier: root (this version maps the container's users onto a
+/// range of this host's that only root can grant) and user namespaces turned on. It
+/// is never chosen on its own: only `--backend container` asks for it.
+fn judge_container(facts: &HostFacts) -> TierVerdict {
+    let (usable, reason) = if !facts.root {
+        (
+            false,
+            "needs root in this version (the container's users are mapped onto a range of this host's, which only root can grant)".to_owned(),
+        )
+    } else if facts.max_user_namespaces == Some(0) {
+        (
+            false,
+            "user namespaces are turned off (sysctl user.max_user_namespaces = 0)".to_owned(),
+        )
+    } else {
+        (
+            true,
+            "namespaces and a seccomp filter, sharing this host's kernel: only with --backend container, and only where the policy's minimum tier is container".to_owned(),
+        )
+    };
+    TierVerdict {
+        tier: Tier::Container,
+        usable,
+        reason,
+    }
+}
+
+/// Judges every tier and picks the best usable one (never the container tier, which
+/// has to be asked for).
 pub fn judge(facts: &HostFacts) -> Detection {
-    let verdicts = vec![judge_kvm(facts), judge_emulated(facts)];
-    let chosen = verdicts.iter().find(|v| v.usable).map(|v| v.tier);
+    let verdicts = vec![
+        judge_kvm(facts),
+        judge_emulated(facts),
+        judge_container(facts),
+    ];
+    let chosen = verdicts
+        .iter()
+        .find(|v| v.usable && v.tier != Tier::Container)
+        .map(|v| v.tier);
     Detection { verdicts, chosen }
 }
 
@@ -227,6 +272,25 @@ mod tests {
         let mut f = HostFacts::probe_at(root.path());
         f.qemu = qemu.then(|| PathBuf::from("/usr/bin/qemu-system-x86_64"));
         f
+    }
+
+    #[test]
+    fn the_container_tier_is_judged_but_never_chosen() {
+        let mut f = facts(NONE, false, &[], false);
+        f.root = true;
+        f.max_user_namespaces = Some(1000);
+        let d = judge(&f);
+        assert!(d.verdict(Tier::Container).unwrap().usable);
+        assert_eq!(d.chosen, None, "usable, but only when asked for");
+        f.max_user_namespaces = Some(0);
+        let off = judge(&f);
+        let verdict = off.verdict(Tier::Container).unwrap();
+        assert!(!verdict.usable && verdict.reason.contains("max_user_namespaces"));
+        f.root = false;
+        f.max_user_namespaces = None;
+        let user = judge(&f);
+        let verdict = user.verdict(Tier::Container).unwrap();
+        assert!(!verdict.usable && verdict.reason.contains("root"));
     }
 
     #[test]

@@ -3,35 +3,28 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mvm_agent::client::ExecStdin;
-use mvm_agent::protocol::{ExecRequest, WriteFileRequest};
+use mvm_agent::protocol::WriteFileRequest;
 use mvm_agent::transport::connect_hybrid_vsock;
-use mvm_agent::{Client, ClientError, ExecEvent, Stdin};
+use mvm_agent::{Client, ClientError};
 
-use super::interrupt::{self, Action, Forwarder};
+use super::agent_exec::{deliver_secrets, shutdown_guest};
+use super::interrupt;
 use super::scratch::ScratchDir;
 use super::session::{SessionSnapshots, SNAPSHOT_PLAN_FILE};
-use super::stdin_pump;
 use super::vmm_process::{read_boot_report, vmm_args_with, SnapshotArgs, VmmProcess};
 use super::warm::{self, Warm};
 use super::{
     NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, RunOutcome, RunSpec,
     Tier, Timings, VmProbe, Workload, WorkloadStatus,
 };
-use crate::secrets::{Delivery, Secret};
+use crate::secrets::Delivery;
 
 /// How often the run loop looks at Ctrl-C, deadlines and the VMM.
 const POLL: Duration = Duration::from_millis(50);
-/// Time the agent gets beyond the workload timeout to report it before the
-/// host stops the VM itself.
-const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
 /// Time the VM gets to power off after the agent acknowledged shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// Bytes read from stdin per frame.
-const STDIN_CHUNK: usize = 64 << 10;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -80,45 +73,6 @@ fn wait_for_agent(
     }
 }
 
-/// Copies `source` into the workload's stdin (see [`stdin_pump`]), then closes it.
-fn forward_stdin(source: Box<dyn Read + Send>, writer: ExecStdin) -> Result<(), RunError> {
-    stdin_pump::spawn("stdin", source, STDIN_CHUNK, move |data| {
-        if data.is_empty() {
-            // The process may have exited already; a failed close is moot.
-            let _ = writer.close();
-            return false;
-        }
-        writer
-            .write(data)
-            .map_err(|e| tracing::debug!("stdin: {e}"))
-            .is_ok()
-    })
-    .map_err(RunError::io("starting the stdin thread"))
-}
-
-/// The uid and gid that own a released secret's file and run the workload:
-/// the agent's unprivileged default.
-const SECRET_OWNER: u32 = mvm_agent::agent::policy::DEFAULT_WORKLOAD_ID;
-
-/// Writes each file secret to its file in the guest (`/run/secrets/NAME`, the
-/// agent's own tmpfs), mode 0400, owned by [`SECRET_OWNER`]. (Environment
-/// secrets go in the exec request.)
-pub(crate) fn deliver_secrets(client: &Client, secrets: &[Secret]) -> Result<(), ClientError> {
-    for secret in secrets.iter().filter(|s| s.delivery == Delivery::File) {
-        let request = WriteFileRequest {
-            path: secret.guest_path(),
-            mode: 0o400,
-            uid: Some(SECRET_OWNER),
-            gid: Some(SECRET_OWNER),
-            append: false,
-            atomic: false,
-        };
-        client.write_file_with(&request, secret.value.expose())?;
-        tracing::info!(name = %secret.name, "secret delivered");
-    }
-    Ok(())
-}
-
 /// Secret substitution's guest side: the run's CA in its own file and appended to the
 /// system bundle (created when the image has none), and the bound names' pinned
 /// addresses appended to `/etc/hosts`. Nothing here is secret.
@@ -154,24 +108,6 @@ pub(crate) fn provision_trust(
         "egress CA and bound hosts written into the guest"
     );
     Ok(())
-}
-
-/// Asks the agent to power the guest off, without waiting on a hung agent
-/// for longer than `grace`.
-fn shutdown_guest(client: Client, grace: Duration) {
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("shutdown".into())
-        .spawn(move || {
-            let _ = tx.send(client.shutdown());
-        });
-    if spawned.is_ok() {
-        match rx.recv_timeout(grace) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!("agent shutdown: {e}"),
-            Err(_) => tracing::debug!("agent shutdown: no answer within {grace:?}"),
-        }
-    }
 }
 
 /// Bytes of host entropy a restored guest gets.
@@ -320,6 +256,21 @@ impl VmProbe for LocalVm<'_> {
     }
 }
 
+impl super::agent_exec::Holder for LocalVm<'_> {
+    fn ended(&mut self) -> Option<RunError> {
+        let status = self.0.try_exit()?;
+        Some(self.0.died(status))
+    }
+
+    fn kill(&mut self) {
+        self.0.kill();
+    }
+
+    fn agent_error(&mut self, e: &ClientError) -> RunError {
+        agent_error(self.0, e)
+    }
+}
+
 /// [`run`], with the VMM verifying `plan` (signature, window, nonce,
 /// measurements) before it creates the VM; `None` boots `--dev`. `journal`
 /// hears when the workload is about to start (after the agent answered,
@@ -415,13 +366,6 @@ pub fn run_verified(
     let warm_start = matches!(warm, Some(Warm::Restore(_)));
     let ready = Instant::now();
 
-    let request = ExecRequest {
-        argv: spec.argv.clone(),
-        env: spec.env.clone(),
-        cwd: spec.workdir.clone(),
-        timeout_ms: spec.timeout_secs.map(|s| s.saturating_mul(1000)),
-        ..ExecRequest::default()
-    };
     // Written ahead: the boot, each secret's release and the workload's start
     // are on disk before exec; the secrets go in before the workload starts.
     let secrets = journal.workload_starting()?;
@@ -429,18 +373,7 @@ pub fn run_verified(
     if let Some(trust) = &spec.egress_trust {
         provision_trust(&client, trust).map_err(|e| agent_error(&mut vmm, &e))?;
     }
-    let mut request = ExecRequest {
-        // The workload's identity made explicit when it owns a secret file.
-        uid: (!secrets.is_empty()).then_some(SECRET_OWNER),
-        gid: (!secrets.is_empty()).then_some(SECRET_OWNER),
-        ..request
-    };
-    for secret in secrets.iter().filter(|s| s.delivery == Delivery::Env) {
-        // Checked at admission: UTF-8 without NUL.
-        if let Some(value) = secret.env_value() {
-            request.env.insert(secret.name.clone(), value);
-        }
-    }
+    let request = super::agent_exec::workload_request(spec, &secrets);
     let env_secrets = secrets.iter().any(|s| s.delivery == Delivery::Env);
     drop(secrets);
     let (sink, stdin) = match workload {
@@ -489,68 +422,21 @@ pub fn run_verified(
             ));
         }
     };
-    let forward = match (spec.stdin, stdin) {
-        (super::StdinMode::Forward, Some(source)) => Some(source),
-        _ => None,
-    };
-    let mode = if forward.is_some() {
-        Stdin::Stream
-    } else {
-        Stdin::Null
-    };
-    let mut exec = client
-        .exec(&request, mode)
-        .map_err(|e| agent_error(&mut vmm, &e))?;
-    if let Some(source) = forward {
-        forward_stdin(source, exec.stdin())?;
-    }
-    let host_deadline = spec
-        .timeout_secs
-        .map(|s| Instant::now() + Duration::from_secs(s) + TIMEOUT_GRACE);
-
-    // Ctrl-C / SIGTERM: passed to the workload, then the VM killed after
-    // interrupt::GRACE or at a second signal.
-    let mut interrupts = Forwarder::new();
-    let status = loop {
-        match interrupts.poll() {
-            Action::None => {}
-            Action::Forward(signal) => {
-                tracing::info!(signal, "passing the signal to the workload");
-                if let Err(e) = exec.signal(signal) {
-                    tracing::warn!("forwarding signal {signal} to the workload: {e}");
-                }
-            }
-            Action::Kill => {
-                let _ = exec.signal(libc::SIGKILL);
-                shutdown_guest(client, Duration::from_millis(500));
-                vmm.kill();
-                return Err(RunError::Interrupted);
-            }
+    let status = match super::agent_exec::run_command(
+        &client,
+        &request,
+        (spec.stdin, stdin),
+        sink,
+        spec.timeout_secs,
+        &mut LocalVm(&mut vmm),
+    ) {
+        Ok(status) => status,
+        Err(RunError::Interrupted) => {
+            shutdown_guest(client, Duration::from_millis(500));
+            vmm.kill();
+            return Err(RunError::Interrupted);
         }
-        if let Some(deadline) = host_deadline {
-            if Instant::now() >= deadline {
-                vmm.kill();
-                return Err(RunError::Timeout(Duration::from_secs(
-                    spec.timeout_secs.unwrap_or(0),
-                )));
-            }
-        }
-        match exec.next_event_timeout(POLL) {
-            Ok(Some(ExecEvent::Stdout(data))) => sink
-                .stdout(&data)
-                .map_err(RunError::io("writing the workload's stdout"))?,
-            Ok(Some(ExecEvent::Stderr(data))) => sink
-                .stderr(&data)
-                .map_err(RunError::io("writing the workload's stderr"))?,
-            Ok(Some(ExecEvent::Exit(status))) => break status,
-            Ok(None) => return Err(RunError::Agent("exec ended without a status".into())),
-            Err(ClientError::Timeout(_)) => {
-                if let Some(status) = vmm.try_exit() {
-                    return Err(vmm.died(status));
-                }
-            }
-            Err(e) => return Err(agent_error(&mut vmm, &e)),
-        }
+        Err(e) => return Err(e),
     };
     let mut outcome = finish(
         client,
@@ -559,11 +445,7 @@ pub fn run_verified(
         &report,
         (start, ready),
         guest_boot_ms,
-        WorkloadStatus {
-            code: status.code,
-            signal: status.signal,
-            timed_out: status.timed_out,
-        },
+        status,
     );
     outcome.timings.warm_start = warm_start;
     Ok(outcome)

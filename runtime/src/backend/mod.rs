@@ -9,6 +9,8 @@
 //! [`RunSpec`] and report a [`RunOutcome`] or a [`RunError`].
 
 pub mod abandoned;
+mod agent_exec;
+pub mod container;
 pub mod detect;
 pub mod emulated;
 pub mod interrupt;
@@ -43,6 +45,10 @@ pub enum Tier {
     Kvm,
     /// `mvm-vmm` inside a QEMU-TCG test host.
     Emulated,
+    /// No VM: the image's tree in Linux namespaces under a seccomp filter, sharing
+    /// this host's kernel (the weakest tier; only when asked for, and only where the
+    /// policy's minimum tier is `container`).
+    Container,
 }
 
 impl fmt::Display for Tier {
@@ -50,6 +56,7 @@ impl fmt::Display for Tier {
         f.write_str(match self {
             Tier::Kvm => "kvm",
             Tier::Emulated => "emulated",
+            Tier::Container => "container",
         })
     }
 }

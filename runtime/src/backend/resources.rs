@@ -27,6 +27,7 @@ pub fn host_memory_mib(tier: Tier, guest_mib: u32) -> u64 {
     match tier {
         Tier::Kvm => u64::from(guest_mib),
         Tier::Emulated => u64::from(emulated::testhost_memory_mib(guest_mib)),
+        Tier::Container => u64::from(guest_mib),
     }
 }
 

@@ -12,7 +12,7 @@ use crate::run::exit;
 /// Every backend's wall, built or not, best first, for a process of this user.
 fn all_walls() -> Vec<Wall> {
     let as_root = nix::unistd::Uid::effective().is_root();
-    [Tier::Kvm, Tier::Emulated]
+    [Tier::Kvm, Tier::Emulated, Tier::Container]
         .into_iter()
         .map(|t| wall::of(t, as_root))
         .chain(wall::not_built())

@@ -105,6 +105,13 @@ pub enum Command {
         /// The spare's directory (its QEMU arguments in `spare.json`).
         dir: PathBuf,
     },
+    /// Internal: the container backend's init, which makes the container's namespaces
+    /// and starts its agent (docs/backends.md).
+    #[command(name = "__container-init", hide = true)]
+    ContainerInit {
+        /// The run's directory (its instructions in `container.json`).
+        dir: PathBuf,
+    },
     /// Internal: the side of the emulated backend that runs inside the test host.
     #[command(name = "__testhost-guest", hide = true)]
     TesthostGuest {
@@ -498,7 +505,14 @@ mod tests {
         assert!(parse(&["run", "--mem", "1048576", "--cpus", "64", "--", "true"]).is_ok());
         assert!(parse(&["run", "--env", "NOEQUALS", "--", "true"]).is_err());
         assert!(parse(&["run", "--env", "=v", "--", "true"]).is_err());
-        assert!(parse(&["run", "--backend", "container", "--", "true"]).is_err());
+        assert!(parse(&["run", "--backend", "vz", "--", "true"]).is_err());
+        let Command::Run(container) = parse(&["run", "--backend", "container", "--", "true"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a run");
+        };
+        assert_eq!(container.backend, Some(Tier::Container));
         // Options after `--` belong to the command.
         let cli = parse(&["run", "--", "ls", "--json"]).unwrap();
         let Command::Run(run) = cli.command else {

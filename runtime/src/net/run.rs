@@ -65,6 +65,11 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
     if !flags.wanted() {
         return Ok(None);
     }
+    if tier == Tier::Container {
+        return Err(RunError::Missing(
+            "--net: the container tier has no network in this version (its network namespace holds only loopback); use the kvm or emulated tier (docs/backends.md)".into(),
+        ));
+    }
     let mut resolver = SystemResolver::default();
     let allow =
         allow::pin(&flags.allow, &mut resolver).map_err(|e| RunError::Missing(e.to_string()))?;
@@ -93,7 +98,7 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
             request.tap = Some(session.tap().to_owned());
             Some(session)
         }
-        Tier::Emulated => {
+        Tier::Emulated | Tier::Container => {
             request.interface = Some(first_interface(&request.resolvers)?);
             None
         }

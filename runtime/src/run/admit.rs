@@ -60,6 +60,7 @@ pub fn plan_tier(tier: Tier) -> plan::Tier {
     match tier {
         Tier::Kvm => plan::Tier::Hardware,
         Tier::Emulated => plan::Tier::Emulated,
+        Tier::Container => plan::Tier::Container,
     }
 }
 

@@ -308,6 +308,12 @@ fn launch(
             );
             emulated::run(spec, image, &qemu, plan, journal, workload)
         }
+        Tier::Container => {
+            eprintln!(
+                "mvm: warning: backend 'container': NO VM; the workload shares this host's kernel behind namespaces and a seccomp filter only"
+            );
+            crate::backend::container::run(spec, image, plan, journal, workload)
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bench_boot;
 pub mod blk;
 pub mod boot;
+pub mod container;
 pub mod hostile;
 pub mod mcp;
 pub mod net;
@@ -42,6 +43,7 @@ pub fn all() -> Vec<Case> {
         selftest::CASES,
         tier::CASES,
         tier_stall::CASES,
+        container::CASES,
         sandbox::CASES,
         sandbox_pause::CASES,
         mcp::CASES,

@@ -1,0 +1,357 @@
+//! `mvm __container-init DIR`: the process that makes the container's namespaces and
+//! starts the agent as their PID 1.
+//!
+//! 1. It leaves this host's user namespace (`unshare(CLONE_NEWUSER)`), says so on
+//!    stdout ([`UNSHARED`]), and waits on stdin ([`MAPPED`]) while the run's `mvm`
+//!    (root in this host's namespace, which a process inside cannot be) writes its
+//!    uid and gid maps: the container's users 0..65536 are a range of this host's
+//!    that no account uses ([`super::UID_BASE`]).
+//! 2. It makes the other namespaces (mount, PID, network, IPC, UTS, cgroup) and forks:
+//!    the child is PID 1 of the new PID namespace; this process waits for it and
+//!    exits with its status (the run's `mvm` kills this process to stop the container;
+//!    PID 1 follows through its parent-death signal, and the kernel ends every other
+//!    process of the namespace with it).
+//! 3. PID 1 binds the per-run copy of the image onto itself and enters it while it is
+//!    still this host's root as far as paths go (the run directory is root's alone),
+//!    then takes the container's root ids (this host's `UID_BASE`: a file made on a
+//!    filesystem mounted in the namespace needs an owner mapped in it) and mounts the
+//!    rest of the container's tree: a new `/proc`, a small tmpfs `/dev` with `null zero full random urandom
+//!    tty` bound in from this host and a new `devpts`, tmpfs `/dev/shm`, `/tmp`,
+//!    `/run` and `/work` (the workload's), and the run's socket directory at `/run/mvm`; brings loopback up; gives
+//!    the container its hostname; `pivot_root`s into the tree and detaches the old
+//!    root; and execs the agent (`/init --container ...`), which installs the
+//!    seccomp filter every process of the container then inherits.
+
+use std::ffi::CString;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Gid, Uid};
+use serde::{Deserialize, Serialize};
+
+/// The init's instructions, in `DIR/container.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// The container's tree on this host.
+    pub root: PathBuf,
+    /// The directory, on this host, that is `/run/mvm` inside (the agent's socket).
+    pub socket_dir: PathBuf,
+    /// The container's hostname.
+    pub hostname: String,
+    /// The uid and gid that own `/work` (the workload's default identity).
+    pub workload_ids: (u32, u32),
+    /// The agent's command line, as seen inside.
+    pub argv: Vec<String>,
+    /// Its whole environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// The file of [`InitConfig`] in the init's directory.
+pub const CONFIG_FILE: &str = "container.json";
+/// What the init writes on stdout once it is in its own user namespace.
+pub const UNSHARED: &str = "unshared";
+/// What it waits for on stdin before it goes on (its maps are written).
+pub const MAPPED: &str = "mapped";
+/// Where the socket directory is inside.
+pub const SOCKET_DIR_INSIDE: &str = "/run/mvm";
+/// The device nodes bound in from this host.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// The init's entry point: its exit status (the container's PID 1's, or 125 when the
+/// container could not be made, the reason on stderr).
+pub fn main(dir: &Path) -> i32 {
+    match make(dir) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mvm: container init: {e}");
+            125
+        }
+    }
+}
+
+fn make(dir: &Path) -> Result<i32, String> {
+    let text = std::fs::read(dir.join(CONFIG_FILE))
+        .map_err(|e| format!("reading {}: {e}", dir.join(CONFIG_FILE).display()))?;
+    let config: InitConfig =
+        serde_json::from_slice(&text).map_err(|e| format!("{CONFIG_FILE}: {e}"))?;
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| format!("a new user namespace: {e}"))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{UNSHARED}")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("telling mvm: {e}"))?;
+    drop(stdout);
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("waiting for mvm: {e}"))?;
+    if line.trim_end() != MAPPED {
+        return Err(format!("mvm did not map the user namespace ({line:?})"));
+    }
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(|e| format!("the container's namespaces: {e}"))?;
+    // SAFETY: `mvm __container-init` has one thread (nothing before this spawns any),
+    // so the child may run ordinary code; it ends in exec or _exit.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            let e = pid1(&config);
+            eprintln!("mvm: container init (pid 1): {e}");
+            // SAFETY: _exit ends the child at once, without running the parent's
+            // atexit handlers or flushing its buffers twice.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => loop {
+            match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i32),
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(format!("waiting for the container's init: {e}")),
+            }
+        },
+    }
+}
+
+/// PID 1: the mounts, then the agent. Returns only on failure.
+fn pid1(config: &InitConfig) -> String {
+    match setup(config).and_then(|()| exec_agent(config)) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn mkdir(path: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("creating {}: {e}", path.display()))
+}
+
+fn mount_at(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(source, target, fstype, flags, data).map_err(|e| {
+        format!(
+            "mounting {} on {}: {e}",
+            source.map_or_else(
+                || fstype.unwrap_or("-").to_owned(),
+                |s| s.display().to_string()
+            ),
+            target.display()
+        )
+    })
+}
+
+fn setup(config: &InitConfig) -> Result<(), String> {
+    let none: Option<&Path> = None;
+    mount_at(
+        none,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    mount_at(
+        Some(&config.root),
+        &config.root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    // Held open while this process can still reach it: after the ids change, the path
+    // to it (under directories only this host's root may enter) is closed to it.
+    let socket_dir = std::fs::File::open(&config.socket_dir)
+        .map_err(|e| format!("opening {}: {e}", config.socket_dir.display()))?;
+    nix::unistd::chdir(&config.root)
+        .map_err(|e| format!("chdir {}: {e}", config.root.display()))?;
+    // The container's root from here on (this host's UID_BASE, root only inside): a
+    // file made on a filesystem mounted in the namespace needs an owner mapped in it.
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    let zero_gid = Gid::from_raw(0);
+    let zero_uid = Uid::from_raw(0);
+    nix::unistd::setresgid(zero_gid, zero_gid, zero_gid).map_err(|e| format!("setresgid: {e}"))?;
+    nix::unistd::setresuid(zero_uid, zero_uid, zero_uid).map_err(|e| format!("setresuid: {e}"))?;
+    // The id change made the process undumpable, which closes its own /proc/self/fd to
+    // it; the socket directory is bound through that below. (The exec of the agent sets
+    // it again from the agent's file.)
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "PR_SET_DUMPABLE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let root = Path::new(".");
+    let proc = root.join("proc");
+    mkdir(&proc)?;
+    mount_at(
+        Some(Path::new("proc")),
+        &proc,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    let dev = root.join("dev");
+    mkdir(&dev)?;
+    mount_at(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=256k"),
+    )?;
+    for name in DEVICES {
+        let node = dev.join(name);
+        std::fs::File::create(&node).map_err(|e| format!("creating {}: {e}", node.display()))?;
+        mount_at(
+            Some(&Path::new("/dev").join(name)),
+            &node,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let path = dev.join(link);
+        std::os::unix::fs::symlink(target, &path)
+            .map_err(|e| format!("linking {}: {e}", path.display()))?;
+    }
+    let pts = dev.join("pts");
+    mkdir(&pts)?;
+    if let Err(e) = mount_at(
+        Some(Path::new("devpts")),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    ) {
+        // Terminals (sandbox exec with a pty) fail without it; a command does not.
+        eprintln!("mvm: container init: no terminals: {e}");
+    }
+    let (uid, gid) = config.workload_ids;
+    let work = format!("mode=755,uid={uid},gid={gid}");
+    for (dir, flags, data) in [
+        (
+            "dev/shm",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        ),
+        ("tmp", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+        ("run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=755"),
+        // The workload's working directory, as the agent makes it in a VM.
+        (
+            "work",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            work.as_str(),
+        ),
+    ] {
+        let path = root.join(dir);
+        mkdir(&path)?;
+        mount_at(
+            Some(Path::new("tmpfs")),
+            &path,
+            Some("tmpfs"),
+            flags,
+            Some(data),
+        )?;
+    }
+    let sockets = root.join(SOCKET_DIR_INSIDE.trim_start_matches('/'));
+    mkdir(&sockets)?;
+    let by_fd = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&socket_dir)
+    ));
+    mount_at(Some(&by_fd), &sockets, None, MsFlags::MS_BIND, None)?;
+    drop(socket_dir);
+    nix::unistd::sethostname(&config.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    if let Err(e) = loopback_up() {
+        eprintln!("mvm: container init: loopback stays down: {e}");
+    }
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    // Stdin was mvm's pipe and stdout its channel to this process: neither is the
+    // agent's.
+    let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0)
+        .and_then(|_| nix::unistd::dup2(2, 1))
+        .map_err(|e| format!("stdio: {e}"))?;
+    Ok(())
+}
+
+/// Sets `IFF_UP` on `lo`, the only interface of the new network namespace.
+fn loopback_up() -> Result<(), String> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = libc::c_char::from_ne_bytes([*byte]);
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags of the interface named in `request`, which
+    // lives across the call.
+    if unsafe { libc::ioctl(raw, libc::SIOCGIFFLAGS, &mut request) } != 0 {
+        return Err(format!("SIOCGIFFLAGS: {}", std::io::Error::last_os_error()));
+    }
+    let up = libc::c_short::try_from(libc::IFF_UP).map_err(|e| format!("IFF_UP: {e}"))?;
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags.
+    unsafe {
+        request.ifr_ifru.ifru_flags |= up;
+    }
+    // SAFETY: SIOCSIFFLAGS sets the flags in `request`, which lives across the call.
+    if unsafe { libc::ioctl(raw, libc::SIOCSIFFLAGS, &request) } != 0 {
+        return Err(format!("SIOCSIFFLAGS: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn exec_agent(config: &InitConfig) -> Result<std::convert::Infallible, String> {
+    let cstring = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL"));
+    let argv: Vec<CString> = config
+        .argv
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
+    let env: Vec<CString> = config
+        .env
+        .iter()
+        .map(|(k, v)| cstring(&format!("{k}={v}")))
+        .collect::<Result<_, _>>()?;
+    let program = argv.first().ok_or("no agent command")?;
+    // Here, after the ids changed (which clears it) and before exec (which keeps it):
+    // the init's death takes PID 1, and with it the whole PID namespace.
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(format!(
+            "PR_SET_PDEATHSIG: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    nix::unistd::execve(program, &argv, &env)
+        .map_err(|e| format!("exec {}: {e}", program.to_string_lossy()))
+}

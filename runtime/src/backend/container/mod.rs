@@ -1,0 +1,397 @@
+//! The `container` backend: no VM. The image's initramfs tree (the static `mvm-agent`
+//! is its `/init`) runs in new Linux namespaces (user, mount, PID, network, IPC, UTS,
+//! cgroup) with the agent as PID 1 under a seccomp filter, and this process talks to
+//! the agent over a Unix socket with the same client as to a VM's. It shares this
+//! host's kernel: the weakest tier, named so wherever it appears ([`LABEL`]), never
+//! chosen unless asked for, and refused by the default policy (`[tier] minimum`).
+//!
+//! The run, in order: [`verify`] checks the signed plan (signature, window, nonce, that
+//! it allows this tier) and measures the image's kernel, initramfs and command line
+//! against it, writing `boot_verified` as `mvm-vmm` would; [`rootfs`] unpacks the
+//! measured initramfs into a new directory of the run; [`init`] (`mvm __container-init`)
+//! makes the namespaces, mounts and `pivot_root`s, and execs the agent; then the
+//! workload goes through the agent as on the kvm tier. Docs: `docs/backends.md`.
+
+pub mod init;
+mod rootfs;
+mod verify;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mvm_agent::{Client, ClientError};
+
+use super::agent_exec::{self, deliver_secrets, shutdown_guest, Holder};
+use super::scratch::ScratchDir;
+use super::{
+    interrupt, locate, PlanFiles, RunError, RunJournal, RunOutcome, RunSpec, Tier, Timings,
+    VmProbe, Workload,
+};
+use crate::image::StoredImage;
+
+/// How the tier is named wherever it appears.
+pub const LABEL: &str = "container: shares the host kernel (Linux namespaces and a seccomp filter around the image's tree; no VM)";
+/// The first of this host's uids (and gids) the container's users map onto: `0` inside
+/// is this, `1000` inside is this plus 1000. A range above what accounts and the usual
+/// `/etc/subuid` ranges use, so a process that left the container would be nobody.
+pub const UID_BASE: u32 = 0x5d00_0000;
+/// How many ids are mapped.
+pub const ID_COUNT: u32 = 65_536;
+/// The agent's socket, in the socket directory.
+const AGENT_SOCKET: &str = "agent.sock";
+/// The container's hostname.
+const HOSTNAME: &str = "mvm";
+/// Time the container gets to end after the agent acknowledged shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// The most of the init's log shown in an error.
+const LOG_TAIL: u64 = 16 << 10;
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The container's init process (`mvm __container-init`), killed and reaped on drop.
+struct Container {
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Container {
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    fn log_tail(&self) -> String {
+        let Ok(bytes) = std::fs::read(&self.log) else {
+            return String::new();
+        };
+        let from = bytes
+            .len()
+            .saturating_sub(usize::try_from(LOG_TAIL).unwrap_or(usize::MAX));
+        String::from_utf8_lossy(bytes.get(from..).unwrap_or_default()).into_owned()
+    }
+
+    fn died(&self, status: ExitStatus) -> RunError {
+        RunError::VmmDied {
+            reason: format!("the container's init exited ({status})"),
+            log: self.log_tail(),
+            exit: Some(status.into()),
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        let until = Instant::now() + grace;
+        while self.try_exit().is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.try_exit().is_none() {
+            Holder::kill(self);
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Holder for Container {
+    fn ended(&mut self) -> Option<RunError> {
+        let status = self.try_exit()?;
+        Some(self.died(status))
+    }
+
+    fn kill(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    fn agent_error(&mut self, e: &ClientError) -> RunError {
+        // An init that ended explains a broken connection better than the connection.
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            if let Some(status) = self.try_exit() {
+                return self.died(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RunError::Agent(e.to_string())
+    }
+}
+
+impl VmProbe for Container {
+    fn ended(&mut self) -> Option<String> {
+        self.try_exit()
+            .map(|status| format!("the container's init exited ({status})"))
+    }
+}
+
+/// Runs `spec` (or the session of `workload`) in a container of `image`, verified
+/// against `plan` when given (`None`: `--dev`, nothing checked).
+pub fn run(
+    spec: &RunSpec,
+    image: &StoredImage,
+    plan: Option<&PlanFiles>,
+    journal: &mut dyn RunJournal,
+    workload: Workload<'_>,
+) -> Result<RunOutcome, RunError> {
+    let start = Instant::now();
+    if !nix::unistd::geteuid().is_root() {
+        return Err(RunError::NoBackend(
+            "container: needs root in this version (its users are mapped onto a range of this host's, which only root can grant)".into(),
+        ));
+    }
+    if !spec.disks.is_empty() {
+        return Err(RunError::Missing(
+            "the container tier runs an image's initramfs tree only: disks (an image's root filesystem, --disk) need a VM tier".into(),
+        ));
+    }
+    let initramfs = verify::verify(plan, image)?;
+    let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
+    let root = scratch.path().join("root");
+    let sockets = scratch.path().join("sockets");
+    for dir in [&root, &sockets] {
+        std::fs::create_dir(dir).map_err(RunError::io(format!("creating {}", dir.display())))?;
+    }
+    // The container's root alone may enter it: a workload (uid 1000) must not reach
+    // the agent's socket.
+    std::os::unix::fs::chown(&sockets, Some(UID_BASE), Some(UID_BASE))
+        .and_then(|()| {
+            std::fs::set_permissions(
+                &sockets,
+                std::os::unix::fs::PermissionsExt::from_mode(0o700),
+            )
+        })
+        .map_err(RunError::io(format!("owning {}", sockets.display())))?;
+    let entries = rootfs::unpack(&initramfs, &root, Some((UID_BASE, UID_BASE)))?;
+    drop(initramfs);
+    tracing::debug!(entries, "container tree unpacked");
+    let mut container = start_init(image, scratch.path(), &root, &sockets)?;
+    let socket = sockets.join(AGENT_SOCKET);
+    let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
+    let client = wait_for_agent(&mut container, &socket, ready_timeout)?;
+    let ready = Instant::now();
+
+    // Written ahead, as on the VM tiers: the verified start and each secret's release
+    // are on disk before the workload starts.
+    let secrets = journal.workload_starting()?;
+    deliver_secrets(&client, &secrets).map_err(|e| container.agent_error(&e))?;
+    let status = match workload {
+        Workload::Command { sink, stdin } => {
+            let request = agent_exec::workload_request(spec, &secrets);
+            drop(secrets);
+            match agent_exec::run_command(
+                &client,
+                &request,
+                (spec.stdin, stdin),
+                sink,
+                spec.timeout_secs,
+                &mut container,
+            ) {
+                Ok(status) => status,
+                Err(RunError::Interrupted) => {
+                    shutdown_guest(client, Duration::from_millis(500));
+                    Holder::kill(&mut container);
+                    return Err(RunError::Interrupted);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Workload::Session(server) => {
+            if secrets
+                .iter()
+                .any(|s| s.delivery == crate::secrets::Delivery::Env)
+            {
+                return Err(RunError::Missing(
+                    "a session takes secrets as files only (--secret), not in an environment"
+                        .into(),
+                ));
+            }
+            drop(secrets);
+            let stream = UnixStream::connect(&socket)
+                .map_err(|e| RunError::Agent(format!("session connection: {e}")))?;
+            server.serve(stream, journal, &mut container)?
+        }
+    };
+    let exited = Instant::now();
+    shutdown_guest(client, SHUTDOWN_GRACE);
+    container.stop(SHUTDOWN_GRACE);
+    let stopped = Instant::now();
+    drop(container);
+    drop(scratch);
+    Ok(RunOutcome {
+        status,
+        timings: Timings {
+            boot_ms: millis(ready.duration_since(start)),
+            exec_ms: millis(exited.duration_since(ready)),
+            shutdown_ms: millis(stopped.duration_since(exited)),
+            total_ms: millis(start.elapsed()),
+            guest_boot_ms: None,
+            host_boot_ms: None,
+            testhost_spare: false,
+            warm_start: false,
+        },
+        tier: Tier::Container,
+        boot_report: None,
+        plan_id: None,
+        vmm_memory: None,
+    })
+}
+
+/// Starts `mvm __container-init` over the tree `root` and maps its user namespace.
+fn start_init(
+    image: &StoredImage,
+    dir: &Path,
+    root: &Path,
+    sockets: &Path,
+) -> Result<Container, RunError> {
+    let policy = mvm_agent::agent::policy::Policy::from_cmdline(&image.manifest.cmdline);
+    let mut argv = vec![
+        "/init".to_owned(),
+        "--container".to_owned(),
+        "--listen-unix".to_owned(),
+        format!("{}/{AGENT_SOCKET}", init::SOCKET_DIR_INSIDE),
+        "--uid".to_owned(),
+        policy.default_uid.to_string(),
+        "--gid".to_owned(),
+        policy.default_gid.to_string(),
+    ];
+    if policy.allow_root {
+        argv.push("--allow-root".to_owned());
+    }
+    let config = init::InitConfig {
+        root: root.to_owned(),
+        socket_dir: sockets.to_owned(),
+        hostname: HOSTNAME.to_owned(),
+        workload_ids: (policy.default_uid, policy.default_gid),
+        argv,
+        env: vec![
+            (
+                "PATH".to_owned(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ),
+            ("HOME".to_owned(), "/".to_owned()),
+        ],
+    };
+    let json = serde_json::to_vec(&config).map_err(|e| RunError::Agent(e.to_string()))?;
+    let config_path = dir.join(init::CONFIG_FILE);
+    std::fs::write(&config_path, json)
+        .map_err(RunError::io(format!("writing {}", config_path.display())))?;
+    let log = dir.join("init.log");
+    let log_file =
+        std::fs::File::create(&log).map_err(RunError::io(format!("creating {}", log.display())))?;
+    let mvm = locate::mvm_binary()?;
+    let mut command = Command::new(&mvm);
+    command
+        .arg("__container-init")
+        .arg(dir)
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    super::vmm_process::own_group_dies_with_us(&mut command);
+    let mut child = command.spawn().map_err(|e| RunError::VmmDied {
+        reason: format!("cannot start {} __container-init: {e}", mvm.display()),
+        log: String::new(),
+        exit: None,
+    })?;
+    let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+    let mut container = Container {
+        child,
+        log,
+        exited: None,
+    };
+    let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
+        return Err(RunError::Agent(
+            "the container init's pipes are missing".into(),
+        ));
+    };
+    if let Err(why) = map_users(container.child.id(), stdin, stdout) {
+        container.kill_now();
+        let status = container.try_exit();
+        return Err(RunError::VmmDied {
+            reason: format!("making the container's user namespace: {why}"),
+            log: container.log_tail(),
+            exit: status.map(Into::into),
+        });
+    }
+    Ok(container)
+}
+
+impl Container {
+    fn kill_now(&mut self) {
+        Holder::kill(self);
+    }
+}
+
+/// Waits for the init to leave this host's user namespace, writes its maps (the
+/// container's 0..ID_COUNT onto this host's UID_BASE..), and lets it go on.
+fn map_users(pid: u32, mut stdin: ChildStdin, stdout: ChildStdout) -> Result<(), String> {
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the init: {e}"))?;
+    if line.trim_end() != init::UNSHARED {
+        return Err(format!("the init said {line:?}"));
+    }
+    let map = format!("0 {UID_BASE} {ID_COUNT}\n");
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, &map).map_err(|e| format!("writing {path}: {e}"))?;
+    }
+    writeln!(stdin, "{}", init::MAPPED).map_err(|e| format!("telling the init: {e}"))
+}
+
+/// Connects to the agent once its socket is there: hello and ping. Gives up when the
+/// init ends, on Ctrl-C, or after `timeout`.
+fn wait_for_agent(
+    container: &mut Container,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<Client, RunError> {
+    let start = Instant::now();
+    let mut last = String::from("the agent has not made its socket");
+    loop {
+        if interrupt::requested() {
+            return Err(RunError::Interrupted);
+        }
+        if let Some(status) = container.try_exit() {
+            return Err(container.died(status));
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return Err(RunError::AgentNotReady {
+                timeout,
+                reason: last,
+                log: container.log_tail(),
+            });
+        }
+        let left = timeout.saturating_sub(elapsed).min(Duration::from_secs(5));
+        if socket.exists() {
+            match UnixStream::connect(socket) {
+                Ok(stream) => match Client::connect_with_timeout(stream, Some(left)) {
+                    Ok(client) => match client.ping_timeout(Some(left)) {
+                        Ok(_) => return Ok(client),
+                        Err(e) => last = format!("ping: {e}"),
+                    },
+                    Err(e) => last = format!("hello: {e}"),
+                },
+                Err(e) => last = format!("connecting {}: {e}", socket.display()),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -30,7 +30,7 @@ const USAGE: &str = "usage: mvm-agent                         (as PID 1 in the g
        mvm-agent --listen-vsock PORT [options]
        mvm-agent --container --listen-unix PATH [options]   (as PID 1 of a container)
        mvm-agent --print-seccomp          (the container filter, syscall by syscall)
-options: --allow-root  --uid N  --gid N  --log error|warn|info|debug";
+options: --allow-root  --uid N  --gid N  --nofile N  --nproc N  --log error|warn|info|debug";
 
 /// The flag of container mode.
 const CONTAINER: &str = "--container";
@@ -215,6 +215,14 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
                 let v = value(arg)?;
                 policy.default_gid = v.parse().map_err(|_| format!("bad gid {v:?}"))?;
             }
+            "--nofile" => {
+                let v = value(arg)?;
+                policy.limits.nofile = v.parse().map_err(|_| format!("bad --nofile {v:?}"))?;
+            }
+            "--nproc" => {
+                let v = value(arg)?;
+                policy.limits.nproc = v.parse().map_err(|_| format!("bad --nproc {v:?}"))?;
+            }
             "--log" => {
                 let v = value(arg)?;
                 level = parse_level(&v).ok_or_else(|| format!("bad log level {v:?}"))?;
@@ -394,6 +402,15 @@ mod tests {
             let e = parse(refused).unwrap_err();
             assert!(e.contains("--listen-unix"), "{refused:?}: {e}");
         }
+    }
+
+    #[test]
+    fn limits_come_from_their_flags() {
+        let options = parse(&["--listen-unix", "/s", "--nofile", "64", "--nproc", "32"]).unwrap();
+        assert_eq!(options.policy.limits.nofile, 64);
+        assert_eq!(options.policy.limits.nproc, 32);
+        assert!(parse(&["--listen-unix", "/s", "--nofile", "many"]).is_err());
+        assert!(parse(&["--listen-unix", "/s", "--nproc"]).is_err());
     }
 
     #[test]

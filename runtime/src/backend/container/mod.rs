@@ -268,6 +268,10 @@ fn start_init(
         policy.default_uid.to_string(),
         "--gid".to_owned(),
         policy.default_gid.to_string(),
+        "--nofile".to_owned(),
+        policy.limits.nofile.to_string(),
+        "--nproc".to_owned(),
+        policy.limits.nproc.to_string(),
     ];
     if policy.allow_root {
         argv.push("--allow-root".to_owned());

@@ -7,8 +7,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use crate::case::{Case, CaseResult, Context, Failure};
-use crate::cases::run::{describe, expect_code, image_store, output};
+use crate::cases::run::{describe, expect_code, image_store, mvm_with, output};
 use crate::cases::sandbox::ok;
+use crate::cases::secret::copy_default_image;
 use crate::cases::tier::mvm;
 
 /// The cases: each run starts a container (well under a second) and its checks.
@@ -17,10 +18,13 @@ pub const CASES: &[Case] = &[
     Case::user_host("container/run", run).limit_secs(180),
     Case::user_host("container/escapes", escapes).limit_secs(180),
     Case::user_host("container/sandbox", sandbox).limit_secs(180),
+    Case::user_host("container/tampered", tampered).limit_secs(120),
 ];
 
 /// `mvm run`'s exit code when the policy refuses the plan.
 const DENIED: i32 = 119;
+/// `mvm run`'s exit code when the start is refused (a measurement differs).
+const BOOT_REFUSED: i32 = 118;
 /// The first host uid the container's users map onto (`backend::container::UID_BASE`).
 const UID_BASE: u32 = 0x5d00_0000;
 
@@ -224,6 +228,36 @@ fn sandbox(ctx: &Context) -> CaseResult {
     if !left.is_empty() {
         return Err(Failure::new(format!(
             "processes of the container's users left running: {left:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// One byte of the image's initramfs changed after it was built (in a store of the
+/// case's own): the container does not start (exit 118), the refusal names the
+/// initramfs, and the audit log has `boot_refused` and no `exec_started`.
+fn tampered(ctx: &Context) -> CaseResult {
+    need_root()?;
+    allow_container(ctx)?;
+    let data = ctx.work_file("data");
+    copy_default_image(&image_store(ctx)?.join("images"), &data.join("images"))?;
+    let mut command = mvm_with(ctx, &data, &ctx.work_file("config"))?;
+    command
+        .args(["run", "--backend", "container", "--", "echo", "ran"])
+        .stdin(Stdio::null());
+    let out = output(command)?;
+    expect_code(&out, BOOT_REFUSED)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stderr.contains("initramfs") || !out.stdout.is_empty() {
+        return Err(
+            Failure::new("the refusal does not name the initramfs, or the workload ran")
+                .with_detail(describe(&out)),
+        );
+    }
+    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap_or_default();
+    if !audit.contains("\"boot_refused\"") || audit.contains("\"exec_started\"") {
+        return Err(Failure::new(format!(
+            "the audit log should hold boot_refused and no exec_started: {audit}"
         )));
     }
     Ok(())

@@ -88,6 +88,16 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
     }
 }
 
+/// Every backend's wall, built or not, strongest first, for a process running as root
+/// or not (`as_root`): what `mvm doctor` and the MCP server's `host_info` show.
+pub fn all(as_root: bool) -> Vec<Wall> {
+    [Tier::Kvm, Tier::Emulated, Tier::Container]
+        .into_iter()
+        .map(|t| of(t, as_root))
+        .chain(not_built())
+        .collect()
+}
+
 /// The rows of backends named in the design and not built in this version.
 pub fn not_built() -> Vec<Wall> {
     let row = |backend: &str, isolation: &str| Wall {

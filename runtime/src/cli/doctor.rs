@@ -4,19 +4,14 @@ use serde_json::json;
 
 use super::DoctorArgs;
 use crate::backend::detect::{judge, HostFacts};
+use crate::backend::locate;
 use crate::backend::wall::{self, Wall};
-use crate::backend::{locate, Tier};
 use crate::image::{ImageStore, DEFAULT_IMAGE};
 use crate::run::exit;
 
 /// Every backend's wall, built or not, best first, for a process of this user.
 fn all_walls() -> Vec<Wall> {
-    let as_root = nix::unistd::Uid::effective().is_root();
-    [Tier::Kvm, Tier::Emulated, Tier::Container]
-        .into_iter()
-        .map(|t| wall::of(t, as_root))
-        .chain(wall::not_built())
-        .collect()
+    wall::all(nix::unistd::Uid::effective().is_root())
 }
 
 /// The walls with this host's verdict on each (`usable`, `reason`), for `--json`.

@@ -27,7 +27,7 @@ mod args;
 mod sandbox_tools;
 
 use crate::backend::detect::{judge, HostFacts};
-use crate::backend::{wall, Tier};
+use crate::backend::wall;
 use crate::sdk::Run;
 use args::Args;
 
@@ -324,10 +324,8 @@ pub(crate) fn cut(bytes: &[u8]) -> String {
 fn host_info(id: Value) -> Value {
     let detection = judge(&HostFacts::probe());
     let as_root = nix::unistd::Uid::effective().is_root();
-    let walls: Vec<Value> = [Tier::Kvm, Tier::Emulated]
+    let walls: Vec<Value> = wall::all(as_root)
         .into_iter()
-        .map(|t| wall::of(t, as_root))
-        .chain(wall::not_built())
         .map(|w| serde_json::to_value(w).unwrap_or(Value::Null))
         .collect();
     let chosen = detection.chosen.map(|t| t.to_string());

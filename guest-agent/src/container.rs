@@ -93,21 +93,10 @@ fn make_dirs_in(root: &Path) -> Vec<String> {
 pub fn spawn_stop_thread() -> io::Result<()> {
     let mut stop = SigSet::empty();
     stop.add(STOP_SIGNAL);
-    std::thread::Builder::new()
-        .name("stop-signal".to_owned())
-        .spawn(move || loop {
-            match stop.wait() {
-                Ok(signal) => {
-                    tracing::info!("{signal}: ending the container");
-                    std::process::exit(0);
-                }
-                Err(e) => {
-                    tracing::warn!("sigwait: {e}");
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
-            }
-        })?;
-    Ok(())
+    init::spawn_signal_thread("stop-signal", stop, |signal| {
+        tracing::info!("{signal}: ending the container");
+        std::process::exit(0);
+    })
 }
 
 #[cfg(test)]

@@ -207,20 +207,18 @@ pub fn block_power_signals() -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-/// Starts the thread that turns power signals into a clean power-off or reboot.
-pub fn spawn_power_signal_thread() -> io::Result<()> {
+/// Starts a thread named `name` that waits for the (blocked) signals of `set` and hands
+/// each to `on`.
+pub(crate) fn spawn_signal_thread(
+    name: &str,
+    set: SigSet,
+    on: impl Fn(Signal) + Send + 'static,
+) -> io::Result<()> {
     std::thread::Builder::new()
-        .name("power-signals".to_owned())
-        .spawn(|| loop {
-            match power_signals().wait() {
-                Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => {
-                    tracing::info!("reboot signal");
-                    power::power_off(true);
-                }
-                Ok(signal) => {
-                    tracing::info!("power-off signal {signal}");
-                    power::power_off(false);
-                }
+        .name(name.to_owned())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(signal) => on(signal),
                 Err(e) => {
                     tracing::warn!("sigwait: {e}");
                     std::thread::sleep(std::time::Duration::from_secs(1));
@@ -228,6 +226,20 @@ pub fn spawn_power_signal_thread() -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Starts the thread that turns power signals into a clean power-off or reboot.
+pub fn spawn_power_signal_thread() -> io::Result<()> {
+    spawn_signal_thread("power-signals", power_signals(), |signal| match signal {
+        Signal::SIGTERM | Signal::SIGINT => {
+            tracing::info!("reboot signal");
+            power::power_off(true);
+        }
+        signal => {
+            tracing::info!("power-off signal {signal}");
+            power::power_off(false);
+        }
+    })
 }
 
 #[cfg(test)]

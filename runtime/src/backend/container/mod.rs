@@ -324,7 +324,7 @@ fn start_init(
         ));
     };
     if let Err(why) = map_users(container.child.id(), stdin, stdout) {
-        container.kill_now();
+        Holder::kill(&mut container);
         let status = container.try_exit();
         return Err(RunError::VmmDied {
             reason: format!("making the container's user namespace: {why}"),
@@ -333,12 +333,6 @@ fn start_init(
         });
     }
     Ok(container)
-}
-
-impl Container {
-    fn kill_now(&mut self) {
-        Holder::kill(self);
-    }
 }
 
 /// Waits for the init to leave this host's user namespace, writes its maps (the

@@ -99,7 +99,20 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
             Some(session)
         }
         Tier::Emulated | Tier::Container => {
-            request.interface = Some(first_interface(&request.resolvers)?);
+            let interface = first_interface(&request.resolvers)?;
+            if crate::backend::emulated::uplink::overlaps_slirp(
+                interface.address,
+                interface.prefix_len,
+            ) {
+                return Err(RunError::Missing(format!(
+                    "--net on the emulated tier: the pool's subnet for this VM ({}/{}) overlaps the test host's own network ({}/{}); choose another MVM_NET_POOL",
+                    interface.address,
+                    interface.prefix_len,
+                    crate::backend::emulated::uplink::SLIRP_NET.0,
+                    crate::backend::emulated::uplink::SLIRP_NET.1,
+                )));
+            }
+            request.interface = Some(interface);
             None
         }
     };

@@ -18,6 +18,7 @@ pub mod secret_substitution;
 pub mod selftest;
 pub mod snapshot;
 pub mod tier;
+pub mod tier_net;
 pub mod tier_stall;
 pub mod verify;
 pub mod vsock;
@@ -42,6 +43,7 @@ pub fn all() -> Vec<Case> {
         bench_boot::BENCH,
         selftest::CASES,
         tier::CASES,
+        tier_net::CASES,
         tier_stall::CASES,
         container::CASES,
         sandbox::CASES,

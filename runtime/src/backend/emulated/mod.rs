@@ -29,8 +29,8 @@
 //!
 //! One file per job: [`protocol`] (the control lines and framed stdin),
 //! [`overlay`] (the test host's initramfs), [`qemu`] (QEMU's command line and
-//! process), [`host`] (the run on this host), [`stall`] (QEMU's stall, seen) and [`testhost`]
-//! (the run inside).
+//! process), [`host`] (the run on this host), [`stall`] (QEMU's stall, seen), [`uplink`]
+//! (the test host's network, for `--net`) and [`testhost`] (the run inside).
 
 pub mod host;
 pub mod overlay;
@@ -39,6 +39,7 @@ pub mod qemu;
 pub mod spare;
 pub mod stall;
 pub mod testhost;
+pub mod uplink;
 
 pub use host::run;
 pub use overlay::overlay_archive;

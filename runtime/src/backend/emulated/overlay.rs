@@ -15,10 +15,12 @@ use crate::image::StoredImage;
 const GUEST_BIN_DIR: &str = "testhost/bin";
 const GUEST_IMAGE_DIR: &str = "testhost/image";
 /// Bump when the overlay layout changes, so cached initramfs files are rebuilt.
-const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-2";
-/// The test host modules the virtio-serial ports and the disks need, in load order.
+const OVERLAY_FORMAT: &str = "mvm-emulated-overlay-3";
+/// The test host modules the virtio-serial ports, the disks and the uplink
+/// (`uplink`, for `--net`) need, in load order.
 const VIRTIO_MODULES: &str =
-    "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console virtio_blk";
+    "virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
+     virtio_console virtio_blk failover net_failover virtio_net";
 
 /// The cache directory (`crate::image::store::cache_dir`).
 fn cache_root() -> Result<PathBuf, RunError> {

@@ -99,6 +99,9 @@ pub fn qemu_args(
         args.push("-device".into());
         args.push(format!("virtio-blk-pci,drive={0},serial={0}", drive.serial));
     }
+    if spec.net.is_some() {
+        args.extend(super::uplink::qemu_args());
+    }
     for (id, name) in [
         ("ctl", PORT_CTL),
         ("in", PORT_IN),

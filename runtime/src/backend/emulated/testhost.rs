@@ -192,6 +192,9 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         .map(|bundle| write_plan_files(bundle, &plan_dir))
         .transpose();
     let result = plan.and_then(|plan| {
+        if request.spec.net.is_some() {
+            super::uplink::bring_up()?;
+        }
         let image = StoredImage::open_dir(image_dir)?;
         let vmm = std::env::current_exe()
             .ok()

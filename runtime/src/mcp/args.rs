@@ -85,6 +85,42 @@ impl<'a> Args<'a> {
             Some(_) => Err(format!("{key} must be an object of strings")),
         }
     }
+
+    /// Secrets the guest sees only as placeholders: a list of objects
+    /// `{name, placeholder, host}`, each field a string, nothing else in them.
+    pub(super) fn substitutions(&self, key: &str) -> Result<Vec<Substitution>, String> {
+        let Some(value) = self.get(key) else {
+            return Ok(Vec::new());
+        };
+        let list = value.as_array().ok_or(format!(
+            "{key} must be a list of {{name, placeholder, host}}"
+        ))?;
+        list.iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let item = Args::new(item, &["name", "placeholder", "host"])
+                    .map_err(|e| format!("{key}[{i}]: {e}"))?;
+                let field = |f: &str| {
+                    item.required_text(f)
+                        .map_err(|e| format!("{key}[{i}]: {e}"))
+                };
+                Ok(Substitution {
+                    name: field("name")?,
+                    placeholder: field("placeholder")?,
+                    host: field("host")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One entry of `secrets_for`: the stored secret `name`, the `placeholder` the guest
+/// sees, the `host` whose HTTPS requests get the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Substitution {
+    pub name: String,
+    pub placeholder: String,
+    pub host: String,
 }
 
 #[cfg(test)]
@@ -111,5 +147,31 @@ mod tests {
         assert!(Args::new(&json!([1]), &[]).is_err());
         let empty = json!({"c": []});
         assert!(Args::new(&empty, &["c"]).unwrap().command("c").is_err());
+    }
+
+    #[test]
+    fn substitutions_are_objects_of_three_strings() {
+        let v = json!({"s": [{"name": "T", "placeholder": "P", "host": "api.example.com"}]});
+        let args = Args::new(&v, &["s"]).unwrap();
+        assert_eq!(
+            args.substitutions("s").unwrap(),
+            [Substitution {
+                name: "T".into(),
+                placeholder: "P".into(),
+                host: "api.example.com".into()
+            }]
+        );
+        assert!(args.substitutions("none").unwrap().is_empty());
+        for bad in [
+            json!({"s": "T"}),
+            json!({"s": ["T"]}),
+            json!({"s": [{"name": "T", "placeholder": "P"}]}),
+            json!({"s": [{"name": "T", "placeholder": "P", "host": 443}]}),
+            json!({"s": [{"name": "T", "placeholder": "P", "host": "h", "value": "v"}]}),
+        ] {
+            let args = Args::new(&bad, &["s"]).unwrap();
+            let err = args.substitutions("s").unwrap_err();
+            assert!(err.starts_with("s"), "{err}");
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! ([`PROTOCOL_VERSIONS`]), the `tools` capability.
 //!
 //! Tools:
-//! - `run_command`: runs a command (with optional stdin, image, environment, timeout) in a
-//!   fresh microVM through the SDK ([`crate::sdk::Run`]): admitted against the host's
-//!   policy, verified, audited, as `mvm run`. Returns exit code, stdout, stderr.
+//! - `run_command`: runs a command (with optional stdin, image, environment, timeout, and
+//!   secrets it sees only as placeholders) in a fresh microVM through the SDK
+//!   ([`crate::sdk::Run`]): admitted against the host's policy, verified, audited, as
+//!   `mvm run`. Returns exit code, stdout, stderr. Secrets are never released into the
+//!   VM here: the agent wrote the command, so anything the VM holds can reach it.
 //! - `host_info`: which backend this host gives and the wall each backend puts around a
 //!   workload (`mvm doctor`'s table), so the agent knows what it is running behind.
 //! - `sandbox_create`, `sandbox_exec`, `sandbox_write_file`, `sandbox_read_file`,
@@ -193,7 +195,21 @@ fn tools() -> Value {
                     "stdin": {"type": "string", "description": "Text for the command's standard input."},
                     "image": {"type": "string", "description": "The image, by name or digest (default: default; \"python\" has python3)."},
                     "timeout_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_SECS, "description": "Stop the command after this many seconds (default 120)."},
-                    "env": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Environment variables for the command."}
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Environment variables for the command."},
+                    "secrets_for": {
+                        "type": "array",
+                        "description": "Stored secrets the command sees only as placeholders: the command gets $NAME = placeholder, and the host puts the real value in its place in the headers of HTTPS requests to host (port 443), and nowhere else. The host's policy decides which secrets and hosts are allowed. The value never enters the VM, so it never appears in this tool's output.",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string", "description": "The stored secret's name (mvm secret set NAME)."},
+                                "placeholder": {"type": "string", "description": "What the command sees instead of the value."},
+                                "host": {"type": "string", "description": "The DNS name whose HTTPS requests get the value."}
+                            },
+                            "required": ["name", "placeholder", "host"],
+                            "additionalProperties": false
+                        }
+                    }
                 },
                 "required": ["command"],
                 "additionalProperties": false
@@ -260,17 +276,29 @@ struct RunCommand {
     image: Option<String>,
     timeout_secs: u64,
     env: Vec<(String, String)>,
+    secrets_for: Vec<args::Substitution>,
 }
 
 impl RunCommand {
     fn parse(args: &Value) -> Result<Self, String> {
-        let args = Args::new(args, &["command", "stdin", "image", "timeout_secs", "env"])?;
+        let args = Args::new(
+            args,
+            &[
+                "command",
+                "stdin",
+                "image",
+                "timeout_secs",
+                "env",
+                "secrets_for",
+            ],
+        )?;
         Ok(Self {
             command: args.command("command")?,
             stdin: args.text("stdin")?,
             image: args.text("image")?,
             timeout_secs: args.number("timeout_secs", 1..=MAX_TIMEOUT_SECS, 120)?,
             env: args.env("env")?,
+            secrets_for: args.substitutions("secrets_for")?,
         })
     }
 
@@ -281,6 +309,9 @@ impl RunCommand {
         }
         for (k, v) in self.env {
             run = run.env(k, v);
+        }
+        for s in self.secrets_for {
+            run = run.secret_for(s.name, s.placeholder, s.host);
         }
         if let Some(stdin) = self.stdin {
             run = run.stdin(std::io::Cursor::new(stdin.into_bytes()));

@@ -14,6 +14,7 @@ pub mod run;
 pub mod sandbox;
 pub mod sandbox_pause;
 pub mod secret;
+pub mod secret_mcp;
 pub mod secret_substitution;
 pub mod selftest;
 pub mod snapshot;
@@ -37,6 +38,7 @@ pub fn all() -> Vec<Case> {
         audit::CASES,
         secret::CASES,
         secret_substitution::CASES,
+        secret_mcp::CASES,
         hostile::CASES,
         net::CASES,
         net::BENCH,

@@ -31,34 +31,34 @@ pub const CASES: &[Case] = &[
 ];
 
 /// The secret's name (stored, allowed).
-const NAME: &str = "API_TOKEN";
+pub(super) const NAME: &str = "API_TOKEN";
 /// What the guest sees.
-const PLACEHOLDER: &str = "MVM_PLACEHOLDER_API_TOKEN_e2e";
+pub(super) const PLACEHOLDER: &str = "MVM_PLACEHOLDER_API_TOKEN_e2e";
 /// The bound host's name (on [`REMOTE`]).
-const BOUND: &str = "api.mvm.test";
+pub(super) const BOUND: &str = "api.mvm.test";
 /// Another name the server's certificate carries (a forged `Host`).
-const FORGED: &str = "other.mvm.test";
+pub(super) const FORGED: &str = "other.mvm.test";
 /// HTTPS.
 const PORT: u16 = 443;
 /// Exit status of a denied plan, and of a refused boot (runtime/src/run/exit.rs).
 const EXIT_DENIED: i32 = 119;
 const EXIT_BOOT_REFUSED: i32 = 118;
 
-fn fail(what: &str) -> impl FnOnce(std::io::Error) -> Failure + '_ {
+pub(super) fn fail(what: &str) -> impl FnOnce(std::io::Error) -> Failure + '_ {
     move |e| Failure::new(format!("{what}: {e}"))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(super) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 /// The test host's `/etc/hosts` with the bound name added; restored on drop.
-struct HostsLine {
+pub(super) struct HostsLine {
     before: Option<String>,
 }
 
 impl HostsLine {
-    fn add() -> Result<Self, Failure> {
+    pub(super) fn add() -> Result<Self, Failure> {
         let path = Path::new("/etc/hosts");
         let before = std::fs::read_to_string(path).ok();
         let mut text = before.clone().unwrap_or_default();
@@ -85,13 +85,13 @@ impl Drop for HostsLine {
 
 /// The remote hosts with an HTTPS server each side (one listener on both addresses),
 /// and the test CA written for `mvm` to trust.
-struct Servers {
-    server: TlsServer,
-    ca_file: String,
+pub(super) struct Servers {
+    pub(super) server: TlsServer,
+    pub(super) ca_file: String,
     _remote: Remote,
 }
 
-fn servers(ctx: &Context, ns: &str, veth: &str) -> Result<Servers, Failure> {
+pub(super) fn servers(ctx: &Context, ns: &str, veth: &str) -> Result<Servers, Failure> {
     let remote = Remote::create(ns, veth)?;
     let ips: Vec<IpAddr> = [REMOTE, OTHER]
         .iter()
@@ -112,7 +112,7 @@ fn servers(ctx: &Context, ns: &str, veth: &str) -> Result<Servers, Failure> {
 
 /// The policy: the secret allowed, substituted only for [`BOUND`], egress to the bound
 /// host and to [`OTHER`]'s HTTPS.
-fn write_policy(homes: &Homes, hosts: bool) -> CaseResult {
+pub(super) fn write_policy(homes: &Homes, hosts: bool) -> CaseResult {
     let hosts = if hosts {
         format!("[secrets.hosts]\n{NAME} = [\"{BOUND}\"]\n")
     } else {
@@ -150,7 +150,7 @@ fn script() -> String {
 }
 
 /// The value of the line `key [...]` the guest printed.
-fn said<'a>(stdout: &'a str, key: &str) -> &'a str {
+pub(super) fn said<'a>(stdout: &'a str, key: &str) -> &'a str {
     stdout
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{key} [")))

@@ -306,7 +306,7 @@ pub fn run_verified(
     };
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
     let port = artifacts.image.manifest.agent_vsock_port;
-    let (mut vmm, _net, client, guest_boot_ms) = loop {
+    let (mut vmm, mut net, client, guest_boot_ms) = loop {
         let snapshot_args = match (&snapshots, &warm) {
             (Some(s), _) => s.vmm_args(),
             (None, Some(Warm::Restore(dir))) => SnapshotArgs {
@@ -369,6 +369,17 @@ pub fn run_verified(
     // Written ahead: the boot, each secret's release and the workload's start
     // are on disk before exec; the secrets go in before the workload starts.
     let secrets = journal.workload_starting()?;
+    // The emulated tier's test host: the egress proxy starts here, beside the tap.
+    let proxy_listener = net
+        .as_mut()
+        .and_then(|n| n.session.as_mut())
+        .and_then(crate::net::session::NetSession::take_proxy_listener);
+    let guest = spec
+        .net
+        .as_ref()
+        .and_then(|n| n.interface.as_ref())
+        .map(|i| i.address);
+    journal.serve_substitution(proxy_listener, guest)?;
     deliver_secrets(&client, &secrets).map_err(|e| agent_error(&mut vmm, &e))?;
     if let Some(trust) = &spec.egress_trust {
         provision_trust(&client, trust).map_err(|e| agent_error(&mut vmm, &e))?;

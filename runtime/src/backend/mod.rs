@@ -204,6 +204,34 @@ pub trait RunJournal {
     fn restoring(&mut self, restore: bool) {
         let _ = restore;
     }
+
+    /// Secret substitution whose proxy runs elsewhere (the emulated tier's test host):
+    /// what it needs, once [`Self::workload_starting`] vouched for the boot. Taken once.
+    fn substitution_handoff(&mut self) -> Option<crate::egress_proxy::Handoff> {
+        None
+    }
+
+    /// That proxy substituted or refused something: appended as the local proxy's
+    /// observer would have.
+    fn substitution_observed(
+        &mut self,
+        observed: &crate::egress_proxy::Observed,
+    ) -> Result<(), RunError> {
+        let _ = observed;
+        Ok(())
+    }
+
+    /// The test host's side: the proxy's socket, which the host network set up here
+    /// bound (`None` without one), for the guest at `guest`; a journal that was handed
+    /// the bindings starts the proxy on it.
+    fn serve_substitution(
+        &mut self,
+        listener: Option<std::net::TcpListener>,
+        guest: Option<std::net::Ipv4Addr>,
+    ) -> Result<(), RunError> {
+        let _ = (listener, guest);
+        Ok(())
+    }
 }
 
 /// The journal of a run that records nothing (`--dev`).

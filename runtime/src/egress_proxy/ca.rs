@@ -34,6 +34,9 @@ const MAX_LABEL_CHARS: usize = 50;
 /// A sandbox's CA: its key pair and self-signed certificate, in memory only.
 pub struct SandboxCa {
     label: String,
+    hosts: Vec<String>,
+    /// When it was made (seconds since the epoch): its validity starts from here.
+    created: u64,
     key: KeyPair,
     cert: rcgen::Certificate,
     cert_pem: String,
@@ -55,6 +58,48 @@ impl SandboxCa {
     /// constraints for exactly `hosts` (and their subdomains, as RFC 5280 has it), with
     /// every IP address excluded.
     pub fn generate(label: &str, hosts: &[String]) -> Result<Self, ProxyError> {
+        let cert_err = |what: &str| {
+            let what = format!("{what} (CA {label:?})");
+            move |source| ProxyError::Certificate { what, source }
+        };
+        let key = KeyPair::generate().map_err(cert_err("generating the CA key"))?;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        Self::build(label, hosts, created, key)
+    }
+
+    /// The CA [`Self::to_parts`] described, able to issue leaves that chain to the
+    /// certificate the guest was given: the same name, key and validity (the
+    /// self-signature is made again, so [`Self::cert_der`] differs; the leaves' issuer
+    /// name and authority key identifier do not). For the test host side of the
+    /// emulated tier, where the proxy runs beside the tap (docs/secrets.md).
+    pub fn from_parts(parts: &CaParts) -> Result<Self, ProxyError> {
+        let key = KeyPair::from_pem(&parts.key_pem).map_err(|source| ProxyError::Certificate {
+            what: format!("reading the CA key (CA {:?})", parts.label),
+            source,
+        })?;
+        Self::build(&parts.label, &parts.hosts, parts.created, key)
+    }
+
+    /// What [`Self::from_parts`] needs, the key among it: it crosses only to the test
+    /// host that runs this CA's proxy.
+    pub fn to_parts(&self) -> CaParts {
+        CaParts {
+            label: self.label.clone(),
+            hosts: self.hosts.clone(),
+            created: self.created,
+            key_pem: self.key.serialize_pem(),
+        }
+    }
+
+    fn build(
+        label: &str,
+        hosts: &[String],
+        created: u64,
+        key: KeyPair,
+    ) -> Result<Self, ProxyError> {
         if hosts.is_empty() {
             return Err(ProxyError::NoHosts {
                 label: label.to_owned(),
@@ -64,7 +109,6 @@ impl SandboxCa {
             let what = format!("{what} (CA {label:?})");
             move |source| ProxyError::Certificate { what, source }
         };
-        let key = KeyPair::generate().map_err(cert_err("generating the CA key"))?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         let short_label: String = label.chars().take(MAX_LABEL_CHARS).collect();
@@ -86,10 +130,7 @@ impl SandboxCa {
                 GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
             ],
         });
-        let now = rcgen::date_time_ymd(1970, 1, 1)
-            + SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+        let now = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(created);
         params.not_before = now - BACKDATE;
         params.not_after = now + VALIDITY;
         let cert = params
@@ -98,6 +139,8 @@ impl SandboxCa {
         let cert_pem = cert.pem();
         Ok(Self {
             label: label.to_owned(),
+            hosts: hosts.to_vec(),
+            created,
             key,
             cert,
             cert_pem,
@@ -179,6 +222,43 @@ impl SandboxCa {
     }
 }
 
+/// A [`SandboxCa`] in transit to the test host: its label, hosts, creation time and
+/// key (PEM). Never printed.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaParts {
+    label: String,
+    hosts: Vec<String>,
+    created: u64,
+    key_pem: String,
+}
+
+impl Drop for CaParts {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key_pem);
+    }
+}
+
+impl fmt::Debug for CaParts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaParts")
+            .field("label", &self.label)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for CaParts {
+    fn eq(&self, other: &Self) -> bool {
+        self.label == other.label
+            && self.hosts == other.hosts
+            && self.created == other.created
+            && self.key_pem == other.key_pem
+    }
+}
+
+impl Eq for CaParts {}
+
 /// Picks the leaf for a guest's TLS handshake: the SNI name's, else `default_host`'s;
 /// with neither, the handshake fails.
 #[derive(Debug)]
@@ -217,9 +297,18 @@ mod tests {
     /// An in-memory handshake between a client trusting only `ca` and a server using
     /// the leaf `ca` issues for `name`.
     fn handshake(ca: &Arc<SandboxCa>, name: &str) -> Result<(), rustls::Error> {
+        handshake_trusting(ca, ca, name)
+    }
+
+    /// [`handshake`] with a client trusting `trusted` and leaves from `ca`.
+    fn handshake_trusting(
+        trusted: &SandboxCa,
+        ca: &Arc<SandboxCa>,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
         let mut roots = RootCertStore::empty();
         roots
-            .add(CertificateDer::from(ca.cert_der().to_vec()))
+            .add(CertificateDer::from(trusted.cert_der().to_vec()))
             .unwrap();
         let client_config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -304,5 +393,25 @@ mod tests {
             Err(ProxyError::NoHosts { .. })
         ));
         assert!(format!("{ca:?}").contains("run-1"));
+    }
+
+    #[test]
+    fn a_ca_rebuilt_from_its_parts_issues_leaves_the_original_vouches_for() {
+        let hosts = vec!["api.mvm.test".to_owned()];
+        let original = SandboxCa::generate("parts", &hosts).unwrap();
+        let parts = original.to_parts();
+        assert!(!format!("{parts:?}").contains("PRIVATE"), "{parts:?}");
+        let wire = serde_json::to_string(&parts).unwrap();
+        let back: CaParts = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, parts);
+        let rebuilt = Arc::new(SandboxCa::from_parts(&back).unwrap());
+        handshake_trusting(&original, &rebuilt, "api.mvm.test").unwrap();
+        // Still constrained to the bound hosts, and another CA's leaves are not trusted.
+        assert!(handshake_trusting(&original, &rebuilt, "other.mvm.test").is_err());
+        let stranger = Arc::new(SandboxCa::generate("parts", &hosts).unwrap());
+        assert!(handshake_trusting(&original, &stranger, "api.mvm.test").is_err());
+        let mut bad = parts.clone();
+        bad.key_pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into();
+        assert!(SandboxCa::from_parts(&bad).is_err());
     }
 }

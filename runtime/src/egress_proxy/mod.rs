@@ -17,6 +17,7 @@
 
 mod ca;
 mod connection;
+mod handoff;
 mod head;
 mod original_dst;
 mod pump;
@@ -40,7 +41,8 @@ use mvm_loader::measure::Sha256Digest;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use rustls::crypto::CryptoProvider;
 
-pub use ca::SandboxCa;
+pub use ca::{CaParts, SandboxCa};
+pub use handoff::{bindings, Handoff, Opened};
 pub use head::header_safe;
 
 /// The most connections served at once; the next one is closed as soon as it is accepted.
@@ -173,6 +175,57 @@ pub trait Observer: Send + Sync + 'static {
     fn substituted(&self, secret: &str, value_sha256: &Sha256Digest, destination: &Destination);
     /// A request to `destination` was refused for `reason`, concerning `secret` if named.
     fn refused(&self, secret: Option<&str>, destination: &Destination, reason: Refusal);
+}
+
+/// What an [`Observer`] was told, as data: for a proxy whose audit log is in another
+/// process (the emulated tier's test host tells the outer `mvm`). Never a value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Observed {
+    /// [`Observer::substituted`].
+    Substituted {
+        /// The secret's name.
+        secret: String,
+        /// sha256 of its value.
+        value_sha256: Sha256Digest,
+        /// [`Destination`], as displayed.
+        destination: String,
+    },
+    /// [`Observer::refused`].
+    Refused {
+        /// The secret concerned, if one is.
+        secret: Option<String>,
+        /// [`Destination`], as displayed.
+        destination: String,
+        /// [`Refusal::as_str`].
+        reason: String,
+    },
+}
+
+impl Observed {
+    /// What [`Observer::substituted`] was told.
+    #[must_use]
+    pub fn substituted(
+        secret: &str,
+        value_sha256: &Sha256Digest,
+        destination: &Destination,
+    ) -> Self {
+        Self::Substituted {
+            secret: secret.to_owned(),
+            value_sha256: *value_sha256,
+            destination: destination.to_string(),
+        }
+    }
+
+    /// What [`Observer::refused`] was told.
+    #[must_use]
+    pub fn refused(secret: Option<&str>, destination: &Destination, reason: Refusal) -> Self {
+        Self::Refused {
+            secret: secret.map(str::to_owned),
+            destination: destination.to_string(),
+            reason: reason.as_str().to_owned(),
+        }
+    }
 }
 
 /// How the proxy learns where a redirected connection was going.

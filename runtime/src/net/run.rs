@@ -86,11 +86,6 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
             .intercept
             .extend(addresses.into_iter().map(|a| SocketAddrV4::new(a, *port)));
     }
-    if !request.intercept.is_empty() && tier == Tier::Emulated {
-        return Err(RunError::Missing(
-            "--secret NAME=PLACEHOLDER --for HOST: secret substitution runs on the kvm tier only; the emulated tier does not have it yet (docs/secrets.md)".into(),
-        ));
-    }
     let session = match tier {
         Tier::Kvm => {
             let session = NetSession::create(&request).map_err(RunError::Net)?;
@@ -100,18 +95,6 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
         }
         Tier::Emulated | Tier::Container => {
             let interface = first_interface(&request.resolvers)?;
-            if crate::backend::emulated::uplink::overlaps_slirp(
-                interface.address,
-                interface.prefix_len,
-            ) {
-                return Err(RunError::Missing(format!(
-                    "--net on the emulated tier: the pool's subnet for this VM ({}/{}) overlaps the test host's own network ({}/{}); choose another MVM_NET_POOL",
-                    interface.address,
-                    interface.prefix_len,
-                    crate::backend::emulated::uplink::SLIRP_NET.0,
-                    crate::backend::emulated::uplink::SLIRP_NET.1,
-                )));
-            }
             request.interface = Some(interface);
             None
         }

@@ -123,10 +123,13 @@ pub struct Admitted {
     secrets: Vec<Secret>,
     /// The secrets recorded as released (for the receipt).
     released: Vec<ReleasedSecret>,
-    /// Substituted secrets and the egress proxy's socket, until the boot is vouched for.
-    substitution: Option<(super::substitute::Prepared, std::net::TcpListener)>,
+    /// Substituted secrets and the egress proxy's socket (`None`: the proxy runs in the
+    /// emulated tier's test host), until the boot is vouched for.
+    substitution: Option<(super::substitute::Prepared, Option<std::net::TcpListener>)>,
     /// The egress proxy, from then on until the run's end.
     proxy: Option<crate::egress_proxy::EgressProxy>,
+    /// What the test host's proxy needs, from then on until the backend takes it.
+    handoff: Option<crate::egress_proxy::Handoff>,
     marker: Option<OpenRun>,
     /// The VM is restored from a snapshot: the VMM reports `snapshot_restored`, not
     /// `boot_verified`, and no secret is released again (they are in its memory).
@@ -244,11 +247,17 @@ fn admit_in(
             prep.bound_addresses(name)
         })?;
         if let Some(prepared) = prepared {
-            let listener = prep.take_proxy_listener().ok_or_else(|| {
-                RunError::Missing(
-                    "secret: the host network has no socket for the egress proxy (secret substitution needs the kvm tier)".into(),
-                )
-            })?;
+            // The kvm tier set the host network up here, with the proxy's socket; the
+            // emulated tier's inner `mvm` sets it up in the test host and runs the proxy
+            // there.
+            let listener = match prep.session {
+                Some(_) => Some(prep.take_proxy_listener().ok_or_else(|| {
+                    RunError::Missing(
+                        "secret: the host network has no socket for the egress proxy".into(),
+                    )
+                })?),
+                None => None,
+            };
             substitution = Some((prepared, listener));
         }
     }
@@ -450,6 +459,7 @@ fn record_admission(
         released: Vec::new(),
         substitution: None,
         proxy: None,
+        handoff: None,
         marker: Some(marker),
         restore,
         _dir: dir,
@@ -617,6 +627,22 @@ impl RunJournal for Admitted {
         self.restore = restore;
     }
 
+    fn substitution_handoff(&mut self) -> Option<crate::egress_proxy::Handoff> {
+        self.handoff.take()
+    }
+
+    fn substitution_observed(
+        &mut self,
+        observed: &crate::egress_proxy::Observed,
+    ) -> Result<(), RunError> {
+        let event = super::substitute::audit_event(observed, self.plan_id(), &self.vm_id);
+        self.last_seq = self
+            .log
+            .append(event)
+            .map_err(|e| RunError::Missing(format!("evidence: {e}")))?;
+        Ok(())
+    }
+
     /// Appends the VMM's events so far (its `boot_verified` among them: it
     /// writes it before the guest runs), then, when the boot's measurements
     /// are the plan's pins, `secret_released` for each secret the plan names,
@@ -697,14 +723,19 @@ impl RunJournal for Admitted {
                     });
                 }
             }
-            let proxy = super::substitute::arm(
-                prepared,
-                listener,
-                guest,
-                self.log.clone(),
-                (&plan_id, &self.vm_id),
-            )?;
-            self.proxy = Some(proxy);
+            match listener {
+                Some(listener) => {
+                    let proxy = super::substitute::arm(
+                        prepared,
+                        listener,
+                        guest,
+                        self.log.clone(),
+                        (&plan_id, &self.vm_id),
+                    )?;
+                    self.proxy = Some(proxy);
+                }
+                None => self.handoff = Some(prepared.handoff()?),
+            }
         }
         let started = AuditEvent::exec_started(&plan_id, &self.vm_id, &self.argv);
         self.last_seq = self.log.append(started).map_err(evidence)?;

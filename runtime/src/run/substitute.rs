@@ -14,8 +14,8 @@ use mvm_loader::plan::{self, BoundHost, SubstitutedSecret};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::backend::RunError;
 use crate::egress_proxy::{
-    header_safe, Binding, Destination, EgressProxy, Observer, OriginalDst, ProxyConfig, Refusal,
-    SandboxCa,
+    header_safe, Binding, Destination, EgressProxy, Handoff, Observed, Observer, OriginalDst,
+    ProxyConfig, Refusal, SandboxCa,
 };
 use crate::secrets::guest_trust::GuestTrust;
 use crate::secrets::store::SecretStore;
@@ -120,29 +120,50 @@ pub fn prepare(
     names.dedup();
     let ca = SandboxCa::generate(&random_label(), &names)
         .map_err(|e| refused(format!("making the run's CA: {e}")))?;
-    let bindings = secrets
-        .iter()
-        .zip(&values)
-        .flat_map(|(secret, (_, value))| {
-            secret.hosts.iter().map(move |host| Binding {
-                secret: secret.name.clone(),
-                placeholder: secret.placeholder.clone(),
-                value: value.clone(),
-                host: host.name.clone(),
-                addresses: host.addresses.clone(),
-                port: host.port,
-            })
-        })
-        .collect();
     let section = plan::Substitution {
         ca_sha256: ca.cert_sha256(),
         secrets,
     };
+    let bindings = bindings_of(&section, &values)?;
     Ok(Some(Prepared {
         section,
         ca: Arc::new(ca),
         bindings,
     }))
+}
+
+/// Each secret of `section` bound to each of its hosts, with its value from `values`.
+fn bindings_of(
+    section: &plan::Substitution,
+    values: &[(String, SecretValue)],
+) -> Result<Vec<Binding>, RunError> {
+    crate::egress_proxy::bindings(section, values).map_err(refused)
+}
+
+impl Prepared {
+    /// The handoff for the test host: everything the proxy there needs, with the roots
+    /// this host would verify upstreams against (`SSL_CERT_FILE` honoured).
+    pub fn handoff(&self) -> Result<Handoff, RunError> {
+        let loaded = rustls_native_certs::load_native_certs();
+        if loaded.certs.is_empty() {
+            return Err(refused(format!(
+                "no trust roots on this host for the egress proxy's upstream side ({} error(s) loading them)",
+                loaded.errors.len()
+            )));
+        }
+        let mut values: Vec<(String, SecretValue)> = Vec::new();
+        for b in &self.bindings {
+            if !values.iter().any(|(name, _)| *name == b.secret) {
+                values.push((b.secret.clone(), b.value.clone()));
+            }
+        }
+        Ok(Handoff::new(
+            self.section.clone(),
+            values,
+            self.ca.to_parts(),
+            &loaded.certs,
+        ))
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -189,6 +210,31 @@ impl Prepared {
     }
 }
 
+/// The audit record of what the proxy saw, with the run's ids.
+#[must_use]
+pub fn audit_event(observed: &Observed, plan_id: &str, vm_id: &str) -> AuditEvent {
+    match observed {
+        Observed::Substituted {
+            secret,
+            value_sha256,
+            destination,
+        } => AuditEvent::secret_substituted(plan_id, vm_id, secret, value_sha256, destination),
+        Observed::Refused {
+            secret,
+            destination,
+            reason,
+        } => {
+            tracing::warn!(
+                secret,
+                destination,
+                reason,
+                "egress proxy refused a request"
+            );
+            AuditEvent::secret_refused(plan_id, vm_id, secret.as_deref(), destination, reason)
+        }
+    }
+}
+
 /// Writes the proxy's substitutions and refusals to the audit log, with the run's ids.
 struct AuditObserver {
     log: AuditLog,
@@ -196,37 +242,24 @@ struct AuditObserver {
     vm_id: String,
 }
 
+impl AuditObserver {
+    fn record(&self, observed: &Observed) {
+        if let Err(e) = self
+            .log
+            .append(audit_event(observed, &self.plan_id, &self.vm_id))
+        {
+            tracing::error!("{observed:?} not audited: {e}");
+        }
+    }
+}
+
 impl Observer for AuditObserver {
     fn substituted(&self, secret: &str, value_sha256: &Sha256Digest, destination: &Destination) {
-        let event = AuditEvent::secret_substituted(
-            &self.plan_id,
-            &self.vm_id,
-            secret,
-            value_sha256,
-            &destination.to_string(),
-        );
-        if let Err(e) = self.log.append(event) {
-            tracing::error!(secret, "secret_substituted not audited: {e}");
-        }
+        self.record(&Observed::substituted(secret, value_sha256, destination));
     }
 
     fn refused(&self, secret: Option<&str>, destination: &Destination, reason: Refusal) {
-        tracing::warn!(
-            secret,
-            destination = %destination,
-            reason = reason.as_str(),
-            "egress proxy refused a request"
-        );
-        let event = AuditEvent::secret_refused(
-            &self.plan_id,
-            &self.vm_id,
-            secret,
-            &destination.to_string(),
-            reason.as_str(),
-        );
-        if let Err(e) = self.log.append(event) {
-            tracing::error!("secret_refused not audited: {e}");
-        }
+        self.record(&Observed::refused(secret, destination, reason));
     }
 }
 
@@ -242,6 +275,11 @@ pub fn arm(
 ) -> Result<EgressProxy, RunError> {
     let roots = crate::egress_proxy::host_roots()
         .map_err(|e| refused(format!("the host's trust roots for the egress proxy: {e}")))?;
+    let observer = Arc::new(AuditObserver {
+        log,
+        plan_id: ids.0.to_owned(),
+        vm_id: ids.1.to_owned(),
+    });
     let config = ProxyConfig {
         listen: guest,
         guest,
@@ -250,11 +288,6 @@ pub fn arm(
         upstream_roots: Arc::new(roots),
         original_dst: OriginalDst::Netfilter,
     };
-    let observer = Arc::new(AuditObserver {
-        log,
-        plan_id: ids.0.to_owned(),
-        vm_id: ids.1.to_owned(),
-    });
     let proxy = EgressProxy::start_on(listener, config, observer)
         .map_err(|e| refused(format!("starting the egress proxy: {e}")))?;
     tracing::info!(port = proxy.port(), "egress proxy substituting");

@@ -314,6 +314,9 @@ pub fn run(
     workload: Workload<'_>,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
+    if let Some(interface) = spec.net.as_ref().and_then(|n| n.interface.as_ref()) {
+        super::uplink::check_pool(interface.address, interface.prefix_len)?;
+    }
     let mut no_output = NoOutput;
     let session = workload.is_session();
     let (sink, stdin, server): (&mut dyn OutputSink, _, _) = match workload {
@@ -577,8 +580,14 @@ fn attempt(
                     }
                     workload_started = true;
                     let secrets = parts.journal.workload_starting()?;
-                    write_json_line(&mut ctl_writer, &HostRecord::Proceed { secrets })
+                    let substitution = parts.journal.substitution_handoff().map(Box::new);
+                    let proceed = HostRecord::Proceed {
+                        secrets,
+                        substitution,
+                    };
+                    write_json_line(&mut ctl_writer, &proceed)
                         .map_err(RunError::io("answering the test host"))?;
+                    drop(proceed);
                     start_stdin(spec, &mut parts.stdin, &input)?;
                     if let Some(server) = parts.server.take() {
                         let agent = input
@@ -596,6 +605,9 @@ fn attempt(
                         let _ = input.shutdown(std::net::Shutdown::Write);
                         session_status = Some(served?);
                     }
+                }
+                Ok(GuestRecord::Observed(observed)) => {
+                    parts.journal.substitution_observed(&observed)?;
                 }
                 Ok(GuestRecord::Report {
                     outcome,

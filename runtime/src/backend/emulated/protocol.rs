@@ -54,6 +54,10 @@ pub enum HostRecord {
         /// wire; never printed).
         #[serde(with = "crate::secrets::wire", default)]
         secrets: Vec<crate::secrets::Secret>,
+        /// Secret substitution: what the egress proxy beside the tap needs (values
+        /// and the CA's key among it; never printed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        substitution: Option<Box<crate::egress_proxy::Handoff>>,
     },
     /// The session is over: stop relaying, power the VM off and report.
     Stop,
@@ -115,6 +119,9 @@ pub enum GuestRecord {
         /// The inner VMM's events file so far (its `boot_verified`).
         vmm_events: String,
     },
+    /// The egress proxy in the test host substituted or refused something (for the
+    /// host's audit log; never a value).
+    Observed(crate::egress_proxy::Observed),
     /// The run ended; the counts say how much output the host should have.
     Report {
         outcome: Option<RunOutcome>,
@@ -341,9 +348,11 @@ mod tests {
         for host in [
             HostRecord::Proceed {
                 secrets: Vec::new(),
+                substitution: None,
             },
             HostRecord::Proceed {
                 secrets: vec![secret],
+                substitution: None,
             },
             HostRecord::Signal { signal: 2 },
         ] {
@@ -356,6 +365,50 @@ mod tests {
         );
         assert!(parse_record("{\"report\":{\"bogus\":1}}").is_err());
         assert!(parse_record("").is_err());
+        let observed = GuestRecord::Observed(crate::egress_proxy::Observed::Refused {
+            secret: Some("API_TOKEN".into()),
+            destination: "api.mvm.test at 192.0.2.7:443".into(),
+            reason: "placeholder_in_target".into(),
+        });
+        let line = serde_json::to_string(&observed).unwrap();
+        assert_eq!(parse_record(&line).unwrap(), observed);
+    }
+
+    #[test]
+    fn proceed_carries_a_substitution_handoff() {
+        let ca =
+            crate::egress_proxy::SandboxCa::generate("p", &["api.mvm.test".to_owned()]).unwrap();
+        let handoff = crate::egress_proxy::Handoff::new(
+            mvm_loader::plan::Substitution {
+                ca_sha256: ca.cert_sha256(),
+                secrets: Vec::new(),
+            },
+            vec![(
+                "API_TOKEN".into(),
+                crate::secrets::SecretValue::new(b"sk-proceed-value".to_vec()),
+            )],
+            ca.to_parts(),
+            &[rustls::pki_types::CertificateDer::from(
+                ca.cert_der().to_vec(),
+            )],
+        );
+        let proceed = HostRecord::Proceed {
+            secrets: Vec::new(),
+            substitution: Some(Box::new(handoff)),
+        };
+        let line = serde_json::to_string(&proceed).unwrap();
+        assert!(!line.contains("sk-proceed-value"));
+        assert!(!format!("{proceed:?}").contains("PRIVATE KEY"));
+        assert_eq!(serde_json::from_str::<HostRecord>(&line).unwrap(), proceed);
+        // An older host's proceed, without the field, still parses.
+        let old: HostRecord = serde_json::from_str(r#"{"proceed":{"secrets":[]}}"#).unwrap();
+        assert!(matches!(
+            old,
+            HostRecord::Proceed {
+                substitution: None,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
+
+use mvm_loader::measure::Sha256Digest;
 use std::time::{Duration, Instant};
 
 use super::protocol::*;
@@ -13,6 +15,7 @@ use crate::backend::{
     kvm, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, SessionServer,
     StdinMode, VmProbe, Workload, WorkloadStatus,
 };
+use crate::egress_proxy::{Destination, EgressProxy, Handoff, Observed, Observer, Refusal};
 use crate::image::StoredImage;
 use crate::secrets::Secret;
 
@@ -217,6 +220,8 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
                         .map_or_else(|| plan_dir.join("vmm-events.jsonl"), |f| f.events.clone()),
                     ctl: ctl_writer.try_clone().map_err(RunError::io("mvm.ctl"))?,
                     proceed: &proceed,
+                    handoff: None,
+                    proxy: None,
                 };
                 &mut ahead
             }
@@ -284,7 +289,7 @@ const PROCEED_TIMEOUT: Duration = Duration::from_secs(120);
 /// its secrets) is passed on through the returned channel.
 fn listen_to_host(
     mut reader: BufReader<std::fs::File>,
-) -> std::io::Result<mpsc::Receiver<Vec<Secret>>> {
+) -> std::io::Result<mpsc::Receiver<Proceed>> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("host-ctl".into())
@@ -293,8 +298,11 @@ fn listen_to_host(
                 Ok(Some(line)) => match serde_json::from_str::<HostRecord>(line.trim_end()) {
                     Ok(HostRecord::Signal { signal }) => interrupt::deliver(signal),
                     Ok(HostRecord::Stop) => STOP.store(true, Ordering::SeqCst),
-                    Ok(HostRecord::Proceed { secrets }) => {
-                        if tx.send(secrets).is_err() {
+                    Ok(HostRecord::Proceed {
+                        secrets,
+                        substitution,
+                    }) => {
+                        if tx.send((secrets, substitution.map(|b| *b))).is_err() {
                             return;
                         }
                     }
@@ -391,15 +399,82 @@ impl SessionServer for PortRelay {
     }
 }
 
+/// What the host's `proceed` carries: the secrets to put into the guest, and what
+/// the egress proxy here needs for secret substitution.
+type Proceed = (Vec<Secret>, Option<Handoff>);
+
 /// The inner side of the outer host's journal: sends `booted` with the VMM's
 /// events so far and waits for the host to say it has written them.
 struct HostJournal<'a> {
     events: PathBuf,
     ctl: std::fs::File,
-    proceed: &'a mpsc::Receiver<Vec<Secret>>,
+    proceed: &'a mpsc::Receiver<Proceed>,
+    /// Secret substitution's makings, from `proceed` until the proxy starts.
+    handoff: Option<Handoff>,
+    /// The egress proxy, until the run ends (dropping it stops it, before the report).
+    proxy: Option<EgressProxy>,
+}
+
+/// Tells the host what the egress proxy here substituted and refused, for its audit
+/// log, as `observed` lines on `mvm.ctl`.
+struct CtlObserver {
+    ctl: Mutex<std::fs::File>,
+}
+
+impl CtlObserver {
+    fn send(&self, observed: Observed) {
+        let mut ctl = self
+            .ctl
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = write_json_line(&mut *ctl, &GuestRecord::Observed(observed)) {
+            tracing::error!("egress proxy: not reported to the host: {e}");
+        }
+    }
+}
+
+impl Observer for CtlObserver {
+    fn substituted(&self, secret: &str, value_sha256: &Sha256Digest, destination: &Destination) {
+        self.send(Observed::substituted(secret, value_sha256, destination));
+    }
+
+    fn refused(&self, secret: Option<&str>, destination: &Destination, reason: Refusal) {
+        self.send(Observed::refused(secret, destination, reason));
+    }
 }
 
 impl RunJournal for HostJournal<'_> {
+    fn serve_substitution(
+        &mut self,
+        listener: Option<std::net::TcpListener>,
+        guest: Option<std::net::Ipv4Addr>,
+    ) -> Result<(), RunError> {
+        let Some(handoff) = self.handoff.take() else {
+            return Ok(());
+        };
+        let (Some(listener), Some(guest)) = (listener, guest) else {
+            return Err(RunError::Missing(
+                "secret substitution: the test host's network has no socket for the egress proxy"
+                    .into(),
+            ));
+        };
+        let observer = Arc::new(CtlObserver {
+            ctl: Mutex::new(self.ctl.try_clone().map_err(RunError::io("mvm.ctl"))?),
+        });
+        let proxy = handoff
+            .open()
+            .and_then(|opened| opened.start(listener, guest, observer))
+            .map_err(|e| {
+                RunError::Missing(format!("secret substitution: the egress proxy: {e}"))
+            })?;
+        tracing::info!(
+            port = proxy.port(),
+            "egress proxy substituting in the test host"
+        );
+        self.proxy = Some(proxy);
+        Ok(())
+    }
+
     fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError> {
         let booted = GuestRecord::Booted {
             vmm_events: read_events(&self.events),
@@ -411,7 +486,10 @@ impl RunJournal for HostJournal<'_> {
                 return Err(RunError::Interrupted);
             }
             match self.proceed.recv_timeout(Duration::from_millis(100)) {
-                Ok(secrets) => return Ok(secrets),
+                Ok((secrets, handoff)) => {
+                    self.handoff = handoff;
+                    return Ok(secrets);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) if start.elapsed() < PROCEED_TIMEOUT => {}
                 Err(_) => {
                     return Err(RunError::Agent(

@@ -59,6 +59,18 @@ pub fn overlaps_slirp(addr: Ipv4Addr, prefix: u8) -> bool {
     (u32::from(addr) & mask(shorter)) == (u32::from(net) & mask(shorter))
 }
 
+/// Refuses a guest subnet (the pool's, chosen on this host) that the test host could
+/// not route because it overlaps QEMU's user network.
+pub fn check_pool(addr: Ipv4Addr, prefix: u8) -> Result<(), RunError> {
+    if overlaps_slirp(addr, prefix) {
+        let (net, slirp_prefix) = SLIRP_NET;
+        return Err(RunError::Missing(format!(
+            "--net on the emulated tier: the pool's subnet for this VM ({addr}/{prefix}) overlaps the test host's own network ({net}/{slirp_prefix}); choose another MVM_NET_POOL"
+        )));
+    }
+    Ok(())
+}
+
 /// The table that keeps forwarded traffic out of QEMU's own addresses.
 #[must_use]
 pub fn guard_table() -> String {

@@ -6,6 +6,7 @@
 //! libFuzzer; `src/bin/gen_corpus.rs` writes the seed corpus with the builders here.
 
 pub mod agent_frame;
+pub mod egress_head;
 pub mod input;
 pub mod mmio_transport;
 pub mod net_frame;
@@ -42,7 +43,7 @@ mod tests {
 
     type Harness = fn(&[u8]);
 
-    const TARGETS: [(&str, Harness); 8] = [
+    const TARGETS: [(&str, Harness); 9] = [
         ("virtio_queue_blk", crate::virtio_queue_blk::run),
         ("vsock_packet", crate::vsock_packet::run),
         ("vsock_connection", crate::vsock_connection::run),
@@ -51,6 +52,7 @@ mod tests {
         ("verity_tree", crate::verity_tree::run),
         ("net_frame", crate::net_frame::run),
         ("mmio_transport", crate::mmio_transport::run),
+        ("egress_head", crate::egress_head::run),
     ];
 
     /// Runs every file under `dir/<target>/` through its harness; returns how many ran.

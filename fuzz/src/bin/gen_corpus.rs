@@ -42,6 +42,7 @@ fn main() {
     verity(dir);
     net(dir);
     mmio(dir);
+    egress(dir);
 }
 
 // ---- virtio_queue_blk ------------------------------------------------------------
@@ -562,4 +563,57 @@ fn mmio(dir: &Path) {
     o.u8(1).u16(REG_STATUS as u16).u8(2).u32(0x0f);
     o.u8(1).u16(0x104).u8(1).u32(1);
     write(dir, t, "hostile-registers", &o.0, run);
+}
+
+// ---- egress_head -----------------------------------------------------------------
+
+fn egress(dir: &Path) {
+    use mvm_fuzz::egress_head::{HOST, OTHER_HOST, PLACEHOLDERS};
+    let t = "egress_head";
+    let run = egress_head::run;
+    let [token, upload] = PLACEHOLDERS;
+    let seeds: [(&str, u8, String); 7] = [
+        (
+            "bound",
+            1,
+            format!("GET /v1/models HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\nAccept: */*\r\n\r\n"),
+        ),
+        (
+            "two-secrets-wrong-host",
+            2,
+            format!("POST /up HTTP/1.1\r\nHost: {OTHER_HOST}:443\r\nX-Key: {upload}\r\nX-Other: {token}\r\nContent-Length: 4\r\n\r\nbody"),
+        ),
+        (
+            "query",
+            0,
+            format!("GET /x?k={token} HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        ),
+        (
+            "forged-host",
+            1,
+            format!("GET / HTTP/1.1\r\nHost: {OTHER_HOST}\r\nAuthorization: {upload}\r\n\r\n"),
+        ),
+        (
+            "connection-headers",
+            4,
+            format!("GET / HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive, {token}\r\nKeep-Alive: 5\r\nAccept-Encoding: gzip\r\nX: {token}{token}\r\n\r\n"),
+        ),
+        (
+            "other-port",
+            9,
+            format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {token}\r\n\r\n"),
+        ),
+        (
+            "method",
+            1,
+            format!("{token} / HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        ),
+    ];
+    for (name, mode, head) in seeds {
+        for piece in [7u8, 255] {
+            let mut data = vec![mode, piece];
+            data.extend_from_slice(head.as_bytes());
+            write(dir, t, &format!("{name}-{piece}"), &data, run);
+        }
+    }
 }

@@ -154,6 +154,7 @@ pub(super) fn judge(
 
     if let Some(b) = placeholders
         .any_in(target.as_bytes())
+        .or(placeholders.any_in(method.as_bytes()))
         .or(placeholders.any_in(host_value))
     {
         return Err(refuse(Refusal::PlaceholderInTarget, Some(b), host_ref));
@@ -431,6 +432,8 @@ mod tests {
             format!("GET /{PH} HTTP/1.1\r\nHost: api.mvm.test\r\n\r\n"),
             format!("GET /a?token={PH}&b=1 HTTP/1.1\r\nHost: api.mvm.test\r\n\r\n"),
             format!("GET / HTTP/1.1\r\nHost: {PH}.mvm.test\r\n\r\n"),
+            // The method is a token, and a placeholder is one (found by the fuzz target).
+            format!("{PH} / HTTP/1.1\r\nHost: api.mvm.test\r\n\r\n"),
         ] {
             assert_eq!(
                 refusal(&head, None),

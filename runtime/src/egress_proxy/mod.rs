@@ -106,7 +106,7 @@ impl fmt::Display for Destination {
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
-    /// A placeholder in the request target (path, query) or in the Host header.
+    /// A placeholder in the request line (method, path, query) or in the Host header.
     PlaceholderInTarget,
     /// A placeholder in the request body or in anything sent after the head.
     PlaceholderInBody,
@@ -148,7 +148,7 @@ impl Refusal {
     /// One line saying what was refused.
     pub fn description(self) -> &'static str {
         match self {
-            Self::PlaceholderInTarget => "a placeholder in the request target or Host header",
+            Self::PlaceholderInTarget => "a placeholder in the request line or Host header",
             Self::PlaceholderInBody => "a placeholder after the request head (body or pipelined)",
             Self::PlaceholderInHeaderName => "a placeholder in a header name",
             Self::NotBound => "a placeholder for a host or address it is not bound to",
@@ -175,6 +175,47 @@ pub trait Observer: Send + Sync + 'static {
     fn substituted(&self, secret: &str, value_sha256: &Sha256Digest, destination: &Destination);
     /// A request to `destination` was refused for `reason`, concerning `secret` if named.
     fn refused(&self, secret: Option<&str>, destination: &Destination, reason: Refusal);
+}
+
+/// Entry points for the fuzz target `egress_head` (`fuzz/src/egress_head.rs`), which
+/// drives the proxy's first contact with a hostile guest. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddrV4;
+
+    use super::head::{judge as judge_head, HeadBuffer, HeadProgress};
+    use super::{Binding, Refusal};
+
+    /// What `head::judge` decided: the head sent upstream, the host it is for and the
+    /// bindings whose values went in; or the refusal.
+    pub fn judge(
+        head: &[u8],
+        sni: Option<&str>,
+        bindings: &[Binding],
+        destination: SocketAddrV4,
+    ) -> Result<(Vec<u8>, String, Vec<usize>), Refusal> {
+        judge_head(head, sni, bindings, destination)
+            .map(|f| (f.head.to_vec(), f.host, f.substituted))
+            .map_err(|r| r.reason)
+    }
+
+    /// The head `HeadBuffer` finds in `chunks` pushed one by one, and what followed it;
+    /// `None` while incomplete or when too large.
+    pub fn split_head(chunks: &[&[u8]]) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut buffer = HeadBuffer::default();
+        let mut chunks = chunks.iter();
+        for chunk in chunks.by_ref() {
+            match buffer.push(chunk) {
+                HeadProgress::Complete { head, mut rest } => {
+                    rest.extend(chunks.flat_map(|c| c.iter().copied()));
+                    return Some((head, rest));
+                }
+                HeadProgress::TooLarge => return None,
+                HeadProgress::Incomplete => {}
+            }
+        }
+        None
+    }
 }
 
 /// What an [`Observer`] was told, as data: for a proxy whose audit log is in another

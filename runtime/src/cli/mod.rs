@@ -262,13 +262,7 @@ impl RunArgs {
 
     /// The `--secret NAME=PLACEHOLDER` values, each with its `--for` hosts.
     pub fn substitutions(&self) -> Result<Vec<crate::secrets::SubstitutionRequest>, String> {
-        let placeholders: Vec<(String, String)> = self
-            .secrets
-            .iter()
-            .filter_map(|v| v.split_once('='))
-            .map(|(n, p)| (n.to_owned(), p.to_owned()))
-            .collect();
-        crate::secrets::pair_substitutions(&placeholders, &self.for_hosts)
+        crate::secrets::split_secret_args(&self.secrets, &self.for_hosts).map(|(_, s)| s)
     }
 
     /// What this run asks of the network (`--net`, `--allow`, `--dns`).

@@ -90,8 +90,17 @@ fn with_terminal(args: &RunArgs) -> Result<i32, SandboxError> {
         mem_mib: args.mem_mib,
         backend: args.backend,
         dev: args.dev_mode(),
-        secrets: args.secrets.clone(),
+        secrets: args
+            .secrets
+            .iter()
+            .filter(|v| !v.contains('='))
+            .cloned()
+            .collect(),
         ephemeral: true,
+        net: args.net_flags(),
+        substitutions: args
+            .substitutions()
+            .map_err(|e| SandboxError::io("--secret", std::io::Error::other(e)))?,
         ..SandboxOptions::default()
     });
     let info = match created {

@@ -126,9 +126,37 @@ pub struct CreateArgs {
     /// Use this backend instead of the best one detected.
     #[arg(long, value_enum)]
     pub backend: Option<Tier>,
-    /// Put the stored secret NAME at /run/secrets/NAME after the verified boot (repeatable).
-    #[arg(long = "secret", value_name = "NAME", conflicts_with = "dev")]
+    /// Put the stored secret NAME at /run/secrets/NAME after the verified boot; or, as
+    /// NAME=PLACEHOLDER, give the sandbox only the placeholder, which the host replaces
+    /// by the value in the headers of HTTPS requests to the --for hosts (repeatable;
+    /// docs/secrets.md).
+    #[arg(
+        long = "secret",
+        value_name = "NAME[=PLACEHOLDER]",
+        conflicts_with = "dev"
+    )]
     pub secrets: Vec<String>,
+    /// The host (port 443 unless given) a placeholder secret's value may go to
+    /// (repeatable; NAME= when there are several). Implies --allow HOST:PORT; the
+    /// policy's [secrets.hosts] must list it.
+    #[arg(
+        long = "for",
+        value_name = "[NAME=]HOST[:PORT]",
+        conflicts_with = "dev"
+    )]
+    pub for_hosts: Vec<String>,
+    /// Give the sandbox a network device (needs CAP_NET_ADMIN on the kvm tier); nothing
+    /// passes it but what --allow and --dns open. Implied by --allow and --dns. A
+    /// sandbox with a network cannot be paused or forked.
+    #[arg(long)]
+    pub net: bool,
+    /// Let the sandbox reach HOST_OR_CIDR:PORT[-PORT][/tcp|/udp] (repeatable; names
+    /// are resolved now and the plan pins their IPv4 addresses).
+    #[arg(long, value_name = "DEST", value_parser = crate::net::allow::parse_allow)]
+    pub allow: Vec<mvm_loader::plan::EgressRule>,
+    /// A DNS resolver for the sandbox (repeatable, IPv4).
+    #[arg(long, value_name = "IP", value_parser = crate::net::allow::parse_dns)]
+    pub dns: Vec<std::net::Ipv4Addr>,
     /// Forward 127.0.0.1:HOST_PORT on this host to GUEST_PORT in the guest (TCP over
     /// vsock, no guest network needed; pinned in the plan; repeatable).
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST",
@@ -271,6 +299,9 @@ fn create(args: &CreateArgs) -> Result<i32, SandboxError> {
             "mvm: WARNING: development mode (--dev / MVM_DEV=1): no admission, no signed plan, NOTHING IS VERIFIED OR AUDITED"
         );
     }
+    let (secrets, substitutions) =
+        crate::secrets::split_secret_args(&args.secrets, &args.for_hosts)
+            .map_err(|e| SandboxError::io("--secret", std::io::Error::other(e)))?;
     eprintln!("mvm: creating a sandbox (admission, boot; its agent answers when it is ready)");
     let info = sandbox::create(&SandboxOptions {
         image: args.image.clone(),
@@ -280,8 +311,15 @@ fn create(args: &CreateArgs) -> Result<i32, SandboxError> {
         mem_mib: args.mem_mib,
         backend: args.backend,
         dev,
-        secrets: args.secrets.clone(),
+        secrets,
         ports: args.ports.clone(),
+        net: crate::net::run::NetFlags {
+            net: args.net,
+            allow: args.allow.clone(),
+            dns: args.dns.clone(),
+            intercept: Vec::new(),
+        },
+        substitutions,
         ..SandboxOptions::default()
     })?;
     if args.json {

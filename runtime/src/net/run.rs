@@ -38,8 +38,9 @@ pub struct NetPrep {
     resolver: SystemResolver,
 }
 
-/// The `--net` flags of `mvm run`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The `--net` flags of `mvm run` (and of `mvm sandbox create`, kept in its config).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NetFlags {
     /// `--net` given (or implied by `--allow`/`--dns`).
     pub net: bool,

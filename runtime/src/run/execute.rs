@@ -167,17 +167,8 @@ pub fn execute_workload(
     // Substituted secrets: the workload sees each placeholder as the variable of the
     // secret's name, and the guest trusts the run's CA (written in by the backend).
     if let Some((trust, placeholders)) = admitted.substitution_for_guest() {
-        spec.env.extend(placeholders);
-        spec.env.insert(
-            "NODE_EXTRA_CA_CERTS".into(),
-            crate::secrets::guest_trust::GUEST_CA_FILE.into(),
-        );
-        for var in ["SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE"] {
-            spec.env.insert(
-                var.into(),
-                crate::secrets::guest_trust::GUEST_CA_BUNDLE.into(),
-            );
-        }
+        spec.env
+            .extend(crate::secrets::guest_trust::workload_env(&placeholders));
         spec.egress_trust = Some(trust);
     }
     let mut digests = None;

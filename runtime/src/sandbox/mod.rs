@@ -204,6 +204,11 @@ pub struct SandboxOptions {
     /// removed by its supervisor. What `mvm run -it` makes, so that a killed
     /// `mvm` leaves no VM behind.
     pub ephemeral: bool,
+    /// Its network, as `mvm run`'s `--net`, `--allow` and `--dns` (docs/net.md).
+    pub net: crate::net::run::NetFlags,
+    /// Stored secrets it sees only as placeholders, substituted on its HTTPS egress to
+    /// the hosts each is bound to (docs/secrets.md).
+    pub substitutions: Vec<crate::secrets::SubstitutionRequest>,
 }
 
 impl Default for SandboxOptions {
@@ -220,6 +225,8 @@ impl Default for SandboxOptions {
             ready_timeout: Duration::from_secs(300),
             ports: Vec::new(),
             ephemeral: false,
+            net: crate::net::run::NetFlags::default(),
+            substitutions: Vec::new(),
         }
     }
 }
@@ -321,6 +328,8 @@ pub fn create(options: &SandboxOptions) -> Result<SandboxInfo, SandboxError> {
         secrets: options.secrets.clone(),
         ports: options.ports.clone(),
         ephemeral: options.ephemeral,
+        net: options.net.clone(),
+        substitutions: options.substitutions.clone(),
         created: UtcTime::now(),
     };
     let root = state::root();
@@ -439,8 +448,18 @@ pub const PAUSE_WAIT: Duration = Duration::from_secs(180);
 /// sealed, and no process runs for it until [`resume`]. Waits up to `wait`.
 /// Needs the kvm backend.
 pub fn pause(reference: &str, wait: Duration) -> Result<SandboxInfo, SandboxError> {
-    let client = connect(reference)?;
     let sandbox = Sandbox::find_in(&state::root(), reference)?;
+    let config = sandbox.config()?;
+    if config.has_network() {
+        return Err(SandboxError::NotRunning {
+            id: config.id,
+            state: "not pausable".into(),
+            reason: Some(
+                "it has a network: its tap, its egress table and any egress proxy (with the run's CA key, in memory only) live with its supervisor and would not come back with a resume".into(),
+            ),
+        });
+    }
+    let client = connect(reference)?;
     client.client.pause()?;
     drop(client);
     let start = Instant::now();

@@ -157,6 +157,8 @@ struct Hub {
     ends_with_clients: bool,
     /// Whether a client may pause the sandbox (its VM can be snapshotted).
     pausable: bool,
+    /// Environment every exec gets unless it sets the variable itself.
+    exec_env: Vec<(String, String)>,
 }
 
 impl Hub {
@@ -227,6 +229,7 @@ pub struct Mux {
     ends_with_clients: bool,
     pausable: bool,
     snapshots: Option<SessionSnapshots>,
+    exec_env: Vec<(String, String)>,
 }
 
 /// How long a sandbox that ends with its clients waits for its first one.
@@ -246,7 +249,15 @@ impl Mux {
             ends_with_clients: false,
             pausable: false,
             snapshots: None,
+            exec_env: Vec::new(),
         }
+    }
+
+    /// Environment every exec gets unless its request sets the variable (a sandbox's
+    /// placeholders and the trust variables of secret substitution).
+    pub fn with_exec_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.exec_env = env;
+        self
     }
 
     /// Gives the session snapshots (the backend starts the VM with them): a client may
@@ -362,6 +373,7 @@ impl SessionServer for Mux {
             ports: self.ports.clone(),
             ends_with_clients: self.ends_with_clients,
             pausable: self.pausable,
+            exec_env: self.exec_env.clone(),
         });
         spawn_agent_reader(agent, Arc::clone(&hub)).map_err(RunError::io("agent reader"))?;
         let deadline = Instant::now() + self.ttl;
@@ -773,7 +785,13 @@ fn route_from_client(hub: &Hub, client: &Arc<Client>, frame: Frame) -> bool {
                 hub.to_agent(aid, &message);
             }
         }
-        Message::Exec(request) => {
+        Message::Exec(mut request) => {
+            for (name, value) in &hub.exec_env {
+                request
+                    .env
+                    .entry(name.clone())
+                    .or_insert_with(|| value.clone());
+            }
             let argv = request.argv.clone();
             let kind = Kind::Exec {
                 stdout: Tally::default(),

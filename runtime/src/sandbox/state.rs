@@ -69,8 +69,22 @@ pub struct SandboxConfig {
     /// the end (`mvm run -it`).
     #[serde(default)]
     pub ephemeral: bool,
+    /// Its network (`--net`, `--allow`, `--dns`).
+    #[serde(default)]
+    pub net: crate::net::run::NetFlags,
+    /// Secrets it sees only as placeholders (`--secret NAME=PLACEHOLDER --for HOST`).
+    #[serde(default)]
+    pub substitutions: Vec<crate::secrets::SubstitutionRequest>,
     /// When `create` was asked.
     pub created: UtcTime,
+}
+
+impl SandboxConfig {
+    /// Whether it has a network device (asked for, or implied by a substituted secret).
+    #[must_use]
+    pub fn has_network(&self) -> bool {
+        self.net.wanted() || !self.substitutions.is_empty()
+    }
 }
 
 /// Where a sandbox is in its life, as its supervisor last wrote it.
@@ -473,8 +487,26 @@ mod tests {
             secrets: vec![],
             ports: vec![],
             ephemeral: false,
+            net: crate::net::run::NetFlags::default(),
+            substitutions: vec![],
             created: UtcTime::now(),
         }
+    }
+
+    #[test]
+    fn a_config_written_before_sandboxes_had_a_network_still_reads() {
+        let mut value = serde_json::to_value(config("sb-0000000000000001", None)).unwrap();
+        let object = value.as_object_mut().unwrap();
+        object.remove("net");
+        object.remove("substitutions");
+        let old: SandboxConfig = serde_json::from_value(value).unwrap();
+        assert!(!old.has_network());
+        let mut networked = old.clone();
+        networked.net.allow = vec![crate::net::allow::parse_allow("192.0.2.7:443").unwrap()];
+        assert!(networked.has_network());
+        let back: SandboxConfig =
+            serde_json::from_str(&serde_json::to_string(&networked).unwrap()).unwrap();
+        assert_eq!(back.net, networked.net);
     }
 
     /// A sandboxes directory another user could write (or a link to one) is neither used

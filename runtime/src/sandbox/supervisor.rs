@@ -84,8 +84,10 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
     state.tier = tier.as_ref().ok().copied();
     save(&state);
     // Snapshots where the VMM is this host's process; the next one at the next epoch.
+    // A sandbox with a network is not paused: its tap, its table and its egress proxy
+    // (whose CA key lives only in this process) would not come back with it.
     let snapshots = match tier {
-        Ok(Tier::Kvm) => pause::prepare_next(&sandbox).and_then(|write_to| {
+        Ok(Tier::Kvm) if !config.has_network() => pause::prepare_next(&sandbox).and_then(|write_to| {
             Ok(SessionSnapshots {
                 write_to,
                 epoch: epoch.saturating_add(1),
@@ -133,7 +135,7 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
                     delivery: Delivery::File,
                 })
                 .collect(),
-            substitutions: Vec::new(),
+            substitutions: config.substitutions.clone(),
             forwards: config
                 .ports
                 .iter()
@@ -144,7 +146,7 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
         },
         receipt: None,
         dev: config.dev,
-        net: crate::net::run::NetFlags::default(),
+        net: config.net.clone(),
         forward_signals: true,
         cold: false,
         // A restore is admitted on the plan that booted the VM, kept with its snapshot.
@@ -194,6 +196,14 @@ pub fn supervise(dir: &Path, resume: bool) -> i32 {
     }
     if let Some(snapshots) = snapshots {
         mux = mux.with_snapshots(snapshots);
+    }
+    if !config.substitutions.is_empty() {
+        let placeholders: Vec<(String, String)> = config
+            .substitutions
+            .iter()
+            .map(|s| (s.name.clone(), s.placeholder.clone()))
+            .collect();
+        mux = mux.with_exec_env(crate::secrets::guest_trust::workload_env(&placeholders));
     }
     let result = tier.and_then(|_| execute_workload(&options, &spec, Workload::Session(&mut mux)));
     // The latest state (ready, with its times) is the base of the last one.

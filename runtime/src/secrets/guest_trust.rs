@@ -12,6 +12,19 @@ pub const GUEST_CA_FILE: &str = "/etc/ssl/certs/mvm-egress-ca.pem";
 /// The bundle OpenSSL, curl, Python and Go read on Debian-like systems.
 pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// The environment a workload with substituted secrets gets: each placeholder as the
+/// variable of its secret's name, and the variables common TLS clients read their
+/// trust from pointed at the run's CA (Node) or at the bundle that holds it.
+#[must_use]
+pub fn workload_env(placeholders: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env = placeholders.to_vec();
+    env.push(("NODE_EXTRA_CA_CERTS".into(), GUEST_CA_FILE.into()));
+    for var in ["SSL_CERT_FILE", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE"] {
+        env.push((var.into(), GUEST_CA_BUNDLE.into()));
+    }
+    env
+}
+
 /// What the guest is given for substitution, none of it secret: the CA certificate to
 /// trust, and the bound names with the addresses they were pinned to (for its
 /// `/etc/hosts`: the guest needs no resolver to reach them).

@@ -99,7 +99,8 @@ pub struct SecretRequest {
 /// A secret a run asks to have substituted on egress: the guest sees `placeholder`,
 /// and requests to `hosts` get the value in its place (`--secret NAME=PLACEHOLDER
 /// --for HOST[:PORT]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SubstitutionRequest {
     /// The stored secret's name.
     pub name: String,
@@ -111,6 +112,25 @@ pub struct SubstitutionRequest {
 
 /// The port `--for HOST` means.
 pub const HTTPS_PORT: u16 = 443;
+
+/// `--secret` values split: the names to release (`NAME`), and the placeholder secrets
+/// (`NAME=PLACEHOLDER`) each with its `--for` hosts.
+pub fn split_secret_args(
+    secrets: &[String],
+    for_hosts: &[String],
+) -> Result<(Vec<String>, Vec<SubstitutionRequest>), String> {
+    let released = secrets
+        .iter()
+        .filter(|v| !v.contains('='))
+        .cloned()
+        .collect();
+    let placeholders: Vec<(String, String)> = secrets
+        .iter()
+        .filter_map(|v| v.split_once('='))
+        .map(|(n, p)| (n.to_owned(), p.to_owned()))
+        .collect();
+    Ok((released, pair_substitutions(&placeholders, for_hosts)?))
+}
 
 /// Pairs `--secret NAME=PLACEHOLDER` values with `--for [NAME=]HOST[:PORT]` values: a
 /// `--for` without `NAME=` binds the one placeholder secret (an error with several).

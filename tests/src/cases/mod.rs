@@ -12,6 +12,7 @@ pub mod mcp;
 pub mod net;
 pub mod run;
 pub mod sandbox;
+pub mod sandbox_net;
 pub mod sandbox_pause;
 pub mod secret;
 pub mod secret_mcp;
@@ -49,6 +50,7 @@ pub fn all() -> Vec<Case> {
         tier_stall::CASES,
         container::CASES,
         sandbox::CASES,
+        sandbox_net::CASES,
         sandbox_pause::CASES,
         mcp::CASES,
     ]

@@ -88,7 +88,7 @@ impl Drop for HostsLine {
 pub(super) struct Servers {
     pub(super) server: TlsServer,
     pub(super) ca_file: String,
-    _remote: Remote,
+    pub(super) remote: Remote,
 }
 
 pub(super) fn servers(ctx: &Context, ns: &str, veth: &str) -> Result<Servers, Failure> {
@@ -106,7 +106,7 @@ pub(super) fn servers(ctx: &Context, ns: &str, veth: &str) -> Result<Servers, Fa
     Ok(Servers {
         server,
         ca_file: ca_path.display().to_string(),
-        _remote: remote,
+        remote,
     })
 }
 

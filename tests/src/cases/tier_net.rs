@@ -109,7 +109,7 @@ fn egress(ctx: &Context) -> CaseResult {
 }
 
 /// Runs `command` with `hosts` bound over `/etc/hosts` in a mount namespace of its own.
-fn with_hosts_file(command: &mut std::process::Command, hosts: &std::path::Path) {
+pub(super) fn with_hosts_file(command: &mut std::process::Command, hosts: &std::path::Path) {
     use std::os::unix::process::CommandExt as _;
     let hosts = hosts.to_owned();
     // SAFETY: between fork and exec only async-signal-safe calls are made: unshare(2)

@@ -86,6 +86,19 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// An optional list of strings (empty when absent).
+    pub(super) fn texts(&self, key: &str) -> Result<Vec<String>, String> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or(format!("{key} must be a list of strings")),
+            Some(_) => Err(format!("{key} must be a list of strings")),
+        }
+    }
+
     /// Secrets the guest sees only as placeholders: a list of objects
     /// `{name, placeholder, host}`, each field a string, nothing else in them.
     pub(super) fn substitutions(&self, key: &str) -> Result<Vec<Substitution>, String> {

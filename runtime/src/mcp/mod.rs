@@ -196,20 +196,7 @@ fn tools() -> Value {
                     "image": {"type": "string", "description": "The image, by name or digest (default: default; \"python\" has python3)."},
                     "timeout_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_SECS, "description": "Stop the command after this many seconds (default 120)."},
                     "env": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Environment variables for the command."},
-                    "secrets_for": {
-                        "type": "array",
-                        "description": "Stored secrets the command sees only as placeholders: the command gets $NAME = placeholder, and the host puts the real value in its place in the headers of HTTPS requests to host (port 443), and nowhere else. The host's policy decides which secrets and hosts are allowed. The value never enters the VM, so it never appears in this tool's output.",
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "name": {"type": "string", "description": "The stored secret's name (mvm secret set NAME)."},
-                                "placeholder": {"type": "string", "description": "What the command sees instead of the value."},
-                                "host": {"type": "string", "description": "The DNS name whose HTTPS requests get the value."}
-                            },
-                            "required": ["name", "placeholder", "host"],
-                            "additionalProperties": false
-                        }
-                    }
+                    "secrets_for": secrets_for_schema()
                 },
                 "required": ["command"],
                 "additionalProperties": false
@@ -239,6 +226,24 @@ fn tools() -> Value {
     };
     all.extend(sandbox_tools::definitions());
     Value::Array(all)
+}
+
+/// The schema of `secrets_for` (run_command, sandbox_create).
+pub(super) fn secrets_for_schema() -> Value {
+    json!({
+        "type": "array",
+        "description": "Stored secrets the command sees only as placeholders: the command (in a sandbox, every exec) gets $NAME = placeholder, and the host puts the real value in its place in the headers of HTTPS requests to host (port 443), and nowhere else. The host's policy decides which secrets and hosts are allowed. The value never enters the VM, so it never appears in this tool's output.",
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "description": "The stored secret's name (mvm secret set NAME)."},
+                "placeholder": {"type": "string", "description": "What the command sees instead of the value."},
+                "host": {"type": "string", "description": "The DNS name whose HTTPS requests get the value."}
+            },
+            "required": ["name", "placeholder", "host"],
+            "additionalProperties": false
+        }
+    })
 }
 
 /// A tool's answer: its text, its structured content, whether it is an error.

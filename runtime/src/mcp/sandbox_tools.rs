@@ -30,7 +30,9 @@ pub(super) fn definitions() -> Vec<Value> {
                 "properties": {
                     "image": {"type": "string", "description": "The image, by name or digest (default: default)."},
                     "name": {"type": "string", "description": "A unique name to refer to it by."},
-                    "ttl_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_SECS, "description": "Stop it after this many seconds (default 900)."}
+                    "ttl_secs": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_SECS, "description": "Stop it after this many seconds (default 900)."},
+                    "allow": {"type": "array", "items": {"type": "string"}, "description": "Destinations it may reach, as HOST_OR_CIDR:PORT[-PORT][/tcp|/udp] (the host's policy caps them). Without it, it has no network."},
+                    "secrets_for": super::secrets_for_schema()
                 },
                 "additionalProperties": false
             },
@@ -169,16 +171,40 @@ pub(super) fn call(name: &str, args: &Value) -> Option<Result<(String, Value), S
 }
 
 fn create(args: &Value) -> Result<(String, Value), String> {
-    let args = Args::new(args, &["image", "name", "ttl_secs"])?;
+    let options = create_options(args)?;
+    let info = sandbox::create(&options).map_err(|e| e.to_string())?;
+    let value = json!(info);
+    Ok((format!("sandbox {} is ready", info.id), value))
+}
+
+/// `sandbox_create`'s arguments as the sandbox's options.
+fn create_options(args: &Value) -> Result<SandboxOptions, String> {
+    let args = Args::new(args, &["image", "name", "ttl_secs", "allow", "secrets_for"])?;
     let mut options = SandboxOptions::default();
     if let Some(image) = args.text("image")? {
         options.image = image;
     }
     options.name = args.text("name")?;
     options.ttl = Duration::from_secs(args.number("ttl_secs", 1..=MAX_TTL_SECS, 900)?);
-    let info = sandbox::create(&options).map_err(|e| e.to_string())?;
-    let value = json!(info);
-    Ok((format!("sandbox {} is ready", info.id), value))
+    options.net.allow = args
+        .texts("allow")?
+        .iter()
+        .map(|d| crate::net::allow::parse_allow(d).map_err(|e| format!("allow: {e}")))
+        .collect::<Result<_, _>>()?;
+    // One call, so that two entries for one secret are checked together.
+    let asked = args.substitutions("secrets_for")?;
+    let secrets: Vec<String> = asked
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.placeholder))
+        .collect();
+    let hosts: Vec<String> = asked
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.host))
+        .collect();
+    options.substitutions = crate::secrets::split_secret_args(&secrets, &hosts)
+        .map(|(_, substitutions)| substitutions)
+        .map_err(|e| format!("secrets_for: {e}"))?;
+    Ok(options)
 }
 
 fn exec(args: &Value) -> Result<(String, Value), String> {
@@ -322,5 +348,48 @@ impl std::io::Write for LimitedSink<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_takes_a_network_and_placeholder_secrets() {
+        let options = create_options(&json!({
+            "allow": ["192.0.2.7:443", "10.1.0.0/16:8000-8080/udp"],
+            "secrets_for": [
+                {"name": "API_TOKEN", "placeholder": "MVM_PLACEHOLDER_API", "host": "api.example.com"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(options.net.allow.len(), 2);
+        assert_eq!(options.substitutions.len(), 1);
+        assert_eq!(options.substitutions[0].placeholder, "MVM_PLACEHOLDER_API");
+        assert_eq!(
+            options.substitutions[0].hosts,
+            [("api.example.com".to_owned(), 443)]
+        );
+        let plain = create_options(&json!({})).unwrap();
+        assert!(!plain.net.wanted() && plain.substitutions.is_empty());
+        for (bad, names) in [
+            (json!({"allow": ["nowhere"]}), "allow"),
+            (json!({"allow": "192.0.2.7:443"}), "allow"),
+            (
+                json!({"secrets_for": [
+                    {"name": "A", "placeholder": "MVM_PLACEHOLDER_1", "host": "a.example"},
+                    {"name": "A", "placeholder": "MVM_PLACEHOLDER_2", "host": "b.example"}
+                ]}),
+                "secrets_for",
+            ),
+            (
+                json!({"secrets_for": [{"name": "A", "placeholder": "P", "host": "not a host"}]}),
+                "secrets_for",
+            ),
+        ] {
+            let err = create_options(&bad).unwrap_err();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
     }
 }

@@ -5,9 +5,9 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mvm_loader::measure::Sha256Digest;
-use std::time::{Duration, Instant};
 
 use super::protocol::*;
 use crate::backend::interrupt;

@@ -48,6 +48,12 @@ impl<'a> Workload<'a> {
 pub trait VmProbe {
     /// `Some(why)` once the VM (or the process that holds it) is gone.
     fn ended(&mut self) -> Option<String>;
+
+    /// What an egress proxy beside the VM, in another process, reported since the last
+    /// call (the emulated tier's test host), for the session to append as it goes.
+    fn observed(&mut self) -> Vec<crate::egress_proxy::Observed> {
+        Vec::new()
+    }
 }
 
 /// What a session asks of snapshots (the `kvm` tier: the VMM is this host's process).

@@ -465,6 +465,11 @@ fn serve_loop(
             tracing::warn!("{why}");
             return "vm_exited";
         }
+        for observed in vm.observed() {
+            if let Err(e) = journal.substitution_observed(&observed) {
+                tracing::error!("egress proxy record: {e}");
+            }
+        }
     }
 }
 

@@ -168,14 +168,25 @@ fn network(ctx: &Context, backend: &[&str], hosts: Option<&std::path::Path>) -> 
         )));
     }
     let digest = format!("sha256:{}", sha256_hex(value.as_bytes()));
-    let substituted = audit_records(&homes.log())?
-        .into_iter()
+    let records = audit_records(&homes.log())?;
+    let at = |event: &str| {
+        records
+            .iter()
+            .position(|r| r.pointer("/event") == Some(&event.into()))
+    };
+    let substituted = records
+        .iter()
         .filter(|r| r.pointer("/event") == Some(&"secret_substituted".into()))
         .filter(|r| r.pointer("/fields/value_sha256") == Some(&digest.clone().into()))
         .count();
-    if substituted != 1 {
+    // Appended as it happened: inside the session, before its end.
+    let in_session = matches!(
+        (at("secret_substituted"), at("session_stopping")),
+        (Some(s), Some(e)) if s < e
+    );
+    if substituted != 1 || !in_session {
         return Err(Failure::new(format!(
-            "{substituted} secret_substituted records with the value's digest, want 1"
+            "{substituted} secret_substituted records with the value's digest (want 1), before session_stopping: {in_session}"
         )));
     }
     absent(&value, "the exec's output", &stdout)?;

@@ -22,6 +22,7 @@ use crate::backend::{
     locate, OutputSink, PlanFiles, ProcessEnd, RunError, RunJournal, RunOutcome, RunSpec,
     SessionServer, StdinMode, Tier, VmProbe, Workload,
 };
+use crate::egress_proxy::Observed;
 use crate::image::StoredImage;
 
 /// How long the test host may take to boot and start the inner `mvm`.
@@ -172,12 +173,24 @@ struct TestHostVm<'a> {
     stash: &'a mut VecDeque<Chunk>,
     host: &'a mut TestHost,
     watch: Option<&'a mut StallWatch>,
+    /// The test host's egress proxy's reports, until the session takes them.
+    observed: Vec<Observed>,
 }
 
 impl VmProbe for TestHostVm<'_> {
+    fn observed(&mut self) -> Vec<Observed> {
+        std::mem::take(&mut self.observed)
+    }
+
     fn ended(&mut self) -> Option<String> {
         let mut why = None;
         while let Ok(chunk) = self.rx.try_recv() {
+            if let Chunk::Ctl(line) = &chunk {
+                if let Ok(GuestRecord::Observed(observed)) = parse_record(line) {
+                    self.observed.push(observed);
+                    continue;
+                }
+            }
             match &chunk {
                 Chunk::Ctl(line)
                     if matches!(parse_record(line), Ok(GuestRecord::Report { .. })) =>
@@ -598,6 +611,7 @@ fn attempt(
                             stash: &mut stash,
                             host: &mut host,
                             watch: watch.as_mut(),
+                            observed: Vec::new(),
                         };
                         let served = server.serve(agent, parts.journal, &mut vm);
                         // Whatever the session's end, the test host stops and reports.

@@ -85,7 +85,8 @@ pub fn run(data: &[u8]) {
     assert_eq!(head.len() + rest.len(), stream.len());
 
     let bindings = bindings();
-    let first_line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+    // The request line ends at its LF (httparse takes a bare LF as a line end too).
+    let first_line_end = head.iter().position(|&b| b == b'\n').unwrap_or(0);
     let target_has_placeholder = PLACEHOLDERS
         .iter()
         .any(|p| contains(&head[..first_line_end], p));

@@ -211,17 +211,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub cold: bool,
     // netrt: the network flags (docs/net.md).
-    /// Give the VM a network device (needs CAP_NET_ADMIN); nothing passes it but what
-    /// --allow and --dns open. Implied by --allow and --dns.
-    #[arg(long)]
-    pub net: bool,
-    /// Let the guest reach HOST_OR_CIDR:PORT[-PORT][/tcp|/udp] (repeatable; host names
-    /// are resolved now and the plan pins their IPv4 addresses).
-    #[arg(long, value_name = "DEST", value_parser = crate::net::allow::parse_allow)]
-    pub allow: Vec<mvm_loader::plan::EgressRule>,
-    /// A DNS resolver for the guest (repeatable, IPv4; DNS to anything else is dropped).
-    #[arg(long, value_name = "IP", value_parser = crate::net::allow::parse_dns)]
-    pub dns: Vec<std::net::Ipv4Addr>,
+    #[command(flatten)]
+    pub network: NetArgs,
     /// The command and its arguments, after `--` (without one, the image's default
     /// command; after an image's entrypoint, its arguments).
     #[arg(last = true, value_name = "CMD")]
@@ -267,6 +258,29 @@ impl RunArgs {
 
     /// What this run asks of the network (`--net`, `--allow`, `--dns`).
     pub fn net_flags(&self) -> crate::net::run::NetFlags {
+        self.network.flags()
+    }
+}
+
+/// The network flags of `mvm run` and `mvm sandbox create` (docs/net.md).
+#[derive(Debug, Clone, Default, Args)]
+pub struct NetArgs {
+    /// Give the VM a network device (needs CAP_NET_ADMIN on the kvm tier); nothing passes
+    /// it but what --allow and --dns open. Implied by --allow and --dns.
+    #[arg(long)]
+    pub net: bool,
+    /// Let the guest reach HOST_OR_CIDR:PORT[-PORT][/tcp|/udp] (repeatable; host names
+    /// are resolved now and the plan pins their IPv4 addresses).
+    #[arg(long, value_name = "DEST", value_parser = crate::net::allow::parse_allow)]
+    pub allow: Vec<mvm_loader::plan::EgressRule>,
+    /// A DNS resolver for the guest (repeatable, IPv4; DNS to anything else is dropped).
+    #[arg(long, value_name = "IP", value_parser = crate::net::allow::parse_dns)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    /// The flags as the run path takes them.
+    pub fn flags(&self) -> crate::net::run::NetFlags {
         crate::net::run::NetFlags {
             net: self.net,
             allow: self.allow.clone(),

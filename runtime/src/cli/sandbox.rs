@@ -145,18 +145,9 @@ pub struct CreateArgs {
         conflicts_with = "dev"
     )]
     pub for_hosts: Vec<String>,
-    /// Give the sandbox a network device (needs CAP_NET_ADMIN on the kvm tier); nothing
-    /// passes it but what --allow and --dns open. Implied by --allow and --dns. A
-    /// sandbox with a network cannot be paused or forked.
-    #[arg(long)]
-    pub net: bool,
-    /// Let the sandbox reach HOST_OR_CIDR:PORT[-PORT][/tcp|/udp] (repeatable; names
-    /// are resolved now and the plan pins their IPv4 addresses).
-    #[arg(long, value_name = "DEST", value_parser = crate::net::allow::parse_allow)]
-    pub allow: Vec<mvm_loader::plan::EgressRule>,
-    /// A DNS resolver for the sandbox (repeatable, IPv4).
-    #[arg(long, value_name = "IP", value_parser = crate::net::allow::parse_dns)]
-    pub dns: Vec<std::net::Ipv4Addr>,
+    /// The network flags (a sandbox with a network cannot be paused or forked).
+    #[command(flatten)]
+    pub network: super::NetArgs,
     /// Forward 127.0.0.1:HOST_PORT on this host to GUEST_PORT in the guest (TCP over
     /// vsock, no guest network needed; pinned in the plan; repeatable).
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST",
@@ -313,12 +304,7 @@ fn create(args: &CreateArgs) -> Result<i32, SandboxError> {
         dev,
         secrets,
         ports: args.ports.clone(),
-        net: crate::net::run::NetFlags {
-            net: args.net,
-            allow: args.allow.clone(),
-            dns: args.dns.clone(),
-            intercept: Vec::new(),
-        },
+        net: args.network.flags(),
         substitutions,
         ..SandboxOptions::default()
     })?;

@@ -12,7 +12,7 @@ use super::audit::Homes;
 use super::run::{audit_records, describe, expect_code, output};
 use super::secret::{absent, fresh_value, search_host, store_secret};
 use super::secret_substitution::{
-    fail, said, servers, sha256_hex, HostsLine, BOUND, NAME, PLACEHOLDER,
+    fail, said, servers, substitutions_of, HostsLine, BOUND, NAME, PLACEHOLDER,
 };
 use crate::case::{Case, CaseResult, Context, Failure, HTTPS_GET};
 use crate::netbed::{OTHER, REMOTE};
@@ -167,18 +167,13 @@ fn network(ctx: &Context, backend: &[&str], hosts: Option<&std::path::Path>) -> 
             seen.len()
         )));
     }
-    let digest = format!("sha256:{}", sha256_hex(value.as_bytes()));
     let records = audit_records(&homes.log())?;
     let at = |event: &str| {
         records
             .iter()
             .position(|r| r.pointer("/event") == Some(&event.into()))
     };
-    let substituted = records
-        .iter()
-        .filter(|r| r.pointer("/event") == Some(&"secret_substituted".into()))
-        .filter(|r| r.pointer("/fields/value_sha256") == Some(&digest.clone().into()))
-        .count();
+    let substituted = substitutions_of(&records, &value);
     // Appended as it happened: inside the session, before its end.
     let in_session = matches!(
         (at("secret_substituted"), at("session_stopping")),

@@ -16,7 +16,8 @@ use super::audit::Homes;
 use super::run::{audit_records, events};
 use super::secret::{absent, fresh_value, search_host, store_secret};
 use super::secret_substitution::{
-    fail, said, servers, sha256_hex, write_policy, HostsLine, BOUND, FORGED, NAME, PLACEHOLDER,
+    fail, said, servers, substitutions_of, write_policy, HostsLine, BOUND, FORGED, NAME,
+    PLACEHOLDER,
 };
 use crate::case::{Case, CaseResult, Context, Failure, HTTPS_GET};
 
@@ -164,12 +165,7 @@ fn mcp_substituted(ctx: &Context) -> CaseResult {
     }
 
     let records = audit_records(&homes.log())?;
-    let digest = format!("sha256:{}", sha256_hex(value.as_bytes()));
-    let substituted = records
-        .iter()
-        .filter(|r| r.pointer("/event") == Some(&"secret_substituted".into()))
-        .filter(|r| r.pointer("/fields/value_sha256") == Some(&digest.clone().into()))
-        .count();
+    let substituted = substitutions_of(&records, &value);
     let kinds = events(&records);
     if substituted != 1 || kinds.iter().any(|k| k == "secret_released") {
         return Err(Failure::new(format!(

@@ -149,6 +149,16 @@ fn script() -> String {
     )
 }
 
+/// How many `secret_substituted` records carry the digest of `value`.
+pub(super) fn substitutions_of(records: &[Value], value: &str) -> usize {
+    let digest = Value::from(format!("sha256:{}", sha256_hex(value.as_bytes())));
+    records
+        .iter()
+        .filter(|r| r.pointer("/event") == Some(&"secret_substituted".into()))
+        .filter(|r| r.pointer("/fields/value_sha256") == Some(&digest))
+        .count()
+}
+
 /// The value of the line `key [...]` the guest printed.
 pub(super) fn said<'a>(stdout: &'a str, key: &str) -> &'a str {
     stdout

@@ -145,7 +145,7 @@ fn secret_substitution(ctx: &Context) -> CaseResult {
     use crate::cases::run::audit_records;
     use crate::cases::secret::{absent, fresh_value, search_host, store_secret};
     use crate::cases::secret_substitution::{
-        said, servers, sha256_hex, write_policy, BOUND, NAME, PLACEHOLDER,
+        said, servers, substitutions_of, write_policy, BOUND, NAME, PLACEHOLDER,
     };
     let servers = servers(ctx, "e2en-tsub", "e2ev-tsub")?;
     let hosts = ctx.work_file("hosts");
@@ -234,7 +234,6 @@ fn secret_substitution(ctx: &Context) -> CaseResult {
         ));
     }
     let records = audit_records(&homes.log())?;
-    let digest = format!("sha256:{}", sha256_hex(value.as_bytes()));
     let event = |kind: &str| -> Vec<&serde_json::Value> {
         records
             .iter()
@@ -244,10 +243,7 @@ fn secret_substitution(ctx: &Context) -> CaseResult {
     let substituted = event("secret_substituted");
     let refused = event("secret_refused");
     if substituted.len() != 1
-        || substituted
-            .first()
-            .and_then(|r| r.pointer("/fields/value_sha256"))
-            != Some(&digest.clone().into())
+        || substitutions_of(&records, &value) != 1
         || !refused
             .iter()
             .any(|r| r.pointer("/fields/reason") == Some(&"placeholder_in_target".into()))

@@ -86,33 +86,43 @@ pub fn guard_table() -> String {
 }
 
 /// Inside the test host: waits for the virtio-net interface, gives it
-/// [`TESTHOST_ADDR`], routes everything through [`SLIRP_HOST`] and applies
-/// [`guard_table`].
+/// [`TESTHOST_ADDR`] (by ioctl, as a tap is addressed), routes everything through
+/// [`SLIRP_HOST`] and applies [`guard_table`].
 pub fn bring_up() -> Result<(), RunError> {
     let interface = wait_for_interface(Path::new("/sys/class/net"))?;
     let (_, prefix) = SLIRP_NET;
-    let addr = format!("{TESTHOST_ADDR}/{prefix}");
+    crate::net::tap::address_and_up(&interface, TESTHOST_ADDR, prefix).map_err(RunError::io(
+        format!("test host uplink: addressing {interface}"),
+    ))?;
     let gateway = SLIRP_HOST.to_string();
-    run("ip", &["addr", "add", &addr, "dev", &interface], None)?;
-    run("ip", &["link", "set", &interface, "up"], None)?;
-    run(
-        "ip",
-        &[
-            "route", "add", "default", "via", &gateway, "dev", &interface,
-        ],
-        None,
-    )?;
-    run("nft", &["-f", "-"], Some(&guard_table()))
+    let route = [
+        "route", "add", "default", "via", &gateway, "dev", &interface,
+    ];
+    let out = Command::new("ip")
+        .args(route)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(RunError::io("test host uplink: running ip"))?;
+    if !out.status.success() {
+        return Err(RunError::Missing(format!(
+            "test host uplink: ip {}: {} ({})",
+            route.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        )));
+    }
+    crate::net::nft::run(&["-f", "-"], Some(&guard_table()))
+        .map(drop)
+        .map_err(|e| RunError::Missing(format!("test host uplink: the guard table: {e}")))
 }
 
 /// The first interface other than `lo` under `class` (the test host has no other).
 fn wait_for_interface(class: &Path) -> Result<String, RunError> {
     let deadline = Instant::now() + APPEAR_WITHIN;
     loop {
-        let found = std::fs::read_dir(class)
+        let found = crate::net::tap::interfaces(class)
             .map_err(RunError::io(format!("reading {}", class.display())))?
-            .filter_map(Result::ok)
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .into_iter()
             .filter(|name| name != "lo")
             .min();
         if let Some(name) = found {
@@ -125,38 +135,6 @@ fn wait_for_interface(class: &Path) -> Result<String, RunError> {
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<(), RunError> {
-    use std::io::Write as _;
-    let what = format!("test host uplink: {program} {}", args.join(" "));
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(RunError::io(what.clone()))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .map_err(RunError::io(what.clone()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(RunError::io(what.clone()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RunError::Missing(format!(
-            "{what}: {} ({})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            out.status
-        )))
     }
 }
 

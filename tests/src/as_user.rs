@@ -75,3 +75,55 @@ pub fn apply(cmd: &mut Command, uid: u32, gid: u32, kvm_dir: &Path) -> Result<()
     }
     Ok(())
 }
+
+/// Makes `cmd` start as `uid`/`gid` (the group its only one) in a mount namespace of its
+/// own where each `(file, over)` of `binds` is bound over the path `over` (for example an
+/// `/etc/passwd` that names the user, and `/etc/subuid`): this host's files stay as they
+/// are.
+pub fn apply_with_files(
+    cmd: &mut Command,
+    uid: u32,
+    gid: u32,
+    binds: &[(&Path, &str)],
+) -> Result<(), Failure> {
+    let c = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| Failure::new(format!("{bytes:?} has a NUL byte")))
+    };
+    let pairs = binds
+        .iter()
+        .map(|(file, over)| Ok((c(file.as_os_str().as_bytes())?, c(over.as_bytes())?)))
+        .collect::<Result<Vec<_>, Failure>>()?;
+    let root = c(b"/")?;
+    // SAFETY: the closure runs between fork and exec and makes only async-signal-safe libc
+    // calls, on C strings built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = |rc: libc::c_int| match rc {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            };
+            let none = std::ptr::null::<libc::c_char>();
+            ok(libc::unshare(libc::CLONE_NEWNS))?;
+            ok(libc::mount(
+                none,
+                root.as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for (file, over) in &pairs {
+                ok(libc::mount(
+                    file.as_ptr(),
+                    over.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?;
+            }
+            ok(libc::setgroups(1, &gid))?;
+            ok(libc::setresgid(gid, gid, gid))?;
+            ok(libc::setresuid(uid, uid, uid))
+        });
+    }
+    Ok(())
+}

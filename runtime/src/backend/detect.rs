@@ -24,8 +24,11 @@ pub struct HostFacts {
     pub kvm_modules: Vec<String>,
     /// The `qemu-system-x86_64` the emulated tier would use, if found.
     pub qemu: Option<PathBuf>,
-    /// This process runs as root (the container tier needs it, in this version).
+    /// This process runs as root.
     pub root: bool,
+    /// What an ordinary user lacks for the container tier's id maps (the helpers, or
+    /// its subordinate ids; `backend::idmap`); `None` when nothing is.
+    pub container_ids_missing: Option<String>,
     /// `/proc/sys/user/max_user_namespaces` (0: user namespaces are off).
     pub max_user_namespaces: Option<u64>,
 }
@@ -92,6 +95,7 @@ impl HostFacts {
                 .and_then(|v| v.trim().parse().ok());
         Self {
             root: nix::unistd::geteuid().is_root(),
+            container_ids_missing: super::idmap::IdMap::for_this_process().err(),
             max_user_namespaces,
             cpu_vmx: flags.contains(&"vmx"),
             cpu_svm: flags.contains(&"svm"),
@@ -203,15 +207,12 @@ fn judge_emulated(facts: &HostFacts) -> TierVerdict {
     }
 }
 
-/// Judges the container tier: root (this version maps the container's users onto a
-/// range of this host's that only root can grant) and user namespaces turned on. It
-/// is never chosen on its own: only `--backend container` asks for it.
+/// Judges the container tier: user namespaces turned on and, for an ordinary user,
+/// the id-map helpers and its subordinate ids. It is never chosen on its own: only
+/// `--backend container` asks for it.
 fn judge_container(facts: &HostFacts) -> TierVerdict {
-    let (usable, reason) = if !facts.root {
-        (
-            false,
-            "needs root in this version (the container's users are mapped onto a range of this host's, which only root can grant)".to_owned(),
-        )
+    let (usable, reason) = if let Some(missing) = &facts.container_ids_missing {
+        (false, missing.clone())
     } else if facts.max_user_namespaces == Some(0) {
         (
             false,
@@ -278,6 +279,7 @@ mod tests {
     fn the_container_tier_is_judged_but_never_chosen() {
         let mut f = facts(NONE, false, &[], false);
         f.root = true;
+        f.container_ids_missing = None;
         f.max_user_namespaces = Some(1000);
         let d = judge(&f);
         assert!(d.verdict(Tier::Container).unwrap().usable);
@@ -288,9 +290,12 @@ mod tests {
         assert!(!verdict.usable && verdict.reason.contains("max_user_namespaces"));
         f.root = false;
         f.max_user_namespaces = None;
+        f.container_ids_missing = Some("user alice has no range of 65535 subordinate ids".into());
         let user = judge(&f);
         let verdict = user.verdict(Tier::Container).unwrap();
-        assert!(!verdict.usable && verdict.reason.contains("root"));
+        assert!(!verdict.usable && verdict.reason.contains("subordinate ids"));
+        f.container_ids_missing = None;
+        assert!(judge(&f).verdict(Tier::Container).unwrap().usable);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod agent_exec;
 pub mod container;
 pub mod detect;
 pub mod emulated;
+pub mod idmap;
 pub mod interrupt;
 pub mod kvm;
 pub mod locate;

@@ -81,7 +81,12 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
             isolation: super::container::LABEL.into(),
             plan_verified_by: "mvm, before the container starts (signature, window, nonce; kernel, initramfs and command line measured against the plan; the kernel is never booted)".into(),
             disk_blocks_verified: false,
-            jail: "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a per-run copy of the image's tree; its users mapped onto an unused range of this host's; no_new_privs; rlimits".into(),
+            jail: if as_root {
+                "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a tmpfs holding the image's tree; its users mapped onto an unused range of this host's; no_new_privs; rlimits"
+            } else {
+                "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a tmpfs holding the image's tree; its root is the user, its other users the user's subordinate ids (newuidmap); no_new_privs; rlimits"
+            }
+            .into(),
             seccomp: "one deny-list filter on every process in it (module loading, kexec, bpf, userfaultfd, keyrings, ptrace, mounts, new namespaces, ...: docs/seccomp.md)".into(),
             egress_enforced_in: "nowhere needed: the network namespace holds only loopback (--net refused)".into(),
         },

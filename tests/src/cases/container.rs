@@ -1,7 +1,8 @@
 //! `container/*`: the container tier (`mvm run --backend container`) on this machine,
 //! through the installed-style `mvm` of the artifacts: no VM, the image's tree in
-//! namespaces under a seccomp filter (docs/backends.md). These cases need root (the
-//! tier does, in this version) and run on the user's machine, not in the test host.
+//! namespaces under a seccomp filter (docs/backends.md). They run on the user's machine,
+//! not in the test host, as root (which sets up what `container/unprivileged-user` runs
+//! as an ordinary user).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -19,6 +20,7 @@ pub const CASES: &[Case] = &[
     Case::user_host("container/escapes", escapes).limit_secs(180),
     Case::user_host("container/sandbox", sandbox).limit_secs(180),
     Case::user_host("container/tampered", tampered).limit_secs(120),
+    Case::user_host("container/unprivileged-user", unprivileged_user).limit_secs(180),
 ];
 
 /// `mvm run`'s exit code when the policy refuses the plan.
@@ -32,7 +34,7 @@ fn need_root() -> CaseResult {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Failure::new(
-            "the container tier needs root in this version: run scripts/e2e as root",
+            "these cases set up users and policies as root: run scripts/e2e as root",
         ));
     }
     Ok(())
@@ -62,6 +64,11 @@ fn audit_after(ctx: &Context, from: usize) -> Result<Vec<String>, Failure> {
 
 /// Processes of this host running as a container's user (they outlived the run).
 fn container_processes() -> Vec<u32> {
+    processes_with_uid(|uid| uid >= UID_BASE)
+}
+
+/// Processes of this host whose real uid `matches`.
+fn processes_with_uid(matches: impl Fn(u32) -> bool) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -76,7 +83,7 @@ fn container_processes() -> Vec<u32> {
                         .find_map(|l| l.strip_prefix("Uid:"))
                         .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok())
                 })
-                .is_some_and(|uid| uid >= UID_BASE)
+                .is_some_and(&matches)
         })
         .collect()
 }
@@ -261,4 +268,212 @@ fn tampered(ctx: &Context) -> CaseResult {
         )));
     }
     Ok(())
+}
+
+/// The ordinary user `container/unprivileged-user` runs `mvm` as, its group, and the
+/// first of its subordinate ids.
+const USER: (u32, u32, u32) = (4747, 4848, 300_000);
+
+/// An ordinary user (an account with 65536 subordinate ids in `/etc/subuid` and
+/// `/etc/subgid`, given to it by files bound over this host's in the user's own mount
+/// namespace) runs the container tier: its own policy allowing it, the image from the
+/// machine's shared store; the workload is uid 1000 inside, which is the user's
+/// subordinate id 999 outside (its `uid_map` says the container's root is the user and
+/// the rest its range); the escape probe's attempts are each denied; the start is in
+/// the user's audit log; no process of the user or its range is left, and nothing is
+/// left in the run directory.
+fn unprivileged_user(ctx: &Context) -> CaseResult {
+    use std::os::unix::fs::PermissionsExt;
+    need_root()?;
+    let (uid, gid, sub) = USER;
+    let io = |what: String| move |e: std::io::Error| Failure::new(format!("{what}: {e}"));
+    // Outside root's home, which the user may not enter: its own `mvm`, a shared store
+    // holding the default image (as scripts/setup publishes one), its home.
+    let base = RemovedOnDrop::create(format!("/tmp/mvm-e2e-user.{}", std::process::id()))
+        .map_err(io("a directory for the user".into()))?;
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755))
+        .map_err(io("chmod".into()))?;
+    let mvm_bin = base.path().join("mvm");
+    std::fs::copy(ctx.artifact(crate::cases::run::MVM)?, &mvm_bin)
+        .map_err(io("copying mvm".into()))?;
+    let system = base.path().join("system");
+    copy_tree(&image_store(ctx)?.join("images"), &system.join("images"))?;
+    let home = base.path().join("home");
+    let runs = base.path().join("runs");
+    let config = home.join(".config/mvm");
+    std::fs::create_dir_all(&config).map_err(io("mkdir config".into()))?;
+    std::fs::create_dir(&runs).map_err(io("mkdir runs".into()))?;
+    std::fs::write(
+        config.join("policy.toml"),
+        "[tier]\nminimum = \"container\"\n",
+    )
+    .map_err(io("writing the policy".into()))?;
+    for dir in [&home, &home.join(".config"), &config, &runs] {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io("chown".into()))?;
+    }
+    std::os::unix::fs::chown(config.join("policy.toml"), Some(uid), Some(gid))
+        .map_err(io("chown".into()))?;
+    let passwd = ctx.work_file("passwd");
+    let host_passwd = std::fs::read_to_string("/etc/passwd").map_err(io("/etc/passwd".into()))?;
+    std::fs::write(
+        &passwd,
+        format!(
+            "{host_passwd}mvmtest:x:{uid}:{gid}::{}:/bin/sh\n",
+            home.display()
+        ),
+    )
+    .map_err(io("writing passwd".into()))?;
+    let subids = ctx.work_file("subids");
+    std::fs::write(&subids, format!("mvmtest:{sub}:65536\n"))
+        .map_err(io("writing subids".into()))?;
+    let probe = std::fs::File::open(ctx.artifact("mvm-escape-probe")?)
+        .map_err(|e| Failure::new(format!("the probe: {e}")))?;
+    let user_mvm = |args: &[&str]| -> Result<Command, Failure> {
+        let mut command = Command::new(&mvm_bin);
+        command
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOME", &home)
+            .env("MVM_RUN_DIR", &runs)
+            .env("MVM_SYSTEM_DIR", &system)
+            .args(args);
+        crate::as_user::apply_with_files(
+            &mut command,
+            uid,
+            gid,
+            &[
+                (&passwd, "/etc/passwd"),
+                (&subids, "/etc/subuid"),
+                (&subids, "/etc/subgid"),
+            ],
+        )?;
+        Ok(command)
+    };
+    let script = "id -u; cat /proc/self/uid_map; echo kept > /work/f; cat /work/f";
+    let mut command = user_mvm(&[
+        "run",
+        "--backend",
+        "container",
+        "--json",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])?;
+    command.stdin(Stdio::null());
+    let out = output(command)?;
+    expect_code(&out, 0)?;
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Failure::new(format!("--json output is not JSON: {e}")).with_detail(describe(&out))
+    })?;
+    let stdout = value.get("stdout").and_then(|v| v.as_str()).unwrap_or("");
+    let map: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .take(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let (uid_s, sub_s) = (uid.to_string(), sub.to_string());
+    let want_map = vec![
+        vec!["0", uid_s.as_str(), "1"],
+        vec!["1", sub_s.as_str(), "65535"],
+    ];
+    if stdout.lines().next() != Some("1000")
+        || map != want_map
+        || !stdout.ends_with("kept\n")
+        || value.get("tier").and_then(|v| v.as_str()) != Some("container")
+    {
+        return Err(Failure::new(format!(
+            "unexpected result (want uid 1000, the map {want_map:?}, tier container): {value}"
+        )));
+    }
+    let mut command = user_mvm(&[
+        "run",
+        "--backend",
+        "container",
+        "--",
+        "sh",
+        "-c",
+        "cat > /tmp/probe && chmod 755 /tmp/probe && /tmp/probe",
+    ])?;
+    command.stdin(probe);
+    let out = output(command)?;
+    expect_code(&out, 0)?;
+    let probed = String::from_utf8_lossy(&out.stdout);
+    let allowed: Vec<&str> = probed.lines().filter(|l| !l.contains(" denied ")).collect();
+    if probed.lines().count() < 14 || !allowed.is_empty() {
+        return Err(
+            Failure::new(format!("escape attempts not denied: {allowed:?}"))
+                .with_detail(describe(&out)),
+        );
+    }
+    let audit = home.join(".local/share/mvm/audit.jsonl");
+    let audited = std::fs::read_to_string(&audit).unwrap_or_default();
+    if !audited
+        .lines()
+        .any(|r| r.contains("\"boot_verified\"") && r.contains("\"tier\":\"container\""))
+    {
+        return Err(Failure::new(format!(
+            "no boot_verified with the container tier in the user's audit log ({})",
+            audit.display()
+        )));
+    }
+    let left = processes_with_uid(|u| u == uid || (sub..sub + 65536).contains(&u));
+    if !left.is_empty() {
+        return Err(Failure::new(format!(
+            "processes of the user or its subordinate ids left running: {left:?}"
+        )));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if !leftovers.is_empty() {
+        return Err(Failure::new(format!(
+            "left in the run directory: {leftovers:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Copies the directory tree `from` to `to` (regular files and directories; modes kept).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> CaseResult {
+    let fail = |what: &std::path::Path| {
+        let what = what.display().to_string();
+        move |e: std::io::Error| Failure::new(format!("copying {what}: {e}"))
+    };
+    std::fs::create_dir_all(to).map_err(fail(to))?;
+    for entry in std::fs::read_dir(from).map_err(fail(from))? {
+        let entry = entry.map_err(fail(from))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().map_err(fail(&src))?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(fail(&src))?;
+        }
+    }
+    Ok(())
+}
+
+/// A directory made fresh, removed with everything in it when dropped.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl RemovedOnDrop {
+    fn create(path: String) -> std::io::Result<Self> {
+        let path = std::path::PathBuf::from(path);
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir(&path)?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -33,7 +33,7 @@ pub const CASES: &[Case] = &[
 ];
 
 /// The `mvm` binary among the artifacts.
-const MVM: &str = "mvm";
+pub const MVM: &str = "mvm";
 /// The image store among the artifacts.
 const DATA_DIR: &str = "mvm-data";
 /// `mvm run`'s exit code for `--timeout` (runtime/src/run/exit.rs).

@@ -3,19 +3,20 @@
 //!
 //! 1. It leaves this host's user namespace (`unshare(CLONE_NEWUSER)`), says so on
 //!    stdout ([`UNSHARED`]), and waits on stdin ([`MAPPED`]) while the run's `mvm`
-//!    (root in this host's namespace, which a process inside cannot be) writes its
-//!    uid and gid maps: the container's users 0..65536 are a range of this host's
-//!    that no account uses ([`super::UID_BASE`]).
+//!    writes its uid and gid maps ([`crate::backend::idmap`]: as root, a range of this host's
+//!    that no account uses; as an ordinary user, the user as the container's root and
+//!    its subordinate ids).
 //! 2. It makes the other namespaces (mount, PID, network, IPC, UTS, cgroup) and forks:
 //!    the child is PID 1 of the new PID namespace; this process waits for it and
 //!    exits with its status (the run's `mvm` kills this process to stop the container;
 //!    PID 1 follows through its parent-death signal, and the kernel ends every other
 //!    process of the namespace with it).
-//! 3. PID 1 binds the per-run copy of the image onto itself and enters it while it is
-//!    still this host's root as far as paths go (the run directory is root's alone),
-//!    then takes the container's root ids (this host's `UID_BASE`: a file made on a
-//!    filesystem mounted in the namespace needs an owner mapped in it) and mounts the
-//!    rest of the container's tree: a new `/proc`, a small tmpfs `/dev` with `null zero full random urandom
+//! 3. PID 1 mounts a tmpfs on the run's empty tree directory and enters it while it is
+//!    still the run's `mvm` as far as paths go (the run directory is its alone), then
+//!    takes the container's root ids (a file made on a filesystem mounted in the
+//!    namespace needs an owner mapped in it), unpacks the measured initramfs (inherited
+//!    as a sealed memfd, read before the namespaces were made) into the tmpfs, and
+//!    mounts the rest of the container's tree: a new `/proc`, a small tmpfs `/dev` with `null zero full random urandom
 //!    tty` bound in from this host and a new `devpts`, tmpfs `/dev/shm`, `/tmp`,
 //!    `/run` and `/work` (the workload's), and the run's socket directory at `/run/mvm`; brings loopback up; gives
 //!    the container its hostname; `pivot_root`s into the tree and detaches the old
@@ -36,8 +37,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
-    /// The container's tree on this host.
+    /// The empty directory, on this host, the container's tree is mounted on (a tmpfs
+    /// in the container's mount namespace only).
     pub root: PathBuf,
+    /// The descriptor, inherited, of the image's measured initramfs (a sealed memfd):
+    /// the tree is unpacked from it inside.
+    pub initramfs_fd: i32,
+    /// The size of the tree's tmpfs, MiB: the unpacked image and what the workload
+    /// writes beside it.
+    pub tree_mib: u64,
     /// The directory, on this host, that is `/run/mvm` inside (the agent's socket).
     pub socket_dir: PathBuf,
     /// The container's hostname.
@@ -78,6 +86,11 @@ fn make(dir: &Path) -> Result<i32, String> {
         .map_err(|e| format!("reading {}: {e}", dir.join(CONFIG_FILE).display()))?;
     let config: InitConfig =
         serde_json::from_slice(&text).map_err(|e| format!("{CONFIG_FILE}: {e}"))?;
+    // Read while this is still the host's user namespace, then closed: the agent and
+    // the workload never hold it.
+    let initramfs = std::fs::read(format!("/proc/self/fd/{}", config.initramfs_fd))
+        .map_err(|e| format!("reading the initramfs (fd {}): {e}", config.initramfs_fd))?;
+    nix::unistd::close(config.initramfs_fd).map_err(|e| format!("closing the initramfs: {e}"))?;
     unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| format!("a new user namespace: {e}"))?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{UNSHARED}")
@@ -105,7 +118,7 @@ fn make(dir: &Path) -> Result<i32, String> {
     // so the child may run ordinary code; it ends in exec or _exit.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
-            let e = pid1(&config);
+            let e = pid1(&config, &initramfs);
             eprintln!("mvm: container init (pid 1): {e}");
             // SAFETY: _exit ends the child at once, without running the parent's
             // atexit handlers or flushing its buffers twice.
@@ -124,8 +137,8 @@ fn make(dir: &Path) -> Result<i32, String> {
 }
 
 /// PID 1: the mounts, then the agent. Returns only on failure.
-fn pid1(config: &InitConfig) -> String {
-    match setup(config).and_then(|()| exec_agent(config)) {
+fn pid1(config: &InitConfig, initramfs: &[u8]) -> String {
+    match setup(config, initramfs).and_then(|()| exec_agent(config)) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -154,7 +167,7 @@ fn mount_at(
     })
 }
 
-fn setup(config: &InitConfig) -> Result<(), String> {
+fn setup(config: &InitConfig, initramfs: &[u8]) -> Result<(), String> {
     let none: Option<&Path> = None;
     mount_at(
         none,
@@ -163,21 +176,26 @@ fn setup(config: &InitConfig) -> Result<(), String> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
+    // The tree lives in memory of this mount namespace, as a VM's initramfs does: owned
+    // by the container's root (ids as this user namespace reads them), bounded, and gone
+    // with the container; nothing of it is on this host's disks.
+    let tree = format!("mode=755,uid=0,gid=0,size={}m", config.tree_mib);
     mount_at(
-        Some(&config.root),
+        Some(Path::new("tmpfs")),
         &config.root,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(&tree),
     )?;
     // Held open while this process can still reach it: after the ids change, the path
-    // to it (under directories only this host's root may enter) is closed to it.
+    // to it (under the run directory, its `mvm`'s alone) may be closed to it.
     let socket_dir = std::fs::File::open(&config.socket_dir)
         .map_err(|e| format!("opening {}: {e}", config.socket_dir.display()))?;
     nix::unistd::chdir(&config.root)
         .map_err(|e| format!("chdir {}: {e}", config.root.display()))?;
-    // The container's root from here on (this host's UID_BASE, root only inside): a
-    // file made on a filesystem mounted in the namespace needs an owner mapped in it.
+    // The container's root from here on (root only inside; on this host UID_BASE, or
+    // the user who ran `mvm`): a file made on a filesystem mounted in the namespace
+    // needs an owner mapped in it.
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     let zero_gid = Gid::from_raw(0);
     let zero_uid = Uid::from_raw(0);
@@ -194,6 +212,11 @@ fn setup(config: &InitConfig) -> Result<(), String> {
         ));
     }
     let root = Path::new(".");
+    // Unpacked as the container's root, so every file is its.
+    let entries = super::rootfs::unpack(initramfs, root).map_err(|e| e.to_string())?;
+    if entries == 0 {
+        return Err("the image's initramfs holds nothing".into());
+    }
     let proc = root.join("proc");
     mkdir(&proc)?;
     mount_at(

@@ -7,17 +7,21 @@
 //!
 //! The run, in order: [`verify`] checks the signed plan (signature, window, nonce, that
 //! it allows this tier) and measures the image's kernel, initramfs and command line
-//! against it, writing `boot_verified` as `mvm-vmm` would; [`rootfs`] unpacks the
-//! measured initramfs into a new directory of the run; [`init`] (`mvm __container-init`)
-//! makes the namespaces, mounts and `pivot_root`s, and execs the agent; then the
-//! workload goes through the agent as on the kvm tier. Docs: `docs/backends.md`.
+//! against it, writing `boot_verified` as `mvm-vmm` would; the measured initramfs goes
+//! to the init as a sealed memfd; [`init`] (`mvm __container-init`) leaves this host's
+//! user namespace, has its ids mapped ([`super::idmap`]: root or an ordinary user), makes the
+//! other namespaces, unpacks the tree ([`rootfs`]) into a tmpfs of its own mount
+//! namespace, mounts, `pivot_root`s and execs the agent; then the workload goes through
+//! the agent as on the kvm tier. Docs: `docs/backends.md`.
 
 pub mod init;
 mod rootfs;
 mod verify;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use mvm_agent::{Client, ClientError};
 
 use super::agent_exec::{self, deliver_secrets, shutdown_guest, Holder};
+use super::idmap::IdMap;
 use super::scratch::ScratchDir;
 use super::{
     interrupt, locate, PlanFiles, RunError, RunJournal, RunOutcome, RunSpec, Tier, Timings,
@@ -34,12 +39,6 @@ use crate::image::StoredImage;
 
 /// How the tier is named wherever it appears.
 pub const LABEL: &str = "container: shares the host kernel (Linux namespaces and a seccomp filter around the image's tree; no VM)";
-/// The first of this host's uids (and gids) the container's users map onto: `0` inside
-/// is this, `1000` inside is this plus 1000. A range above what accounts and the usual
-/// `/etc/subuid` ranges use, so a process that left the container would be nobody.
-pub const UID_BASE: u32 = 0x5d00_0000;
-/// How many ids are mapped.
-pub const ID_COUNT: u32 = 65_536;
 /// The agent's socket, in the socket directory.
 const AGENT_SOCKET: &str = "agent.sock";
 /// The container's hostname.
@@ -149,11 +148,8 @@ pub fn run(
     workload: Workload<'_>,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
-    if !nix::unistd::geteuid().is_root() {
-        return Err(RunError::NoBackend(
-            "container: needs root in this version (its users are mapped onto a range of this host's, which only root can grant)".into(),
-        ));
-    }
+    let ids = IdMap::for_this_process()
+        .map_err(|why| RunError::NoBackend(format!("container: {why}")))?;
     if !spec.disks.is_empty() {
         return Err(RunError::Missing(
             "the container tier runs an image's initramfs tree only: disks (an image's root filesystem, --disk) need a VM tier".into(),
@@ -168,7 +164,8 @@ pub fn run(
     }
     // The container's root alone may enter it: a workload (uid 1000) must not reach
     // the agent's socket.
-    std::os::unix::fs::chown(&sockets, Some(UID_BASE), Some(UID_BASE))
+    let (root_uid, root_gid) = ids.container_root();
+    std::os::unix::fs::chown(&sockets, Some(root_uid), Some(root_gid))
         .and_then(|()| {
             std::fs::set_permissions(
                 &sockets,
@@ -176,10 +173,23 @@ pub fn run(
             )
         })
         .map_err(RunError::io(format!("owning {}", sockets.display())))?;
-    let entries = rootfs::unpack(&initramfs, &root, Some((UID_BASE, UID_BASE)))?;
+    let sealed = sealed_copy(&initramfs)?;
+    let tree_mib = u64::try_from(initramfs.len())
+        .unwrap_or(u64::MAX)
+        .div_ceil(1 << 20)
+        .saturating_add(u64::from(spec.mem_mib));
     drop(initramfs);
-    tracing::debug!(entries, "container tree unpacked");
-    let mut container = start_init(image, scratch.path(), &root, &sockets)?;
+    let mut container = start_init(
+        image,
+        &ids,
+        Tree {
+            dir: scratch.path(),
+            root: &root,
+            sockets: &sockets,
+            initramfs: sealed,
+            mib: tree_mib,
+        },
+    )?;
     let socket = sockets.join(AGENT_SOCKET);
     let ready_timeout = Duration::from_secs(spec.ready_timeout_secs);
     let client = wait_for_agent(&mut container, &socket, ready_timeout)?;
@@ -251,13 +261,55 @@ pub fn run(
     })
 }
 
-/// Starts `mvm __container-init` over the tree `root` and maps its user namespace.
-fn start_init(
-    image: &StoredImage,
-    dir: &Path,
-    root: &Path,
-    sockets: &Path,
-) -> Result<Container, RunError> {
+/// A copy of the measured initramfs the init unpacks: a memfd sealed against every
+/// change, so what is unpacked is what was measured.
+fn sealed_copy(bytes: &[u8]) -> Result<OwnedFd, RunError> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let sys = |what: &'static str| move |e: nix::errno::Errno| RunError::io(what)(e.into());
+    let fd = memfd_create(
+        c"mvm-container-initramfs",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(sys("creating the initramfs memfd"))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)
+        .map_err(RunError::io("writing the initramfs memfd"))?;
+    let seals = SealFlag::F_SEAL_SEAL
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))
+        .map_err(sys("sealing the initramfs memfd"))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// The descriptor number the init finds the initramfs at.
+const INITRAMFS_FD: i32 = 3;
+
+/// Where the container's tree comes from and goes.
+struct Tree<'a> {
+    /// The run directory (the init's config and log).
+    dir: &'a Path,
+    /// The empty directory the tree's tmpfs is mounted on.
+    root: &'a Path,
+    /// The socket directory.
+    sockets: &'a Path,
+    /// The measured initramfs, sealed.
+    initramfs: OwnedFd,
+    /// The tree's tmpfs size, MiB.
+    mib: u64,
+}
+
+/// Starts `mvm __container-init` over `tree` and maps its user namespace with `ids`.
+fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Container, RunError> {
+    let Tree {
+        dir,
+        root,
+        sockets,
+        initramfs,
+        mib,
+    } = tree;
     let policy = mvm_agent::agent::policy::Policy::from_cmdline(&image.manifest.cmdline);
     let mut argv = vec![
         "/init".to_owned(),
@@ -278,6 +330,8 @@ fn start_init(
     }
     let config = init::InitConfig {
         root: root.to_owned(),
+        initramfs_fd: INITRAMFS_FD,
+        tree_mib: mib,
         socket_dir: sockets.to_owned(),
         hostname: HOSTNAME.to_owned(),
         workload_ids: (policy.default_uid, policy.default_gid),
@@ -307,7 +361,26 @@ fn start_init(
         .stdout(Stdio::piped())
         .stderr(log_file);
     super::vmm_process::own_group_dies_with_us(&mut command);
-    let mut child = command.spawn().map_err(|e| RunError::VmmDied {
+    let raw = initramfs.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // dup2(2) and fcntl(2), which are async-signal-safe, on a descriptor the parent
+    // keeps open until the spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            let rc = if raw == INITRAMFS_FD {
+                libc::fcntl(raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, INITRAMFS_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = command.spawn();
+    drop(initramfs);
+    let mut child = spawned.map_err(|e| RunError::VmmDied {
         reason: format!("cannot start {} __container-init: {e}", mvm.display()),
         log: String::new(),
         exit: None,
@@ -323,7 +396,7 @@ fn start_init(
             "the container init's pipes are missing".into(),
         ));
     };
-    if let Err(why) = map_users(container.child.id(), stdin, stdout) {
+    if let Err(why) = map_users(ids, container.child.id(), stdin, stdout) {
         Holder::kill(&mut container);
         let status = container.try_exit();
         return Err(RunError::VmmDied {
@@ -335,9 +408,14 @@ fn start_init(
     Ok(container)
 }
 
-/// Waits for the init to leave this host's user namespace, writes its maps (the
-/// container's 0..ID_COUNT onto this host's UID_BASE..), and lets it go on.
-fn map_users(pid: u32, mut stdin: ChildStdin, stdout: ChildStdout) -> Result<(), String> {
+/// Waits for the init to leave this host's user namespace, has its maps written
+/// ([`super::idmap`]), and lets it go on.
+fn map_users(
+    ids: &IdMap,
+    pid: u32,
+    mut stdin: ChildStdin,
+    stdout: ChildStdout,
+) -> Result<(), String> {
     let mut line = String::new();
     BufReader::new(stdout)
         .read_line(&mut line)
@@ -345,11 +423,7 @@ fn map_users(pid: u32, mut stdin: ChildStdin, stdout: ChildStdout) -> Result<(),
     if line.trim_end() != init::UNSHARED {
         return Err(format!("the init said {line:?}"));
     }
-    let map = format!("0 {UID_BASE} {ID_COUNT}\n");
-    for file in ["uid_map", "gid_map"] {
-        let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, &map).map_err(|e| format!("writing {path}: {e}"))?;
-    }
+    ids.apply(pid)?;
     writeln!(stdin, "{}", init::MAPPED).map_err(|e| format!("telling the init: {e}"))
 }
 

@@ -1,11 +1,12 @@
 //! The container's tree: the image's initramfs (measured against the plan before it gets
-//! here) unpacked into a new directory of the run, owned by the container's root.
+//! here) unpacked by the container's init, as the container's root, into the tmpfs of
+//! its own mount namespace ([`super::init`]), so every file is the container root's.
 //!
 //! An archive is data, not instructions for this host: every path must stay inside the
 //! new directory, so a path that is absolute or holds `.` or `..`, an entry under a
 //! symbolic link of the archive (which would be followed on this host), and a path seen
 //! twice are refused. Symbolic links are created as they are and never followed here
-//! (owners are set with `lchown`); device nodes are skipped (the container's `/dev` is
+//! (their owner is whoever unpacks); device nodes are skipped (the container's `/dev` is
 //! made by its init).
 
 use std::collections::HashSet;
@@ -43,12 +44,8 @@ fn inside(path: &str) -> Result<PathBuf, RunError> {
 }
 
 /// Unpacks the newc archive `initramfs` into `root` (which must exist and be empty),
-/// every entry owned by `owner` when given. Returns how many entries were written.
-pub(super) fn unpack(
-    initramfs: &[u8],
-    root: &Path,
-    owner: Option<(u32, u32)>,
-) -> Result<usize, RunError> {
+/// every entry owned by the caller. Returns how many entries were written.
+pub(super) fn unpack(initramfs: &[u8], root: &Path) -> Result<usize, RunError> {
     let entries = parse_newc(initramfs).map_err(|e| {
         RunError::Missing(format!("the image's initramfs is not a newc archive: {e}"))
     })?;
@@ -78,15 +75,7 @@ pub(super) fn unpack(
             if matches!(entry.kind, EntryKind::Symlink(_)) {
                 links.insert(relative);
             }
-            if let Some((uid, gid)) = owner {
-                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-                    .map_err(RunError::io(format!("owning {}", path.display())))?;
-            }
         }
-    }
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::lchown(root, Some(uid), Some(gid))
-            .map_err(RunError::io(format!("owning {}", root.display())))?;
     }
     Ok(written)
 }
@@ -187,7 +176,7 @@ mod tests {
             a.add_file("etc/secret", 0o600, b"x".to_vec()).unwrap();
             a.add_char_dev("dev/console", 0o600, 5, 1).unwrap();
         });
-        let n = unpack(&bytes, dir.path(), None).unwrap();
+        let n = unpack(&bytes, dir.path()).unwrap();
         assert_eq!(
             n, 6,
             "bin, busybox, sh, dev and etc (made for their files), secret"
@@ -210,7 +199,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             // The archive writer refuses such paths itself: written by hand.
             let bytes = raw(&[(bad, 0o100_644, b"pwned")]);
-            let err = unpack(&bytes, dir.path(), None).unwrap_err().to_string();
+            let err = unpack(&bytes, dir.path()).unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
             assert!(!dir.path().parent().unwrap().join("escape").exists());
         }
@@ -225,7 +214,7 @@ mod tests {
             ("etc", 0o120_777, target.as_bytes()),
             ("etc/passwd", 0o100_644, b"root::0:0::/:/bin/sh"),
         ]);
-        let err = unpack(&bytes, dir.path(), None).unwrap_err().to_string();
+        let err = unpack(&bytes, dir.path()).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
         assert!(!outside.path().join("passwd").exists());
     }

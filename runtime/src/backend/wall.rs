@@ -82,9 +82,9 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
             plan_verified_by: "mvm, before the container starts (signature, window, nonce; kernel, initramfs and command line measured against the plan; the kernel is never booted)".into(),
             disk_blocks_verified: false,
             jail: if as_root {
-                "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a tmpfs holding the image's tree; its users mapped onto an unused range of this host's; no_new_privs; rlimits"
+                "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a tmpfs holding the image's tree; its users mapped onto an unused range of this host's; no_new_privs; rlimits; a cgroup v2 (memory, pids, cpu from --mem and --cpus) where this host has cgroup v2"
             } else {
-                "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a tmpfs holding the image's tree; its root is the user, its other users the user's subordinate ids (newuidmap); no_new_privs; rlimits"
+                "user, mount, PID, network, IPC, UTS and cgroup namespaces; pivot_root into a tmpfs holding the image's tree; its root is the user, its other users the user's subordinate ids (newuidmap); no_new_privs; rlimits; no cgroup (tmpfs sizes bound its files, not its memory)"
             }
             .into(),
             seccomp: "one deny-list filter on every process in it (module loading, kexec, bpf, userfaultfd, keyrings, ptrace, mounts, new namespaces, ...: docs/seccomp.md)".into(),

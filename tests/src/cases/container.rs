@@ -21,6 +21,9 @@ pub const CASES: &[Case] = &[
     Case::user_host("container/sandbox", sandbox).limit_secs(180),
     Case::user_host("container/tampered", tampered).limit_secs(120),
     Case::user_host("container/unprivileged-user", unprivileged_user).limit_secs(180),
+    // In the test host (or on a machine with a KVM): a Linux with cgroup v2, which the
+    // build machines (cgroup v1) are not.
+    Case::kvm("container/memory-limit", memory_limit).limit_secs(240),
 ];
 
 /// `mvm run`'s exit code when the policy refuses the plan.
@@ -278,7 +281,7 @@ const USER: (u32, u32, u32) = (4747, 4848, 300_000);
 /// `/etc/subgid`, given to it by files bound over this host's in the user's own mount
 /// namespace) runs the container tier: its own policy allowing it, the image from the
 /// machine's shared store; the workload is uid 1000 inside, which is the user's
-/// subordinate id 999 outside (its `uid_map` says the container's root is the user and
+/// subordinate id 999 outside (`mvm doctor` judges the tier usable; its `uid_map` says the container's root is the user and
 /// the rest its range); the escape probe's attempts are each denied; the start is in
 /// the user's audit log; no process of the user or its range is left, and nothing is
 /// left in the run directory.
@@ -349,6 +352,27 @@ fn unprivileged_user(ctx: &Context) -> CaseResult {
         )?;
         Ok(command)
     };
+    // `mvm doctor` judges the tier usable for this user.
+    let mut command = user_mvm(&["doctor", "--json"])?;
+    command.stdin(Stdio::null());
+    let out = output(command)?;
+    let doctor: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        Failure::new(format!("doctor --json printed no JSON: {e}")).with_detail(describe(&out))
+    })?;
+    let container_usable = doctor
+        .get("tiers")
+        .and_then(|t| t.as_array())
+        .and_then(|t| {
+            t.iter()
+                .find(|v| v.get("tier") == Some(&"container".into()))
+        })
+        .and_then(|v| v.get("usable"))
+        .and_then(serde_json::Value::as_bool);
+    if container_usable != Some(true) {
+        return Err(Failure::new(format!(
+            "mvm doctor does not judge the container tier usable for the user: {doctor}"
+        )));
+    }
     let script = "id -u; cat /proc/self/uid_map; echo kept > /work/f; cat /work/f";
     let mut command = user_mvm(&[
         "run",
@@ -476,4 +500,73 @@ impl Drop for RemovedOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Where containers' cgroups go (`backend::container::limits`).
+const CGROUP_PARENT: &str = "/sys/fs/cgroup/mvm";
+
+/// The cgroups of containers under [`CGROUP_PARENT`].
+fn container_cgroups() -> Vec<String> {
+    std::fs::read_dir(CGROUP_PARENT)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| n.starts_with("mvm-container-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// On a host with cgroup v2, as root: a container of 64 MiB is in a cgroup of its own
+/// (its `/proc/self/cgroup` is the namespace's root) bounded by its size: a workload
+/// that takes memory without end (`tail /dev/zero` keeps one endless line) is ended by
+/// the kernel's OOM killer inside it (exit 137, the run says the container met its
+/// limits), a workload within its size runs, and no cgroup of a container is left.
+fn memory_limit(ctx: &Context) -> CaseResult {
+    need_root()?;
+    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
+        return Err(Failure::new(
+            "no cgroup v2 at /sys/fs/cgroup: this case needs a host with it (the test host has)",
+        ));
+    }
+    allow_container(ctx)?;
+    let in_64_mib = |script: &str| {
+        output(mvm(
+            ctx,
+            "run",
+            &[
+                "--backend",
+                "container",
+                "--mem",
+                "64",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        )?)
+    };
+    let out = in_64_mib("cat /proc/self/cgroup; exec tail /dev/zero")?;
+    expect_code(&out, 137)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stdout.lines().next() != Some("0::/") || !stderr.contains("met its cgroup limits") {
+        return Err(Failure::new(
+            "want the cgroup namespace's root (0::/) and the run saying the container met its limits",
+        )
+        .with_detail(describe(&out)));
+    }
+    let out = in_64_mib("head -c 16777216 /dev/zero > /tmp/f && wc -c < /tmp/f")?;
+    expect_code(&out, 0)?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "16777216" {
+        return Err(
+            Failure::new("16 MiB in /tmp did not fit a 64 MiB container")
+                .with_detail(describe(&out)),
+        );
+    }
+    let left = container_cgroups();
+    if !left.is_empty() {
+        return Err(Failure::new(format!("containers' cgroups left: {left:?}")));
+    }
+    Ok(())
 }

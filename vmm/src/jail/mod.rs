@@ -190,7 +190,7 @@ pub fn start(args: &JailArgs, plan: &JailPlan) -> Result<JailState, JailError> {
     let name = format!("{VM_DIR_PREFIX}{}", std::process::id());
     let root_dir = jail_dir.join(&name);
     root::mkdir_all(&root_dir)?;
-    let limits_wanted = cgroup::Limits::for_vm(
+    let limits_wanted = cgroup::for_vm(
         plan.mem_bytes,
         plan.image_bytes,
         plan.vcpus,
@@ -301,30 +301,10 @@ fn check_private_dir(dir: &Path, uid: Uid) -> Result<(), JailError> {
 pub const VM_DIR_PREFIX: &str = "mvm-vmm-";
 
 /// Removes what VMMs killed with SIGKILL (whose supervisor could not clean up) left: empty
-/// per-VM root directories and empty cgroups whose pid no longer runs. `rmdir` removes
-/// neither a non-empty directory nor a cgroup with processes.
+/// per-VM root directories and empty cgroups whose pid no longer runs.
 fn sweep_stale(jail_dir: &Path, cgroup_parent: &Path) {
     for dir in [jail_dir, cgroup_parent] {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(VM_DIR_PREFIX))
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if Path::new(&format!("/proc/{pid}")).exists() {
-                continue;
-            }
-            match std::fs::remove_dir(entry.path()) {
-                Ok(()) => tracing::info!("jail: removed stale {}", entry.path().display()),
-                Err(e) => tracing::debug!("jail: stale {}: {e}", entry.path().display()),
-            }
-        }
+        mvm_cgroup::sweep_dead(dir, VM_DIR_PREFIX);
     }
 }
 

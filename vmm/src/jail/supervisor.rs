@@ -18,7 +18,7 @@ use nix::sys::signal::{
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
-use super::cgroup::{self, VmCgroup};
+use super::cgroup::{self, Cgroup};
 use super::{io_step, step, JailError};
 
 /// Signals the parent passes on to the VMM: the ones the VMM turns into a clean exit, and
@@ -38,7 +38,7 @@ pub struct Cleanup {
     /// The per-VM root's mount point on the host.
     pub root_dir: Option<PathBuf>,
     /// The VM's cgroup.
-    pub cgroup: Option<VmCgroup>,
+    pub cgroup: Option<Cgroup>,
 }
 
 /// In the child: the end of the pipe on which the parent says "go" and which reports its

@@ -20,7 +20,8 @@
 //!    tty` bound in from this host and a new `devpts`, tmpfs `/dev/shm`, `/tmp`,
 //!    `/run` and `/work` (the workload's), and the run's socket directory at `/run/mvm`; brings loopback up; gives
 //!    the container its hostname; `pivot_root`s into the tree and detaches the old
-//!    root; and execs the agent (`/init --container ...`), which installs the
+//!    root (on a host running from its initial ramfs, which cannot be pivoted away
+//!    from: moves the tree over `/` and chroots, as switch_root does); and execs the agent (`/init --container ...`), which installs the
 //!    seccomp filter every process of the container then inherits.
 
 use std::ffi::CString;
@@ -46,6 +47,9 @@ pub struct InitConfig {
     /// The size of the tree's tmpfs, MiB: the unpacked image and what the workload
     /// writes beside it.
     pub tree_mib: u64,
+    /// The size of each of `/tmp`, `/work` and `/dev/shm`, MiB (the run's `--mem`: a
+    /// VM's tmpfs cannot outgrow its RAM, and here nothing else bounds them).
+    pub scratch_mib: u64,
     /// The directory, on this host, that is `/run/mvm` inside (the agent's socket).
     pub socket_dir: PathBuf,
     /// The container's hostname.
@@ -66,6 +70,8 @@ pub const UNSHARED: &str = "unshared";
 pub const MAPPED: &str = "mapped";
 /// Where the socket directory is inside.
 pub const SOCKET_DIR_INSIDE: &str = "/run/mvm";
+/// The most `/run` holds, MiB (secrets' files and the agent's state).
+const RUN_MIB: u64 = 16;
 /// The device nodes bound in from this host.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -142,6 +148,20 @@ fn pid1(config: &InitConfig, initramfs: &[u8]) -> String {
         Ok(never) => match never {},
         Err(e) => e,
     }
+}
+
+/// Whether this mount namespace's `/` is the initial ramfs (`rootfs` in mountinfo).
+fn root_is_initial_ramfs() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| {
+            let Some((fields, fs)) = line.split_once(" - ") else {
+                return false;
+            };
+            fields.split_whitespace().nth(4) == Some("/")
+                && fs.split_whitespace().next() == Some("rootfs")
+        })
 }
 
 fn mkdir(path: &Path) -> Result<(), String> {
@@ -270,15 +290,22 @@ fn setup(config: &InitConfig, initramfs: &[u8]) -> Result<(), String> {
         eprintln!("mvm: container init: no terminals: {e}");
     }
     let (uid, gid) = config.workload_ids;
-    let work = format!("mode=755,uid={uid},gid={gid}");
+    let mib = config.scratch_mib;
+    let work = format!("mode=755,uid={uid},gid={gid},size={mib}m");
+    let shared = format!("mode=1777,size={mib}m");
+    let run = format!("mode=755,size={}m", mib.min(RUN_MIB));
     for (dir, flags, data) in [
         (
             "dev/shm",
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            "mode=1777",
+            shared.as_str(),
         ),
-        ("tmp", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
-        ("run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=755"),
+        (
+            "tmp",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            shared.as_str(),
+        ),
+        ("run", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, run.as_str()),
         // The workload's working directory, as the agent makes it in a VM.
         (
             "work",
@@ -308,8 +335,22 @@ fn setup(config: &InitConfig, initramfs: &[u8]) -> Result<(), String> {
     if let Err(e) = loopback_up() {
         eprintln!("mvm: container init: loopback stays down: {e}");
     }
-    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH)
+                .map_err(|e| format!("detaching the old root: {e}"))?;
+        }
+        // The initial ramfs cannot be pivoted away from (the kernel refuses it for the
+        // root it booted with), on a host that runs from it. Then the tree is moved over
+        // `/` and entered by chroot, as switch_root does: this host's root stays beneath
+        // it in the container's mount namespace, covered, and uncovering it takes a
+        // umount, which the container's seccomp filter denies to every process in it.
+        Err(nix::errno::Errno::EINVAL) if root_is_initial_ramfs() => {
+            mount_at(Some(root), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+        }
+        Err(e) => return Err(format!("pivot_root: {e}")),
+    }
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // Stdin was mvm's pipe and stdout its channel to this process: neither is the

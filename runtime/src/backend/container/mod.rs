@@ -15,6 +15,7 @@
 //! the agent as on the kvm tier. Docs: `docs/backends.md`.
 
 pub mod init;
+mod limits;
 mod rootfs;
 mod verify;
 
@@ -57,6 +58,8 @@ struct Container {
     child: Child,
     log: PathBuf,
     exited: Option<ExitStatus>,
+    /// Its cgroup, when it has one ([`limits`]); removed once the container ended.
+    cgroup: Option<mvm_cgroup::Cgroup>,
 }
 
 impl Container {
@@ -101,6 +104,9 @@ impl Drop for Container {
         if self.try_exit().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            limits::release(&cgroup);
         }
     }
 }
@@ -188,6 +194,9 @@ pub fn run(
             sockets: &sockets,
             initramfs: sealed,
             mib: tree_mib,
+            scratch_mib: u64::from(spec.mem_mib),
+            mem_mib: spec.mem_mib,
+            cpus: spec.cpus,
         },
     )?;
     let socket = sockets.join(AGENT_SOCKET);
@@ -284,6 +293,11 @@ fn sealed_copy(bytes: &[u8]) -> Result<OwnedFd, RunError> {
     Ok(OwnedFd::from(file))
 }
 
+/// The size of the sealed initramfs, bytes (0 when it cannot be read).
+fn initramfs_len(fd: &OwnedFd) -> u64 {
+    nix::sys::stat::fstat(fd.as_raw_fd()).map_or(0, |st| u64::try_from(st.st_size).unwrap_or(0))
+}
+
 /// The descriptor number the init finds the initramfs at.
 const INITRAMFS_FD: i32 = 3;
 
@@ -299,6 +313,11 @@ struct Tree<'a> {
     initramfs: OwnedFd,
     /// The tree's tmpfs size, MiB.
     mib: u64,
+    /// The size of each writable tmpfs beside it, MiB.
+    scratch_mib: u64,
+    /// The run's memory, MiB, and CPUs (the cgroup's limits).
+    mem_mib: u32,
+    cpus: u8,
 }
 
 /// Starts `mvm __container-init` over `tree` and maps its user namespace with `ids`.
@@ -309,6 +328,9 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
         sockets,
         initramfs,
         mib,
+        scratch_mib,
+        mem_mib,
+        cpus,
     } = tree;
     let policy = mvm_agent::agent::policy::Policy::from_cmdline(&image.manifest.cmdline);
     let mut argv = vec![
@@ -332,6 +354,7 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
         root: root.to_owned(),
         initramfs_fd: INITRAMFS_FD,
         tree_mib: mib,
+        scratch_mib,
         socket_dir: sockets.to_owned(),
         hostname: HOSTNAME.to_owned(),
         workload_ids: (policy.default_uid, policy.default_gid),
@@ -378,18 +401,35 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
             Ok(())
         });
     }
+    let tree_bytes = initramfs_len(&initramfs);
+    let cgroup = limits::make(
+        ids,
+        &limits::for_container(mem_mib, tree_bytes, policy.limits.nproc, cpus),
+    );
     let spawned = command.spawn();
     drop(initramfs);
-    let mut child = spawned.map_err(|e| RunError::VmmDied {
-        reason: format!("cannot start {} __container-init: {e}", mvm.display()),
-        log: String::new(),
-        exit: None,
-    })?;
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(cgroup) = &cgroup {
+                mvm_cgroup::remove(&cgroup.dir);
+            }
+            return Err(RunError::VmmDied {
+                reason: format!("cannot start {} __container-init: {e}", mvm.display()),
+                log: String::new(),
+                exit: None,
+            });
+        }
+    };
+    // In its cgroup before it is let go on (it waits for its maps), so every process of
+    // the container is.
+    let cgroup = cgroup.and_then(|c| limits::enter(c, child.id()));
     let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
     let mut container = Container {
         child,
         log,
         exited: None,
+        cgroup,
     };
     let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
         return Err(RunError::Agent(

@@ -70,7 +70,8 @@ fn container_processes() -> Vec<u32> {
     processes_with_uid(|uid| uid >= UID_BASE)
 }
 
-/// Processes of this host whose real uid `matches`.
+/// Processes of this host whose real uid `matches`, zombies aside (a supervisor that
+/// `mvm` left to run on is adopted by the harness, which reaps it only when it ends).
 fn processes_with_uid(matches: impl Fn(u32) -> bool) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -81,6 +82,7 @@ fn processes_with_uid(matches: impl Fn(u32) -> bool) -> Vec<u32> {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .ok()
+                .filter(|s| !s.lines().any(|l| l.starts_with("State:\tZ")))
                 .and_then(|s| {
                     s.lines()
                         .find_map(|l| l.strip_prefix("Uid:"))
@@ -279,12 +281,13 @@ const USER: (u32, u32, u32) = (4747, 4848, 300_000);
 
 /// An ordinary user (an account with 65536 subordinate ids in `/etc/subuid` and
 /// `/etc/subgid`, given to it by files bound over this host's in the user's own mount
-/// namespace) runs the container tier: its own policy allowing it, the image from the
-/// machine's shared store; the workload is uid 1000 inside, which is the user's
-/// subordinate id 999 outside (`mvm doctor` judges the tier usable; its `uid_map` says the container's root is the user and
-/// the rest its range); the escape probe's attempts are each denied; the start is in
-/// the user's audit log; no process of the user or its range is left, and nothing is
-/// left in the run directory.
+/// namespace) runs the container tier with its own policy allowing it and the image
+/// from a shared store: `mvm doctor` judges the tier usable; the workload is uid 1000
+/// inside, the user's subordinate id 999 outside (its `uid_map` says the container's
+/// root is the user and the rest its range); the escape probe's attempts are each
+/// denied; a sandbox of the user's runs a command and stops; the start is in the user's
+/// audit log; no process of the user or its range is left, no run directory, and
+/// nothing under the user's sandbox root that the user does not own.
 fn unprivileged_user(ctx: &Context) -> CaseResult {
     use std::os::unix::fs::PermissionsExt;
     need_root()?;
@@ -431,6 +434,27 @@ fn unprivileged_user(ctx: &Context) -> CaseResult {
                 .with_detail(describe(&out)),
         );
     }
+    // A sandbox of the user's: created, a command run in it, stopped.
+    let mut command = user_mvm(&["sandbox", "create", "--backend", "container"])?;
+    command.stdin(Stdio::null());
+    let created = output(command)?;
+    expect_code(&created, 0)?;
+    let id = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    let mut command = user_mvm(&["sandbox", "exec", &id, "--", "sh", "-c", "id -u; pwd"])?;
+    command.stdin(Stdio::null());
+    let exec = output(command);
+    let mut command = user_mvm(&["sandbox", "stop", &id])?;
+    command.stdin(Stdio::null());
+    let stopped = output(command)?;
+    let exec = exec?;
+    expect_code(&exec, 0)?;
+    if exec.stdout != b"1000\n/work\n" {
+        return Err(
+            Failure::new("the user's sandbox exec printed something else")
+                .with_detail(describe(&exec)),
+        );
+    }
+    expect_code(&stopped, 0)?;
     let audit = home.join(".local/share/mvm/audit.jsonl");
     let audited = std::fs::read_to_string(&audit).unwrap_or_default();
     if !audited
@@ -442,15 +466,30 @@ fn unprivileged_user(ctx: &Context) -> CaseResult {
             audit.display()
         )));
     }
-    let left = processes_with_uid(|u| u == uid || (sub..sub + 65536).contains(&u));
+    // The sandbox's supervisor (the user's) ends just after `stop` answered.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut left = processes_with_uid(|u| u == uid || (sub..sub + 65536).contains(&u));
+    while !left.is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left = processes_with_uid(|u| u == uid || (sub..sub + 65536).contains(&u));
+    }
     if !left.is_empty() {
         return Err(Failure::new(format!(
             "processes of the user or its subordinate ids left running: {left:?}"
         )));
     }
-    let leftovers: Vec<_> = std::fs::read_dir(&runs)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
+    // Each run's directory goes with it; the user's sandbox root stays (a stopped
+    // sandbox's record is listed until removed), and all of it is the user's own.
+    let sandboxes = runs.join(format!("mvm-sandboxes-{uid}"));
+    let mut leftovers: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| *p != sandboxes)
+                .collect()
+        })
         .unwrap_or_default();
+    leftovers.extend(not_owned_by(&sandboxes, uid));
     if !leftovers.is_empty() {
         return Err(Failure::new(format!(
             "left in the run directory: {leftovers:?}"
@@ -569,4 +608,22 @@ fn memory_limit(ctx: &Context) -> CaseResult {
         return Err(Failure::new(format!("containers' cgroups left: {left:?}")));
     }
     Ok(())
+}
+
+/// Everything under `dir` (itself included) that `uid` does not own.
+fn not_owned_by(dir: &std::path::Path, uid: u32) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return out;
+    };
+    if meta.uid() != uid {
+        out.push(dir.to_owned());
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            out.extend(not_owned_by(&entry.path(), uid));
+        }
+    }
+    out
 }

@@ -464,7 +464,14 @@ pub fn pause(reference: &str, wait: Duration) -> Result<SandboxInfo, SandboxErro
     drop(client);
     let start = Instant::now();
     loop {
-        let state = sandbox.state()?;
+        let mut state = sandbox.state()?;
+        let stale = Sandbox::liveness(state.as_ref()) == Liveness::Stale;
+        if stale {
+            // The supervisor writes `paused` and then ends: it may have done both between
+            // the read above and the liveness check. The state read after its end is its
+            // last word.
+            state = sandbox.state()?;
+        }
         match state.as_ref().map(|s| s.status) {
             Some(Status::Paused) => return info_of(&sandbox),
             Some(Status::Failed | Status::Stopped) => {
@@ -476,7 +483,7 @@ pub fn pause(reference: &str, wait: Duration) -> Result<SandboxInfo, SandboxErro
                     log: read_log(&sandbox),
                 });
             }
-            _ if Sandbox::liveness(state.as_ref()) == Liveness::Stale => {
+            _ if stale => {
                 return Err(SandboxError::NotRunning {
                     id: info_of(&sandbox)?.id,
                     state: "stale".into(),

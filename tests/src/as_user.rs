@@ -1,17 +1,74 @@
-//! Starting `mvm-vmm` as an ordinary user, for the user-namespace jail's cases.
+//! Starting `mvm` or `mvm-vmm` as an ordinary user, for the cases that run as one.
 //!
-//! The user needs a `/dev/kvm` it may open, as a member of the `kvm` group has on a
-//! distribution's host. The test host's node (or, on a machine with a real KVM, the
-//! machine's) must not change, so the child gets a mount namespace of its own in which
-//! `/dev/kvm` is a node on a private tmpfs, owned by root and the user's group, mode 0660.
+//! - [`apply`]: for the user-namespace jail's cases. The user needs a `/dev/kvm` it may
+//!   open, as a member of the `kvm` group has on a distribution's host. The test host's
+//!   node (or, on a machine with a real KVM, the machine's) must not change, so the child
+//!   gets a mount namespace of its own in which `/dev/kvm` is a node on a private tmpfs,
+//!   owned by root and the user's group, mode 0660.
+//! - [`apply_with_files`]: files bound over this host's in the child's own mount
+//!   namespace (an account in `/etc/passwd`, ranges in `/etc/subuid`).
+//!
+//! Both run their steps between fork and exec, through the helpers below, which make
+//! only async-signal-safe libc calls on C strings built before the fork.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
 use crate::case::Failure;
+
+fn ok(rc: libc::c_int) -> std::io::Result<()> {
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+fn c_string(bytes: &[u8]) -> Result<CString, Failure> {
+    CString::new(bytes).map_err(|_| Failure::new(format!("{bytes:?} has a NUL byte")))
+}
+
+/// A mount namespace of the calling process's own, its mounts private.
+fn private_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: unshare and mount take plain integers and NUL-terminated strings (a
+    // literal and nulls); nothing is shared with another thread after a fork.
+    unsafe {
+        ok(libc::unshare(libc::CLONE_NEWNS))?;
+        ok(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))
+    }
+}
+
+/// Binds `from` over `to`.
+fn bind(from: &CStr, to: &CStr) -> std::io::Result<()> {
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    unsafe {
+        ok(libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ))
+    }
+}
+
+/// Becomes `uid`/`gid`, the group its only one.
+fn become_user(uid: u32, gid: u32) -> std::io::Result<()> {
+    // SAFETY: setgroups reads one gid from a live local; the others take integers.
+    unsafe {
+        ok(libc::setgroups(1, &gid))?;
+        ok(libc::setresgid(gid, gid, gid))?;
+        ok(libc::setresuid(uid, uid, uid))
+    }
+}
 
 /// Makes `cmd` start as `uid`/`gid` (the group its only one) with its own `/dev/kvm` that
 /// group may open, on a tmpfs mounted at `kvm_dir` (an existing empty directory) in the
@@ -20,39 +77,17 @@ pub fn apply(cmd: &mut Command, uid: u32, gid: u32, kvm_dir: &Path) -> Result<()
     let rdev = std::os::unix::fs::MetadataExt::rdev(
         &std::fs::metadata("/dev/kvm").map_err(|e| Failure::new(format!("stat /dev/kvm: {e}")))?,
     );
-    let c = |bytes: &[u8]| {
-        CString::new(bytes).map_err(|_| Failure::new(format!("{kvm_dir:?} has a NUL byte")))
-    };
-    let paths = [
-        c(kvm_dir.as_os_str().as_bytes())?,
-        c(kvm_dir.join("kvm").as_os_str().as_bytes())?,
-        c(b"/dev/kvm")?,
-        c(b"tmpfs")?,
-        c(b"/")?,
-    ];
-    let ok = |rc: libc::c_int| match rc {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    };
+    let dir = c_string(kvm_dir.as_os_str().as_bytes())?;
+    let node = c_string(kvm_dir.join("kvm").as_os_str().as_bytes())?;
     // SAFETY: the closure runs between fork and exec and makes only async-signal-safe libc
     // calls, on C strings built before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let [dir, node, dev_kvm, tmpfs, root] = &paths;
-            let none = std::ptr::null::<libc::c_char>();
-            ok(libc::unshare(libc::CLONE_NEWNS))?;
-            let private = libc::MS_REC | libc::MS_PRIVATE;
+            private_mount_namespace()?;
             ok(libc::mount(
-                none,
-                root.as_ptr(),
-                none,
-                private,
-                std::ptr::null(),
-            ))?;
-            ok(libc::mount(
-                tmpfs.as_ptr(),
+                c"tmpfs".as_ptr(),
                 dir.as_ptr(),
-                tmpfs.as_ptr(),
+                c"tmpfs".as_ptr(),
                 0,
                 std::ptr::null(),
             ))?;
@@ -60,17 +95,8 @@ pub fn apply(cmd: &mut Command, uid: u32, gid: u32, kvm_dir: &Path) -> Result<()
             // Set after mknod, whose mode the umask trims.
             ok(libc::chmod(node.as_ptr(), 0o660))?;
             ok(libc::chown(node.as_ptr(), 0, gid))?;
-            let bind = libc::MS_BIND;
-            ok(libc::mount(
-                node.as_ptr(),
-                dev_kvm.as_ptr(),
-                none,
-                bind,
-                std::ptr::null(),
-            ))?;
-            ok(libc::setgroups(1, &gid))?;
-            ok(libc::setresgid(gid, gid, gid))?;
-            ok(libc::setresuid(uid, uid, uid))
+            bind(&node, c"/dev/kvm")?;
+            become_user(uid, gid)
         });
     }
     Ok(())
@@ -86,43 +112,24 @@ pub fn apply_with_files(
     gid: u32,
     binds: &[(&Path, &str)],
 ) -> Result<(), Failure> {
-    let c = |bytes: &[u8]| {
-        CString::new(bytes).map_err(|_| Failure::new(format!("{bytes:?} has a NUL byte")))
-    };
     let pairs = binds
         .iter()
-        .map(|(file, over)| Ok((c(file.as_os_str().as_bytes())?, c(over.as_bytes())?)))
+        .map(|(file, over)| {
+            Ok((
+                c_string(file.as_os_str().as_bytes())?,
+                c_string(over.as_bytes())?,
+            ))
+        })
         .collect::<Result<Vec<_>, Failure>>()?;
-    let root = c(b"/")?;
     // SAFETY: the closure runs between fork and exec and makes only async-signal-safe libc
     // calls, on C strings built before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let ok = |rc: libc::c_int| match rc {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            };
-            let none = std::ptr::null::<libc::c_char>();
-            ok(libc::unshare(libc::CLONE_NEWNS))?;
-            ok(libc::mount(
-                none,
-                root.as_ptr(),
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
+            private_mount_namespace()?;
             for (file, over) in &pairs {
-                ok(libc::mount(
-                    file.as_ptr(),
-                    over.as_ptr(),
-                    none,
-                    libc::MS_BIND,
-                    std::ptr::null(),
-                ))?;
+                bind(file, over)?;
             }
-            ok(libc::setgroups(1, &gid))?;
-            ok(libc::setresgid(gid, gid, gid))?;
-            ok(libc::setresuid(uid, uid, uid))
+            become_user(uid, gid)
         });
     }
     Ok(())

@@ -180,10 +180,7 @@ pub fn run(
         })
         .map_err(RunError::io(format!("owning {}", sockets.display())))?;
     let sealed = sealed_copy(&initramfs)?;
-    let tree_mib = u64::try_from(initramfs.len())
-        .unwrap_or(u64::MAX)
-        .div_ceil(1 << 20)
-        .saturating_add(u64::from(spec.mem_mib));
+    let initramfs_bytes = u64::try_from(initramfs.len()).unwrap_or(u64::MAX);
     drop(initramfs);
     let mut container = start_init(
         image,
@@ -193,8 +190,7 @@ pub fn run(
             root: &root,
             sockets: &sockets,
             initramfs: sealed,
-            mib: tree_mib,
-            scratch_mib: u64::from(spec.mem_mib),
+            initramfs_bytes,
             mem_mib: spec.mem_mib,
             cpus: spec.cpus,
         },
@@ -293,11 +289,6 @@ fn sealed_copy(bytes: &[u8]) -> Result<OwnedFd, RunError> {
     Ok(OwnedFd::from(file))
 }
 
-/// The size of the sealed initramfs, bytes (0 when it cannot be read).
-fn initramfs_len(fd: &OwnedFd) -> u64 {
-    nix::sys::stat::fstat(fd.as_raw_fd()).map_or(0, |st| u64::try_from(st.st_size).unwrap_or(0))
-}
-
 /// The descriptor number the init finds the initramfs at.
 const INITRAMFS_FD: i32 = 3;
 
@@ -309,13 +300,11 @@ struct Tree<'a> {
     root: &'a Path,
     /// The socket directory.
     sockets: &'a Path,
-    /// The measured initramfs, sealed.
+    /// The measured initramfs, sealed, and its size.
     initramfs: OwnedFd,
-    /// The tree's tmpfs size, MiB.
-    mib: u64,
-    /// The size of each writable tmpfs beside it, MiB.
-    scratch_mib: u64,
-    /// The run's memory, MiB, and CPUs (the cgroup's limits).
+    initramfs_bytes: u64,
+    /// The run's memory, MiB, and CPUs: the sizes of the tree's and the scratch
+    /// tmpfs, and the cgroup's limits.
     mem_mib: u32,
     cpus: u8,
 }
@@ -327,8 +316,7 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
         root,
         sockets,
         initramfs,
-        mib,
-        scratch_mib,
+        initramfs_bytes,
         mem_mib,
         cpus,
     } = tree;
@@ -353,8 +341,11 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
     let config = init::InitConfig {
         root: root.to_owned(),
         initramfs_fd: INITRAMFS_FD,
-        tree_mib: mib,
-        scratch_mib,
+        // The image's tree and what the workload writes beside it.
+        tree_mib: initramfs_bytes
+            .div_ceil(1 << 20)
+            .saturating_add(u64::from(mem_mib)),
+        scratch_mib: u64::from(mem_mib),
         socket_dir: sockets.to_owned(),
         hostname: HOSTNAME.to_owned(),
         workload_ids: (policy.default_uid, policy.default_gid),
@@ -401,10 +392,9 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
             Ok(())
         });
     }
-    let tree_bytes = initramfs_len(&initramfs);
     let cgroup = limits::make(
         ids,
-        &limits::for_container(mem_mib, tree_bytes, policy.limits.nproc, cpus),
+        &limits::for_container(mem_mib, initramfs_bytes, policy.limits.nproc, cpus),
     );
     let spawned = command.spawn();
     drop(initramfs);

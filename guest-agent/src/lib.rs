@@ -8,11 +8,20 @@
 //! - [`container`]: what it does instead as PID 1 of a container (`--container`).
 //! - [`transport`]: vsock and Unix streams, and the hybrid vsock handshake.
 
+//!
+//! The guest side ([`agent`], [`init`], [`container`], [`netif`] and the vsock listener)
+//! is built for Linux only; the protocol, the client and the hybrid vsock connection
+//! build on every Unix, macOS among them (the `vz` backend's host side).
+
+#[cfg(target_os = "linux")]
 pub mod agent;
 pub mod client;
+#[cfg(target_os = "linux")]
 pub mod container;
+#[cfg(target_os = "linux")]
 pub mod init;
 pub mod net_config;
+#[cfg(target_os = "linux")]
 pub mod netif;
 pub mod protocol;
 pub mod transport;

@@ -5,7 +5,15 @@
 
 use std::net::Ipv4Addr;
 
-use crate::netif::netmask;
+/// The netmask of a prefix length.
+#[must_use]
+pub fn netmask(prefix_len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32u32.saturating_sub(u32::from(prefix_len)))
+            .unwrap_or(0),
+    )
+}
 
 /// The kernel command-line key.
 pub const CMDLINE_KEY: &str = "mvm.net";

@@ -7,18 +7,10 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+pub use crate::net_config::netmask;
+
 /// Longest interface name (`IFNAMSIZ` minus the NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
-
-/// The netmask of a prefix length.
-#[must_use]
-pub fn netmask(prefix_len: u8) -> Ipv4Addr {
-    Ipv4Addr::from(
-        u32::MAX
-            .checked_shl(32u32.saturating_sub(u32::from(prefix_len)))
-            .unwrap_or(0),
-    )
-}
 
 /// Turns IPv6 off on `name` (no link-local address, no autoconfiguration, no router
 /// solicitation). A kernel without IPv6 has nothing to turn off.

@@ -1,17 +1,13 @@
 //! The byte streams the protocol runs on: vsock in the guest, Unix sockets on the host
 //! (directly, or through the VMM's Firecracker-compatible hybrid vsock socket).
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use nix::sys::socket::{
-    accept4, bind, listen, shutdown, socket, AddressFamily, Backlog, Shutdown, SockFlag, SockType,
-    VsockAddr,
-};
+#[cfg(target_os = "linux")]
+pub use vsock::{VsockListener, VsockStream};
 
 /// A connected, bidirectional byte stream that can be split between threads.
 pub trait Duplex: Read + Write + Send + Sized + 'static {
@@ -30,67 +26,82 @@ impl Duplex for UnixStream {
     }
 }
 
-/// A connected `AF_VSOCK` stream socket.
-#[derive(Debug)]
-pub struct VsockStream {
-    file: File,
-}
+/// `AF_VSOCK` sockets: the guest's end (Linux guests only).
+#[cfg(target_os = "linux")]
+mod vsock {
+    use std::fs::File;
+    use std::io::{self, Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-impl Read for VsockStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
-    }
-}
+    use nix::sys::socket::{
+        accept4, bind, listen, shutdown, socket, AddressFamily, Backlog, Shutdown, SockFlag,
+        SockType, VsockAddr,
+    };
 
-impl Write for VsockStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+    use super::Duplex;
 
-impl Duplex for VsockStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self {
-            file: self.file.try_clone()?,
-        })
-    }
-    fn shutdown_both(&self) -> io::Result<()> {
-        shutdown(self.file.as_raw_fd(), Shutdown::Both).map_err(io::Error::from)
-    }
-}
-
-/// A listening `AF_VSOCK` socket bound to any CID.
-#[derive(Debug)]
-pub struct VsockListener {
-    fd: OwnedFd,
-}
-
-impl VsockListener {
-    /// Listens on `port` for connections from the host.
-    pub fn bind(port: u32) -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
-        listen(&fd, Backlog::new(16)?)?;
-        Ok(Self { fd })
+    /// A connected `AF_VSOCK` stream socket.
+    #[derive(Debug)]
+    pub struct VsockStream {
+        file: File,
     }
 
-    /// Waits for the next connection.
-    pub fn accept(&self) -> io::Result<VsockStream> {
-        let raw = accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
-        // SAFETY: accept4 just returned this descriptor, so it is open and nothing else
-        // owns it; the OwnedFd becomes its only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(VsockStream {
-            file: File::from(fd),
-        })
+    impl Read for VsockStream {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.file.read(buf)
+        }
+    }
+
+    impl Write for VsockStream {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.file.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Duplex for VsockStream {
+        fn try_clone(&self) -> io::Result<Self> {
+            Ok(Self {
+                file: self.file.try_clone()?,
+            })
+        }
+        fn shutdown_both(&self) -> io::Result<()> {
+            shutdown(self.file.as_raw_fd(), Shutdown::Both).map_err(io::Error::from)
+        }
+    }
+
+    /// A listening `AF_VSOCK` socket bound to any CID.
+    #[derive(Debug)]
+    pub struct VsockListener {
+        fd: OwnedFd,
+    }
+
+    impl VsockListener {
+        /// Listens on `port` for connections from the host.
+        pub fn bind(port: u32) -> io::Result<Self> {
+            let fd = socket(
+                AddressFamily::Vsock,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
+            listen(&fd, Backlog::new(16)?)?;
+            Ok(Self { fd })
+        }
+
+        /// Waits for the next connection.
+        pub fn accept(&self) -> io::Result<VsockStream> {
+            let raw = accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+            // SAFETY: accept4 just returned this descriptor, so it is open and nothing else
+            // owns it; the OwnedFd becomes its only owner.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            Ok(VsockStream {
+                file: File::from(fd),
+            })
+        }
     }
 }
 

@@ -63,12 +63,14 @@ fn main() {
                 1
             }
         },
+        #[cfg(target_os = "linux")]
         Command::TesthostMachine => {
             for arg in mvm_runtime::backend::emulated::qemu::TESTHOST_MACHINE {
                 println!("{arg}");
             }
             0
         }
+        #[cfg(target_os = "linux")]
         Command::TesthostCmdline { run } => {
             match mvm_runtime::backend::emulated::qemu::testhost_cmdline(run) {
                 Ok(line) => {
@@ -81,6 +83,7 @@ fn main() {
                 }
             }
         }
+        #[cfg(target_os = "linux")]
         Command::TesthostSpare { dir } => match mvm_runtime::backend::emulated::spare::keep(dir) {
             Ok(()) => 0,
             Err(e) => {
@@ -88,7 +91,9 @@ fn main() {
                 1
             }
         },
+        #[cfg(target_os = "linux")]
         Command::ContainerInit { dir } => mvm_runtime::backend::container::init::main(dir),
+        #[cfg(target_os = "linux")]
         Command::TesthostGuest { image_dir } => {
             match mvm_runtime::backend::emulated::guest_main(image_dir) {
                 Ok(()) => 0,
@@ -97,6 +102,15 @@ fn main() {
                     1
                 }
             }
+        }
+        #[cfg(not(target_os = "linux"))]
+        Command::TesthostMachine
+        | Command::TesthostCmdline { .. }
+        | Command::TesthostSpare { .. }
+        | Command::ContainerInit { .. }
+        | Command::TesthostGuest { .. } => {
+            eprintln!("mvm: error: an internal command of the emulated and container tiers, which are built for Linux hosts only");
+            2
         }
     };
     std::process::exit(code);

@@ -35,8 +35,7 @@ impl Default for Limits {
     }
 }
 
-/// The unprivileged uid and gid workloads get by default.
-pub const DEFAULT_WORKLOAD_ID: u32 = 1000;
+pub use crate::protocol::DEFAULT_WORKLOAD_ID;
 
 impl Default for Policy {
     fn default() -> Self {

@@ -46,5 +46,9 @@ pub const MAX_BODY_LEN: usize = MAX_FRAME_LEN - HEADER_LEN;
 /// control frames of other requests interleave with a large transfer.
 pub const DATA_CHUNK: usize = 128 * 1024;
 
+/// The unprivileged uid and gid a workload runs as unless its exec request says otherwise
+/// (the agent's default policy; the host gives secrets and files to this owner).
+pub const DEFAULT_WORKLOAD_ID: u32 = 1000;
+
 /// The request id of frames that concern the whole connection (hello, connection errors).
 pub const CONNECTION_REQUEST_ID: u32 = 0;

@@ -38,7 +38,7 @@ pub(crate) trait Holder {
 
 /// The uid and gid that own a released secret's file and run the workload:
 /// the agent's unprivileged default.
-const SECRET_OWNER: u32 = mvm_agent::agent::policy::DEFAULT_WORKLOAD_ID;
+const SECRET_OWNER: u32 = mvm_agent::protocol::DEFAULT_WORKLOAD_ID;
 
 /// Writes each file secret to its file in the guest (`/run/secrets/NAME`, the
 /// agent's own tmpfs), mode 0400, owned by [`SECRET_OWNER`]. (Environment

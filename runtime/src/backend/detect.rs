@@ -234,11 +234,17 @@ fn judge_container(facts: &HostFacts) -> TierVerdict {
 /// Judges every tier and picks the best usable one (never the container tier, which
 /// has to be asked for).
 pub fn judge(facts: &HostFacts) -> Detection {
-    let verdicts = vec![
+    let mut verdicts = vec![
         judge_kvm(facts),
         judge_emulated(facts),
         judge_container(facts),
     ];
+    if cfg!(not(target_os = "linux")) {
+        for verdict in &mut verdicts {
+            verdict.usable = false;
+            verdict.reason = "built for Linux hosts only".to_owned();
+        }
+    }
     let chosen = verdicts
         .iter()
         .find(|v| v.usable && v.tier != Tier::Container)

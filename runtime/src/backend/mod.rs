@@ -10,8 +10,10 @@
 
 pub mod abandoned;
 mod agent_exec;
+#[cfg(target_os = "linux")]
 pub mod container;
 pub mod detect;
+#[cfg(target_os = "linux")]
 pub mod emulated;
 pub mod idmap;
 pub mod interrupt;

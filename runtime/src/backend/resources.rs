@@ -6,7 +6,9 @@
 
 use mvm_loader::limits::{self, LimitError};
 
-use super::{emulated, Tier};
+#[cfg(target_os = "linux")]
+use super::emulated;
+use super::Tier;
 
 /// A run's resources refused: what was asked, what the VM process would ask
 /// the host for, and the limit.
@@ -26,7 +28,10 @@ pub struct ResourceError {
 pub fn host_memory_mib(tier: Tier, guest_mib: u32) -> u64 {
     match tier {
         Tier::Kvm => u64::from(guest_mib),
+        #[cfg(target_os = "linux")]
         Tier::Emulated => u64::from(emulated::testhost_memory_mib(guest_mib)),
+        #[cfg(not(target_os = "linux"))]
+        Tier::Emulated => u64::from(guest_mib),
         Tier::Container => u64::from(guest_mib),
     }
 }

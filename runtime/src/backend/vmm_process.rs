@@ -305,6 +305,8 @@ impl Drop for VmmProcess {
 /// or test host behind. Used for every VMM and QEMU the runtime starts.
 pub(crate) fn own_group_dies_with_us(command: &mut Command) {
     command.process_group(0);
+    // Linux's alone; the runtime starts VMMs and QEMU only there.
+    #[cfg(target_os = "linux")]
     // SAFETY: the closure runs in the child between fork and exec and only calls
     // prctl(2), which is async-signal-safe; it touches no memory shared with the parent.
     unsafe {

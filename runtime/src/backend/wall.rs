@@ -37,6 +37,13 @@ pub struct Wall {
     pub egress_enforced_in: String,
 }
 
+/// How the container tier is named wherever it appears.
+pub const CONTAINER_LABEL: &str = "container: shares the host kernel (Linux namespaces and a seccomp filter around the image's tree; no VM)";
+
+/// The three tiers `mvm` runs itself (a VMM, QEMU, namespaces) are built for Linux
+/// hosts only; on another host their rows say so.
+const BUILT_HERE: bool = cfg!(target_os = "linux");
+
 /// The jail `mvm-vmm` builds when started as root or not (`as_root`).
 fn vmm_jail(as_root: bool) -> &'static str {
     if as_root {
@@ -51,7 +58,7 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
     match tier {
         Tier::Kvm => Wall {
             backend: tier.to_string(),
-            built: true,
+            built: BUILT_HERE,
             hardware_virtualized: true,
             isolation: "a KVM virtual machine with its own kernel (mvm-vmm: virtio-mmio blk, net, vsock only)".into(),
             plan_verified_by: "mvm-vmm, before the first guest instruction".into(),
@@ -62,7 +69,7 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
         },
         Tier::Emulated => Wall {
             backend: tier.to_string(),
-            built: true,
+            built: BUILT_HERE,
             hardware_virtualized: false,
             isolation: "a KVM virtual machine inside a QEMU-TCG test host: the outer wall is QEMU's CPU emulator".into(),
             plan_verified_by: "mvm-vmm inside the test host, before the first guest instruction".into(),
@@ -76,9 +83,9 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
         },
         Tier::Container => Wall {
             backend: tier.to_string(),
-            built: true,
+            built: BUILT_HERE,
             hardware_virtualized: false,
-            isolation: super::container::LABEL.into(),
+            isolation: CONTAINER_LABEL.into(),
             plan_verified_by: "mvm, before the container starts (signature, window, nonce; kernel, initramfs and command line measured against the plan; the kernel is never booted)".into(),
             disk_blocks_verified: false,
             jail: if as_root {

@@ -41,6 +41,13 @@ fn walls(detection: &crate::backend::detect::Detection) -> Vec<serde_json::Value
 /// Whether a process of this user may make a user namespace, which the jail of an
 /// `mvm-vmm` started by an ordinary user needs (docs/jail.md): tried in a child, which
 /// `unshare`s before it runs `mvm --version`.
+#[cfg(not(target_os = "linux"))]
+fn user_namespaces() -> Result<(), String> {
+    Err("user namespaces are Linux's; this host has none".into())
+}
+
+/// See the other `user_namespaces`.
+#[cfg(target_os = "linux")]
 fn user_namespaces() -> Result<(), String> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;

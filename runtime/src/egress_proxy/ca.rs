@@ -291,7 +291,7 @@ mod tests {
     use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        super::super::crypto_provider()
+        super::super::proxy::crypto_provider()
     }
 
     /// An in-memory handshake between a client trusting only `ca` and a server using

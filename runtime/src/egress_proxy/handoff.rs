@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::sync::Arc;
 
 use super::{
-    Binding, CaParts, EgressProxy, Observer, OriginalDst, ProxyConfig, ProxyError, SandboxCa,
+    bindings, CaParts, EgressProxy, Observer, OriginalDst, ProxyConfig, ProxyError, SandboxCa,
 };
 use crate::secrets::{Delivery, Secret, SecretValue};
 
@@ -102,31 +102,6 @@ impl Handoff {
             roots,
         })
     }
-}
-
-/// Each secret of `section` bound to each of its hosts, with its value from `values`;
-/// an error names a secret without a value.
-pub fn bindings(
-    section: &plan::Substitution,
-    values: &[(String, SecretValue)],
-) -> Result<Vec<Binding>, String> {
-    let mut bindings = Vec::new();
-    for secret in &section.secrets {
-        let value = values
-            .iter()
-            .find(|(name, _)| *name == secret.name)
-            .map(|(_, value)| value)
-            .ok_or_else(|| format!("{}: no value to substitute", secret.name))?;
-        bindings.extend(secret.hosts.iter().map(|host| Binding {
-            secret: secret.name.clone(),
-            placeholder: secret.placeholder.clone(),
-            value: value.clone(),
-            host: host.name.clone(),
-            addresses: host.addresses.clone(),
-            port: host.port,
-        }));
-    }
-    Ok(bindings)
 }
 
 impl Opened {

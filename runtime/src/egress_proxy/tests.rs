@@ -18,6 +18,7 @@ use rustls::{
     ServerConnection, SignatureScheme, StreamOwned,
 };
 
+use super::proxy::crypto_provider;
 use super::*;
 use crate::secrets::SecretValue;
 

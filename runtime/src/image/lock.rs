@@ -13,7 +13,6 @@
 //! input that is no longer served is an error naming it and the command that
 //! re-locks (see `docs/images.md`).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -221,6 +220,23 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// from) and its date.
 type SuiteIndex = (LockedIndex, Vec<(PackageEntry, &'static str)>, i64);
 
+/// A `Packages.xz` index, decompressed (at most [`MAX_PACKAGES_BYTES`]).
+#[cfg(target_os = "linux")]
+fn read_packages_xz(file: std::fs::File) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    xz2::read::XzDecoder::new(file)
+        .take(MAX_PACKAGES_BYTES)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Refused: xz is read only where images are built.
+#[cfg(not(target_os = "linux"))]
+fn read_packages_xz(_file: std::fs::File) -> std::io::Result<String> {
+    Err(crate::image::compression_unsupported("xz"))
+}
+
 /// Reads one suite's signed index and its packages.
 fn read_index(
     cas: &Cas,
@@ -262,11 +278,7 @@ fn read_index(
         path: xz.clone(),
         source,
     })?;
-    let mut text = String::new();
-    xz2::read::XzDecoder::new(file)
-        .take(MAX_PACKAGES_BYTES)
-        .read_to_string(&mut text)
-        .map_err(|source| LockError::Io { path: xz, source })?;
+    let text = read_packages_xz(file).map_err(|source| LockError::Io { path: xz, source })?;
     let entries = debian::parse_packages(&text)?
         .into_iter()
         .map(|e| (e, archive.name))

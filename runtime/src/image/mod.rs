@@ -19,6 +19,19 @@
 //! | [`flake`] | Nix flakes built in the Nix builder VM |
 //! | [`oci`] | OCI layouts and `docker save` archives: layers checked and merged on the host |
 
+/// Image inputs compressed with xz or zstd are read only where images are built: on
+/// Linux hosts (the builder VM runs on the kvm backend). Elsewhere such an input is
+/// refused with this error, and `mvm` is built without liblzma and zstd.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn compression_unsupported(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        format!(
+            "{what}-compressed image inputs are read on Linux hosts only, where images are built"
+        ),
+    )
+}
+
 pub mod assemble;
 pub mod build;
 pub mod cpio;

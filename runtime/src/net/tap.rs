@@ -3,9 +3,12 @@
 //! stale, [`super::leftovers`]); addressed and brought up with the same ioctls the guest
 //! agent uses; deleted by clearing the persist flag.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+#[cfg(target_os = "linux")]
+use std::fs::OpenOptions;
 use std::io;
 use std::net::Ipv4Addr;
+#[cfg(target_os = "linux")]
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -14,6 +17,7 @@ use super::pool::Ipv4Net;
 /// The tun/tap control device.
 pub const TUN_DEVICE: &str = "/dev/net/tun";
 
+#[cfg(target_os = "linux")]
 fn name_ifreq(name: &str, flags: libc::c_int) -> io::Result<libc::ifreq> {
     let ok = !name.is_empty()
         && name.len() <= 15
@@ -57,6 +61,7 @@ fn attach(name: &str) -> io::Result<File> {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn attach_once(name: &str) -> io::Result<File> {
     let mut ifr = name_ifreq(name, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)?;
     let file = OpenOptions::new()
@@ -80,6 +85,26 @@ fn attach_once(name: &str) -> io::Result<File> {
     Ok(file)
 }
 
+/// Taps are Linux's (`/dev/net/tun`): on another host none is made.
+#[cfg(not(target_os = "linux"))]
+fn attach_once(_name: &str) -> io::Result<File> {
+    Err(unsupported())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "taps are created on Linux hosts only",
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_persist(_file: &File, _name: &str, _persist: bool) -> io::Result<()> {
+    Err(unsupported())
+}
+
+#[cfg(target_os = "linux")]
 fn set_persist(file: &File, name: &str, persist: bool) -> io::Result<()> {
     // SAFETY: TUNSETPERSIST takes its flag by value; no memory is passed.
     if unsafe {
@@ -135,9 +160,17 @@ pub fn delete(name: &str) -> io::Result<()> {
 /// Gives `name` the address `gateway/prefix_len`, turns its IPv6 off (no link-local
 /// address, no router solicitations towards the guest) and brings it up.
 pub fn address_and_up(name: &str, gateway: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
-    mvm_agent::netif::disable_ipv6(name)?;
-    mvm_agent::netif::set_ipv4(name, gateway, prefix_len)?;
-    mvm_agent::netif::set_up(name)
+    #[cfg(target_os = "linux")]
+    {
+        mvm_agent::netif::disable_ipv6(name)?;
+        mvm_agent::netif::set_ipv4(name, gateway, prefix_len)?;
+        mvm_agent::netif::set_up(name)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (name, gateway, prefix_len);
+        Err(unsupported())
+    }
 }
 
 /// The interface names under `/sys/class/net`.

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use super::output_digest::{DigestSink, OutputDigests};
 use super::{admit, RunRequest};
 use crate::backend::detect::{judge, HostFacts};
+#[cfg(target_os = "linux")]
+use crate::backend::emulated;
 use crate::backend::scratch::ScratchDir;
 use crate::backend::{
-    emulated, interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts,
-    RunError, RunJournal, RunOutcome, RunSpec, StdinMode, Tier, Workload,
+    interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError,
+    RunJournal, RunOutcome, RunSpec, StdinMode, Tier, Workload,
 };
 use crate::image::manifest::ImageConfig;
 use crate::image::{ImageStore, StoredImage};
@@ -278,6 +280,12 @@ fn launch(
         ),
         Workload::Session(server) => Workload::Session(server),
     };
+    if cfg!(not(target_os = "linux")) {
+        let _ = facts;
+        return Err(RunError::NoBackend(format!(
+            "{tier}: built for Linux hosts only (this host's backend is vz, not runnable yet: docs/backends.md)"
+        )));
+    }
     match tier {
         Tier::Kvm => {
             let artifacts = RunArtifacts {
@@ -287,6 +295,11 @@ fn launch(
             };
             kvm::run_verified(spec, &artifacts, plan, journal, workload)
         }
+        #[cfg(not(target_os = "linux"))]
+        Tier::Emulated => Err(RunError::NoBackend(
+            "emulated: built for Linux hosts only".into(),
+        )),
+        #[cfg(target_os = "linux")]
         Tier::Emulated => {
             let qemu = facts.qemu.clone().ok_or_else(|| {
                 RunError::NoBackend(
@@ -299,6 +312,11 @@ fn launch(
             );
             emulated::run(spec, image, &qemu, plan, journal, workload)
         }
+        #[cfg(not(target_os = "linux"))]
+        Tier::Container => Err(RunError::NoBackend(
+            "container: built for Linux hosts only".into(),
+        )),
+        #[cfg(target_os = "linux")]
         Tier::Container => {
             eprintln!(
                 "mvm: warning: backend 'container': NO VM; the workload shares this host's kernel behind namespaces and a seccomp filter only"

@@ -14,9 +14,10 @@ use mvm_loader::plan::{self, BoundHost, SubstitutedSecret};
 use crate::audit::{AuditEvent, AuditLog};
 use crate::backend::RunError;
 use crate::egress_proxy::{
-    header_safe, Binding, Destination, EgressProxy, Handoff, Observed, Observer, OriginalDst,
-    ProxyConfig, Refusal, SandboxCa,
+    header_safe, Binding, Destination, EgressProxy, Handoff, Observed, Observer, Refusal, SandboxCa,
 };
+#[cfg(target_os = "linux")]
+use crate::egress_proxy::{OriginalDst, ProxyConfig};
 use crate::secrets::guest_trust::GuestTrust;
 use crate::secrets::store::SecretStore;
 use crate::secrets::{SecretValue, SubstitutionRequest};
@@ -143,6 +144,7 @@ fn bindings_of(
 impl Prepared {
     /// The handoff for the test host: everything the proxy there needs, with the roots
     /// this host would verify upstreams against (`SSL_CERT_FILE` honoured).
+    #[cfg(target_os = "linux")]
     pub fn handoff(&self) -> Result<Handoff, RunError> {
         let loaded = rustls_native_certs::load_native_certs();
         if loaded.certs.is_empty() {
@@ -163,6 +165,12 @@ impl Prepared {
             self.ca.to_parts(),
             &loaded.certs,
         ))
+    }
+
+    /// Unreachable on this host: no CA, so no `Prepared`.
+    #[cfg(not(target_os = "linux"))]
+    pub fn handoff(&self) -> Result<Handoff, RunError> {
+        match *self.ca {}
     }
 }
 
@@ -266,6 +274,7 @@ impl Observer for AuditObserver {
 /// Starts the egress proxy on `listener` for the guest at `guest`: called once the
 /// VMM has vouched for the boot, so no value is substituted for a guest that was not
 /// measured (its connections wait in the socket's queue until then).
+#[cfg(target_os = "linux")]
 pub fn arm(
     prepared: Prepared,
     listener: TcpListener,
@@ -292,6 +301,18 @@ pub fn arm(
         .map_err(|e| refused(format!("starting the egress proxy: {e}")))?;
     tracing::info!(port = proxy.port(), "egress proxy substituting");
     Ok(proxy)
+}
+
+/// Unreachable on this host: no CA, so no `Prepared`.
+#[cfg(not(target_os = "linux"))]
+pub fn arm(
+    prepared: Prepared,
+    _listener: TcpListener,
+    _guest: Ipv4Addr,
+    _log: AuditLog,
+    _ids: (&str, &str),
+) -> Result<EgressProxy, RunError> {
+    match *prepared.ca {}
 }
 
 #[cfg(test)]

@@ -579,7 +579,7 @@ pub fn check_guest_path(path: &str) -> Result<(), SandboxError> {
 /// The guest's working directory for sandbox commands: a tmpfs the workload owns.
 pub const WORKDIR: &str = "/work";
 /// The unprivileged uid and gid that sandbox commands run as and own copied files.
-const WORKLOAD_ID: u32 = mvm_agent::agent::policy::DEFAULT_WORKLOAD_ID;
+const WORKLOAD_ID: u32 = mvm_agent::protocol::DEFAULT_WORKLOAD_ID;
 
 /// A connection to a running sandbox.
 pub struct SandboxClient {

@@ -38,8 +38,7 @@ use super::{
 };
 use crate::image::StoredImage;
 
-/// How the tier is named wherever it appears.
-pub const LABEL: &str = "container: shares the host kernel (Linux namespaces and a seccomp filter around the image's tree; no VM)";
+pub use super::wall::CONTAINER_LABEL as LABEL;
 /// The agent's socket, in the socket directory.
 const AGENT_SOCKET: &str = "agent.sock";
 /// The container's hostname.

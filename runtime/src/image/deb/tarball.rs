@@ -136,15 +136,25 @@ pub(super) fn decoder<'a>(
     Ok(match compression {
         Compression::None => Box::new(bytes),
         Compression::Gzip => Box::new(flate2::bufread::GzDecoder::new(bytes)),
+        #[cfg(target_os = "linux")]
         Compression::Xz => {
             let stream = xz2::stream::Stream::new_stream_decoder(limits.max_decoder_memory, 0)
                 .map_err(io::Error::from)?;
             Box::new(xz2::bufread::XzDecoder::new_stream(bytes, stream))
         }
+        #[cfg(target_os = "linux")]
         Compression::Zstd => {
             let mut decoder = zstd::stream::read::Decoder::with_buffer(bytes)?;
             decoder.window_log_max(window_log(limits.max_decoder_memory))?;
             Box::new(decoder)
+        }
+        #[cfg(not(target_os = "linux"))]
+        Compression::Xz | Compression::Zstd => {
+            let _ = limits.max_decoder_memory;
+            return Err(crate::image::compression_unsupported(match compression {
+                Compression::Xz => "xz",
+                _ => "zstd",
+            }));
         }
     })
 }

@@ -458,6 +458,14 @@ impl Archive {
         let mut plain: Box<dyn Read> = match compression {
             Compression::None => Box::new(&mut hashing),
             Compression::Gzip => Box::new(flate2::read::GzDecoder::new(&mut hashing)),
+            #[cfg(not(target_os = "linux"))]
+            Compression::Zstd => {
+                return Err(ArchiveError::Digest {
+                    what: what.clone(),
+                    reason: crate::image::compression_unsupported("zstd").to_string(),
+                })
+            }
+            #[cfg(target_os = "linux")]
             Compression::Zstd => {
                 Box::new(zstd::stream::read::Decoder::new(&mut hashing).map_err(|e| {
                     ArchiveError::Digest {

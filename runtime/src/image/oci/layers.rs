@@ -368,15 +368,25 @@ fn decoder<'a>(
     Ok(match compression {
         Compression::None => Box::new(data),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(data)),
+        #[cfg(target_os = "linux")]
         Compression::Xz => {
             let stream = xz2::stream::Stream::new_stream_decoder(limits.max_decoder_memory, 0)
                 .map_err(io::Error::from)?;
             Box::new(xz2::read::XzDecoder::new_stream(data, stream))
         }
+        #[cfg(target_os = "linux")]
         Compression::Zstd => {
             let mut decoder = zstd::stream::read::Decoder::new(data)?;
             decoder.window_log_max(tarball::window_log(limits.max_decoder_memory))?;
             Box::new(decoder)
+        }
+        #[cfg(not(target_os = "linux"))]
+        Compression::Xz | Compression::Zstd => {
+            let _ = limits.max_decoder_memory;
+            return Err(crate::image::compression_unsupported(match compression {
+                Compression::Xz => "xz",
+                _ => "zstd",
+            }));
         }
     })
 }

@@ -1,18 +1,4 @@
-//! `mvm-agent`: the guest's PID 1, or a host-side agent on a Unix socket for tests.
-//!
-//! As PID 1 it ignores its arguments (the kernel passes it stray command-line words) and
-//! reads `mvm.*` settings from `/proc/cmdline`: `mvm.agent.port`, `mvm.hostname`,
-//! `mvm.agent.log`, and the policy keys of `Policy::from_cmdline`.
-//!
-//! For host-side tests of the PID 1 duties, run it as PID 1 of fresh pid, mount and UTS
-//! namespaces with `MVM_AGENT_PID1_TEST_SOCKET=PATH`: it then serves that Unix socket
-//! instead of vsock and writes nothing to the guest-signal port.
-//!
-//! `--container` (with `--listen-unix PATH`) is the container tier's PID 1: no VM init at
-//! all (the launcher did the mounts), the container seccomp filter on the whole process
-//! tree, and a shutdown request ends the process ([`mvm_agent::container`]). It is chosen
-//! before the PID 1 check: as a VM's PID 1 the arguments are stray kernel command-line
-//! words, and the plan pins that command line.
+//! The agent's command line and its modes, on Linux.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
@@ -312,7 +298,7 @@ fn run_container(path: &str, policy: Policy, level: Level) -> ExitCode {
     }
 }
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if std::process::id() == 1 && !args.iter().any(|a| a == CONTAINER) {
         run_init();

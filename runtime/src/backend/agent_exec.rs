@@ -190,3 +190,57 @@ pub(crate) fn run_command(
         }
     }
 }
+
+/// The run's workload on a connected agent, as the tiers without a VMM of mvm's run it
+/// (`container`, `vz`): the secrets released for it delivered first, then the command
+/// ([`run_command`]) or the session (on the connection `session` opens). Returns the
+/// status and the client, for the caller to power the guest off; on Ctrl-C the guest is
+/// told to power off and the holder killed here.
+pub(crate) fn run_workload<H: Holder + super::session::VmProbe>(
+    client: Client,
+    spec: &RunSpec,
+    workload: super::Workload<'_>,
+    journal: &mut dyn super::RunJournal,
+    holder: &mut H,
+    session: impl FnOnce() -> std::io::Result<std::os::unix::net::UnixStream>,
+) -> Result<(WorkloadStatus, Client), RunError> {
+    // Written ahead: the verified start and each secret's release are on disk before
+    // the workload starts.
+    let secrets = journal.workload_starting()?;
+    deliver_secrets(&client, &secrets).map_err(|e| holder.agent_error(&e))?;
+    let status = match workload {
+        super::Workload::Command { sink, stdin } => {
+            let request = workload_request(spec, &secrets);
+            drop(secrets);
+            match run_command(
+                &client,
+                &request,
+                (spec.stdin, stdin),
+                sink,
+                spec.timeout_secs,
+                holder,
+            ) {
+                Ok(status) => status,
+                Err(RunError::Interrupted) => {
+                    shutdown_guest(client, Duration::from_millis(500));
+                    holder.kill();
+                    return Err(RunError::Interrupted);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        super::Workload::Session(server) => {
+            if secrets.iter().any(|s| s.delivery == Delivery::Env) {
+                return Err(RunError::Missing(
+                    "a session takes secrets as files only (--secret), not in an environment"
+                        .into(),
+                ));
+            }
+            drop(secrets);
+            let stream =
+                session().map_err(|e| RunError::Agent(format!("session connection: {e}")))?;
+            server.serve(stream, journal, holder)?
+        }
+    };
+    Ok((status, client))
+}

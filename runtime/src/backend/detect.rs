@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::locate::{find_in_path, is_executable};
 use super::Tier;
 
 /// What the host offers, as read from `/proc`, `/sys` and `/dev`.
@@ -31,6 +32,35 @@ pub struct HostFacts {
     pub container_ids_missing: Option<String>,
     /// `/proc/sys/user/max_user_namespaces` (0: user namespaces are off).
     pub max_user_namespaces: Option<u64>,
+    /// The `vfkit` the vz tier would use (looked for on macOS only).
+    pub vfkit: VfkitFact,
+}
+
+/// What `vfkit` this host has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum VfkitFact {
+    /// Not looked for: not a macOS host (or facts made by hand).
+    #[default]
+    NotLooked,
+    /// Found, and a version the vz backend takes.
+    Usable(PathBuf),
+    /// Missing or unusable, and why.
+    Unusable(String),
+}
+
+impl VfkitFact {
+    /// Looks for `vfkit` and asks its version (on macOS; elsewhere [`Self::NotLooked`]).
+    fn probe() -> Self {
+        if cfg!(not(target_os = "macos")) {
+            return Self::NotLooked;
+        }
+        let checked = super::vz::vfkit::locate()
+            .and_then(|path| super::vz::vfkit::check_version(&path).map(|_| path));
+        match checked {
+            Ok(path) => Self::Usable(path),
+            Err(e) => Self::Unusable(e.to_string()),
+        }
+    }
 }
 
 /// The cpuinfo flags of the first processor, as a word list.
@@ -43,21 +73,6 @@ fn cpu_flags(cpuinfo: &str) -> Vec<&str> {
         })
         .map(|v| v.split_whitespace().collect())
         .unwrap_or_default()
-}
-
-/// Finds an executable called `name` on `PATH`.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 /// The modules KVM may be served by.
@@ -103,6 +118,7 @@ impl HostFacts {
             dev_kvm_rw,
             kvm_modules,
             qemu,
+            vfkit: VfkitFact::probe(),
         }
     }
 
@@ -231,16 +247,44 @@ fn judge_container(facts: &HostFacts) -> TierVerdict {
     }
 }
 
+/// Judges the vz tier: macOS with a usable `vfkit`.
+fn judge_vz(facts: &HostFacts) -> TierVerdict {
+    let (usable, reason) = if cfg!(not(target_os = "macos")) {
+        (
+            false,
+            "Apple's Virtualization.framework: macOS hosts only".to_owned(),
+        )
+    } else {
+        match &facts.vfkit {
+            VfkitFact::Usable(path) => (
+                true,
+                format!(
+                    "{}: Virtualization.framework, files measured by mvm before hand-off; never run on a Mac by mvm's tests",
+                    path.display()
+                ),
+            ),
+            VfkitFact::Unusable(why) => (false, why.clone()),
+            VfkitFact::NotLooked => (false, "vfkit was not looked for".to_owned()),
+        }
+    };
+    TierVerdict {
+        tier: Tier::Vz,
+        usable,
+        reason,
+    }
+}
+
 /// Judges every tier and picks the best usable one (never the container tier, which
 /// has to be asked for).
 pub fn judge(facts: &HostFacts) -> Detection {
     let mut verdicts = vec![
         judge_kvm(facts),
+        judge_vz(facts),
         judge_emulated(facts),
         judge_container(facts),
     ];
     if cfg!(not(target_os = "linux")) {
-        for verdict in &mut verdicts {
+        for verdict in verdicts.iter_mut().filter(|v| v.tier != Tier::Vz) {
             verdict.usable = false;
             verdict.reason = "built for Linux hosts only".to_owned();
         }

@@ -4,9 +4,23 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::detect::find_in_path;
 use super::RunError;
 use crate::image::elf;
+
+/// Finds an executable called `name` on `PATH`.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+pub(crate) fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
 
 fn env_path(key: &str) -> Option<PathBuf> {
     std::env::var_os(key)

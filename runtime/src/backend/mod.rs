@@ -15,10 +15,12 @@ pub mod container;
 pub mod detect;
 #[cfg(target_os = "linux")]
 pub mod emulated;
+pub(crate) mod held;
 pub mod idmap;
 pub mod interrupt;
 pub mod kvm;
 pub mod locate;
+pub(crate) mod plan_check;
 pub mod resources;
 pub mod scratch;
 pub mod session;
@@ -52,6 +54,10 @@ pub enum Tier {
     /// this host's kernel (the weakest tier; only when asked for, and only where the
     /// policy's minimum tier is `container`).
     Container,
+    /// Apple's Virtualization.framework through `vfkit` (macOS): the runtime verifies the
+    /// plan and measures every file before handing them over; nothing checks a disk
+    /// block by block after that.
+    Vz,
 }
 
 impl fmt::Display for Tier {
@@ -60,6 +66,7 @@ impl fmt::Display for Tier {
             Tier::Kvm => "kvm",
             Tier::Emulated => "emulated",
             Tier::Container => "container",
+            Tier::Vz => "vz",
         })
     }
 }

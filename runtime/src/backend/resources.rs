@@ -32,7 +32,7 @@ pub fn host_memory_mib(tier: Tier, guest_mib: u32) -> u64 {
         Tier::Emulated => u64::from(emulated::testhost_memory_mib(guest_mib)),
         #[cfg(not(target_os = "linux"))]
         Tier::Emulated => u64::from(guest_mib),
-        Tier::Container => u64::from(guest_mib),
+        Tier::Container | Tier::Vz => u64::from(guest_mib),
     }
 }
 

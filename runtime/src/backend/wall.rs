@@ -2,9 +2,10 @@
 //! `mvm doctor` (text and `--json`) and carried in each run's receipt, so whoever checks a
 //! receipt knows what kind of wall the run had, not only that it ran.
 //!
-//! The rows say what this build does. The backend that is named in the design but not
-//! runnable (`vz`) has a row too, saying so, so that a reader of `mvm doctor`
-//! sees the whole table and no row claims more than the code gives.
+//! The rows say what this build does on this host: every backend has one, and `built`
+//! says whether this build can run it here (`kvm`, `emulated` and `container` on Linux,
+//! `vz` on macOS), so that a reader of `mvm doctor` sees the whole table and no row
+//! claims more than the code gives.
 
 use serde::{Deserialize, Serialize};
 
@@ -97,36 +98,28 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
             seccomp: "one deny-list filter on every process in it (module loading, kexec, bpf, userfaultfd, keyrings, ptrace, mounts, new namespaces, ...: docs/seccomp.md)".into(),
             egress_enforced_in: "nowhere needed: the network namespace holds only loopback (--net refused)".into(),
         },
+        Tier::Vz => Wall {
+            backend: tier.to_string(),
+            built: cfg!(target_os = "macos"),
+            hardware_virtualized: true,
+            isolation: format!("{}; mvm's tests have never run it on a Mac", super::vz::LABEL),
+            plan_verified_by: "mvm, before hand-off (signature, window, nonce; kernel, initramfs and command line measured on private read-only copies, the only files vfkit is given; no disks in this version)".into(),
+            disk_blocks_verified: false,
+            jail: "none of mvm's: Apple's hypervisor; vfkit runs as the user".into(),
+            seccomp: "none".into(),
+            egress_enforced_in: "nowhere needed: the VM has no network device in this version (--net refused)".into(),
+        },
     }
 }
 
-/// Every backend's wall, built or not, strongest first, for a process running as root
-/// or not (`as_root`): what `mvm doctor` and the MCP server's `host_info` show.
+/// Every backend's wall, built for this host or not, strongest first, for a process
+/// running as root or not (`as_root`): what `mvm doctor` and the MCP server's
+/// `host_info` show.
 pub fn all(as_root: bool) -> Vec<Wall> {
-    [Tier::Kvm, Tier::Emulated, Tier::Container]
+    [Tier::Kvm, Tier::Vz, Tier::Emulated, Tier::Container]
         .into_iter()
         .map(|t| of(t, as_root))
-        .chain(not_built())
         .collect()
-}
-
-/// The rows of backends named in the design and not built in this version.
-pub fn not_built() -> Vec<Wall> {
-    let row = |backend: &str, isolation: &str| Wall {
-        backend: backend.to_owned(),
-        built: false,
-        hardware_virtualized: false,
-        isolation: isolation.to_owned(),
-        plan_verified_by: "nowhere: not built".to_owned(),
-        disk_blocks_verified: false,
-        jail: "not built".to_owned(),
-        seccomp: "not built".to_owned(),
-        egress_enforced_in: "not built".to_owned(),
-    };
-    vec![row(
-            "vz",
-            "not runnable in this version: Apple Virtualization.framework on macOS through vfkit; its command line and the measured hand-off are built and unit-tested on Linux, never run on a Mac (docs/backends.md)",
-    )]
 }
 
 #[cfg(test)]
@@ -142,9 +135,11 @@ mod tests {
         assert!(container.isolation.contains("shares the host kernel"));
         assert!(of(Tier::Kvm, false).jail.contains("user-namespace jail"));
         assert!(of(Tier::Kvm, true).jail.contains("namespaces"));
-        for row in not_built() {
-            assert!(!row.built && !row.hardware_virtualized && !row.disk_blocks_verified);
-        }
+        let vz = of(Tier::Vz, false);
+        assert!(!vz.disk_blocks_verified && vz.isolation.contains("never run it on a Mac"));
+        assert_eq!(vz.built, cfg!(target_os = "macos"));
+        let backends: Vec<String> = all(true).into_iter().map(|w| w.backend).collect();
+        assert_eq!(backends, ["kvm", "vz", "emulated", "container"]);
         let json = serde_json::to_string(&of(Tier::Emulated, false)).unwrap();
         let back: Wall = serde_json::from_str(&json).unwrap();
         assert_eq!(back, of(Tier::Emulated, false));

@@ -513,7 +513,8 @@ mod tests {
         assert!(parse(&["run", "--mem", "1048576", "--cpus", "64", "--", "true"]).is_ok());
         assert!(parse(&["run", "--env", "NOEQUALS", "--", "true"]).is_err());
         assert!(parse(&["run", "--env", "=v", "--", "true"]).is_err());
-        assert!(parse(&["run", "--backend", "vz", "--", "true"]).is_err());
+        assert!(parse(&["run", "--backend", "vz", "--", "true"]).is_ok());
+        assert!(parse(&["run", "--backend", "hyperv", "--", "true"]).is_err());
         let Command::Run(container) = parse(&["run", "--backend", "container", "--", "true"])
             .unwrap()
             .command

@@ -66,10 +66,14 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
     if !flags.wanted() {
         return Ok(None);
     }
-    if tier == Tier::Container {
-        return Err(RunError::Missing(
+    match tier {
+        Tier::Container => return Err(RunError::Missing(
             "--net: the container tier has no network in this version (its network namespace holds only loopback); use the kvm or emulated tier (docs/backends.md)".into(),
-        ));
+        )),
+        Tier::Vz => return Err(RunError::Missing(
+            "--net: the vz tier has no network device in this version; use the kvm or emulated tier (docs/backends.md)".into(),
+        )),
+        Tier::Kvm | Tier::Emulated => {}
     }
     let mut resolver = SystemResolver::default();
     let allow =
@@ -94,7 +98,7 @@ pub fn prepare(flags: &NetFlags, tier: Tier) -> Result<Option<NetPrep>, RunError
             request.tap = Some(session.tap().to_owned());
             Some(session)
         }
-        Tier::Emulated | Tier::Container => {
+        Tier::Emulated | Tier::Container | Tier::Vz => {
             let interface = first_interface(&request.resolvers)?;
             request.interface = Some(interface);
             None

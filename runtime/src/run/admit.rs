@@ -61,6 +61,7 @@ pub fn plan_tier(tier: Tier) -> plan::Tier {
         Tier::Kvm => plan::Tier::Hardware,
         Tier::Emulated => plan::Tier::Emulated,
         Tier::Container => plan::Tier::Container,
+        Tier::Vz => plan::Tier::Delegated,
     }
 }
 

@@ -74,6 +74,8 @@ pub fn setup() -> Setup {
     let kernel = dir.path().join("vmlinux");
     let mut k = b"\x7fELF\x02\x01\x01".to_vec();
     k.resize(4096, 0);
+    // e_machine: x86_64 (the vz backend checks the kernel's format before hand-off).
+    k[18] = 62;
     std::fs::write(&kernel, k).unwrap();
     let inputs = BuildInputs {
         kernel,

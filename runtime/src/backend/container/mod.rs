@@ -23,18 +23,19 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mvm_agent::{Client, ClientError};
+use mvm_agent::Client;
 
-use super::agent_exec::{self, deliver_secrets, shutdown_guest, Holder};
+use super::agent_exec::{self, shutdown_guest, Holder};
+use super::held::HeldProcess;
 use super::idmap::IdMap;
 use super::scratch::ScratchDir;
 use super::{
     interrupt, locate, PlanFiles, RunError, RunJournal, RunOutcome, RunSpec, Tier, Timings,
-    VmProbe, Workload,
+    Workload,
 };
 use crate::image::StoredImage;
 
@@ -45,101 +46,25 @@ const AGENT_SOCKET: &str = "agent.sock";
 const HOSTNAME: &str = "mvm";
 /// Time the container gets to end after the agent acknowledged shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// The most of the init's log shown in an error.
-const LOG_TAIL: u64 = 16 << 10;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The container's init process (`mvm __container-init`), killed and reaped on drop.
+/// The container's init process (`mvm __container-init`), killed and reaped on drop,
+/// and then its cgroup removed.
 struct Container {
-    child: Child,
-    log: PathBuf,
-    exited: Option<ExitStatus>,
+    init: HeldProcess,
     /// Its cgroup, when it has one ([`limits`]); removed once the container ended.
     cgroup: Option<mvm_cgroup::Cgroup>,
 }
 
-impl Container {
-    fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited
-    }
-
-    fn log_tail(&self) -> String {
-        let Ok(bytes) = std::fs::read(&self.log) else {
-            return String::new();
-        };
-        let from = bytes
-            .len()
-            .saturating_sub(usize::try_from(LOG_TAIL).unwrap_or(usize::MAX));
-        String::from_utf8_lossy(bytes.get(from..).unwrap_or_default()).into_owned()
-    }
-
-    fn died(&self, status: ExitStatus) -> RunError {
-        RunError::VmmDied {
-            reason: format!("the container's init exited ({status})"),
-            log: self.log_tail(),
-            exit: Some(status.into()),
-        }
-    }
-
-    fn stop(&mut self, grace: Duration) {
-        let until = Instant::now() + grace;
-        while self.try_exit().is_none() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if self.try_exit().is_none() {
-            Holder::kill(self);
-        }
-    }
-}
-
 impl Drop for Container {
     fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        Holder::kill(&mut self.init);
         if let Some(cgroup) = self.cgroup.take() {
             limits::release(&cgroup);
         }
-    }
-}
-
-impl Holder for Container {
-    fn ended(&mut self) -> Option<RunError> {
-        let status = self.try_exit()?;
-        Some(self.died(status))
-    }
-
-    fn kill(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
-        }
-    }
-
-    fn agent_error(&mut self, e: &ClientError) -> RunError {
-        // An init that ended explains a broken connection better than the connection.
-        let until = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < until {
-            if let Some(status) = self.try_exit() {
-                return self.died(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RunError::Agent(e.to_string())
-    }
-}
-
-impl VmProbe for Container {
-    fn ended(&mut self) -> Option<String> {
-        self.try_exit()
-            .map(|status| format!("the container's init exited ({status})"))
     }
 }
 
@@ -199,50 +124,13 @@ pub fn run(
     let client = wait_for_agent(&mut container, &socket, ready_timeout)?;
     let ready = Instant::now();
 
-    // Written ahead, as on the VM tiers: the verified start and each secret's release
-    // are on disk before the workload starts.
-    let secrets = journal.workload_starting()?;
-    deliver_secrets(&client, &secrets).map_err(|e| container.agent_error(&e))?;
-    let status = match workload {
-        Workload::Command { sink, stdin } => {
-            let request = agent_exec::workload_request(spec, &secrets);
-            drop(secrets);
-            match agent_exec::run_command(
-                &client,
-                &request,
-                (spec.stdin, stdin),
-                sink,
-                spec.timeout_secs,
-                &mut container,
-            ) {
-                Ok(status) => status,
-                Err(RunError::Interrupted) => {
-                    shutdown_guest(client, Duration::from_millis(500));
-                    Holder::kill(&mut container);
-                    return Err(RunError::Interrupted);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Workload::Session(server) => {
-            if secrets
-                .iter()
-                .any(|s| s.delivery == crate::secrets::Delivery::Env)
-            {
-                return Err(RunError::Missing(
-                    "a session takes secrets as files only (--secret), not in an environment"
-                        .into(),
-                ));
-            }
-            drop(secrets);
-            let stream = UnixStream::connect(&socket)
-                .map_err(|e| RunError::Agent(format!("session connection: {e}")))?;
-            server.serve(stream, journal, &mut container)?
-        }
-    };
+    let (status, client) =
+        agent_exec::run_workload(client, spec, workload, journal, &mut container.init, || {
+            UnixStream::connect(&socket)
+        })?;
     let exited = Instant::now();
     shutdown_guest(client, SHUTDOWN_GRACE);
-    container.stop(SHUTDOWN_GRACE);
+    container.init.wait_or_kill(SHUTDOWN_GRACE);
     let stopped = Instant::now();
     drop(container);
     drop(scratch);
@@ -415,9 +303,7 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
     let cgroup = cgroup.and_then(|c| limits::enter(c, child.id()));
     let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
     let mut container = Container {
-        child,
-        log,
-        exited: None,
+        init: HeldProcess::new(child, log, "the container's init"),
         cgroup,
     };
     let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
@@ -425,12 +311,12 @@ fn start_init(image: &StoredImage, ids: &IdMap, tree: Tree<'_>) -> Result<Contai
             "the container init's pipes are missing".into(),
         ));
     };
-    if let Err(why) = map_users(ids, container.child.id(), stdin, stdout) {
-        Holder::kill(&mut container);
-        let status = container.try_exit();
+    if let Err(why) = map_users(ids, container.init.id(), stdin, stdout) {
+        Holder::kill(&mut container.init);
+        let status = container.init.try_exit();
         return Err(RunError::VmmDied {
             reason: format!("making the container's user namespace: {why}"),
-            log: container.log_tail(),
+            log: container.init.log_tail(),
             exit: status.map(Into::into),
         });
     }
@@ -469,15 +355,15 @@ fn wait_for_agent(
         if interrupt::requested() {
             return Err(RunError::Interrupted);
         }
-        if let Some(status) = container.try_exit() {
-            return Err(container.died(status));
+        if let Some(status) = container.init.try_exit() {
+            return Err(container.init.died(status));
         }
         let elapsed = start.elapsed();
         if elapsed >= timeout {
             return Err(RunError::AgentNotReady {
                 timeout,
                 reason: last,
-                log: container.log_tail(),
+                log: container.init.log_tail(),
             });
         }
         let left = timeout.saturating_sub(elapsed).min(Duration::from_secs(5));

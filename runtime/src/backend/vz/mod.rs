@@ -36,6 +36,16 @@ pub const LABEL: &str = "vz: hardware-virtualized, measured by the runtime befor
 /// Time the VM gets to power off after the agent acknowledged shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// Gives the hand-off directory its owner's write permission back when the run ends.
+struct Reopen(std::path::PathBuf);
+
+impl Drop for Reopen {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o700));
+    }
+}
+
 /// A session's own connection to the agent, through vfkit's vsock socket.
 fn vfkit_session(agent_socket: &std::path::Path) -> std::io::Result<UnixStream> {
     UnixStream::connect(agent_socket)
@@ -69,7 +79,11 @@ pub fn run(
         ));
     }
     let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
-    let handed = verify::verify(plan, image, &scratch.path().join("boot"))?;
+    let boot = scratch.path().join("boot");
+    // Dropped before `scratch`: the hand-off closes its directory to writes, and a user
+    // who is not root could not remove it otherwise.
+    let reopen = Reopen(boot.clone());
+    let handed = verify::verify(plan, image, &boot)?;
     let agent_socket = scratch.path().join("agent.sock");
     let vm = VfkitVm {
         cpus: spec.cpus,
@@ -99,6 +113,7 @@ pub fn run(
     }
     let stopped = Instant::now();
     drop(vfkit);
+    drop(reopen);
     drop(scratch);
     Ok(RunOutcome {
         status,
@@ -117,4 +132,23 @@ pub fn run(
         plan_id: None,
         vmm_memory: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_hand_off_directory_is_writable_again_once_the_run_lets_it_go() {
+        let scratch = tempfile::tempdir().unwrap();
+        let boot = scratch.path().join("boot");
+        std::fs::create_dir(&boot).unwrap();
+        std::fs::write(boot.join("kernel"), b"k").unwrap();
+        std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o500)).unwrap();
+        drop(Reopen(boot.clone()));
+        let mode = std::fs::metadata(&boot).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        drop(Reopen(scratch.path().join("never-made")));
+    }
 }

@@ -150,9 +150,9 @@ impl Vfkit {
     }
 
     /// Waits for the VM to run and its agent to answer: vfkit's state followed until
-    /// `Running` (an `Error` or `Stopped` VM, or vfkit's exit, ends the wait with the
-    /// reason), then the vsock socket connected and hellos and a ping exchanged. Gives
-    /// up on Ctrl-C or after `timeout`.
+    /// `Running` (a VM in the `Error` state, or vfkit's exit, which a stopped VM causes,
+    /// ends the wait with the reason), then the vsock socket connected and hellos and a
+    /// ping exchanged. Gives up on Ctrl-C or after `timeout`.
     pub fn wait_for_agent(&mut self, timeout: Duration) -> Result<(Client, u64), RunError> {
         let start = Instant::now();
         let mut last = String::from("vfkit has not opened its REST socket");

@@ -7,10 +7,13 @@
 
 pub mod bytes;
 pub mod dsse;
+#[cfg(target_os = "linux")]
+pub mod file_identity;
 #[cfg(target_arch = "x86_64")]
 pub mod kernel;
 pub mod limits;
 pub mod measure;
 pub mod plan;
 pub mod replay;
+pub mod snapshot_memory;
 pub mod verity;

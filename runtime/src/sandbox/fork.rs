@@ -7,6 +7,9 @@
 //! reseeded with its own entropy and its own sandbox id before anything runs in it: the
 //! two go on from the same instant with the same files and processes, and different
 //! random bytes. The source is paused for as long as the snapshot and its restore take.
+//! The links move the memory file's change time past the one its seal names, so the file
+//! is hashed once here and its identity sealed again in both directories
+//! ([`crate::backend::snapshot_seal::reattest_shared`]): neither restore hashes it.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -36,6 +39,20 @@ fn share_snapshot(from: &Path, to: &Path) -> Result<(), SandboxError> {
             .map_err(|e| fail(&entry.path(), e))?;
     }
     Ok(())
+}
+
+/// The shared memory file hashed once here and its identity sealed again in both
+/// directories, so neither restore hashes it (the links moved its change time). On
+/// failure both restores hash it, as before: said in the log, not an error.
+fn reattest(source: &Path, fork: &Path) {
+    #[cfg(target_os = "linux")]
+    match crate::backend::snapshot_seal::reattest_shared(&[source, fork]) {
+        Ok(true) => tracing::debug!("fork: the shared memory file's identity sealed again"),
+        Ok(false) => tracing::info!("fork: the shared memory file changed or could not be re-attested; its restores hash it"),
+        Err(e) => tracing::warn!("fork: re-attesting the shared memory file: {e}; its restores hash it"),
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (source, fork);
 }
 
 /// Forks the ready sandbox `reference` names into a new one (named `name`, if given),
@@ -72,6 +89,7 @@ pub fn fork(
     };
     let made = Sandbox::create_in(&root, &forked_config).and_then(|fork| {
         share_snapshot(&source.snapshot_dir(), &fork.snapshot_dir())?;
+        reattest(&source.snapshot_dir(), &fork.snapshot_dir());
         fork.set_state(&SandboxState {
             status: Status::Paused,
             reason: Some(format!("forked from {}", config.id)),

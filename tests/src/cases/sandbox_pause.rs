@@ -190,9 +190,27 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
 
     // Forked: two sandboxes from one instant, each with its own randomness and id, each
     // going on by itself.
+    let restored_before = restored.len();
     let fork = ok(ctx, &["fork", &id])?;
     if !fork.starts_with("sb-") || fork == id {
         return Err(Failure::new(format!("fork printed {fork:?}")));
+    }
+    // Both restores found the shared memory file as it was sealed again at the fork,
+    // after its links: neither hashed it.
+    let checks: Vec<String> = sandbox::audit_records(ctx, "snapshot_restored")?
+        .iter()
+        .skip(restored_before)
+        .map(|r| {
+            field(r, "memory_check")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_owned()
+        })
+        .collect();
+    if checks != ["unchanged", "unchanged"] {
+        return Err(Failure::new(format!(
+            "the fork's two restores checked the memory file as {checks:?}, not [\"unchanged\", \"unchanged\"]"
+        )));
     }
     let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
     let mut seen = Vec::new();
@@ -248,7 +266,7 @@ fn pause_resume_inner(ctx: &Context) -> CaseResult {
         return Err(Failure::new("no boot_refused record with reason rollback"));
     }
     println!(
-        "    pause| counted to {before}, paused, resumed, counted on to {after}; forked: different urandom, own ids; the epoch-1 snapshot put back was refused (rollback)"
+        "    pause| counted to {before}, paused, resumed, counted on to {after}; forked: both restores found the memory file unchanged, different urandom, own ids; the epoch-1 snapshot put back was refused (rollback)"
     );
     Ok(())
 }

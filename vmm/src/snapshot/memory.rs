@@ -18,7 +18,6 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use mvm_loader::measure::Sha256Digest;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
@@ -27,33 +26,7 @@ use vm_memory::{
 
 use super::SnapshotError;
 
-/// How much is copied, hashed and written at a time: one entry of the index.
-pub const CHUNK: usize = 1 << 20;
-
-/// Which chunks of a memory file hold data, and each one's SHA-256; every other chunk is
-/// zeros. Kept in the state file, which the seal covers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemoryIndex {
-    /// [`CHUNK`], as the file was written.
-    pub chunk_bytes: u64,
-    /// The chunks that are not all zeros, by index, ascending.
-    pub data: Vec<(u64, Sha256Digest)>,
-}
-
-impl MemoryIndex {
-    /// The index's own digest: SHA-256 over each entry's index (little-endian u64) and
-    /// chunk digest, in order, after the chunk size. The manifest names the memory by it.
-    pub fn digest(&self) -> Sha256Digest {
-        let mut h = Sha256::new();
-        h.update(self.chunk_bytes.to_le_bytes());
-        for (index, digest) in &self.data {
-            h.update(index.to_le_bytes());
-            h.update(digest.as_bytes());
-        }
-        Sha256Digest(h.finalize().into())
-    }
-}
+pub use mvm_loader::snapshot_memory::{MemoryIndex, CHUNK};
 
 /// Where one RAM region lives in guest-physical space and in the memory file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

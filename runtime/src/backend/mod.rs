@@ -60,6 +60,18 @@ pub enum Tier {
     Vz,
 }
 
+impl Tier {
+    /// Whether this build can run the tier on this host: `kvm`, `emulated` and
+    /// `container` on Linux, `vz` on macOS.
+    #[must_use]
+    pub fn built_here(self) -> bool {
+        match self {
+            Tier::Kvm | Tier::Emulated | Tier::Container => cfg!(target_os = "linux"),
+            Tier::Vz => cfg!(target_os = "macos"),
+        }
+    }
+}
+
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -41,10 +41,6 @@ pub struct Wall {
 /// How the container tier is named wherever it appears.
 pub const CONTAINER_LABEL: &str = "container: shares the host kernel (Linux namespaces and a seccomp filter around the image's tree; no VM)";
 
-/// The three tiers `mvm` runs itself (a VMM, QEMU, namespaces) are built for Linux
-/// hosts only; on another host their rows say so.
-const BUILT_HERE: bool = cfg!(target_os = "linux");
-
 /// The jail `mvm-vmm` builds when started as root or not (`as_root`).
 fn vmm_jail(as_root: bool) -> &'static str {
     if as_root {
@@ -59,7 +55,7 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
     match tier {
         Tier::Kvm => Wall {
             backend: tier.to_string(),
-            built: BUILT_HERE,
+            built: tier.built_here(),
             hardware_virtualized: true,
             isolation: "a KVM virtual machine with its own kernel (mvm-vmm: virtio-mmio blk, net, vsock only)".into(),
             plan_verified_by: "mvm-vmm, before the first guest instruction".into(),
@@ -70,7 +66,7 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
         },
         Tier::Emulated => Wall {
             backend: tier.to_string(),
-            built: BUILT_HERE,
+            built: tier.built_here(),
             hardware_virtualized: false,
             isolation: "a KVM virtual machine inside a QEMU-TCG test host: the outer wall is QEMU's CPU emulator".into(),
             plan_verified_by: "mvm-vmm inside the test host, before the first guest instruction".into(),
@@ -84,7 +80,7 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
         },
         Tier::Container => Wall {
             backend: tier.to_string(),
-            built: BUILT_HERE,
+            built: tier.built_here(),
             hardware_virtualized: false,
             isolation: CONTAINER_LABEL.into(),
             plan_verified_by: "mvm, before the container starts (signature, window, nonce; kernel, initramfs and command line measured against the plan; the kernel is never booted)".into(),
@@ -100,7 +96,7 @@ pub fn of(tier: Tier, as_root: bool) -> Wall {
         },
         Tier::Vz => Wall {
             backend: tier.to_string(),
-            built: cfg!(target_os = "macos"),
+            built: tier.built_here(),
             hardware_virtualized: true,
             isolation: format!("{}; mvm's tests have never run it on a Mac", super::vz::LABEL),
             plan_verified_by: "mvm, before hand-off (signature, window, nonce; kernel, initramfs and command line measured on private read-only copies, the only files vfkit is given; no disks in this version)".into(),

@@ -51,7 +51,7 @@ pub struct RunOptions {
 /// on this host: nothing is admitted for it), else the best one detected.
 pub fn choose_tier(asked: Option<Tier>, facts: &HostFacts) -> Result<Tier, RunError> {
     if let Some(tier) = asked {
-        if !crate::backend::wall::of(tier, false).built {
+        if !tier.built_here() {
             return Err(RunError::NoBackend(match tier {
                 Tier::Vz => "vz: Apple's Virtualization.framework, macOS hosts only".to_owned(),
                 _ => format!("{tier}: built for Linux hosts only (on macOS: --backend vz)"),

@@ -185,9 +185,10 @@ fn take_snapshot(
 }
 
 /// Takes the image's warm snapshot from the VM that just answered: SIGUSR2, the VMM
-/// writes it and goes on (`--snapshot-continue`), then it is sealed and kept. A failure
-/// is logged and costs only the warm start of later runs.
-fn take_warm_snapshot(vmm: &mut VmmProcess, tmp: &Path, dir: &Path) {
+/// writes it into `tmp` and goes on (`--snapshot-continue`), then it is sealed and kept
+/// as `dir` (with no `dir`, left in `tmp` unsealed for the caller). A failure is logged,
+/// `tmp` removed, and costs only the warm start of later runs.
+fn take_warm_snapshot(vmm: &mut VmmProcess, tmp: &Path, dir: Option<&Path>) {
     let written = (|| {
         vmm.signal(libc::SIGUSR2)
             .map_err(|e| format!("signalling mvm-vmm: {e}"))?;
@@ -199,10 +200,13 @@ fn take_warm_snapshot(vmm: &mut VmmProcess, tmp: &Path, dir: &Path) {
             }
             std::thread::sleep(POLL);
         }
-        warm::keep(tmp, dir)
+        match dir {
+            Some(dir) => warm::keep(tmp, dir),
+            None => Ok(()),
+        }
     })();
     match written {
-        Ok(()) => tracing::info!(dir = %dir.display(), "warm snapshot kept"),
+        Ok(()) => tracing::info!(dir = %dir.unwrap_or(tmp).display(), "warm snapshot kept"),
         Err(e) => {
             tracing::warn!("warm snapshot not taken: {e}");
             let _ = std::fs::remove_dir_all(tmp);
@@ -293,14 +297,16 @@ pub fn run_verified(
         Workload::Command { .. } => None,
     };
     // A one-shot command, admitted and eligible, may start warm (`warm`).
-    let plan_doc = plan.filter(|_| artifacts.warm).and_then(|p| {
+    let plan_doc = plan.filter(|_| artifacts.warm.wanted()).and_then(|p| {
         std::fs::read(&p.envelope)
             .ok()
             .and_then(|e| mvm_loader::plan::envelope::decode_plan_unverified(&e).ok())
     });
     let mut warm = match (&workload, &plan_doc) {
-        (Workload::Command { .. }, Some(doc)) if artifacts.warm && warm::eligible(doc) => {
-            warm::choose(&artifacts.image, &artifacts.vmm, spec)
+        (Workload::Command { .. }, Some(doc)) if warm::eligible(doc) => {
+            artifacts
+                .warm
+                .choose(&artifacts.image, &artifacts.vmm, spec)
         }
         _ => None,
     };
@@ -313,7 +319,7 @@ pub fn run_verified(
                 restore: Some((dir.clone(), 0)),
                 ..SnapshotArgs::default()
             },
-            (None, Some(Warm::Take { tmp, .. })) => SnapshotArgs {
+            (None, Some(Warm::Take { tmp, .. } | Warm::TakeUnsealed(tmp))) => SnapshotArgs {
                 write_to: Some((tmp.clone(), 0)),
                 continue_after: true,
                 bind_artifacts: true,
@@ -356,7 +362,8 @@ pub fn run_verified(
             let id = plan_doc.as_ref().map_or("run", |d| d.plan_id.as_str());
             reseed(&client, id).map_err(|e| agent_error(&mut vmm, &e))?;
         }
-        Some(Warm::Take { tmp, dir }) => take_warm_snapshot(&mut vmm, tmp, dir),
+        Some(Warm::Take { tmp, dir }) => take_warm_snapshot(&mut vmm, tmp, Some(dir)),
+        Some(Warm::TakeUnsealed(dir)) => take_warm_snapshot(&mut vmm, dir, None),
         None => {}
     }
     if let Some(from) = snapshots.as_ref().and_then(|s| s.restore.as_ref()) {

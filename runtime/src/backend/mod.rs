@@ -399,9 +399,10 @@ pub struct RunArtifacts {
     pub image: crate::image::StoredImage,
     /// The `mvm-vmm` to start.
     pub vmm: PathBuf,
-    /// Try a warm start (`backend::warm`): the policy allows it and `--cold` was not
-    /// given. Only the kvm tier acts on it, and only for an eligible run.
-    pub warm: bool,
+    /// Where a warm start may come from (`backend::warm`): the store when the policy
+    /// allows it and `--cold` was not given. Only the kvm backend acts on it, and only
+    /// for an eligible run.
+    pub warm: warm::WarmSource,
 }
 
 #[cfg(test)]

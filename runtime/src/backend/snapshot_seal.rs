@@ -15,7 +15,7 @@ use crate::admission::keys::{config_dir, HostKeys};
 const MANIFEST_FILE: &str = "manifest.json";
 #[cfg(target_os = "linux")]
 const MEMORY_FILE: &str = "memory";
-const SEAL_FILE: &str = "snapshot.dsse.json";
+pub const SEAL_FILE: &str = "snapshot.dsse.json";
 /// The largest manifest sealed.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
@@ -32,13 +32,20 @@ pub fn seal(dir: &Path) -> Result<(), String> {
     std::fs::File::open(&path)
         .and_then(|f| f.take(MAX_MANIFEST_BYTES).read_to_end(&mut manifest))
         .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    replace(dir, SEAL_FILE, &seal_manifest(&manifest)?)
+}
+
+/// The seal of a manifest the VMM wrote (its exact bytes), signed with the host's
+/// admission key: the DSSE envelope's JSON. An empty manifest (no snapshot was taken) is
+/// an error.
+pub fn seal_manifest(manifest: &[u8]) -> Result<Vec<u8>, String> {
     if manifest.is_empty() {
         return Err("the VMM wrote no manifest: no snapshot was taken".to_owned());
     }
     let config = config_dir().map_err(|e| e.to_string())?;
     let (keys, _) = HostKeys::load_or_create(&config).map_err(|e| e.to_string())?;
-    let envelope = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, &manifest, &keys.admission);
-    replace(dir, SEAL_FILE, &envelope.to_json())
+    let envelope = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, manifest, &keys.admission);
+    Ok(envelope.to_json())
 }
 
 /// Writes `bytes` to `dir/name` through a new file renamed into place, so a name that

@@ -39,6 +39,37 @@ pub enum Warm {
         /// Where it is kept.
         dir: PathBuf,
     },
+    /// Boot, and take the image's snapshot into this directory once the agent answers,
+    /// left unsealed: a test host's, for its host to carry out and seal
+    /// (`emulated::warm`).
+    TakeUnsealed(PathBuf),
+}
+
+/// Where a run's warm start comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarmSource {
+    /// Nowhere: the run boots.
+    Off,
+    /// This host's store of warm snapshots ([`choose`]): restore the image's, or take it.
+    Store,
+    /// Given by the caller: a test host's, carried in and out by its host.
+    Given(Warm),
+}
+
+impl WarmSource {
+    /// Whether the run may start warm at all.
+    pub fn wanted(&self) -> bool {
+        !matches!(self, Self::Off)
+    }
+
+    /// For an eligible run: what it does.
+    pub fn choose(&self, image: &StoredImage, vmm: &Path, spec: &RunSpec) -> Option<Warm> {
+        match self {
+            Self::Off => None,
+            Self::Store => choose(image, vmm, spec),
+            Self::Given(warm) => Some(warm.clone()),
+        }
+    }
 }
 
 /// Whether a run under `plan` may start warm: nothing in it that a shared snapshot
@@ -127,8 +158,11 @@ pub fn keep(tmp: &Path, dir: &Path) -> Result<(), String> {
 
 /// Drops a snapshot that is not kept.
 pub fn discard(warm: &Warm) {
-    if let Warm::Take { tmp, .. } = warm {
-        let _ = std::fs::remove_dir_all(tmp);
+    match warm {
+        Warm::Take { tmp, .. } | Warm::TakeUnsealed(tmp) => {
+            let _ = std::fs::remove_dir_all(tmp);
+        }
+        Warm::Restore(_) => {}
     }
 }
 

@@ -44,8 +44,8 @@ pub struct BenchArgs {
     /// and resumed; kvm backend).
     #[arg(long)]
     pub restore: bool,
-    /// Also time N warm starts (`mvm run` from the image's warm snapshot; kvm backend,
-    /// the policy's `[snapshots] warm_start` on). The cold runs are always boots.
+    /// Also time N warm starts (`mvm run` from the image's warm snapshot; kvm and
+    /// emulated backends, the policy's `[snapshots] warm_start` on). The cold runs are always boots.
     #[arg(long)]
     pub warm: bool,
     /// The command to run each time (default: `true`).
@@ -307,7 +307,7 @@ fn warm_runs(args: &BenchArgs, command: &[String]) -> Result<Vec<Row>, crate::ba
         if !outcome.timings.warm_start {
             return Err(crate::backend::RunError::Missing(
                 "the run was not a warm start: the policy's [snapshots] warm_start is off, the \
-                 backend is not kvm, or the run is not eligible (secrets, disks, --net, --dev)"
+                 backend has no warm starts (kvm and emulated have), or the run is not eligible (secrets, disks, --net, --dev)"
                     .into(),
             ));
         }

@@ -11,6 +11,7 @@ use crate::backend::detect::{judge, HostFacts};
 #[cfg(target_os = "linux")]
 use crate::backend::emulated;
 use crate::backend::scratch::ScratchDir;
+use crate::backend::warm::WarmSource;
 use crate::backend::{
     interrupt, kvm, locate, resources, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError,
     RunJournal, RunOutcome, RunSpec, StdinMode, Tier, Workload,
@@ -304,7 +305,11 @@ fn launch(
             let artifacts = RunArtifacts {
                 image: image.clone(),
                 vmm: locate::vmm_binary()?,
-                warm,
+                warm: if warm {
+                    WarmSource::Store
+                } else {
+                    WarmSource::Off
+                },
             };
             kvm::run_verified(spec, &artifacts, plan, journal, workload)
         }
@@ -326,7 +331,7 @@ fn launch(
             eprintln!(
                 "mvm: warning: backend 'emulated': no hardware KVM here, so mvm-vmm runs inside a QEMU-TCG test host (slow; the outer wall is QEMU's emulator)"
             );
-            emulated::run(spec, image, &qemu, plan, journal, workload)
+            emulated::run(spec, image, &qemu, plan, journal, workload, warm)
         }
         #[cfg(not(target_os = "linux"))]
         Tier::Container => Err(RunError::NoBackend(

@@ -94,7 +94,7 @@ pub fn setup() -> Setup {
         artifacts: RunArtifacts {
             image,
             vmm: std::env::current_exe().unwrap(),
-            warm: false,
+            warm: mvm_runtime::backend::warm::WarmSource::Off,
         },
         run_dir,
         dir,

@@ -22,6 +22,7 @@ pub mod snapshot;
 pub mod tier;
 pub mod tier_net;
 pub mod tier_stall;
+pub mod tier_warm;
 pub mod verify;
 pub mod vsock;
 
@@ -48,6 +49,7 @@ pub fn all() -> Vec<Case> {
         tier::CASES,
         tier_net::CASES,
         tier_stall::CASES,
+        tier_warm::CASES,
         container::CASES,
         sandbox::CASES,
         sandbox_net::CASES,

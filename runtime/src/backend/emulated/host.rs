@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use super::overlay::{read_file, testhost_initramfs};
 use super::protocol::*;
-use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu, Qemu};
+use super::qemu::{accept_from, qemu_args, read_logs, spawn_qemu, Drive, Qemu};
 use super::spare::{self, Claimed};
 use super::stall::{self, StallWatch};
+use super::warm::Carried;
 use crate::backend::interrupt::{self, Action, Forwarder};
 use crate::backend::scratch::ScratchDir;
 use crate::backend::stdin_pump;
@@ -240,6 +241,7 @@ fn boot_cold(
     testhost: &Path,
     initramfs: &Path,
     spec: &RunSpec,
+    extra: &[Drive],
 ) -> Result<(TestHost, Vec<UnixStream>, [std::path::PathBuf; 2]), RunError> {
     let scratch = ScratchDir::create().map_err(RunError::io("creating the run directory"))?;
     let mut listeners = Vec::new();
@@ -251,7 +253,7 @@ fn boot_cold(
     }
     let console = scratch.path().join("console.log");
     let qemu_log = scratch.path().join("qemu.log");
-    let args = qemu_args(testhost, initramfs, &console, scratch.path(), spec);
+    let args = qemu_args(testhost, initramfs, &console, scratch.path(), spec, extra);
     tracing::debug!("starting {} {}", qemu_bin.display(), args.join(" "));
     let mut qemu = spawn_qemu(qemu_bin, &args, &qemu_log)?;
     let mut ports = Vec::new();
@@ -303,6 +305,8 @@ struct Setup<'a> {
     session: bool,
     start: Instant,
     stall_limit: Option<Duration>,
+    /// The warm snapshot's disk and what the test host is asked to do with it.
+    warm: Option<Carried>,
 }
 
 /// What one attempt takes from the run and may leave for the next.
@@ -312,12 +316,16 @@ struct Parts<'a, 'b> {
     stdin: Option<Box<dyn Read + Send>>,
     server: Option<&'a mut dyn SessionServer>,
     spare_key: Option<String>,
+    /// What the last test host said of the warm start.
+    warm_end: Option<WarmEnd>,
 }
 
 /// Runs `spec` inside the test host with QEMU `qemu`: its command, or a
 /// session served on the test host's `mvm.in` port. A test host whose QEMU
 /// stalls before the workload started is replaced by a fresh one (up to
-/// [`FRESH_HOSTS`] times); after, the run fails.
+/// [`FRESH_HOSTS`] times); after, the run fails. With `warm` (the policy allows
+/// it, no `--cold`), an eligible command starts from the image's warm snapshot,
+/// or leaves it ([`super::warm`]).
 pub fn run(
     spec: &RunSpec,
     image: &StoredImage,
@@ -325,6 +333,7 @@ pub fn run(
     plan: Option<&PlanFiles>,
     journal: &mut dyn RunJournal,
     workload: Workload<'_>,
+    warm: bool,
 ) -> Result<RunOutcome, RunError> {
     let start = Instant::now();
     if let Some(interface) = spec.net.as_ref().and_then(|n| n.interface.as_ref()) {
@@ -340,7 +349,15 @@ pub fn run(
     let testhost = locate::testhost_dir()?;
     let (mvm, vmm) = locate::static_binaries()?;
     let initramfs = testhost_initramfs(&testhost, &mvm, &vmm, image)?;
-    let spare_key = spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec));
+    let carried = match plan {
+        Some(plan) if warm && !session && super::warm::eligible(plan) => {
+            super::warm::choose(&initramfs, spec)
+        }
+        _ => None,
+    };
+    let extra: Vec<Drive> = carried.iter().map(|c| c.drive.clone()).collect();
+    let spare_key =
+        spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec, &extra));
     let setup = Setup {
         spec,
         plan,
@@ -351,6 +368,7 @@ pub fn run(
         session,
         start,
         stall_limit: stall::limit_from_env(),
+        warm: carried,
     };
     let mut parts = Parts {
         journal,
@@ -358,10 +376,20 @@ pub fn run(
         stdin,
         server,
         spare_key,
+        warm_end: None,
     };
+    let result = attempts(&setup, &mut parts);
+    if let Some(carried) = setup.warm {
+        carried.finish(parts.warm_end);
+    }
+    result
+}
+
+/// [`attempt`], again in a fresh test host after a stall, up to [`FRESH_HOSTS`] times.
+fn attempts(setup: &Setup<'_>, parts: &mut Parts<'_, '_>) -> Result<RunOutcome, RunError> {
     let mut fresh = 0;
     loop {
-        match attempt(&setup, &mut parts, fresh == 0) {
+        match attempt(setup, parts, fresh == 0) {
             Ok(outcome) => return Ok(outcome),
             Err(Failed::Run(e)) => return Err(e),
             Err(Failed::Stalled { still, retry, log }) => {
@@ -421,7 +449,10 @@ fn attempt(
             let logs = claimed.logs();
             (TestHost::Spare(claimed), ports, logs)
         }
-        None => boot_cold(qemu_bin, &setup.testhost, &setup.initramfs, spec)?,
+        None => {
+            let extra: Vec<Drive> = setup.warm.iter().map(|c| c.drive.clone()).collect();
+            boot_cold(qemu_bin, &setup.testhost, &setup.initramfs, spec, &extra)?
+        }
     };
     let mut watch = match (setup.stall_limit, host.qemu_pid()) {
         (Some(limit), Some(pid)) => Some(StallWatch::new(pid, &logs[0], limit)),
@@ -451,6 +482,7 @@ fn attempt(
         journal: setup.bundle.is_some() || session,
         plan: setup.bundle.clone(),
         session,
+        warm: setup.warm.as_ref().map(|c| c.request.clone()),
     };
     write_json_line(&mut ctl_writer, &request)
         .map_err(RunError::io("sending the request to the test host"))?;
@@ -567,7 +599,13 @@ fn attempt(
                     // The next run's spare boots while this run's inner VM does: once this
                     // test host is up, not beside its boot, which it would slow on a small
                     // machine.
-                    if let Some(key) = parts.spare_key.take() {
+                    // A run that takes the warm snapshot starts none: the next run's disk
+                    // is not there yet.
+                    let extra = match &setup.warm {
+                        None => Some(Vec::new()),
+                        Some(carried) => carried.spare_drive().map(|d| vec![d.clone()]),
+                    };
+                    if let (Some(key), Some(extra)) = (parts.spare_key.take(), extra) {
                         let started = locate::mvm_binary().and_then(|mvm| {
                             spare::start(
                                 &mvm,
@@ -575,6 +613,7 @@ fn attempt(
                                 &setup.testhost,
                                 &setup.initramfs,
                                 spec,
+                                &extra,
                                 &key,
                             )
                         });
@@ -585,7 +624,12 @@ fn attempt(
                     testhost_ready_ms =
                         Some(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
                 }
-                Ok(GuestRecord::Booted { vmm_events }) => {
+                Ok(GuestRecord::Booted {
+                    vmm_events,
+                    restored,
+                }) => {
+                    // A warm start is vouched for by `snapshot_restored`, not `boot_verified`.
+                    parts.journal.restoring(restored);
                     // Where a local VMM writes them, then appended ahead by the journal.
                     if let Some(p) = plan {
                         std::fs::write(&p.events, cut_events(vmm_events).as_bytes())
@@ -631,7 +675,9 @@ fn attempt(
                     refusal,
                     vmm_events,
                     vm_exit,
+                    warm,
                 }) => {
+                    parts.warm_end = warm;
                     boot_deadline = None;
                     // The events go where a local VMM would have written them,
                     // before anything else can fail.

@@ -30,16 +30,20 @@
 //! One file per job: [`protocol`] (the control lines and framed stdin),
 //! [`overlay`] (the test host's initramfs), [`qemu`] (QEMU's command line and
 //! process), [`host`] (the run on this host), [`stall`] (QEMU's stall, seen), [`uplink`]
-//! (the test host's network, for `--net`) and [`testhost`] (the run inside).
+//! (the test host's network, for `--net`), [`testhost`] (the run inside), [`warm`] (warm
+//! starts, the snapshot carried between test hosts on a disk) and [`snapshot_pack`] (the
+//! snapshot on that disk).
 
 pub mod host;
 pub mod overlay;
 pub mod protocol;
 pub mod qemu;
+pub mod snapshot_pack;
 pub mod spare;
 pub mod stall;
 pub mod testhost;
 pub mod uplink;
+pub mod warm;
 
 pub use host::run;
 pub use overlay::overlay_archive;

@@ -41,6 +41,39 @@ pub struct GuestRequest {
     /// the host sends `stop` (see `crate::backend::session`).
     #[serde(default)]
     pub session: bool,
+    /// A warm start carried on the test host's `mvmwarm` disk (`super::warm`).
+    #[serde(default)]
+    pub warm: Option<WarmRequest>,
+}
+
+/// What the test host does with the warm snapshot disk its host attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum WarmRequest {
+    /// The disk is blank and writable: boot, take the image's snapshot once the agent
+    /// answers, and write it to the disk as a pack, unsealed.
+    Take,
+    /// The disk holds a pack: restore from it, under this seal (the host's, over the
+    /// pack's manifest).
+    Restore {
+        /// The sealed manifest's DSSE envelope.
+        seal: String,
+    },
+}
+
+/// What became of the warm start the host asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmEnd {
+    /// `take`: the snapshot is on the disk, for the host to seal and keep.
+    Kept,
+    /// `restore`: the VM was restored from it.
+    Restored,
+    /// `restore`: the pack or the VMM refused it (the run booted instead); the host
+    /// drops it.
+    Refused,
+    /// Neither: the run was not eligible, or ended before the snapshot.
+    Unused,
 }
 
 /// A line the host sends on `mvm.ctl` after the request.
@@ -116,8 +149,12 @@ pub enum GuestRecord {
     Started,
     /// The inner agent answered; the workload waits for the host's `proceed`.
     Booted {
-        /// The inner VMM's events file so far (its `boot_verified`).
+        /// The inner VMM's events file so far (its `boot_verified`, or for a warm start
+        /// its `snapshot_restored`).
         vmm_events: String,
+        /// The VM was restored from a snapshot, not booted.
+        #[serde(default)]
+        restored: bool,
     },
     /// The egress proxy in the test host substituted or refused something (for the
     /// host's audit log; never a value).
@@ -137,6 +174,9 @@ pub enum GuestRecord {
         /// How the inner VMM process ended, when it died early.
         #[serde(default)]
         vm_exit: Option<ProcessEnd>,
+        /// What became of the warm start asked for, if one was.
+        #[serde(default)]
+        warm: Option<WarmEnd>,
     },
 }
 
@@ -331,12 +371,14 @@ mod tests {
                 code: Some(1),
                 signal: None,
             }),
+            warm: Some(WarmEnd::Refused),
         };
         let line = serde_json::to_string(&report).unwrap();
         assert_eq!(parse_record(&line).unwrap(), report);
         assert_eq!(parse_record("\"started\"\n").unwrap(), GuestRecord::Started);
         let booted = GuestRecord::Booted {
-            vmm_events: "{\"event\":\"boot_verified\"}\n".into(),
+            vmm_events: "{\"event\":\"snapshot_restored\"}\n".into(),
+            restored: true,
         };
         let line = serde_json::to_string(&booted).unwrap();
         assert_eq!(parse_record(&line).unwrap(), booted);

@@ -66,13 +66,15 @@ pub fn testhost_memory_mib(guest_mib: u32) -> u32 {
 }
 
 /// The QEMU arguments: the test host machine of `scripts/e2e`, its serial
-/// console into `console_log`, and the four ports on sockets in `sockets`.
+/// console into `console_log`, the four ports on sockets in `sockets`, the run's
+/// disks and then `extra` (the warm snapshot's disk).
 pub fn qemu_args(
     testhost: &Path,
     initramfs: &Path,
     console_log: &Path,
     sockets: &Path,
     spec: &RunSpec,
+    extra: &[Drive],
 ) -> Vec<String> {
     let mem = testhost_memory_mib(spec.mem_mib);
     let mut args: Vec<String> = TESTHOST_MACHINE.iter().map(|s| (*s).to_owned()).collect();
@@ -88,7 +90,7 @@ pub fn qemu_args(
     args.push(format!("file:{}", console_log.display()));
     args.push("-device".into());
     args.push("virtio-serial-pci,id=mvmser".into());
-    for drive in disk_drives(&spec.disks) {
+    for drive in disk_drives(&spec.disks).iter().chain(extra) {
         args.push("-drive".into());
         args.push(format!(
             "file={},if=none,id={},format=raw,readonly={}",
@@ -262,8 +264,17 @@ mod tests {
             Path::new("/s/console.log"),
             Path::new("/s"),
             &spec(),
+            &[Drive {
+                path: "/w/disk".into(),
+                read_only: true,
+                serial: "mvmwarm".into(),
+            }],
         );
         let joined = args.join(" ");
+        assert!(
+            joined.contains("-drive file=/w/disk,if=none,id=mvmwarm,format=raw,readonly=on -device virtio-blk-pci,drive=mvmwarm,serial=mvmwarm"),
+            "{joined}"
+        );
         for name in [PORT_CTL, PORT_IN, PORT_OUT, PORT_ERR] {
             assert!(joined.contains(&format!("name={name}")), "{joined}");
         }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::qemu::{accept_from, qemu_args, spawn_qemu};
+use super::qemu::{accept_from, qemu_args, spawn_qemu, Drive};
 use crate::backend::{scratch, RunError, RunSpec};
 
 /// The environment variable that turns spares on (`1`).
@@ -67,7 +67,13 @@ struct SpareSpec {
 }
 
 /// The key of a test host: QEMU and its arguments, with the per-spare directory left out.
-pub fn key(qemu: &Path, testhost: &Path, initramfs: &Path, spec: &RunSpec) -> String {
+pub fn key(
+    qemu: &Path,
+    testhost: &Path,
+    initramfs: &Path,
+    spec: &RunSpec,
+    extra: &[Drive],
+) -> String {
     let placeholder = Path::new("/spare");
     let args = qemu_args(
         testhost,
@@ -75,6 +81,7 @@ pub fn key(qemu: &Path, testhost: &Path, initramfs: &Path, spec: &RunSpec) -> St
         &placeholder.join("console.log"),
         placeholder,
         spec,
+        extra,
     );
     let mut hash = Sha256::new();
     hash.update(qemu.as_os_str().as_encoded_bytes());
@@ -108,6 +115,7 @@ pub fn start(
     testhost: &Path,
     initramfs: &Path,
     spec: &RunSpec,
+    extra: &[Drive],
     key: &str,
 ) -> Result<(), RunError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -128,7 +136,14 @@ pub fn start(
         .mode(0o700)
         .create(&dir)
         .map_err(RunError::io(format!("creating {}", dir.display())))?;
-    let args = qemu_args(testhost, initramfs, &dir.join("console.log"), &dir, spec);
+    let args = qemu_args(
+        testhost,
+        initramfs,
+        &dir.join("console.log"),
+        &dir,
+        spec,
+        extra,
+    );
     let spare = SpareSpec {
         qemu: qemu.to_owned(),
         args,
@@ -456,25 +471,31 @@ mod tests {
             Path::new("/th"),
             Path::new("/c/a.cpio"),
         );
-        let base = key(qemu, th, initramfs, &spec());
-        assert_eq!(base, key(qemu, th, initramfs, &spec()));
+        let warm = Drive {
+            path: "/w/disk".into(),
+            read_only: true,
+            serial: "mvmwarm".into(),
+        };
+        let base = key(qemu, th, initramfs, &spec(), &[]);
+        assert_eq!(base, key(qemu, th, initramfs, &spec(), &[]));
         assert_eq!(base.len(), 12);
         let mut more_memory = spec();
         more_memory.mem_mib = 512;
         let mut disk = spec();
         disk.disks = vec!["path=/d/scratch.img,rw".into()];
         for other in [
-            key(qemu, th, Path::new("/c/b.cpio"), &spec()),
-            key(Path::new("/opt/qemu"), th, initramfs, &spec()),
-            key(qemu, th, initramfs, &more_memory),
-            key(qemu, th, initramfs, &disk),
+            key(qemu, th, Path::new("/c/b.cpio"), &spec(), &[]),
+            key(Path::new("/opt/qemu"), th, initramfs, &spec(), &[]),
+            key(qemu, th, initramfs, &more_memory, &[]),
+            key(qemu, th, initramfs, &disk, &[]),
+            key(qemu, th, initramfs, &spec(), &[warm]),
         ] {
             assert_ne!(base, other);
         }
         // The workload itself is not part of the test host.
         let mut other_command = spec();
         other_command.argv = vec!["true".into()];
-        assert_eq!(base, key(qemu, th, initramfs, &other_command));
+        assert_eq!(base, key(qemu, th, initramfs, &other_command, &[]));
     }
 
     #[test]

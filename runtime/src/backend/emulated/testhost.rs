@@ -11,6 +11,8 @@ use mvm_loader::measure::Sha256Digest;
 
 use super::protocol::*;
 use crate::backend::interrupt;
+use crate::backend::snapshot_seal;
+use crate::backend::warm::{Warm, WarmSource};
 use crate::backend::{
     kvm, NoJournal, OutputSink, PlanFiles, RunArtifacts, RunError, RunJournal, SessionServer,
     StdinMode, VmProbe, Workload, WorkloadStatus,
@@ -105,6 +107,23 @@ fn disks_by_serial() -> std::collections::BTreeMap<String, String> {
     found
 }
 
+/// The `/dev` node of the test host's disk with serial `serial`, waited for until
+/// `deadline`.
+fn find_disk(serial: &str, deadline: Instant) -> std::io::Result<PathBuf> {
+    loop {
+        if let Some(dev) = disks_by_serial().get(serial) {
+            return Ok(Path::new("/dev").join(dev));
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("disk {serial} did not appear in the test host"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The run's `--disk` values with each host path replaced by the test host's disk
 /// of the same serial (see [`super::qemu::disk_drives`]), linked under `dir` as `N`,
 /// its tree as `N.verity` beside it, where the VMM looks for it.
@@ -127,20 +146,9 @@ fn map_disks(disks: &[String], dir: &Path) -> std::io::Result<Vec<String>> {
             ));
         }
         for (serial, link) in wanted {
-            let device = loop {
-                if let Some(dev) = disks_by_serial().get(&serial) {
-                    break dev.clone();
-                }
-                if Instant::now() > deadline {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("disk {serial} did not appear in the test host"),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
+            let device = find_disk(&serial, deadline)?;
             let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(Path::new("/dev").join(device), &link)?;
+            std::os::unix::fs::symlink(device, &link)?;
         }
         let mode = if read_only { "ro" } else { "rw" };
         mapped.push(format!("path={},{mode}", dir.join(n.to_string()).display()));
@@ -189,6 +197,9 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         StdinMode::Null => None,
     };
     let plan_dir = std::env::temp_dir().join(format!("mvm-plan-{}", std::process::id()));
+    let warm_dir = std::env::temp_dir().join(format!("mvm-warm-{}", std::process::id()));
+    let (warm_source, mut warm_end) =
+        carried_in(request.warm.as_ref(), &warm_dir, request.spec.mem_mib);
     let plan = request
         .plan
         .as_ref()
@@ -203,11 +214,12 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             .ok()
             .and_then(|exe| exe.parent().map(|d| d.join("mvm-vmm")))
             .ok_or_else(|| RunError::Missing("no mvm-vmm beside mvm".into()))?;
-        // No warm start inside a test host: its disk, and any snapshot on it, end with it.
+        // A warm start only as the host carries one in or out: this test host's files
+        // end with it.
         let artifacts = RunArtifacts {
             image,
             vmm,
-            warm: false,
+            warm: warm_source.clone(),
         };
         let mut ahead;
         let mut none = NoJournal;
@@ -222,6 +234,7 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
                     proceed: &proceed,
                     handoff: None,
                     proxy: None,
+                    restore: false,
                 };
                 &mut ahead
             }
@@ -242,6 +255,10 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
         Err(e) => (Err(e), String::new()),
     };
     let _ = std::fs::remove_dir_all(&plan_dir);
+    if let Ok(outcome) = &result {
+        warm_end = carried_out(request.warm.as_ref(), &warm_dir, outcome).or(warm_end);
+    }
+    let _ = std::fs::remove_dir_all(&warm_dir);
     let _ = sink.out.flush();
     let _ = sink.err.flush();
     let record = match result {
@@ -253,6 +270,7 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
             refusal: None,
             vmm_events,
             vm_exit: None,
+            warm: warm_end,
         },
         Err(e) => GuestRecord::Report {
             vm_exit: match &e {
@@ -276,9 +294,113 @@ pub fn guest_main(image_dir: &Path) -> std::io::Result<()> {
                 _ => None,
             },
             vmm_events,
+            warm: warm_end,
         },
     };
     write_json_line(&mut ctl_writer, &record)
+}
+
+/// The warm start the host asked for, made ready in `dir`: a directory for the snapshot
+/// to be taken into, or the pack on the `mvmwarm` disk unpacked into it with the host's
+/// seal beside it (at most `mem_mib` of memory). Returns what the run gets and what to
+/// report if it ends before saying more (a pack that does not unpack is refused, and the
+/// run boots).
+fn carried_in(
+    warm: Option<&WarmRequest>,
+    dir: &Path,
+    mem_mib: u32,
+) -> (WarmSource, Option<WarmEnd>) {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(warm) = warm else {
+        return (WarmSource::Off, None);
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        tracing::warn!("no warm start: {}: {e}", dir.display());
+        return (WarmSource::Off, Some(WarmEnd::Unused));
+    }
+    match warm {
+        WarmRequest::Take => (
+            WarmSource::Given(Warm::TakeUnsealed(dir.to_owned())),
+            Some(WarmEnd::Unused),
+        ),
+        WarmRequest::Restore { seal } => {
+            let unpacked = (|| -> Result<u64, String> {
+                let disk = find_disk(super::warm::SERIAL, Instant::now() + DISK_WAIT)
+                    .map_err(|e| e.to_string())?;
+                let file =
+                    std::fs::File::open(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+                let mut reader = BufReader::with_capacity(1 << 20, file);
+                let bytes =
+                    super::snapshot_pack::unpack(&mut reader, dir, u64::from(mem_mib) << 20)
+                        .map_err(|e| e.to_string())?;
+                std::fs::write(dir.join(snapshot_seal::SEAL_FILE), seal)
+                    .map_err(|e| format!("writing the seal: {e}"))?;
+                Ok(bytes)
+            })();
+            match unpacked {
+                Ok(bytes) => {
+                    tracing::info!(bytes, "warm snapshot unpacked");
+                    (
+                        WarmSource::Given(Warm::Restore(dir.to_owned())),
+                        Some(WarmEnd::Unused),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!("warm snapshot refused: {e}");
+                    eprintln!(
+                        "mvm: warning: the warm snapshot's disk was refused ({e}); booting instead"
+                    );
+                    let _ = std::fs::remove_dir_all(dir);
+                    (WarmSource::Off, Some(WarmEnd::Refused))
+                }
+            }
+        }
+    }
+}
+
+/// After a run: the snapshot taken into `dir` packed onto the `mvmwarm` disk (flushed),
+/// or whether the restore asked for happened. `None` leaves what [`carried_in`] said.
+fn carried_out(
+    warm: Option<&WarmRequest>,
+    dir: &Path,
+    outcome: &crate::backend::RunOutcome,
+) -> Option<WarmEnd> {
+    match warm? {
+        WarmRequest::Restore { .. } if outcome.timings.warm_start => Some(WarmEnd::Restored),
+        // The kvm backend boots instead of a restore only when the VMM refused it.
+        WarmRequest::Restore { .. } if dir.exists() => None,
+        WarmRequest::Restore { .. } => Some(WarmEnd::Refused),
+        WarmRequest::Take => {
+            if !std::fs::metadata(dir.join("manifest.json")).is_ok_and(|m| m.len() > 0) {
+                return Some(WarmEnd::Unused);
+            }
+            let written = (|| -> Result<u64, String> {
+                let disk = find_disk(super::warm::SERIAL, Instant::now() + DISK_WAIT)
+                    .map_err(|e| e.to_string())?;
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&disk)
+                    .map_err(|e| format!("{}: {e}", disk.display()))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+                let n = super::snapshot_pack::pack(dir, &mut out).map_err(|e| e.to_string())?;
+                let file = out.into_inner().map_err(|e| e.to_string())?;
+                file.sync_all()
+                    .map_err(|e| format!("flushing {}: {e}", disk.display()))?;
+                Ok(n)
+            })();
+            match written {
+                Ok(bytes) => {
+                    tracing::info!(bytes, "warm snapshot packed onto its disk");
+                    Some(WarmEnd::Kept)
+                }
+                Err(e) => {
+                    tracing::warn!("warm snapshot not carried out: {e}");
+                    Some(WarmEnd::Unused)
+                }
+            }
+        }
+    }
 }
 
 /// How long the inner side waits for the host's `proceed`.
@@ -413,6 +535,9 @@ struct HostJournal<'a> {
     handoff: Option<Handoff>,
     /// The egress proxy, until the run ends (dropping it stops it, before the report).
     proxy: Option<EgressProxy>,
+    /// The VMM restores a snapshot (a warm start) rather than boots: its events vouch
+    /// with `snapshot_restored`.
+    restore: bool,
 }
 
 /// Tells the host what the egress proxy here substituted and refused, for its audit
@@ -444,6 +569,10 @@ impl Observer for CtlObserver {
 }
 
 impl RunJournal for HostJournal<'_> {
+    fn restoring(&mut self, restore: bool) {
+        self.restore = restore;
+    }
+
     fn serve_substitution(
         &mut self,
         listener: Option<std::net::TcpListener>,
@@ -478,6 +607,7 @@ impl RunJournal for HostJournal<'_> {
     fn workload_starting(&mut self) -> Result<Vec<Secret>, RunError> {
         let booted = GuestRecord::Booted {
             vmm_events: read_events(&self.events),
+            restored: self.restore,
         };
         write_json_line(&mut self.ctl, &booted).map_err(RunError::io("sending booted"))?;
         let start = Instant::now();
@@ -543,6 +673,9 @@ mod tests {
             }),
             journal: true,
             session: false,
+            warm: Some(WarmRequest::Restore {
+                seal: "{\"payloadType\":\"s\"}".into(),
+            }),
         };
         let line = serde_json::to_string(&request).unwrap();
         let back: GuestRequest = serde_json::from_str(&line).unwrap();

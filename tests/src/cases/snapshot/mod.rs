@@ -22,7 +22,7 @@ use crate::guest::snapshot::{FILE_TEXT, PORT, SAY_ANSWERED, SAY_COUNT, SAY_DISK_
 use crate::vm::VmRun;
 
 mod forks;
-mod warm;
+pub(crate) mod warm;
 
 /// The snapshot cases.
 pub const CASES: &[Case] = &[

@@ -178,6 +178,10 @@ pub struct Timings {
     /// The VM was restored from the image's warm snapshot instead of booted.
     #[serde(default)]
     pub warm_start: bool,
+    /// Emulated tier only: the test host reading the warm snapshot from the disk it was
+    /// carried in on, before the VMM started (`emulated::warm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_unpack_ms: Option<u64>,
 }
 
 /// A finished run.

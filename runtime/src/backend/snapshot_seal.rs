@@ -42,10 +42,60 @@ pub fn seal_manifest(manifest: &[u8]) -> Result<Vec<u8>, String> {
     if manifest.is_empty() {
         return Err("the VMM wrote no manifest: no snapshot was taken".to_owned());
     }
+    Ok(Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, manifest, &admission_key()?).to_json())
+}
+
+/// The host's admission key, which seals snapshots.
+fn admission_key() -> Result<ed25519_dalek::SigningKey, String> {
     let config = config_dir().map_err(|e| e.to_string())?;
     let (keys, _) = HostKeys::load_or_create(&config).map_err(|e| e.to_string())?;
-    let envelope = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, manifest, &keys.admission);
-    Ok(envelope.to_json())
+    Ok(keys.admission)
+}
+
+/// `payload` signed with the host's admission key as a DSSE envelope of
+/// `payload_type` (what else the host vouches for beside a snapshot).
+pub fn sign_with_host_key(payload_type: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    Ok(Envelope::sign(payload_type, payload, &admission_key()?).to_json())
+}
+
+/// The payload of `envelope`, if the host's admission key signed it as `payload_type`.
+pub fn verified_by_host_key(payload_type: &str, envelope: &[u8]) -> Result<Vec<u8>, String> {
+    let mut trusted = mvm_loader::dsse::TrustedKeys::new();
+    trusted.add(admission_key()?.verifying_key());
+    Envelope::from_json(envelope)
+        .and_then(|e| e.verify(payload_type, &trusted))
+        .map(|v| v.payload)
+        .map_err(|e| e.to_string())
+}
+
+/// The seal `sealed` (the host's own, checked) made again over the same manifest with
+/// `memory_file` as the memory file's sealed identity: for a copy of the sealed memory
+/// file the host vouches for (an emulated warm start's, `emulated::warm`).
+#[cfg(target_os = "linux")]
+pub fn reseal_naming(
+    sealed: &[u8],
+    memory_file: &mvm_loader::file_identity::FileIdentity,
+) -> Result<Vec<u8>, String> {
+    let manifest = verified_by_host_key(SNAPSHOT_PAYLOAD_TYPE, sealed)
+        .map_err(|e| format!("the seal: {e}"))?;
+    let manifest = naming(&manifest, memory_file)?;
+    seal_manifest(&manifest)
+}
+
+/// `manifest` with `memory_file` as its memory file's identity.
+#[cfg(target_os = "linux")]
+fn naming(
+    manifest: &[u8],
+    memory_file: &mvm_loader::file_identity::FileIdentity,
+) -> Result<Vec<u8>, String> {
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(manifest).map_err(|e| format!("the manifest: {e}"))?;
+    let map = doc.as_object_mut().ok_or("the manifest is not an object")?;
+    map.insert(
+        "memory_file".into(),
+        serde_json::to_value(memory_file).map_err(|e| e.to_string())?,
+    );
+    serde_json::to_vec(&doc).map_err(|e| e.to_string())
 }
 
 /// Writes `bytes` to `dir/name` through a new file renamed into place, so a name that
@@ -103,7 +153,7 @@ fn reattest_with(dirs: &[&Path], key: &ed25519_dalek::SigningKey) -> Result<bool
         .and_then(|e| e.verify(SNAPSHOT_PAYLOAD_TYPE, &trusted))
         .map_err(|e| format!("the seal: {e}"))?
         .payload;
-    let mut doc: serde_json::Value =
+    let doc: serde_json::Value =
         serde_json::from_slice(&manifest).map_err(|e| format!("the manifest: {e}"))?;
     let memory = doc
         .get("memory")
@@ -133,13 +183,7 @@ fn reattest_with(dirs: &[&Path], key: &ed25519_dalek::SigningKey) -> Result<bool
     if digest.parse().ok() != Some(measured) || after != before {
         return Ok(false);
     }
-    if let Some(map) = doc.as_object_mut() {
-        map.insert(
-            "memory_file".into(),
-            serde_json::to_value(&before).map_err(|e| e.to_string())?,
-        );
-    }
-    let manifest = serde_json::to_vec(&doc).map_err(|e| e.to_string())?;
+    let manifest = naming(&manifest, &before)?;
     let seal = Envelope::sign(SNAPSHOT_PAYLOAD_TYPE, &manifest, key).to_json();
     for dir in dirs {
         replace(dir, MANIFEST_FILE, &manifest)?;

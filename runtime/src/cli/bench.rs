@@ -301,7 +301,7 @@ fn warm_runs(args: &BenchArgs, command: &[String]) -> Result<Vec<Row>, crate::ba
             .map(|outcome| (outcome, started.elapsed().as_secs_f64() * 1000.0))
     };
     one()?;
-    let (mut whole, mut to_agent) = (Vec::new(), Vec::new());
+    let (mut whole, mut to_agent, mut unpack) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=args.runs {
         let (outcome, wall_ms) = one()?;
         if !outcome.timings.warm_start {
@@ -316,8 +316,10 @@ fn warm_runs(args: &BenchArgs, command: &[String]) -> Result<Vec<Row>, crate::ba
         }
         whole.push(wall_ms);
         to_agent.push(outcome.timings.boot_ms as f64);
+        unpack.extend(outcome.timings.warm_unpack_ms.map(|ms| ms as f64));
     }
     Ok([
+        row("warm: snapshot off its disk (emulated)", unpack),
         row("warm: VM start -> agent ready", to_agent),
         row("warm: whole run", whole),
     ]

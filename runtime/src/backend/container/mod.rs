@@ -144,6 +144,7 @@ pub fn run(
             guest_boot_ms: None,
             host_boot_ms: None,
             testhost_spare: false,
+            warm_unpack_ms: None,
             warm_start: false,
         },
         tier: Tier::Container,

@@ -664,6 +664,11 @@ fn attempt(
                         session_status = Some(served?);
                     }
                 }
+                Ok(GuestRecord::Unpacked { memory_file }) => {
+                    let seal = setup.warm.as_ref().and_then(|c| c.reseal(&memory_file));
+                    write_json_line(&mut ctl_writer, &HostRecord::Resealed { seal })
+                        .map_err(RunError::io("answering the test host"))?;
+                }
                 Ok(GuestRecord::Observed(observed)) => {
                     parts.journal.substitution_observed(&observed)?;
                 }

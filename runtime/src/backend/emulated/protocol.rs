@@ -58,6 +58,10 @@ pub enum WarmRequest {
     Restore {
         /// The sealed manifest's DSSE envelope.
         seal: String,
+        /// The host vouches that the disk is unchanged since it was kept: once unpacked,
+        /// send `unpacked` and wait for `resealed`.
+        #[serde(default)]
+        vouched: bool,
     },
 }
 
@@ -98,6 +102,13 @@ pub enum HostRecord {
     Signal {
         /// The signal number.
         signal: i32,
+    },
+    /// The answer to `unpacked`: the warm snapshot's seal again, naming the unpacked
+    /// memory file as the one sealed (`None`: the host does not vouch for the disk; the
+    /// VMM hashes the file).
+    Resealed {
+        /// The new seal's DSSE envelope.
+        seal: Option<String>,
     },
 }
 
@@ -159,6 +170,12 @@ pub enum GuestRecord {
     /// The egress proxy in the test host substituted or refused something (for the
     /// host's audit log; never a value).
     Observed(crate::egress_proxy::Observed),
+    /// The warm snapshot the host vouched for is unpacked: its memory file is this one
+    /// (the host answers `resealed`).
+    Unpacked {
+        /// The unpacked memory file, as this test host's kernel knows it.
+        memory_file: mvm_loader::file_identity::FileIdentity,
+    },
     /// The run ended; the counts say how much output the host should have.
     Report {
         outcome: Option<RunOutcome>,
@@ -397,6 +414,9 @@ mod tests {
                 substitution: None,
             },
             HostRecord::Signal { signal: 2 },
+            HostRecord::Resealed {
+                seal: Some("{}".into()),
+            },
         ] {
             let line = serde_json::to_string(&host).unwrap();
             assert_eq!(serde_json::from_str::<HostRecord>(&line).unwrap(), host);

@@ -28,6 +28,9 @@ use std::io::BufReader;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use mvm_loader::file_identity::{
+    boot_id, identity, unchanged_since_written, wait_past, FileIdentity,
+};
 use mvm_loader::measure::Sha256Digest;
 
 use super::protocol::{WarmEnd, WarmRequest};
@@ -102,7 +105,10 @@ pub fn choose(initramfs: &Path, spec: &RunSpec) -> Option<Carried> {
                 read_only: true,
                 serial: SERIAL.into(),
             },
-            request: WarmRequest::Restore { seal },
+            request: WarmRequest::Restore {
+                vouched: vouched(&dir, &seal),
+                seal,
+            },
             dir,
         });
     }
@@ -144,6 +150,29 @@ pub fn choose(initramfs: &Path, spec: &RunSpec) -> Option<Carried> {
 }
 
 impl Carried {
+    /// The answer to the test host's `unpacked`: the seal again, naming `memory_file`
+    /// (the copy the test host unpacked), if this host still vouches for the disk it was
+    /// unpacked from ([`DiskVouch`]; checked again now, after the test host read it).
+    pub fn reseal(&self, memory_file: &FileIdentity) -> Option<String> {
+        let WarmRequest::Restore {
+            seal,
+            vouched: true,
+        } = &self.request
+        else {
+            return None;
+        };
+        if !vouched(&self.dir, seal) {
+            return None;
+        }
+        match snapshot_seal::reseal_naming(seal.as_bytes(), memory_file) {
+            Ok(sealed) => String::from_utf8(sealed).ok(),
+            Err(e) => {
+                tracing::warn!("warm snapshot not sealed again: {e}");
+                None
+            }
+        }
+    }
+
     /// The drive a spare test host for the next run gets: the kept disk, once there is
     /// one (a run that takes the snapshot starts no spare).
     pub fn spare_drive(&self) -> Option<&Drive> {
@@ -171,7 +200,7 @@ impl Carried {
                     let _ = std::fs::remove_dir_all(tmp);
                 }
             }
-            (WarmRequest::Restore { seal }, Some(WarmEnd::Refused)) => {
+            (WarmRequest::Restore { seal, .. }, Some(WarmEnd::Refused)) => {
                 // Only the snapshot refused: another run may have replaced it since.
                 let now = std::fs::read_to_string(self.dir.join(snapshot_seal::SEAL_FILE));
                 if now.is_ok_and(|now| &now == seal) {
@@ -184,17 +213,85 @@ impl Carried {
     }
 }
 
-/// Seals the manifest at the head of the pack on `tmp`'s disk and keeps `tmp` as `dir`
-/// (another run that kept one first wins).
+/// Seals the manifest at the head of the pack on `tmp`'s disk, vouches for the disk
+/// (its identity, [`DiskVouch`]), and keeps `tmp` as `dir` (another run that kept one
+/// first wins).
 fn keep(tmp: &Path, dir: &Path) -> Result<(), String> {
     let disk = tmp.join(DISK);
     let file = std::fs::File::open(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
-    let manifest = snapshot_pack::read_manifest(&mut BufReader::new(file))
+    let manifest = snapshot_pack::read_manifest(&mut BufReader::new(&file))
         .map_err(|e| format!("{}: {e}", disk.display()))?;
     let seal = snapshot_seal::seal_manifest(&manifest)?;
-    std::fs::write(tmp.join(snapshot_seal::SEAL_FILE), seal)
+    std::fs::write(tmp.join(snapshot_seal::SEAL_FILE), &seal)
         .map_err(|e| format!("writing the seal: {e}"))?;
+    match vouch_for(&file, &seal) {
+        Ok(vouch) => std::fs::write(tmp.join(VOUCH), vouch)
+            .map_err(|e| format!("writing the disk's vouch: {e}"))?,
+        // Unvouched, each restore's VMM hashes the memory file.
+        Err(e) => tracing::warn!("the warm snapshot's disk is not vouched for: {e}"),
+    }
     std::fs::rename(tmp, dir).map_err(|e| format!("keeping {}: {e}", dir.display()))
+}
+
+/// The host's word, beside a kept snapshot, that its disk is the one the test host wrote
+/// and this host read the manifest from: the disk's identity then (boot, device, inode,
+/// length, change time), and the seal it goes with, signed with the admission key.
+///
+/// While the disk's identity is unchanged, nothing has written it since (the argument of
+/// `docs/snapshots.md` for a memory file the VMM wrote), so the memory file a test host
+/// unpacks from it is the one sealed: the host then seals it again naming the unpacked
+/// file ([`Carried::reseal`]), and the restore's VMM need not hash it. A disk written
+/// since, by anything, is not vouched for and is hashed.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskVouch {
+    disk: FileIdentity,
+    /// SHA-256 of the seal's bytes.
+    seal_sha256: String,
+}
+
+/// The vouch's file, beside the seal.
+const VOUCH: &str = "disk.dsse.json";
+/// Its DSSE payload type.
+const VOUCH_PAYLOAD_TYPE: &str = "application/vnd.mvm.warm-disk+json";
+
+/// A signed [`DiskVouch`] for `disk` and `seal`, once the clock has passed the disk's
+/// change time (so a later write moves it).
+fn vouch_for(disk: &std::fs::File, seal: &[u8]) -> Result<Vec<u8>, String> {
+    let boot = boot_id().ok_or("no boot id")?;
+    let id = identity(disk, &boot).map_err(|e| format!("fstat: {e}"))?;
+    if !wait_past(&id) {
+        return Err("the clock did not pass the disk's change time".into());
+    }
+    let vouch = DiskVouch {
+        disk: id,
+        seal_sha256: Sha256Digest::of(seal).to_string(),
+    };
+    let payload = serde_json::to_vec(&vouch).map_err(|e| e.to_string())?;
+    snapshot_seal::sign_with_host_key(VOUCH_PAYLOAD_TYPE, &payload)
+}
+
+/// Whether this host vouches for the kept snapshot in `dir` under `seal`: its vouch is
+/// signed by the admission key, names this seal, and the disk is unchanged since.
+fn vouched(dir: &Path, seal: &str) -> bool {
+    let check = || -> Result<bool, String> {
+        let signed = std::fs::read(dir.join(VOUCH)).map_err(|e| e.to_string())?;
+        let payload = snapshot_seal::verified_by_host_key(VOUCH_PAYLOAD_TYPE, &signed)?;
+        let vouch: DiskVouch = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+        if vouch.seal_sha256 != Sha256Digest::of(seal.as_bytes()).to_string() {
+            return Ok(false);
+        }
+        let disk = std::fs::File::open(dir.join(DISK)).map_err(|e| e.to_string())?;
+        Ok(unchanged_since_written(
+            &disk,
+            &vouch.disk,
+            boot_id().as_deref(),
+        ))
+    };
+    check().unwrap_or_else(|e| {
+        tracing::debug!("warm snapshot disk not vouched for: {e}");
+        false
+    })
 }
 
 #[cfg(test)]
@@ -236,7 +333,10 @@ mod tests {
                 read_only: true,
                 serial: SERIAL.into(),
             },
-            request: WarmRequest::Restore { seal: seal.into() },
+            request: WarmRequest::Restore {
+                seal: seal.into(),
+                vouched: false,
+            },
             dir: dir.clone(),
         };
         carried("old").finish(Some(WarmEnd::Refused));

@@ -125,6 +125,7 @@ pub fn run(
             guest_boot_ms: Some(guest_boot_ms),
             host_boot_ms: None,
             testhost_spare: false,
+            warm_unpack_ms: None,
             warm_start: false,
         },
         tier: Tier::Vz,

@@ -154,6 +154,21 @@ pub(crate) fn warm_then_cold(
     Ok(WarmRuns { first, a, b, cold })
 }
 
+/// Each warm start of `runs` found its memory file as sealed (`memory_check:
+/// "unchanged"`), not hashed.
+pub(crate) fn memory_unchanged(ctx: &Context, runs: &WarmRuns) -> CaseResult {
+    for v in [&runs.a, &runs.b] {
+        let plan = text(v, "/plan_id");
+        let check = memory_check(ctx, &plan)?;
+        if check != "unchanged" {
+            return Err(Failure::new(format!(
+                "plan {plan}: the warm start's memory check was '{check}', not 'unchanged'"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One run after the kept snapshot was changed: it must have been refused
 /// (`boot_refused` naming `memory_mismatch`), and the run booted instead.
 pub(crate) fn refused_then_booted(ctx: &Context, backend: &str) -> Result<(), Failure> {
@@ -243,15 +258,7 @@ pub(super) fn warm_start(ctx: &Context) -> CaseResult {
         };
         let runs = warm_then_cold(ctx, "kvm", &kept)?;
         // The memory file the VMM wrote, untouched: not hashed again.
-        for v in [&runs.a, &runs.b] {
-            let plan = text(v, "/plan_id");
-            let check = memory_check(ctx, &plan)?;
-            if check != "unchanged" {
-                return Err(Failure::new(format!(
-                    "plan {plan}: the warm start's memory check was '{check}', not 'unchanged'"
-                )));
-            }
-        }
+        memory_unchanged(ctx, &runs)?;
         let phases: Vec<String> = [
             "args_parsed",
             "plan_verified",

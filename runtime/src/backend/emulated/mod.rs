@@ -10,7 +10,7 @@
 //!
 //! | port       | direction   | carries                                        |
 //! |------------|-------------|------------------------------------------------|
-//! | `mvm.ctl`  | both        | request, then `proceed` and `signal` (JSON lines) in; `started`, `booted` and the final report (JSON lines) out |
+//! | `mvm.ctl`  | both        | request, then `proceed`, `signal` and `resealed` (JSON lines) in; `started`, `unpacked`, `booted` and the final report (JSON lines) out |
 //! | `mvm.in`   | host→guest  | the workload's stdin, closed at its end         |
 //! | `mvm.out`  | guest→host  | the workload's stdout                           |
 //! | `mvm.err`  | guest→host  | the workload's stderr                           |

@@ -341,7 +341,8 @@ fn carried_in(
                 read_ahead(&disk, READ_AHEAD_KB);
                 let file =
                     std::fs::File::open(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
-                let mut reader = BufReader::with_capacity(4 << 20, file);
+                // Smaller than a piece of the unpack (1 MiB), so the data is read straight into it.
+                let mut reader = BufReader::with_capacity(64 << 10, file);
                 let bytes =
                     super::snapshot_pack::unpack(&mut reader, dir, u64::from(mem_mib) << 20)
                         .map_err(|e| e.to_string())?;

@@ -355,7 +355,7 @@ pub fn run(
         }
         _ => None,
     };
-    let extra: Vec<Drive> = carried.iter().map(|c| c.drive.clone()).collect();
+    let extra = Carried::drives(carried.as_ref());
     let spare_key =
         spare::enabled().then(|| spare::key(qemu_bin, &testhost, &initramfs, spec, &extra));
     let setup = Setup {
@@ -450,7 +450,7 @@ fn attempt(
             (TestHost::Spare(claimed), ports, logs)
         }
         None => {
-            let extra: Vec<Drive> = setup.warm.iter().map(|c| c.drive.clone()).collect();
+            let extra = Carried::drives(setup.warm.as_ref());
             boot_cold(qemu_bin, &setup.testhost, &setup.initramfs, spec, &extra)?
         }
     };

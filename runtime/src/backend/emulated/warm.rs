@@ -150,6 +150,11 @@ pub fn choose(initramfs: &Path, spec: &RunSpec) -> Option<Carried> {
 }
 
 impl Carried {
+    /// The extra drives QEMU attaches for a run's warm start (none without one).
+    pub fn drives(carried: Option<&Self>) -> Vec<Drive> {
+        carried.iter().map(|c| c.drive.clone()).collect()
+    }
+
     /// The answer to the test host's `unpacked`: the seal again, naming `memory_file`
     /// (the copy the test host unpacked), if this host still vouches for the disk it was
     /// unpacked from ([`DiskVouch`]; checked again now, after the test host read it).

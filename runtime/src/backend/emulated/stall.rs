@@ -2,7 +2,9 @@
 //! good: the test host's only CPU halted with an interrupt pending that it never
 //! takes, QEMU's vCPU thread asleep, no CPU time, no console output, and an NMI
 //! injected from outside not taken either (`docs/e2e.md` has what was measured).
-//! Nothing wakes it, so a run would wait forever.
+//! Nothing wakes it, so a run would wait forever. The test host's `idle=poll`
+//! ([`super::qemu::TESTHOST_CMDLINE`]) keeps its CPU from halting, which has kept that
+//! stall away since; this watch stays for a QEMU that stops for any other reason.
 //!
 //! A test host that is merely idle (a workload that sleeps) still costs QEMU CPU
 //! time every few seconds: the timer ticks of the test host and of the VM inside it

@@ -39,11 +39,9 @@ pub const TESTHOST_MACHINE: [&str; 11] = [
 ///
 /// `idle=poll`: the test host's idle loop spins instead of halting. QEMU 7.2's TCG
 /// (Debian 12's) stalls for good, now and then, with the test host's CPU halted in
-/// that loop: interrupts enabled, the local timer's interrupt pending, and neither it
-/// nor an injected NMI ever taken (`docs/e2e.md`, "QEMU's stall"). On 2026-12-07 the
-/// heaviest case, `net/bulk-64mib`, stalled in 3 of 3 runs without it and passed 3 of
-/// 3 with it; a set of eight other cases took 174 s against 164 s. The price: a test
-/// host keeps one host core busy for as long as it runs, idle or not.
+/// that loop and its timer interrupt never taken; without the halt it has not stalled
+/// (`docs/e2e.md`, "What prevents it", has the runs). The price: a test host keeps one
+/// host core busy for as long as it runs, idle or not.
 pub const TESTHOST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 idle=poll";
 
 /// [`TESTHOST_CMDLINE`] with `mvm.run=RUN` added (when `run` is not empty): the

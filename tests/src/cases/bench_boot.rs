@@ -30,15 +30,26 @@ use crate::case::{read_bounded, test_cmdline, Case, CaseResult, Context, Failure
 use crate::cases::verify::Setup;
 use crate::guest::MARKER;
 
-/// The boot benchmark (not in the default run).
-pub const BENCH: &[Case] = &[Case::kvm("bench/boot", boot).limit_secs(2400)];
+/// The boot benchmark and its trace (not in the default run).
+pub const BENCH: &[Case] = &[
+    Case::kvm("bench/boot", boot).limit_secs(2400),
+    Case::kvm("bench/trace-boot", trace).limit_secs(1200),
+];
 
-/// Rounds: each variant boots this many times.
+/// Rounds unless told otherwise: each variant boots this many times.
 const ROUNDS: usize = 5;
+/// The most rounds the case takes (it must end inside its time limit).
+const MAX_ROUNDS: usize = 40;
+/// Where `scripts/e2e` puts `MVM_BENCH_ROUNDS` (`scripts/bench-boot --rounds N`).
+pub const ROUNDS_FILE: &str = "bench-rounds";
 /// The pause before each boot.
 const SETTLE: Duration = Duration::from_secs(1);
 /// The test guest's mode: print a line, reboot.
 const MODE: &str = "reboot";
+/// The trace's mode: print the kernel's log, reboot.
+const TRACE_MODE: &str = "dmesg";
+/// Rounds of the trace: a fresh test host's first boot differs from later ones.
+const TRACE_ROUNDS: usize = 2;
 /// Where `scripts/e2e` puts a Firecracker binary it was given.
 pub const FIRECRACKER: &str = "firecracker";
 /// Boot report phases shown per mvm variant, in order.
@@ -159,20 +170,21 @@ fn timed_boot(mut cmd: Command, stderr: &Path) -> Result<(Timed, String, i32), F
 }
 
 /// `mvm-vmm` with the bench's kernel, initramfs, command line and size.
-fn mvm_command(vmm: &Path, kernel: &Path, initrd: &Path, report: &Path) -> Command {
+fn mvm_command(vmm: &Path, kernel: &Path, initrd: &Path, mode: &str, report: &Path) -> Command {
     let mut cmd = Command::new(vmm);
     cmd.arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
         .arg("--cmdline")
-        .arg(test_cmdline(MODE))
+        .arg(test_cmdline(mode))
         .args(["--vcpus", "1", "--mem-mib", "128", "--boot-report"])
         .arg(report);
     cmd
 }
 
-fn variants(ctx: &Context) -> Result<Vec<Variant>, Failure> {
+/// The VMMs to compare, booting the test guest in `mode`.
+fn variants(ctx: &Context, mode: &'static str) -> Result<Vec<Variant>, Failure> {
     let vmm = ctx.artifact(crate::case::VMM)?;
     let kernel = ctx.artifact(crate::case::KERNEL_ELF)?;
     let initrd = ctx.artifact(crate::case::INITRAMFS_TEST)?;
@@ -185,7 +197,7 @@ fn variants(ctx: &Context) -> Result<Vec<Variant>, Failure> {
             "boot-source": {
                 "kernel_image_path": kernel,
                 "initrd_path": initrd,
-                "boot_args": test_cmdline(MODE),
+                "boot_args": test_cmdline(mode),
             },
             "drives": [],
             "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
@@ -220,7 +232,7 @@ fn variants(ctx: &Context) -> Result<Vec<Variant>, Failure> {
     out.push(Variant {
         name: "mvm-dev",
         command: Box::new(move |_| {
-            let mut cmd = mvm_command(&v, &k, &i, &r);
+            let mut cmd = mvm_command(&v, &k, &i, mode, &r);
             cmd.arg("--dev");
             Ok(cmd)
         }),
@@ -232,9 +244,9 @@ fn variants(ctx: &Context) -> Result<Vec<Variant>, Failure> {
     out.push(Variant {
         name: "mvm-signed",
         command: Box::new(move |round| {
-            let setup = Setup::for_mode(&c, &format!("bench-{round}"), MODE)?;
+            let setup = Setup::for_mode(&c, &format!("bench-{mode}-{round}"), mode)?;
             let envelope = setup.signed(&c)?;
-            let mut cmd = mvm_command(&vmm, &kernel, &initrd, &r);
+            let mut cmd = mvm_command(&vmm, &kernel, &initrd, mode, &r);
             let extra: Vec<OsString> = setup.verify_args(&envelope);
             cmd.args(extra);
             Ok(cmd)
@@ -274,73 +286,226 @@ const OUTSIDE: [(&str, PhaseOf); 4] = [
 ];
 
 fn boot(ctx: &Context) -> CaseResult {
-    let variants = variants(ctx)?;
+    let rounds = rounds(ctx)?;
+    let variants = variants(ctx, MODE)?;
     let mut results: Vec<Vec<Timed>> = variants.iter().map(|_| Vec::new()).collect();
-    for round in 1..=ROUNDS {
-        // Each round starts with the next variant, so none always follows the same one.
-        let mut order: Vec<usize> = (0..variants.len()).collect();
-        order.rotate_left((round - 1) % variants.len().max(1));
-        for i in order {
-            let (Some(variant), Some(runs)) = (variants.get(i), results.get_mut(i)) else {
-                continue;
-            };
-            // The host settles first: the last VM's teardown is not this boot's cost.
-            std::thread::sleep(SETTLE);
-            if let Some(r) = &variant.report {
-                let _ = std::fs::remove_file(r);
+    for round in 1..=rounds {
+        for (i, variant) in in_turn(&variants, round) {
+            let (timed, _) = boot_once(ctx, variant, round)?;
+            if let Some(runs) = results.get_mut(i) {
+                runs.push(timed);
             }
-            let cmd = (variant.command)(round)?;
-            let stderr = ctx.work_file(&format!("{}.stderr", variant.name));
-            let (mut timed, console, status) = timed_boot(cmd, &stderr)?;
-            let evidence = || {
-                let err = read_bounded(&stderr, 1 << 16).unwrap_or_default();
-                crate::case::tail("console", &console, 10) + &crate::case::tail("stderr", &err, 10)
-            };
-            if status != 0 || timed.userspace.is_none() || !console.contains("rebooting") {
-                return Err(Failure::new(format!(
-                    "{} round {round}: exit status {status}, userspace {}, reboot line {}",
-                    variant.name,
-                    if timed.userspace.is_some() {
-                        "reached"
-                    } else {
-                        "not reached"
-                    },
-                    if console.contains("rebooting") {
-                        "printed"
-                    } else {
-                        "missing"
-                    },
-                ))
-                .with_detail(evidence()));
-            }
-            if let Some(path) = &variant.report {
-                let text =
-                    read_bounded(path, 1 << 16).map_err(io(format!("read {}", path.display())))?;
-                let report = BootReport::parse(&text)
-                    .map_err(|e| Failure::new(format!("{}: boot report: {e}", variant.name)))?;
-                timed.report = Some(report);
-            }
-            println!(
-                "bench/boot {} round {round}: first byte {} s, userspace {} s, exit {} s",
-                variant.name,
-                secs(timed.first_byte),
-                secs(timed.userspace),
-                secs(Some(timed.exit))
-            );
-            runs.push(timed);
         }
     }
-    print_table(&variants, &results);
+    print_table(&variants, &results, rounds);
     Ok(())
 }
 
-fn print_table(variants: &[Variant], results: &[Vec<Timed>]) {
+/// How many rounds: [`ROUNDS_FILE`] among the artifacts when it is there, else [`ROUNDS`].
+fn rounds(ctx: &Context) -> Result<usize, Failure> {
+    let path = ctx.artifacts.join(ROUNDS_FILE);
+    if !path.exists() {
+        return Ok(ROUNDS);
+    }
+    let text = read_bounded(&path, 64).map_err(io(format!("read {}", path.display())))?;
+    parse_rounds(&text).ok_or_else(|| {
+        Failure::new(format!(
+            "{}: {:?} is not a number of rounds from 1 to {MAX_ROUNDS}",
+            path.display(),
+            text.trim()
+        ))
+    })
+}
+
+fn parse_rounds(text: &str) -> Option<usize> {
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_ROUNDS).contains(n))
+}
+
+/// `bench/trace-boot` (`scripts/bench-boot --trace`): each VMM boots the guest `quiet` in
+/// mode `dmesg`, which prints the kernel's log at the end. The boot is not slowed by the
+/// serial port, and the log's times are the guest's own clock from its first line. For
+/// each round it prints every message with its time under each VMM, aligned by text, the
+/// first VMM's order; then the messages only the others printed.
+fn trace(ctx: &Context) -> CaseResult {
+    let variants = variants(ctx, TRACE_MODE)?;
+    for round in 1..=TRACE_ROUNDS {
+        let mut logs = Vec::new();
+        for (i, variant) in in_turn(&variants, round) {
+            let (_, console) = boot_once(ctx, variant, round)?;
+            let log = kernel_log(&console);
+            if log.is_empty() {
+                return Err(Failure::new(format!(
+                    "{} round {round}: the guest printed no kernel log",
+                    variant.name
+                ))
+                .with_detail(crate::case::tail("console", &console, 10)));
+            }
+            logs.push((i, log));
+        }
+        logs.sort_by_key(|(i, _)| *i);
+        let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
+        let logs: Vec<Vec<(Duration, String)>> = logs.into_iter().map(|(_, l)| l).collect();
+        print!("{}", aligned(round, &names, &logs));
+    }
+    Ok(())
+}
+
+/// The variants in round `round`'s order: each round starts with the next one, so none
+/// always follows the same one.
+fn in_turn(variants: &[Variant], round: usize) -> Vec<(usize, &Variant)> {
+    let mut order: Vec<(usize, &Variant)> = variants.iter().enumerate().collect();
+    order.rotate_left(round.saturating_sub(1) % variants.len().max(1));
+    order
+}
+
+/// Boots `variant` once (after [`SETTLE`]), checks it reached userspace and rebooted, and
+/// prints its times. Returns them with the console text.
+fn boot_once(ctx: &Context, variant: &Variant, round: usize) -> Result<(Timed, String), Failure> {
+    // The host settles first: the last VM's teardown is not this boot's cost.
+    std::thread::sleep(SETTLE);
+    if let Some(r) = &variant.report {
+        let _ = std::fs::remove_file(r);
+    }
+    let cmd = (variant.command)(round)?;
+    let stderr = ctx.work_file(&format!("{}.stderr", variant.name));
+    let (mut timed, console, status) = timed_boot(cmd, &stderr)?;
+    let evidence = || {
+        let err = read_bounded(&stderr, 1 << 16).unwrap_or_default();
+        crate::case::tail("console", &console, 10) + &crate::case::tail("stderr", &err, 10)
+    };
+    if status != 0 || timed.userspace.is_none() || !console.contains("rebooting") {
+        return Err(Failure::new(format!(
+            "{} round {round}: exit status {status}, userspace {}, reboot line {}",
+            variant.name,
+            if timed.userspace.is_some() {
+                "reached"
+            } else {
+                "not reached"
+            },
+            if console.contains("rebooting") {
+                "printed"
+            } else {
+                "missing"
+            },
+        ))
+        .with_detail(evidence()));
+    }
+    if let Some(path) = &variant.report {
+        let text = read_bounded(path, 1 << 16).map_err(io(format!("read {}", path.display())))?;
+        let report = BootReport::parse(&text)
+            .map_err(|e| Failure::new(format!("{}: boot report: {e}", variant.name)))?;
+        timed.report = Some(report);
+    }
+    println!(
+        "bench/boot {} round {round}: first byte {} s, userspace {} s, exit {} s",
+        variant.name,
+        secs(timed.first_byte),
+        secs(timed.userspace),
+        secs(Some(timed.exit))
+    );
+    Ok((timed, console))
+}
+
+/// The kernel log mode `dmesg` printed after [`MARKER`]: `(time, text)` per record.
+fn kernel_log(console: &str) -> Vec<(Duration, String)> {
+    let Some((_, after)) = console.split_once(MARKER) else {
+        return Vec::new();
+    };
+    after
+        .lines()
+        .filter_map(|line| {
+            let rest = line.trim_start().strip_prefix('[')?;
+            let (time, text) = rest.split_once(']')?;
+            let secs: f64 = time.trim().parse().ok()?;
+            Some((
+                Duration::try_from_secs_f64(secs).ok()?,
+                text.trim().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The logs side by side: one line per message of the first log, with its time under each
+/// VMM (`-` where that VMM's log lacks it), matched by text and occurrence; then each other
+/// log's messages the first lacks.
+fn aligned(round: usize, names: &[&str], logs: &[Vec<(Duration, String)>]) -> String {
+    use std::collections::HashMap;
+    use std::fmt::Write;
+    // (text, nth occurrence) -> time, per log.
+    let keyed: Vec<HashMap<(&str, usize), Duration>> = logs
+        .iter()
+        .map(|log| {
+            let mut seen: HashMap<&str, usize> = HashMap::new();
+            log.iter()
+                .map(|(t, text)| {
+                    let n = seen.entry(text.as_str()).or_default();
+                    *n += 1;
+                    ((text.as_str(), *n), *t)
+                })
+                .collect()
+        })
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "bench/trace-boot round {round}: guest clock, seconds; {}",
+        names.join(" | ")
+    );
+    let row = |out: &mut String, key: (&str, usize)| {
+        let cells: Vec<String> = keyed
+            .iter()
+            .map(|k| {
+                k.get(&key).map_or_else(
+                    || "      -".to_owned(),
+                    |t| format!("{:7.3}", t.as_secs_f64()),
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "  {}  {}", cells.join(" "), key.0);
+    };
+    let key_of = |log: &[(Duration, String)]| -> Vec<(String, usize)> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        log.iter()
+            .map(|(_, text)| {
+                let n = seen.entry(text.as_str()).or_default();
+                *n += 1;
+                (text.clone(), *n)
+            })
+            .collect()
+    };
+    let Some((first, others)) = logs.split_first() else {
+        return out;
+    };
+    for (text, n) in key_of(first) {
+        row(&mut out, (&text, n));
+    }
+    let first_keys = keyed.first();
+    for (name, log) in names.iter().skip(1).zip(others) {
+        let extra: Vec<(String, usize)> = key_of(log)
+            .into_iter()
+            .filter(|(text, n)| first_keys.is_some_and(|k| !k.contains_key(&(text.as_str(), *n))))
+            .collect();
+        if extra.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "  only under {name}:");
+        for (text, n) in extra {
+            row(&mut out, (&text, n));
+        }
+    }
+    out
+}
+
+fn print_table(variants: &[Variant], results: &[Vec<Timed>], rounds: usize) {
     let base = variants
         .iter()
         .position(|v| v.name == "firecracker")
         .and_then(|i| results.get(i));
     println!(
-        "bench/boot: median (min) of {ROUNDS} boots each, seconds; ratios of medians to Firecracker's"
+        "bench/boot: median (min) of {rounds} boots each, seconds; ratios of medians to Firecracker's"
     );
     for (name, phase) in OUTSIDE {
         let base_median = base.and_then(|runs| median(runs.iter().filter_map(phase).collect()));
@@ -394,6 +559,70 @@ mod tests {
         assert_eq!(median(vec![]), None);
         assert_eq!(median(vec![d(3), d(1), d(2)]), Some(d(2)));
         assert_eq!(median(vec![d(4), d(1), d(3), d(2)]), Some(d(2)));
+    }
+
+    #[test]
+    fn rounds_are_a_bounded_number() {
+        assert_eq!(parse_rounds("12\n"), Some(12));
+        assert_eq!(parse_rounds("1"), Some(1));
+        assert_eq!(parse_rounds(&MAX_ROUNDS.to_string()), Some(MAX_ROUNDS));
+        for bad in ["0", "41", "-3", "five", ""] {
+            assert_eq!(parse_rounds(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_log_is_what_follows_the_marker() {
+        let console = format!(
+            "[    0.100000] printed before userspace\n{MARKER}\n\
+             [    0.000000] Linux version 6.12\n\
+             noise without a time\n\
+             [    1.250000] Run /init as init process\n\
+             [ not a time] skipped\n"
+        );
+        let log = kernel_log(&console);
+        assert_eq!(
+            log,
+            vec![
+                (Duration::ZERO, "Linux version 6.12".to_owned()),
+                (
+                    Duration::from_millis(1250),
+                    "Run /init as init process".to_owned()
+                ),
+            ]
+        );
+        assert!(kernel_log("[    0.1] no marker").is_empty());
+    }
+
+    #[test]
+    fn logs_are_aligned_by_text_and_occurrence() {
+        let s = Duration::from_millis;
+        let first = vec![
+            (s(0), "Linux".to_owned()),
+            (s(10), "MPTABLE".to_owned()),
+            (s(50), "MPTABLE".to_owned()),
+            (s(900), "i8042 probe".to_owned()),
+        ];
+        let second = vec![
+            (s(0), "Linux".to_owned()),
+            (s(20), "MPTABLE".to_owned()),
+            (s(30), "MPTABLE".to_owned()),
+            (s(40), "No controller".to_owned()),
+        ];
+        let out = aligned(2, &["fc", "mvm"], &[first, second]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "bench/trace-boot round 2: guest clock, seconds; fc | mvm",
+                "    0.000   0.000  Linux",
+                "    0.010   0.020  MPTABLE",
+                "    0.050   0.030  MPTABLE",
+                "    0.900       -  i8042 probe",
+                "  only under mvm:",
+                "        -   0.040  No controller",
+            ]
+        );
     }
 
     #[test]

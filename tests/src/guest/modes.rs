@@ -26,6 +26,7 @@ pub const MODES: &[Mode] = &[
     Mode::new("nproc", nproc),
     Mode::new("poweroff", poweroff),
     Mode::new("reboot", reboot),
+    Mode::new("dmesg", dmesg),
     Mode::new("panic", panic),
     Mode::new("hang", hang),
     Mode::new("vsock", super::vsock::run),
@@ -88,6 +89,75 @@ fn reboot(guest: &Guest) -> Result<Ending, GuestError> {
     Ok(Ending::Reboot)
 }
 
+/// Prints the kernel's log (each record `[seconds] text`, the guest's own clock), then
+/// reboots: `bench/boot`'s trace, where the boot itself ran `quiet` and unslowed by the
+/// serial port.
+fn dmesg(guest: &Guest) -> Result<Ending, GuestError> {
+    // The guest's clock now, on the log's own scale, as the log's last line.
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(|e| {
+        GuestError::Sys {
+            what: "clock_gettime".into(),
+            source: e.into(),
+        }
+    })?;
+    let mut log = kernel_log()?;
+    log.push(format!(
+        "[{:5}.{:06}] mvm-test-init: mode dmesg started",
+        now.tv_sec(),
+        now.tv_nsec() / 1000
+    ));
+    for line in log {
+        guest.console.line(&line);
+    }
+    guest.console.say("rebooting");
+    Ok(Ending::Reboot)
+}
+
+/// The records in `/dev/kmsg` so far, as `[seconds] text` lines.
+fn kernel_log() -> Result<Vec<String>, GuestError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .map_err(|source| GuestError::Sys {
+            what: "open /dev/kmsg".into(),
+            source,
+        })?;
+    let mut lines = Vec::new();
+    let mut record = vec![0u8; 8192];
+    // One record per read; EAGAIN ends the log, EPIPE is a record overwritten meanwhile.
+    loop {
+        match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => lines.extend(record.get(..n).and_then(kmsg_line)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(source) => {
+                return Err(GuestError::Sys {
+                    what: "read /dev/kmsg".into(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// One `/dev/kmsg` record (`prio,seq,usecs,flags;text\n...`) as `[seconds] text`.
+fn kmsg_line(record: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(record);
+    let (head, body) = text.split_once(';')?;
+    let usecs: u64 = head.split(',').nth(2)?.parse().ok()?;
+    let body = body.lines().next().unwrap_or_default();
+    Some(format!(
+        "[{:5}.{:06}] {body}",
+        usecs / 1_000_000,
+        usecs % 1_000_000
+    ))
+}
+
 fn panic(guest: &Guest) -> Result<Ending, GuestError> {
     guest.console.say("exiting PID 1 to panic the kernel");
     Ok(Ending::Panic)
@@ -101,6 +171,20 @@ fn hang(guest: &Guest) -> Result<Ending, GuestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kmsg_record_becomes_a_timed_line() {
+        assert_eq!(
+            kmsg_line(b"6,12,1250003,-;Run /init as init process\n SUBSYSTEM=x\n").as_deref(),
+            Some("[    1.250003] Run /init as init process")
+        );
+        assert_eq!(
+            kmsg_line(b"4,0,0,-;Linux version\n").as_deref(),
+            Some("[    0.000000] Linux version")
+        );
+        assert_eq!(kmsg_line(b"no header at all"), None);
+        assert_eq!(kmsg_line(b"6,12,soon,-;text"), None);
+    }
 
     #[test]
     fn names_are_unique_and_findable() {

@@ -17,6 +17,10 @@
 //! phases inside the VMM. The case prints medians, minimums, and each phase's ratio of
 //! medians to Firecracker's; it fails only on behaviour (a boot that did not reach
 //! userspace or did not end by the guest's reboot), never on a time.
+//!
+//! `bench/trace-boot` (`scripts/bench-boot --trace`) boots the same VMMs in the test
+//! init's mode `dmesg` and prints the guest's kernel log under each, side by side (see
+//! [`trace`]); `scripts/bench-boot --rounds N` sets the rounds ([`ROUNDS_FILE`]).
 
 use std::ffi::OsString;
 use std::io::Read;

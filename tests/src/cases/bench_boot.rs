@@ -19,8 +19,8 @@
 //! userspace or did not end by the guest's reboot), never on a time.
 //!
 //! `bench/trace-boot` (`scripts/bench-boot --trace`) boots the same VMMs in the test
-//! init's mode `dmesg` and prints the guest's kernel log under each, side by side (see
-//! [`trace`]); `scripts/bench-boot --rounds N` sets the rounds ([`ROUNDS_FILE`]).
+//! init's mode `dmesg` and prints the guest's kernel log under each, side by side, aligned
+//! by message; `scripts/bench-boot --rounds N` sets the rounds ([`ROUNDS_FILE`]).
 
 use std::ffi::OsString;
 use std::io::Read;

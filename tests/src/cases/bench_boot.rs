@@ -438,8 +438,8 @@ fn kernel_log(console: &str) -> Vec<(Duration, String)> {
 fn aligned(round: usize, names: &[&str], logs: &[Vec<(Duration, String)>]) -> String {
     use std::collections::HashMap;
     use std::fmt::Write;
-    // (text, nth occurrence) -> time, per log.
-    let keyed: Vec<HashMap<(&str, usize), Duration>> = logs
+    // Each message keyed by (text, nth occurrence), in its log's order, once.
+    let keys: Vec<Vec<((&str, usize), Duration)>> = logs
         .iter()
         .map(|log| {
             let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -452,6 +452,8 @@ fn aligned(round: usize, names: &[&str], logs: &[Vec<(Duration, String)>]) -> St
                 .collect()
         })
         .collect();
+    let keyed: Vec<HashMap<(&str, usize), Duration>> =
+        keys.iter().map(|k| k.iter().copied().collect()).collect();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -470,34 +472,24 @@ fn aligned(round: usize, names: &[&str], logs: &[Vec<(Duration, String)>]) -> St
             .collect();
         let _ = writeln!(out, "  {}  {}", cells.join(" "), key.0);
     };
-    let key_of = |log: &[(Duration, String)]| -> Vec<(String, usize)> {
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        log.iter()
-            .map(|(_, text)| {
-                let n = seen.entry(text.as_str()).or_default();
-                *n += 1;
-                (text.clone(), *n)
-            })
-            .collect()
-    };
-    let Some((first, others)) = logs.split_first() else {
+    let (Some(first), Some(first_keyed)) = (keys.first(), keyed.first()) else {
         return out;
     };
-    for (text, n) in key_of(first) {
-        row(&mut out, (&text, n));
+    for (key, _) in first {
+        row(&mut out, *key);
     }
-    let first_keys = keyed.first();
-    for (name, log) in names.iter().skip(1).zip(others) {
-        let extra: Vec<(String, usize)> = key_of(log)
-            .into_iter()
-            .filter(|(text, n)| first_keys.is_some_and(|k| !k.contains_key(&(text.as_str(), *n))))
+    for (name, log) in names.iter().zip(&keys).skip(1) {
+        let extra: Vec<(&str, usize)> = log
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|key| !first_keyed.contains_key(key))
             .collect();
         if extra.is_empty() {
             continue;
         }
         let _ = writeln!(out, "  only under {name}:");
-        for (text, n) in extra {
-            row(&mut out, (&text, n));
+        for key in extra {
+            row(&mut out, key);
         }
     }
     out

@@ -200,8 +200,8 @@ pub fn restore_and_supervise(
     restore_vm(opened, devices, console, snapshot, timeline).map_err(Stop::VmFailed)
 }
 
-/// Maps the memory, sets the VM's state, attaches the devices and puts each one's state
-/// back, sets each vCPU's state, and runs it.
+/// Maps the memory, sets the VM's state, attaches the devices, sets each vCPU's state,
+/// puts each device's state back, and runs the vCPUs.
 fn restore_vm(
     opened: bundle::Opened,
     devices: OpenDevices,
@@ -223,6 +223,17 @@ fn restore_vm(
         devices: &mut host.devices,
         cmdline: &mut unused,
     })?;
+    // The vCPUs' state first, the devices' after: a device interrupts as soon as its
+    // transport is restored (a pending InterruptStatus is raised again, vsock's worker
+    // sends its TRANSPORT_RESET), and an interrupt raised before `KVM_SET_LAPIC` is
+    // lost (no vCPU to deliver it to yet, or its IRR overwritten). With EVENT_IDX the
+    // device then waits for a driver that never heard of the used buffer.
+    let mut vcpus = Vec::with_capacity(opened.state.vcpus.len());
+    for state in &opened.state.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), state.index)?;
+        cpu::restore(vcpu.fd(), state).map_err(snapshot_err)?;
+        vcpus.push(vcpu);
+    }
     for (slot, saved) in host
         .devices
         .virtio_slots()
@@ -240,12 +251,6 @@ fn restore_vm(
             .map_err(|_| BootError::BootState(format!("{}: transport lock poisoned", slot.name)))?
             .restore(&saved.transport)
             .map_err(|e| BootError::BootState(format!("restoring {e}")))?;
-    }
-    let mut vcpus = Vec::with_capacity(opened.state.vcpus.len());
-    for state in &opened.state.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), state.index)?;
-        cpu::restore(vcpu.fd(), state).map_err(snapshot_err)?;
-        vcpus.push(vcpu);
     }
     timeline.mark(Phase::VcpusReady);
     let given_cpu = opened.manifest.cpu.clone();

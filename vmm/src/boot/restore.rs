@@ -200,8 +200,8 @@ pub fn restore_and_supervise(
     restore_vm(opened, devices, console, snapshot, timeline).map_err(Stop::VmFailed)
 }
 
-/// Maps the memory, sets the VM's state, attaches the devices, sets each vCPU's state,
-/// puts each device's state back, and runs the vCPUs.
+/// Maps the memory, sets the VM's and each vCPU's state, attaches the devices with their
+/// state, and runs the vCPUs.
 fn restore_vm(
     opened: bundle::Opened,
     devices: OpenDevices,
@@ -212,6 +212,18 @@ fn restore_vm(
     let snapshot_err = |e: SnapshotError| BootError::BootState(format!("restoring: {e}"));
     let vm = bundle::restore_vm(&opened).map_err(snapshot_err)?;
     timeline.mark(Phase::VmCreated);
+    // The vCPUs' state first, every device's after: a device interrupts as soon as it
+    // gets its state back (COM1 raises a pending interrupt in `from_state`, a virtio
+    // transport raises its saved InterruptStatus, vsock's worker sends its
+    // TRANSPORT_RESET), and an interrupt raised before `KVM_SET_LAPIC` is lost (no vCPU
+    // to deliver it to yet, or its IRR overwritten). With EVENT_IDX the device then
+    // waits for a driver that never heard of the used buffer.
+    let mut vcpus = Vec::with_capacity(opened.state.vcpus.len());
+    for state in &opened.state.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), state.index)?;
+        cpu::restore(vcpu.fd(), state).map_err(snapshot_err)?;
+        vcpus.push(vcpu);
+    }
     let mut host = HostSide::start(&vm, console, timeline, opened.state.devices.serial.as_ref())?;
     // The guest's command line is in its memory already; the devices' parameters go
     // nowhere.
@@ -223,17 +235,6 @@ fn restore_vm(
         devices: &mut host.devices,
         cmdline: &mut unused,
     })?;
-    // The vCPUs' state first, the devices' after: a device interrupts as soon as its
-    // transport is restored (a pending InterruptStatus is raised again, vsock's worker
-    // sends its TRANSPORT_RESET), and an interrupt raised before `KVM_SET_LAPIC` is
-    // lost (no vCPU to deliver it to yet, or its IRR overwritten). With EVENT_IDX the
-    // device then waits for a driver that never heard of the used buffer.
-    let mut vcpus = Vec::with_capacity(opened.state.vcpus.len());
-    for state in &opened.state.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), state.index)?;
-        cpu::restore(vcpu.fd(), state).map_err(snapshot_err)?;
-        vcpus.push(vcpu);
-    }
     for (slot, saved) in host
         .devices
         .virtio_slots()

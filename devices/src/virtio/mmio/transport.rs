@@ -353,6 +353,10 @@ impl MmioTransport {
     /// of the device (vsock: a TRANSPORT_RESET event). `state` came from a verified
     /// snapshot, but is checked as guest input would be: a queue past its maximum, a
     /// feature never offered, a ring outside memory are errors.
+    ///
+    /// It interrupts (a saved InterruptStatus is raised again, and the device thread may
+    /// interrupt as soon as it has its queues), so the vCPUs must already hold their
+    /// restored state: an interrupt raised before `KVM_SET_LAPIC` is lost.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
         let name = self.device.name();
         if self.status != 0 || self.activated {

@@ -8,7 +8,7 @@
 //!
 //! Layout: [`packet`] parses what the guest hands over and builds what it
 //! receives; [`connection`] is the per-connection state machine with credit
-//! flow control; [`unix`] handles the host-side Unix sockets; [`muxer`] ties
+//! flow control; [`unix`] handles the host-side Unix sockets; `muxer` ties
 //! connections to host sockets; `device` and `event_handler` drive the queues;
 //! `metrics` counts what the device did. The parsers a guest or a host process
 //! feeds (`packet`, `connection`, `unix`) are public for the fuzz targets; the rest

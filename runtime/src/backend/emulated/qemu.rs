@@ -17,14 +17,15 @@ const TESTHOST_OVERHEAD_MIB: u32 = 768;
 const TESTHOST_MIN_MIB: u32 = 1024;
 
 /// The test host machine as QEMU arguments: q35 with TCG's `max` CPU (it emulates
-/// AMD SVM with nested paging, so the test host has a real KVM), one vCPU, no
-/// default devices or graphics, and a guest reboot ends QEMU. `scripts/e2e`
-/// boots the same machine (`mvm __testhost-machine` prints these).
+/// AMD SVM with nested paging, so the test host has a real KVM) without ERMS
+/// ([`TESTHOST_CPU`]), one vCPU, no default devices or graphics, and a guest reboot
+/// ends QEMU. `scripts/e2e` boots the same machine (`mvm __testhost-machine` prints
+/// these).
 pub const TESTHOST_MACHINE: [&str; 11] = [
     "-M",
     "q35",
     "-cpu",
-    "max",
+    TESTHOST_CPU,
     "-accel",
     "tcg",
     "-smp",
@@ -33,6 +34,18 @@ pub const TESTHOST_MACHINE: [&str; 11] = [
     "-no-reboot",
     "-nodefaults",
 ];
+
+/// The test host's CPU: TCG's `max` with ERMS (enhanced `rep movsb`/`rep stosb`) off.
+///
+/// With ERMS the test host kernel (and, through KVM, the inner guest) zeroes and copies
+/// pages with `rep stosb`/`rep movsb`: one store per byte. TCG runs each store of a
+/// page that still holds translated code through its slow path, which checks the
+/// page's translations every time; the first zeroing of a huge page that had held the
+/// last VM's kernel took 0.4-1.5 s there, once or twice per boot, whichever VMM's
+/// fault it happened to be (`docs/boot-time.md`, "The stall, found"). Without ERMS the
+/// kernels use `rep stosq`/`rep movsq` (eight bytes a store): the same fault takes
+/// about 0.2 s and a boot of the bench's guest about half as long, under every VMM.
+pub const TESTHOST_CPU: &str = "max,erms=off";
 
 /// The test host kernel's command line, as `mvm run` boots it: the console on
 /// the first serial port, quiet, a panic ends QEMU at once, and `idle=poll`.
@@ -289,6 +302,7 @@ mod tests {
         let m = args.iter().position(|a| a == "-m").unwrap();
         assert_eq!(args[m + 1], "1024");
         assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("-cpu max,erms=off -accel"), "{joined}");
         assert!(joined.contains("-append console=ttyS0 quiet panic=-1 idle=poll -serial"));
     }
 

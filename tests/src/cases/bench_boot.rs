@@ -57,14 +57,16 @@ const TRACE_ROUNDS: usize = 2;
 /// Where `scripts/e2e` puts a Firecracker binary it was given.
 pub const FIRECRACKER: &str = "firecracker";
 /// Boot report phases shown per mvm variant, in order.
-const REPORT_PHASES: [&str; 7] = [
+const REPORT_PHASES: [&str; 9] = [
     "args_parsed",
+    "plan_verified",
     "artifacts_measured",
     "kernel_loaded",
     "vm_created",
     "vcpus_ready",
     "first_kvm_run",
     "init_reached",
+    "exit",
 ];
 
 /// One boot, seen from outside the VMM.
@@ -116,6 +118,7 @@ fn timed_boot(mut cmd: Command, stderr: &Path) -> Result<(Timed, String, i32), F
         .take()
         .ok_or_else(|| Failure::new("the VMM's stdout is not a pipe"))?;
     let (tx, rx) = mpsc::channel();
+    let (closed_tx, closed_rx) = mpsc::channel::<()>();
     let reader = std::thread::spawn(move || {
         let mut console = Vec::new();
         let mut buf = [0u8; 4096];
@@ -137,20 +140,31 @@ fn timed_boot(mut cmd: Command, stderr: &Path) -> Result<(Timed, String, i32), F
                 let _ = tx.send(Seen::Marker(now));
             }
         }
+        let _ = closed_tx.send(());
         String::from_utf8_lossy(&console).into_owned()
     });
+    // Asleep until the console closes, which it does as the VMM exits: this process must
+    // not wake while the guest boots. It used to poll for the exit every millisecond,
+    // and in the test host's one CPU each wakeup was a timer interrupt taken in the
+    // middle of the guest, a VM exit each (docs/boot-time.md, "The bench's own noise").
+    let killed = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+        Failure::new(format!(
+            "the VMM did not exit within {} s",
+            BOOT_TIMEOUT.as_secs()
+        ))
+    };
+    if closed_rx.recv_timeout(BOOT_TIMEOUT).is_err() {
+        return Err(killed(&mut child));
+    }
+    // The console is closed; the exit follows at once (a VMM that closed it and lives on
+    // is waited for up to the same limit).
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if start.elapsed() >= BOOT_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Failure::new(format!(
-                    "the VMM did not exit within {} s",
-                    BOOT_TIMEOUT.as_secs()
-                )));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(None) if start.elapsed() >= BOOT_TIMEOUT => return Err(killed(&mut child)),
+            Ok(None) => std::thread::sleep(Duration::from_micros(200)),
             Err(e) => return Err(Failure::new(format!("wait for the VMM: {e}"))),
         }
     };
@@ -368,12 +382,13 @@ fn in_turn(variants: &[Variant], round: usize) -> Vec<(usize, &Variant)> {
 /// Boots `variant` once (after [`SETTLE`]), checks it reached userspace and rebooted, and
 /// prints its times. Returns them with the console text.
 fn boot_once(ctx: &Context, variant: &Variant, round: usize) -> Result<(Timed, String), Failure> {
-    // The host settles first: the last VM's teardown is not this boot's cost.
-    std::thread::sleep(SETTLE);
+    // The command first (a signed plan is made and its artifacts hashed here), then the
+    // host settles: neither the last VM's teardown nor this work is this boot's cost.
     if let Some(r) = &variant.report {
         let _ = std::fs::remove_file(r);
     }
     let cmd = (variant.command)(round)?;
+    std::thread::sleep(SETTLE);
     let stderr = ctx.work_file(&format!("{}.stderr", variant.name));
     let (mut timed, console, status) = timed_boot(cmd, &stderr)?;
     let evidence = || {

@@ -8,4 +8,5 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod thread;
 pub mod virtio;

@@ -417,8 +417,7 @@ where
     F: FnOnce() -> Result<(), String> + Send + 'static,
 {
     let thread_name = name.to_owned();
-    std::thread::Builder::new()
-        .name(name.to_owned())
+    crate::thread::builder(name)
         .spawn(move || run(thread_name, worker_loop, before_run))
         .map_err(WorkerError::Setup)
 }

@@ -77,8 +77,7 @@ fn spawn_signal_waiter(stopper: VmStopper) -> Result<(), BootError> {
             io::Error::from_raw_os_error(rc),
         ));
     }
-    std::thread::Builder::new()
-        .name("signals".into())
+    mvm_devices::thread::builder("signals")
         .spawn(move || {
             crate::seccomp::enter(&crate::seccomp::roles::SIGNALS, "signals");
             loop {
@@ -316,8 +315,7 @@ impl HostSide {
         for vcpu in vcpus {
             let ctx = ctx.clone();
             let name = format!("vcpu{}", vcpu.index());
-            let handle = std::thread::Builder::new()
-                .name(name.clone())
+            let handle = mvm_devices::thread::builder(name.clone())
                 .spawn(move || {
                     crate::seccomp::enter(&crate::seccomp::roles::VCPU, &name);
                     vcpu.run(&ctx)

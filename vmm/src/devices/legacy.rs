@@ -155,8 +155,7 @@ pub const CONSOLE_INPUT_ROLE: Role = Role::new("console-input", || {
 
 /// Feeds the VMM's stdin to the guest's serial port until EOF.
 pub fn spawn_console_input(serial: SharedSerial) -> Result<(), BootError> {
-    std::thread::Builder::new()
-        .name("console-in".into())
+    mvm_devices::thread::builder("console-in")
         .spawn(move || {
             crate::seccomp::enter(&CONSOLE_INPUT_ROLE, "console-in");
             let mut stdin = io::stdin();

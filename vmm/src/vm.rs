@@ -144,8 +144,7 @@ fn map_aligned(len: usize) -> Result<*mut u8, std::io::Error> {
     Ok(aligned as *mut u8)
 }
 
-/// Asks for transparent huge pages on a guest memory region (`MADV_HUGEPAGE`), except
-/// for the first [`HUGE_PAGE`] of guest-physical memory ([`SPARSE_LOW`]).
+/// Asks for transparent huge pages on a guest memory region (`MADV_HUGEPAGE`), all of it.
 ///
 /// Guest RAM is touched first by the VMM copying the kernel in, then by the guest
 /// itself; with 4 KiB pages each first touch is a host page fault, and under KVM a
@@ -154,6 +153,12 @@ fn map_aligned(len: usize) -> Result<*mut u8, std::io::Error> {
 /// costs: a page the guest touches brings in its whole 2 MiB, so the VMM's RSS grows
 /// towards the guest's size sooner. A host without THP (or with it set to `never`)
 /// refuses or ignores the advice; the VM then runs on small pages as before.
+///
+/// The low 2 MiB were kept on small pages for a while, to save the RSS of a huge page
+/// there for the ten pages the VMM writes. But a booting guest touches about 270 pages
+/// of it (1.1 MiB): the saving was half of what a VMM that never boots a guest shows,
+/// and it cost those 270 nested-paging faults, about 0.1 s of a boot under the QEMU-TCG
+/// test host (`docs/boot-time.md`, "The low 2 MiB on huge pages again").
 fn advise_huge_pages(region: &GuestRegionMmap) {
     let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
         return;
@@ -170,26 +175,7 @@ fn advise_huge_pages(region: &GuestRegionMmap) {
             "MADV_HUGEPAGE refused; guest memory stays on small pages"
         );
     }
-    if region.start_addr() == GuestAddress(0) && len > SPARSE_LOW {
-        // SAFETY: [host, host + SPARSE_LOW) lies inside the same mapping (len is larger).
-        let rc = unsafe { libc::madvise(host.cast(), SPARSE_LOW, libc::MADV_NOHUGEPAGE) };
-        if rc != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                "MADV_NOHUGEPAGE refused for the low 2 MiB of guest memory"
-            );
-        }
-    }
 }
-
-/// The low guest-physical memory kept on small pages: the VMM writes a few pages there
-/// (the boot parameters, command line, page tables, GDT and MP table, in `layout`), the
-/// guest keeps its first 1 MiB reserved and allocates from the top down, so a huge page
-/// here would be 2 MiB zeroed, and counted in the VMM's RSS, for about ten pages used.
-/// Under the QEMU-TCG test host that zeroing was also where the boot-to-boot stall
-/// landed most often (docs/boot-time.md): `vm_created` to `vcpus_ready` went from
-/// 0.1-0.4 s to about 0.06 s.
-const SPARSE_LOW: usize = HUGE_PAGE;
 
 /// A KVM VM with its memory and in-kernel devices.
 pub struct Vm {
@@ -320,20 +306,22 @@ mod tests {
     }
 
     #[test]
-    fn the_low_two_mib_stay_on_small_pages() {
+    fn all_of_guest_ram_asks_for_huge_pages() {
         let mem = create_guest_memory(64 << 20).unwrap();
         let region = mem.iter().next().unwrap();
         let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
         let flags = |a| vm_flags_at(a).unwrap_or_default();
-        let low = flags(host);
-        let rest = flags(host + SPARSE_LOW);
-        assert!(low.split(' ').any(|f| f == "nh"), "low 2 MiB: {low}");
-        assert!(rest.split(' ').any(|f| f == "hg"), "the rest: {rest}");
-        // A guest of 2 MiB or less is left as it is: one mapping, huge pages asked for.
-        let small = create_guest_memory(2 << 20).unwrap();
-        let region = small.iter().next().unwrap();
-        let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
-        assert!(flags(host).split(' ').any(|f| f == "hg"));
+        let f = flags(host);
+        assert!(f.split(' ').any(|f| f == "hg"), "{f}");
+        assert!(!f.split(' ').any(|f| f == "nh"), "{f}");
+        // One mapping, advised as a whole: no other advice split a part of it off.
+        for offset in [HUGE_PAGE, (64 << 20) - HUGE_PAGE] {
+            assert_eq!(
+                vm_flags_at(host + offset),
+                None,
+                "a mapping starts at {offset:#x}"
+            );
+        }
     }
 
     #[test]

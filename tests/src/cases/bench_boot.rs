@@ -10,7 +10,8 @@
 //!   `--no-api --no-seccomp`, the configuration of `../shared/bench/`.
 //!
 //! The variants take turns, round after round, each round starting with the next one, and
-//! a second's pause before each boot, so a noisy machine slows them alike. Each
+//! before each boot 256 MiB of fresh memory is written and freed ([`scrub`]) and the host
+//! gets a second's pause, so a noisy machine slows them alike. Each
 //! boot is timed from the outside the same way for every VMM: the console is a pipe read
 //! by this process, which stamps the first byte, the line `mvm-test-init` prints when
 //! userspace starts ([`MARKER`]), and the VMM's exit. For mvm the boot report adds the
@@ -48,6 +49,23 @@ const MAX_ROUNDS: usize = 40;
 pub const ROUNDS_FILE: &str = "bench-rounds";
 /// The pause before each boot.
 const SETTLE: Duration = Duration::from_secs(1);
+/// How much fresh memory [`scrub`] writes before each boot: twice the guest's RAM.
+const SCRUB_BYTES: usize = 256 << 20;
+
+/// Writes [`SCRUB_BYTES`] of fresh memory, a byte a page, and frees it.
+///
+/// The pages the last VM freed are the first the kernel hands out again. Under the
+/// QEMU-TCG test host they still hold code QEMU translated for the last guest, and the
+/// first write to each pays for throwing those translations away (docs/boot-time.md, "The
+/// stall, found"): 0.2 s or more of whichever boot comes next, on whichever VMM. Taking
+/// them here, before the pause, leaves every VMM's boot the memory a host without that
+/// emulator cost would give it. On a real KVM host it is a quick memset.
+fn scrub() {
+    let mut pages = vec![0u8; SCRUB_BYTES];
+    pages.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    std::hint::black_box(&pages);
+}
+
 /// The test guest's mode: print a line, reboot.
 const MODE: &str = "reboot";
 /// The trace's mode: print the kernel's log, reboot.
@@ -388,6 +406,7 @@ fn boot_once(ctx: &Context, variant: &Variant, round: usize) -> Result<(Timed, S
         let _ = std::fs::remove_file(r);
     }
     let cmd = (variant.command)(round)?;
+    scrub();
     std::thread::sleep(SETTLE);
     let stderr = ctx.work_file(&format!("{}.stderr", variant.name));
     let (mut timed, console, status) = timed_boot(cmd, &stderr)?;

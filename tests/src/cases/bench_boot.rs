@@ -51,21 +51,6 @@ pub const ROUNDS_FILE: &str = "bench-rounds";
 const SETTLE: Duration = Duration::from_secs(1);
 /// How much fresh memory [`scrub`] writes before each boot: twice the guest's RAM.
 const SCRUB_BYTES: usize = 256 << 20;
-
-/// Writes [`SCRUB_BYTES`] of fresh memory, a byte a page, and frees it.
-///
-/// The pages the last VM freed are the first the kernel hands out again. Under the
-/// QEMU-TCG test host they still hold code QEMU translated for the last guest, and the
-/// first write to each pays for throwing those translations away (docs/boot-time.md, "The
-/// stall, found"): 0.2 s or more of whichever boot comes next, on whichever VMM. Taking
-/// them here, before the pause, leaves every VMM's boot the memory a host without that
-/// emulator cost would give it. On a real KVM host it is a quick memset.
-fn scrub() {
-    let mut pages = vec![0u8; SCRUB_BYTES];
-    pages.iter_mut().step_by(4096).for_each(|b| *b = 1);
-    std::hint::black_box(&pages);
-}
-
 /// The test guest's mode: print a line, reboot.
 const MODE: &str = "reboot";
 /// The trace's mode: print the kernel's log, reboot.
@@ -395,6 +380,20 @@ fn in_turn(variants: &[Variant], round: usize) -> Vec<(usize, &Variant)> {
     let mut order: Vec<(usize, &Variant)> = variants.iter().enumerate().collect();
     order.rotate_left(round.saturating_sub(1) % variants.len().max(1));
     order
+}
+
+/// Writes [`SCRUB_BYTES`] of fresh memory, a byte a page, and frees it.
+///
+/// The pages the last VM freed are the first the kernel hands out again. Under the
+/// QEMU-TCG test host they still hold code QEMU translated for the last guest, and the
+/// first write to each pays for throwing those translations away (docs/boot-time.md, "The
+/// stall, found"): 0.2 s or more of whichever boot comes next, on whichever VMM. Taking
+/// them here, before the pause, leaves every VMM's boot the memory a host without that
+/// emulator cost would give it. On a real KVM host it is a quick memset.
+fn scrub() {
+    let mut pages = vec![0u8; SCRUB_BYTES];
+    pages.iter_mut().step_by(4096).for_each(|b| *b = 1);
+    std::hint::black_box(&pages);
 }
 
 /// Boots `variant` once (after [`SETTLE`]), checks it reached userspace and rebooted, and

@@ -44,7 +44,7 @@ pub const TESTHOST_MACHINE: [&str; 11] = [
 /// last VM's kernel took 0.4-1.5 s there, once or twice per boot, whichever VMM's
 /// fault it happened to be (`docs/boot-time.md`, "The stall, found"). Without ERMS the
 /// kernels use `rep stosq`/`rep movsq` (eight bytes a store): the same fault takes
-/// about 0.2 s and a boot of the bench's guest about half as long, under every VMM.
+/// about 0.2 s, and the bench's boots were 20-40 % shorter under every VMM.
 pub const TESTHOST_CPU: &str = "max,erms=off";
 
 /// The test host kernel's command line, as `mvm run` boots it: the console on

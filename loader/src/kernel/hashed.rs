@@ -263,6 +263,76 @@ mod tests {
         same_both_ways(&tiny_elf(0x100_0000, &code, code.len() as u64 + 4096));
     }
 
+    /// An ELF of several loadable segments `(paddr, file bytes, memsz)`, each at the next
+    /// file offset congruent to its address modulo 4 KiB (as `scripts/build-kernel`'s
+    /// `compact-vmlinux.py` lays out the kernel); the entry is the first segment's address.
+    fn elf_of(segments: &[(u64, Vec<u8>, u64)]) -> Vec<u8> {
+        let mut f = tiny_elf(segments[0].0, &[], 0);
+        f.truncate(64);
+        f[56..58].copy_from_slice(&u16::try_from(segments.len()).unwrap().to_le_bytes());
+        let mut cursor = 64 + 56 * segments.len() as u64;
+        let mut body = Vec::new();
+        for (paddr, bytes, memsz) in segments {
+            let len = bytes.len() as u64;
+            let offset = if bytes.is_empty() {
+                0
+            } else {
+                cursor.div_ceil(4096) * 4096 + paddr % 4096
+            };
+            let mut ph = [0u8; 56];
+            ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+            ph[4..8].copy_from_slice(&7u32.to_le_bytes());
+            ph[8..16].copy_from_slice(&offset.to_le_bytes());
+            ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+            ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+            ph[32..40].copy_from_slice(&len.to_le_bytes());
+            ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+            ph[48..56].copy_from_slice(&4096u64.to_le_bytes());
+            f.extend_from_slice(&ph);
+            if !bytes.is_empty() {
+                body.push((usize::try_from(offset).unwrap(), bytes));
+                cursor = offset + len;
+            }
+        }
+        f.resize(usize::try_from(cursor).unwrap(), 0);
+        for (offset, bytes) in body {
+            f[offset..offset + bytes.len()].copy_from_slice(bytes);
+        }
+        f
+    }
+
+    #[test]
+    fn a_kernel_cut_at_its_filler_pages_loads_as_linux_loader_loads_it() {
+        let code = |seed: usize, len: usize| -> Vec<u8> {
+            (1..=255u8).cycle().skip(seed).take(len).collect()
+        };
+        // Text with a hole of zero fill after it, a piece with no file bytes (a run of
+        // filler at a segment's start), pieces ending mid-page, a bss-like tail; the
+        // last piece reaches furthest, so the kernel's end is its memsz.
+        let elf = elf_of(&[
+            (0x100_0000, code(3, 3 * 4096), 5 * 4096),
+            (0x100_5000, code(5, 2 * CHUNK + 17), 2 * CHUNK as u64 + 17),
+            (0x130_0000, Vec::new(), 6 * 4096),
+            (0x130_6000, code(7, 4096 + 100), 4 * 4096),
+            (0x140_0000, code(11, 300), 0x12_9000),
+        ]);
+        same_both_ways(&elf);
+        // The holes stay zero.
+        let mem = memory();
+        load_kernel_hashed(
+            &mem,
+            &mut &elf[..],
+            elf.len() as u64,
+            GuestAddress(0x10_0000),
+        )
+        .unwrap();
+        let mut hole = vec![0xffu8; 2 * 4096];
+        mem.read_slice(&mut hole, GuestAddress(0x100_3000)).unwrap();
+        assert!(hole.iter().all(|&b| b == 0));
+        mem.read_slice(&mut hole, GuestAddress(0x130_0000)).unwrap();
+        assert!(hole.iter().all(|&b| b == 0));
+    }
+
     #[test]
     fn a_bzimage_loads_as_linux_loader_loads_it() {
         same_both_ways(&tiny_bzimage(CHUNK + 4321));

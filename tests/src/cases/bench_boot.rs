@@ -436,8 +436,17 @@ fn boot_once(ctx: &Context, variant: &Variant, round: usize) -> Result<(Timed, S
             .map_err(|e| Failure::new(format!("{}: boot report: {e}", variant.name)))?;
         timed.report = Some(report);
     }
+    // The VMM's own phases for this boot, to tell a slow start from a slow guest.
+    let inside = timed.report.as_ref().map_or_else(String::new, |r| {
+        let at = |p: &str| secs(r.micros(p).map(Duration::from_micros));
+        format!(
+            " (report: first_kvm_run {} s, init_reached {} s)",
+            at("first_kvm_run"),
+            at("init_reached")
+        )
+    });
     println!(
-        "bench/boot {} round {round}: first byte {} s, userspace {} s, exit {} s",
+        "bench/boot {} round {round}: first byte {} s, userspace {} s, exit {} s{inside}",
         variant.name,
         secs(timed.first_byte),
         secs(timed.userspace),

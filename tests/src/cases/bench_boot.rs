@@ -51,6 +51,8 @@ pub const ROUNDS_FILE: &str = "bench-rounds";
 const SETTLE: Duration = Duration::from_secs(1);
 /// How much fresh memory [`scrub`] writes before each boot: twice the guest's RAM.
 const SCRUB_BYTES: usize = 256 << 20;
+/// And how much of it in small pages only.
+const SCRUB_SMALL_BYTES: usize = 64 << 20;
 /// The test guest's mode: print a line, reboot.
 const MODE: &str = "reboot";
 /// The trace's mode: print the kernel's log, reboot.
@@ -382,18 +384,42 @@ fn in_turn(variants: &[Variant], round: usize) -> Vec<(usize, &Variant)> {
     order
 }
 
-/// Writes [`SCRUB_BYTES`] of fresh memory, a byte a page, and frees it.
+/// Writes [`SCRUB_BYTES`] of fresh memory, a byte a page, and frees it; then
+/// [`SCRUB_SMALL_BYTES`] more that no huge page may back.
 ///
 /// The pages the last VM freed are the first the kernel hands out again. Under the
 /// QEMU-TCG test host they still hold code QEMU translated for the last guest, and the
 /// first write to each pays for throwing those translations away (docs/boot-time.md, "The
 /// stall, found"): 0.2 s or more of whichever boot comes next, on whichever VMM. Taking
 /// them here, before the pause, leaves every VMM's boot the memory a host without that
-/// emulator cost would give it. On a real KVM host it is a quick memset.
+/// emulator cost would give it. The first buffer takes the free huge pages (the next
+/// guest's RAM comes from those), the second the small ones (the next VMM's heap, stacks
+/// and page tables, and KVM's). On a real KVM host it is a quick memset.
 fn scrub() {
     let mut pages = vec![0u8; SCRUB_BYTES];
     pages.iter_mut().step_by(4096).for_each(|b| *b = 1);
     std::hint::black_box(&pages);
+    drop(pages);
+    // SAFETY: a fresh private anonymous mapping, touched only through the slice made
+    // from it below, within its length, and unmapped before this returns.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            SCRUB_SMALL_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if at == libc::MAP_FAILED {
+            return;
+        }
+        let _ = libc::madvise(at, SCRUB_SMALL_BYTES, libc::MADV_NOHUGEPAGE);
+        let small = std::slice::from_raw_parts_mut(at.cast::<u8>(), SCRUB_SMALL_BYTES);
+        small.iter_mut().step_by(4096).for_each(|b| *b = 1);
+        std::hint::black_box(&small);
+        libc::munmap(at, SCRUB_SMALL_BYTES);
+    }
 }
 
 /// Boots `variant` once (after [`SETTLE`]), checks it reached userspace and rebooted, and

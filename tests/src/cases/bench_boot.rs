@@ -10,10 +10,10 @@
 //!   `--no-api --no-seccomp`, the configuration of `../shared/bench/`.
 //!
 //! The variants take turns, round after round, each round starting with the next one, and
-//! before each boot 256 MiB of fresh memory is written and freed ([`scrub`]) and the host
-//! gets a second's pause, so a noisy machine slows them alike. Each
-//! boot is timed from the outside the same way for every VMM: the console is a pipe read
-//! by this process, which stamps the first byte, the line `mvm-test-init` prints when
+//! before each boot 320 MiB of fresh memory (64 MiB of it in small pages) is written and
+//! freed ([`scrub`]) and the host gets a second's pause, so a noisy machine slows them
+//! alike. Each boot is timed from the outside the same way for every VMM: the console is a
+//! pipe read by this process, which stamps the first byte, the line `mvm-test-init` prints when
 //! userspace starts ([`MARKER`]), and the VMM's exit. For mvm the boot report adds the
 //! phases inside the VMM. The case prints medians, minimums, and each phase's ratio of
 //! medians to Firecracker's; it fails only on behaviour (a boot that did not reach

@@ -13,8 +13,8 @@
 //! before each boot 320 MiB of fresh memory (64 MiB of it in small pages) is written and
 //! freed ([`scrub`]) and the host gets a second's pause, so a noisy machine slows them
 //! alike. Each boot is timed from the outside the same way for every VMM: the console is a
-//! pipe read by this process, which stamps the first byte, the line `mvm-test-init` prints when
-//! userspace starts ([`MARKER`]), and the VMM's exit. For mvm the boot report adds the
+//! pipe read by this process, which stamps the first byte, the line `mvm-test-init` prints
+//! when userspace starts ([`MARKER`]), and the VMM's exit. For mvm the boot report adds the
 //! phases inside the VMM. The case prints medians, minimums, and each phase's ratio of
 //! medians to Firecracker's; it fails only on behaviour (a boot that did not reach
 //! userspace or did not end by the guest's reboot), never on a time.
@@ -396,30 +396,31 @@ fn in_turn(variants: &[Variant], round: usize) -> Vec<(usize, &Variant)> {
 /// guest's RAM comes from those), the second the small ones (the next VMM's heap, stacks
 /// and page tables, and KVM's). On a real KVM host it is a quick memset.
 fn scrub() {
-    let mut pages = vec![0u8; SCRUB_BYTES];
-    pages.iter_mut().step_by(4096).for_each(|b| *b = 1);
-    std::hint::black_box(&pages);
-    drop(pages);
-    // SAFETY: a fresh private anonymous mapping, touched only through the slice made
-    // from it below, within its length, and unmapped before this returns.
-    unsafe {
-        let at = libc::mmap(
-            std::ptr::null_mut(),
-            SCRUB_SMALL_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if at == libc::MAP_FAILED {
-            return;
-        }
-        let _ = libc::madvise(at, SCRUB_SMALL_BYTES, libc::MADV_NOHUGEPAGE);
-        let small = std::slice::from_raw_parts_mut(at.cast::<u8>(), SCRUB_SMALL_BYTES);
-        small.iter_mut().step_by(4096).for_each(|b| *b = 1);
-        std::hint::black_box(&small);
-        libc::munmap(at, SCRUB_SMALL_BYTES);
+    touch_fresh(SCRUB_BYTES, false);
+    touch_fresh(SCRUB_SMALL_BYTES, true);
+}
+
+/// Allocates `bytes`, writes a byte a page (after advising no huge pages, when
+/// `small_pages`), and frees them.
+fn touch_fresh(bytes: usize, small_pages: bool) {
+    const PAGE: usize = 4096;
+    let mut buf = vec![0u8; bytes];
+    // The whole pages inside the buffer; a large allocation is its own mapping.
+    let start = buf.as_ptr().align_offset(PAGE);
+    if small_pages && start < bytes {
+        let len = (bytes - start) / PAGE * PAGE;
+        // SAFETY: advice on whole pages of a live buffer this function owns; it changes
+        // how they are backed, not their contents or their mapping.
+        let _ = unsafe {
+            libc::madvise(
+                buf.as_mut_ptr().add(start).cast(),
+                len,
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
     }
+    buf.iter_mut().step_by(PAGE).for_each(|b| *b = 1);
+    std::hint::black_box(&buf);
 }
 
 /// Boots `variant` once (after [`SETTLE`]), checks it reached userspace and rebooted, and
